@@ -1,0 +1,12 @@
+"""privlm.model: the GPT-2 style decoder and every paper variant (see presets.py)."""
+from privlm.model.attention import CausalSelfAttention, attention_logits, causal_softmax, row_entropy
+from privlm.model.gpt import GPT, Block, ModelOutput, scaled_ffn_residual
+from privlm.model.hooks import HookPoint, capture
+
+__all__ = ["GPT", "Block", "ModelOutput", "CausalSelfAttention", "HookPoint", "capture", "attention_logits",
+           "causal_softmax", "row_entropy", "scaled_ffn_residual", "build_model"]
+
+
+def build_model(cfg):
+    """Build the model for a ModelConfig (or a full Config)."""
+    return GPT(getattr(cfg, "model", cfg))

@@ -1,0 +1,115 @@
+"""Causal multi-head self-attention (Eq. 2-3), the learnable temperature of SM(t) and entropy capture."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privlm.config import ModelConfig
+from privlm.model.hooks import HookPoint
+
+
+def temperature_from_param(param: torch.Tensor, parameterization: str, t_min: float) -> torch.Tensor:
+    """Map the stored parameter p to the temperature t of SPEC §1.7.
+
+    The paper's "temperature initialized to 1e-2" is read as the initial value of p (see ARCHITECTURE.md):
+    ``offset``: t = max(1 + p, t_min)  (default; p = 1e-2 gives t = 1.01, almost plain softmax)
+    ``log``:    t = exp(p)             (always positive, multiplicative updates)
+    ``direct``: t = max(p, t_min)      (the literal reading; p = 1e-2 multiplies the logits by 100)
+    """
+    if parameterization == "offset":
+        return (1.0 + param).clamp_min(t_min)
+    if parameterization == "log":
+        return param.exp()
+    return param.clamp_min(t_min)
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, temperature: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eq. 2 logits (q k^T) / sqrt(d_k), and with SM(t) divided by t_i per head and query (App. A).
+
+    q, k: [B, H, T, d_k]; temperature: [H, T] or None. Returns [B, H, T, T] before masking.
+    """
+    logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if temperature is not None:
+        logits = logits / temperature[:, : q.size(-2), None]
+    return logits
+
+
+def causal_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys with the causal mask M (M_ij = -inf for j > i), Eq. 2."""
+    T = logits.size(-1)
+    mask = torch.ones(T, T, dtype=torch.bool, device=logits.device).triu_(1)
+    return logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+
+
+def row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of every attention row, -sum_j a_ij log a_ij (the summand of Eq. 7).
+
+    Masked entries are exactly 0 and contribute 0 (xlogy(0, 0) = 0), so no epsilon is needed.
+    probs: [..., T_k] -> [...].
+    """
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
+class AttentionOutput(NamedTuple):
+    out: torch.Tensor  # [B, T, d]
+    entropy: Optional[torch.Tensor]  # [B, H, T] per-query entropy, when asked
+    probs: Optional[torch.Tensor]  # [B, H, T, T], when asked
+    nan_count: Optional[torch.Tensor]  # scalar: NaN entries of the attention matrix, when entropy is asked
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.q_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.o_proj = nn.Linear(d, d, bias=cfg.bias)  # W^O of Eq. 3
+        self.temperature_param_kind = cfg.temperature_param
+        self.temperature_min = cfg.temperature_min
+        if cfg.attn_temperature:
+            self.temperature = nn.Parameter(torch.full((cfg.n_head, cfg.block_size), cfg.temperature_init))
+        else:
+            self.register_parameter("temperature", None)
+        self.hook_probs = HookPoint()
+        self.hook_entropy = HookPoint()
+
+    def temperatures(self) -> Optional[torch.Tensor]:
+        """The temperature t in R^{H x block_size}, or None for plain softmax."""
+        if self.temperature is None:
+            return None
+        return temperature_from_param(self.temperature, self.temperature_param_kind, self.temperature_min)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # One matmul for the three projections; separate modules so WN/SN can target q, k or v alone.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        B, T, d = x.shape
+        heads = F.linear(x, weight, bias).view(B, T, 3, self.n_head, d // self.n_head)
+        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d_k]
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, want_entropy: bool = False, want_probs: bool = False) -> AttentionOutput:
+        q, k, v = self._qkv(x)
+        t = self.temperatures()
+        entropy = probs = nan_count = None
+        if want_entropy or want_probs:
+            probs = self.hook_probs(causal_softmax(attention_logits(q, k, t)))
+            if want_entropy:
+                entropy = self.hook_entropy(row_entropy(probs))
+                nan_count = torch.isnan(probs).sum()
+            y = probs @ v
+            if not want_probs:
+                probs = None
+        else:
+            if t is not None:  # t_i divides row i of the logits, i.e. scales query i: stays on the fused kernel
+                q = q / t[:, : q.size(-2), None]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        B, H, T, dk = y.shape
+        out = self.o_proj(y.transpose(1, 2).reshape(B, T, H * dk))
+        return AttentionOutput(out, entropy, probs, nan_count)
