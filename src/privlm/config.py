@@ -138,11 +138,16 @@ class RegConfig:
     """Entropy regularizer (Algorithm 1)."""
 
     enabled: bool = False
-    lambda_: float = 1e-5
-    gamma: float = 0.2
-    reduction: str = "paper"
+    lambda_: float = 1e-5  # CodeParrot value; with reduction=released_code it multiplies a sum over B*T
+    gamma: float = 0.2  # tolerance margin = gamma * log T (the paper's adopted value)
+    reduction: str = "paper"  # paper: penalize the batch head entropy | released_code: per query, summed
+    # Initial theta (threshold = theta * log T). The paper does not give it (SPEC §3.3). 0.5 puts the
+    # initial band at [0.3, 0.7] * log T for gamma=0.2: it excludes near-uniform heads (uniform causal
+    # attention is 0.80 log T at T=128, 0.84 at T=512: entropic overload) and near-zero heads (collapse),
+    # and it sits at the top of the learned range 0.20-0.52 of Fig. 6a (theta only moves while a head is
+    # outside its band, toward that head's entropy, so the init decides where the bands start).
     theta_init: float = 0.5
-    start_frac: float = 0.0
+    start_frac: float = 0.0  # regularizer on for start_frac <= step/max_steps < stop_frac
     stop_frac: float = 1.0
 
 
@@ -310,6 +315,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.lr={t.lr} must be positive")
     if r.gamma < 0 or r.lambda_ < 0:
         raise ConfigError(f"reg.gamma={r.gamma} and reg.lambda_={r.lambda_} must be >= 0")
+    if not 0.0 <= r.theta_init <= 1.0:
+        raise ConfigError(f"reg.theta_init={r.theta_init} must be in [0, 1] (a fraction of E_max = log T)")
     if not 0.0 <= r.start_frac <= r.stop_frac <= 1.0:
         raise ConfigError(f"reg.start_frac={r.start_frac} and reg.stop_frac={r.stop_frac} must satisfy "
                           f"0 <= start_frac <= stop_frac <= 1")

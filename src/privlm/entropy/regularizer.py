@@ -1,0 +1,129 @@
+"""The entropy regularizer of Algorithm 1 (SPEC §3): learnable per-head thresholds and a two-sided penalty.
+
+    delta_{l,h}   = E^{(l,h)} - theta_{l,h} * E_max,            E_max = log T
+    penalty_{l,h} = delta_{l,h}^2 * 1[ |delta_{l,h}| > gamma * E_max ]
+    L_ent         = (1/L) sum_l (1/H) sum_h penalty_{l,h},        L_total = L_CE + lambda * L_ent
+
+Two reductions (SPEC §3.1 vs §3.2):
+  ``paper``          E^{(l,h)} is the head entropy of Eq. 7 estimated on the batch (mean over batch and
+                     query positions), then penalized once per head.
+  ``released_code``  the penalty is applied to every per-query entropy E_{b,l,h,i} and *summed* over batch
+                     and queries, as ``entropy_regularization.py`` of the official repository does; its scale
+                     grows with B*T, so lambda means something different (SPEC §3.2).
+
+Everything is vectorized over layers, heads, batch and queries and computed in float32 whatever the
+autocast dtype of the forward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+REDUCTIONS = ("paper", "released_code")
+
+
+def regularization_loss(entropy: torch.Tensor, theta: torch.Tensor, T: int, gamma: float,
+                        reduction: str = "paper") -> torch.Tensor:
+    """Algorithm 1: L_entropy (before lambda) from per-query entropies.
+
+    entropy: [L, B, H, T_q] per-query attention entropy in nats (``GPT(...)(idx, output_entropy=True).entropy``);
+    theta: [L, H] thresholds as fractions of E_max; T: the context size defining E_max = log T;
+    gamma: tolerance-margin factor (margin = gamma * E_max); reduction: ``paper`` | ``released_code``.
+    NaN entropies propagate (a NaN attention matrix means training already diverged; hiding it would
+    let the run continue on a corrupt model).
+    """
+    if entropy.dim() != 4:
+        raise ValueError(f"entropy must have shape [L, B, H, T], got {tuple(entropy.shape)}")
+    L, _, H, _ = entropy.shape
+    if tuple(theta.shape) != (L, H):
+        raise ValueError(f"theta must have shape [L, H] = [{L}, {H}], got {tuple(theta.shape)}")
+    if T < 2:
+        raise ValueError(f"T={T}: E_max = log T needs T >= 2")
+    e_max = math.log(T)
+    tol = gamma * e_max
+    ent = entropy.float()  # under autocast the squared deviations must not be taken in bf16/fp16
+    threshold = theta.float() * e_max
+    if reduction == "paper":
+        delta = ent.mean(dim=(1, 3)) - threshold  # [L, H]: Eq. 7 head entropy on this batch
+        penalty = delta.square() * (delta.abs() > tol)
+        return penalty.mean()  # mean over heads then layers (equal counts: same as the overall mean)
+    if reduction == "released_code":
+        delta = ent - threshold[:, None, :, None]  # [L, B, H, T]
+        penalty = delta.square() * (delta.abs() > tol)
+        return penalty.sum(dim=(1, 3)).mean()  # sum over batch x queries, mean over heads then layers
+    raise ValueError(f"reduction='{reduction}' is not one of {', '.join(REDUCTIONS)}")
+
+
+class EntropyRegularizer(nn.Module):
+    """Holds the learnable thresholds theta in R^{L x H} and evaluates Algorithm 1.
+
+    ``reg(entropy) -> (l_ent, stats)``: ``l_ent`` is the scalar L_entropy before lambda (the training loop
+    adds ``reg_cfg.lambda_ * l_ent`` to the CE loss); ``stats`` holds floats for logging.
+
+    The parameter is registered as ``reg_threshold_weights`` (the official name; the word "threshold" puts it
+    in the no-weight-decay group of ``GPT.optimizer_groups(wd, extra=reg)``, SPEC §3.3) and is reachable as
+    ``reg.theta``.
+
+    DDP: theta is an ordinary parameter. If the regularizer is not inside the DDP-wrapped module, call
+    ``reg.all_reduce_grad()`` after backward so that every rank applies the same update. The ``paper``
+    reduction estimates E^{(l,h)} from the *local* micro-batch (as the official code does per process); the
+    expected gradient differs from a global-batch estimate only through the hinge, which is negligible for
+    batches of thousands of query rows.
+    """
+
+    def __init__(self, n_layer: int, n_head: int, seq_len: int, reg_cfg) -> None:
+        super().__init__()
+        if reg_cfg.reduction not in REDUCTIONS:
+            raise ValueError(f"reg.reduction='{reg_cfg.reduction}' is not one of {', '.join(REDUCTIONS)}")
+        self.n_layer, self.n_head, self.seq_len = n_layer, n_head, seq_len
+        self.gamma = float(reg_cfg.gamma)
+        self.lambda_ = float(reg_cfg.lambda_)
+        self.reduction = reg_cfg.reduction
+        self.start_frac = float(reg_cfg.start_frac)
+        self.stop_frac = float(reg_cfg.stop_frac)
+        self.reg_threshold_weights = nn.Parameter(torch.full((n_layer, n_head), float(reg_cfg.theta_init)))
+
+    @property
+    def theta(self) -> nn.Parameter:
+        return self.reg_threshold_weights
+
+    @property
+    def e_max(self) -> float:
+        return math.log(self.seq_len)
+
+    def active(self, progress: float) -> bool:
+        """Whether the penalty is on at ``progress`` = step / max_steps (start inclusive, stop exclusive,
+        except that stop_frac = 1 keeps it on through the last step)."""
+        return self.start_frac <= progress and (progress < self.stop_frac or self.stop_frac >= 1.0)
+
+    def forward(self, entropy: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        l_ent = regularization_loss(entropy, self.theta, self.seq_len, self.gamma, self.reduction)
+        return l_ent, self.stats(entropy, l_ent)
+
+    @torch.no_grad()
+    def stats(self, entropy: torch.Tensor, l_ent: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """L_ent, share of heads whose batch head entropy lies outside theta*E_max +- gamma*E_max,
+        mean |E - theta*E_max| in nats, and theta mean/std. One host sync for all of them."""
+        dev = entropy.float().mean(dim=(1, 3)) - self.theta.float() * self.e_max
+        outside = (dev.abs() > self.gamma * self.e_max).float().mean()
+        theta = self.theta.detach().float()
+        values = torch.stack([
+            l_ent.detach().float() if l_ent is not None else torch.tensor(float("nan"), device=dev.device),
+            outside, dev.abs().mean(), theta.mean(), theta.std(unbiased=False),
+        ]).tolist()
+        return dict(zip(("l_ent", "outside_share", "mean_abs_dev", "theta_mean", "theta_std"), values))
+
+    def all_reduce_grad(self) -> None:
+        """Average theta's gradient across DDP ranks (no-op outside torch.distributed)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and self.theta.grad is not None:
+            dist.all_reduce(self.theta.grad)  # SUM then divide: gloo has no ReduceOp.AVG
+            self.theta.grad.div_(dist.get_world_size())
+
+    def extra_repr(self) -> str:
+        return (f"L={self.n_layer}, H={self.n_head}, T={self.seq_len}, gamma={self.gamma}, "
+                f"lambda={self.lambda_}, reduction={self.reduction}")
