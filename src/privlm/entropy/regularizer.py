@@ -44,8 +44,10 @@ def regularization_loss(entropy: torch.Tensor, theta: torch.Tensor, T: int, gamm
         raise ValueError(f"T={T}: E_max = log T needs T >= 2")
     e_max = math.log(T)
     tol = gamma * e_max
-    ent = entropy.float()  # under autocast the squared deviations must not be taken in bf16/fp16
-    threshold = theta.float() * e_max
+    # at least float32: under autocast the squared deviations must not be taken in bf16/fp16
+    dtype = torch.promote_types(torch.promote_types(entropy.dtype, theta.dtype), torch.float32)
+    ent = entropy.to(dtype)
+    threshold = theta.to(dtype) * e_max
     if reduction == "paper":
         delta = ent.mean(dim=(1, 3)) - threshold  # [L, H]: Eq. 7 head entropy on this batch
         penalty = delta.square() * (delta.abs() > tol)

@@ -45,13 +45,39 @@ def causal_softmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
 
 
+class _RowEntropy(torch.autograd.Function):
+    """-sum_j p_j log p_j with a backward that stays finite at p = 0 and saves nothing but p.
+
+    Autograd through xlogy(p, p) gives d/dp = log p + 1 = -inf at the masked (exactly 0) entries, and the
+    softmax backward then multiplies it by p = 0: NaN gradients for every logit. Here log p is taken at
+    max(p, tiny), so a zero entry contributes 0 to the value and a finite term (killed by the softmax
+    backward's factor p) to the gradient. Saving only p (which the softmax saves anyway) keeps the
+    regularizer's extra memory to the [.., T] entropies instead of two more T x T tensors per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(probs)
+        return -(probs * _safe_log(probs)).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (probs,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * -(_safe_log(probs) + 1.0)
+
+
+def _safe_log(p: torch.Tensor) -> torch.Tensor:
+    return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
 def row_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats of every attention row, -sum_j a_ij log a_ij (the summand of Eq. 7).
 
-    Masked entries are exactly 0 and contribute 0 (xlogy(0, 0) = 0), so no epsilon is needed.
+    Masked entries are exactly 0 and contribute 0, so no epsilon is needed (the official code's log(a + 1e-9)
+    differs by at most T * 1e-9). Differentiable with finite gradients (see _RowEntropy).
     probs: [..., T_k] -> [...].
     """
-    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+    return _RowEntropy.apply(probs)
 
 
 class AttentionOutput(NamedTuple):
