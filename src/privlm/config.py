@@ -34,6 +34,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "reg.reduction": ("paper", "released_code"),
+    "data.chunking": ("concat", "document"),
+    "data.filters": ("auto", "codeparrot", "none"),
 }
 
 
@@ -104,6 +106,8 @@ class DataConfig:
     tokenizer: str = "bpe"  # "bpe" = train a byte-level BPE on the train split; else tokenizer.json or hub name
     vocab_size: int = 8192
     seq_len: int = 128  # T: training chunk length
+    chunking: str = "concat"  # "concat": EOS-joined stream cut into T chunks; "document": per file (paper run_clm)
+    filters: str = "auto"  # codeparrot-clean filters: "auto" = stdlib and .py files only; "codeparrot"; "none"
     cache_dir: Optional[str] = None  # None = $PRIVLM_CACHE or ~/.cache/privlm
 
 

@@ -1,0 +1,502 @@
+"""Text corpora: where documents come from, which are kept, and which split each one lands in.
+
+Three sources (``data.source``):
+
+* ``stdlib`` -- the Python files of this interpreter's standard library (tests included, site-packages
+  excluded), the offline stand-in for CodeParrot. Walked in sorted order.
+* ``files:<glob>`` -- local ``.py``/``.txt`` files (one document per file) and ``.jsonl``/``.parquet`` files
+  (one document per row, column ``data.text_field``, read through HF ``datasets``).
+* ``hf:<dataset id>`` -- ``datasets.load_dataset(id, split=..., streaming=...)`` (or ``load_from_disk`` for a
+  directory written by ``save_to_disk``), then ``shuffle(seed).select(range(max_docs))`` as the paper's
+  ``run_clm.py`` does for ``huggingface-course/codeparrot-ds-train`` / ``-valid``.
+
+Every document goes through the same gate (`_Gate`): strict UTF-8 decoding, the CodeParrot-clean filters
+(for code: stdlib and ``.py`` files, or ``data.filters=codeparrot``), empty-document removal and exact
+deduplication by SHA-256 of the content (first occurrence in walk order wins). Rejected documents are
+counted per reason, never fatal, unless nothing is left.
+
+Without ``data.valid_source`` (and with ``valid_split == train_split``) the validation split is chosen by a
+stable hash: a file goes to validation iff ``sha256("privlm-split:" + relative path)`` falls below
+``valid_fraction`` of the 64-bit range (rows without a path are keyed by their content hash). The choice
+depends only on the key, so adding or removing other files never moves a file between splits.
+
+Each split carries a SHA-256 over its documents (length-prefixed UTF-8, in order), which fingerprints the
+built corpus for the token cache and the run's data manifest.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from privlm.data.filters import MAX_FILE_BYTES, SKIP_REASONS, code_filter_reason
+from privlm.errors import DataError
+
+TEXT_SUFFIXES = (".py", ".txt")
+ROW_SUFFIXES = (".jsonl", ".parquet")
+EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")
+_ROW_BATCH = 1000
+_MAX_LISTED_SKIPS = 50  # per reason, in the manifest
+
+
+@dataclass
+class Split:
+    """One built split: a re-iterable stream of accepted documents plus its fingerprint."""
+
+    name: str
+    texts: Callable[[], Iterator[str]]  # each call restarts the stream, always in the same order
+    n_docs: int
+    n_bytes: int  # UTF-8 bytes of the accepted documents
+    sha256: str
+    files: Optional[list[dict]] = None  # [{"path", "bytes"}] for file sources; None for dataset rows
+
+    def manifest(self) -> dict:
+        out = {"documents": self.n_docs, "bytes": self.n_bytes, "sha256": self.sha256}
+        if self.files is not None:
+            out["files"] = self.files
+        return out
+
+
+@dataclass
+class Corpus:
+    train: Split
+    valid: Split
+    skipped: dict[str, int]
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # how it was built (for the manifest)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.train.sha256}:{self.valid.sha256}".encode()).hexdigest()
+
+    def manifest(self) -> dict:
+        return {"source": self.source, "fingerprint": self.fingerprint,
+                "splits": {"train": self.train.manifest(), "valid": self.valid.manifest()},
+                "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples}
+
+
+class _SplitHasher:
+    """SHA-256 over length-prefixed documents, so that document boundaries are part of the hash."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self.n_docs = 0
+        self.n_bytes = 0
+
+    def add(self, data: bytes) -> None:
+        self._h.update(len(data).to_bytes(8, "little"))
+        self._h.update(data)
+        self.n_docs += 1
+        self.n_bytes += len(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def in_valid_split(key: bytes, fraction: float) -> bool:
+    """Stable hash split: the key's SHA-256, read as a 64-bit integer, falls in the lowest `fraction`."""
+    if fraction <= 0.0:
+        return False
+    bucket = int.from_bytes(hashlib.sha256(b"privlm-split:" + key).digest()[:8], "big")
+    return bucket < int(fraction * 2**64)
+
+
+class _Gate:
+    """Decides whether a document is kept; counts every rejection by reason (see filters.SKIP_REASONS)."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+        self.exclude: set[bytes] = set()  # digests of the separate validation set (never trained on)
+        self.skipped = {r: 0 for r in SKIP_REASONS}
+        self.examples: dict[str, list[str]] = {}
+
+    def reject(self, reason: str, name: Optional[str]) -> None:
+        self.skipped[reason] += 1
+        if name is not None:
+            lst = self.examples.setdefault(reason, [])
+            if len(lst) < _MAX_LISTED_SKIPS:
+                lst.append(name)
+
+    def admit(self, raw: bytes | str, code: bool, name: Optional[str] = None) -> Optional[tuple[str, bytes]]:
+        """Return (text, utf-8 bytes) if kept, else None (after counting the reason)."""
+        if isinstance(raw, str):
+            text = raw
+            data = raw.encode("utf-8", errors="surrogatepass")
+        else:
+            data = raw
+            if code and len(data) > MAX_FILE_BYTES:
+                self.reject("too_large", name)
+                return None
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.reject("invalid_utf8", name)
+                return None
+        if code and len(data) > MAX_FILE_BYTES:
+            self.reject("too_large", name)
+            return None
+        if not text.strip():
+            self.reject("empty", name)
+            return None
+        if code:
+            reason = code_filter_reason(text)
+            if reason is not None:
+                self.reject(reason, name)
+                return None
+        digest = hashlib.sha256(data).digest()
+        if digest in self.seen:
+            self.reject("duplicate", name)
+            return None
+        self.seen.add(digest)
+        if digest in self.exclude:
+            self.reject("in_valid", name)
+            return None
+        return text, data
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-memory documents (files on disk, streamed datasets)
+
+@dataclass
+class _Doc:
+    key: bytes  # what the hash split looks at
+    text: str
+    data: bytes
+    path: Optional[str] = None
+
+
+def _subsample(docs: list[_Doc], max_docs: Optional[int], seed: int) -> list[_Doc]:
+    """Seeded subset of `max_docs` documents, kept in their original (sorted) order."""
+    if max_docs is None or len(docs) <= max_docs:
+        return docs
+    keep = np.sort(np.random.default_rng(seed).permutation(len(docs))[:max_docs])
+    return [docs[i] for i in keep]
+
+
+def _split_from_docs(name: str, docs: list[_Doc]) -> Split:
+    h = _SplitHasher()
+    for d in docs:
+        h.add(d.data)
+    texts = [d.text for d in docs]
+    files = [{"path": d.path, "bytes": len(d.data)} for d in docs] if all(d.path for d in docs) else None
+    return Split(name, lambda: iter(texts), h.n_docs, h.n_bytes, h.hexdigest(), files)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def walk_python_files(root: Path) -> list[Path]:
+    """Every ``*.py`` under `root` in sorted order, skipping site-packages and __pycache__."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    return out
+
+
+def _glob_base(pattern: str) -> Path:
+    """The directory part of `pattern` before its first wildcard: relative paths are taken from here."""
+    parts = Path(pattern).parts
+    base = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    else:  # no wildcard: a single file (or a directory given literally)
+        p = Path(pattern)
+        return p if p.is_dir() else p.parent
+    return Path(*base) if base else Path(".")
+
+
+def expand_glob(pattern: str) -> tuple[Path, list[Path]]:
+    """(base directory, sorted matching files) for a `files:` pattern; a directory means all files in it."""
+    p = Path(pattern).expanduser()
+    if p.is_dir():
+        pattern = str(p / "**" / "*")
+    pattern = str(Path(pattern).expanduser())
+    matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+    if not matches:
+        if not glob.has_magic(pattern):
+            raise DataError(f"data file '{pattern}' does not exist")
+        raise DataError(f"data.source glob '{pattern}' matches no files")
+    return _glob_base(pattern), matches
+
+
+def _read_text_files(paths: Iterable[Path], base: Path, gate: _Gate, code_for: Callable[[Path], bool],
+                     errors: list[str]) -> list[_Doc]:
+    docs = []
+    for path in paths:
+        rel = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.as_posix()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:  # unreadable file: counted like a bad file, reported by name
+            errors.append(f"{rel}: {exc.strerror}")
+            continue
+        got = gate.admit(raw, code_for(path), rel)
+        if got is not None:
+            docs.append(_Doc(rel.encode(), got[0], got[1], rel))
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF datasets rows
+
+def _column_check(ds, text_field: str, where: str) -> None:
+    cols = list(getattr(ds, "column_names", None) or [])
+    if cols and text_field not in cols:
+        raise DataError(f"{where} has no column '{text_field}' (data.text_field); columns: {', '.join(cols)}")
+
+
+def _iter_rows(ds, text_field: str) -> Iterator[str]:
+    """Texts of column `text_field`; Arrow datasets are read in batches (memory-mapped, not loaded)."""
+    import datasets
+
+    if isinstance(ds, datasets.Dataset):
+        for batch in ds.select_columns([text_field]).iter(batch_size=_ROW_BATCH):
+            yield from batch[text_field]
+    else:
+        for row in ds:
+            if text_field not in row:
+                raise DataError(f"dataset row has no field '{text_field}' (data.text_field); "
+                                f"fields: {', '.join(row)}")
+            yield row[text_field]
+
+
+def _row_text(value, text_field: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"column '{text_field}' (data.text_field) holds {type(value).__name__}, not text")
+    return value
+
+
+class _RowSplit:
+    """Accepted rows of one Arrow dataset, remembered as a boolean mask so the texts are not held in RAM."""
+
+    def __init__(self, ds, text_field: str):
+        self.ds, self.text_field = ds, text_field
+        self.mask = np.zeros(len(ds), dtype=bool)
+        self.hasher = _SplitHasher()
+
+    def to_split(self, name: str) -> Split:
+        ds, field_, mask = self.ds, self.text_field, self.mask
+
+        def texts() -> Iterator[str]:
+            for i, value in enumerate(_iter_rows(ds, field_)):
+                if mask[i]:
+                    yield _row_text(value, field_)
+
+        return Split(name, texts, self.hasher.n_docs, self.hasher.n_bytes, self.hasher.hexdigest())
+
+
+def load_hf(spec: str, split: str, streaming: bool):
+    """`datasets.load_dataset(spec, split=split, streaming=streaming)`, or `load_from_disk` for a saved dir."""
+    import datasets
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"dataset '{spec}' has no split '{split}'; splits: {', '.join(ds)}")
+                ds = ds[split]
+            return ds.to_iterable_dataset() if streaming else ds
+        return datasets.load_dataset(str(path) if path.exists() else spec, split=split, streaming=streaming)
+    except DataError:
+        raise
+    except Exception as exc:  # hub/network/format errors from datasets are multi-line; keep the first
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot load dataset '{spec}' split '{split}': {first}") from None
+
+
+def _select(ds, max_docs: Optional[int], seed: int, streaming: bool):
+    """The paper's `shuffle(seed=0).select(range(n))` (a buffered shuffle + take when streaming)."""
+    if max_docs is None:
+        return ds
+    if streaming:
+        return ds.shuffle(seed=seed, buffer_size=10_000).take(max_docs)
+    return ds.shuffle(seed=seed).select(range(min(max_docs, len(ds))))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+class _Builder:
+    """Shared state of one corpus build: the gate (dedup across both splits) and the config."""
+
+    def __init__(self, dcfg) -> None:
+        self.cfg = dcfg
+        self.gate = _Gate()
+        self.read_errors: list[str] = []
+
+    def code(self, default: bool) -> bool:
+        mode = getattr(self.cfg, "filters", "auto")
+        return default if mode == "auto" else mode == "codeparrot"
+
+    # -- a source as a list of documents (files) -----------------------------------------------------
+    def file_docs(self, source: str) -> tuple[list[_Doc], dict]:
+        if source == "stdlib":
+            root = stdlib_root()
+            paths = walk_python_files(root)
+            docs = _read_text_files(paths, root, self.gate, lambda p: self.code(True), self.read_errors)
+            return docs, {"kind": "stdlib", "root": str(root), "files_seen": len(paths)}
+        pattern = source[len("files:"):]
+        base, paths = expand_glob(pattern)
+        bad = sorted({p.suffix or p.name for p in paths if p.suffix not in TEXT_SUFFIXES + ROW_SUFFIXES})
+        if bad:
+            raise DataError(f"data.source '{source}' matches files of unsupported type {', '.join(bad)}; "
+                            f"supported: {', '.join(TEXT_SUFFIXES + ROW_SUFFIXES)}")
+        text_paths = [p for p in paths if p.suffix in TEXT_SUFFIXES]
+        docs = _read_text_files(text_paths, base, self.gate, lambda p: self.code(p.suffix == ".py"),
+                                self.read_errors)
+        for suffix, builder in ((".jsonl", "json"), (".parquet", "parquet")):
+            row_files = [str(p) for p in paths if p.suffix == suffix]
+            if row_files:
+                docs.extend(self._row_docs(builder, row_files, base))
+        return docs, {"kind": "files", "pattern": pattern, "base": str(base), "files_seen": len(paths)}
+
+    def _row_docs(self, builder: str, files: list[str], base: Path) -> list[_Doc]:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"cannot read {builder} files under '{base}': {first}") from None
+        field_ = self.cfg.text_field
+        _column_check(ds, field_, f"{builder} files under '{base}'")
+        docs = []
+        for value in _iter_rows(ds, field_):
+            got = self.gate.admit(_row_text(value, field_), self.code(False))
+            if got is not None:
+                docs.append(_Doc(hashlib.sha256(got[1]).digest(), got[0], got[1]))
+        return docs
+
+    # -- a source as an HF dataset -------------------------------------------------------------------
+    def hf_dataset(self, source: str, split: str, max_docs: Optional[int]):
+        c = self.cfg
+        spec = source[len("hf:"):]
+        if not spec:
+            raise DataError("data.source 'hf:' needs a dataset id, e.g. hf:huggingface-course/codeparrot-ds-train")
+        if c.streaming and max_docs is None:
+            raise DataError(f"data.streaming=true needs a document budget for '{source}' "
+                            f"(set data.max_train_docs / data.max_valid_docs)")
+        ds = _select(load_hf(spec, split, c.streaming), max_docs, c.shuffle_seed, c.streaming)
+        return ds, {"kind": "hf", "dataset": spec, "split": split, "streaming": c.streaming,
+                    "max_docs": max_docs, "shuffle_seed": c.shuffle_seed}
+
+    def hf_split_rows(self, ds, assign: Callable[[bytes], Optional[str]], where: str) -> dict[str, "_RowSplit | list[_Doc]"]:
+        """Run the gate over dataset rows; `assign(content_digest)` names the split (or None to drop)."""
+        import datasets
+
+        field_ = self.cfg.text_field
+        _column_check(ds, field_, where)
+        if isinstance(ds, datasets.Dataset):
+            out = {"train": _RowSplit(ds, field_), "valid": _RowSplit(ds, field_)}
+            for i, value in enumerate(_iter_rows(ds, field_)):
+                got = self.gate.admit(_row_text(value, field_), self.code(False))
+                if got is not None:
+                    name = assign(hashlib.sha256(got[1]).digest())
+                    if name is not None:
+                        out[name].mask[i] = True
+                        out[name].hasher.add(got[1])
+            return out
+        lists: dict = {"train": [], "valid": []}  # streamed: bounded by max_docs, held in memory
+        for value in _iter_rows(ds, field_):
+            got = self.gate.admit(_row_text(value, field_), self.code(False))
+            if got is not None:
+                digest = hashlib.sha256(got[1]).digest()
+                name = assign(digest)
+                if name is not None:
+                    lists[name].append(_Doc(digest, got[0], got[1]))
+        return lists
+
+
+def _finish(name: str, part, max_docs: Optional[int], seed: int) -> Split:
+    if isinstance(part, _RowSplit):
+        return part.to_split(name)
+    return _split_from_docs(name, _subsample(part, max_docs, seed))
+
+
+def _cap_rows(part, max_docs: Optional[int]):
+    """Keep the first `max_docs` accepted rows of a (shuffled) dataset split."""
+    if max_docs is None or not isinstance(part, _RowSplit) or part.mask.sum() <= max_docs:
+        return part
+    idx = np.flatnonzero(part.mask)[max_docs:]
+    part.mask[idx] = False
+    # the hash covered the dropped rows too: recompute it over the kept ones
+    part.hasher = _SplitHasher()
+    for value, keep in zip(_iter_rows(part.ds, part.text_field), part.mask):
+        if keep:
+            part.hasher.add(_row_text(value, part.text_field).encode("utf-8", errors="surrogatepass"))
+    return part
+
+
+def build_corpus(dcfg) -> Corpus:
+    """Build the train/valid document splits described by `dcfg` (a DataConfig)."""
+    b = _Builder(dcfg)
+    frac, seed = dcfg.valid_fraction, dcfg.shuffle_seed
+    source, valid_source = dcfg.source, dcfg.valid_source
+    _check_scheme(source, "data.source")
+    if valid_source is not None:
+        _check_scheme(valid_source, "data.valid_source")
+
+    def hash_assign(key: bytes) -> str:
+        return "valid" if in_valid_split(key, frac) else "train"
+
+    info: dict = {}
+    valid_part = None
+    if valid_source is not None or (source.startswith("hf:") and dcfg.valid_split != dcfg.train_split):
+        # Separate validation documents: built first, so training drops any exact copy of them.
+        vsrc = valid_source or source
+        if vsrc.startswith("hf:"):
+            ds, info["valid"] = b.hf_dataset(vsrc, dcfg.valid_split, dcfg.max_valid_docs)
+            valid_part = _cap_rows(b.hf_split_rows(ds, lambda k: "valid", f"dataset '{vsrc}'")["valid"],
+                                   dcfg.max_valid_docs)
+        else:
+            valid_part, info["valid"] = b.file_docs(vsrc)
+        b.gate.exclude, b.gate.seen = b.gate.seen, set()  # dedup within train; copies of valid are dropped
+
+        def train_assign(key: bytes) -> Optional[str]:
+            return "train"
+
+        if source.startswith("hf:"):
+            ds, info["train"] = b.hf_dataset(source, dcfg.train_split, dcfg.max_train_docs)
+            train_part = b.hf_split_rows(ds, train_assign, f"dataset '{source}'")["train"]
+        else:
+            train_part, info["train"] = b.file_docs(source)
+        info["split"] = "separate"
+    elif source.startswith("hf:"):
+        ds, info["train"] = b.hf_dataset(source, dcfg.train_split, dcfg.max_train_docs)
+        parts = b.hf_split_rows(ds, hash_assign, f"dataset '{source}'")
+        train_part, valid_part = parts["train"], _cap_rows(parts["valid"], dcfg.max_valid_docs)
+        info["split"] = {"kind": "hash", "key": "content sha256", "valid_fraction": frac}
+    else:
+        docs, info["train"] = b.file_docs(source)
+        train_part = [d for d in docs if hash_assign(d.key) == "train"]
+        valid_part = [d for d in docs if hash_assign(d.key) == "valid"]
+        info["split"] = {"kind": "hash", "key": "relative path (rows: content sha256)", "valid_fraction": frac}
+
+    train = _finish("train", train_part, dcfg.max_train_docs if not source.startswith("hf:") else None, seed)
+    valid = _finish("valid", valid_part, dcfg.max_valid_docs, seed + 1)
+    skipped_examples = dict(b.gate.examples)
+    if b.read_errors:
+        skipped_examples["unreadable"] = b.read_errors[:_MAX_LISTED_SKIPS]
+    corpus = Corpus(train, valid, b.gate.skipped, skipped_examples, info)
+    if train.n_docs == 0:
+        counts = ", ".join(f"{k}={v}" for k, v in b.gate.skipped.items() if v)
+        raise DataError(f"training corpus from '{source}' is empty after filtering "
+                        f"({counts or 'no documents'}{'; unreadable=' + str(len(b.read_errors)) if b.read_errors else ''})")
+    return corpus
+
+
+def _check_scheme(source: str, key: str) -> None:
+    if source != "stdlib" and not source.startswith(("hf:", "files:")):
+        raise DataError(f"{key}='{source}' has an unknown scheme; use stdlib, hf:<dataset id> or files:<glob>")
