@@ -101,16 +101,21 @@ class EntropyRegularizer(nn.Module):
         except that stop_frac = 1 keeps it on through the last step)."""
         return self.start_frac <= progress and (progress < self.stop_frac or self.stop_frac >= 1.0)
 
-    def forward(self, entropy: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        l_ent = regularization_loss(entropy, self.theta, self.seq_len, self.gamma, self.reduction)
-        return l_ent, self.stats(entropy, l_ent)
+    def forward(self, entropy: torch.Tensor, T: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """entropy [L, B, H, T] -> (L_ent before lambda, stats). ``T`` overrides the context size that
+        defines E_max = log T (default: the ``seq_len`` given at construction)."""
+        T = self.seq_len if T is None else T
+        l_ent = regularization_loss(entropy, self.theta, T, self.gamma, self.reduction)
+        return l_ent, self.stats(entropy, l_ent, T)
 
     @torch.no_grad()
-    def stats(self, entropy: torch.Tensor, l_ent: Optional[torch.Tensor] = None) -> dict[str, float]:
+    def stats(self, entropy: torch.Tensor, l_ent: Optional[torch.Tensor] = None,
+              T: Optional[int] = None) -> dict[str, float]:
         """L_ent, share of heads whose batch head entropy lies outside theta*E_max +- gamma*E_max,
         mean |E - theta*E_max| in nats, and theta mean/std. One host sync for all of them."""
-        dev = entropy.float().mean(dim=(1, 3)) - self.theta.float() * self.e_max
-        outside = (dev.abs() > self.gamma * self.e_max).float().mean()
+        e_max = math.log(self.seq_len if T is None else T)
+        dev = entropy.float().mean(dim=(1, 3)) - self.theta.float() * e_max
+        outside = (dev.abs() > self.gamma * e_max).float().mean()
         theta = self.theta.detach().float()
         values = torch.stack([
             l_ent.detach().float() if l_ent is not None else torch.tensor(float("nan"), device=dev.device),
