@@ -1,0 +1,211 @@
+"""Cost profiles (data files) and the linear PI cost model: Comm (GB) and latency (minutes) of a census.
+
+A profile is a JSON file ``src/privlm/pi/profiles/<name>.json`` (or any path) in the format
+``privlm-pi-cost-profile/1``, documented in full in docs/pi-cost.md and in the ``_format`` key of every
+shipped profile. Costs combine linearly (SPEC §5.3):
+
+    cost = Σ_op  elements(op)·per_element(op) + count(op)·per_call(op)        nonlinear ops of the census
+         + Σ_k   GFLOPs_k·per_gflop(k),  k in {ffn, attn, embed_head}          linear layers
+         + T·(per_token + V·per_token_per_vocab)                                embeddings, head, misc.
+         + fixed                                                                 per-inference setup
+
+for bytes and seconds alike. GB means 10⁹ bytes, latency is reported in minutes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from privlm.config import ConfigError
+from privlm.pi.census import OP_TYPES, Census
+
+FORMAT = "privlm-pi-cost-profile/1"
+PROFILE_DIR = Path(__file__).parent / "profiles"
+LINEAR_KINDS: tuple[str, ...] = ("ffn", "attn", "embed_head")
+_OP_FIELDS = ("bytes_per_element", "seconds_per_element", "bytes_per_call", "seconds_per_call",
+              "rounds_per_call", "messages_per_call")
+_LINEAR_FIELDS = ("bytes_per_gflop", "seconds_per_gflop")
+_TOKEN_FIELDS = ("bytes", "seconds", "bytes_per_vocab", "seconds_per_vocab")
+_FIXED_FIELDS = ("bytes", "seconds")
+
+
+@dataclass(frozen=True)
+class OpCost:
+    bytes_per_element: float = 0.0
+    seconds_per_element: float = 0.0
+    bytes_per_call: float = 0.0  # one call = one counted instance of the census (one head's T x T softmax, ...)
+    seconds_per_call: float = 0.0
+    rounds_per_call: Optional[float] = None  # informational: communication rounds of one call
+    messages_per_call: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    nonlinear: dict[str, OpCost]
+    linear: dict[str, tuple[float, float]]  # kind -> (bytes per GFLOP, seconds per GFLOP)
+    per_token: dict[str, float]  # bytes, seconds, bytes_per_vocab, seconds_per_vocab
+    fixed: dict[str, float]  # bytes, seconds
+    flop_convention: str  # "paper" or "dense": which census FLOPs the per-GFLOP costs apply to
+    final_layernorm: str  # "counted" (ln_f charged as a layernorm op) or "in_per_token" (absorbed)
+    network: dict[str, Any]
+    provenance: dict[str, Any]
+    description: str = ""
+    # op sets whose total cost the profile's data pins down; None = every set (e.g. a per-op measurement)
+    identified_op_sets: Optional[tuple[frozenset, ...]] = None
+    path: Optional[str] = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Cost:
+    """Predicted cost of one census under one profile; ``breakdown`` maps component -> {gb, min}."""
+
+    arch: str
+    T: int
+    profile: str
+    comm_gb: float
+    lat_min: float
+    breakdown: dict[str, dict[str, float]]
+    rounds: Optional[float] = None
+    warnings: list[str] = field(default_factory=list)
+
+    def savings_vs(self, ref: "Cost") -> tuple[float, float]:
+        """(communication, latency) savings factor of this model relative to ``ref`` (ref / self)."""
+        return ref.comm_gb / self.comm_gb, ref.lat_min / self.lat_min
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "T": self.T, "profile": self.profile, "comm_gb": self.comm_gb,
+                "lat_min": self.lat_min, "breakdown": self.breakdown, "rounds": self.rounds,
+                "warnings": list(self.warnings)}
+
+
+# ----------------------------------------------------------------------------------------
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: Union[str, Path, Profile] = "paper-fit") -> Profile:
+    """Read a profile by name (``profiles/<name>.json``) or path; ConfigError on anything malformed."""
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    path = Path(name_or_path)
+    if not path.suffix == ".json":
+        path = PROFILE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ConfigError(f"cost profile '{name_or_path}' not found; available: {', '.join(available_profiles())} "
+                          f"(or a path to a .json profile)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"cost profile '{path}' is not valid JSON: {exc}") from None
+    return parse_profile(raw, str(path))
+
+
+def parse_profile(raw: dict, origin: str = "<dict>") -> Profile:
+    def fail(msg: str) -> ConfigError:
+        return ConfigError(f"cost profile '{origin}': {msg}")
+
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise fail(f"'format' must be '{FORMAT}'")
+    for key in ("name", "nonlinear", "linear", "per_token", "network", "provenance", "conventions"):
+        if key not in raw:
+            raise fail(f"missing key '{key}'")
+
+    def numbers(section: dict, allowed: tuple[str, ...], where: str, optional=()) -> dict[str, Any]:
+        if not isinstance(section, dict):
+            raise fail(f"'{where}' must be an object")
+        out = {}
+        for k, v in section.items():
+            if k.startswith("_"):
+                continue  # comments
+            if k not in allowed:
+                raise fail(f"unknown key '{where}.{k}'; allowed: {', '.join(allowed)}")
+            if v is None and k in optional:
+                out[k] = None
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
+                raise fail(f"'{where}.{k}'={v!r} must be a non-negative number")
+            out[k] = float(v)
+        return out
+
+    nonlinear = {}
+    for op, section in raw["nonlinear"].items():
+        if op.startswith("_"):
+            continue
+        if op not in OP_TYPES:
+            raise fail(f"unknown nonlinear op '{op}'; known: {', '.join(OP_TYPES)}")
+        nonlinear[op] = OpCost(**numbers(section, _OP_FIELDS, f"nonlinear.{op}",
+                                         optional=("rounds_per_call", "messages_per_call")))
+    linear = {}
+    for kind, section in raw["linear"].items():
+        if kind.startswith("_"):
+            continue
+        if kind not in LINEAR_KINDS:
+            raise fail(f"unknown linear kind '{kind}'; known: {', '.join(LINEAR_KINDS)}")
+        vals = numbers(section, _LINEAR_FIELDS, f"linear.{kind}")
+        linear[kind] = (vals.get("bytes_per_gflop", 0.0), vals.get("seconds_per_gflop", 0.0))
+    per_token = {k: 0.0 for k in _TOKEN_FIELDS} | numbers(raw["per_token"], _TOKEN_FIELDS, "per_token")
+    fixed = {k: 0.0 for k in _FIXED_FIELDS} | numbers(raw.get("fixed", {}), _FIXED_FIELDS, "fixed")
+    conv = raw["conventions"]
+    flop_convention = conv.get("flops")
+    if flop_convention not in ("paper", "dense"):
+        raise fail(f"'conventions.flops'={flop_convention!r} must be 'paper' or 'dense'")
+    final_ln = conv.get("final_layernorm")
+    if final_ln not in ("counted", "in_per_token"):
+        raise fail(f"'conventions.final_layernorm'={final_ln!r} must be 'counted' or 'in_per_token'")
+    sets = raw.get("identified_op_sets")
+    if sets is not None and (not isinstance(sets, list) or any(
+            not isinstance(g, list) or not set(g) <= set(OP_TYPES) for g in sets)):
+        raise fail(f"'identified_op_sets' must be null or a list of lists of op names from {', '.join(OP_TYPES)}")
+    identified = None if sets is None else tuple(frozenset(g) for g in sets)
+    return Profile(name=str(raw["name"]), identified_op_sets=identified, nonlinear=nonlinear,
+                   linear=linear, per_token=per_token, fixed=fixed,
+                   flop_convention=flop_convention, final_layernorm=final_ln, network=dict(raw["network"]),
+                   provenance=dict(raw["provenance"]), description=str(raw.get("description", "")),
+                   path=origin, raw=raw)
+
+
+# ----------------------------------------------------------------------------------------
+def predict(c: Census, profile: Union[str, Path, Profile] = "paper-fit") -> Cost:
+    """Linear cost model (SPEC §5.3): Comm in GB (10⁹ bytes) and latency in minutes, with a breakdown."""
+    prof = load_profile(profile)
+    parts: dict[str, list[float]] = {}  # component -> [bytes, seconds]
+    rounds: Optional[float] = 0.0
+    for o in c.ops:
+        if o.where == "final" and prof.final_layernorm == "in_per_token":
+            continue  # the profile's per-token constant already carries ln_f (paper convention)
+        cost = prof.nonlinear.get(o.op)
+        if cost is None:
+            raise ConfigError(f"cost profile '{prof.name}' has no cost for nonlinear op '{o.op}' "
+                              f"(needed by {c.arch}); it covers: {', '.join(prof.nonlinear)}")
+        key = o.op if o.where != "final" else "layernorm (ln_f)"
+        acc = parts.setdefault(key, [0.0, 0.0])
+        acc[0] += o.elements * cost.bytes_per_element + o.count * cost.bytes_per_call
+        acc[1] += o.elements * cost.seconds_per_element + o.count * cost.seconds_per_call
+        if rounds is not None:
+            rounds = None if cost.rounds_per_call is None else rounds + o.count * cost.rounds_per_call
+    gflops = c.flops_by(prof.flop_convention)
+    for kind in LINEAR_KINDS:
+        b, s = prof.linear.get(kind, (0.0, 0.0))
+        g = gflops[kind] / 1e9
+        parts[kind] = [g * b, g * s]
+    pt = prof.per_token
+    parts["per_token"] = [c.T * (pt["bytes"] + c.vocab_size * pt["bytes_per_vocab"]),
+                          c.T * (pt["seconds"] + c.vocab_size * pt["seconds_per_vocab"])]
+    parts["fixed"] = [prof.fixed["bytes"], prof.fixed["seconds"]]
+    present = frozenset(o.op for o in c.ops if o.where != "final")
+    warnings = []
+    if prof.identified_op_sets is not None and present not in prof.identified_op_sets:
+        order = {op: i for i, op in enumerate(OP_TYPES)}
+        warnings.append(f"profile '{prof.name}' is only identified for the op sets of its data "
+                        f"({'; '.join('+'.join(sorted(g, key=order.get)) for g in prof.identified_op_sets)}); "
+                        f"{c.arch} has {'+'.join(sorted(present, key=order.get)) or 'no nonlinear op'}, so its "
+                        f"per-op split is an extrapolation")
+    breakdown = {k: {"gb": v[0] / 1e9, "min": v[1] / 60} for k, v in parts.items()}
+    return Cost(arch=c.arch, T=c.T, profile=prof.name,
+                comm_gb=sum(v["gb"] for v in breakdown.values()),
+                lat_min=sum(v["min"] for v in breakdown.values()), breakdown=breakdown, rounds=rounds,
+                warnings=warnings)
