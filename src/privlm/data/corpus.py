@@ -301,6 +301,8 @@ def load_hf(spec: str, split: str, streaming: bool):
     import datasets
 
     path = Path(spec).expanduser()
+    if spec.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise DataError(f"dataset path '{spec}' does not exist")
     try:
         if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
             ds = datasets.load_from_disk(str(path))

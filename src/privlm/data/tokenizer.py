@@ -44,7 +44,9 @@ def load_tokenizer(spec: str) -> tuple[Tokenizer, str, Optional[str]]:
     """(tokenizer, kind, eos token or None) for a tokenizer.json path, a directory holding one, or an
     AutoTokenizer name (whose own ``eos_token`` is then used as the document separator)."""
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "tokenizer.json").is_file():
+    # A transformers directory (tokenizer_config.json) goes through AutoTokenizer, which knows its eos_token;
+    # a bare directory with tokenizer.json is read as that file.
+    if path.is_dir() and (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         path = path / "tokenizer.json"
     if path.is_file():
         try:
