@@ -15,6 +15,7 @@ from privlm.errors import PrivlmError
 # dependency only breaks its own command).
 SUBCOMMAND_MODULES: dict[str, str] = {
     "inspect": "privlm.inspect",
+    "cost": "privlm.pi.cost_cli",
 }
 
 

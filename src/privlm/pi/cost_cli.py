@@ -1,0 +1,214 @@
+"""`privlm cost`: PI cost of presets / run directories in the layout of the paper's Table 3, and the
+published tables beside privlm's predictions.
+
+    privlm cost SM+ScFuFFN --vs SM+LN+G                 # GPT-2 size, T=128, profile paper-fit
+    privlm cost SM+LN+G SM+LN+R SM+ScFuFFN --T 256 model.n_layer=18 --format md
+    privlm cost runs/my-run                             # reads runs/my-run/config.yaml (T = its data.seq_len)
+    privlm cost --table paper-t128 --format json        # published rows, predictions, relative errors
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from omegaconf import OmegaConf
+
+from privlm.config import Config, ConfigError, from_dict, load_config, to_dict
+from privlm.pi.census import Census, census
+from privlm.pi.costs import Cost, available_profiles, load_profile, predict
+from privlm.pi.published import TABLES, load_rows, paper_round, printed_decimals
+
+# Fields copied from the costed model onto the --vs reference so both have the same size.
+SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "ffn_hidden", "block_size")
+
+
+def resolve_spec(spec: str, overrides: list[str]) -> tuple[Config, Optional[int]]:
+    """Preset name, YAML file or RUN_DIR -> (Config, T of the run or None)."""
+    path = Path(spec)
+    if path.is_dir():
+        cfg_file = path / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConfigError(f"'{spec}' is a directory without config.yaml (not a privlm run directory)")
+        try:
+            raw = yaml.safe_load(cfg_file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"'{cfg_file}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"'{cfg_file}' does not hold a config mapping")
+        cfg = from_dict(raw)
+        if overrides:
+            merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(overrides))
+            cfg = from_dict(OmegaConf.to_container(merged))
+        return cfg, cfg.data.seq_len
+    return load_config(spec, overrides), None
+
+
+def reference_config(vs: str, model_cfg: Config) -> Config:
+    """The --vs model at the same size as the costed one (a run directory is taken as it is)."""
+    if Path(vs).is_dir():
+        return resolve_spec(vs, [])[0]
+    m = model_cfg.model
+    size = [f"model.{k}={'null' if getattr(m, k) is None else getattr(m, k)}" for k in SIZE_FIELDS]
+    return load_config(vs, size)
+
+
+def _gflops(x: int) -> float:
+    return x / 1e9
+
+
+def cost_row(c: Census, cost: Cost, ref: Optional[Cost]) -> dict:
+    fl_paper, fl_dense = c.flops_by("paper"), c.flops_by("dense")
+    comm_sav, lat_sav = cost.savings_vs(ref) if ref is not None else (None, None)
+    return {
+        "arch": c.arch, "T": c.T, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+        "vocab_size": c.vocab_size,
+        "nonlinear": [{"op": o.op, "count": o.count, "shape": list(o.shape), "where": o.where,
+                       "in_paper": o.in_paper} for o in c.ops],
+        "nonlinear_label": c.nonlinear_label(),
+        "ffn_gflops": _gflops(fl_paper["ffn"]), "attn_gflops": _gflops(fl_paper["attn"]),
+        "attn_gflops_dense": _gflops(fl_dense["attn"]), "embed_head_gflops": _gflops(fl_paper["embed_head"]),
+        "comm_gb": cost.comm_gb, "lat_min": cost.lat_min,
+        "comm_savings": comm_sav, "lat_savings": lat_sav, "vs": ref.arch if ref is not None else None,
+        "profile": cost.profile, "breakdown": cost.breakdown, "warnings": cost.warnings,
+    }
+
+
+def table_rows(table: str, profile) -> list[dict]:
+    """Every published row of ``table`` with the census, the prediction and the relative error per cell."""
+    rows = load_rows(table)
+    base = next((r for r in rows if r.comm_sav == 1.0 or r.arch == "SM+LN+G"), rows[0])
+    ref = predict(base.census(), profile)
+    out = []
+    for r in rows:
+        c = r.census()
+        cost = predict(c, profile)
+        row = cost_row(c, cost, ref)
+        row["arch"] = ("SOTA " if r.variant == "sota" else "") + r.arch
+        row["preset"] = r.preset
+        row["source"] = r.source
+        row.update({
+            "paper_nonlinear": r.nonlinear or None,
+            "nonlinear_match": (c.nonlinear_label() == r.nonlinear) if r.nonlinear else None,
+            "paper_ffn_gflops": float(r.ffn_flops) if r.ffn_flops else None,
+            "paper_attn_gflops": float(r.attn_flops) if r.attn_flops else None,
+            "ffn_flops_match": (paper_round(row["ffn_gflops"], printed_decimals(r.ffn_flops)) == float(r.ffn_flops))
+            if r.ffn_flops else None,
+            "attn_flops_match": (paper_round(row["attn_gflops"], printed_decimals(r.attn_flops)) ==
+                                 float(r.attn_flops)) if r.attn_flops else None,
+            "paper_comm_gb": r.comm_gb, "paper_lat_min": r.lat_min,
+            "comm_err": cost.comm_gb / r.comm_gb - 1, "lat_err": cost.lat_min / r.lat_min - 1,
+            "paper_comm_savings": r.comm_sav, "paper_lat_savings": r.lat_sav,
+            "ppl": r.ppl, "note": r.note or None,
+        })
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+def _fmt_sav(x: Optional[float]) -> str:
+    return "" if x is None else f"{x:.2f}×"
+
+
+def _err(x: Optional[float]) -> str:
+    return "" if x is None else f"{100 * x:+.1f}%"
+
+
+def _ok(x: Optional[bool]) -> str:
+    return "" if x is None else ("=" if x else "≠")
+
+
+def render(rows: list[dict], fmt: str, published: bool) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+    if published:
+        header = ["Network Arch.", "#Nonlinear Ops (census)", "paper", "FFN FLOPs", "paper", "Attn FLOPs",
+                  "paper", "Comm. (GB)", "paper", "err", "Lat. (min.)", "paper", "err", "Comm. Sav.", "paper",
+                  "Lat. Sav.", "paper"]
+        body = [[r["arch"], r["nonlinear_label"], _ok(r["nonlinear_match"]),
+                 f"{r['ffn_gflops']:.2f}B", f"{r['paper_ffn_gflops']}B{_ok(r['ffn_flops_match'])}"
+                 if r["paper_ffn_gflops"] is not None else "",
+                 f"{r['attn_gflops']:.2f}B", f"{r['paper_attn_gflops']}B{_ok(r['attn_flops_match'])}"
+                 if r["paper_attn_gflops"] is not None else "",
+                 f"{r['comm_gb']:.2f}", f"{r['paper_comm_gb']:.2f}", _err(r["comm_err"]),
+                 f"{r['lat_min']:.2f}", f"{r['paper_lat_min']:.2f}", _err(r["lat_err"]),
+                 _fmt_sav(r["comm_savings"]), _fmt_sav(r["paper_comm_savings"]),
+                 _fmt_sav(r["lat_savings"]), _fmt_sav(r["paper_lat_savings"])] for r in rows]
+    else:
+        header = ["Network Arch.", "T", "#Nonlinear Ops", "FFN FLOPs", "Attn FLOPs (paper)", "Attn FLOPs (dense)",
+                  "Comm. (GB)", "Lat. (min.)", "Comm. Savings", "Lat. Savings"]
+        body = [[r["arch"], str(r["T"]), r["nonlinear_label"], f"{r['ffn_gflops']:.2f}B", f"{r['attn_gflops']:.2f}B",
+                 f"{r['attn_gflops_dense']:.2f}B", f"{r['comm_gb']:.2f}", f"{r['lat_min']:.2f}",
+                 _fmt_sav(r["comm_savings"]), _fmt_sav(r["lat_savings"])] for r in rows]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(body)
+        return buf.getvalue().rstrip("\n")
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in body]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    if args.table:
+        if args.specs:
+            raise ConfigError("--table prints a published table; give it no PRESET/RUN_DIR (or drop --table)")
+        rows = table_rows(args.table, profile)
+        print(render(rows, args.format, published=True))
+        if args.format in ("table", "md"):
+            worst_c = max(rows, key=lambda r: abs(r["comm_err"]))
+            worst_l = max(rows, key=lambda r: abs(r["lat_err"]))
+            print(f"\n{TABLES[args.table]}; profile {profile.name}. Worst Comm error {_err(worst_c['comm_err'])} "
+                  f"({worst_c['arch']}), worst latency error {_err(worst_l['lat_err'])} ({worst_l['arch']}). "
+                  f"FLOPs in the paper convention; '=' census matches the printed cell.")
+        return 0
+    specs = [s for s in args.specs if "=" not in s]
+    overrides = [s for s in args.specs if "=" in s]
+    if not specs:
+        specs = ["SM+LN+G"]
+    resolved = [resolve_spec(s, overrides) for s in specs]
+    ref_cfg = reference_config(args.vs, resolved[0][0])
+    rows, warnings = [], []
+    for cfg, run_T in resolved:
+        T = args.T if args.T is not None else (run_T or 128)
+        ref_c = census(ref_cfg, T)
+        ref = predict(ref_c, profile)
+        c = census(cfg, T)
+        cost = predict(c, profile)
+        rows.append(cost_row(c, cost, ref))
+        warnings += [w for w in cost.warnings if w not in warnings]
+    print(render(rows, args.format, published=False))
+    if args.format in ("table", "md"):
+        print(f"\nprofile {profile.name} (network {profile.network.get('bandwidth_mbps')} Mbit/s, "
+              f"{profile.network.get('rtt_ms')} ms as stated by its source); savings vs {args.vs} at the same size; "
+              f"FLOPs: paper convention, attention also dense (docs/pi-cost.md)")
+        for w in warnings:
+            print(f"warning: {w}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("cost", help="PI communication/latency of a preset or run (paper Table 3 layout)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("specs", nargs="*", metavar="PRESET|RUN_DIR|key=value",
+                   help="presets, config YAMLs or run directories (default SM+LN+G at GPT-2 size), and overrides")
+    p.add_argument("--T", type=int, default=None, help="prompt length (default 128; a run's data.seq_len)")
+    p.add_argument("--profile", default="paper-fit",
+                   help=f"cost profile name or .json path (available: {', '.join(available_profiles())})")
+    p.add_argument("--vs", default="SM+LN+G", help="reference for the savings columns (preset or RUN_DIR)")
+    p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
+    p.add_argument("--table", choices=tuple(TABLES), help="print a published table beside the predictions")
+    p.set_defaults(func=run)
