@@ -313,6 +313,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.valid_fraction={d.valid_fraction} must be in [0, 1)")
     if not (d.source == "stdlib" or d.source.startswith(("hf:", "files:"))):
         raise ConfigError(f"data.source='{d.source}' is not allowed; use stdlib, hf:<dataset id> or files:<glob>")
+    if d.valid_source is not None and not (d.valid_source == "stdlib" or d.valid_source.startswith(("hf:", "files:"))):
+        raise ConfigError(f"data.valid_source='{d.valid_source}' is not allowed; use null, stdlib, hf:<dataset id> "
+                          f"or files:<glob>")
+    if d.tokenizer == "bpe" and d.vocab_size < 257:
+        raise ConfigError(f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE (256 bytes + "
+                          f"<|endoftext|>); use at least 257")
+    for key, value in (("data.max_train_docs", d.max_train_docs), ("data.max_valid_docs", d.max_valid_docs)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be a positive integer (or null for all documents)")
     if not 0.0 <= t.warmup_frac < 1.0:
         raise ConfigError(f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
     if t.lr <= 0:
