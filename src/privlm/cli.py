@@ -16,6 +16,7 @@ from privlm.errors import PrivlmError
 SUBCOMMAND_MODULES: dict[str, str] = {
     "inspect": "privlm.inspect",
     "cost": "privlm.pi.cost_cli",
+    "data": "privlm.data.cli",
 }
 
 
