@@ -15,6 +15,7 @@ from privlm.errors import PrivlmError
 # dependency only breaks its own command).
 SUBCOMMAND_MODULES: dict[str, str] = {
     "inspect": "privlm.inspect",
+    "entropy": "privlm.entropy.cli",
     "cost": "privlm.pi.cost_cli",
     "data": "privlm.data.cli",
 }

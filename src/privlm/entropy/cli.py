@@ -1,0 +1,126 @@
+"""`privlm entropy RUN_DIR [--data SOURCE] [--json]`: per-head attention entropy of a run's checkpoint.
+
+Recomputes the Eq. 7 head entropies [L, H] on validation data (the run's own validation split, or every
+chunk of --data tokenized with the run's tokenizer), then prints them as a layer x head table, the paper's
+four histogram bins and the verdicts of the entropic-overload and entropy-collapse detectors (thresholds in
+privlm/entropy/measure.py). For runs trained with the regularizer it also prints the learned thresholds
+theta * log T and the share of heads outside the tolerance margin.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+import numpy as np
+import torch
+
+from privlm.entropy.measure import (BIN_LABELS, COLLAPSE_NATS, bin_index, causal_entropy_max, diagnose,
+                                    entropy_max, measure_model)
+from privlm.errors import DataError
+
+
+def _batches(chunks: np.ndarray, batch_size: int, max_batches: int | None):
+    n = len(chunks) if max_batches is None else min(len(chunks), batch_size * max_batches)
+    for i in range(0, n, batch_size):
+        yield torch.from_numpy(np.asarray(chunks[i:i + batch_size], dtype=np.int64))
+
+
+def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int | None = None,
+                   max_batches: int | None = None, device: str = "auto", max_value: float | None = None) -> dict:
+    from privlm.data import prepare_data
+    from privlm.run import load_run
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    run = load_run(run_dir, dev)
+    data_cfg = dataclasses.replace(run.cfg.data, tokenizer=str(run.path / "tokenizer.json"))
+    if data_source is not None:
+        # The whole source is the measurement set: make it the validation source of the run's own data build
+        # (prepare_data needs a non-empty training split; the run's is cached, so this costs no tokenizing).
+        data_cfg = dataclasses.replace(data_cfg, valid_source=data_source, max_valid_docs=None)
+    chunks = prepare_data(data_cfg, None).valid
+    if len(chunks) == 0:
+        raise DataError(f"no validation chunks of T={data_cfg.seq_len} tokens in '{data_source or data_cfg.source}'")
+    matrix, nans, n_seq = measure_model(run.model, _batches(chunks, batch_size or run.cfg.train.batch_size,
+                                                            max_batches), dev)
+    T = int(chunks.shape[1])
+    rep = {"run": str(run.path), "preset": run.cfg.model.preset, "data": data_source or run.cfg.data.source,
+           "sequences": n_seq, **diagnose(matrix, nans, T, max_value)}
+    theta = run.theta()
+    rep["thresholds"] = None
+    if theta is not None:
+        gamma = run.cfg.reg.gamma
+        dev_ = matrix - theta.double().numpy() * math.log(T)
+        rep["thresholds"] = {"theta": theta.tolist(), "gamma": gamma,
+                             "outside_share": float(np.mean(np.abs(dev_) > gamma * math.log(T))),
+                             "mean_abs_dev": float(np.nanmean(np.abs(dev_)))}
+    return rep
+
+
+def _table(rows: list[list[float | None]], fmt: str, marks=None) -> list[str]:
+    H = len(rows[0])
+    width = 7 if marks else 6
+    lines = ["layer | " + " ".join(f"{'h' + str(h):>{width}}" for h in range(H)) + " |   mean"]
+    for l, row in enumerate(rows):
+        cells = []
+        for h, v in enumerate(row):
+            text = "   nan" if v is None else format(v, fmt)
+            cells.append(text + (marks[l][h] if marks else ""))
+        finite = [v for v in row if v is not None]
+        mean = format(sum(finite) / len(finite), fmt) if finite else "   nan"
+        lines.append(f"{l:>5} | " + " ".join(cells) + f" | {mean}")
+    return lines
+
+
+def format_report(rep: dict) -> str:
+    hm = rep["head_entropy"]
+    bins, over, coll = rep["bins"], rep["overload"], rep["collapse"]
+    idx = bin_index([[np.nan if v is None else v for v in row] for row in hm], bins["max_value"])
+    marks = [["*" if b == 3 else ("_" if v is not None and v < coll["near_zero"] else " ")
+              for b, v in zip(brow, row)] for brow, row in zip(idx, hm)]
+    out = [f"{rep['run']}  ({rep['preset']}; {rep['sequences']} sequences of T={rep['seq_len']} from {rep['data']})",
+           f"head entropy in nats (Eq. 7; log T = {rep['log_T']:.3f}, causal max = {rep['causal_max']:.3f}; "
+           f"* top bin, _ below {COLLAPSE_NATS} nats):"]
+    out += _table(hm, "6.3f", [[m for m in row] for row in marks])
+    out.append(f"bins (max = {bins['max_value']:.3f}, the largest head entropy"
+               f"{'' if bins['max_value'] == max(v for r in hm for v in r if v is not None) else ', shared'}):  "
+               + "  ".join(f"{lab} {100 * s:.0f}%" for lab, s in zip(BIN_LABELS, bins["shares"]))
+               + (f"  ({bins['nan_heads']} NaN heads)" if bins["nan_heads"] else ""))
+    ol = ", ".join(f"{l}" for l in over["overloaded_layers"]) or "none"
+    out.append(f"entropic overload: {'YES' if over['overloaded'] else 'no'} — {100 * over['share']:.0f}% of heads "
+               f"in the top bin (threshold {100 * over['share_threshold']:.0f}%); layers with >= "
+               f"{100 * over['layer_threshold']:.0f}% there: {ol}")
+    cl = ", ".join(str(l) for l in coll["collapsed_layers"]) or "none"
+    nan_total = sum(coll["nan_counts"] or [])
+    out.append(f"entropy collapse: {'YES' if coll['collapsed'] else 'no'} — {100 * coll['share']:.0f}% of heads below "
+               f"{coll['near_zero']} nats or NaN; collapsed layers (>= {100 * coll['layer_threshold']:.0f}% or NaN "
+               f"attention): {cl}; NaN attention entries: {int(nan_total)}")
+    th = rep.get("thresholds")
+    if th:
+        out.append(f"learned thresholds theta * log T (nats; gamma = {th['gamma']}, margin = "
+                   f"±{th['gamma'] * rep['log_T']:.3f}):")
+        out += _table([[t * rep["log_T"] for t in row] for row in th["theta"]], "6.3f")
+        out.append(f"heads outside the margin: {100 * th['outside_share']:.0f}%; "
+                   f"mean |E - theta log T| = {th['mean_abs_dev']:.3f} nats")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    rep = entropy_report(args.run_dir, args.data, args.batch_size, args.max_batches, args.device, args.max_value)
+    print(json.dumps(rep) if args.json else format_report(rep))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("entropy", help="per-head attention entropy, bins and overload/collapse verdicts of a run",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="measure on this source instead (files:<glob>, hf:<id>, stdlib)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: the run's)")
+    p.add_argument("--max-batches", type=int, default=None, help="measure only the first N batches")
+    p.add_argument("--max-value", type=float, default=None,
+                   help="shared bin maximum (e.g. the largest head entropy over the runs being compared)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    p.set_defaults(func=run)
