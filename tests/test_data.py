@@ -423,3 +423,19 @@ def test_non_utf8_file_is_skipped_and_counted(tmp_path):
     assert data.manifest["skipped"]["invalid_utf8"] == 1
     assert data.manifest["skipped_examples"]["invalid_utf8"] == ["bad.py"]
     assert data.manifest["splits"]["train"]["documents"] == 1 and data.train.shape[0] > 0
+
+
+def test_privlm_data_command(tmp_path, hand_corpus, capsys):
+    from privlm.cli import main
+
+    over = [f"data.{k}={v}" for k, v in hand_corpus.items()] + [f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["data", *over, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "train         3     0.00          21" in out and "skipped: none" in out
+    assert (tmp_path / "out" / "data_manifest.json").is_file()
+    assert main(["data", *over, "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["cache"]["tokens"] == "hit" and "files" not in manifest["splits"]["train"]
+    assert main(["data", f"data.source=files:{tmp_path}/nothing/*.txt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("privlm data: error: data.source glob") and "\n" not in err
