@@ -54,7 +54,7 @@ def reference_config(vs: str, model_cfg: Config) -> Config:
         return resolve_spec(vs, [])[0]
     m = model_cfg.model
     size = [f"model.{k}={'null' if getattr(m, k) is None else getattr(m, k)}" for k in SIZE_FIELDS]
-    return load_config(vs, size)
+    return load_config(vs, size + [f"data.seq_len={model_cfg.data.seq_len}"])
 
 
 def _gflops(x: int) -> float:
@@ -110,6 +110,14 @@ def table_rows(table: str, profile) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------
+def _fl(gflops: float) -> str:
+    """FLOPs in the paper's style (14.50B), falling back to M/K for small models."""
+    for scale, unit in ((1.0, "B"), (1e-3, "M"), (1e-6, "K")):
+        if gflops >= 0.1 * scale or unit == "K":
+            return f"{gflops / scale:.2f}{unit}"
+    return ""
+
+
 def _fmt_sav(x: Optional[float]) -> str:
     return "" if x is None else f"{x:.2f}×"
 
@@ -130,9 +138,9 @@ def render(rows: list[dict], fmt: str, published: bool) -> str:
                   "paper", "Comm. (GB)", "paper", "err", "Lat. (min.)", "paper", "err", "Comm. Sav.", "paper",
                   "Lat. Sav.", "paper"]
         body = [[r["arch"], r["nonlinear_label"], _ok(r["nonlinear_match"]),
-                 f"{r['ffn_gflops']:.2f}B", f"{r['paper_ffn_gflops']}B{_ok(r['ffn_flops_match'])}"
+                 _fl(r["ffn_gflops"]), f"{r['paper_ffn_gflops']}B{_ok(r['ffn_flops_match'])}"
                  if r["paper_ffn_gflops"] is not None else "",
-                 f"{r['attn_gflops']:.2f}B", f"{r['paper_attn_gflops']}B{_ok(r['attn_flops_match'])}"
+                 _fl(r["attn_gflops"]), f"{r['paper_attn_gflops']}B{_ok(r['attn_flops_match'])}"
                  if r["paper_attn_gflops"] is not None else "",
                  f"{r['comm_gb']:.2f}", f"{r['paper_comm_gb']:.2f}", _err(r["comm_err"]),
                  f"{r['lat_min']:.2f}", f"{r['paper_lat_min']:.2f}", _err(r["lat_err"]),
@@ -141,8 +149,7 @@ def render(rows: list[dict], fmt: str, published: bool) -> str:
     else:
         header = ["Network Arch.", "T", "#Nonlinear Ops", "FFN FLOPs", "Attn FLOPs (paper)", "Attn FLOPs (dense)",
                   "Comm. (GB)", "Lat. (min.)", "Comm. Savings", "Lat. Savings"]
-        body = [[r["arch"], str(r["T"]), r["nonlinear_label"], f"{r['ffn_gflops']:.2f}B", f"{r['attn_gflops']:.2f}B",
-                 f"{r['attn_gflops_dense']:.2f}B", f"{r['comm_gb']:.2f}", f"{r['lat_min']:.2f}",
+        body = [[r["arch"], str(r["T"]), r["nonlinear_label"], _fl(r["ffn_gflops"]), _fl(r["attn_gflops"]), _fl(r["attn_gflops_dense"]), f"{r['comm_gb']:.2f}", f"{r['lat_min']:.2f}",
                  _fmt_sav(r["comm_savings"]), _fmt_sav(r["lat_savings"])] for r in rows]
     if fmt == "csv":
         buf = io.StringIO()
@@ -200,6 +207,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets ``key=value`` overrides follow options (``privlm cost SM+LN+G --T 256 model.n_layer=18``):
+    argparse's plain parsing takes positionals only once, so the sub-parser parses intermixed."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("cost", help="PI communication/latency of a preset or run (paper Table 3 layout)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,3 +235,4 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
     p.add_argument("--table", choices=tuple(TABLES), help="print a published table beside the predictions")
     p.set_defaults(func=run)
+    p.__class__ = _IntermixedParser  # the subparsers action builds plain ArgumentParsers
