@@ -224,3 +224,17 @@ def test_shipped_paper_fit_is_what_the_fit_produces():
     assert PAPER.per_token["bytes"] == pytest.approx(comm["per_token"] * 1e9, rel=1e-6)
     # the GELU-ReLU difference is the cleanest number in the data: ~3.37 KB per element (SPEC §5.3(a))
     assert (comm["gelu"] - comm["relu"]) * 1e3 == pytest.approx(3366, rel=0.01)
+
+
+def test_save_profile_round_trip_and_no_clobber(tmp_path):
+    raw = json.loads(json.dumps(PAPER.raw))
+    raw["name"] = "copy"
+    from privlm.pi import save_profile
+    path = save_profile(raw, tmp_path / "copy.json")
+    assert predict(census("SM+LN+G", 128), load_profile(path)).comm_gb == predict(census("SM+LN+G", 128), PAPER).comm_gb
+    with pytest.raises(ConfigError, match="already exists"):
+        save_profile(raw, path)
+    raw["nonlinear"]["softmax"]["bytes_per_element"] = "x"
+    with pytest.raises(ConfigError, match="non-negative number"):
+        save_profile(raw, tmp_path / "bad.json", overwrite=True)
+    assert not (tmp_path / "bad.json").exists()

@@ -5,7 +5,7 @@ prompt); `load_profile(name)` reads a cost profile (data file under ``profiles/`
 profile)` combines them linearly into communication (GB) and latency (minutes). See docs/pi-cost.md.
 """
 from privlm.pi.census import OP_ABBREV, OP_TYPES, Census, NonlinearOp, census, simplified_block_census
-from privlm.pi.costs import Cost, Profile, available_profiles, load_profile, predict
+from privlm.pi.costs import Cost, Profile, available_profiles, load_profile, predict, save_profile
 
 __all__ = ["census", "Census", "NonlinearOp", "simplified_block_census", "OP_TYPES", "OP_ABBREV",
-           "Profile", "Cost", "load_profile", "available_profiles", "predict"]
+           "Profile", "Cost", "load_profile", "available_profiles", "predict", "save_profile"]

@@ -168,6 +168,20 @@ def parse_profile(raw: dict, origin: str = "<dict>") -> Profile:
                    path=origin, raw=raw)
 
 
+def save_profile(raw: dict, path: Union[str, Path, None] = None, overwrite: bool = False) -> Path:
+    """Validate ``raw`` as a profile and write it (default ``profiles/<name>.json``); never clobbers an
+    existing file unless ``overwrite``. For measured profiles (e.g. ``spu-cheetah-measured``)."""
+    parse_profile(raw, str(path or raw.get("name")))
+    path = Path(path) if path is not None else PROFILE_DIR / f"{raw['name']}.json"
+    if path.exists() and not overwrite:
+        raise ConfigError(f"cost profile '{path}' already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # atomic: a crash never leaves half a profile
+    return path
+
+
 # ----------------------------------------------------------------------------------------
 def predict(c: Census, profile: Union[str, Path, Profile] = "paper-fit") -> Cost:
     """Linear cost model (SPEC §5.3): Comm in GB (10⁹ bytes) and latency in minutes, with a breakdown."""
