@@ -89,12 +89,17 @@ def test_census_fused_pruned_and_activations():
 
 def test_census_walks_a_real_model_including_fuse():
     cfg = load_config("SM+ScFFN", ["model.n_layer=2", "model.n_head=4", "model.n_embd=32", "model.vocab_size=50",
-                                   "model.block_size=16", "data.seq_len=16"]).model
+                                   "model.block_size=16", "data.seq_len=16",
+                                   "model.embd_dropout=0.1"]).model
     torch.manual_seed(0)
     model = GPT(cfg)
     c_model, c_cfg = census(model, 16), census(cfg, 16)
     assert c_model.to_dict() == c_cfg.to_dict()
     assert c_model.flops["ffn"] == 2 * 2 * 2 * 16 * 32 * 128
+    model.train()
+    state = torch.get_rng_state()
+    census(model, 8)
+    assert model.training and torch.equal(state, torch.get_rng_state())  # mode and RNG untouched
     fused = census(model.fuse(), 16)  # the fused copy has one d x d matrix per block
     assert fused.flops["ffn"] == 2 * 2 * 16 * 32 * 32
     with pytest.raises(ConfigError, match="block_size"):

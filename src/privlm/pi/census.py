@@ -205,6 +205,8 @@ def census(model_or_config: Any, T: int = 128) -> Census:
 
     idx = torch.zeros(1, T, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()  # no dropout: the pass must not consume the caller's RNG state
     try:
         with torch.no_grad(), counter:
             # output_attentions routes attention through the explicit softmax so hook_probs fires
@@ -212,6 +214,7 @@ def census(model_or_config: Any, T: int = 128) -> Census:
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
 
     flops = _split_flops(counter.get_flop_counts())
     flops["embedding"] = embed_flops
