@@ -15,8 +15,14 @@ from privlm.errors import PrivlmError
 # dependency only breaks its own command).
 SUBCOMMAND_MODULES: dict[str, str] = {
     "inspect": "privlm.inspect",
-    "entropy": "privlm.entropy.cli",
     "cost": "privlm.pi.cost_cli",
+    "pi": "privlm.spu.cli",
+    "entropy": "privlm.entropy.cli",
+    "train": "privlm.train.cli",
+    "eval": "privlm.evaluate",
+    "sample": "privlm.sample",
+    "report": "privlm.report.cli",
+    "sweep": "privlm.sweep",
     "data": "privlm.data.cli",
 }
 

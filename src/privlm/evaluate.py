@@ -1,0 +1,54 @@
+"""`privlm eval RUN_DIR [--data SOURCE] [--json]`: validation perplexity of a run's latest checkpoint.
+
+Without --data it uses the run's own validation split (rebuilt from the data cache). With --data
+(files:<glob>, hf:<id> or stdlib) every chunk of that source, tokenized with the run's tokenizer, is scored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+
+def evaluate_run(run_dir: str, data_source: str | None = None, batch_size: int | None = None,
+                 max_batches: int | None = None, device: str = "auto") -> dict:
+    from privlm.data import prepare_data
+    from privlm.run import load_run
+    from privlm.train.evaluation import evaluate
+    from privlm.train.precision import resolve_precision
+
+    precision = resolve_precision(device, "auto")
+    run = load_run(run_dir, precision.device)
+    data_cfg = dataclasses.replace(run.cfg.data, tokenizer=str(run.path / "tokenizer.json"))
+    if data_source is None:
+        chunks = prepare_data(data_cfg, None).valid
+    else:
+        # every document of the source is scored: build it as one split (no validation hold-out)
+        data_cfg = dataclasses.replace(data_cfg, source=data_source, valid_source=None, valid_fraction=0.0,
+                                       max_train_docs=None)
+        chunks = prepare_data(data_cfg, None).train
+    res = evaluate(run.model, chunks, batch_size or run.cfg.train.batch_size, precision, max_batches=max_batches)
+    return {"run": str(run.path), "data": data_source or run.cfg.data.source, "seq_len": run.cfg.data.seq_len,
+            **res.to_dict()}
+
+
+def run(args: argparse.Namespace) -> int:
+    rep = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_batches, args.device)
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        print(f"{rep['run']}: valid loss {rep['loss']:.4f}  PPL {rep['ppl']:.4f}  "
+              f"({rep['tokens']:,} tokens, T={rep['seq_len']}, data {rep['data']})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of a run's checkpoint", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="evaluate on this source instead (files:<glob>, hf:<id>, stdlib)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--json", action="store_true", help="print {ppl, loss, tokens, ...} as JSON")
+    p.set_defaults(func=run)

@@ -1,0 +1,79 @@
+"""`privlm train CONFIG.yaml|PRESET [key=value ...] [--out RUN_DIR] [--resume RUN_DIR] [--quiet]`
+
+Trains a model on the configured data and writes a run directory (docs/CONTRACTS.md). Under
+`torchrun --nproc_per_node N` the same command trains with DDP (global batch = N x batch_size x grad_accum).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from privlm.config import ConfigError, _check_keys, _merge, _parse_overrides, from_dict, load_config, validate
+
+
+def _default_run_dir(preset: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", preset).strip("-").lower() or "run"
+    return Path("runs") / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resume_config(run_dir: Path, overrides: list[str]):
+    """The run's saved config with optional overrides (e.g. train.max_steps=... to extend a run)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
+    cfg = from_dict(yaml.safe_load(path.read_text()))
+    if overrides:
+        from omegaconf import OmegaConf
+        raw = _parse_overrides(overrides)
+        _check_keys(raw, type(cfg))
+        if "model" in raw or "data" in raw:
+            raise ConfigError("on --resume only train.* and reg.* keys may be overridden "
+                              "(the model and data of a run are fixed)")
+        cfg = OmegaConf.to_object(_merge(OmegaConf.structured(cfg), raw, "override"))
+        validate(cfg)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from privlm.train.loop import train
+
+    spec, overrides = args.spec, list(args.overrides)
+    if spec and "=" in spec and not spec.endswith((".yaml", ".yml")):
+        overrides.insert(0, spec)
+        spec = None
+    if args.resume:
+        if spec:
+            raise ConfigError(f"--resume takes the config from the run directory; drop '{spec}'")
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError("use either --out (new run) or --resume RUN_DIR (continue a run), not both")
+        run_dir = Path(args.resume)
+        cfg = resume_config(run_dir, overrides)
+    else:
+        cfg = load_config(spec, overrides)
+        if args.out:
+            run_dir = Path(args.out)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("under torchrun pass --out RUN_DIR (every process must write the same run)")
+        else:
+            run_dir = _default_run_dir(cfg.model.preset)
+    summary = train(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet)
+    if summary:
+        print(f"final valid PPL {summary['final_ppl']:.4f} (loss {summary['final_loss']:.4f}) after "
+              f"{summary['steps']} steps; run: {run_dir}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model; writes a run directory", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", nargs="?", default=None, help="YAML config or preset name (e.g. 'SM+R')")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
+    p.add_argument("--out", default=None, help="new run directory (default runs/<preset>-<time>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, log lines only (automatic off a TTY)")
+    p.set_defaults(func=run)

@@ -1,0 +1,364 @@
+"""The training loop: AdamW + schedule, grad accumulation, mixed precision, DDP, evaluation, telemetry,
+divergence detection and exact resume. ``train(cfg, run_dir)`` is what ``privlm train`` runs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from privlm.config import Config, ConfigError, to_yaml, validate
+from privlm.errors import CheckpointError, DivergenceError
+from privlm.model import GPT
+from privlm.train import distributed as D
+from privlm.train.batches import BatchSchedule, Position
+from privlm.train.checkpoint import (atomic_write_json, atomic_write_text, latest_checkpoint, load_checkpoint,
+                                     rng_state, save_checkpoint, set_rng_state)
+from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
+from privlm.train.optim import build_optimizer, build_scheduler
+from privlm.train.precision import Precision, resolve_precision
+from privlm.train.telemetry import Telemetry, truncate_metrics
+
+
+# ----------------------------------------------------------------------------------------
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run never writes into a non-empty directory; a resume needs an existing run."""
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
+        latest_checkpoint(run_dir)
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise CheckpointError(f"run directory '{run_dir}' already exists and is not empty; choose another "
+                              f"--out or continue it with --resume {run_dir}")
+
+
+def build_regularizer(cfg: Config) -> Optional[nn.Module]:
+    if not cfg.reg.enabled:
+        return None
+    try:
+        from privlm.entropy import EntropyRegularizer
+    except ImportError as exc:
+        raise ConfigError(f"reg.enabled=true needs privlm.entropy, which failed to import: {exc}") from None
+    return EntropyRegularizer(cfg.model.n_layer, cfg.model.n_head, cfg.data.seq_len, cfg.reg)
+
+
+def head_entropy(entropy: torch.Tensor) -> torch.Tensor:
+    """[L, B, H, T] per-query entropies -> [L, H] (Eq. 7, mean over queries and sequences)."""
+    try:
+        from privlm.entropy import head_entropy as contract_head_entropy
+    except ImportError:
+        return entropy.float().mean(dim=(1, 3))
+    return contract_head_entropy(entropy.float())
+
+
+@torch.no_grad()
+def diagnose(model: GPT, chunk: torch.Tensor, precision: Precision, step: int, loss: float, grad_norm: float,
+             last_good: int, what: str = "training diverged") -> str:
+    """One line: the step, what was non-finite and the first layer whose attention (or output) has NaN/Inf."""
+    first_bad_block: list[int] = []
+    handles = [blk.register_forward_hook(
+        lambda mod, inp, out, i=i: first_bad_block.append(i) if not torch.isfinite(out.x).all() else None)
+        for i, blk in enumerate(model.blocks)]
+    try:
+        with precision.autocast():
+            out = model(chunk, output_entropy=True)
+    finally:
+        for h in handles:
+            h.remove()
+    nan_layers = [i for i, n in enumerate(out.nan_counts.tolist()) if n > 0]
+    parts = [f"{what} at step {step}: loss={loss:.4g}, grad_norm={grad_norm:.4g}"]
+    if nan_layers:
+        parts.append(f"first layer with NaN attention: {nan_layers[0]} "
+                     f"({int(out.nan_counts[nan_layers[0]])} NaN entries; layers with NaN: {nan_layers})")
+    else:
+        parts.append("no NaN in attention")
+    if first_bad_block:
+        parts.append(f"first non-finite block output: layer {min(first_bad_block)}")
+    elif not nan_layers:
+        parts.append("forward finite (overflow in the loss or the gradients)")
+    parts.append(f"last good checkpoint: step {last_good}" if last_good else "no checkpoint was saved yet")
+    return "; ".join(parts)
+
+
+def _tokens_per_step(cfg: Config, world: int) -> int:
+    return world * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+
+
+def _write_data_files(data: Any, run_dir: Path) -> None:
+    """When the caller built the data itself, still leave the tokenizer and manifest in the run."""
+    if not (run_dir / "tokenizer.json").is_file():
+        atomic_write_text(run_dir / "tokenizer.json", data.tokenizer.to_str())
+    if not (run_dir / "data_manifest.json").is_file():
+        atomic_write_json(run_dir / "data_manifest.json", data.manifest)
+
+
+# ----------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, quiet: bool = False,
+                 data: Any = None):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        device_hint = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        self.dist = D.init_distributed(device_hint)
+        self.precision = resolve_precision(cfg.train.device, cfg.train.dtype, self.dist.local_rank)
+        check_run_dir(self.run_dir, resume)
+        D.barrier(self.dist)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data = self._load_data(data)
+        cfg.model.vocab_size = int(self.data.vocab_size)  # the embedding follows the tokenizer
+        validate(cfg)
+        if self.dist.is_main and not resume:
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+
+        if cfg.train.deterministic and self.precision.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+        self.model = GPT(cfg.model).to(self.precision.device)
+        self.reg = build_regularizer(cfg)
+        if self.reg is not None:
+            self.reg.to(self.precision.device)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.reg, self.precision.device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_scaler else None
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        self.step, self.tokens, self.last_saved = 0, 0, 0
+        position = Position()
+        if resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            state, rngs = load_checkpoint(ckpt, self.model, self.reg, self.optimizer, self.scheduler, self.scaler)
+            self.step = self.last_saved = int(state["step"])
+            self.tokens = int(state["tokens"])
+            position = Position(**state["position"])
+            if state.get("world", 1) != self.dist.world:
+                raise CheckpointError(f"run was trained with {state.get('world', 1)} processes, resumed with "
+                                      f"{self.dist.world}; the data order would change")
+            set_rng_state(rngs[self.dist.rank])
+            if self.dist.is_main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        else:
+            torch.manual_seed(cfg.train.seed + self.dist.rank)  # dropout streams differ per rank
+        self.batches = BatchSchedule(self.data.train, cfg.train.batch_size, cfg.train.grad_accum,
+                                     cfg.train.seed, self.dist.rank, self.dist.world, position)
+
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            dev = [self.precision.device.index] if self.precision.device.type == "cuda" else None
+            self.net = DDP(self.model, device_ids=dev)
+        if cfg.train.compile:
+            self.net = torch.compile(self.net)
+        self.telemetry = Telemetry(self.run_dir, self.dist.is_main, quiet, cfg.train.max_steps, self.step)
+
+    # ------------------------------------------------------------------------------------
+    def _load_data(self, data: Any) -> Any:
+        if data is None:
+            from privlm.data import prepare_data
+            # rank 0 builds (or finds in the cache) the tokenized splits first; the others then hit the cache
+            if self.dist.is_main:
+                data = prepare_data(self.cfg.data, None if self.resume else self.run_dir)
+            D.barrier(self.dist)
+            if not self.dist.is_main:
+                data = prepare_data(self.cfg.data, None)
+        if self.dist.is_main and not self.resume:
+            _write_data_files(data, self.run_dir)
+        if self.resume:
+            saved = json.loads((self.run_dir / "data_manifest.json").read_text())
+            if _split_fingerprint(saved) != _split_fingerprint(data.manifest):
+                raise CheckpointError(f"the data built now differs from the run's data_manifest.json "
+                                      f"({_split_fingerprint(data.manifest)} vs {_split_fingerprint(saved)}); "
+                                      f"resuming would not continue the same run")
+        return data
+
+    def _save(self) -> None:
+        if not all(torch.isfinite(p).all() for p in self.params):  # never replace a good checkpoint
+            return
+        rngs = D.gather_objects(rng_state(), self.dist)
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, self.step, self.model, self.reg, self.optimizer, self.scheduler,
+                            self.scaler, {"tokens": self.tokens, "position": self.batches.position.to_dict(),
+                                          "world": self.dist.world}, rngs)
+        D.barrier(self.dist)
+        self.last_saved = self.step
+
+    def _evaluate(self) -> EvalResult:
+        t = self.cfg.train
+        res = evaluate(self.net if not self.dist.enabled else self.model, self.data.valid, t.batch_size,
+                       self.precision, self.dist, t.eval_max_batches)
+        self.telemetry.eval(self.step, res.loss, res.ppl, res.tokens)
+        if not math.isfinite(res.loss):  # finite training loss but NaN/Inf on held-out data: same verdict
+            first = torch.from_numpy(self.data.valid[: t.batch_size].astype("int64")).to(self.precision.device)
+            self._diverged(first, res.loss, float("nan"), self.step, "validation loss is non-finite")
+        return res
+
+    def _diverged(self, chunk: torch.Tensor, loss: float, grad_norm: float, step: int,
+                  what: str = "training diverged") -> None:
+        msg = diagnose(self.model, chunk, self.precision, step, loss, grad_norm, self.last_saved, what)
+        self.telemetry.print(msg)
+        if self.dist.is_main:
+            self._write_summary(None, diverged=True, diagnosis=msg)
+        self.telemetry.close()
+        raise DivergenceError(msg)
+
+    def _write_summary(self, final: Optional[EvalResult], diverged: bool = False,
+                       diagnosis: Optional[str] = None) -> dict:
+        summary = {"preset": self.cfg.model.preset, "params": self.model.num_params(),
+                   "tokens_trained": self.tokens, "steps": self.step,
+                   "final_loss": final.loss if final else None, "final_ppl": final.ppl if final else None,
+                   "diverged": diverged, "diagnosis": diagnosis}
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _write_entropy(self) -> None:
+        t, T = self.cfg.train, self.cfg.data.seq_len
+        ent, _ = measure_entropy(self.model, self.data.valid, t.batch_size, self.precision,
+                                 t.eval_max_batches if t.eval_max_batches is not None else 16)
+        temps = None
+        if self.cfg.model.attn_temperature:
+            temps = [blk.attn.temperatures()[:, :T].detach().float().cpu().tolist() for blk in self.model.blocks]
+        thresholds = self.reg.theta.detach().float().cpu().tolist() if self.reg is not None else None
+        atomic_write_json(self.run_dir / "entropy.json",
+                          {"step": self.step, "seq_len": T, "head_entropy": ent.tolist(),
+                           "thresholds": thresholds, "temperatures": temps})
+
+    # ------------------------------------------------------------------------------------
+    def train_step(self, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[dict], torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns (mean CE, grad norm, entropy
+        telemetry or None, first micro-batch)."""
+        cfg, dev = self.cfg, self.precision.device
+        micro = self.batches.next_step()
+        accum = len(micro)
+        reg_on = self.reg is not None and self.reg.active(self.step / cfg.train.max_steps)
+        need_entropy = want_entropy or self.reg is not None
+        ce_sum = torch.zeros((), device=dev)
+        ent_sum = nan_sum = None
+        reg_stats: list[dict] = []
+        for m, chunk in enumerate(micro):
+            chunk = chunk.to(dev, non_blocking=True)
+            if m == 0:
+                first = chunk
+            targets = shift_targets(chunk)
+            sync = (self.net.no_sync() if self.dist.enabled and m < accum - 1 and hasattr(self.net, "no_sync")
+                    else contextlib.nullcontext())
+            with sync:
+                with self.precision.autocast():
+                    out = self.net(chunk, targets, output_entropy=need_entropy)
+                    loss = out.loss
+                    if reg_on:
+                        l_ent, stats = self.reg(out.entropy)
+                        loss = loss + cfg.reg.lambda_ * l_ent
+                        reg_stats.append({"l_ent": float(l_ent.detach()), **stats})
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            ce_sum += out.loss.detach().float()
+            if want_entropy:
+                e = head_entropy(out.entropy.detach())
+                ent_sum = e if ent_sum is None else ent_sum + e
+                n = out.nan_counts.detach()
+                nan_sum = n if nan_sum is None else nan_sum + n
+        if self.reg is not None and self.dist.enabled:  # theta lives outside DDP: average its grads by hand
+            self.reg.all_reduce_grad()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        ce = D.all_reduce_sum(ce_sum / accum, self.dist) / self.dist.world
+        tele = None
+        if want_entropy:
+            ent_sum = D.all_reduce_sum(ent_sum / accum, self.dist) / self.dist.world
+            nan_sum = D.all_reduce_sum(nan_sum, self.dist)
+            stats = None
+            if reg_stats:
+                stats = {k: sum(s[k] for s in reg_stats) / len(reg_stats) for k in reg_stats[0]
+                         if isinstance(reg_stats[0][k], (int, float))}
+            tele = {"head_entropy": ent_sum.cpu().tolist(), "nan_counts": [int(x) for x in nan_sum.cpu()],
+                    "reg": stats}
+        return ce, grad_norm, tele, first
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        tok_step = _tokens_per_step(cfg, self.dist.world)
+        self.net.train()
+        if self.dist.is_main and self.step == 0:
+            self.telemetry.print(f"training {cfg.model.preset}: {self.model.num_params():,} parameters, "
+                                 f"{len(self.data.train):,} train / {len(self.data.valid):,} valid chunks of "
+                                 f"T={cfg.data.seq_len}, {tok_step:,} tokens per step, device "
+                                 f"{self.precision.device} ({str(self.precision.dtype).replace('torch.', '')})")
+        interval_loss, interval_steps, t_interval = 0.0, 0, time.time()
+        final: Optional[EvalResult] = None
+        while self.step < t.max_steps:
+            # a fixed cadence (not "and at the last step"): the numerics of step s never depend on max_steps
+            want_entropy = (self.step + 1) % t.entropy_every == 0
+            lr = self.optimizer.param_groups[0]["lr"]
+            ce, grad_norm, tele, first = self.train_step(want_entropy)
+            loss_f, gn_f = ce.item(), grad_norm.item()
+            bad_attention = tele is not None and any(tele["nan_counts"])
+            grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
+            if not math.isfinite(loss_f) or grads_bad or bad_attention:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._diverged(first, loss_f, gn_f, self.step + 1)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            self.tokens += tok_step
+            interval_loss += loss_f
+            interval_steps += 1
+            self.telemetry.advance()
+            if tele is not None:
+                self.telemetry.entropy(self.step, tele["head_entropy"], tele["nan_counts"], cfg.data.seq_len,
+                                       tele["reg"])
+            last = self.step == t.max_steps
+            if self.step % t.log_every == 0 or last:
+                elapsed = max(time.time() - t_interval, 1e-9)
+                self.telemetry.train(self.step, interval_loss / interval_steps, lr, self.tokens,
+                                     interval_steps * tok_step / elapsed, gn_f)
+                interval_loss, interval_steps, t_interval = 0.0, 0, time.time()
+            if self.step % t.eval_every == 0 or last:
+                final = self._evaluate()
+                t_interval = time.time()  # evaluation time is not training throughput
+            if self.step % t.save_every == 0 or last:
+                self._save()
+        if final is None:  # resumed a finished run: evaluate once more for the summary
+            final = self._evaluate()
+        summary = None
+        if self.dist.is_main:
+            self._write_entropy()
+            summary = self._write_summary(final)
+        self.telemetry.print(f"done: {self.step} steps, {self.tokens:,} tokens, final valid loss {final.loss:.4f}"
+                             f", PPL {final.ppl:.3f}; run directory {self.run_dir}")
+        self.telemetry.close()
+        return summary or {}
+
+
+def _split_fingerprint(manifest: dict) -> Any:
+    """What identifies the token splits in a data manifest (hashes and counts, not cache paths or timings)."""
+    splits = {name: {k: v for k, v in split.items() if k in ("sha256", "documents", "bytes", "tokens", "chunks")}
+              for name, split in manifest.get("splits", {}).items()}
+    return {"splits": splits, "tokenizer": manifest.get("tokenizer", {}).get("sha256"),
+            "seq_len": manifest.get("seq_len")}
+
+
+def train(cfg: Config, run_dir: Path | str, *, resume: bool = False, quiet: bool = False,
+          data: Any = None) -> dict:
+    """Train (or continue) the run in ``run_dir``; returns summary.json's content (empty on ranks > 0)."""
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        trainer = Trainer(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data)
+        try:
+            return trainer.run()
+        finally:
+            trainer.telemetry.close()
+            D.shutdown(trainer.dist)
+    finally:  # a global switch: do not leak it into the caller (tests, notebooks)
+        torch.use_deterministic_algorithms(deterministic_before)

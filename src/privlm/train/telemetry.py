@@ -1,0 +1,130 @@
+"""What a run reports: metrics.jsonl lines, TensorBoard scalars and the console (tqdm bar or log lines)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from privlm.train.checkpoint import atomic_write_text
+
+
+def is_interactive() -> bool:
+    """A progress bar only makes sense on a terminal, and never in CI logs."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop records written after the checkpoint (they are recomputed, bit-exactly on CPU)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if rec.get("step", 0) <= last_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+class Telemetry:
+    """Rank-0 sink for metrics; other ranks get an instance with ``enabled=False`` that does nothing."""
+
+    def __init__(self, run_dir: Optional[Path], enabled: bool, quiet: bool, total_steps: int,
+                 start_step: int = 0):
+        self.enabled = enabled
+        self.quiet = quiet or not is_interactive()
+        self._fh = self._tb = self._bar = None
+        self.last_eval_ppl: Optional[float] = None
+        if not enabled:
+            return
+        self._fh = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter  # heavy import, only on rank 0
+        # purge_step drops events a killed run wrote after the checkpoint we resume from
+        self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"),
+                                 purge_step=start_step + 1 if start_step else None)
+        if not self.quiet:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                             file=sys.stderr)
+        self._t0 = time.time()
+
+    # ------------------------------------------------------------------------------------
+    def _write(self, record: dict) -> None:
+        # one write per complete line: a kill can only lose whole trailing lines
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def print(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, flush=True)
+
+    def train(self, step: int, loss: float, lr: float, tokens: int, tok_per_s: float, grad_norm: float) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens": tokens,
+                     "tok_per_s": tok_per_s, "grad_norm": grad_norm})
+        for key, val in (("loss", loss), ("lr", lr), ("tok_per_s", tok_per_s), ("grad_norm", grad_norm)):
+            if _finite_or_none(val) is not None:
+                self._tb.add_scalar(f"train/{key}", val, step)
+        if self._bar is not None:
+            post = {"loss": f"{loss:.4f}", "tok/s": f"{tok_per_s:,.0f}"}
+            if self.last_eval_ppl is not None:
+                post["ppl"] = f"{self.last_eval_ppl:.3f}"
+            self._bar.set_postfix(post, refresh=False)
+        else:
+            ppl = f" eval_ppl {self.last_eval_ppl:.3f}" if self.last_eval_ppl is not None else ""
+            print(f"step {step:>6} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
+                  f"tok/s {tok_per_s:,.0f}{ppl}", flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def eval(self, step: int, loss: float, ppl: float, tokens: int) -> None:
+        if not self.enabled:
+            return
+        self.last_eval_ppl = ppl
+        self._write({"kind": "eval", "step": step, "loss": loss, "ppl": ppl, "tokens": tokens})
+        self._tb.add_scalar("eval/loss", loss, step)
+        self._tb.add_scalar("eval/ppl", ppl, step)
+        self.print(f"step {step:>6} eval loss {loss:.4f} ppl {ppl:.3f} ({tokens:,} tokens)")
+
+    def entropy(self, step: int, head_entropy: list[list[float]], nan_counts: list[int], seq_len: int,
+                reg_stats: Optional[dict]) -> None:
+        if not self.enabled:
+            return
+        layer_mean = [sum(row) / len(row) for row in head_entropy]
+        self._write({"kind": "entropy", "step": step, "head_entropy": head_entropy, "layer_mean": layer_mean,
+                     "nan_counts": nan_counts, "seq_len": seq_len, "reg": reg_stats})
+        for i, row in enumerate(head_entropy):
+            self._tb.add_scalar(f"entropy_layer_mean/layer{i}", layer_mean[i], step)
+            self._tb.add_scalar(f"attention_nan/layer{i}", nan_counts[i], step)
+            for h, e in enumerate(row):
+                self._tb.add_scalar(f"entropy_head/layer{i}/head{h}", e, step)
+        for key, val in (reg_stats or {}).items():
+            if isinstance(val, (int, float)):
+                self._tb.add_scalar(f"reg/{key}", val, step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = self._tb = self._bar = None
