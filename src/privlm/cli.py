@@ -15,14 +15,11 @@ from privlm.errors import PrivlmError
 # dependency only breaks its own command).
 SUBCOMMAND_MODULES: dict[str, str] = {
     "inspect": "privlm.inspect",
-    "cost": "privlm.pi.cost_cli",
-    "pi": "privlm.spu.cli",
-    "entropy": "privlm.entropy.cli",
     "train": "privlm.train.cli",
     "eval": "privlm.evaluate",
     "sample": "privlm.sample",
-    "report": "privlm.report.cli",
-    "sweep": "privlm.sweep",
+    "entropy": "privlm.entropy.cli",
+    "cost": "privlm.pi.cost_cli",
     "data": "privlm.data.cli",
 }
 
