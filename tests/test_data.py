@@ -112,6 +112,11 @@ def test_hash_split_is_by_relative_path_and_disjoint(tmp_path):
     assert valid == ref_valid and 5 < len(valid) < 35
     assert not set(train) & set(valid) and len(train) + len(valid) == 60
     assert train == sorted(train)  # sorted walk
+    # files are re-read on each pass and checked against their hash
+    assert next(iter(corpus.train.texts())) == (root / train[0]).read_text()
+    write(root / train[0], "x = 'edited meanwhile'\n")
+    with pytest.raises(DataError, match="changed during the build"):
+        list(corpus.train.texts())
     # the assignment of a file does not depend on the other files
     write(root / "pkg9" / "new.py", GOOD_PY.replace("add", "brand_new"))
     again = build_corpus(cfg(tmp_path, f"files:{root}/**/*.py", valid_fraction=0.3))
@@ -141,10 +146,10 @@ def test_stdlib_corpus_split_and_contents(stdlib_corpus):
     # same walk twice -> same split hashes (determinism of the corpus build)
     again = build_corpus(DataConfig())
     assert again.manifest() == c.manifest()
-    ref = hashlib.sha256()
+    ref = hashlib.sha256()  # the split hash: sha256 over (byte length, sha256) of each document in order
     for text in c.valid.texts():
         data = text.encode()
-        ref.update(len(data).to_bytes(8, "little") + data)
+        ref.update(len(data).to_bytes(8, "little") + hashlib.sha256(data).digest())
     assert ref.hexdigest() == c.valid.sha256
 
 

@@ -20,8 +20,10 @@ stable hash: a file goes to validation iff ``sha256("privlm-split:" + relative p
 ``valid_fraction`` of the 64-bit range (rows without a path are keyed by their content hash). The choice
 depends only on the key, so adding or removing other files never moves a file between splits.
 
-Each split carries a SHA-256 over its documents (length-prefixed UTF-8, in order), which fingerprints the
-built corpus for the token cache and the run's data manifest.
+Each split carries a SHA-256 over the (UTF-8 byte length, SHA-256) of its documents in order, which
+fingerprints the built corpus for the token cache and the run's data manifest. File documents are not held
+in memory: each pass re-reads them and checks their hash, so a file edited mid-build is an error, never a
+silent mismatch between the manifest and the tokens.
 """
 from __future__ import annotations
 
@@ -82,18 +84,18 @@ class Corpus:
 
 
 class _SplitHasher:
-    """SHA-256 over length-prefixed documents, so that document boundaries are part of the hash."""
+    """SHA-256 over each document's (byte length, SHA-256), so document order and boundaries are hashed."""
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
         self.n_docs = 0
         self.n_bytes = 0
 
-    def add(self, data: bytes) -> None:
-        self._h.update(len(data).to_bytes(8, "little"))
-        self._h.update(data)
+    def add(self, digest: bytes, n_bytes: int) -> None:
+        self._h.update(n_bytes.to_bytes(8, "little"))
+        self._h.update(digest)
         self.n_docs += 1
-        self.n_bytes += len(data)
+        self.n_bytes += n_bytes
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -123,8 +125,8 @@ class _Gate:
             if len(lst) < _MAX_LISTED_SKIPS:
                 lst.append(name)
 
-    def admit(self, raw: bytes | str, code: bool, name: Optional[str] = None) -> Optional[tuple[str, bytes]]:
-        """Return (text, utf-8 bytes) if kept, else None (after counting the reason)."""
+    def admit(self, raw: bytes | str, code: bool, name: Optional[str] = None) -> Optional[tuple[str, bytes, int]]:
+        """Return (text, sha256 digest of its UTF-8 bytes, byte count) if kept, else None (reason counted)."""
         if isinstance(raw, str):
             text = raw
             data = raw.encode("utf-8", errors="surrogatepass")
@@ -157,7 +159,7 @@ class _Gate:
         if digest in self.exclude:
             self.reject("in_valid", name)
             return None
-        return text, data
+        return text, digest, len(data)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,9 +168,23 @@ class _Gate:
 @dataclass
 class _Doc:
     key: bytes  # what the hash split looks at
-    text: str
-    data: bytes
-    path: Optional[str] = None
+    text: Optional[str]  # None for files: re-read from `file` on every pass
+    digest: bytes  # sha256 of the UTF-8 bytes
+    n_bytes: int
+    path: Optional[str] = None  # relative path, for the manifest
+    file: Optional[Path] = None
+
+
+def _doc_text(d: _Doc) -> str:
+    if d.text is not None:
+        return d.text
+    try:
+        data = d.file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"corpus file '{d.file}' became unreadable during the build: {exc.strerror}") from None
+    if hashlib.sha256(data).digest() != d.digest:
+        raise DataError(f"corpus file '{d.file}' changed during the build; run again")
+    return data.decode("utf-8")
 
 
 def _subsample(docs: list[_Doc], max_docs: Optional[int], seed: int) -> list[_Doc]:
@@ -182,10 +198,9 @@ def _subsample(docs: list[_Doc], max_docs: Optional[int], seed: int) -> list[_Do
 def _split_from_docs(name: str, docs: list[_Doc]) -> Split:
     h = _SplitHasher()
     for d in docs:
-        h.add(d.data)
-    texts = [d.text for d in docs]
-    files = [{"path": d.path, "bytes": len(d.data)} for d in docs] if all(d.path for d in docs) else None
-    return Split(name, lambda: iter(texts), h.n_docs, h.n_bytes, h.hexdigest(), files)
+        h.add(d.digest, d.n_bytes)
+    files = [{"path": d.path, "bytes": d.n_bytes} for d in docs] if all(d.path for d in docs) else None
+    return Split(name, lambda: (_doc_text(d) for d in docs), h.n_docs, h.n_bytes, h.hexdigest(), files)
 
 
 def stdlib_root() -> Path:
@@ -241,7 +256,7 @@ def _read_text_files(paths: Iterable[Path], base: Path, gate: _Gate, code_for: C
             continue
         got = gate.admit(raw, code_for(path), rel)
         if got is not None:
-            docs.append(_Doc(rel.encode(), got[0], got[1], rel))
+            docs.append(_Doc(rel.encode(), None, got[1], got[2], rel, path))
     return docs
 
 
@@ -378,7 +393,7 @@ class _Builder:
         for value in _iter_rows(ds, field_):
             got = self.gate.admit(_row_text(value, field_), self.code(False))
             if got is not None:
-                docs.append(_Doc(hashlib.sha256(got[1]).digest(), got[0], got[1]))
+                docs.append(_Doc(got[1], got[0], got[1], got[2]))
         return docs
 
     # -- a source as an HF dataset -------------------------------------------------------------------
@@ -405,19 +420,18 @@ class _Builder:
             for i, value in enumerate(_iter_rows(ds, field_)):
                 got = self.gate.admit(_row_text(value, field_), self.code(False))
                 if got is not None:
-                    name = assign(hashlib.sha256(got[1]).digest())
+                    name = assign(got[1])
                     if name is not None:
                         out[name].mask[i] = True
-                        out[name].hasher.add(got[1])
+                        out[name].hasher.add(got[1], got[2])
             return out
         lists: dict = {"train": [], "valid": []}  # streamed: bounded by max_docs, held in memory
         for value in _iter_rows(ds, field_):
             got = self.gate.admit(_row_text(value, field_), self.code(False))
             if got is not None:
-                digest = hashlib.sha256(got[1]).digest()
-                name = assign(digest)
+                name = assign(got[1])
                 if name is not None:
-                    lists[name].append(_Doc(digest, got[0], got[1]))
+                    lists[name].append(_Doc(got[1], got[0], got[1], got[2]))
         return lists
 
 
@@ -437,7 +451,8 @@ def _cap_rows(part, max_docs: Optional[int]):
     part.hasher = _SplitHasher()
     for value, keep in zip(_iter_rows(part.ds, part.text_field), part.mask):
         if keep:
-            part.hasher.add(_row_text(value, part.text_field).encode("utf-8", errors="surrogatepass"))
+            data = _row_text(value, part.text_field).encode("utf-8", errors="surrogatepass")
+            part.hasher.add(hashlib.sha256(data).digest(), len(data))
     return part
 
 
