@@ -6,7 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.privlm-installed
 PYTEST_ARGS ?= -q -n 2
 
-.PHONY: setup demo test clean
+# SecretFlow SPU (privlm pi) needs Python 3.11, jax 0.4.34 and numpy<2: its own environment, see requirements-spu.txt
+SPU_PYTHON ?= python3.11
+SPU_VENV   := .venv-spu
+SPU_STAMP  := $(SPU_VENV)/.privlm-spu-installed
+
+.PHONY: setup spu-setup demo test clean
 
 setup: $(STAMP)
 
@@ -17,11 +22,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+spu-setup: $(SPU_STAMP)
+
+$(SPU_STAMP): requirements-spu.txt pyproject.toml
+	test -x $(SPU_VENV)/bin/python || $(SPU_PYTHON) -m venv $(SPU_VENV)
+	$(SPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SPU_VENV)/bin/python -m pip install -q -r requirements-spu.txt
+	$(SPU_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(SPU_STAMP)
+
 demo: setup
 	$(BIN)/privlm inspect --all
 
-test: setup
+test: setup spu-setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) $(SPU_VENV) .pytest_cache runs

@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "sample": "privlm.sample",
     "entropy": "privlm.entropy.cli",
     "cost": "privlm.pi.cost_cli",
+    "pi": "privlm.spu.cli",
     "data": "privlm.data.cli",
 }
 

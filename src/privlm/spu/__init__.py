@@ -1,0 +1,16 @@
+"""privlm.spu: measured private inference of privlm models under SecretFlow SPU (2PC).
+
+Two environments are involved, because ``spu==0.9.5`` needs numpy<2 and jax 0.4.34 while the rest of
+privlm needs numpy 2 (``make spu-setup`` builds ``.venv-spu``):
+
+main environment (torch)                          SPU environment (.venv-spu, jax + spu, no torch)
+-----------------------------------------------   ---------------------------------------------------
+``export``    model -> public.json + weights      ``program``   pure-JAX forward as a list of steps
+``launcher``  finds .venv-spu, starts parties     ``party``     one 2PC party (client or server)
+``cli``       ``privlm pi run|calibrate|measure`` ``linkstats`` SPU's per-run link counters
+``calibrate`` writes the ``spu-cheetah-measured`` ``microbench`` per-op micro-benchmarks
+              cost profile
+
+This package lives outside ``privlm.pi`` on purpose: ``privlm.pi`` imports torch (the census walks the
+model), and the SPU-side modules must import without it. Nothing here is imported at package import.
+"""

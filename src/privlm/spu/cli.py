@@ -1,0 +1,163 @@
+"""`privlm pi`: measured private inference of a privlm model under SecretFlow SPU (2PC).
+
+    privlm pi run RUN_DIR --prompt "def f(x):" [--protocol cheetah|semi2k] [--mode sim|2proc] [--json]
+    privlm pi run RUN_DIR --prompt "..." --mode 2proc --party 1 --peer HOST0:PORT --peer HOST1:PORT  (server)
+    privlm pi run CLIENT_DIR --prompt "..." --mode 2proc --party 0 --peer ... --peer ...             (client)
+    privlm pi export RUN_DIR OUT_DIR          # public.json + tokenizer.json (client) and weights (server)
+    privlm pi calibrate [--out PROFILE.json] [--quick]
+    privlm pi measure PRESET [key=value ...] [--layers-measured 1] [--T 128]
+
+The parties run in the SPU environment (``make spu-setup``); this process only exports, launches and
+reports. See docs/pi-measured.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from privlm.errors import CheckpointError, PrivlmError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pi", help="measured private inference under SecretFlow SPU (2PC)",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="pi_command", metavar="PI_COMMAND", required=True)
+
+    r = sub.add_parser("run", help="private next-token prediction of a run directory's model")
+    r.add_argument("run_dir", help="RUN_DIR (config.yaml + model.safetensors), or a client bundle of "
+                                   "`privlm pi export` (public.json + tokenizer.json) with --party 0")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (tokenized with the run's tokenizer.json)")
+    src.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
+    r.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
+    r.add_argument("--mode", default="sim", choices=("sim", "2proc"),
+                   help="sim: both parties in one SPU process; 2proc: two OS processes over brpc")
+    r.add_argument("--peer", action="append", metavar="HOST:PORT",
+                   help="address of party 0, then of party 1 (2proc; default two free loopback ports)")
+    r.add_argument("--party", type=int, choices=(0, 1),
+                   help="2proc on two machines: run only this party (0 = client, 1 = server)")
+    r.add_argument("--T", type=int, help="prompt length, for --party 1 (the server never sees the prompt)")
+    r.add_argument("--head", default="all", choices=("all", "last"),
+                   help="LM head over all T positions (census/paper workload) or only the last")
+    r.add_argument("--keep", metavar="DIR", help="keep the exported files, logs and audits in DIR")
+    r.add_argument("--json", action="store_true", help="print one JSON document")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("export", help="split a run into the client bundle and the server's weights")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    e.set_defaults(func=cmd_export)
+
+    from privlm.spu import calibrate as _cal
+    _cal.register(sub)
+
+
+def _load(run_dir: Path):
+    from privlm.spu.export import load_model
+    return load_model(run_dir)
+
+
+def _tokens(args, tokenizer, vocab_size: int) -> list[int]:
+    if args.tokens is not None:
+        try:
+            ids = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            raise PrivlmError(f"--tokens '{args.tokens}' must be comma-separated integers") from None
+    else:
+        if tokenizer is None:
+            raise CheckpointError(f"'{args.run_dir}' has no tokenizer.json; pass --tokens instead of --prompt")
+        ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise PrivlmError("the prompt is empty after tokenization; give at least one token")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise PrivlmError(f"token ids {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}")
+    return ids
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from privlm.spu.launcher import run_parties
+    from privlm.spu.report import format_table, summarize
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory '{run_dir}' does not exist")
+    if args.peer is not None and args.mode != "2proc":
+        raise PrivlmError("--peer needs --mode 2proc")
+    if args.party is not None and args.mode != "2proc":
+        raise PrivlmError("--party needs --mode 2proc")
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="privlm-pi-"))
+    if args.keep and work.exists() and any(work.iterdir()):
+        raise PrivlmError(f"--keep directory '{work}' exists and is not empty; choose a new one")
+    try:
+        client_only = args.party == 0 and (run_dir / "public.json").is_file() \
+            and not (run_dir / "model.safetensors").is_file()
+        ref = model = tok = None
+        if client_only:  # a client machine: public architecture and tokenizer, no weights
+            meta = json.loads((run_dir / "public.json").read_text())
+            public, weights, vocab = run_dir / "public.json", None, meta["vocab_size"]
+            if (run_dir / "tokenizer.json").is_file():
+                from tokenizers import Tokenizer
+                tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+            block = meta["block_size"]
+        else:
+            import torch
+
+            from privlm.spu.export import save_export
+            cfg, model, tok = _load(run_dir)
+            public, weights = save_export(model, work / "export")
+            vocab, block = cfg.model.vocab_size, cfg.model.block_size
+        if args.party != 1 and args.prompt is None and args.tokens is None:
+            raise PrivlmError("give --prompt or --tokens (only the server, --party 1, runs without one)")
+        if args.party == 1:
+            if args.T is None:
+                raise PrivlmError("--party 1 (server) needs --T, the public prompt length")
+            ids, T = None, args.T
+        else:
+            ids = _tokens(args, tok, vocab)
+            T = len(ids)
+        if T > block:
+            raise PrivlmError(f"the prompt has {T} tokens but the model's position table holds {block}")
+        if model is not None and ids is not None:
+            with torch.no_grad():
+                ref = model(torch.tensor([ids])).logits[0].float().numpy()
+        out = run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
+                          mode=args.mode, peers=args.peer, party=args.party, head=args.head)
+        if out is None:
+            print(f"party 1 (server) finished; T={T}, protocol {args.protocol}")
+            return 0
+        result, logits = out
+        cen = None
+        if model is not None and args.head == "all":
+            from privlm.pi.census import census
+            cen = census(model, T)
+        doc = summarize(result, logits, ref, cen)
+        if tok is not None:
+            doc["predicted_text"] = tok.decode([doc["predicted_token"]])
+        print(json.dumps(doc, indent=1) if args.json else format_table(doc))
+        return 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def cmd_export(args) -> int:
+    from privlm.spu.export import save_export
+
+    run_dir, out = Path(args.run_dir), Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise PrivlmError(f"output directory '{out}' exists and is not empty; choose a new one")
+    _, model, _ = _load(run_dir)
+    public, weights = save_export(model, out / "server")
+    client = out / "client"
+    client.mkdir(parents=True)
+    shutil.copy(public, client / "public.json")
+    if (run_dir / "tokenizer.json").is_file():
+        shutil.copy(run_dir / "tokenizer.json", client / "tokenizer.json")
+    print(f"client bundle (give to the client): {client}\nserver files (keep): {weights.parent}")
+    return 0

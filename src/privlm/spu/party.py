@@ -1,0 +1,336 @@
+"""One party of the two-party private forward pass (runs in the SPU environment: jax + spu, no torch).
+
+Party 0 is the client: it holds the prompt's token ids (as a one-hot matrix) and learns the logits.
+Party 1 is the server: it holds the weights. Each party secret-shares its own tensors (keeps one share,
+sends the other); every step of `privlm.spu.program` then runs as its own SPU executable on shares, and
+at the end the server sends its share of the logits to the client, who alone reconstructs them.
+
+    python -m privlm.spu.party --rank 0 --public public.json --tokens ids.json --peers A,B --out res.json
+    python -m privlm.spu.party --rank 1 --public public.json --weights weights.safetensors --T 16 --peers A,B
+    python -m privlm.spu.party --sim --public ... --tokens ... --weights ... --out res.json   (both, threads)
+
+The result JSON of party 0 (or of ``--sim``) holds per-step link counters (from SPU's own profile log, see
+`privlm.spu.linkstats`), wall times and the logits. ``--audit FILE`` writes what this process received on
+its command line and which files it opened (Python audit hook), so tests can check the privacy split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+AUDIT: dict = {"argv": list(sys.argv), "opened": [], "loaded": [], "plaintext": [], "received_shares": []}
+
+
+def _audit_hook(event: str, args: tuple) -> None:
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.fsdecode(args[0])
+        if not path.startswith((sys.prefix, sys.base_prefix, "/proc", "/dev", "/sys", "/usr", "/etc")):
+            AUDIT["opened"].append(path)
+
+
+import numpy as np  # noqa: E402  (after the hook so nothing is opened unseen)
+
+PROTOCOLS = ("cheetah", "semi2k")
+FRACTION_BITS = 18  # SPU's default for the 64-bit ring
+
+
+def runtime_config(protocol: str, profile: bool):
+    import spu.libspu as libspu
+
+    kind = {"cheetah": libspu.ProtocolKind.CHEETAH, "semi2k": libspu.ProtocolKind.SEMI2K}[protocol]
+    cfg = libspu.RuntimeConfig(protocol=kind, field=libspu.FieldType.FM64)
+    cfg.fxp_fraction_bits = FRACTION_BITS
+    cfg.enable_pphlo_profile = profile  # makes every run log its 'Link details' (our byte counter)
+    cfg.share_max_chunk_size = 16 << 20
+    return cfg
+
+
+def make_link(rank: int, peers: list[str] | None, recv_timeout_s: float = 3600.0):
+    """An in-memory link for the threaded simulator (peers None) or brpc between two OS processes."""
+    import spu.libspu as libspu
+
+    desc = libspu.link.Desc()
+    if peers is None:
+        for r in range(2):
+            desc.add_party(f"party{r}", f"thread_{r}")
+        return libspu.link.create_mem(desc, rank)
+    desc.recv_timeout_ms = int(recv_timeout_s * 1000)
+    desc.http_max_payload_size = 32 << 20
+    desc.connect_retry_times = 600  # the other party may start a while later (another machine)
+    desc.connect_retry_interval_ms = 500
+    for r, addr in enumerate(peers):
+        desc.add_party(f"party{r}", addr)
+    return libspu.link.create_brpc(desc, rank)
+
+
+class Party:
+    """Holds the link, the SPU runtime and this party's shares of every live tensor."""
+
+    def __init__(self, rank: int, lctx, protocol: str, log_path: Path | None):
+        import spu.api as spu_api
+
+        from privlm.spu.linkstats import LogTail
+
+        self.rank, self.lctx, self.protocol = rank, lctx, protocol
+        profile = log_path is not None
+        self.rt = spu_api.Runtime(lctx, runtime_config(protocol, profile))
+        self.io = spu_api.Io(2, runtime_config(protocol, False))
+        self.tail = LogTail(log_path) if profile else None
+        self.shares: dict[str, object] = {}
+        self.share_bytes_sent = 0
+        self.share_bytes_recv = 0
+
+    # ---- input sharing: the owner splits its tensor, keeps one share and sends the other --------------
+    def share_input(self, name: str, owner: int, value: np.ndarray | None) -> None:
+        import spu.libspu as libspu
+
+        peer = 1 - self.rank
+        if self.rank == owner:
+            shares = self.io.make_shares(np.ascontiguousarray(value, dtype=np.float32),
+                                         libspu.Visibility.VIS_SECRET)
+            self._send_share(peer, shares[peer])
+            self.shares[name] = shares[self.rank]
+        else:
+            self.shares[name] = self._recv_share(owner)
+            AUDIT["received_shares"].append(name)
+
+    def _send_share(self, peer: int, share) -> None:
+        chunks = list(share.share_chunks)
+        msgs = [bytes(share.meta), str(len(chunks)).encode()] + [bytes(c) for c in chunks]
+        for m in msgs:
+            self.lctx.send(peer, m)
+            self.share_bytes_sent += len(m)
+
+    def _recv_share(self, peer: int):
+        import spu.libspu as libspu
+
+        sh = libspu.Share()
+        msgs = [self.lctx.recv(peer), self.lctx.recv(peer)]
+        sh.meta = msgs[0]
+        sh.share_chunks = [self.lctx.recv(peer) for _ in range(int(msgs[1].decode()))]
+        self.share_bytes_recv += sum(len(m) for m in msgs) + sum(len(c) for c in sh.share_chunks)
+        return sh
+
+    # ---- one step: set the input shares, run the compiled executable, keep the output shares ----------
+    def run(self, exe, inputs: list[str], outputs: list[str]) -> dict:
+        for var, name in zip(exe.input_names, inputs):
+            self.rt.set_var(var, self.shares[name])
+        t0 = time.perf_counter()
+        self.rt.run(exe)
+        seconds = time.perf_counter() - t0
+        for var, name in zip(exe.output_names, outputs):
+            self.shares[name] = self.rt.get_var(var)
+        for var in list(exe.input_names) + list(exe.output_names):
+            self.rt.del_var(var)
+        row = {"seconds": seconds}
+        if self.tail is not None:
+            row.update(self.tail.next_stats().to_dict())
+        return row
+
+    def reveal_to(self, name: str, receiver: int):
+        """Send this party's share of ``name`` to ``receiver``; the receiver returns the plaintext."""
+        peer = 1 - self.rank
+        if self.rank != receiver:
+            self._send_share(receiver, self.shares[name])
+            return None
+        other = self._recv_share(peer)
+        mine = self.shares[name]
+        pair = [mine, other] if self.rank == 0 else [other, mine]
+        return np.asarray(self.io.reconstruct(pair))
+
+
+def compile_step(fn, arg_shapes: list[tuple], name: str):
+    """Compile one step for SPU; every input is a secret share named '<step>:in<i>'."""
+    import spu.libspu as libspu
+    import spu.utils.frontend as spu_fe
+
+    args = [np.zeros(s, np.float32) for s in arg_shapes]
+    exe, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, args, {}, [f"{name}:in{i}" for i in range(len(args))],
+                            [libspu.Visibility.VIS_SECRET] * len(args),
+                            lambda outs: [f"{name}:out{i}" for i in range(len(outs))])
+    return exe
+
+
+def _setup_fn(a, w):
+    """Evaluates one tiny instance of every primitive the forward uses (secret matmul, comparison, exp,
+    reciprocal, rsqrt, tanh, multiplication), so the protocol's one-time and lazily created setup
+    (CHEETAH: OT extension, HE keys, per-primitive OT correlations) is paid here and reported as 'setup'
+    instead of being charged to whichever op happens to come first."""
+    import jax
+
+    from privlm.spu.program import layer_norm
+
+    x = a @ w
+    return (jax.nn.softmax(x, axis=-1) + layer_norm(x, w[0], w[1], 1e-5) + jax.nn.gelu(x, approximate=True)
+            + jax.nn.relu(x) * a[:, :1])
+
+
+def plan(program) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Shapes of every named tensor (from jax.eval_shape, no data) and the index of each tensor's last use."""
+    import jax
+
+    shapes: dict[str, tuple] = {"onehot": (program.T, program.meta["vocab_size"])}
+    for name in program.server_inputs:
+        shape = tuple(program.meta["weights"][name])
+        shapes[name] = (program.T,) + shape[1:] if name == "wpe" else shape
+    last_use: dict[str, int] = {}
+    for i, step in enumerate(program.steps):
+        specs = [jax.ShapeDtypeStruct(shapes[n], np.float32) for n in step.inputs]
+        outs = jax.eval_shape(step.fn, *specs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        for n, o in zip(step.outputs, outs):
+            shapes[n] = tuple(o.shape)
+        for n in step.inputs:
+            last_use[n] = i
+    return shapes, last_use
+
+
+def run_party(rank: int, lctx, program, protocol: str, log_path: Path | None,
+              onehot: np.ndarray | None, weights: dict[str, np.ndarray] | None) -> dict | None:
+    """The whole 2PC forward for one party. Returns the result dict on the client, None on the server."""
+    import spu
+
+    from privlm.spu.program import server_tensors
+
+    t_start = time.perf_counter()
+    party = Party(rank, lctx, protocol, log_path)
+    shapes, last_use = plan(program)
+    t0 = time.perf_counter()
+    compiled = {s.name: compile_step(s.fn, [shapes[n] for n in s.inputs], s.name) for s in program.steps}
+    setup_exe = compile_step(_setup_fn, [(4, 8), (8, 8)], "setup")
+    compile_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(rank)
+    party.share_input("setup.a", 0, rng.normal(size=(4, 8)) if rank == 0 else None)
+    party.share_input("setup.w", 1, rng.normal(size=(8, 8)) if rank == 1 else None)
+    lctx.barrier()
+    rows = [{"name": "setup", "kind": "setup", "census": "fixed", "layer": None, "elements": 0, "flops": 0,
+             **party.run(setup_exe, ["setup.a", "setup.w"], ["setup.out"])}]
+    party.shares.clear()
+
+    # the client's one-hot prompt is the only online input; the weights' shares are a one-time transfer
+    def moved():  # share traffic in both directions, as seen by this party
+        return party.share_bytes_sent + party.share_bytes_recv
+
+    before = moved()
+    party.share_input("onehot", 0, onehot if rank == 0 else None)
+    input_bytes = moved() - before
+    server = server_tensors(weights, program) if rank == 1 else {}
+    before = moved()
+    for name in program.server_inputs:
+        party.share_input(name, 1, server.get(name))
+    weight_bytes = moved() - before
+    server.clear()
+    lctx.barrier()
+
+    t_online = time.perf_counter()
+    for i, step in enumerate(program.steps):
+        row = party.run(compiled[step.name], list(step.inputs), list(step.outputs))
+        rows.append({"name": step.name, "kind": step.kind, "census": step.census, "layer": step.layer,
+                     "elements": step.elements, "flops": step.flops, **row})
+        for n in step.inputs:  # free shares nobody needs any more (the residual 'x' is rebound, not freed)
+            if last_use.get(n) == i and n not in step.outputs:
+                party.shares.pop(n, None)
+    before = moved()
+    logits = party.reveal_to(program.output, receiver=0)
+    output_bytes = moved() - before
+    online_s = time.perf_counter() - t_online
+    if rank != 0:
+        return None
+    return {"protocol": protocol, "T": program.T, "spu_version": spu.__version__, "steps": rows,
+            "compile_seconds": compile_s, "online_seconds": online_s,
+            "wall_seconds": time.perf_counter() - t_start,
+            # sharing traffic outside SPU's runs, counted from the messages this code sends
+            "input_share_bytes": input_bytes, "weight_share_bytes": weight_bytes,
+            "output_share_bytes": output_bytes, "logits": logits}
+
+
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m privlm.spu.party", description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, choices=(0, 1))
+    ap.add_argument("--sim", action="store_true", help="run both parties as threads over an in-memory link")
+    ap.add_argument("--public", required=True, help="public.json of the export (architecture)")
+    ap.add_argument("--tokens", help="JSON list of token ids (client only)")
+    ap.add_argument("--weights", help="weights.safetensors (server only)")
+    ap.add_argument("--T", type=int, help="prompt length (public; the server's only knowledge of the prompt)")
+    ap.add_argument("--head", default="all", choices=("all", "last"))
+    ap.add_argument("--protocol", default="cheetah", choices=PROTOCOLS)
+    ap.add_argument("--peers", help="host:port of party 0 and party 1, comma separated (2-process mode)")
+    ap.add_argument("--out", help="result JSON (client); logits go to the .npy beside it")
+    ap.add_argument("--log", required=True, help="SPU system log of this process")
+    ap.add_argument("--audit", help="write what this process received and opened here")
+    args = ap.parse_args(argv)
+    sys.addaudithook(_audit_hook)
+
+    import spu.libspu as libspu
+
+    from privlm.spu.program import build_program, load_meta, load_weights, one_hot
+
+    opts = libspu.logging.LogOptions()
+    opts.enable_console_logger = False
+    opts.system_log_path = args.log
+    libspu.logging.setup_logging(opts)
+
+    meta = load_meta(args.public)
+    AUDIT["loaded"].append(os.path.abspath(args.public))
+    roles = (0, 1) if args.sim else (args.rank,)
+    onehot = weights = None
+    if 0 in roles:
+        ids = json.loads(Path(args.tokens).read_text())
+        AUDIT["loaded"].append(os.path.abspath(args.tokens))
+        onehot = one_hot(np.asarray(ids), meta["vocab_size"])
+        AUDIT["plaintext"].append("onehot")
+        T = len(ids)
+    else:
+        T = args.T
+    if 1 in roles:
+        weights = load_weights(args.weights)
+        AUDIT["loaded"].append(os.path.abspath(args.weights))
+        AUDIT["plaintext"].extend(sorted(weights))
+    program = build_program(meta, T, head=args.head)
+
+    result: dict = {}
+    if args.sim:
+        errors: list[BaseException] = []
+
+        def target(r):
+            try:
+                lctx = make_link(r, None)
+                out = run_party(r, lctx, program, args.protocol, Path(args.log) if r == 0 else None,
+                                onehot if r == 0 else None, weights if r == 1 else None)
+                if out is not None:
+                    result.update(out)
+            except BaseException as exc:  # surface a thread's failure in the main thread
+                errors.append(exc)
+        threads = [threading.Thread(target=target, args=(r,)) for r in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+    else:
+        lctx = make_link(args.rank, args.peers.split(","))
+        out = run_party(args.rank, lctx, program, args.protocol, Path(args.log) if args.rank == 0 else None,
+                        onehot, weights)
+        lctx.stop_link()
+        if out is not None:
+            result.update(out)
+    if result and args.out:
+        out_path = Path(args.out)
+        np.save(out_path.with_suffix(".npy"), result.pop("logits"))
+        result["mode"] = "sim" if args.sim else "2proc"
+        out_path.write_text(json.dumps(result))
+    if args.audit:
+        Path(args.audit).write_text(json.dumps(AUDIT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
