@@ -353,6 +353,9 @@ def test_hf_source_save_to_disk_with_paper_selection(tmp_path):
     assert list(c.valid.texts()) == ref_valid and list(c.train.texts()) == ref_train
     assert c.train.n_docs + c.valid.n_docs == 120 and ref_valid
     assert c.source["train"]["kind"] == "hf" and c.train.files is None
+    capped = build_corpus(cfg(tmp_path, f"hf:{tmp_path}/ds", max_train_docs=120, valid_fraction=0.1,
+                              max_valid_docs=3))
+    assert list(capped.valid.texts()) == ref_valid[:3] and list(capped.train.texts()) == ref_train
 
 
 def test_hf_source_separate_validation_and_streaming(tmp_path):

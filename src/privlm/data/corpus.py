@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -187,20 +188,70 @@ def _doc_text(d: _Doc) -> str:
     return data.decode("utf-8")
 
 
-def _subsample(docs: list[_Doc], max_docs: Optional[int], seed: int) -> list[_Doc]:
-    """Seeded subset of `max_docs` documents, kept in their original (sorted) order."""
-    if max_docs is None or len(docs) <= max_docs:
-        return docs
-    keep = np.sort(np.random.default_rng(seed).permutation(len(docs))[:max_docs])
-    return [docs[i] for i in keep]
+class _RowSplit:
+    """Accepted rows of one Arrow dataset: a boolean mask (the texts stay memory-mapped on disk) and the
+    (sha256, byte count) of every kept row, in row order."""
+
+    def __init__(self, ds, text_field: str):
+        self.ds, self.text_field = ds, text_field
+        self.mask = np.zeros(len(ds), dtype=bool)
+        self.entries: list[tuple[bytes, int]] = []
+
+    def add(self, row: int, digest: bytes, n_bytes: int) -> None:
+        self.mask[row] = True
+        self.entries.append((digest, n_bytes))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def keep(self, selected: np.ndarray) -> "_RowSplit":
+        """Keep only the accepted rows at positions `selected` (sorted) among the accepted rows."""
+        rows = np.flatnonzero(self.mask)
+        self.mask[:] = False
+        self.mask[rows[selected]] = True
+        self.entries = [self.entries[i] for i in selected]
+        return self
+
+    def texts(self) -> Iterator[str]:
+        for i, value in enumerate(_iter_rows(self.ds, self.text_field)):
+            if self.mask[i]:
+                yield _row_text(value, self.text_field)
 
 
-def _split_from_docs(name: str, docs: list[_Doc]) -> Split:
+# A split is assembled from parts: in-memory/file documents (lists of _Doc) and dataset rows (_RowSplit).
+def _entries(part) -> list[tuple[bytes, int]]:
+    return part.entries if isinstance(part, _RowSplit) else [(d.digest, d.n_bytes) for d in part]
+
+
+def _part_texts(part) -> Iterator[str]:
+    return part.texts() if isinstance(part, _RowSplit) else (_doc_text(d) for d in part)
+
+
+def _limit(parts: list, max_docs: Optional[int], seed: int, how: str) -> list:
+    """Keep `max_docs` accepted documents of a split: the first ones ('first': a dataset already shuffled,
+    as the paper's select(range(n))) or a seeded random subset kept in walk order ('sample')."""
+    total = sum(len(p) for p in parts)
+    if max_docs is None or total <= max_docs:
+        return parts
+    chosen = np.arange(max_docs) if how == "first" else np.sort(np.random.default_rng(seed).permutation(total)[:max_docs])
+    out, offset = [], 0
+    for p in parts:
+        sel = chosen[(chosen >= offset) & (chosen < offset + len(p))] - offset
+        out.append(p.keep(sel) if isinstance(p, _RowSplit) else [p[i] for i in sel])
+        offset += len(p)
+    return out
+
+
+def _make_split(name: str, parts: list) -> Split:
     h = _SplitHasher()
-    for d in docs:
-        h.add(d.digest, d.n_bytes)
-    files = [{"path": d.path, "bytes": d.n_bytes} for d in docs] if all(d.path for d in docs) else None
-    return Split(name, lambda: (_doc_text(d) for d in docs), h.n_docs, h.n_bytes, h.hexdigest(), files)
+    for part in parts:
+        for digest, n_bytes in _entries(part):
+            h.add(digest, n_bytes)
+    docs = [d for p in parts if not isinstance(p, _RowSplit) for d in p]
+    with_paths = all(not isinstance(p, _RowSplit) for p in parts) and all(d.path for d in docs)
+    files = [{"path": d.path, "bytes": d.n_bytes} for d in docs] if with_paths else None
+    return Split(name, lambda: itertools.chain.from_iterable(_part_texts(p) for p in parts),
+                 h.n_docs, h.n_bytes, h.hexdigest(), files)
 
 
 def stdlib_root() -> Path:
@@ -292,25 +343,6 @@ def _row_text(value, text_field: str) -> str:
     return value
 
 
-class _RowSplit:
-    """Accepted rows of one Arrow dataset, remembered as a boolean mask so the texts are not held in RAM."""
-
-    def __init__(self, ds, text_field: str):
-        self.ds, self.text_field = ds, text_field
-        self.mask = np.zeros(len(ds), dtype=bool)
-        self.hasher = _SplitHasher()
-
-    def to_split(self, name: str) -> Split:
-        ds, field_, mask = self.ds, self.text_field, self.mask
-
-        def texts() -> Iterator[str]:
-            for i, value in enumerate(_iter_rows(ds, field_)):
-                if mask[i]:
-                    yield _row_text(value, field_)
-
-        return Split(name, texts, self.hasher.n_docs, self.hasher.n_bytes, self.hasher.hexdigest())
-
-
 def load_hf(spec: str, split: str, streaming: bool):
     """`datasets.load_dataset(spec, split=split, streaming=streaming)`, or `load_from_disk` for a saved dir."""
     import datasets
@@ -357,13 +389,14 @@ class _Builder:
         mode = getattr(self.cfg, "filters", "auto")
         return default if mode == "auto" else mode == "codeparrot"
 
-    # -- a source as a list of documents (files) -----------------------------------------------------
-    def file_docs(self, source: str) -> tuple[list[_Doc], dict]:
+    # -- local files ---------------------------------------------------------------------------------
+    def file_docs(self, source: str) -> tuple[list[_Doc], list[tuple], dict]:
+        """(text-file documents, [(row dataset, description)], info) of a stdlib or files: source."""
         if source == "stdlib":
             root = stdlib_root()
             paths = walk_python_files(root)
             docs = _read_text_files(paths, root, self.gate, lambda p: self.code(True), self.read_errors)
-            return docs, {"kind": "stdlib", "root": str(root), "files_seen": len(paths)}
+            return docs, [], {"kind": "stdlib", "root": str(root), "files_seen": len(paths)}
         pattern = source[len("files:"):]
         base, paths = expand_glob(pattern)
         bad = sorted({p.suffix or p.name for p in paths if p.suffix not in TEXT_SUFFIXES + ROW_SUFFIXES})
@@ -373,30 +406,23 @@ class _Builder:
         text_paths = [p for p in paths if p.suffix in TEXT_SUFFIXES]
         docs = _read_text_files(text_paths, base, self.gate, lambda p: self.code(p.suffix == ".py"),
                                 self.read_errors)
+        row_sets = []
         for suffix, builder in ((".jsonl", "json"), (".parquet", "parquet")):
             row_files = [str(p) for p in paths if p.suffix == suffix]
             if row_files:
-                docs.extend(self._row_docs(builder, row_files, base))
-        return docs, {"kind": "files", "pattern": pattern, "base": str(base), "files_seen": len(paths)}
+                row_sets.append((self._row_dataset(builder, row_files, base), f"{builder} files under '{base}'"))
+        return docs, row_sets, {"kind": "files", "pattern": pattern, "base": str(base), "files_seen": len(paths)}
 
-    def _row_docs(self, builder: str, files: list[str], base: Path) -> list[_Doc]:
+    def _row_dataset(self, builder: str, files: list[str], base: Path):
         import datasets
 
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train")
+            return datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise DataError(f"cannot read {builder} files under '{base}': {first}") from None
-        field_ = self.cfg.text_field
-        _column_check(ds, field_, f"{builder} files under '{base}'")
-        docs = []
-        for value in _iter_rows(ds, field_):
-            got = self.gate.admit(_row_text(value, field_), self.code(False))
-            if got is not None:
-                docs.append(_Doc(got[1], got[0], got[1], got[2]))
-        return docs
 
-    # -- a source as an HF dataset -------------------------------------------------------------------
+    # -- HF datasets -----------------------------------------------------------------------------------
     def hf_dataset(self, source: str, split: str, max_docs: Optional[int]):
         c = self.cfg
         spec = source[len("hf:"):]
@@ -409,51 +435,42 @@ class _Builder:
         return ds, {"kind": "hf", "dataset": spec, "split": split, "streaming": c.streaming,
                     "max_docs": max_docs, "shuffle_seed": c.shuffle_seed}
 
-    def hf_split_rows(self, ds, assign: Callable[[bytes], Optional[str]], where: str) -> dict[str, "_RowSplit | list[_Doc]"]:
-        """Run the gate over dataset rows; `assign(content_digest)` names the split (or None to drop)."""
+    def rows(self, ds, assign: Callable[[bytes], str], where: str) -> dict:
+        """Run the gate over dataset rows; `assign(content digest)` names the split of each kept row.
+        Arrow datasets give `_RowSplit`s; streamed ones (bounded by max_docs) lists of in-memory documents."""
         import datasets
 
         field_ = self.cfg.text_field
         _column_check(ds, field_, where)
-        if isinstance(ds, datasets.Dataset):
-            out = {"train": _RowSplit(ds, field_), "valid": _RowSplit(ds, field_)}
-            for i, value in enumerate(_iter_rows(ds, field_)):
-                got = self.gate.admit(_row_text(value, field_), self.code(False))
-                if got is not None:
-                    name = assign(got[1])
-                    if name is not None:
-                        out[name].mask[i] = True
-                        out[name].hasher.add(got[1], got[2])
-            return out
-        lists: dict = {"train": [], "valid": []}  # streamed: bounded by max_docs, held in memory
-        for value in _iter_rows(ds, field_):
+        arrow = isinstance(ds, datasets.Dataset)
+        out: dict = {n: _RowSplit(ds, field_) if arrow else [] for n in ("train", "valid")}
+        for i, value in enumerate(_iter_rows(ds, field_)):
             got = self.gate.admit(_row_text(value, field_), self.code(False))
-            if got is not None:
-                name = assign(got[1])
-                if name is not None:
-                    lists[name].append(_Doc(got[1], got[0], got[1], got[2]))
-        return lists
+            if got is None:
+                continue
+            text, digest, n_bytes = got
+            part = out[assign(digest)]
+            if arrow:
+                part.add(i, digest, n_bytes)
+            else:
+                part.append(_Doc(digest, text, digest, n_bytes))
+        return out
 
-
-def _finish(name: str, part, max_docs: Optional[int], seed: int) -> Split:
-    if isinstance(part, _RowSplit):
-        return part.to_split(name)
-    return _split_from_docs(name, _subsample(part, max_docs, seed))
-
-
-def _cap_rows(part, max_docs: Optional[int]):
-    """Keep the first `max_docs` accepted rows of a (shuffled) dataset split."""
-    if max_docs is None or not isinstance(part, _RowSplit) or part.mask.sum() <= max_docs:
-        return part
-    idx = np.flatnonzero(part.mask)[max_docs:]
-    part.mask[idx] = False
-    # the hash covered the dropped rows too: recompute it over the kept ones
-    part.hasher = _SplitHasher()
-    for value, keep in zip(_iter_rows(part.ds, part.text_field), part.mask):
-        if keep:
-            data = _row_text(value, part.text_field).encode("utf-8", errors="surrogatepass")
-            part.hasher.add(hashlib.sha256(data).digest(), len(data))
-    return part
+    def parts(self, source: str, assign: Callable[[bytes], str], hf_split: str,
+              hf_max: Optional[int]) -> tuple[dict[str, list], dict]:
+        """{"train": [parts], "valid": [parts]} of one source; files are keyed by path, rows by content."""
+        out: dict[str, list] = {"train": [], "valid": []}
+        if source.startswith("hf:"):
+            ds, info = self.hf_dataset(source, hf_split, hf_max)
+            row_sets = [(ds, f"dataset '{source}'")]
+        else:
+            docs, row_sets, info = self.file_docs(source)
+            for name in out:
+                out[name].append([d for d in docs if assign(d.key) == name])
+        for ds, where in row_sets:
+            for name, part in self.rows(ds, assign, where).items():
+                out[name].append(part)
+        return out, info
 
 
 def build_corpus(dcfg) -> Corpus:
@@ -464,54 +481,38 @@ def build_corpus(dcfg) -> Corpus:
     _check_scheme(source, "data.source")
     if valid_source is not None:
         _check_scheme(valid_source, "data.valid_source")
-
-    def hash_assign(key: bytes) -> str:
-        return "valid" if in_valid_split(key, frac) else "train"
+    vsrc = valid_source or source
 
     info: dict = {}
-    valid_part = None
     if valid_source is not None or (source.startswith("hf:") and dcfg.valid_split != dcfg.train_split):
         # Separate validation documents: built first, so training drops any exact copy of them.
-        vsrc = valid_source or source
-        if vsrc.startswith("hf:"):
-            ds, info["valid"] = b.hf_dataset(vsrc, dcfg.valid_split, dcfg.max_valid_docs)
-            valid_part = _cap_rows(b.hf_split_rows(ds, lambda k: "valid", f"dataset '{vsrc}'")["valid"],
-                                   dcfg.max_valid_docs)
-        else:
-            valid_part, info["valid"] = b.file_docs(vsrc)
-        b.gate.exclude, b.gate.seen = b.gate.seen, set()  # dedup within train; copies of valid are dropped
-
-        def train_assign(key: bytes) -> Optional[str]:
-            return "train"
-
-        if source.startswith("hf:"):
-            ds, info["train"] = b.hf_dataset(source, dcfg.train_split, dcfg.max_train_docs)
-            train_part = b.hf_split_rows(ds, train_assign, f"dataset '{source}'")["train"]
-        else:
-            train_part, info["train"] = b.file_docs(source)
-        info["split"] = "separate"
-    elif source.startswith("hf:"):
-        ds, info["train"] = b.hf_dataset(source, dcfg.train_split, dcfg.max_train_docs)
-        parts = b.hf_split_rows(ds, hash_assign, f"dataset '{source}'")
-        train_part, valid_part = parts["train"], _cap_rows(parts["valid"], dcfg.max_valid_docs)
-        info["split"] = {"kind": "hash", "key": "content sha256", "valid_fraction": frac}
+        vparts, info["valid"] = b.parts(vsrc, lambda k: "valid", dcfg.valid_split, dcfg.max_valid_docs)
+        b.gate.exclude, b.gate.seen = b.gate.seen, set()  # dedup within train; copies of valid -> in_valid
+        tparts, info["train"] = b.parts(source, lambda k: "train", dcfg.train_split, dcfg.max_train_docs)
+        train_parts, valid_parts = tparts["train"], vparts["valid"]
+        info["split"] = {"kind": "separate"}
     else:
-        docs, info["train"] = b.file_docs(source)
-        train_part = [d for d in docs if hash_assign(d.key) == "train"]
-        valid_part = [d for d in docs if hash_assign(d.key) == "valid"]
-        info["split"] = {"kind": "hash", "key": "relative path (rows: content sha256)", "valid_fraction": frac}
+        parts, info["train"] = b.parts(source, lambda k: "valid" if in_valid_split(k, frac) else "train",
+                                       dcfg.train_split, dcfg.max_train_docs)
+        train_parts, valid_parts = parts["train"], parts["valid"]
+        info["split"] = {"kind": "hash", "key": "relative path (dataset rows: content sha256)",
+                         "valid_fraction": frac}
+    # HF sources were already cut to max_docs at load time (shuffle(seed).select(range(n)), as the paper);
+    # a hash-split validation part is cut to its first max_valid_docs rows of that shuffled order.
+    if not source.startswith("hf:"):
+        train_parts = _limit(train_parts, dcfg.max_train_docs, seed, "sample")
+    valid_parts = _limit(valid_parts, dcfg.max_valid_docs, seed + 1, "first" if vsrc.startswith("hf:") else "sample")
+    train, valid = _make_split("train", train_parts), _make_split("valid", valid_parts)
 
-    train = _finish("train", train_part, dcfg.max_train_docs if not source.startswith("hf:") else None, seed)
-    valid = _finish("valid", valid_part, dcfg.max_valid_docs, seed + 1)
     skipped_examples = dict(b.gate.examples)
     if b.read_errors:
         skipped_examples["unreadable"] = b.read_errors[:_MAX_LISTED_SKIPS]
-    corpus = Corpus(train, valid, b.gate.skipped, skipped_examples, info)
     if train.n_docs == 0:
         counts = ", ".join(f"{k}={v}" for k, v in b.gate.skipped.items() if v)
+        unreadable = f"; unreadable={len(b.read_errors)}" if b.read_errors else ""
         raise DataError(f"training corpus from '{source}' is empty after filtering "
-                        f"({counts or 'no documents'}{'; unreadable=' + str(len(b.read_errors)) if b.read_errors else ''})")
-    return corpus
+                        f"({counts or 'no documents'}{unreadable})")
+    return Corpus(train, valid, b.gate.skipped, skipped_examples, info)
 
 
 def _check_scheme(source: str, key: str) -> None:
