@@ -243,3 +243,22 @@ def test_save_profile_round_trip_and_no_clobber(tmp_path):
     with pytest.raises(ConfigError, match="non-negative number"):
         save_profile(raw, tmp_path / "bad.json", overwrite=True)
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_census_of_every_paper_preset_follows_its_config():
+    from privlm.presets import PAPER_PRESETS
+
+    L, H, d, T = 12, 12, 768, 32
+    act_op = {"gelu": "gelu", "relu": "relu", "leaky_relu": "leaky_relu", "identity": None}
+    for name in PAPER_PRESETS:
+        m = load_config(name).model
+        c = census(m, T)
+        kept = len(m.ffn_layers())
+        assert c.elements("softmax") == H * L * T * T, name
+        n_ln = (L + kept) if m.norm == "layernorm" else 0
+        assert c.elements("layernorm", paper_only=True) == n_ln * T * d, name
+        assert c.elements("layernorm") - c.elements("layernorm", True) == (T * d if m.ln_f else 0), name
+        act = act_op[m.activation]
+        assert {o.op for o in c.ops if o.where == "ffn"} == ({act} if act and kept else set()), name
+        per_block = 2 * T * d * d if m.ffn == "fused" else 2 * 2 * T * d * m.ffn_width
+        assert c.flops["ffn"] == kept * per_block, name
