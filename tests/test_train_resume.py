@@ -1,0 +1,96 @@
+"""A run killed with SIGKILL and resumed reproduces the uninterrupted run bit-exactly on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privlm.config import load_config
+from privlm.data import prepare_data
+
+
+def corpus_overrides(tmp: Path) -> list[str]:
+    """A small real corpus (40 stdlib modules) and a private cache, warmed here so runs only read it."""
+    src = tmp / "corpus"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in sorted(p.name for p in stdlib.glob("*.py"))[:40]:
+        shutil.copy(stdlib / name, src / name)
+    over = [f"data.source=files:{src}/*.py", f"data.cache_dir={tmp / 'cache'}", "data.vocab_size=512",
+            "data.seq_len=64", "data.valid_fraction=0.1", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
+            "model.block_size=64", "train.device=cpu"]
+    prepare_data(load_config("SM+LN+G", over).data)
+    return over
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "privlm.cli", "train", *args]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_and_resume_is_bit_exact(tmp_path):
+    over = corpus_overrides(tmp_path) + [
+        "train.max_steps=60", "train.batch_size=8", "train.log_every=1", "train.save_every=5",
+        "train.eval_every=25", "train.entropy_every=7", "train.lr=2e-3"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # both runs: same thread count, no oversubscription
+    ref = subprocess.Popen(train_cmd("SM+LN+G", *over, "--out", str(ref_dir), "--quiet"), env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(train_cmd("SM+LN+G", *over, "--out", str(run_dir), "--quiet"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        f = run_dir / "metrics.jsonl"
+        if f.is_file() and any(r["kind"] == "train" and r["step"] >= 12 for r in metrics(f.parent)):
+            break
+        time.sleep(0.01)
+    assert victim.poll() is None, f"run ended before it could be killed: {victim.stderr.read()}"
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+
+    killed_at = max(r["step"] for r in metrics(run_dir) if r["kind"] == "train")
+    saved = int((run_dir / "state" / "LATEST").read_text().strip().split("-")[1])
+    assert 10 <= saved < killed_at < 60 and saved % 5 == 0
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = subprocess.run(train_cmd("--resume", str(run_dir), "--quiet"), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    got, want = metrics(run_dir), metrics(ref_dir)
+    # same records in the same order, every float identical (not approximately: bit-exact)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "tok_per_s"} for r in recs]  # noqa: E731
+    assert [r["step"] for r in got if r["kind"] == "train"] == list(range(1, 61))
+    assert strip(got) == strip(want)
+    wa, wb = load_file(str(run_dir / "model.safetensors")), load_file(str(ref_dir / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ref_dir))
+    assert sa == sb and sa["steps"] == 60
+
+
+def test_resume_rejects_changed_data(tmp_path):
+    over = corpus_overrides(tmp_path) + ["train.max_steps=4", "train.save_every=2", "train.eval_every=100"]
+    from privlm.errors import CheckpointError
+    from privlm.train import train
+    run = tmp_path / "run"
+    train(load_config("SM+LN+G", over), run, quiet=True)
+    # the corpus changes under the run: resuming must refuse rather than continue on other data
+    corpus = Path(over[0].split(":", 1)[1]).parent
+    sorted(corpus.glob("*.py"))[0].write_text("x = 1\n" * 500)
+    from privlm.train.cli import resume_config
+    with pytest.raises(CheckpointError, match="differs from the run's data_manifest.json"):
+        train(resume_config(run, ["train.max_steps=6"]), run, resume=True, quiet=True)
