@@ -105,6 +105,9 @@ def table_rows(table: str, profile) -> list[dict]:
             "paper_comm_savings": r.comm_sav, "paper_lat_savings": r.lat_sav,
             "ppl": r.ppl, "note": r.note or None,
         })
+        for ours, theirs in (("ffn_gflops", "paper_ffn_gflops"), ("attn_gflops", "paper_attn_gflops"),
+                             ("comm_savings", "paper_comm_savings"), ("lat_savings", "paper_lat_savings")):
+            row[ours.replace("_gflops", "_flops") + "_err"] = (row[ours] / row[theirs] - 1) if row[theirs] else None
         out.append(row)
     return out
 
