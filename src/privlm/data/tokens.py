@@ -12,9 +12,9 @@ Chunking (``data.chunking``):
 
 A built split is stored as a raw little-endian ``uint16`` (vocab <= 65535) or ``uint32`` file of shape
 ``[n_chunks, T]`` under ``<cache>/tokens/<key>/``, where the key hashes (corpus fingerprint, tokenizer hash,
-T, chunking, format version); it is read back with ``np.memmap`` (read-only), so a second run with the same
-inputs does no tokenization. The directory is written under a temporary name and renamed into place, so a
-killed build never leaves a half-written cache entry behind.
+T, chunking, format and tokenizers-library version); it is read back with ``np.memmap`` (read-only), so a
+second run with the same inputs does no tokenization. The directory is written under a temporary name and
+renamed into place, so a killed build never leaves a half-written cache entry behind.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import tokenizers
 from tokenizers import Tokenizer
 
 from privlm.data.tokenizer import corpus_encoder
@@ -48,7 +49,8 @@ def cache_root(cache_dir: str | None) -> Path:
 
 
 def token_cache_key(corpus_fingerprint: str, tokenizer_sha: str, seq_len: int, chunking: str) -> str:
-    raw = f"v{CACHE_FORMAT}:{corpus_fingerprint}:{tokenizer_sha}:T={seq_len}:{chunking}"
+    # the library version is part of the key: a tokenizers upgrade may change how the same file encodes
+    raw = f"v{CACHE_FORMAT}:{corpus_fingerprint}:{tokenizer_sha}:T={seq_len}:{chunking}:{tokenizers.__version__}"
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
