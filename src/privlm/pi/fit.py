@@ -165,8 +165,45 @@ def markdown_residuals(res: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def leave_one_setting_out(rows: list[PublishedRow]) -> list[dict]:
+    """Refit without each (T, L, vocab) setting and predict its rows: how far the linear model extrapolates."""
+    settings = sorted({(r.T, r.n_layer, r.vocab) for r in rows})
+    out = []
+    for held in settings:
+        train = [r for r in rows if (r.T, r.n_layer, r.vocab) != held]
+        test = [r for r in rows if (r.T, r.n_layer, r.vocab) == held]
+        coef = fit(train)
+        X, _ = design(test)
+        for r, x in zip(test, X):
+            comm, lat = float(x @ coef["comm_gb"]), float(x @ coef["lat_min"])
+            out.append({"held_out": f"T={held[0]} L={held[1]} V={held[2]}",
+                        "arch": ("SOTA " if r.variant == "sota" else "") + r.arch,
+                        "comm_err": comm / r.comm_gb - 1, "lat_err": lat / r.lat_min - 1})
+    return out
+
+
 DOC = Path(__file__).resolve().parents[3] / "docs" / "pi-cost.md"
 BEGIN, END = "<!-- BEGIN paper-fit residuals (python -m privlm.pi.fit --write) -->", "<!-- END paper-fit residuals -->"
+CV_BEGIN, CV_END = "<!-- BEGIN leave-one-setting-out (python -m privlm.pi.fit --write) -->", "<!-- END leave-one-setting-out -->"
+
+
+def markdown_cv(cv: list[dict]) -> str:
+    lines = ["| held-out setting | rows | worst Comm err | worst Lat err |", "|---|---:|---:|---:|"]
+    for held in dict.fromkeys(r["held_out"] for r in cv):
+        rs = [r for r in cv if r["held_out"] == held]
+        wc = max(rs, key=lambda r: abs(r["comm_err"]))
+        wl = max(rs, key=lambda r: abs(r["lat_err"]))
+        lines.append(f"| {held} | {len(rs)} | {100 * wc['comm_err']:+.1f}% ({wc['arch']}) | "
+                     f"{100 * wl['lat_err']:+.1f}% ({wl['arch']}) |")
+    return "\n".join(lines)
+
+
+def _replace_between(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text or end not in text:
+        return text
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n" + body + "\n" + end + tail
 
 
 def run(write: bool = False) -> dict:
@@ -178,25 +215,29 @@ def run(write: bool = False) -> dict:
     if write:
         (PROFILE_DIR / "paper-fit.json").write_text(json.dumps(prof, indent=2, ensure_ascii=False) + "\n")
         if DOC.is_file():
-            text = DOC.read_text()
-            if BEGIN in text and END in text:
-                head, rest = text.split(BEGIN, 1)
-                _, tail = rest.split(END, 1)
-                DOC.write_text(head + BEGIN + "\n" + markdown_residuals(res) + "\n" + END + tail)
+            text = _replace_between(DOC.read_text(), BEGIN, END, markdown_residuals(res))
+            text = _replace_between(text, CV_BEGIN, CV_END, markdown_cv(leave_one_setting_out(rows)))
+            DOC.write_text(text)
     return {"profile": prof, "residuals": res}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m privlm.pi.fit", description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="write profiles/paper-fit.json and the doc table")
+    parser.add_argument("--cv", action="store_true", help="also print leave-one-setting-out errors")
     args = parser.parse_args(argv)
+    if args.cv:
+        print("| held-out setting | arch | Comm err | Lat err |\n|---|---|---:|---:|")
+        for r in leave_one_setting_out(fit_rows()):
+            print(f"| {r['held_out']} | {r['arch']} | {100 * r['comm_err']:+.1f}% | {100 * r['lat_err']:+.1f}% |")
     out = run(args.write)
-    names = [f"{n} [{u}]" for n, u, _ in FEATURES]
     p = out["profile"]
-    print("coefficients (GB per unit, min per unit):")
-    for (n, _, _), name in zip(FEATURES, names):
-        print(f"  {name:28s}")
-    print(json.dumps({k: p[k] for k in ("nonlinear", "linear", "per_token")}, indent=1))
+    print("per-op costs of paper-fit:")
+    for op, v in p["nonlinear"].items():
+        print(f"  {op:12s} {v['bytes_per_element']:10.1f} B/element  {1e6 * v['seconds_per_element']:8.3f} us/element")
+    for kind, v in p["linear"].items():
+        print(f"  {kind:12s} {v['bytes_per_gflop'] / 1e6:10.2f} MB/GFLOP   {v['seconds_per_gflop']:8.3f} s/GFLOP")
+    print(f"  {'per token':12s} {p['per_token']['bytes'] / 1e6:10.2f} MB/token    {p['per_token']['seconds']:8.3f} s/token")
     print(markdown_residuals(out["residuals"]))
     print(json.dumps(p["provenance"]["fit"], indent=1))
     return 0
