@@ -385,6 +385,17 @@ def test_hf_source_separate_validation_and_streaming(tmp_path):
     assert data.train.shape[1] == 4 and data.valid.shape[0] >= 1
 
 
+def test_hf_source_config_name(tmp_path):
+    # a dataset repository whose README declares two configs (the hub layout), loaded as hf:<dir>:<config>
+    write(tmp_path / "repo" / "a" / "x.jsonl", json.dumps({"content": "alpha doc\n"}) + "\n")
+    write(tmp_path / "repo" / "b" / "x.jsonl", json.dumps({"content": "beta doc\n"}) + "\n")
+    write(tmp_path / "repo" / "README.md", "---\nconfigs:\n"
+          "- config_name: first\n  data_files:\n  - split: train\n    path: a/*.jsonl\n"
+          "- config_name: second\n  data_files:\n  - split: train\n    path: b/*.jsonl\n---\n")
+    c = build_corpus(cfg(tmp_path, f"hf:{tmp_path}/repo:second", valid_fraction=0.0))
+    assert list(c.train.texts()) == ["beta doc\n"] and c.source["train"]["dataset"] == f"{tmp_path}/repo:second"
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_give_one_line_errors(tmp_path):

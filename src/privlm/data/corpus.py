@@ -6,8 +6,8 @@ Three sources (``data.source``):
   excluded), the offline stand-in for CodeParrot. Walked in sorted order.
 * ``files:<glob>`` -- local ``.py``/``.txt`` files (one document per file) and ``.jsonl``/``.parquet`` files
   (one document per row, column ``data.text_field``, read through HF ``datasets``).
-* ``hf:<dataset id>`` -- ``datasets.load_dataset(id, split=..., streaming=...)`` (or ``load_from_disk`` for a
-  directory written by ``save_to_disk``), then ``shuffle(seed).select(range(max_docs))`` as the paper's
+* ``hf:<dataset id>[:<config>]`` -- ``datasets.load_dataset(id, config, split=..., streaming=...)`` (or
+  ``load_from_disk`` for a directory written by ``save_to_disk``), then ``shuffle(seed).select(range(max_docs))`` as the paper's
   ``run_clm.py`` does for ``huggingface-course/codeparrot-ds-train`` / ``-valid``.
 
 Every document goes through the same gate (`_Gate`): strict UTF-8 decoding, the CodeParrot-clean filters
@@ -344,9 +344,13 @@ def _row_text(value, text_field: str) -> str:
 
 
 def load_hf(spec: str, split: str, streaming: bool):
-    """`datasets.load_dataset(spec, split=split, streaming=streaming)`, or `load_from_disk` for a saved dir."""
+    """`datasets.load_dataset(id, config, split=split, streaming=streaming)` for ``id[:config]``, or
+    `load_from_disk` for a directory written by `save_to_disk`."""
     import datasets
 
+    name = None
+    if ":" in spec and not Path(spec).expanduser().exists():  # e.g. wikitext:wikitext-103-raw-v1
+        spec, name = spec.rsplit(":", 1)
     path = Path(spec).expanduser()
     if spec.startswith(("/", "./", "../", "~")) and not path.exists():
         raise DataError(f"dataset path '{spec}' does not exist")
@@ -358,7 +362,7 @@ def load_hf(spec: str, split: str, streaming: bool):
                     raise DataError(f"dataset '{spec}' has no split '{split}'; splits: {', '.join(ds)}")
                 ds = ds[split]
             return ds.to_iterable_dataset() if streaming else ds
-        return datasets.load_dataset(str(path) if path.exists() else spec, split=split, streaming=streaming)
+        return datasets.load_dataset(str(path) if path.exists() else spec, name, split=split, streaming=streaming)
     except DataError:
         raise
     except Exception as exc:  # hub/network/format errors from datasets are multi-line; keep the first
