@@ -262,3 +262,13 @@ def test_census_of_every_paper_preset_follows_its_config():
         assert {o.op for o in c.ops if o.where == "ffn"} == ({act} if act and kept else set()), name
         per_block = 2 * T * d * d if m.ffn == "fused" else 2 * 2 * T * d * m.ffn_width
         assert c.flops["ffn"] == kept * per_block, name
+
+
+def test_leave_one_setting_out_backs_the_documented_claims():
+    from privlm.pi.fit import leave_one_setting_out
+
+    cv = leave_one_setting_out(fit_rows())
+    assert len({r["held_out"] for r in cv}) == 4
+    assert max(abs(r["comm_err"]) for r in cv) < 0.08  # docs: communication extrapolates within ~8%
+    languini = [r["lat_err"] for r in cv if r["held_out"].startswith("T=512")]
+    assert min(languini) > 0.2  # docs: latency at T=512 from T<=256 is 25-35% too slow (sub-linear runtime)
