@@ -96,6 +96,16 @@ def test_gate_counts_every_reason_and_never_crashes(tmp_path):
     assert corpus.train.n_bytes == len(GOOD_PY.encode()) + (root / "i_other.py").stat().st_size
 
 
+def test_gate_rejects_text_without_utf8_form():
+    from privlm.data.corpus import _Gate
+
+    gate = _Gate()
+    assert gate.admit("x = '\ud800'\n", code=False) is None  # a lone surrogate (possible in Python str rows)
+    assert gate.skipped["invalid_utf8"] == 1
+    text, digest, n = gate.admit("ok = 'é'\n", code=False)
+    assert n == len("ok = 'é'\n".encode()) and digest == hashlib.sha256("ok = 'é'\n".encode()).digest()
+
+
 # ---------------------------------------------------------------------------------------- split / stdlib
 
 def test_hash_split_is_by_relative_path_and_disjoint(tmp_path):

@@ -128,22 +128,24 @@ class _Gate:
 
     def admit(self, raw: bytes | str, code: bool, name: Optional[str] = None) -> Optional[tuple[str, bytes, int]]:
         """Return (text, sha256 digest of its UTF-8 bytes, byte count) if kept, else None (reason counted)."""
-        if isinstance(raw, str):
+        if isinstance(raw, str):  # dataset rows: a lone surrogate has no UTF-8 form (and breaks tokenizers)
             text = raw
-            data = raw.encode("utf-8", errors="surrogatepass")
+            try:
+                data = raw.encode("utf-8")
+            except UnicodeEncodeError:
+                self.reject("invalid_utf8", name)
+                return None
         else:
             data = raw
-            if code and len(data) > MAX_FILE_BYTES:
-                self.reject("too_large", name)
-                return None
+        if code and len(data) > MAX_FILE_BYTES:  # checked before decoding: a 1 MB file is never decoded
+            self.reject("too_large", name)
+            return None
+        if isinstance(raw, bytes):
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 self.reject("invalid_utf8", name)
                 return None
-        if code and len(data) > MAX_FILE_BYTES:
-            self.reject("too_large", name)
-            return None
         if not text.strip():
             self.reject("empty", name)
             return None
