@@ -323,6 +323,8 @@ def test_out_dir_files_and_no_overwrite(tmp_path, hand_corpus):
     assert manifest["splits"]["train"]["files"] == [{"path": "a.txt", "bytes": 6}, {"path": "b.txt", "bytes": 2},
                                                     {"path": "c.txt", "bytes": 10}]
     assert manifest["splits"]["valid"]["sha256"] == data.manifest["splits"]["valid"]["sha256"]
+    again = prepare_data(cfg(tmp_path, **hand_corpus), out_dir=run)  # same tokenizer: the run dir is reusable
+    assert again.manifest["cache"]["tokens"] == "hit"
     # a run directory holding another tokenizer is never overwritten
     other = train_bpe(["some other text " * 20], vocab_size=280)
     other.save(str(run / "tokenizer.json"))
