@@ -178,6 +178,7 @@ def test_stdlib_prepare_is_deterministic(tmp_path):
     for m in (ma, mb):
         m.pop("timing"), m["cache"].pop("dir"), m["config"].pop("cache_dir"), m["tokenizer"].pop("train_seconds")
     assert ma == mb
+    assert ma["splits"]["train"]["tokens_sha256"] == hashlib.sha256(np.ascontiguousarray(a.train).tobytes()).hexdigest()
     assert ma["splits"]["train"]["documents"] == 40 and len(ma["splits"]["train"]["files"]) == 40
     assert a.train.dtype == np.uint16 and a.train.shape[1] == 64 and a.vocab_size == 600
 

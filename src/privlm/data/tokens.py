@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 from privlm.data.tokenizer import corpus_encoder
 from privlm.errors import DataError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: tokens_sha256 in meta.json
 _ENCODE_BATCH = 512  # documents per encode_batch call (tokenizers parallelises inside a batch)
 
 
@@ -60,6 +60,7 @@ class ChunkStats:
     tokens: int  # tokens produced by the split (separators included), before chunking
     chunks: int
     dropped_tokens: int  # tokens not in any chunk (tail of the stream, or per-document tails)
+    tokens_sha256: str  # of the chunk array's bytes (little-endian, row-major), as stored
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -94,7 +95,15 @@ def write_chunks(path: Path, tok: Tokenizer, texts: Iterator[str], eos_id: int, 
         written = f.tell() // dtype.itemsize
     n_chunks = written // seq_len
     os.truncate(path, n_chunks * seq_len * dtype.itemsize)  # concat: drop the incomplete tail chunk
-    return ChunkStats(docs, tokens, n_chunks, tokens - n_chunks * seq_len)
+    return ChunkStats(docs, tokens, n_chunks, tokens - n_chunks * seq_len, _file_sha256(path))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def open_chunks(path: Path, n_chunks: int, seq_len: int, dtype: np.dtype) -> np.ndarray:
