@@ -21,6 +21,8 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "entropy": "privlm.entropy.cli",
     "cost": "privlm.pi.cost_cli",
     "pi": "privlm.spu.cli",
+    "report": "privlm.report.cli",
+    "sweep": "privlm.sweep",
     "data": "privlm.data.cli",
 }
 

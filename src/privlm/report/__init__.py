@@ -1,0 +1,48 @@
+"""Figures, results tables and the self-contained HTML report, built from run directories alone."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from privlm.errors import PrivlmError
+from privlm.report import analysis, figures, html
+from privlm.report.runs import RunData, load_run, load_runs
+
+__all__ = ["RunData", "load_run", "load_runs", "collect", "build_report", "analysis", "figures", "html"]
+
+
+def collect(runs: Sequence[RunData], baseline: Optional[str] = None,
+            profile: str = analysis.DEFAULT_PROFILE) -> tuple[list[dict], list[Optional[dict]], list[str]]:
+    """Rows (one per run), predicted costs and notes. ``baseline`` names the run (directory name,
+    label or preset) the savings are relative to; default the first run."""
+    notes: list[str] = []
+    costs: list[Optional[dict]] = []
+    for run in runs:
+        try:
+            costs.append(analysis.predicted_cost(run, profile))
+        except PrivlmError as exc:  # e.g. the profile lacks an op this architecture uses
+            costs.append(None)
+            notes.append(f"{run.label}: no cost prediction ({exc})")
+    base_idx = 0
+    if baseline is not None:
+        matches = [i for i, r in enumerate(runs) if baseline in (r.path.name, r.label, r.preset)]
+        if not matches:
+            raise PrivlmError(f"baseline '{baseline}' is none of the runs: "
+                              f"{', '.join(r.path.name for r in runs)}")
+        base_idx = matches[0]
+    rows = [analysis.run_row(run, cost, costs[base_idx]) for run, cost in zip(runs, costs)]
+    return rows, costs, notes
+
+
+def build_report(run_dirs: Sequence[str | Path], out_html: Path, figures_dir: Optional[Path] = None,
+                 baseline: Optional[str] = None, title: str = "privlm report",
+                 profile: str = analysis.DEFAULT_PROFILE, extra_notes: Sequence[str] = ()) -> list[dict]:
+    """Write the HTML report (and, when ``figures_dir`` is given, every figure as PNG and SVG)."""
+    runs = load_runs(list(run_dirs))
+    rows, costs, notes = collect(runs, baseline, profile)
+    specs = figures.build_figures(runs, costs)
+    if figures_dir is not None:
+        for spec in specs:
+            figures.save_figure(spec, figures_dir)
+    html.write_html(Path(out_html), html.render(rows, specs, title, list(extra_notes) + notes))
+    return rows

@@ -1,0 +1,127 @@
+"""Numbers the report and the sweep tables derive from runs: entropy bins and verdicts (through
+`privlm.entropy`), predicted PI cost (through `privlm.pi`), the Pareto front, and table rows."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from privlm import entropy as ent
+from privlm.report.runs import RunData
+
+BIN_LABELS = ent.BIN_LABELS
+DEFAULT_PROFILE = "paper-fit"
+
+
+def causal_max_entropy(T: int) -> float:
+    return ent.causal_entropy_max(T)
+
+
+def slug(text: str) -> str:
+    """File-name-safe form of a run label: 'EReg(SM(t)+ScFuFFN)' -> 'ereg-sm-t-scfuffn'."""
+    return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-") or "run"
+
+
+def bin_shares_for(runs: Sequence[RunData], shared_max: bool = False) -> list[np.ndarray]:
+    """Fig. 2a shares of each run; max per run (the paper's reading) or shared by all runs."""
+    mats = [r.head_entropy() for r in runs]
+    common = ent.shared_max(*mats) if shared_max else None
+    return [np.array(ent.entropy_bins(m, common).shares) for m in mats]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated by another (x and y both minimized; ties kept once)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best_y = [], math.inf
+    for i in order:
+        if points[i][1] < best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return sorted(front)
+
+
+def last_nan_counts(run: RunData) -> Optional[list[float]]:
+    """Per-layer NaN counts summed over all telemetry records (a NaN at any step is a collapse sign)."""
+    if not run.entropy:
+        return None
+    rows = [rec.get("nan_counts") for rec in run.entropy if rec.get("nan_counts") is not None]
+    if not rows:
+        return None
+    return np.nansum(np.array(rows, float), axis=0).tolist()
+
+
+def diagnosis(run: RunData) -> Optional[dict]:
+    """`privlm.entropy.diagnose` of the final head entropies, with NaN counts over the whole run."""
+    m = run.head_entropy()
+    if m is None:
+        return None
+    return ent.diagnose(m, last_nan_counts(run), T=run.seq_len)
+
+
+def layer_verdicts(diag: dict) -> list[str]:
+    """One word per layer: 'collapse', 'overload', 'both' or 'ok'."""
+    collapsed = set(diag["collapse"]["collapsed_layers"])
+    overloaded = set(diag["overload"]["overloaded_layers"])
+    out = []
+    for layer in range(len(diag["layer_mean"])):
+        c, o = layer in collapsed, layer in overloaded
+        out.append("both" if c and o else "collapse" if c else "overload" if o else "ok")
+    return out
+
+
+def predicted_cost(run: RunData, profile: str = DEFAULT_PROFILE) -> Optional[dict]:
+    """Census (nonlinear ops, FLOPs) and predicted 2PC Comm/Lat of the run's architecture at its T."""
+    from privlm import pi
+    c = pi.census(run.cfg.model, run.seq_len)
+    cost = pi.predict(c, profile)
+    return {"profile": cost.profile, "comm_gb": cost.comm_gb, "lat_min": cost.lat_min,
+            "nonlinear": c.nonlinear_label(paper_only=True),
+            "nonlinear_all": c.nonlinear_label(paper_only=False),
+            "ffn_flops": c.ffn_flops, "attn_flops_paper": c.paper_attn_flops, "attn_flops_dense": c.attn_flops,
+            "census": c.to_dict()}
+
+
+def deep_layer_entropy(run: RunData) -> Optional[float]:
+    """Mean entropy of the deeper half of the layers at the end (collapse shows up there first)."""
+    m = run.head_entropy()
+    if m is None:
+        return None
+    means = ent.layer_means(m)
+    deep = means[len(means) // 2:]
+    return float(np.nanmin(deep)) if np.any(np.isfinite(deep)) else math.nan
+
+
+def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict]) -> dict:
+    """One row of the results table (paper Table 3 layout plus entropy diagnostics)."""
+    diag = diagnosis(run)
+    row = {
+        "name": run.path.name, "label": run.label, "preset": run.preset, "params": run.params,
+        "tokens_trained": run.tokens_trained, "steps": (run.summary or {}).get("steps"),
+        "finished": run.finished, "diverged": run.diverged,
+        "diagnosis_summary": (run.summary or {}).get("diagnosis"),
+        "final_loss": (run.summary or {}).get("final_loss"),
+        "ppl": None if not math.isfinite(run.final_ppl) else run.final_ppl,
+    }
+    if cost is not None:
+        row.update({k: cost[k] for k in ("profile", "comm_gb", "lat_min", "nonlinear", "nonlinear_all",
+                                          "ffn_flops", "attn_flops_paper", "attn_flops_dense")})
+        if baseline_cost is not None:
+            row["comm_savings"] = baseline_cost["comm_gb"] / cost["comm_gb"]
+            row["lat_savings"] = baseline_cost["lat_min"] / cost["lat_min"]
+    if run.pi_measured is not None:
+        row["spu_bytes"] = run.pi_measured.get("bytes_total")
+        row["spu_protocol"] = run.pi_measured.get("protocol")
+    if diag is not None:
+        row["bin_shares"] = diag["bins"]["shares"]
+        row["bin_max"] = diag["bins"]["max_value"]
+        row["layer_mean_entropy"] = diag["layer_mean"]
+        row["deep_layer_min_entropy"] = deep_layer_entropy(run)
+        row["nan_total"] = float(np.nansum(last_nan_counts(run) or [0.0]))
+        row["overloaded"] = diag["overload"]["overloaded"]
+        row["overloaded_layers"] = diag["overload"]["overloaded_layers"]
+        row["collapsed"] = diag["collapse"]["collapsed"]
+        row["collapsed_layers"] = diag["collapse"]["collapsed_layers"]
+        row["layer_verdicts"] = layer_verdicts(diag)
+    return row

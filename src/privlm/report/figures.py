@@ -1,0 +1,283 @@
+"""The paper's figures (SPEC.md §6), drawn from run directories alone.
+
+Every function takes loaded runs (`privlm.report.runs.RunData`) and returns a matplotlib `Figure`
+built without pyplot (no global state, no display needed: the Agg canvas renders PNG and SVG).
+`make_figures` draws every figure that the given runs have data for and writes PNG + SVG.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from privlm.report import analysis
+from privlm.report.runs import RunData
+
+CMAP = "cividis"  # the authors' heatmap colormap (SPEC §6)
+
+
+@dataclass
+class FigureSpec:
+    name: str  # file stem
+    title: str
+    caption: str
+    figure: Figure
+
+
+def _kilo(x: float, _pos=None) -> str:
+    return f"{x / 1000:g}K" if abs(x) >= 1000 else f"{x:g}"
+
+
+def _grid(n: int, ncols: int = 4, panel: tuple[float, float] = (3.6, 3.0)) -> tuple[Figure, list]:
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _annotated_heatmap(ax, values: np.ndarray, vmin: float, vmax: float, fmt: str = "{:.2f}",
+                       fontsize: Optional[float] = None):
+    L, H = values.shape
+    from matplotlib import colormaps
+    cmap = colormaps[CMAP].with_extremes(bad="#d0d0d0")  # NaN heads: grey cell, labelled "NaN"
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="upper")
+    if fontsize is None:
+        fontsize = max(4.0, min(9.0, 60.0 / max(L, H)))
+    mid = (vmin + vmax) / 2
+    for i in range(L):
+        for j in range(H):
+            v = values[i, j]
+            text = "NaN" if not np.isfinite(v) else fmt.format(v)
+            color = "white" if np.isfinite(v) and v <= mid else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    return im
+
+
+# --------------------------------------------------------------------------------------------
+def head_entropy_heatmaps(runs: Sequence[RunData]) -> Optional[Figure]:
+    """Fig. 3: final per-head entropy (nats), layer × head, values printed, one panel per run.
+
+    The colour scale is shared by all panels and ends at the causal maximum (1/T)·Σ log i, the
+    entropy of uniform causal attention, so panels of different runs are comparable."""
+    runs = [r for r in runs if r.head_entropy() is not None]
+    if not runs:
+        return None
+    vmax = max(analysis.causal_max_entropy(r.seq_len) for r in runs)
+    fig, axes = _grid(len(runs))
+    im = None
+    for ax, run in zip(axes, runs):
+        im = _annotated_heatmap(ax, run.head_entropy(), 0.0, vmax)
+        ax.set_title(run.label, fontsize=10)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="head entropy (nats)")
+    return fig
+
+
+def entropy_bin_histogram(runs: Sequence[RunData], shared_max: bool = False) -> Optional[Figure]:
+    """Fig. 2a / Fig. 7: % of heads in [0,max/4), [max/4,max/2), [max/2,3max/4), [3max/4,max]."""
+    runs = [r for r in runs if r.head_entropy() is not None]
+    if not runs:
+        return None
+    shares = analysis.bin_shares_for(runs, shared_max=shared_max)
+    n = len(runs)
+    width = 0.8 / n
+    fig = Figure(figsize=(max(7.0, 1.2 + 0.55 * n * 4 * 0.5), 4.2), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(4)
+    for k, (run, share) in enumerate(zip(runs, shares)):
+        bars = ax.bar(x - 0.4 + width * (k + 0.5), 100 * share, width, label=run.label)
+        fontsize = 7 if n <= 6 else 5
+        for b, v in zip(bars, share):
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.5, f"{100 * v:.0f}",
+                    ha="center", va="bottom", fontsize=fontsize)
+    ax.set_xticks(x, analysis.BIN_LABELS)
+    ax.set_ylabel("% of heads")
+    ax.set_xlabel("head entropy bin (max = " + ("largest head entropy over all runs" if shared_max
+                                              else "largest head entropy of each run") + ")")
+    ax.legend(fontsize=7, ncols=2 if n > 6 else 1)
+    return fig
+
+
+def eval_loss_curves(runs: Sequence[RunData]) -> Optional[Figure]:
+    """Fig. 2b: validation cross-entropy vs tokens trained, one curve per run."""
+    runs = [r for r in runs if r.eval]
+    if not runs:
+        return None
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for run in runs:
+        tokens = [rec.get("tokens", rec["step"]) for rec in run.eval]
+        ax.plot(tokens, [rec["loss"] for rec in run.eval], marker="o", ms=3,
+                label=run.label + (" (diverged)" if run.diverged else ""))
+    ax.set_xlabel("tokens trained")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x / 1e6:g}M" if x >= 1e6 else _kilo(x)))
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2 if len(runs) > 6 else 1)
+    return fig
+
+
+def layer_entropy_dynamics(runs: Sequence[RunData]) -> Optional[Figure]:
+    """Fig. 5 / Fig. 8: layerwise mean entropy vs training step, one line per layer, one panel per run."""
+    runs = [r for r in runs if r.entropy]
+    if not runs:
+        return None
+    fig, axes = _grid(len(runs), ncols=3, panel=(4.2, 3.0))
+    for ax, run in zip(axes, runs):
+        steps = [rec["step"] for rec in run.entropy]
+        means = np.array([[math.nan if v is None else v for v in rec["layer_mean"]] for rec in run.entropy])
+        colors = _layer_colors(means.shape[1])
+        for layer in range(means.shape[1]):
+            ax.plot(steps, means[:, layer], color=colors[layer], label=f"L{layer}", lw=1.4)
+        ax.axhline(analysis.causal_max_entropy(run.seq_len), color="gray", ls=":", lw=1)
+        ax.set_ylim(bottom=0)
+        ax.set_title(run.label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean entropy (nats)")
+        ax.xaxis.set_major_formatter(FuncFormatter(_kilo))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncols=2)
+    return fig
+
+
+def _layer_colors(n: int) -> list:
+    from matplotlib import colormaps
+    cmap = colormaps["viridis"]
+    return [cmap(i / max(1, n - 1)) for i in range(n)]
+
+
+def nan_counts(runs: Sequence[RunData]) -> Optional[Figure]:
+    """AERO Fig. 6: NaN entries in the attention matrices per layer vs step, one panel per run."""
+    runs = [r for r in runs if r.entropy]
+    if not runs:
+        return None
+    fig, axes = _grid(len(runs), ncols=3, panel=(4.2, 2.8))
+    for ax, run in zip(axes, runs):
+        steps = [rec["step"] for rec in run.entropy]
+        counts = np.array([rec.get("nan_counts") or [0] * len(rec["layer_mean"]) for rec in run.entropy], float)
+        colors = _layer_colors(counts.shape[1])
+        for layer in range(counts.shape[1]):
+            ax.plot(steps, counts[:, layer], color=colors[layer], label=f"L{layer}", lw=1.4)
+        total = int(np.nansum(counts))
+        ax.set_title(f"{run.label}: {total} NaN" if total else f"{run.label}: no NaN", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("NaN count")
+        ax.xaxis.set_major_formatter(FuncFormatter(_kilo))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncols=2)
+    return fig
+
+
+def learned_thresholds(run: RunData) -> Optional[Figure]:
+    """Fig. 6: (a) learned θ, layer × head, (b) per-layer mean and variance of θ."""
+    theta = run.thresholds()
+    if theta is None:
+        return None
+    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+    ax_map, ax_stats = fig.subplots(1, 2, width_ratios=[1.1, 1])
+    im = _annotated_heatmap(ax_map, theta, float(np.nanmin(theta)), float(np.nanmax(theta)))
+    fig.colorbar(im, ax=ax_map, label="θ (fraction of log T)")
+    ax_map.set_title(f"(a) learned thresholds, {run.label}", fontsize=10)
+    layers = np.arange(theta.shape[0])
+    ax_stats.plot(layers, np.nanmean(theta, axis=1), marker="o", color="C0", label="mean")
+    ax_stats.set_xlabel("layer")
+    ax_stats.set_ylabel("mean θ", color="C0")
+    ax_var = ax_stats.twinx()
+    ax_var.plot(layers, np.nanvar(theta, axis=1), marker="s", color="C1", label="variance")
+    ax_var.set_ylabel("variance of θ", color="C1")
+    ax_stats.set_xticks(layers, [f"L{i}" for i in layers])
+    ax_stats.set_title("(b) per-layer mean and variance", fontsize=10)
+    ax_stats.grid(alpha=0.3)
+    return fig
+
+
+def ppl_vs_cost(runs: Sequence[RunData], costs: Sequence[Optional[dict]], key: str) -> Optional[Figure]:
+    """PPL vs predicted communication (key="comm_gb") or latency (key="lat_min"), with the Pareto
+    front of the runs that did not diverge (lower cost and lower PPL are both better)."""
+    unit = {"comm_gb": "communication (GB)", "lat_min": "latency (min)"}[key]
+    pts = [(run, c[key]) for run, c in zip(runs, costs) if c is not None and c.get(key) is not None]
+    if not pts:
+        return None
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
+    ax = fig.subplots()
+    finite = [(r, x) for r, x in pts if math.isfinite(r.final_ppl)]
+    bad = [(r, x) for r, x in pts if not math.isfinite(r.final_ppl)]
+    xs = np.array([x for _, x in finite])
+    ys = np.array([r.final_ppl for r, _ in finite])
+    if finite:
+        front = analysis.pareto_front(list(zip(xs, ys)))
+        on = np.zeros(len(finite), bool)
+        on[front] = True
+        ax.scatter(xs[~on], ys[~on], color="C0", zorder=3, label="run")
+        ax.scatter(xs[on], ys[on], color="C3", zorder=4, label="Pareto front")
+        order = sorted(front, key=lambda i: xs[i])
+        ax.step(xs[order], ys[order], where="post", color="C3", lw=1.2, zorder=2)
+        for (run, x), y in zip(finite, ys):
+            ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if bad:  # diverged runs have no PPL: mark them along the top edge so their cost is still shown
+        top = (ys.max() * 1.08) if finite else 1.0
+        for run, x in bad:
+            ax.scatter([x], [top], marker="x", color="gray", zorder=3)
+            ax.annotate(run.label + " (NaN)", (x, top), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color="gray")
+    ax.set_xlabel(f"predicted {unit}, one token after a T-token prompt")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[dict]]] = None) -> list[FigureSpec]:
+    """Every figure the runs have data for, in the paper's order."""
+    costs = list(costs) if costs is not None else [None] * len(runs)
+    specs: list[FigureSpec] = []
+
+    def add(name: str, title: str, caption: str, make: Callable[[], Optional[Figure]]) -> None:
+        fig = make()
+        if fig is not None:
+            specs.append(FigureSpec(name, title, caption, fig))
+
+    add("entropy-bins", "Head-entropy histogram (Fig. 2a / Fig. 7)",
+        "Share of heads per entropy bin; max is the largest head entropy of each run (the paper's convention).",
+        lambda: entropy_bin_histogram(runs))
+    add("eval-loss", "Validation loss (Fig. 2b)", "Validation cross-entropy vs tokens trained.",
+        lambda: eval_loss_curves(runs))
+    add("entropy-heatmaps", "Headwise entropy (Fig. 3)",
+        "Final per-head entropy in nats (query-averaged, causal); the colour scale ends at the causal "
+        "maximum (1/T)·Σ log i.", lambda: head_entropy_heatmaps(runs))
+    add("layer-entropy", "Layerwise mean entropy during training (Fig. 5 / Fig. 8)",
+        "Mean entropy of each layer vs step; dotted line: the causal maximum.",
+        lambda: layer_entropy_dynamics(runs))
+    for run in runs:
+        add(f"thresholds-{analysis.slug(run.label)}", f"Learned thresholds, {run.label} (Fig. 6)",
+            "θ of the entropy regularizer (threshold = θ·log T) and its per-layer mean and variance.",
+            lambda run=run: learned_thresholds(run))
+    add("nan-counts", "NaN counts in attention (AERO Fig. 6)", "NaN entries of the attention matrices per layer.",
+        lambda: nan_counts(runs))
+    add("ppl-vs-comm", "PPL vs communication",
+        "Predicted 2PC communication (cost profile in the summary table) vs validation PPL; red: Pareto front.",
+        lambda: ppl_vs_cost(runs, costs, "comm_gb"))
+    add("ppl-vs-latency", "PPL vs latency",
+        "Predicted 2PC latency vs validation PPL; red: Pareto front.",
+        lambda: ppl_vs_cost(runs, costs, "lat_min"))
+    return specs
+
+
+def save_figure(spec: FigureSpec, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, svg = out_dir / f"{spec.name}.png", out_dir / f"{spec.name}.svg"
+    spec.figure.savefig(png, dpi=110)
+    spec.figure.savefig(svg)
+    return png, svg

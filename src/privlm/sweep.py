@@ -1,0 +1,397 @@
+"""`privlm sweep SWEEP.yaml [--out DIR] [--max-runs N] [--list]`: train a list of presets or a config
+grid with the same data, token budget and seed, resume where an interrupted sweep stopped, and write
+results.md / results.json (the layout of the paper's Table 3) and report.html.
+
+A sweep file::
+
+    name: cpu-study
+    config: ../cpu/study.yaml        # base config: YAML path (relative to this file) or preset; optional
+    overrides: [train.max_steps=300] # applied to every run (after `config`)
+    baseline: SM+LN+G                # run the savings columns are relative to (default: the first)
+    runs:                            # presets, or mappings {preset, name, overrides}
+      - SM+LN+G
+      - {preset: "EReg(SM(t)+ScFuFFN)", name: ereg-g0.1, overrides: [reg.gamma=0.1]}
+    grid:                            # optional cartesian product, applied to every entry of `runs`
+      reg.gamma: [0.0, 0.05, 0.10]
+
+Every run gets the same `data.*`, `train.max_steps`/batch (hence token budget) and `train.seed` unless an
+entry overrides them on purpose. Each run lives in DIR/<name>; a finished run (summary.json) is skipped,
+a run with a checkpoint is resumed exactly (`privlm train --resume` semantics), a run directory without
+any checkpoint is moved aside to <name>.incomplete-<time> and started again (nothing is deleted).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from privlm.config import Config, ConfigError, from_dict, load_config, looks_like_config_file, to_dict
+from privlm.errors import CheckpointError, DivergenceError, PrivlmError
+
+SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title"}
+ENTRY_KEYS = {"preset", "name", "overrides"}
+# Keys the trainer itself rewrites in config.yaml (the vocabulary follows the trained tokenizer).
+_SET_BY_TRAINER = {("model", "vocab_size")}
+
+
+@dataclass
+class SweepRun:
+    name: str
+    preset: str
+    overrides: list[str]
+    cfg: Config
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    runs: list[SweepRun]
+    baseline: Optional[str]
+    description: str = ""
+    common: list[str] = field(default_factory=list)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-") or "run"
+
+
+def _flatten(raw: dict, prefix: str = "") -> list[str]:
+    """{'model': {'n_layer': 4}} -> ['model.n_layer=4'] (values as JSON, which YAML parses back)."""
+    out = []
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += _flatten(value, dotted + ".")
+        else:
+            out.append(f"{dotted}={json.dumps(value)}")
+    return out
+
+
+def _as_list(value: Any, what: str, origin: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{origin}: '{what}' must be a list of key=value strings")
+    return list(value)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and resolve a sweep file: every run's full config is built (and validated) up front, so a
+    typo in the 11th entry fails before the first run starts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep file '{path}' must be a mapping with at least 'runs' or 'grid'")
+    unknown = set(raw) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"sweep file '{path}': unknown key(s) {sorted(unknown)}; known: {sorted(SWEEP_KEYS)}")
+    origin = f"sweep file '{path}'"
+    base_spec = raw.get("config")
+    common = _as_list(raw.get("overrides"), "overrides", origin)
+    if isinstance(base_spec, dict):  # an inline base config
+        common = _flatten(base_spec) + common
+        base_spec = None
+    elif isinstance(base_spec, str) and looks_like_config_file(base_spec):
+        candidate = (path.parent / base_spec)
+        base_spec = str(candidate if candidate.is_file() else Path(base_spec))
+    elif base_spec is not None and not isinstance(base_spec, str):
+        raise ConfigError(f"{origin}: 'config' must be a YAML path, a preset name or a mapping")
+
+    entries = raw.get("runs") or [None]
+    if not isinstance(entries, list):
+        raise ConfigError(f"{origin}: 'runs' must be a list of presets or {{preset, name, overrides}} mappings")
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{origin}: 'grid' must map dotted keys to non-empty lists of values")
+    if raw.get("runs") is None and not grid:
+        raise ConfigError(f"{origin}: give 'runs' (a list of presets) and/or 'grid'")
+
+    runs: list[SweepRun] = []
+    for i, entry in enumerate(entries):
+        if entry is None:
+            entry = {}
+        elif isinstance(entry, str):
+            entry = {"preset": entry}
+        elif not isinstance(entry, dict) or set(entry) - ENTRY_KEYS:
+            raise ConfigError(f"{origin}: runs[{i}] must be a preset name or a mapping with keys "
+                              f"{sorted(ENTRY_KEYS)}")
+        own = _as_list(entry.get("overrides"), f"runs[{i}].overrides", origin)
+        preset = entry.get("preset")
+        for combo in itertools.product(*grid.values()) if grid else [()]:
+            grid_over = [f"{k}={json.dumps(v)}" for k, v in zip(grid, combo)]
+            overrides = common + ([f"model.preset={preset}"] if preset else []) + own + grid_over
+            try:
+                cfg = load_config(base_spec, overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"{origin}: runs[{i}] ({preset or 'base'}): {exc}") from None
+            name = entry.get("name") or cfg.model.preset
+            if combo:
+                name += "-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in zip(grid, combo))
+            runs.append(SweepRun(_slug(name), cfg.model.preset, own + grid_over, cfg))
+    seen: dict[str, int] = {}
+    for r in runs:
+        seen[r.name] = seen.get(r.name, 0) + 1
+    dup = [n for n, c in seen.items() if c > 1]
+    if dup:
+        raise ConfigError(f"{origin}: several runs would share the directory name(s) {dup}; give them "
+                          f"distinct 'name's")
+    baseline = raw.get("baseline")
+    if baseline is not None:
+        names = {r.name for r in runs} | {r.preset for r in runs}
+        if baseline not in names and _slug(baseline) not in names:
+            raise ConfigError(f"{origin}: baseline '{baseline}' is not one of the runs ({', '.join(r.name for r in runs)})")
+    return Sweep(name=str(raw.get("name") or path.stem), path=path, runs=runs, baseline=baseline,
+                 description=str(raw.get("description") or ""), common=common)
+
+
+# ----------------------------------------------------------------------------------------
+def _config_differences(expected: Config, saved: Config) -> list[str]:
+    a, b = to_dict(expected), to_dict(saved)
+    diffs = []
+    for section in a:
+        for key in a[section]:
+            if (section, key) in _SET_BY_TRAINER:
+                continue
+            if a[section][key] != b[section].get(key):
+                diffs.append(f"{section}.{key}: sweep {a[section][key]!r} vs run {b[section].get(key)!r}")
+    return diffs
+
+
+def run_status(run_dir: Path) -> str:
+    """'done' (summary.json), 'resumable' (a checkpoint), 'incomplete' (a dir without checkpoint), 'new'."""
+    if (run_dir / "summary.json").is_file():
+        return "done"
+    if not run_dir.exists():
+        return "new"
+    try:
+        from privlm.train.checkpoint import latest_checkpoint
+        latest_checkpoint(run_dir)
+        return "resumable"
+    except CheckpointError:
+        return "incomplete" if any(run_dir.iterdir()) else "new"
+
+
+def _saved_config(run_dir: Path) -> Config:
+    try:
+        return from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        raise CheckpointError(f"{run_dir}/config.yaml is unreadable: {str(exc).splitlines()[0]}") from None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bool = True,
+              log=print, command: Optional[str] = None) -> dict:
+    """Train every run not yet finished (at most ``max_runs`` of them in this call). Returns the state
+    written to out/sweep.json. Divergence of one run is recorded and the sweep goes on."""
+    from privlm.train.loop import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "sweep.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state.update({"name": sweep.name, "sweep_file": str(sweep.path), "baseline": sweep.baseline})
+    if command:
+        state["command"] = command
+    records = state.setdefault("runs", {})
+    # Check every existing run directory before training anything: a sweep must never mix configs.
+    for r in sweep.runs:
+        run_dir = out / r.name
+        if run_status(run_dir) in ("done", "resumable"):
+            diffs = _config_differences(r.cfg, _saved_config(run_dir))
+            if diffs:
+                raise ConfigError(f"run directory '{run_dir}' holds a run with another config ({diffs[0]}"
+                                  f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); use another "
+                                  f"--out or move it away")
+    trained = 0
+    for i, r in enumerate(sweep.runs, 1):
+        run_dir = out / r.name
+        status = run_status(run_dir)
+        rec = records.setdefault(r.name, {})
+        rec.update({"preset": r.preset, "overrides": r.overrides, "dir": r.name})
+        if status == "done":
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rec.update(status="diverged" if summary.get("diverged") else "done")
+            log(f"[{i}/{len(sweep.runs)}] {r.name}: already finished, skipped")
+            continue
+        if max_runs is not None and trained >= max_runs:
+            log(f"stopping after {trained} run(s) (--max-runs); rerun the same command to continue")
+            break
+        if status == "incomplete":
+            aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            log(f"[{i}/{len(sweep.runs)}] {r.name}: no checkpoint to resume from; moved to {aside.name}")
+            status = "new"
+        resume = status == "resumable"
+        log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset}")
+        cfg = _saved_config(run_dir) if resume else r.cfg
+        rec.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _write_json(state_file, state)
+        t0 = time.time()
+        try:
+            summary = train(cfg, run_dir, resume=resume, quiet=quiet)
+            rec.update(status="done", final_ppl=summary.get("final_ppl"))
+        except DivergenceError as exc:
+            rec.update(status="diverged", diagnosis=str(exc))
+            log(f"[{i}/{len(sweep.runs)}] {r.name}: diverged ({exc}); continuing with the next run")
+        rec["seconds"] = round(rec.get("seconds", 0.0) + time.time() - t0, 1)
+        trained += 1
+        _write_json(state_file, state)
+    _write_json(state_file, state)
+    return state
+
+
+# ----------------------------------------------------------------------------------------
+def _g(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}K"
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
+    """Table 3 layout (PPL, #nonlinear ops, FFN/Attn FLOPs, Comm, Lat, savings) + entropy diagnostics."""
+    lines = [f"# Sweep `{sweep.name}`", ""]
+    if sweep.description:
+        lines += [sweep.description.strip(), ""]
+    base = next((r for r in rows if sweep.baseline in (r["name"], r["preset"])), rows[0] if rows else None)
+    lines += [f"Baseline for the savings: **{base['preset'] if base else '–'}**. Comm/Lat: predicted 2PC cost "
+              f"of one output token after a T-token prompt, profile `{next((r.get('profile') for r in rows if r.get('profile')), '–')}`. "
+              "Attn FLOPs in the paper's convention (8LTd² + 3LT²d).", ""]
+    lines += ["| Network Arch. | PPL | #Nonlinear Ops | FFN FLOPs | Attn FLOPs | Comm. (GB) | Lat. (min.) "
+              "| Comm. Sav. | Lat. Sav. | Tokens | Params |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl = "NaNs" if r["diverged"] else _f(r.get("ppl"), "{:.3f}")
+        if not r["finished"]:
+            ppl += " (unfinished)"
+        lines.append(f"| {r['preset']} | {ppl} | {r.get('nonlinear', '–')} | {_g(r.get('ffn_flops'))} | "
+                     f"{_g(r.get('attn_flops_paper'))} | {_f(r.get('comm_gb'), '{:.3f}')} | "
+                     f"{_f(r.get('lat_min'), '{:.3f}')} | {_f(r.get('comm_savings'), '{:.2f}×')} | "
+                     f"{_f(r.get('lat_savings'), '{:.2f}×')} | {_f(r.get('tokens_trained'), '{:,}')} | "
+                     f"{_f(r.get('params'), '{:,}')} |")
+    lines += ["", "## Entropy diagnosis (final per-head entropies)", "",
+              "Bins as in the paper's Fig. 2a: [0,max/4), [max/4,max/2), [max/2,3max/4), [3max/4,max] with max "
+              "the largest head entropy of each run.", "",
+              "| Network Arch. | bins (% of heads) | max (nats) | layer means (nats) | min deep-half layer mean "
+              "| NaN entries | collapse | overload |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "bin_shares" not in r:
+            lines.append(f"| {r['preset']} | – | – | – | – | – | – | – |")
+            continue
+        bins = " / ".join(f"{100 * s:.0f}" for s in r["bin_shares"])
+        means = " ".join(_f(m, "{:.2f}") for m in r["layer_mean_entropy"])
+        coll = f"yes (L{','.join(map(str, r['collapsed_layers']))})" if r["collapsed"] else "no"
+        over = f"yes (L{','.join(map(str, r['overloaded_layers']))})" if r["overloaded"] else "no"
+        lines.append(f"| {r['preset']} | {bins} | {_f(r['bin_max'], '{:.2f}')} | {means} | "
+                     f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} |")
+    diverged = [r for r in rows if r["diverged"]]
+    if diverged:
+        lines += ["", "## Divergences", ""] + [f"- **{r['preset']}**: {r.get('diagnosis_summary')}" for r in diverged]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title: Optional[str] = None) -> list[dict]:
+    """results.json, results.md, report.html and figures/ (in ``results``, default ``out``) from the run
+    directories that exist under ``out``."""
+    results = results or out
+    results.mkdir(parents=True, exist_ok=True)
+    from privlm.report import build_report, collect, load_runs
+
+    dirs = [out / r.name for r in sweep.runs if (out / r.name / "config.yaml").is_file()]
+    if not dirs:
+        raise CheckpointError(f"no run of sweep '{sweep.name}' exists under '{out}' yet")
+    runs = load_runs(dirs)
+    baseline = None
+    if sweep.baseline is not None:
+        baseline = next((r.name for r in sweep.runs if sweep.baseline in (r.name, r.preset)
+                         or _slug(sweep.baseline) == r.name), None)
+        if baseline is not None and not (out / baseline / "config.yaml").is_file():
+            baseline = None  # not trained yet: savings relative to the first run
+    rows, _, notes = collect(runs, baseline)
+    state_file = out / "sweep.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    _write_json(results / "results.json", {"sweep": sweep.name, "sweep_file": str(sweep.path),
+                                           "command": state.get("command"),
+                                           "baseline": baseline or runs[0].path.name, "rows": rows,
+                                           "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
+    (results / "results.md").write_text(results_markdown(sweep, rows, notes))
+    build_report(dirs, results / "report.html", results / "figures", baseline=baseline,
+                 title=title or f"privlm sweep {sweep.name}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="train a list of presets / a config grid and tabulate them (Table 3 layout)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_file", metavar="SWEEP.yaml")
+    p.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
+    p.add_argument("--max-runs", type=int, default=None, metavar="N",
+                   help="train at most N (unfinished) runs in this call, then stop; rerun to continue")
+    p.add_argument("--list", action="store_true", help="print the resolved runs and their status, train nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite results.md/results.json/report.html from the existing run directories")
+    p.add_argument("--results", metavar="DIR", help="write results.md/.json, report.html and figures/ here "
+                   "(default: the sweep directory)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per run (1 is fastest on a machine shared with other jobs)")
+    p.add_argument("--verbose", action="store_true", help="show each run's progress bar / log lines")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep_file)
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / _slug(sweep.name)
+    if args.max_runs is not None and args.max_runs < 0:
+        raise ConfigError(f"--max-runs={args.max_runs} must be >= 0")
+    if args.list:
+        for r in sweep.runs:
+            c = r.cfg
+            print(f"{r.name:<28} {r.preset:<22} {run_status(out / r.name):<10} L{c.model.n_layer} "
+                  f"d{c.model.n_embd} H{c.model.n_head} T{c.data.seq_len} steps={c.train.max_steps} "
+                  f"tokens={c.train.max_steps * c.train.batch_size * c.train.grad_accum * c.data.seq_len:,} "
+                  f"seed={c.train.seed} {' '.join(r.overrides)}")
+        return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads={args.threads} must be >= 1")
+        import torch
+        torch.set_num_threads(args.threads)
+    if not args.report_only:
+        state = run_sweep(sweep, out, args.max_runs, quiet=not args.verbose,
+                          command=" ".join(["privlm sweep", args.sweep_file, "--out", str(out)]
+                                           + (["--results", args.results] if args.results else [])
+                                           + (["--threads", str(args.threads)] if args.threads else [])))
+        pending = [r.name for r in sweep.runs if run_status(out / r.name) != "done"]
+        if pending:
+            print(f"{len(pending)} run(s) not finished yet: {', '.join(pending)}")
+        bad = [n for n, rec in state["runs"].items() if rec.get("status") == "diverged"]
+        if bad:
+            print(f"diverged: {', '.join(bad)}")
+    results = Path(args.results) if args.results else out
+    rows = write_results(sweep, out, results)
+    print(f"wrote {results / 'results.md'}, {results / 'results.json'}, {results / 'report.html'} "
+          f"({len(rows)} run(s))")
+    return 0

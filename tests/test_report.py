@@ -1,0 +1,224 @@
+"""Figures and the HTML report, from synthetic run directories in the CONTRACTS.md layout and from
+real `privlm train` runs; the HTML is opened in headless Chromium."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from privlm.cli import main
+from privlm.config import from_dict, load_config, to_yaml
+from privlm.errors import CheckpointError
+from privlm.report import analysis, build_report, collect, figures, load_runs
+from privlm.report.runs import read_metrics
+
+L, H, T = 4, 4, 32
+
+
+def write_run(path: Path, preset: str, *, steps: int = 60, collapse: bool = False, seed: int = 0,
+              final_ppl: float = 20.0, torn_last_line: bool = False) -> Path:
+    """A run directory as `privlm train` writes it (docs/CONTRACTS.md), with made-up telemetry."""
+    rng = np.random.default_rng(seed)
+    cfg = load_config(preset, [f"model.n_layer={L}", f"model.n_head={H}", "model.n_embd=32",
+                               f"data.seq_len={T}", f"model.block_size={T}", "model.vocab_size=256"])
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(to_yaml(cfg))
+    cmax = math.lgamma(T + 1) / T
+    lines, tokens_per_step = [], 8 * T
+    heads = None
+    for step in range(0, steps + 1, 10):
+        if step:
+            lines.append({"kind": "train", "step": step, "loss": 5 - step / 30, "lr": 1e-3,
+                          "tokens": step * tokens_per_step, "tok_per_s": 1000.0, "grad_norm": 1.0})
+        frac = step / steps
+        depth = np.linspace(0, 1, L)[:, None]
+        heads = cmax * (0.2 + 0.75 * rng.random((L, H)))
+        if collapse:  # deep layers drift toward zero entropy
+            heads = heads * (1 - frac * depth * 0.99)
+        nans = [0] * L
+        if collapse and step == steps:
+            nans = [0] * (L - 1) + [17]
+            heads[-1, 0] = math.nan
+        lines.append({"kind": "entropy", "step": step, "seq_len": T,
+                      "head_entropy": [[None if math.isnan(v) else float(v) for v in row] for row in heads],
+                      "layer_mean": [float(np.nanmean(row)) for row in heads], "nan_counts": nans,
+                      "reg": None})
+        if step % 30 == 0:
+            loss = math.log(final_ppl) + 1.5 * (1 - frac)
+            lines.append({"kind": "eval", "step": step, "loss": loss, "ppl": math.exp(loss),
+                          "tokens": step * tokens_per_step})
+    text = "\n".join(json.dumps(x) for x in lines) + "\n"
+    if torn_last_line:
+        text += '{"kind": "train", "step": 99, "lo'
+    (path / "metrics.jsonl").write_text(text)
+    theta = (0.3 + 0.1 * rng.random((L, H))).tolist() if cfg.reg.enabled else None
+    (path / "entropy.json").write_text(json.dumps({
+        "step": steps, "seq_len": T, "thresholds": theta, "temperatures": None,
+        "head_entropy": [[None if math.isnan(v) else float(v) for v in row] for row in heads]}))
+    (path / "summary.json").write_text(json.dumps({
+        "preset": cfg.model.preset, "params": 12345, "tokens_trained": steps * tokens_per_step, "steps": steps,
+        "final_loss": math.log(final_ppl), "final_ppl": None if collapse else final_ppl, "diverged": collapse,
+        "diagnosis": "NaN in attention of layer 3 at step 60" if collapse else None}))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return [write_run(tmp_path / "base", "SM+LN+G", final_ppl=12.0, seed=1),
+            write_run(tmp_path / "sm", "SM", collapse=True, seed=2),
+            write_run(tmp_path / "fu", "SM+ScFuFFN", final_ppl=15.0, seed=3),
+            write_run(tmp_path / "ereg", "EReg(SM(t)+ScFuFFN)", final_ppl=14.0, seed=4, torn_last_line=True)]
+
+
+# --- pure pieces ---------------------------------------------------------------------------
+def test_pareto_front_hand_cases():
+    pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (4.0, 1.0), (2.0, 3.5), (5.0, 1.0)]
+    # (3,4) is dominated by (2,3); (2,3.5) by (2,3); (5,1) by (4,1)
+    assert analysis.pareto_front(pts) == [0, 1, 3]
+    assert analysis.pareto_front([(1.0, 1.0)]) == [0]
+    assert analysis.pareto_front([]) == []
+
+
+def test_slug_is_file_safe_and_distinct():
+    names = ["SM+LN+G", "SM+LN+R", "EReg(SM(t)+ScFuFFN)", "SM(t)+ScFuFFN", "SM+WN(ffn)"]
+    slugs = [analysis.slug(n) for n in names]
+    assert len(set(slugs)) == len(slugs)
+    assert all(re.fullmatch(r"[a-z0-9.=-]+", s) for s in slugs)
+
+
+def test_read_metrics_ignores_only_a_torn_last_line(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"kind":"train","step":1}\n{"kind":"train","st')
+    assert read_metrics(f) == [{"kind": "train", "step": 1}]
+    f.write_text('{"kind":"train","st\n{"kind":"train","step":1}\n')
+    with pytest.raises(CheckpointError, match="line 1"):
+        read_metrics(f)
+
+
+def test_load_runs_reads_contract_layout(runs):
+    loaded = load_runs(runs)
+    base, sm, fu, ereg = loaded
+    assert [r.label for r in loaded] == ["SM+LN+G", "SM", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)"]
+    assert base.final_ppl == 12.0 and math.isnan(sm.final_ppl) and sm.diverged
+    assert base.head_entropy().shape == (L, H) and np.isnan(sm.head_entropy()[-1, 0])
+    assert ereg.thresholds().shape == (L, H) and base.thresholds() is None
+    assert from_dict(yaml.safe_load((runs[0] / "config.yaml").read_text())) == base.cfg
+    assert ereg.train[-1]["step"] == 60  # the torn line was dropped
+
+
+def test_duplicate_presets_get_distinct_labels(tmp_path):
+    a = write_run(tmp_path / "g0", "EReg(SM(t)+ScFuFFN)")
+    b = write_run(tmp_path / "g1", "EReg(SM(t)+ScFuFFN)")
+    assert [r.label for r in load_runs([a, b])] == ["EReg(SM(t)+ScFuFFN) [g0]", "EReg(SM(t)+ScFuFFN) [g1]"]
+
+
+def test_rows_costs_and_diagnosis(runs):
+    loaded = load_runs(runs)
+    rows, costs, notes = collect(loaded, baseline="SM+LN+G")
+    base, sm, fu, ereg = rows
+    # savings are relative to the baseline and equal the ratio of the predicted costs
+    assert base["comm_savings"] == pytest.approx(1.0)
+    assert fu["comm_savings"] == pytest.approx(costs[0]["comm_gb"] / costs[2]["comm_gb"])
+    assert fu["comm_savings"] > 1.0 and fu["lat_savings"] > 1.0  # LN and GELU removed, FFN fused
+    assert base["nonlinear"].startswith("SM:16×R^{32×32}") and "LN:8×R^{32×32}" in base["nonlinear"]
+    assert fu["nonlinear"] == "SM:16×R^{32×32}"
+    assert fu["ffn_flops"] == 2 * L * T * 32 * 32  # fused d×d FFN: 2·L·T·d² (SPEC §1.6)
+    assert base["ffn_flops"] == 16 * L * T * 32 * 32
+    # the collapsing run: its deepest layer is flagged (NaN entries), the others are not
+    assert sm["diverged"] and sm["ppl"] is None and sm["nan_total"] == 17
+    assert sm["collapsed"] and 3 in sm["collapsed_layers"] and sm["layer_verdicts"][0] == "ok"
+    assert not base["collapsed"]
+    assert sum(base["bin_shares"]) == pytest.approx(1.0)
+    # top bin is at least one head: the maximum lies in it by definition
+    assert base["bin_shares"][3] >= 1 / (L * H)
+
+
+def test_every_figure_kind_is_drawn(runs, tmp_path):
+    loaded = load_runs(runs)
+    _, costs, _ = collect(loaded)
+    specs = figures.build_figures(loaded, costs)
+    names = {s.name for s in specs}
+    assert names == {"entropy-bins", "eval-loss", "entropy-heatmaps", "layer-entropy", "nan-counts",
+                     "thresholds-ereg-sm-t-scfuffn", "ppl-vs-comm", "ppl-vs-latency"}
+    out = tmp_path / "figs"
+    for spec in specs:
+        png, svg = figures.save_figure(spec, out)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert "<svg" in svg.read_text()[:2000]
+    # the heatmap prints every head's value (2 decimals) and NaN for the NaN head
+    heat = next(s for s in specs if s.name == "entropy-heatmaps").figure
+    texts = [t.get_text() for ax in heat.axes for t in ax.texts]
+    assert len(texts) == 4 * L * H and "NaN" in texts
+    assert f"{loaded[0].head_entropy()[0, 0]:.2f}" in texts
+    # one line per layer in the layer-entropy panels
+    dyn = next(s for s in specs if s.name == "layer-entropy").figure
+    assert len(dyn.axes[0].get_lines()) == L + 1  # + the causal-maximum reference line
+    # the Pareto plot labels every run by preset; the diverged SM sits on the top edge marked NaN
+    par = next(s for s in specs if s.name == "ppl-vs-comm").figure
+    labels = [t.get_text() for t in par.axes[0].texts]
+    assert set(labels) == {"SM+LN+G", "SM (NaN)", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)"}
+
+
+def test_bin_histogram_matches_entropy_module(runs):
+    from privlm.entropy import entropy_bins
+    loaded = load_runs(runs)
+    fig = figures.entropy_bin_histogram(loaded)
+    bars = [p.get_height() for p in fig.axes[0].patches]
+    expected = np.concatenate([100 * np.array(entropy_bins(r.head_entropy()).shares) for r in loaded])
+    assert np.allclose(bars, expected)
+
+
+# --- the report end to end ---------------------------------------------------------------
+def chromium_check(html_file: Path, tmp_path: Path) -> str:
+    """Open the report in headless Chromium, let a script check every image decoded, return the DOM."""
+    probe = tmp_path / "probe.html"
+    script = ("<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+              "const ok=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;"
+              "const p=document.createElement('pre');p.id='probe';"
+              "p.textContent='IMAGES '+ok+'/'+imgs.length+' TABLE '+!!document.getElementById('summary-table')"
+              "+' ROWS '+document.querySelectorAll('#summary-table tbody tr').length;"
+              "document.body.appendChild(p);});</script>")
+    probe.write_text(html_file.read_text().replace("</body>", script + "</body>"))
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    profile = tmp_path / "chromium-profile"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_report_is_self_contained_and_renders_in_chromium(runs, tmp_path, capsys):
+    out = tmp_path / "r" / "report.html"
+    code = main(["report", *map(str, runs[:2]), "-o", str(out), "--figures", str(tmp_path / "f")])
+    assert code == 0 and out.is_file()
+    text = out.read_text()
+    # no external resource of any kind: every src is a data URI, no link/script tags
+    assert not re.search(r"""(src|href)=["'](?!data:)""", text)
+    assert "<script" not in text and "<link" not in text
+    n_img = text.count("<img ")
+    # bins, loss, heatmaps, layer entropy, NaN counts, PPL vs comm and vs latency (no EReg run: no thresholds)
+    assert n_img == 7
+    dom = chromium_check(out, tmp_path)
+    m = re.search(r"IMAGES (\d+)/(\d+) TABLE (\w+) ROWS (\d+)", dom)
+    assert m, dom[-2000:]
+    assert m.group(1) == m.group(2) == str(n_img) and m.group(3) == "true" and m.group(4) == "2"
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    (tmp_path / "notrun").mkdir()
+    assert main(["report", str(tmp_path / "notrun"), "-o", str(tmp_path / "r.html")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
