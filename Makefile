@@ -11,7 +11,7 @@ SPU_PYTHON ?= python3.11
 SPU_VENV   := .venv-spu
 SPU_STAMP  := $(SPU_VENV)/.privlm-spu-installed
 
-.PHONY: setup spu-setup demo test clean
+.PHONY: setup spu-setup chromium demo test clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,12 @@ $(SPU_STAMP): requirements-spu.txt pyproject.toml
 demo: setup
 	$(BIN)/privlm inspect --all
 
-test: setup spu-setup
+test: setup spu-setup chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium for the report test (tests/test_report.py opens the HTML report in it); Debian package.
+chromium:
+	command -v chromium >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 clean:
 	rm -rf $(VENV) $(SPU_VENV) .pytest_cache runs
