@@ -1,0 +1,151 @@
+"""`privlm sweep`: resolution of presets/grids, one-line errors, and resume of an interrupted sweep with
+real (tiny) `privlm train` runs: finished runs are never retrained, a partial run continues from its
+checkpoint, a run directory without a checkpoint is moved aside, results come out in Table 3 layout."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from privlm.cli import main
+from privlm.config import ConfigError
+from privlm.sweep import load_sweep, run_status, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "cpu" / "tiny.yaml"
+FAST = ["model.n_embd=32", "train.max_steps=6", "train.batch_size=2", "train.eval_every=3",
+        "train.eval_max_batches=2", "train.save_every=2", "train.entropy_every=2", "train.log_every=2"]
+
+
+def write_sweep(path: Path, runs, overrides=FAST, **extra) -> Path:
+    spec = {"name": "t", "config": str(TINY), "overrides": list(overrides), "runs": runs, **extra}
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return path
+
+
+def test_presets_and_grid_resolve_with_shared_budget(tmp_path):
+    f = write_sweep(tmp_path / "s.yaml", ["SM+LN+G", {"preset": "EReg(SM(t)+ScFuFFN)", "name": "ereg",
+                                                      "overrides": ["reg.lambda_=1e-4"]}],
+                    grid={"reg.gamma": [0.0, 0.1]}, baseline="SM+LN+G")
+    sw = load_sweep(f)
+    assert [r.name for r in sw.runs] == ["sm-ln-g-gamma=0.0", "sm-ln-g-gamma=0.1", "ereg-gamma=0.0", "ereg-gamma=0.1"]
+    assert [r.cfg.reg.gamma for r in sw.runs] == [0.0, 0.1, 0.0, 0.1]
+    ereg = sw.runs[3].cfg
+    assert ereg.reg.enabled and ereg.reg.lambda_ == 1e-4 and ereg.model.attn_temperature and ereg.model.ffn == "fused"
+    base = sw.runs[0].cfg
+    assert base.model.norm == "layernorm" and base.model.n_embd == 32 and base.model.n_layer == 2  # tiny.yaml
+    # same data, budget and seed for every entry
+    for r in sw.runs:
+        assert (r.cfg.data, r.cfg.train.max_steps, r.cfg.train.batch_size, r.cfg.train.seed) == \
+               (base.data, 6, 2, base.train.seed)
+
+
+def test_inline_base_config_and_shipped_sweeps_resolve(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("config: {model: {n_layer: 3, n_head: 2, n_embd: 64}, train: {max_steps: 7}}\nruns: [SM+R, SM]\n")
+    sw = load_sweep(f)
+    assert [(r.cfg.model.n_layer, r.cfg.model.activation, r.cfg.train.max_steps) for r in sw.runs] == \
+           [(3, "relu", 7), (3, "identity", 7)]
+    cpu = load_sweep(ROOT / "configs" / "sweeps" / "cpu-study.yaml")
+    assert [r.preset for r in cpu.runs] == [
+        "SM+LN+G", "SM+LN+R", "SM+LN", "SM+G", "SM+R", "SM", "SM+WN(ffn)", "SM+SN(ffn)", "SM+ScFFN",
+        "SM+ScFuFFN", "SM(t)+ScFuFFN", "EReg(SM(t)+ScFuFFN)"]
+    assert all(r.cfg.model.n_layer >= 4 and r.cfg.model.n_head >= 4 for r in cpu.runs)
+    assert len({(r.cfg.train.max_steps, r.cfg.train.batch_size, r.cfg.train.seed, r.cfg.data.seq_len)
+                for r in cpu.runs}) == 1
+    paper = load_sweep(ROOT / "configs" / "sweeps" / "paper-table3.yaml")
+    assert paper.runs[0].cfg.model.n_layer == 12 and paper.runs[0].cfg.model.n_embd == 768
+    assert paper.runs[0].cfg.data.source.startswith("hf:")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("runs: [SM+LN+G]\nbogus: 1\n", "unknown key"),
+    ("runs: [SM+XX]\n", r"runs\[0\].*unknown preset"),
+    ("runs: [SM+LN+G, SM+LN+G]\n", "share the directory"),
+    ("runs: [SM+LN+G]\nbaseline: SM+R\n", "baseline 'SM\\+R' is not one of the runs"),
+    ("runs: [SM+LN+G]\noverrides: [train.max_steps=-1]\n", "train.max_steps"),
+    ("runs: [SM]\ngrid: {reg.gamma: []}\n", "non-empty lists"),
+    ("- SM\n", "must be a mapping"),
+])
+def test_bad_sweep_files_fail_with_one_line(tmp_path, text, match):
+    f = tmp_path / "s.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_sweep(f)
+    assert "\n" not in str(err.value)
+
+
+def test_interrupted_sweep_resumes_without_retraining(tmp_path, monkeypatch, capsys):
+    f = write_sweep(tmp_path / "s.yaml", ["SM+LN+G", "SM+ScFuFFN"], baseline="SM+LN+G")
+    out = tmp_path / "out"
+    first, second = out / "sm-ln-g", out / "sm-scfuffn"
+    second.mkdir(parents=True)
+    (second / "leftover.txt").write_text("a run directory without any checkpoint")
+
+    # 1) stop after the first run
+    assert main(["sweep", str(f), "--out", str(out), "--max-runs", "1"]) == 0
+    assert run_status(first) == "done" and run_status(second) == "incomplete"
+    metrics_before = (first / "metrics.jsonl").read_bytes()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+
+    # 2) Ctrl-C in the middle of the second run, right after its step-4 checkpoint
+    from privlm.train import loop
+    real_save = loop.Trainer._save
+
+    def save_then_interrupt(self):
+        real_save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "_save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(load_sweep(f), out, log=lambda *_: None)
+    monkeypatch.undo()
+    aside = list(out.glob("sm-scfuffn.incomplete-*"))
+    assert len(aside) == 1 and (aside[0] / "leftover.txt").is_file()  # moved, not deleted
+    assert run_status(second) == "resumable"
+    partial = (second / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(x)["step"] for x in partial) == 4
+
+    # 3) the same command again: first run untouched, second resumed from step 4 and finished
+    capsys.readouterr()
+    assert main(["sweep", str(f), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "sm-ln-g: already finished, skipped" in log and "sm-scfuffn: resuming" in log
+    assert (first / "metrics.jsonl").read_bytes() == metrics_before
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == mtimes
+    records = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [2, 4, 6]  # no step repeated or lost across the interruption
+    assert records[:len(partial)] == [json.loads(x) for x in partial]  # the part before Ctrl-C is kept as is
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens_trained"] == 6 * 2 * 128
+
+    # results in Table 3 layout, savings relative to the baseline, plus the report
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["preset"]: r for r in res["rows"]}
+    assert rows["SM+LN+G"]["comm_savings"] == pytest.approx(1.0)
+    assert rows["SM+ScFuFFN"]["comm_savings"] == pytest.approx(
+        rows["SM+LN+G"]["comm_gb"] / rows["SM+ScFuFFN"]["comm_gb"])
+    assert rows["SM+LN+G"]["ppl"] == pytest.approx(json.loads((first / "summary.json").read_text())["final_ppl"])
+    md = (out / "results.md").read_text()
+    assert "| Network Arch. | PPL | #Nonlinear Ops | FFN FLOPs | Attn FLOPs | Comm. (GB) | Lat. (min.) | Comm. Sav. | Lat. Sav." in md
+    assert re.search(r"\| SM\+ScFuFFN \| [\d.]+ \| SM:4×R\^\{128×128\} \|", md)
+    assert (out / "report.html").stat().st_size > 10000 and (out / "figures" / "entropy-heatmaps.svg").is_file()
+    state = json.loads((out / "sweep.json").read_text())
+    assert {k: v["status"] for k, v in state["runs"].items()} == {"sm-ln-g": "done", "sm-scfuffn": "done"}
+
+
+def test_changed_sweep_config_is_refused_before_training(tmp_path, capsys):
+    f = write_sweep(tmp_path / "s.yaml", ["SM+LN+G"])
+    out = tmp_path / "out"
+    assert main(["sweep", str(f), "--out", str(out)]) == 0
+    before = (out / "sm-ln-g" / "metrics.jsonl").read_bytes()
+    write_sweep(f, ["SM+LN+G"], overrides=FAST + ["train.lr=0.003"])
+    capsys.readouterr()
+    assert main(["sweep", str(f), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another config (train.lr: sweep 0.003 vs run 0.001)" in err
+    assert (out / "sm-ln-g" / "metrics.jsonl").read_bytes() == before
