@@ -222,3 +222,31 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "notrun"), "-o", str(tmp_path / "r.html")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+# --- the paper's claims on sweep rows --------------------------------------------------------
+def _row(preset, ppl=None, diverged=False, collapsed=False, top=0.1, deep=1.5):
+    return {"preset": preset, "ppl": ppl, "diverged": diverged, "collapsed": collapsed,
+            "collapsed_layers": [5] if collapsed else [], "deep_layer_min_entropy": deep, "nan_total": 0.0,
+            "bin_shares": [0.1, 0.2, 0.7 - top, top]}
+
+
+def test_claims_verdicts_follow_the_numbers():
+    from privlm.report.claims import evaluate_claims
+    rows = [_row("SM+LN+G", 2.69), _row("SM+LN+R", 2.76), _row("SM+G", 3.20, top=0.58), _row("SM+R", 2.94, top=0.23),
+            _row("SM", None, diverged=True, deep=0.03), _row("SM+WN(ffn)", 3.64), _row("SM+SN(ffn)", 3.63),
+            _row("SM+ScFFN", 3.50), _row("SM+ScFuFFN", 3.48), _row("EReg(SM(t)+ScFuFFN)", 3.21)]
+    c1, c2, c3, c4 = evaluate_claims(rows)  # the paper's own numbers: every claim holds
+    assert [c["holds"] for c in (c1, c2, c3, c4)] == [True, True, True, True]
+    assert "58.0% vs SM+R 23.0%" in c2["numbers"]
+    assert "3.210 vs SM+ScFuFFN 3.480 (7.8% lower" in c4["numbers"]  # (3.48 - 3.21) / 3.48
+    assert c3["numbers"].startswith("SM+LN+G 2.690 <= SM+LN+R 2.760 < SM+R 2.940 < SM+G 3.200")
+
+    rows[5] = _row("SM+WN(ffn)", 3.64, collapsed=True)  # a fix that collapses breaks C1
+    rows[3] = _row("SM+R", 3.30, top=0.60)  # SM+R worse than SM+G and more overloaded
+    rows[-1] = _row("EReg(SM(t)+ScFuFFN)", 3.50)
+    c1, c2, c3, c4 = evaluate_claims(rows)
+    assert (c1["holds"], c2["holds"], c3["holds"], c4["holds"]) == (False, False, False, False)
+    assert c3["parts"] == [True, True, False] and "SM+R 3.300 >= SM+G 3.200" in c3["numbers"]
+    assert "(0.6% higher" in c4["numbers"]
+    assert evaluate_claims(rows[:2])[1]["holds"] is None  # SM+G / SM+R absent: not testable

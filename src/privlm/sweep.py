@@ -304,6 +304,8 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
         over = f"yes (L{','.join(map(str, r['overloaded_layers']))})" if r["overloaded"] else "no"
         lines.append(f"| {r['preset']} | {bins} | {_f(r['bin_max'], '{:.2f}')} | {means} | "
                      f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} |")
+    from privlm.report.claims import claims_markdown
+    lines += ["", "## The paper's claims on these runs (single seed)", ""] + claims_markdown(rows)
     diverged = [r for r in rows if r["diverged"]]
     if diverged:
         lines += ["", "## Divergences", ""] + [f"- **{r['preset']}**: {r.get('diagnosis_summary')}" for r in diverged]
@@ -332,7 +334,9 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     rows, _, notes = collect(runs, baseline)
     state_file = out / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    from privlm.report.claims import evaluate_claims
     _write_json(results / "results.json", {"sweep": sweep.name, "sweep_file": str(sweep.path),
+                                           "claims": evaluate_claims(rows),
                                            "command": state.get("command"),
                                            "baseline": baseline or runs[0].path.name, "rows": rows,
                                            "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})

@@ -219,7 +219,8 @@ def ppl_vs_cost(runs: Sequence[RunData], costs: Sequence[Optional[dict]], key: s
         front = analysis.pareto_front(list(zip(xs, ys)))
         on = np.zeros(len(finite), bool)
         on[front] = True
-        ax.scatter(xs[~on], ys[~on], color="C0", zorder=3, label="run")
+        if (~on).any():
+            ax.scatter(xs[~on], ys[~on], color="C0", zorder=3, label="dominated")
         ax.scatter(xs[on], ys[on], color="C3", zorder=4, label="Pareto front")
         order = sorted(front, key=lambda i: xs[i])
         ax.step(xs[order], ys[order], where="post", color="C3", lw=1.2, zorder=2)
