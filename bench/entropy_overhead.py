@@ -61,13 +61,20 @@ def official_entropy_regularization(attentions, thresholds, context_size, fracti
     return loss_coeff * total / len(attentions)
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class Variant:
     def __init__(self, name: str, T: int, B: int, preset: str = "SM+LN+G"):
         torch.manual_seed(0)
         self.name, self.T, self.B = name, T, B
-        self.idx = torch.randint(0, V, (B, T))
-        self.targets = torch.randint(0, V, (B, T))
-        params = []
+        self.idx = torch.randint(0, V, (B, T), device=DEVICE)
+        self.targets = torch.randint(0, V, (B, T), device=DEVICE)
         if name.startswith("ours"):
             from privlm.config import load_config
             from privlm.entropy import EntropyRegularizer
@@ -78,7 +85,6 @@ class Variant:
                                        f"data.seq_len={T}", "reg.enabled=true"])
             self.model = GPT(cfg.model)
             self.reg = EntropyRegularizer(L, H, T, cfg.reg) if name == "ours/reg" else None
-            params = list(self.model.parameters()) + (list(self.reg.parameters()) if self.reg else [])
         else:
             from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -89,8 +95,15 @@ class Variant:
             self.thresholds = None
             if name == "hf/official":
                 self.thresholds = torch.nn.ParameterList(torch.nn.Parameter(torch.full((H,), 0.5)) for _ in range(L))
-            params = list(self.model.parameters()) + (list(self.thresholds.parameters()) if self.thresholds else [])
-        self.model.train()
+                self.thresholds.to(DEVICE)
+        self.model.to(DEVICE).train()
+        if name == "ours/reg":
+            self.reg.to(DEVICE)
+            params = list(self.model.parameters()) + list(self.reg.parameters())
+        elif name == "hf/official":
+            params = list(self.model.parameters()) + list(self.thresholds.parameters())
+        else:
+            params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(params, lr=1e-4)
 
     def loss(self, idx, targets):
@@ -136,9 +149,11 @@ def time_all(T: int, reps: int, steps: int) -> dict[str, list[float]]:
     cpu: dict[str, list[float]] = {n: [] for n in VARIANTS}
     for _ in range(reps):
         for n, v in variants.items():
+            sync()
             w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 v.step()
+            sync()
             cpu[n].append((time.process_time() - c0) / steps)
             wall[n].append((time.perf_counter() - w0) / steps)
     return wall, cpu
@@ -155,13 +170,21 @@ def memory_child(name: str, T: int, B: int) -> dict:
     """Run in a fresh process: saved-for-backward bytes and peak-RSS increase of one step at T."""
     v = make(name, T, B)
     v.step(v.idx[:, :8], v.targets[:, :8])  # AdamW state and allocator warm-up at a negligible size
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; a high-water mark
-    v.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if DEVICE.type == "cuda":  # the allocator's own peak counter
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 1024
+        v.step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() / 1024
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; a high-water mark
+        v.step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seen: dict[int, int] = {}
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+        if isinstance(t, torch.Tensor) and t.device.type == DEVICE.type:
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
         return t
@@ -174,7 +197,7 @@ def memory_child(name: str, T: int, B: int) -> dict:
 
 def memory(name: str, T: int, B: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--memory-child", name, "--T", str(T), "--B", str(B),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--device", DEVICE.type]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -190,18 +213,23 @@ def main() -> int:
     ap.add_argument("--mem-B", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: wall time with synchronization; memory = allocator peak increase")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--B", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.T, args.B)))
         return 0
 
-    lines = [f"# Entropy regularizer overhead (CPU)", "",
+    lines = [f"# Entropy regularizer overhead ({DEVICE.type.upper()})", "",
              f"`{' '.join(['python'] + sys.argv)}`  ", 
-             f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+             f"torch {torch.__version__}, "
+             f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
              f"{args.threads} torch thread(s); model L={L} d={D} H={H} vocab={V}; {TOKENS_PER_STEP} tokens/step; "
              f"{args.reps} interleaved rounds x {args.steps} steps; ratio = median of per-round ratios [min, max].",
              "Wall = elapsed time; CPU = process CPU time (insensitive to other processes on a shared machine; "
@@ -211,7 +239,8 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda r: f"{r[0]:.3f}x [{r[1]:.2f}, {r[2]:.2f}]"  # noqa: E731
     for T in args.seq:
-        for clock, times in zip(("wall", "CPU"), time_all(T, args.reps, args.steps)):
+        clocks = zip(("wall", "CPU"), time_all(T, args.reps, args.steps))
+        for clock, times in (list(clocks)[:1] if DEVICE.type == "cuda" else clocks):
             ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
             lines.append(f"| {T} | {TOKENS_PER_STEP // T} | {clock} | {fmt(ratio(times, 'ours/reg', 'ours/plain'))} | "
                          f"{fmt(ratio(times, 'ours-t/reg', 'ours-t/plain'))} | "
@@ -220,7 +249,8 @@ def main() -> int:
                          f"{ms['hf/sdpa']:.0f}, {ms['hf/eager']:.0f}, {ms['hf/official']:.0f} |")
             print(lines[-1], flush=True)
     lines += ["", f"Memory of one training step at T={args.mem_T}, B={args.mem_B} (fresh process per variant):", "",
-              "| variant | saved for backward (MiB) | peak RSS increase of the step (MiB) |", "|---|---|---|"]
+              "| variant | saved for backward (MiB) | "
+              f"{'allocator peak' if DEVICE.type == 'cuda' else 'peak RSS'} increase of the step (MiB) |", "|---|---|---|"]
     for n in () if args.skip_memory else ("ours/plain", "ours/reg", "hf/sdpa", "hf/eager", "hf/official"):
         m = memory(n, args.mem_T, args.mem_B, args.threads)
         lines.append(f"| {n} | {m['saved_bytes'] / 2**20:.1f} | {m['peak_rss_increase_bytes'] / 2**20:.1f} |")

@@ -112,3 +112,23 @@ def test_sdpa_model_is_rejected_with_a_clear_message(tmp_path):
         EntropyRegularizedTrainer(model=tiny_gpt2("sdpa"), args=args(tmp_path), train_dataset=Tokens())
     with pytest.raises(AttentionsUnavailableError, match="no attention weights"):
         attentions_to_entropy(())
+
+
+def test_regularizer_share_follows_gradient_accumulation(tmp_path):
+    """When the CE is normalized by num_items_in_batch (the Trainer then does not divide by the accumulation
+    steps), the regularizer's per-micro-batch term must be divided by them so each optimizer step sees
+    lambda * mean L_ent, not accumulation_steps times it."""
+    model = tiny_gpt2()
+    trainer = EntropyRegularizedTrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=2),
+                                        train_dataset=Tokens(), reg_cfg=RegConfig(lambda_=0.05, theta_init=0.1))
+    assert trainer.model_accepts_loss_kwargs  # GPT-2 takes num_items_in_batch
+    trainer.current_gradient_accumulation_steps = 2
+    ids = Tokens().x[:2]
+    model.train()
+    n_items = 2 * (T - 1) * 2  # label tokens of both micro-batches of the accumulated step
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids}, num_items_in_batch=n_items)
+    theta = trainer.regularizer.theta.detach().tolist()
+    full = reference_loss(model, ids, theta, 0.05, 0.2, "paper")
+    ce_mean = reference_loss(model, ids, theta, 0.0, 0.2, "paper")
+    ce_share = ce_mean * (2 * (T - 1)) / n_items  # this micro-batch's part of the accumulated mean CE
+    assert loss.item() == pytest.approx(ce_share.item() + (full - ce_mean).item() / 2, rel=1e-5)
