@@ -197,17 +197,31 @@ def chromium_check(html_file: Path, tmp_path: Path) -> str:
     return out.stdout
 
 
-def test_report_is_self_contained_and_renders_in_chromium(runs, tmp_path, capsys):
+TINY = Path(__file__).resolve().parents[1] / "configs" / "cpu" / "tiny.yaml"
+FAST = ["model.n_embd=32", "train.max_steps=6", "train.batch_size=2", "train.eval_every=3",
+        "train.eval_max_batches=2", "train.save_every=6", "train.entropy_every=2", "train.log_every=2"]
+
+
+def test_report_of_two_tiny_runs_renders_in_chromium(tmp_path, capsys):
+    """Two real `privlm train` runs of configs/cpu/tiny.yaml (seconds), reported and opened in Chromium."""
+    from privlm.train.loop import train
+    dirs = []
+    for preset in ("SM+LN+G", "EReg(SM(t)+ScFuFFN)"):
+        cfg = load_config(str(TINY), FAST + [f"model.preset={preset}"])
+        dirs.append(tmp_path / analysis.slug(preset))
+        train(cfg, dirs[-1], quiet=True)
     out = tmp_path / "r" / "report.html"
-    code = main(["report", *map(str, runs[:2]), "-o", str(out), "--figures", str(tmp_path / "f")])
+    code = main(["report", *map(str, dirs), "-o", str(out), "--figures", str(tmp_path / "f")])
     assert code == 0 and out.is_file()
     text = out.read_text()
     # no external resource of any kind: every src is a data URI, no link/script tags
     assert not re.search(r"""(src|href)=["'](?!data:)""", text)
     assert "<script" not in text and "<link" not in text
     n_img = text.count("<img ")
-    # bins, loss, heatmaps, layer entropy, NaN counts, PPL vs comm and vs latency (no EReg run: no thresholds)
-    assert n_img == 7
+    # bins, loss, heatmaps, layer entropy, thresholds (the EReg run), NaN counts, PPL vs comm and vs latency
+    assert n_img == 8 and len(list((tmp_path / "f").glob("*.svg"))) == 8
+    summary = json.loads((dirs[1] / "summary.json").read_text())
+    assert f"{summary['final_ppl']:.3f}" in text and "EReg(SM(t)+ScFuFFN)" in text
     dom = chromium_check(out, tmp_path)
     m = re.search(r"IMAGES (\d+)/(\d+) TABLE (\w+) ROWS (\d+)", dom)
     assert m, dom[-2000:]

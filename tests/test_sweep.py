@@ -55,6 +55,12 @@ def test_inline_base_config_and_shipped_sweeps_resolve(tmp_path):
     assert all(r.cfg.model.n_layer >= 4 and r.cfg.model.n_head >= 4 for r in cpu.runs)
     assert len({(r.cfg.train.max_steps, r.cfg.train.batch_size, r.cfg.train.seed, r.cfg.data.seq_len)
                 for r in cpu.runs}) == 1
+    seeds = load_sweep(ROOT / "configs" / "sweeps" / "cpu-study-seeds.yaml")
+    by_preset = {r.preset: r.cfg for r in cpu.runs}
+    for r in seeds.runs:  # the seed study differs from the study in the seed only
+        assert r.cfg.train.seed in (1, 2)
+        r.cfg.train.seed = by_preset[r.preset].train.seed
+        assert r.cfg == by_preset[r.preset]
     paper = load_sweep(ROOT / "configs" / "sweeps" / "paper-table3.yaml")
     assert paper.runs[0].cfg.model.n_layer == 12 and paper.runs[0].cfg.model.n_embd == 768
     assert paper.runs[0].cfg.data.source.startswith("hf:")
