@@ -121,6 +121,8 @@ def test_duplicate_presets_get_distinct_labels(tmp_path):
 
 
 def test_rows_costs_and_diagnosis(runs):
+    # a measured SPU run saved beside the checkpoint (`privlm pi run RUN_DIR --json > RUN_DIR/pi_measured.json`)
+    (runs[0] / "pi_measured.json").write_text(json.dumps({"protocol": "cheetah", "T": T, "bytes_total": 123456789}))
     loaded = load_runs(runs)
     rows, costs, notes = collect(loaded, baseline="SM+LN+G")
     base, sm, fu, ereg = rows
@@ -136,6 +138,9 @@ def test_rows_costs_and_diagnosis(runs):
     assert sm["diverged"] and sm["ppl"] is None and sm["nan_total"] == 17
     assert sm["collapsed"] and 3 in sm["collapsed_layers"] and sm["layer_verdicts"][0] == "ok"
     assert not base["collapsed"]
+    assert base["spu_bytes"] == 123456789 and "spu_bytes" not in fu
+    from privlm.report.html import summary_table
+    assert "0.123 GB (cheetah)" in summary_table(rows)
     assert sum(base["bin_shares"]) == pytest.approx(1.0)
     # top bin is at least one head: the maximum lies in it by definition
     assert base["bin_shares"][3] >= 1 / (L * H)
