@@ -276,7 +276,12 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
     base = next((r for r in rows if sweep.baseline in (r["name"], r["preset"])), rows[0] if rows else None)
     lines += [f"Baseline for the savings: **{base['preset'] if base else '–'}**. Comm/Lat: predicted 2PC cost "
               f"of one output token after a T-token prompt, profile `{next((r.get('profile') for r in rows if r.get('profile')), '–')}`. "
-              "Attn FLOPs in the paper's convention (8LTd² + 3LT²d).", ""]
+              "Attn FLOPs in the paper's convention (8LTd² + 3LT²d)."]
+    unigram = sorted({round(r["unigram_ppl"], 3) for r in rows if r.get("unigram_ppl")})
+    if unigram:
+        lines[-1] += (f" For scale: the unigram model of the same tokenizer has validation PPL "
+                      f"{', '.join(f'{u:.1f}' for u in unigram)}.")
+    lines.append("")
     lines += ["| Network Arch. | PPL | #Nonlinear Ops | FFN FLOPs | Attn FLOPs | Comm. (GB) | Lat. (min.) "
               "| Comm. Sav. | Lat. Sav. | Tokens | Params |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

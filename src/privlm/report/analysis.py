@@ -102,6 +102,7 @@ def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict]) -
         "finished": run.finished, "diverged": run.diverged,
         "diagnosis_summary": (run.summary or {}).get("diagnosis"),
         "final_loss": (run.summary or {}).get("final_loss"),
+        "unigram_ppl": (run.summary or {}).get("unigram_ppl"),  # same tokenizer's unigram model, if recorded
         "ppl": None if not math.isfinite(run.final_ppl) else run.final_ppl,
     }
     if cost is not None:
