@@ -31,8 +31,12 @@ $(SPU_STAMP): requirements-spu.txt pyproject.toml
 	$(SPU_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(SPU_STAMP)
 
+# the demo's run directory (later demo steps read it: entropy, cost, report)
+DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
 demo: setup
 	$(BIN)/privlm inspect --all
+	$(BIN)/privlm train configs/cpu/demo.yaml --out $(DEMO_RUN) --quiet
 
 test: setup spu-setup chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -96,7 +96,9 @@ class _SoftmaxEntropy(torch.autograd.Function):
             grad = log_p.mul_(-g_e) if grad_probs is None else torch.addcmul(grad_probs, log_p, g_e, value=-1.0)
         else:
             grad = grad_probs
-        return torch.ops.aten._softmax_backward_data(grad.to(probs.dtype), probs, -1, ctx.logits_dtype)
+        # softmax backward in the dtype of p (fp32 under autocast), then cast: CUDA's kernel has no mixed
+        # bf16-input / fp32-grad variant
+        return torch.ops.aten._softmax_backward_data(grad.to(probs.dtype), probs, -1, probs.dtype).to(ctx.logits_dtype)
 
 
 def causal_softmax_entropy(logits: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

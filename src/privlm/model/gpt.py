@@ -136,7 +136,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            # no explicit .float(): params are fp32, and under autocast cross_entropy already runs in fp32
+            # (reading the bf16 logits directly instead of materializing a [B*T, V] fp32 copy first)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return ModelOutput(logits, loss,
                            torch.stack(entropies) if output_entropy else None,
                            tuple(probs) if output_attentions else None,

@@ -23,6 +23,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from privlm.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 REG_WEIGHTS = "entropy_reg.safetensors"
 
 
@@ -44,6 +46,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; run files are ordinary files
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

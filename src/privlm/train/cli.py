@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet)
     if summary:
         print(f"final valid PPL {summary['final_ppl']:.4f} (loss {summary['final_loss']:.4f}) after "
-              f"{summary['steps']} steps; run: {run_dir}")
+              f"{summary['steps']} steps; unigram baseline PPL {summary['unigram_ppl']:.4f}; run: {run_dir}")
     return 0
 
 

@@ -17,6 +17,7 @@ from privlm.config import Config, ConfigError, to_yaml, validate
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.model import GPT
 from privlm.train import distributed as D
+from privlm.train.baseline import unigram_ppl
 from privlm.train.batches import BatchSchedule, Position
 from privlm.train.checkpoint import (atomic_write_json, atomic_write_text, latest_checkpoint, load_checkpoint,
                                      rng_state, save_checkpoint, set_rng_state)
@@ -208,10 +209,12 @@ class Trainer:
 
     def _write_summary(self, final: Optional[EvalResult], diverged: bool = False,
                        diagnosis: Optional[str] = None) -> dict:
+        uni_loss, uni_ppl = unigram_ppl(self.data.train, self.data.valid, int(self.data.vocab_size))
         summary = {"preset": self.cfg.model.preset, "params": self.model.num_params(),
                    "tokens_trained": self.tokens, "steps": self.step,
                    "final_loss": final.loss if final else None, "final_ppl": final.ppl if final else None,
-                   "diverged": diverged, "diagnosis": diagnosis}
+                   "diverged": diverged, "diagnosis": diagnosis,
+                   "unigram_loss": uni_loss, "unigram_ppl": uni_ppl}  # same tokenizer, same valid targets
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
@@ -281,6 +284,27 @@ class Trainer:
                     "reg": stats}
         return ce, grad_norm, tele, first
 
+    def step_once(self, want_entropy: bool = False) -> tuple[float, float, Optional[dict]]:
+        """Forward/backward over the micro-batches, divergence checks, optimizer and schedule update.
+        Returns (mean CE, grad norm, entropy telemetry or None); raises DivergenceError instead of stepping."""
+        ce, grad_norm, tele, first = self.train_step(want_entropy)
+        loss_f, gn_f = ce.item(), grad_norm.item()
+        bad_attention = tele is not None and any(tele["nan_counts"])
+        grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
+        if not math.isfinite(loss_f) or grads_bad or bad_attention:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged(first, loss_f, gn_f, self.step + 1)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens += _tokens_per_step(self.cfg, self.dist.world)
+        return loss_f, gn_f, tele
+
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         tok_step = _tokens_per_step(cfg, self.dist.world)
@@ -296,22 +320,7 @@ class Trainer:
             # a fixed cadence (not "and at the last step"): the numerics of step s never depend on max_steps
             want_entropy = (self.step + 1) % t.entropy_every == 0
             lr = self.optimizer.param_groups[0]["lr"]
-            ce, grad_norm, tele, first = self.train_step(want_entropy)
-            loss_f, gn_f = ce.item(), grad_norm.item()
-            bad_attention = tele is not None and any(tele["nan_counts"])
-            grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
-            if not math.isfinite(loss_f) or grads_bad or bad_attention:
-                self.optimizer.zero_grad(set_to_none=True)
-                self._diverged(first, loss_f, gn_f, self.step + 1)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.step += 1
-            self.tokens += tok_step
+            loss_f, gn_f, tele = self.step_once(want_entropy)
             interval_loss += loss_f
             interval_steps += 1
             self.telemetry.advance()
@@ -337,6 +346,9 @@ class Trainer:
             summary = self._write_summary(final)
         self.telemetry.print(f"done: {self.step} steps, {self.tokens:,} tokens, final valid loss {final.loss:.4f}"
                              f", PPL {final.ppl:.3f}; run directory {self.run_dir}")
+        if summary is not None:
+            self.telemetry.print(f"unigram baseline (same tokenizer, same valid targets): loss "
+                                 f"{summary['unigram_loss']:.4f}, PPL {summary['unigram_ppl']:.3f}")
         self.telemetry.close()
         return summary or {}
 
