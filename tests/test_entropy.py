@@ -334,8 +334,8 @@ def test_fused_softmax_entropy_matches_unfused_values_and_gradients():
 
 
 def test_model_entropy_paths_agree_and_match_probability_entropy():
-    """Fused (training) path vs the path taken when a probs hook is attached, and vs -sum p log p of the
-    returned attention matrices; gradients of a loss on the entropies agree as well."""
+    """Blocked (training) path vs the full-matrix path (attentions returned, or a probs hook attached), and
+    vs -sum p log p of the returned attention matrices; gradients of a loss on the entropies agree as well."""
     from privlm.model.hooks import capture
     model, _ = tiny_model(T=16)
     idx = torch.randint(0, 61, (2, 16))
@@ -343,9 +343,34 @@ def test_model_entropy_paths_agree_and_match_probability_entropy():
     ref = torch.stack([-(a * torch.log(a.clamp_min(1e-30))).sum(-1) for a in out.attentions])
     torch.testing.assert_close(out.entropy, ref, rtol=1e-5, atol=1e-6)
     g_fused = torch.autograd.grad(out.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
+    blocked = model(idx, output_entropy=True)  # the training path: query-blocked, no T x T matrices returned
+    torch.testing.assert_close(blocked.entropy, out.entropy)
+    torch.testing.assert_close(blocked.logits, out.logits)
+    g_blocked = torch.autograd.grad(blocked.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
+    torch.testing.assert_close(g_blocked, g_fused, rtol=1e-4, atol=1e-7)
     with capture(model, lambda n: n.endswith("hook_probs")):
         out2 = model(idx, output_entropy=True)
     torch.testing.assert_close(out2.entropy, out.entropy)
     g_hooked = torch.autograd.grad(out2.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
     torch.testing.assert_close(g_fused, g_hooked, rtol=1e-4, atol=1e-7)
     assert torch.isfinite(g_fused).all() and g_fused.abs().sum() > 0
+
+
+@pytest.mark.parametrize("T,block", [(10, 4), (9, 3), (16, None)])
+def test_blocked_attention_entropy_matches_full_matrix(T, block):
+    """Query-blocked causal attention + entropy (the training path) against the full T x T computation,
+    including a temperature per head and query, and their gradients."""
+    from privlm.model.attention import causal_attention_entropy
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, 3, T, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    t = (0.5 + torch.rand(3, T + 2, generator=g, dtype=torch.float64)).requires_grad_()
+    y, ent, nans = causal_attention_entropy(q, k, v, t, block)
+    p = causal_softmax(attention_logits(q, k, t))
+    torch.testing.assert_close(y, p @ v)
+    torch.testing.assert_close(ent, row_entropy(p))
+    assert int(nans) == 0
+    w = torch.randn(ent.shape, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((ent * w).sum() + y.square().sum(), (q, k, v, t))
+    gb = torch.autograd.grad((row_entropy(p) * w).sum() + (p @ v).square().sum(), (q, k, v, t))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
