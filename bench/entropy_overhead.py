@@ -18,8 +18,9 @@ Timing (wall clock and process CPU time): all variants are built up front and ti
 the per-round ratio. Memory at T=1024 is measured two ways, each variant in a fresh subprocess:
   * saved-for-backward bytes: every tensor autograd saves during the forward, deduplicated by storage
     (torch.autograd.graph.saved_tensors_hooks) -- exact and allocator-independent;
-  * peak RSS increase of one training step over the process high-water mark after setup and a T=8 warm-up
-    step (resource.getrusage ru_maxrss; tracemalloc does not see torch's allocations).
+  * peak RSS increase of one training step: the kernel's high-water mark (VmHWM) is reset to the current RSS
+    after setup and a T=8 warm-up step (/proc/self/clear_refs), then read after the step (tracemalloc does not
+    see torch's allocations; ru_maxrss cannot be reset). On CUDA: torch.cuda.max_memory_allocated increase.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -166,6 +166,24 @@ def ratio(times, a, b) -> tuple[float, float, float]:
 
 
 # ------------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS and return it (KiB). Without the reset,
+    ru_maxrss would still hold the import-time peak (large for CUDA builds of torch) and hide the step's."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+def read_peak_rss() -> int:
+    return _status_kib("VmHWM")
+
+
 def memory_child(name: str, T: int, B: int) -> dict:
     """Run in a fresh process: saved-for-backward bytes and peak-RSS increase of one step at T."""
     v = make(name, T, B)
@@ -178,9 +196,9 @@ def memory_child(name: str, T: int, B: int) -> dict:
         sync()
         peak = torch.cuda.max_memory_allocated() / 1024
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; a high-water mark
+        base = reset_peak_rss()
         v.step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = read_peak_rss()
     seen: dict[int, int] = {}
 
     def pack(t):

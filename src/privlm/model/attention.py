@@ -126,11 +126,16 @@ def causal_attention_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     T = q.size(-2)
     block = block or max(128, T // 8)  # <= 8 blocks per layer: few kernel launches on accelerators
     scale = 1.0 / math.sqrt(q.size(-1))
-    q = q * scale if temperature is None else q * (scale / temperature[:, :T, None])
+    q = (q * scale if temperature is None else q * (scale / temperature[:, :T, None])).contiguous()
+    # Contiguous once per layer, so that the per-block slices below are strided views the batched matmul takes
+    # as they are (q, k, v come out of the fused projection as permuted views; slicing those would copy
+    # k and v for every block, and autograd would keep all the copies).
+    k_t = k.transpose(-2, -1).contiguous()  # [B, H, d_k, T]
+    v = v.contiguous()
     ys, entropies, nans = [], [], []
     for s in range(0, T, block):
         e = min(s + block, T)
-        logits = q[..., s:e, :] @ k[..., :e, :].transpose(-2, -1)  # [B, H, e - s, e]
+        logits = q[..., s:e, :] @ k_t[..., :e]  # [B, H, e - s, e]
         mask = torch.ones(e - s, e, dtype=torch.bool, device=q.device).triu_(s + 1)  # key j > query s + r
         probs, entropy = _SoftmaxEntropy.apply(logits.masked_fill_(mask, float("-inf")))
         ys.append(probs @ v[..., :e, :])
