@@ -259,7 +259,7 @@ def _privlm(*args, check=True):
     return proc
 
 
-def test_eval_and_sample_commands(tmp_path):
+def test_eval_and_sample_commands(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_cfg("train.max_steps=40", "train.eval_every=40"), run, quiet=True, data=synthetic_data())
     # eval on a files: source tokenized with the run's tokenizer; the same tokens scored in-process
@@ -278,23 +278,48 @@ def test_eval_and_sample_commands(tmp_path):
         ce = F.cross_entropy(loaded.model(x).logits[:, :-1].reshape(-1, V + 1), x[:, 1:].reshape(-1))
     assert rep["tokens"] == x.size(0) * (T - 1) == 3 * (T - 1) and rep["loss"] == pytest.approx(ce.item(), rel=1e-5)
     # sample: same seed, same text; greedy continuation follows the learned +5 rule
-    out1 = _privlm("sample", str(run), "--prompt", "t1 t6 t11", "--max-new-tokens", "5", "--seed", "3").stdout
-    out2 = _privlm("sample", str(run), "--prompt", "t1 t6 t11", "--max-new-tokens", "5", "--seed", "3").stdout
+    from privlm.cli import main
+
+    capsys.readouterr()  # drop the training log
+
+    def sample(*argv):
+        assert main(["sample", str(run), *argv]) == 0
+        return capsys.readouterr().out
+
+    out1 = sample("--prompt", "t1 t6 t11", "--max-new-tokens", "5", "--seed", "3")
+    out2 = sample("--prompt", "t1 t6 t11", "--max-new-tokens", "5", "--seed", "3")
     assert out1 == out2 and out1.split()[:3] == ["t1", "t6", "t11"] and len(out1.split()) == 8
-    greedy = _privlm("sample", str(run), "--prompt", "t1 t6 t11 t16", "--max-new-tokens", "4",
-                     "--temperature", "0").stdout.split()
+    greedy = sample("--prompt", "t1 t6 t11 t16", "--max-new-tokens", "4", "--temperature", "0").split()
     assert greedy == ["t1", "t6", "t11", "t16", "t21", "t26", "t31", "t36"]
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    missing = _privlm("eval", str(tmp_path / "nope"), check=False)
-    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
-    assert "privlm eval: error:" in missing.stderr and "does not exist" in missing.stderr
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from privlm.cli import main
+
+    def err(*argv):
+        code = main(list(argv))
+        return code, capsys.readouterr().err
+
+    code, msg = err("eval", str(tmp_path / "nope"))
+    assert code == 2 and msg.count("\n") == 1 and msg.startswith("privlm eval: error:") and "does not exist" in msg
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    busy = _privlm("train", "configs/cpu/tiny.yaml", "--out", str(tmp_path / "full"), "--quiet", check=False)
-    assert busy.returncode == 2 and "not empty" in busy.stderr and (tmp_path / "full" / "x").read_text() == "keep me"
-    noresume = _privlm("train", "--resume", str(tmp_path / "full"), check=False)
-    assert noresume.returncode == 2 and "not a run directory" in noresume.stderr
-    bad = _privlm("sample", str(tmp_path / "nope"), "--prompt", "x", check=False)
-    assert bad.returncode == 2 and "privlm sample: error:" in bad.stderr
+    code, msg = err("train", "configs/cpu/tiny.yaml", "--out", str(tmp_path / "full"), "--quiet")
+    assert code == 2 and "not empty" in msg and (tmp_path / "full" / "x").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["x"]
+    code, msg = err("train", "--resume", str(tmp_path / "full"))
+    assert code == 2 and "not a run directory" in msg
+    code, msg = err("sample", str(tmp_path / "nope"), "--prompt", "x")
+    assert code == 2 and msg.startswith("privlm sample: error:")
+    code, msg = err("train", "configs/cpu/tiny.yaml", "train.lr=-1", "--out", str(tmp_path / "new"))
+    assert code == 2 and "train.lr=-1" in msg and not (tmp_path / "new").exists()
+
+
+def test_bf16_autocast_with_entropy_regularizer(tmp_path):
+    """The mixed-precision path (autocast) through the entropy-computing attention and the regularizer."""
+    run = tmp_path / "run"
+    summary = train(tiny_cfg("train.dtype=bfloat16", "train.max_steps=6", "train.entropy_every=3",
+                             preset="EReg(SM(t)+ScFuFFN)"), run, quiet=True, data=synthetic_data())
+    assert math.isfinite(summary["final_loss"]) and summary["final_loss"] < math.log(V + 1)
+    ent = records(run, "entropy")
+    assert [e["step"] for e in ent] == [3, 6] and all(e["reg"] and math.isfinite(e["reg"]["l_ent"]) for e in ent)

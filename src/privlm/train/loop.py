@@ -3,6 +3,7 @@ divergence detection and exact resume. ``train(cfg, run_dir)`` is what ``privlm 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -161,12 +162,15 @@ class Trainer:
     def _load_data(self, data: Any) -> Any:
         if data is None:
             from privlm.data import prepare_data
+            dcfg = self.cfg.data
+            if self.resume:  # the run's own tokenizer: never retrain it (same content = same token cache)
+                dcfg = dataclasses.replace(dcfg, tokenizer=str(self.run_dir / "tokenizer.json"))
             # rank 0 builds (or finds in the cache) the tokenized splits first; the others then hit the cache
             if self.dist.is_main:
-                data = prepare_data(self.cfg.data, None if self.resume else self.run_dir)
+                data = prepare_data(dcfg, None if self.resume else self.run_dir)
             D.barrier(self.dist)
             if not self.dist.is_main:
-                data = prepare_data(self.cfg.data, None)
+                data = prepare_data(dcfg, None)
         if self.dist.is_main and not self.resume:
             _write_data_files(data, self.run_dir)
         if self.resume:
