@@ -113,28 +113,30 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    """AdamW + warmup/decay schedule (SPEC §4). Global batch = processes x batch_size x grad_accum sequences."""
+
+    max_steps: int = 1000  # optimizer steps
     batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 0.0  # end of the linear / cosine decay
+    weight_decay: float = 0.1  # matrices only (GPT.optimizer_groups)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    grad_clip: float = 1.0
-    warmup_frac: float = 0.05
+    grad_clip: float = 1.0  # global-norm clipping; 0 = none (Languini)
+    warmup_frac: float = 0.05  # linear warmup over this fraction of max_steps
     schedule: str = "linear"
-    eval_every: int = 200
+    eval_every: int = 200  # steps between validation PPL evaluations (also at the end)
     eval_max_batches: Optional[int] = None  # None = whole validation split
-    log_every: int = 10
-    entropy_every: int = 50
-    save_every: int = 200
-    seed: int = 1337
+    log_every: int = 10  # steps per metrics.jsonl "train" record (loss averaged over the interval)
+    entropy_every: int = 50  # steps between forward passes with in-attention entropy telemetry
+    save_every: int = 200  # steps between checkpoints (and at the end)
+    seed: int = 1337  # init, data order and dropout
     device: str = "auto"
     dtype: str = "auto"  # auto = bf16 autocast on CUDA (fp16 if unsupported), fp32 on CPU
-    compile: bool = False
-    deterministic: bool = True
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = True  # torch.use_deterministic_algorithms on CPU (bit-exact resume)
 
 
 @dataclass
@@ -326,6 +328,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
+    for key in ("eval_every", "log_every", "entropy_every", "save_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be a positive number of steps")
+    if t.eval_max_batches is not None and t.eval_max_batches <= 0:
+        raise ConfigError(f"train.eval_max_batches={t.eval_max_batches} must be positive (or null for the whole split)")
+    if not 0.0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    if t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} and train.grad_clip={t.grad_clip} must be >= 0 "
+                          f"and train.eps={t.eps} > 0")
+    if not (0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0):
+        raise ConfigError(f"train.beta1={t.beta1} and train.beta2={t.beta2} must be in [0, 1)")
     if r.gamma < 0 or r.lambda_ < 0:
         raise ConfigError(f"reg.gamma={r.gamma} and reg.lambda_={r.lambda_} must be >= 0")
     if not 0.0 <= r.theta_init <= 1.0:
