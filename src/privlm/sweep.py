@@ -289,7 +289,7 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
         ppl = "NaNs" if r["diverged"] else _f(r.get("ppl"), "{:.3f}")
         if not r["finished"]:
             ppl += " (unfinished)"
-        lines.append(f"| {r['preset']} | {ppl} | {r.get('nonlinear', '–')} | {_g(r.get('ffn_flops'))} | "
+        lines.append(f"| {r['label']} | {ppl} | {r.get('nonlinear', '–')} | {_g(r.get('ffn_flops'))} | "
                      f"{_g(r.get('attn_flops_paper'))} | {_f(r.get('comm_gb'), '{:.3f}')} | "
                      f"{_f(r.get('lat_min'), '{:.3f}')} | {_f(r.get('comm_savings'), '{:.2f}×')} | "
                      f"{_f(r.get('lat_savings'), '{:.2f}×')} | {_f(r.get('tokens_trained'), '{:,}')} | "
@@ -301,19 +301,19 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
               "| NaN entries | collapse | overload |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "bin_shares" not in r:
-            lines.append(f"| {r['preset']} | – | – | – | – | – | – | – |")
+            lines.append(f"| {r['label']} | – | – | – | – | – | – | – |")
             continue
         bins = " / ".join(f"{100 * s:.0f}" for s in r["bin_shares"])
         means = " ".join(_f(m, "{:.2f}") for m in r["layer_mean_entropy"])
         coll = f"yes (L{','.join(map(str, r['collapsed_layers']))})" if r["collapsed"] else "no"
         over = f"yes (L{','.join(map(str, r['overloaded_layers']))})" if r["overloaded"] else "no"
-        lines.append(f"| {r['preset']} | {bins} | {_f(r['bin_max'], '{:.2f}')} | {means} | "
+        lines.append(f"| {r['label']} | {bins} | {_f(r['bin_max'], '{:.2f}')} | {means} | "
                      f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} |")
     from privlm.report.claims import claims_markdown
     lines += ["", "## The paper's claims on these runs (single seed)", ""] + claims_markdown(rows)
     diverged = [r for r in rows if r["diverged"]]
     if diverged:
-        lines += ["", "## Divergences", ""] + [f"- **{r['preset']}**: {r.get('diagnosis_summary')}" for r in diverged]
+        lines += ["", "## Divergences", ""] + [f"- **{r['label']}**: {r.get('diagnosis_summary')}" for r in diverged]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
