@@ -162,6 +162,19 @@ def test_train_writes_run_dir_and_learns(tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         train(tiny_cfg(), run, quiet=True, data=data)
 
+    # corrupt or missing run files are one clear CheckpointError, not a stack trace
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").unlink()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # not via the hard link
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_run(broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="missing tokenizer.json"):
+        load_run(broken)
+
 
 def test_tensorboard_has_the_logged_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
