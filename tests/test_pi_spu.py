@@ -87,15 +87,19 @@ def test_jax_forward_matches_pytorch_for_every_preset(tmp_path):
         (d / "ids.json").write_text(json.dumps(ids[0].tolist()))
         with torch.no_grad():
             expected[d] = model(ids).logits[0].numpy()
-    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.program", *map(str, expected)],
-                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["mask_value"] == -100.0  # not -1e4 (breaks SPU exp)
-    for (d, ref), preset in zip(expected.items(), EXPORT_PRESETS):
-        got = np.load(d / "jax_logits.npy")
-        assert got.shape == ref.shape
-        assert np.abs(ref).max() > 0.1, preset  # logits of a real size, so 1e-4 is a meaningful bound
-        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=preset)
+    # chunks=3, block 12: softmax split over heads, activation over rows, every product in blocks of at most
+    # 12 input and output features (the memory-bounded program of `privlm pi measure`): same logits
+    for chunks, block in ((1, None), (3, 12)):
+        extra = ["--chunks", str(chunks)] + (["--matmul-block", str(block)] if block else [])
+        proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.program", *map(str, expected), *extra],
+                              capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["mask_value"] == -100.0  # not -1e4 (SPU exp)
+        for (d, ref), preset in zip(expected.items(), EXPORT_PRESETS):
+            got = np.load(d / f"jax_logits_c{chunks}_b{block}.npy")
+            assert got.shape == ref.shape
+            assert np.abs(ref).max() > 0.1, preset  # logits of a real size, so 1e-4 is a meaningful bound
+            np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=f"{preset} chunks={chunks} block={block}")
 
 
 def test_export_materializes_eq8_and_normalizations():
@@ -169,6 +173,16 @@ def test_pi_run_two_processes_keeps_weights_and_prompt_apart(tiny_run, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
+def test_export_splits_client_bundle_from_server_weights(tiny_run, tmp_path):
+    out = tmp_path / "bundle"
+    _cli("pi", "export", str(tiny_run), str(out))
+    assert sorted(p.name for p in (out / "client").iterdir()) == ["public.json", "tokenizer.json"]
+    assert (out / "server" / "weights.safetensors").is_file()
+    meta = json.loads((out / "client" / "public.json").read_text())
+    assert meta["weights"]["wte"] == [64, 32]  # names and shapes only: no values on the client side
+    assert "not empty" in _cli("pi", "export", str(tiny_run), str(out), check=False).stderr
+
+
 def test_missing_spu_environment_is_a_clear_error(tiny_run):
     env = {**os.environ, "PRIVLM_SPU_PYTHON": "/nonexistent/python"}
     proc = _cli("pi", "run", str(tiny_run), "--prompt", PROMPT, env=env, check=False)

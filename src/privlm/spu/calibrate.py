@@ -33,10 +33,13 @@ FULL_GRID: dict[str, list[dict]] = {
     "gelu": [{"T": 16, "w": 256}, {"T": 32, "w": 512}, {"T": 64, "w": 512}, {"T": 64, "w": 1024}],
     "relu": [{"T": 16, "w": 256}, {"T": 32, "w": 512}, {"T": 64, "w": 512}, {"T": 64, "w": 1024}],
     "leaky_relu": [{"T": 16, "w": 256}, {"T": 64, "w": 512}],
-    "linear": [{"T": 32, "din": 64, "dout": 256}, {"T": 64, "din": 128, "dout": 512},
-               {"T": 64, "din": 256, "dout": 256}, {"T": 64, "din": 256, "dout": 1024}],
-    "scores": [{"H": 4, "T": 32, "dk": 32}, {"H": 4, "T": 64, "dk": 32}, {"H": 8, "T": 64, "dk": 32}],
-    "embed": [{"T": 32, "din": 1024, "dout": 128}, {"T": 64, "din": 2048, "dout": 128}],
+    # linear layers at GPT-2 width (T=128) in the 768-feature blocks `privlm pi measure` runs (one unblocked
+    # [128x768]x[768x3072] secret product needs ~17 GB with both parties on one host). CHEETAH's matmul
+    # traffic is not proportional to FLOPs (it grows with the output, and small products cost about one
+    # ciphertext batch), so the per-GFLOP costs are taken where the profile is meant to predict.
+    "linear": [{"T": 128, "din": 768, "dout": 768}, {"T": 128, "din": 768, "dout": 384},
+               {"T": 128, "din": 384, "dout": 768}],
+    "scores": [{"H": 12, "T": 128, "dk": 64}],
 }
 # CI-sized: the shapes of a tiny test model (d=32, 2 heads, T<=16), seconds instead of minutes
 QUICK_GRID: dict[str, list[dict]] = {
@@ -57,6 +60,9 @@ def register(sub) -> None:
     c.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     c.add_argument("--quick", action="store_true", help="small shapes only (tiny models, CI)")
     c.add_argument("--force", action="store_true", help="overwrite an existing profile")
+    c.add_argument("--rounds-delay-ms", type=float, default=None,
+                   help="also count rounds per op: rerun one shape per op with this one-way delay through a "
+                        "user-space proxy (default 40 for the full grid, 0 = skip; --quick skips)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
@@ -68,6 +74,10 @@ def register(sub) -> None:
     m.add_argument("--vocab-measured", type=int, default=4096,
                    help="run embedding and head at this vocabulary and scale linearly to the model's")
     m.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
+    m.add_argument("--chunks", type=int, default=4,
+                   help="softmax/activation runs per op (bounds memory: one GPT-2 layer in one piece needs ~20 GB)")
+    m.add_argument("--matmul-block", type=int, default=768,
+                   help="split products into blocks of at most this many features (memory; 0 = no split)")
     m.add_argument("--out", help="write the JSON result here too")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_measure)
@@ -115,6 +125,71 @@ def run_microbench(cases: list[dict], protocol: str, work: Path) -> dict:
     return out
 
 
+def run_microbench_2proc(cases: list[dict], protocol: str, work: Path, delay_ms: float) -> list[dict]:
+    """The cases with each party in its own process over brpc; with delay_ms > 0 each party reaches the
+    other through `privlm.spu.delayproxy`, so every message flight is delayed by delay_ms."""
+    import subprocess
+    import sys
+
+    from privlm.spu.launcher import SPUError, _env, _fail, free_ports, spu_python
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "cases.json").write_text(json.dumps(cases))
+    p0, p1, x0, x1 = free_ports(4)
+    proxy = None
+    if delay_ms > 0:
+        peers = {0: [f"127.0.0.1:{p0}", f"127.0.0.1:{x1}"], 1: [f"127.0.0.1:{x0}", f"127.0.0.1:{p1}"]}
+        proxy = subprocess.Popen([sys.executable, "-m", "privlm.spu.delayproxy", str(delay_ms), f"{x0}:{p0}",
+                                  f"{x1}:{p1}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if proxy.stdout.readline().strip() != "ready":
+            proxy.kill()
+            raise SPUError(f"the delay proxy did not start: {proxy.stderr.read().strip()[-200:]}")
+    else:
+        peers = {r: [f"127.0.0.1:{p0}", f"127.0.0.1:{p1}"] for r in (0, 1)}
+    procs = {}
+    try:
+        for r in (1, 0):
+            procs[r] = subprocess.Popen(
+                [str(spu_python()), "-m", "privlm.spu.microbench", "--cases", str(work / "cases.json"),
+                 "--out", str(work / "rows.json"), "--log", str(work / f"spu{r}.log"), "--protocol", protocol,
+                 "--rank", str(r), "--peers", ",".join(peers[r])],
+                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r, p in procs.items():
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise _fail(f"microbench party {r}", p.returncode, err)
+    finally:
+        for p in list(procs.values()) + ([proxy] if proxy else []):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return json.loads((work / "rows.json").read_text())["rows"]
+
+
+def measure_rounds(cases: list[dict], protocol: str, work: Path, delay_ms: float, repeats: int = 3) -> list[dict]:
+    """Rounds of each case from its latency sensitivity: (t(delay) - t(0)) / delay, i.e. the number of
+    sequential one-way message flights. For SEMI2K this should equal party 0's send actions. Each case
+    runs ``repeats`` times and the fastest run counts, which removes most noise of a shared CPU."""
+    cases = [{**c, "repeats": repeats} for c in cases]
+
+    def fastest(rows: list[dict]) -> list[dict]:
+        out, i = [rows[0]], 1  # the setup runs once
+        while i < len(rows):
+            group = rows[i:i + repeats]
+            out.append(min(group, key=lambda r: r["seconds"]))
+            i += repeats
+        return out
+    base = fastest(run_microbench_2proc(cases, protocol, work / "d0", 0.0))
+    slow = fastest(run_microbench_2proc(cases, protocol, work / f"d{delay_ms:g}", delay_ms))
+    out = []
+    for a, b in zip(base, slow):
+        rounds = max(0.0, (b["seconds"] - a["seconds"]) / (delay_ms / 1000.0))
+        out.append({"op": a["op"], "shape": a["shape"], "calls": a["calls"], "seconds_0": a["seconds"],
+                    "seconds_delay": b["seconds"], "delay_ms": delay_ms, "rounds": rounds,
+                    "send_actions": a["send_actions"], "bytes": a["bytes"]})
+    return out
+
+
 def nnls2(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """min ||(a·x1 + b·x2 - y)/y|| over a, b >= 0 (relative errors: small and large shapes weigh alike)."""
     w = 1.0 / np.maximum(y, 1e-12)
@@ -133,8 +208,16 @@ def nnls2(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(coef[0]), float(coef[1])
 
 
-def fit_profile(bench: dict, name: str, protocol: str, quick: bool) -> dict:
+ROUNDS_CASES = [{"op": "softmax", "shape": {"H": 4, "T": 32}}, {"op": "layernorm", "shape": {"T": 32, "d": 128}},
+                {"op": "gelu", "shape": {"T": 32, "w": 512}}, {"op": "relu", "shape": {"T": 32, "w": 512}},
+                {"op": "leaky_relu", "shape": {"T": 32, "w": 512}},
+                {"op": "linear", "shape": {"T": 32, "din": 128, "dout": 512}},
+                {"op": "scores", "shape": {"H": 4, "T": 32, "dk": 32}}]
+
+
+def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Optional[list[dict]] = None) -> dict:
     rows = bench["rows"]
+    rounds_of = {r["op"]: r for r in rounds or []}
     setup = [r for r in rows if r["op"] == "setup"][0]
     nonlinear, fits = {}, {}
     for op in NONLINEAR:
@@ -152,17 +235,21 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool) -> dict:
         send_actions = np.array([r["send_actions"] for r in rs], float)
         nonlinear[op] = {
             "bytes_per_element": bpe, "seconds_per_element": spe, "bytes_per_call": bpc, "seconds_per_call": spc,
-            # SEMI2K: every round is one message each way, so rounds = party 0's sends (exact). CHEETAH's
-            # OT/HE send several messages per round: its rounds need the delay measurement (not given here)
-            "rounds_per_call": float(np.median(send_actions / calls)) if protocol == "semi2k" else None,
+            # SEMI2K: each round is one simultaneous exchange, so rounds = party 0's sends (exact); CHEETAH's
+            # OT/HE may batch several messages into one flight: its rounds come from the delay measurement
+            "rounds_per_call": (float(np.median(send_actions / calls)) if protocol == "semi2k" else
+                                rounds_of[op]["rounds"] / rounds_of[op]["calls"] if op in rounds_of else None),
             "messages_per_call": float(np.median(msg / calls)),
         }
         fits[op] = {"elements": el.astype(int).tolist(), "bytes": b.astype(int).tolist(),
                     "max_rel_residual_bytes": float(np.max(np.abs(pred_b - b) / b)),
                     "bytes_per_element_marginal": _marginal(el, b)}
     linear = {}
-    for kind, ops in (("ffn", ("linear",)), ("attn", ("linear", "scores")), ("embed_head", ("embed",))):
-        rs = [r for r in rows if r["kind"] in ops and (kind != "ffn" or r["kind"] == "linear")]
+    has_embed = any(r["kind"] == "embed" for r in rows)
+    for kind, ops in (("ffn", ("linear",)), ("attn", ("linear", "scores")),
+                      ("embed_head", ("embed",) if has_embed else ("linear",))):
+        # without embedding-shaped cases, the embedding and head are charged like the other blocked products
+        rs = [r for r in rows if r["kind"] in ops]
         if not rs:
             continue
         g = np.array([r["flops"] for r in rs], float) / 1e9
@@ -190,6 +277,10 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool) -> dict:
             "spu_version": bench["spu_version"], "privlm_version": md.version("privlm"),
             "date": time.strftime("%Y-%m-%d"), "grid": "quick" if quick else "full",
             "fit": fits,
+            "rounds": rounds,
+            "_rounds": "rounds = sequential one-way message flights of one SPU run of the op, measured as "
+                       "(t(delay) - t(0)) / delay through privlm.spu.delayproxy; rounds_per_call divides by the "
+                       "census calls in that run (heads of a softmax run are evaluated in parallel)",
             "caveats": "linear costs are secret x secret (CHEETAH's Io has no private visibility), which overstates "
                        "them versus a server holding plaintext weights; small CHEETAH matmuls cost about one HE "
                        "ciphertext batch regardless of FLOPs, so per-GFLOP costs are only fair near the grid's sizes",
@@ -220,9 +311,11 @@ def cmd_calibrate(args) -> int:
     out = Path(args.out) if args.out else PROFILE_DIR / f"{args.name}.json"
     if out.exists() and not args.force:
         raise PrivlmError(f"profile '{out}' exists; pass --force to overwrite it or --out for another path")
+    delay = args.rounds_delay_ms if args.rounds_delay_ms is not None else (0.0 if args.quick else 40.0)
     with tempfile.TemporaryDirectory(prefix="privlm-cal-") as tmp:
         bench = run_microbench(grid_cases(QUICK_GRID if args.quick else FULL_GRID), args.protocol, Path(tmp))
-    prof = fit_profile(bench, args.name, args.protocol, args.quick)
+        rounds = measure_rounds(ROUNDS_CASES, args.protocol, Path(tmp) / "rounds", delay) if delay > 0 else None
+    prof = fit_profile(bench, args.name, args.protocol, args.quick, rounds)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof, indent=1) + "\n")
     if args.json:
@@ -247,7 +340,7 @@ PAPER_T128_GB = {"SM+LN+G": 25.32, "SM+LN+R": 9.44, "SM+ScFuFFN": 6.43, "EReg(SM
 
 
 def measure(preset: str, overrides: list[str], T: int, layers_measured: int, vocab_measured: int,
-            protocol: str) -> dict:
+            protocol: str, chunks: int = 4, matmul_block: Optional[int] = 768) -> dict:
     """Cost of the full model from ``layers_measured`` measured blocks, scaled by L (see module doc)."""
     import torch
 
@@ -273,7 +366,8 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
     with tempfile.TemporaryDirectory(prefix="privlm-measure-") as tmp:
         public, weights = save_export(model, Path(tmp) / "export")
         result, _ = run_parties(Path(tmp), public, weights=weights, tokens=ids, T=T, protocol=protocol,
-                                mode="sim", head="all")
+                                mode="sim", head="all", chunks=chunks,
+                                matmul_block=matmul_block)
     steps = result["steps"]
     scale_layer = m.n_layer / layers_measured
     scale_vocab = V / vm
@@ -300,13 +394,16 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
             "T": T, "layers_measured": layers_measured, "vocab_measured": vm, "protocol": protocol,
             "spu_version": result["spu_version"], "comm_gb": total / 1e9, "share_bytes": shares,
             "seconds_scaled": seconds, "ops": per_kind, "measured_wall_seconds": result["wall_seconds"],
-            "measured_steps": breakdown(steps, "kind"),
+            "measured_steps": breakdown(steps, "kind"), "steps": steps, "chunks": chunks,
+            "matmul_block": matmul_block,
+            "peak_rss_mb": result.get("peak_rss_mb"),
             "paper_comm_gb": PAPER_T128_GB.get(name) if (T == 128 and m.n_layer == 12 and m.n_embd == 768) else None,
             "machine": machine()}
 
 
 def cmd_measure(args) -> int:
-    doc = measure(args.preset, args.overrides, args.T, args.layers_measured, args.vocab_measured, args.protocol)
+    doc = measure(args.preset, args.overrides, args.T, args.layers_measured, args.vocab_measured, args.protocol,
+                  args.chunks, args.matmul_block or None)
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     if args.json:

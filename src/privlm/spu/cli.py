@@ -42,6 +42,10 @@ def register(subparsers) -> None:
     r.add_argument("--T", type=int, help="prompt length, for --party 1 (the server never sees the prompt)")
     r.add_argument("--head", default="all", choices=("all", "last"),
                    help="LM head over all T positions (census/paper workload) or only the last")
+    r.add_argument("--chunks", type=int, default=1,
+                   help="run each softmax/activation as this many SPU runs (bounds memory; same math)")
+    r.add_argument("--matmul-block", type=int, default=None,
+                   help="split every product into blocks of at most this many features (bounds memory)")
     r.add_argument("--keep", metavar="DIR", help="keep the exported files, logs and audits in DIR")
     r.add_argument("--json", action="store_true", help="print one JSON document")
     r.set_defaults(func=cmd_run)
@@ -87,6 +91,10 @@ def cmd_run(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
+    if args.chunks < 1:
+        raise PrivlmError(f"--chunks={args.chunks} must be >= 1")
+    if args.matmul_block is not None and args.matmul_block < 1:
+        raise PrivlmError(f"--matmul-block={args.matmul_block} must be >= 1")
     if args.peer is not None and args.mode != "2proc":
         raise PrivlmError("--peer needs --mode 2proc")
     if args.party is not None and args.mode != "2proc":
@@ -127,7 +135,8 @@ def cmd_run(args) -> int:
             with torch.no_grad():
                 ref = model(torch.tensor([ids])).logits[0].float().numpy()
         out = run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
-                          mode=args.mode, peers=args.peer, party=args.party, head=args.head)
+                          mode=args.mode, peers=args.peer, party=args.party, head=args.head,
+                          chunks=args.chunks, matmul_block=args.matmul_block)
         if out is None:
             print(f"party 1 (server) finished; T={T}, protocol {args.protocol}")
             return 0

@@ -70,7 +70,8 @@ def spu_module(module: str, args: list[str], timeout: Optional[float] = None) ->
 
 def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Optional[list[int]], T: int,
                 protocol: str, mode: str, peers: Optional[list[str]] = None, party: Optional[int] = None,
-                head: str = "all", timeout: Optional[float] = None) -> Optional[tuple[dict, np.ndarray]]:
+                head: str = "all", chunks: int = 1,
+                matmul_block: Optional[int] = None, timeout: Optional[float] = None) -> Optional[tuple[dict, np.ndarray]]:
     """Run the 2PC forward; returns (result, logits) where the client runs here, else None.
 
     mode "sim": both parties as threads of one SPU process (in-memory link).
@@ -78,7 +79,9 @@ def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Op
     """
     work.mkdir(parents=True, exist_ok=True)
     ids_file = work / "ids.json"
-    common = ["--public", str(public), "--protocol", protocol, "--head", head]
+    common = ["--public", str(public), "--protocol", protocol, "--head", head, "--chunks", str(chunks)]
+    if matmul_block is not None:
+        common += ["--matmul-block", str(matmul_block)]
     out = work / "result.json"
     if mode == "sim":
         ids_file.write_text(json.dumps(tokens))

@@ -4,7 +4,8 @@
 
 cases.json is a list of {"op": ..., "shape": {...}}; each op is the very function the private forward
 runs (`privlm.spu.program`), on random secret inputs: the activation from the client, weights from the
-server. Both parties run as threads over an in-memory link (SPU's link counters are the same as over brpc).
+server. Both parties run as threads over an in-memory link (SPU's link counters are the same as over brpc),
+or, with ``--rank R --peers A,B``, each party in its own process over brpc (used with the delay proxy).
 After the protocol's one-time setup, every case runs ``repeats`` times and each run is reported.
 """
 from __future__ import annotations
@@ -43,7 +44,9 @@ def case_fn(op: str, shape: dict):
     raise ValueError(f"unknown micro-benchmark op '{op}'")
 
 
-def run(cases: list[dict], protocol: str, log: Path, repeats: int) -> list[dict]:
+def run(cases: list[dict], protocol: str, log: Path, repeats: int, rank: int | None = None,
+        peers: list[str] | None = None) -> list[dict]:
+    """Both parties as threads (rank None), or this process's party over brpc to ``peers``."""
     from privlm.spu.party import Party, _setup_fn, compile_step, make_link
 
     compiled = []
@@ -56,7 +59,8 @@ def run(cases: list[dict], protocol: str, log: Path, repeats: int) -> list[dict]
 
     def party(rank: int) -> None:
         try:
-            p = Party(rank, make_link(rank, None), protocol, log if rank == 0 else None)
+            lctx = make_link(rank, peers)
+            p = Party(rank, lctx, protocol, log if rank == 0 else None)
             rng = np.random.default_rng(rank)
             p.share_input("a", 0, rng.normal(size=(4, 8)) if rank == 0 else None)
             p.share_input("w", 1, rng.normal(size=(8, 8)) if rank == 1 else None)
@@ -76,10 +80,12 @@ def run(cases: list[dict], protocol: str, log: Path, repeats: int) -> list[dict]
                         rows.append({"op": c["op"], "shape": c["shape"], "elements": elements, "calls": calls,
                                      "flops": flops, **st})
                 p.shares.clear()
+            if peers is not None:
+                lctx.stop_link()
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=party, args=(r,)) for r in (0, 1)]
+    threads = [threading.Thread(target=party, args=(r,)) for r in ((0, 1) if rank is None else (rank,))]
     for th in threads:
         th.start()
     for th in threads:
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", required=True)
     ap.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rank", type=int, choices=(0, 1), help="run only this party, over brpc to --peers")
+    ap.add_argument("--peers", help="host:port of party 0 and party 1, as this party should reach them")
     args = ap.parse_args(argv)
     import spu
     import spu.libspu as libspu
@@ -104,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     opts.enable_console_logger = False
     opts.system_log_path = args.log
     libspu.logging.setup_logging(opts)
-    rows = run(json.loads(Path(args.cases).read_text()), args.protocol, Path(args.log), args.repeats)
+    rows = run(json.loads(Path(args.cases).read_text()), args.protocol, Path(args.log), args.repeats, args.rank,
+               args.peers.split(",") if args.peers else None)
+    if args.rank == 1:
+        return 0
     Path(args.out).write_text(json.dumps({"spu_version": spu.__version__, "protocol": args.protocol,
                                           "rows": rows}))
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -55,11 +56,12 @@ def make_link(rank: int, peers: list[str] | None, recv_timeout_s: float = 3600.0
     import spu.libspu as libspu
 
     desc = libspu.link.Desc()
+    # a big HE matmul on a busy machine can keep the other party silent for minutes
+    desc.recv_timeout_ms = int(recv_timeout_s * 1000)
     if peers is None:
         for r in range(2):
             desc.add_party(f"party{r}", f"thread_{r}")
         return libspu.link.create_mem(desc, rank)
-    desc.recv_timeout_ms = int(recv_timeout_s * 1000)
     desc.http_max_payload_size = 32 << 20
     desc.connect_retry_times = 600  # the other party may start a while later (another machine)
     desc.connect_retry_interval_ms = 500
@@ -247,7 +249,9 @@ def run_party(rank: int, lctx, program, protocol: str, log_path: Path | None,
             "wall_seconds": time.perf_counter() - t_start,
             # sharing traffic outside SPU's runs, counted from the messages this code sends
             "input_share_bytes": input_bytes, "weight_share_bytes": weight_bytes,
-            "output_share_bytes": output_bytes, "logits": logits}
+            "output_share_bytes": output_bytes, "logits": logits,
+            # peak resident memory of this process (both parties in sim mode), Linux reports KiB
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", help="weights.safetensors (server only)")
     ap.add_argument("--T", type=int, help="prompt length (public; the server's only knowledge of the prompt)")
     ap.add_argument("--head", default="all", choices=("all", "last"))
+    ap.add_argument("--chunks", type=int, default=1, help="split softmax/activation runs (memory bound)")
+    ap.add_argument("--matmul-block", type=int, default=None, help="split products into blocks (memory bound)")
     ap.add_argument("--protocol", default="cheetah", choices=PROTOCOLS)
     ap.add_argument("--peers", help="host:port of party 0 and party 1, comma separated (2-process mode)")
     ap.add_argument("--out", help="result JSON (client); logits go to the .npy beside it")
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = load_weights(args.weights)
         AUDIT["loaded"].append(os.path.abspath(args.weights))
         AUDIT["plaintext"].extend(sorted(weights))
-    program = build_program(meta, T, head=args.head)
+    program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block)
 
     result: dict = {}
     if args.sim:

@@ -131,12 +131,23 @@ def load_weights(path: Path | str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(path)).items()}
 
 
-def build_program(meta: dict, T: int, head: str = "all") -> Program:
+def build_program(meta: dict, T: int, head: str = "all", chunks: int = 1,
+                  matmul_block: Optional[int] = None) -> Program:
     """The step list of a T-token forward pass of the exported model ``meta``.
 
     head: "all" computes the logits of every position (what the census counts and what the paper's
     one-token-after-T-prompt measurement includes); "last" only the next-token logits.
+    chunks, matmul_block: bound the memory of one SPU run (CHEETAH needs ~17 GB for a single secret
+    [128x768]x[768x3072] product with both parties on one host). ``chunks`` evaluates each softmax (split
+    over heads) and each FFN activation (split over rows) as that many runs; ``matmul_block`` splits every
+    product into blocks of at most that many input and output features (partial products are summed and
+    concatenated locally, which costs no communication). The math is unchanged; small per-run overheads
+    are added.
     """
+    if chunks < 1:
+        raise ValueError(f"chunks={chunks} must be >= 1")
+    if matmul_block is not None and matmul_block < 1:
+        raise ValueError(f"matmul_block={matmul_block} must be >= 1")
     if not 1 <= T <= meta["block_size"]:
         raise ValueError(f"T={T} must be in 1..{meta['block_size']} (the model's position table)")
     if head not in ("all", "last"):
@@ -160,40 +171,79 @@ def build_program(meta: dict, T: int, head: str = "all") -> Program:
             return _fn(*full)
         steps.append(Step(name, kind, census, call, present, tuple(outputs), elements, flops, layer))
 
-    def embed(onehot, wte, wpe):
-        # secret token ids enter as a one-hot [T, V] matrix: the lookup becomes a [T,V]x[V,d] product
-        return onehot @ wte + wpe
+    def matmul(name, kind, census, hs, h_of, w, b, pre, post, outputs, din, dout, rows, layer=None,
+               transpose=False):
+        """outputs = post(*pre, h_of(*hs) @ W + b), W = w or w.T; one step, or blocks + a local assembly."""
+        n_pre, n_h = len(pre), len(hs)
 
-    add("embedding", "embedding", "embedding", embed, ("onehot", "wte", "wpe"), ("x",), flops=2 * T * V * d)
+        def weight(wv, k0, k1, c0, c1):
+            return wv[c0:c1, k0:k1].T if transpose else wv[k0:k1, c0:c1]
 
-    def linear(x, w, b):
-        y = x @ w
-        return y if b is None else y + b
+        def bias(y, bv):
+            return y if bv is None else y + bv
+        if matmul_block is None or (din <= matmul_block and dout <= matmul_block):
+            def fused(*a):
+                y = h_of(*a[n_pre:n_pre + n_h]) @ weight(a[-2], 0, din, 0, dout)
+                return post(*a[:n_pre], bias(y, a[-1]))
+            add(name, kind, census, fused, (*pre, *hs, w, b), outputs, flops=2 * rows * din * dout, layer=layer)
+            return
+        kb, cb = _blocks(din, matmul_block), _blocks(dout, matmul_block)
+        partial = []
+        for i_k, (k0, k1) in enumerate(kb):
+            for i_c, (c0, c1) in enumerate(cb):
+                out = f"{name}.p{i_k}.{i_c}"
+                add(out, kind, census,
+                    lambda *a, _k=(k0, k1), _c=(c0, c1): h_of(*a[:-1])[..., _k[0]:_k[1]] @ weight(a[-1], *_k, *_c),
+                    (*hs, w), (out,), flops=2 * rows * (k1 - k0) * (c1 - c0), layer=layer)
+                partial.append(out)
+
+        def assemble(*a, _nk=len(kb), _nc=len(cb)):
+            parts = a[n_pre:n_pre + _nk * _nc]
+            cols = [sum(parts[i_k * _nc + i_c] for i_k in range(_nk)) for i_c in range(_nc)]
+            return post(*a[:n_pre], bias(jnp.concatenate(cols, axis=-1), a[-1]))
+        add(name, kind, census, assemble, (*pre, *partial, b), outputs, flops=0, layer=layer)
+
+    def ident(h):
+        return h
+
+    def keep(y):
+        return y
+
+    # secret token ids enter as a one-hot [T, V] matrix: the lookup becomes a [T,V]x[V,d] product
+    matmul("embedding", "embedding", "embedding", ("onehot",), ident, "wte", None, ("wpe",),
+           lambda wpe, y: y + wpe, ("x",), V, d, T)
 
     for i in range(L):
         p = f"h{i}."
-        x = "x"
-        h = x
+        h = "x"
         if meta["norm"] == "layernorm":
             add(p + "ln1", "layernorm", "layernorm", lambda x, g, b: layer_norm(x, g, b, eps),
-                (x, p + "ln1.g", opt(p + "ln1.b")), (p + "h1",), elements=T * d, layer=i)
+                ("x", p + "ln1.g", opt(p + "ln1.b")), (p + "h1",), elements=T * d, layer=i)
             h = p + "h1"
 
-        def qkv(h, w, b):
-            y = linear(h, w, b).reshape(T, 3, H, dk).transpose(1, 2, 0, 3)  # [3, H, T, dk]
+        def split_heads(y):
+            y = y.reshape(T, 3, H, dk).transpose(1, 2, 0, 3)  # [3, H, T, dk]
             return y[0], y[1], y[2]
-        add(p + "qkv", "matmul", "attn_proj", qkv, (h, p + "wqkv", opt(p + "bqkv")),
-            (p + "q", p + "k", p + "v"), flops=2 * T * d * 3 * d, layer=i)
+        matmul(p + "qkv", "matmul", "attn_proj", (h,), ident, p + "wqkv", opt(p + "bqkv"), (), split_heads,
+               (p + "q", p + "k", p + "v"), d, 3 * d, T, layer=i)
 
         temp = meta["temperature"][i] if meta.get("temperature") is not None else None
         inv_t = None if temp is None else (1.0 / np.asarray(temp, np.float32)[:, :T])
         add(p + "scores", "matmul", "attn_scores", lambda q, k, _t=inv_t: attention_logits(q, k, _t),
             (p + "q", p + "k"), (p + "s",), flops=2 * H * T * T * dk, layer=i)
-        add(p + "softmax", "softmax", "softmax", softmax, (p + "s",), (p + "a",), elements=H * T * T, layer=i)
-        add(p + "av", "matmul", "attn_scores", lambda a, v: jnp.einsum("hts,hsd->thd", a, v).reshape(T, d),
-            (p + "a", p + "v"), (p + "y",), flops=2 * H * T * T * dk, layer=i)
-        add(p + "o_proj", "matmul", "attn_proj", lambda x, y, w, b: x + linear(y, w, b),
-            (x, p + "y", p + "wo", opt(p + "bo")), ("x",), flops=2 * T * d * d, layer=i)
+        parts = []
+        for c, (lo, hi) in enumerate(_splits(H, chunks)):
+            name = p + "softmax" + (f".{c}" if chunks > 1 else "")
+            add(name, "softmax", "softmax", lambda s, _lo=lo, _hi=hi: softmax(s[_lo:_hi]), (p + "s",),
+                (p + f"a{c}",), elements=(hi - lo) * T * T, layer=i)
+            parts.append(p + f"a{c}")
+
+        def av(*xs):
+            a = jnp.concatenate(xs[:-1], axis=0)
+            return jnp.einsum("hts,hsd->thd", a, xs[-1]).reshape(T, d)
+        add(p + "av", "matmul", "attn_scores", av, (*parts, p + "v"), (p + "y",), flops=2 * H * T * T * dk, layer=i)
+        matmul(p + "o_proj", "matmul", "attn_proj", (p + "y",), ident, p + "wo", opt(p + "bo"), ("x",),
+               lambda x, y: x + y, ("x",), d, d, T, layer=i)
 
         ffn = meta["ffn"][i]
         if ffn is None:  # AERO's pruned blocks: attention only
@@ -208,20 +258,25 @@ def build_program(meta: dict, T: int, head: str = "all") -> Program:
         def residual(x, f, _beta=beta):
             return x + f if _beta is None else scaled_ffn_residual(x, f, _beta)
         if ffn == "fused":
-            add(p + "ffn", "matmul", "ffn", lambda x, h, w, b, _r=residual: _r(x, linear(h, w, b)),
-                ("x", h, p + "wf", opt(p + "bf")), ("x",), flops=2 * T * d * d, layer=i)
+            matmul(p + "ffn", "matmul", "ffn", (h,), ident, p + "wf", opt(p + "bf"), ("x",), residual, ("x",),
+                   d, d, T, layer=i)
             continue
         width = meta["ffn_width"]
-        add(p + "fc_in", "matmul", "ffn", linear, (h, p + "w1", opt(p + "b1")), (p + "u",),
-            flops=2 * T * d * width, layer=i)
-        u = p + "u"
+        matmul(p + "fc_in", "matmul", "ffn", (h,), ident, p + "w1", opt(p + "b1"), (), keep, (p + "u",),
+               d, width, T, layer=i)
+        parts = [p + "u"]
         if meta["activation"] != "identity":
             slope = meta["leaky_slope"][i] if meta["activation"] == "leaky_relu" else None
-            add(p + "act", "activation", meta["activation"].replace("gelu_erf", "gelu"),
-                activation_fn(meta["activation"], slope), (u,), (p + "g",), elements=T * width, layer=i)
-            u = p + "g"
-        add(p + "fc_out", "matmul", "ffn", lambda x, g, w, b, _r=residual: _r(x, linear(g, w, b)),
-            ("x", u, p + "w2", opt(p + "b2")), ("x",), flops=2 * T * width * d, layer=i)
+            act = activation_fn(meta["activation"], slope)
+            parts = []
+            for c, (lo, hi) in enumerate(_splits(T, chunks)):
+                name = p + "act" + (f".{c}" if chunks > 1 else "")
+                add(name, "activation", meta["activation"].replace("gelu_erf", "gelu"),
+                    lambda u, _a=act, _lo=lo, _hi=hi: _a(u[_lo:_hi]), (p + "u",), (p + f"g{c}",),
+                    elements=(hi - lo) * width, layer=i)
+                parts.append(p + f"g{c}")
+        matmul(p + "fc_out", "matmul", "ffn", tuple(parts), lambda *g: jnp.concatenate(g, axis=0), p + "w2",
+               opt(p + "b2"), ("x",), residual, ("x",), width, d, T, layer=i)
 
     x = "x"
     if meta["ln_f"]:
@@ -229,15 +284,24 @@ def build_program(meta: dict, T: int, head: str = "all") -> Program:
             ("x", "lnf.g", opt("lnf.b")), ("xf",), elements=T * d)
         x = "xf"
     rows = T if head == "all" else 1
-    head_w = "head" if "head" in has else "wte"
-
-    def lm_head(x, w, _rows=rows):
-        x = x[-_rows:]
-        return x @ w.T  # [rows, V]; w is [V, d] (tied to wte, or the untied head)
-    add("head", "head", "lm_head", lm_head, (x, head_w), ("logits",), flops=2 * rows * d * V)
+    head_w = "head" if "head" in has else "wte"  # [V, d]: tied to wte, or the untied head
+    matmul("head", "head", "lm_head", (x,), lambda x, _r=rows: x[-_r:], head_w, None, (), keep, ("logits",),
+           d, V, rows, transpose=True)
 
     server = sorted({n for s in steps for n in s.inputs if n in has})
     return Program(meta=meta, T=T, steps=steps, server_inputs=tuple(server))
+
+
+def _blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of at most ``block`` covering 0..n."""
+    return [(lo, min(lo + block, n)) for lo in range(0, n, block)]
+
+
+def _splits(n: int, chunks: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges cutting 0..n into min(chunks, n) nearly equal parts."""
+    k = min(chunks, n)
+    edges = [round(j * n / k) for j in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def one_hot(ids: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -282,12 +346,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m privlm.spu.program")
     ap.add_argument("dirs", nargs="+")
+    ap.add_argument("--chunks", type=int, default=1)
+    ap.add_argument("--matmul-block", type=int, default=None)
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     for d in map(Path, args.dirs):
         meta = load_meta(d / "public.json")
         ids = np.asarray(json.loads((d / "ids.json").read_text()))
-        prog = build_program(meta, len(ids))
-        np.save(d / "jax_logits.npy", forward(prog, load_weights(d / "weights.safetensors"), ids))
+        prog = build_program(meta, len(ids), chunks=args.chunks, matmul_block=args.matmul_block)
+        np.save(d / f"jax_logits_c{args.chunks}_b{args.matmul_block}.npy", forward(prog, load_weights(d / "weights.safetensors"), ids))
     print(json.dumps({"mask_value": MASK_VALUE}))
     return 0
 

@@ -60,7 +60,7 @@ def summarize(result: dict, logits: np.ndarray, ref_logits: Optional[np.ndarray]
         "weight_share_bytes": result["weight_share_bytes"],
         "messages": total.messages,
         "wall_seconds": result["wall_seconds"], "online_seconds": result["online_seconds"],
-        "compile_seconds": result["compile_seconds"],
+        "compile_seconds": result["compile_seconds"], "peak_rss_mb": result.get("peak_rss_mb"),
         "ops": breakdown(steps, "kind"),
         "census_ops": breakdown(steps, "census"),
     }
