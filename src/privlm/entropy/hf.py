@@ -128,6 +128,7 @@ class EntropyRegularizedTrainer(Trainer):
         else:
             stats = reg.stats(entropy, None, T)
             stats["l_ent"] = 0.0
+            loss = loss + 0.0 * reg.theta.sum()  # keep theta in the graph: DDP errors on unused parameters
         for k, v in stats.items():
             self._entropy_logs[f"entropy/{k}"].append(v)
         for l, v in enumerate(head_entropy(entropy.detach()).mean(dim=1).tolist()):
