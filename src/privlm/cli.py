@@ -15,25 +15,37 @@ from privlm.errors import PrivlmError
 # dependency only breaks its own command).
 SUBCOMMAND_MODULES: dict[str, str] = {
     "inspect": "privlm.inspect",
+    "data": "privlm.data.cli",
     "train": "privlm.train.cli",
     "eval": "privlm.evaluate",
     "sample": "privlm.sample",
     "entropy": "privlm.entropy.cli",
     "cost": "privlm.pi.cost_cli",
     "pi": "privlm.spu.cli",
-    "report": "privlm.report.cli",
     "sweep": "privlm.sweep",
-    "data": "privlm.data.cli",
+    "report": "privlm.report.cli",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="privlm", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(
+        prog="privlm", description="Design, train, diagnose and cost language models for private inference.")
     parser.add_argument("--version", action="version", version=f"privlm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in SUBCOMMAND_MODULES.items():
-        importlib.import_module(module).register(sub)
+        try:
+            importlib.import_module(module).register(sub)
+        except ImportError as exc:  # one broken optional dependency must not take every command down
+            broken = sub.add_parser(name, help=f"(unavailable: {exc})", add_help=False)
+            broken.add_argument("rest", nargs=argparse.REMAINDER)
+            broken.set_defaults(func=_unavailable(name, exc))
     return parser
+
+
+def _unavailable(name: str, exc: ImportError):
+    def fail(_args: argparse.Namespace) -> int:
+        raise PrivlmError(f"'privlm {name}' cannot run: {exc}")
+    return fail
 
 
 def _version() -> str:
@@ -43,12 +55,20 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `privlm train SPEC --quiet k=v`: overrides may follow options
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except PrivlmError as exc:
         print(f"privlm {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `privlm ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"privlm {args.command}: interrupted", file=sys.stderr)
         return 130
