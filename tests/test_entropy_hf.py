@@ -132,3 +132,14 @@ def test_regularizer_share_follows_gradient_accumulation(tmp_path):
     ce_mean = reference_loss(model, ids, theta, 0.0, 0.2, "paper")
     ce_share = ce_mean * (2 * (T - 1)) / n_items  # this micro-batch's part of the accumulated mean CE
     assert loss.item() == pytest.approx(ce_share.item() + (full - ce_mean).item() / 2, rel=1e-5)
+
+
+def test_start_fraction_delays_the_regularizer(tmp_path):
+    model = tiny_gpt2()
+    trainer = EntropyRegularizedTrainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=Tokens(),
+                                        reg_cfg=RegConfig(lambda_=1.0, theta_init=0.1, start_frac=0.5))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "entropy/l_ent" in h]
+    assert logged[0]["entropy/l_ent"] == 0.0 and logged[1]["entropy/l_ent"] > 0  # progress 0.0 off, 0.5 on
+    assert logged[1]["entropy/theta_mean"] == pytest.approx(0.1)  # seen after step 1: no update while off
+    assert trainer.regularizer.theta.detach().mean().item() > 0.1
