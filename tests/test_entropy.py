@@ -7,8 +7,8 @@ import torch
 
 from privlm.config import RegConfig, load_config
 from privlm.entropy import (EntropyRegularizer, causal_entropy_max, detect_collapse, detect_overload, diagnose,
-                            entropy_bins, entropy_max, head_entropy, layer_means, measure_model, normalized,
-                            regularization_loss, shared_max)
+                            entropy_bins, entropy_history, entropy_max, head_entropy, layer_means, measure_model,
+                            normalized, regularization_loss, shared_max)
 from privlm.model.attention import attention_logits, causal_softmax, row_entropy
 from privlm.model.gpt import GPT
 
@@ -374,3 +374,19 @@ def test_blocked_attention_entropy_matches_full_matrix(T, block):
     gb = torch.autograd.grad((row_entropy(p) * w).sum() + (p @ v).square().sum(), (q, k, v, t))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
+
+
+def test_entropy_history_reads_metrics_jsonl(tmp_path):
+    import json
+    lines = [{"kind": "train", "step": 1, "loss": 5.0},
+             {"kind": "entropy", "step": 20, "head_entropy": [[1.0, None]], "layer_mean": [1.0], "nan_counts": [3],
+              "seq_len": 8, "reg": None},
+             {"kind": "entropy", "step": 10, "head_entropy": [[2.0, 0.05]], "layer_mean": [1.025],
+              "nan_counts": [0], "seq_len": 8, "reg": {"l_ent": 0.1}}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    hist = entropy_history(tmp_path)
+    assert [h["step"] for h in hist] == [10, 20]
+    np.testing.assert_array_equal(hist[0]["head_entropy"], [[2.0, 0.05]])
+    assert np.isnan(hist[1]["head_entropy"][0, 1])
+    assert detect_collapse(hist[1]["head_entropy"], hist[1]["nan_counts"]).collapsed  # NaN head + NaN counts
+    assert detect_collapse(hist[0]["head_entropy"], hist[0]["nan_counts"]).layer_share == [0.5]

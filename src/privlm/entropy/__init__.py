@@ -10,6 +10,7 @@ from privlm.entropy.measure import (
     detect_overload,
     diagnose,
     entropy_bins,
+    entropy_history,
     entropy_max,
     head_entropy,
     layer_means,
@@ -22,7 +23,7 @@ from privlm.entropy.regularizer import REDUCTIONS, EntropyRegularizer, regulariz
 
 __all__ = [
     "BIN_LABELS", "CollapseReport", "EntropyBins", "OverloadReport", "causal_entropy_max", "detect_collapse",
-    "detect_overload", "diagnose", "entropy_bins", "entropy_max", "head_entropy", "layer_means",
+    "detect_overload", "diagnose", "entropy_bins", "entropy_history", "entropy_max", "head_entropy", "layer_means",
     "measure_model", "normalized", "row_entropy", "shared_max", "REDUCTIONS", "EntropyRegularizer",
     "regularization_loss",
 ]

@@ -16,8 +16,10 @@ Detector thresholds (ours; the paper gives none beyond "disproportionately large
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -238,3 +240,22 @@ def measure_model(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     if total is None:
         raise ValueError("no batches to measure")
     return (total / (n_seq * T)).cpu().numpy(), nan_total.cpu().numpy(), n_seq
+
+
+def entropy_history(run_dir_or_metrics) -> list[dict]:
+    """The ``kind == "entropy"`` records of a run's metrics.jsonl, in step order, with ``head_entropy`` as a
+    float [L, H] array (JSON nulls -> NaN). Accepts the run directory or the metrics.jsonl path."""
+    path = Path(run_dir_or_metrics)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n} is not valid JSON") from None
+        if rec.get("kind") == "entropy":
+            records.append({**rec, "head_entropy": _matrix(rec["head_entropy"])})
+    return sorted(records, key=lambda r: r["step"])
