@@ -16,8 +16,7 @@ import math
 import numpy as np
 import torch
 
-from privlm.entropy.measure import (BIN_LABELS, COLLAPSE_NATS, bin_index, causal_entropy_max, diagnose,
-                                    entropy_max, measure_model)
+from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, bin_index, diagnose, measure_model
 from privlm.errors import DataError
 
 
