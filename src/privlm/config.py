@@ -226,6 +226,15 @@ def looks_like_config_file(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml")) or os.path.sep in spec and Path(spec).suffix in (".yaml", ".yml")
 
 
+def split_spec(spec: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    """`privlm CMD model.n_layer=2`: a first positional that is an override (not a file) means the default
+    preset; return (spec, overrides) with it moved into the overrides."""
+    overrides = list(overrides)
+    if spec and "=" in spec and not looks_like_config_file(spec):
+        return None, [spec] + overrides
+    return spec, overrides
+
+
 def load_config(spec: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Build a validated :class:`Config` from a preset name or YAML path plus ``key=value`` overrides."""
     from privlm.presets import preset_fields  # local import: presets imports this module

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from privlm.config import load_config, to_yaml
+from privlm.config import load_config, split_spec, to_yaml
 from privlm.model import GPT
 from privlm.presets import PAPER_PRESETS, describe
 
@@ -64,10 +64,7 @@ def _print_human(rep: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec, overrides = args.spec, list(args.overrides)
-    if spec and "=" in spec:  # `privlm inspect model.n_layer=2` = default preset with an override
-        overrides.insert(0, spec)
-        spec = None
+    spec, overrides = split_spec(args.spec, args.overrides)
     specs = list(PAPER_PRESETS) if args.all else [spec]
     reports = [inspect_report(spec, overrides) for spec in specs]
     if args.json:

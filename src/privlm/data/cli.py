@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from privlm.config import load_config
+from privlm.config import load_config, split_spec
 
 
 def summary_lines(m: dict) -> list[str]:
@@ -38,10 +38,7 @@ def summary_lines(m: dict) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from privlm.data import prepare_data
 
-    spec, overrides = args.spec, list(args.overrides)
-    if spec and "=" in spec and not spec.endswith((".yaml", ".yml")):
-        overrides.insert(0, spec)
-        spec = None
+    spec, overrides = split_spec(args.spec, args.overrides)
     cfg = load_config(spec, overrides)
     data = prepare_data(cfg.data, Path(args.out) if args.out else None)
     if args.json:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from privlm.data.tokenizer import BPE_RECIPE, ensure_eos, load_tokenizer, tokeni
 from privlm.data.tokens import (build_cache_entry, cache_root, check_chunks, load_cached, open_chunks,
                                 token_cache_key, token_dtype)
 from privlm.errors import DataError
+from privlm.fileio import atomic_write_text
 
 MANIFEST_VERSION = 1
 
@@ -47,21 +46,6 @@ class TokenData:
     @property
     def seq_len(self) -> int:
         return int(self.train.shape[1])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory + rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tokenizer_for(dcfg, corpus: Corpus, root: Path) -> tuple[Tokenizer, dict]:

@@ -21,45 +21,10 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from privlm.errors import CheckpointError
+from privlm.fileio import atomic_write_json, atomic_write_text, fsync_dir
 
 WEIGHTS = "model.safetensors"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 REG_WEIGHTS = "entropy_reg.safetensors"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + fsync + rename, so readers never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; run files are ordinary files
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _atomic_place(src: Path, dst: Path) -> None:
@@ -115,7 +80,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, reg: Optio
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(state_root)
+    fsync_dir(state_root)
     atomic_write_text(state_root / "LATEST", final.name + "\n")  # the commit point
     _atomic_place(final / WEIGHTS, run_dir / WEIGHTS)
     if reg is not None:

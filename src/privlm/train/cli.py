@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from privlm.config import ConfigError, _check_keys, _merge, _parse_overrides, from_dict, load_config, validate
+from privlm.config import ConfigError, _check_keys, _merge, _parse_overrides, from_dict, load_config, split_spec, validate
 
 
 def _default_run_dir(preset: str) -> Path:
@@ -42,10 +42,7 @@ def resume_config(run_dir: Path, overrides: list[str]):
 def run(args: argparse.Namespace) -> int:
     from privlm.train.loop import train
 
-    spec, overrides = args.spec, list(args.overrides)
-    if spec and "=" in spec and not spec.endswith((".yaml", ".yml")):
-        overrides.insert(0, spec)
-        spec = None
+    spec, overrides = split_spec(args.spec, args.overrides)
     if args.resume:
         if spec:
             raise ConfigError(f"--resume takes the config from the run directory; drop '{spec}'")
