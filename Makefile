@@ -37,6 +37,10 @@ DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: setup
 	$(BIN)/privlm inspect --all
 	$(BIN)/privlm train configs/cpu/demo.yaml --out $(DEMO_RUN) --quiet
+	$(BIN)/privlm entropy $(DEMO_RUN)
+	$(BIN)/privlm cost $(DEMO_RUN) --vs SM+LN+G
+	$(BIN)/privlm cost SM+ScFuFFN --vs SM+LN+G
+	$(BIN)/privlm report $(DEMO_RUN) -o $(DEMO_RUN)/report.html
 
 test: setup spu-setup chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
