@@ -22,7 +22,7 @@ import torch
 from privlm.config import load_config
 from privlm.model import GPT
 from privlm.pi import census, load_profile, predict
-from privlm.spu.calibrate import machine, measure
+from privlm.spu.calibrate import machine, measure, measure_rounds
 from privlm.spu.export import save_export
 from privlm.spu.launcher import run_parties
 from privlm.spu.report import breakdown
@@ -99,6 +99,15 @@ def rounds_table(profile) -> dict[str, float]:
     return out
 
 
+def semi2k_rounds_check() -> list[dict]:
+    """Validate the delay-proxy round count where the truth is known: under SEMI2K every round is one
+    simultaneous exchange, so rounds must equal party 0's send actions."""
+    cases = [{"op": "relu", "shape": {"T": 8, "w": 64}}, {"op": "softmax", "shape": {"H": 2, "T": 8}},
+             {"op": "layernorm", "shape": {"T": 8, "d": 32}}, {"op": "gelu", "shape": {"T": 8, "w": 64}}]
+    with tempfile.TemporaryDirectory(prefix="privlm-rounds-") as tmp:
+        return measure_rounds(cases, "semi2k", Path(tmp), 20.0)
+
+
 def fmt(x: float, nd: int = 2) -> str:
     return f"{x:.{nd}f}"
 
@@ -149,6 +158,14 @@ def write_doc(res: dict) -> str:
              f"{prof['fixed']['bytes'] / 1e6:.1f} MB per session. Rounds are sequential message flights of one "
              f"SPU run, from latency sensitivity through `privlm.spu.delayproxy` (a user-space delay on "
              f"loopback; `tc netem` is unavailable): rounds = (t(delay) − t(0)) / delay.\n")
+    if res.get("semi2k_rounds_check"):
+        L.append("Check of the round counting where the answer is known (SEMI2K: one exchange per round, so "
+                 "rounds = send actions), 20 ms one-way delay, fastest of 3 runs:\n")
+        L.append("| op (SEMI2K) | measured rounds | send actions |")
+        L.append("|---|---|---|")
+        for r in res["semi2k_rounds_check"]:
+            L.append(f"| {r['op']} {r['shape']} | {r['rounds']:.1f} | {r['send_actions']} |")
+        L.append("")
     L.append("## End-to-end: small models (L=2, d=128, H=4, T=64, V=1024)\n")
     L.append("Random weights (traffic does not depend on the values). *Online* excludes the one-time setup. "
              "*Predicted* is `privlm cost` with `--profile spu-cheetah-measured` for the same census.\n")
@@ -221,6 +238,15 @@ def write_doc(res: dict) -> str:
 
 def explanations(res: dict) -> list[str]:
     prof = res["profile"]["nonlinear"]
+    fit = res["profile"]["provenance"]["fit"]
+
+    def marg(op):
+        return fit[op].get("bytes_per_element_marginal") or prof[op]["bytes_per_element"]
+    small = {r["preset"]: r for r in res["small"]}
+    sm = small.get("SM+ScFuFFN")
+    share_sm = sm["ops"]["softmax"]["bytes"] / sm["bytes_online"] if sm else float("nan")
+    base = small.get("SM+LN+G")
+    ln_small = (base["ops"]["layernorm"]["bytes"] / base["ops"]["layernorm"]["elements"]) if base else float("nan")
     out = [
         "- **Secret × secret linear layers.** See above: CHEETAH in SPU 0.9.5 cannot keep the weights private to "
         "the server, so each matmul ships HE ciphertexts of a weight share as well as of the activation. This "
@@ -235,6 +261,23 @@ def explanations(res: dict) -> list[str]:
         "paper-fit (which cannot separate LN from ReLU: both always occur together in the published rows). "
         "SPU's generic GELU (tanh through exp and reciprocal) is not Bumblebee's specialised piecewise GELU, "
         "and the paper's softmax uses Bumblebee's optimised exp; both make our nonlinear costs differ.",
+        "- **Why the savings are smaller than the paper's.** The small models keep GPT-2's ratio of softmax to "
+        "FFN-activation elements (H·T / 4d = 0.5 in both), so the gap comes from the per-element costs: SPU's "
+        "generic softmax (max by comparisons, exp by iterated squaring, division) costs "
+        f"{marg('softmax'):.0f} B per element at scale, more than its GELU ({marg('gelu'):.0f} B), while the "
+        "paper's Bumblebee softmax costs half its GELU (1666 vs 3363 B in the paper-fit). Removing GELU and "
+        f"LayerNorm therefore leaves a larger softmax remainder here ({share_sm:.0%} of SM+ScFuFFN's online "
+        "traffic is softmax).",
+        "- **SM(t) is free.** SM(t)+ScFuFFN moves exactly the same bytes as SM+ScFuFFN: the temperature divides "
+        "each logit row by a public scalar, as the census assumes (the paper prints identical costs too).",
+        "- **LayerNorm's per-element fit is poor** (see the residual): CHEETAH refills its OT correlations in "
+        "large batches and the refill is charged to whichever run triggers it, which is often a LayerNorm; in "
+        "the small models LN runs cost ≈" + f"{ln_small:.0f}" + " B per element against the fitted "
+        f"{prof['layernorm']['bytes_per_element']:.0f}. Totals are exact; per-op attribution of these refills is not.",
+        "- **WAN estimate vs the paper's latency.** At the stated 100 Mbit/s, the paper's own 25.32 GB would take "
+        "≥34 min just to transfer, yet it reports 8.21 min (SPEC §5.3(d)): its latencies cannot have been "
+        "measured at that bandwidth. Our WAN column applies the stated setting literally, so it is several "
+        "times the paper's latency by construction.",
         "- **Latency** here is measured with both parties on one 2-core host shared with other jobs (no network "
         "delay), so seconds are compute-bound and not comparable to the paper's 32-thread EPYC WAN runs; the WAN "
         "column combines our bytes and rounds with the paper's stated network instead.",
@@ -257,6 +300,7 @@ def main() -> int:
     if args.doc_only:
         old = json.loads(RESULTS.read_text())
         res["date"], res["small"] = old["date"], old["small"]
+        res["semi2k_rounds_check"] = old.get("semi2k_rounds_check")
         for r in res["small"]:
             r["wan"] = wan_estimate(r["steps"], r["bytes_total"], rounds)
     for preset in ([] if args.doc_only else args.presets):
@@ -283,6 +327,8 @@ def main() -> int:
                                 (vs if s["kind"] in ("embedding", "head") else 1.0))
         g.pop("steps")
         res["gpt2"].append(g)
+    if not res.get("semi2k_rounds_check"):
+        res["semi2k_rounds_check"] = semi2k_rounds_check()
     res["explanations"] = explanations(res)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=1) + "\n")
