@@ -54,7 +54,7 @@ def write_run(path: Path, preset: str, *, steps: int = 60, collapse: bool = Fals
         if step % 30 == 0:
             loss = math.log(final_ppl) + 1.5 * (1 - frac)
             lines.append({"kind": "eval", "step": step, "loss": loss, "ppl": math.exp(loss),
-                          "tokens": step * tokens_per_step})
+                          "tokens": 4064})  # validation tokens evaluated, as privlm train logs them
     text = "\n".join(json.dumps(x) for x in lines) + "\n"
     if torn_last_line:
         text += '{"kind": "train", "step": 99, "lo'
@@ -163,6 +163,9 @@ def test_every_figure_kind_is_drawn(runs, tmp_path):
     texts = [t.get_text() for ax in heat.axes for t in ax.texts]
     assert len(texts) == 4 * L * H and "NaN" in texts
     assert f"{loaded[0].head_entropy()[0, 0]:.2f}" in texts
+    # eval loss is plotted against training tokens (step x tokens per step), not validation tokens
+    loss_fig = next(s for s in specs if s.name == "eval-loss").figure
+    assert list(loss_fig.axes[0].get_lines()[0].get_xdata()) == [0.0, 30 * 8 * T, 60 * 8 * T]
     # one line per layer in the layer-entropy panels
     dyn = next(s for s in specs if s.name == "layer-entropy").figure
     assert len(dyn.axes[0].get_lines()) == L + 1  # + the causal-maximum reference line

@@ -117,7 +117,7 @@ def eval_loss_curves(runs: Sequence[RunData]) -> Optional[Figure]:
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.subplots()
     for run in runs:
-        tokens = [rec.get("tokens", rec["step"]) for rec in run.eval]
+        tokens = [run.tokens_at(rec["step"]) for rec in run.eval]
         ax.plot(tokens, [rec["loss"] for rec in run.eval], marker="o", ms=3,
                 label=run.label + (" (diverged)" if run.diverged else ""))
     ax.set_xlabel("tokens trained")

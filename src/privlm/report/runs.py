@@ -71,6 +71,14 @@ class RunData:
         params = (self.summary or {}).get("params")
         return int(params) if params is not None else None
 
+    def tokens_at(self, step: int) -> float:
+        """Training tokens seen after ``step`` optimizer steps (eval records carry the number of
+        *validation* tokens, so the x axis of a loss curve comes from the train records or the config)."""
+        if self.train and self.train[-1].get("tokens") and self.train[-1].get("step"):
+            return step * self.train[-1]["tokens"] / self.train[-1]["step"]
+        t = self.cfg.train
+        return float(step * t.batch_size * t.grad_accum * self.cfg.data.seq_len)
+
     def head_entropy(self) -> Optional[np.ndarray]:
         """Final per-head entropy [L, H] in nats (entropy.json, else the last telemetry record)."""
         if self.final_entropy and self.final_entropy.get("head_entropy") is not None:
