@@ -209,3 +209,16 @@ def test_spu_python_error_names_the_fix(monkeypatch):
     monkeypatch.setenv("PRIVLM_SPU_PYTHON", "/nonexistent/python")
     with pytest.raises(SPUError, match="make spu-setup"):
         spu_python()
+
+
+def test_committed_measured_profile_is_a_valid_cost_profile():
+    """`privlm cost --profile spu-cheetah-measured` works: the calibration output parses in the cost issue's
+    format, says where it was measured, and charges the one-hot/logit shares at 2 x 8 bytes per vocab entry."""
+    from privlm.pi import census, load_profile, predict
+    prof = load_profile("spu-cheetah-measured")
+    assert prof.provenance["kind"] == "measured" and prof.provenance["spu_version"] == "0.9.5"
+    assert prof.provenance["machine"] and prof.flop_convention == "dense" and prof.final_layernorm == "counted"
+    assert set(prof.nonlinear) >= {"softmax", "layernorm", "gelu", "relu"}
+    assert prof.per_token["bytes_per_vocab"] == 16.0
+    costs = {p: predict(census(p, 128), prof).comm_gb for p in ("SM+LN+G", "SM+LN+R", "SM+ScFuFFN")}
+    assert costs["SM+LN+G"] > costs["SM+LN+R"] > costs["SM+ScFuFFN"] > 0
