@@ -96,7 +96,8 @@ def entropy_bin_histogram(runs: Sequence[RunData], shared_max: bool = False) -> 
     ax = fig.subplots()
     x = np.arange(4)
     for k, (run, share) in enumerate(zip(runs, shares)):
-        bars = ax.bar(x - 0.4 + width * (k + 0.5), 100 * share, width, label=run.label)
+        bars = ax.bar(x - 0.4 + width * (k + 0.5), 100 * share, width, label=run.label,
+                      hatch=None if k < 10 else "//")  # 10 colours in the cycle: hatch the rest
         fontsize = 7 if n <= 6 else 5
         for b, v in zip(bars, share):
             ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.5, f"{100 * v:.0f}",
@@ -116,9 +117,10 @@ def eval_loss_curves(runs: Sequence[RunData]) -> Optional[Figure]:
         return None
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.subplots()
-    for run in runs:
+    for k, run in enumerate(runs):
         tokens = [run.tokens_at(rec["step"]) for rec in run.eval]
-        ax.plot(tokens, [rec["loss"] for rec in run.eval], marker="o", ms=3,
+        # the default cycle has 10 colours: later runs get dashed lines so that no two curves look alike
+        ax.plot(tokens, [rec["loss"] for rec in run.eval], marker="o", ms=3, ls="-" if k < 10 else "--",
                 label=run.label + (" (diverged)" if run.diverged else ""))
     ax.set_xlabel("tokens trained")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x / 1e6:g}M" if x >= 1e6 else _kilo(x)))
