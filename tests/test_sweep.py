@@ -61,6 +61,10 @@ def test_inline_base_config_and_shipped_sweeps_resolve(tmp_path):
         assert r.cfg.train.seed in (1, 2)
         r.cfg.train.seed = by_preset[r.preset].train.seed
         assert r.cfg == by_preset[r.preset]
+    gamma = load_sweep(ROOT / "configs" / "sweeps" / "paper-gamma.yaml")
+    assert [r.cfg.reg.gamma for r in gamma.runs] == [0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30]
+    assert all(r.cfg.reg.enabled and r.cfg.model.n_layer == 12 for r in gamma.runs)
+    assert len({r.name for r in gamma.runs}) == 7
     paper = load_sweep(ROOT / "configs" / "sweeps" / "paper-table3.yaml")
     assert paper.runs[0].cfg.model.n_layer == 12 and paper.runs[0].cfg.model.n_embd == 768
     assert paper.runs[0].cfg.data.source.startswith("hf:")
