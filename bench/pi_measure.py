@@ -315,8 +315,10 @@ def main() -> int:
         old = json.loads(RESULTS.read_text())
         res["date"], res["small"] = old["date"], old["small"]
         res["semi2k_rounds_check"] = old.get("semi2k_rounds_check")
-        for r in res["small"]:
+        for r in res["small"]:  # re-predict with the current profile
             r["wan"] = wan_estimate(r["steps"], r["bytes_total"], rounds)
+            r["predicted_bytes"] = predict(census(load_config(r["preset"], SMALL), SMALL_T),
+                                           "spu-cheetah-measured").comm_gb * 1e9
     for preset in ([] if args.doc_only else args.presets):
         t0 = time.time()
         r = run_small(preset)

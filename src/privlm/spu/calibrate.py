@@ -26,12 +26,17 @@ PROFILE_DIR = Path(__file__).resolve().parents[1] / "pi" / "profiles"
 NONLINEAR = ("softmax", "layernorm", "gelu", "relu", "leaky_relu")
 FM64_SHARE_BYTES = 8  # one 64-bit ring element per share
 
-# (op, shapes): the full grid spans the widths of small privlm models up to a quarter of GPT-2's
+# (op, shapes): the full grid spans small privlm models up to GPT-2's T=128 (elementwise ops in pieces of at
+# most 128 x 1024 elements, as `privlm pi measure` runs them)
 FULL_GRID: dict[str, list[dict]] = {
-    "softmax": [{"H": 2, "T": 16}, {"H": 4, "T": 32}, {"H": 4, "T": 64}, {"H": 8, "T": 64}],
-    "layernorm": [{"T": 16, "d": 64}, {"T": 32, "d": 128}, {"T": 64, "d": 128}, {"T": 64, "d": 256}],
-    "gelu": [{"T": 16, "w": 256}, {"T": 32, "w": 512}, {"T": 64, "w": 512}, {"T": 64, "w": 1024}],
-    "relu": [{"T": 16, "w": 256}, {"T": 32, "w": 512}, {"T": 64, "w": 512}, {"T": 64, "w": 1024}],
+    "softmax": [{"H": 2, "T": 16}, {"H": 4, "T": 32}, {"H": 4, "T": 64}, {"H": 8, "T": 64}, {"H": 2, "T": 128},
+                {"H": 4, "T": 128}],
+    "layernorm": [{"T": 16, "d": 64}, {"T": 32, "d": 128}, {"T": 64, "d": 128}, {"T": 64, "d": 256},
+                  {"T": 128, "d": 768}],
+    "gelu": [{"T": 16, "w": 256}, {"T": 32, "w": 512}, {"T": 64, "w": 512}, {"T": 64, "w": 1024},
+             {"T": 128, "w": 1024}],
+    "relu": [{"T": 16, "w": 256}, {"T": 32, "w": 512}, {"T": 64, "w": 512}, {"T": 64, "w": 1024},
+             {"T": 128, "w": 1024}],
     "leaky_relu": [{"T": 16, "w": 256}, {"T": 64, "w": 512}],
     # linear layers at GPT-2 width (T=128) in the 768-feature blocks `privlm pi measure` runs (one unblocked
     # [128x768]x[768x3072] secret product needs ~17 GB with both parties on one host). CHEETAH's matmul
