@@ -92,4 +92,4 @@ def test_bad_input_is_one_line_error(capsys, argv, message):
 
 def test_dir_without_config_is_an_error(capsys, tmp_path):
     code, _, err = _run(capsys, str(tmp_path))
-    assert code != 0 and "without config.yaml" in err
+    assert code != 0 and "no config.yaml" in err

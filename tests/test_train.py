@@ -321,7 +321,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "not empty" in msg and (tmp_path / "full" / "x").read_text() == "keep me"
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["x"]
     code, msg = err("train", "--resume", str(tmp_path / "full"))
-    assert code == 2 and "not a run directory" in msg
+    assert code == 2 and msg.count("\n") == 1 and "cannot resume" in msg and "no config.yaml" in msg
     code, msg = err("sample", str(tmp_path / "nope"), "--prompt", "x")
     assert code == 2 and msg.startswith("privlm sample: error:")
     code, msg = err("train", "configs/cpu/tiny.yaml", "train.lr=-1", "--out", str(tmp_path / "new"))

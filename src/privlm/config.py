@@ -270,6 +270,18 @@ def load_config(spec: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
+def apply_overrides(cfg: Config, overrides: list[str], origin: str = "override") -> Config:
+    """A resolved Config (e.g. a run's saved one) with ``key=value`` overrides applied and re-validated;
+    the preset is not re-applied."""
+    if not overrides:
+        return cfg
+    raw = _parse_overrides(overrides)
+    _check_keys(raw, Config)
+    out: Config = OmegaConf.to_object(_merge(OmegaConf.structured(cfg), raw, origin))
+    validate(out)
+    return out
+
+
 def _get(cfg: Config, dotted: str) -> Any:
     obj: Any = cfg
     for part in dotted.split("."):

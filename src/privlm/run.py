@@ -27,19 +27,27 @@ class Run(NamedTuple):
         return load_file(str(f))["theta"]
 
 
-def load_run(run_dir: Path | str, device: str | torch.device = "cpu") -> Run:
-    """Config, model (weights of the latest good checkpoint, eval mode) and tokenizer of a run."""
+def load_run_config(run_dir: Path | str) -> Config:
+    """The resolved config a run was trained with (CheckpointError if RUN_DIR is not a run directory)."""
     path = Path(run_dir)
     if not path.is_dir():
         raise CheckpointError(f"run directory '{path}' does not exist")
-    for name in ("config.yaml", "model.safetensors", "tokenizer.json"):
+    cfg_file = path / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"'{path}' is not a privlm run directory (no config.yaml)")
+    try:
+        return from_dict(yaml.safe_load(cfg_file.read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"'{cfg_file}' is not a valid privlm config: {str(exc).splitlines()[0]}") from None
+
+
+def load_run(run_dir: Path | str, device: str | torch.device = "cpu") -> Run:
+    """Config, model (weights of the latest good checkpoint, eval mode) and tokenizer of a run."""
+    path = Path(run_dir)
+    cfg = load_run_config(path)
+    for name in ("model.safetensors", "tokenizer.json"):
         if not (path / name).is_file():
             raise CheckpointError(f"'{path}' is not a complete run: missing {name}")
-    try:
-        cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()) or {})
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"'{path / 'config.yaml'}' is not a valid privlm config: "
-                              f"{str(exc).splitlines()[0]}") from None
     from safetensors.torch import load_model
     from tokenizers import Tokenizer
     model = GPT(cfg.model)

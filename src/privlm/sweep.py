@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import Any, Optional
 import yaml
 
 from privlm.config import Config, ConfigError, from_dict, load_config, looks_like_config_file, to_dict
-from privlm.errors import CheckpointError, DivergenceError, PrivlmError
+from privlm.errors import CheckpointError, DivergenceError
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title"}
 ENTRY_KEYS = {"preset", "name", "overrides"}

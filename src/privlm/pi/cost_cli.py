@@ -15,11 +15,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import yaml
-from omegaconf import OmegaConf
 
-from privlm.config import Config, ConfigError, from_dict, load_config, to_dict
+from privlm.config import Config, ConfigError, apply_overrides, load_config
 from privlm.pi.census import Census, census
+from privlm.run import load_run_config
 from privlm.pi.costs import Cost, available_profiles, load_profile, predict
 from privlm.pi.published import TABLES, load_rows, paper_round, printed_decimals
 
@@ -31,19 +30,7 @@ def resolve_spec(spec: str, overrides: list[str]) -> tuple[Config, Optional[int]
     """Preset name, YAML file or RUN_DIR -> (Config, T of the run or None)."""
     path = Path(spec)
     if path.is_dir():
-        cfg_file = path / "config.yaml"
-        if not cfg_file.is_file():
-            raise ConfigError(f"'{spec}' is a directory without config.yaml (not a privlm run directory)")
-        try:
-            raw = yaml.safe_load(cfg_file.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"'{cfg_file}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"'{cfg_file}' does not hold a config mapping")
-        cfg = from_dict(raw)
-        if overrides:
-            merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(overrides))
-            cfg = from_dict(OmegaConf.to_container(merged))
+        cfg = apply_overrides(load_run_config(path), overrides)
         return cfg, cfg.data.seq_len
     return load_config(spec, overrides), None
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
-from privlm.config import Config, ConfigError, from_dict
+from privlm.config import Config
 from privlm.errors import CheckpointError
+from privlm.run import load_run_config
 
 # Optional file with a measured private-inference run (written by `privlm pi run --save`, issue 6).
 PI_MEASURED_FILE = "pi_measured.json"
@@ -130,15 +130,7 @@ def read_metrics(path: Path) -> list[dict]:
 def load_run(path: str | Path) -> RunData:
     """Read RUN_DIR's config, metrics, entropy and summary (CheckpointError if it is not a run dir)."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"run directory '{path}' does not exist")
-    cfg_file = path / "config.yaml"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"'{path}' is not a privlm run directory (no config.yaml)")
-    try:
-        cfg = from_dict(yaml.safe_load(cfg_file.read_text()) or {})
-    except (yaml.YAMLError, ConfigError) as exc:
-        raise CheckpointError(f"{cfg_file} is not a valid privlm config: {str(exc).splitlines()[0]}") from None
+    cfg = load_run_config(path)
     records = read_metrics(path / "metrics.jsonl")
     by_kind: dict[str, list[dict]] = {"train": [], "eval": [], "entropy": []}
     for rec in records:

@@ -12,7 +12,6 @@ reports. See docs/pi-measured.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -83,8 +82,6 @@ def _tokens(args, tokenizer, vocab_size: int) -> list[int]:
 
 
 def cmd_run(args) -> int:
-    import numpy as np
-
     from privlm.spu.launcher import run_parties
     from privlm.spu.report import format_table, summarize
 

@@ -14,14 +14,14 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from privlm.errors import CheckpointError
-from privlm.fileio import atomic_write_json, atomic_write_text, fsync_dir
+from privlm.fileio import atomic_write_text, fsync_dir
 
 WEIGHTS = "model.safetensors"
 REG_WEIGHTS = "entropy_reg.safetensors"

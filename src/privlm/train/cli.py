@@ -11,9 +11,10 @@ import re
 import time
 from pathlib import Path
 
-import yaml
 
-from privlm.config import ConfigError, _check_keys, _merge, _parse_overrides, from_dict, load_config, split_spec, validate
+from privlm.config import ConfigError, apply_overrides, load_config, split_spec
+from privlm.errors import CheckpointError
+from privlm.run import load_run_config
 
 
 def _default_run_dir(preset: str) -> Path:
@@ -23,19 +24,14 @@ def _default_run_dir(preset: str) -> Path:
 
 def resume_config(run_dir: Path, overrides: list[str]):
     """The run's saved config with optional overrides (e.g. train.max_steps=... to extend a run)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
-    cfg = from_dict(yaml.safe_load(path.read_text()))
-    if overrides:
-        from omegaconf import OmegaConf
-        raw = _parse_overrides(overrides)
-        _check_keys(raw, type(cfg))
-        if "model" in raw or "data" in raw:
-            raise ConfigError("on --resume only train.* and reg.* keys may be overridden "
-                              "(the model and data of a run are fixed)")
-        cfg = OmegaConf.to_object(_merge(OmegaConf.structured(cfg), raw, "override"))
-        validate(cfg)
+    try:
+        cfg = load_run_config(run_dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume: {exc}") from None
+    if any(o.split("=", 1)[0].split(".", 1)[0] in ("model", "data") for o in overrides):
+        raise ConfigError("on --resume only train.* and reg.* keys may be overridden "
+                          "(the model and data of a run are fixed)")
+    return apply_overrides(cfg, overrides)
     return cfg
 
 

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -20,8 +19,8 @@ from privlm.model import GPT
 from privlm.train import distributed as D
 from privlm.train.baseline import unigram_ppl
 from privlm.train.batches import BatchSchedule, Position
-from privlm.train.checkpoint import (atomic_write_json, atomic_write_text, latest_checkpoint, load_checkpoint,
-                                     rng_state, save_checkpoint, set_rng_state)
+from privlm.fileio import atomic_write_json, atomic_write_text
+from privlm.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
 from privlm.train.optim import build_optimizer, build_scheduler
 from privlm.train.precision import Precision, resolve_precision

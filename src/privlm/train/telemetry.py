@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from privlm.train.checkpoint import atomic_write_text
+from privlm.fileio import atomic_write_text
 
 
 def is_interactive() -> bool:
