@@ -15,9 +15,6 @@ reference is written below in nanoGPT style (fused qkv, SDPA, fused AdamW).
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from privlm.config import load_config
+from privlm.hostinfo import describe_host
 from privlm.train import Trainer
 
 
@@ -151,16 +149,7 @@ def timed(trainer_step, steps: int, device: torch.device) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    desc = f"{describe_host()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     if torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name()}"
     return desc

@@ -11,8 +11,6 @@ under 2PC and the per-block steps are scaled by L / layers_measured.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from privlm.errors import PrivlmError
+from privlm.hostinfo import describe_host
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "pi" / "profiles"
 NONLINEAR = ("softmax", "layernorm", "gelu", "relu", "leaky_relu")
@@ -90,21 +89,7 @@ def register(sub) -> None:
 
 # --------------------------------------------------------------------------------------------------
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}; both parties on this host (loopback / in-memory link)"
+    return f"{describe_host()}; both parties on this host (loopback / in-memory link)"
 
 
 def grid_cases(grid: dict[str, list[dict]]) -> list[dict]:
