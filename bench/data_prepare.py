@@ -21,16 +21,7 @@ from pathlib import Path
 from privlm.config import DataConfig
 from privlm.data import build_corpus, prepare_data
 from privlm.data.tokenizer import corpus_encoder
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from privlm.hostinfo import cpu_model
 
 
 def main() -> int:
@@ -69,7 +60,7 @@ def main() -> int:
 
     tr, va = m["splits"]["train"], m["splits"]["valid"]
     result = {
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": sys.version.split()[0],
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
                     "platform": platform.platform(), "load_average_before_after": [load_before, os.getloadavg()[0]]},
         "config": {"source": "stdlib", "seq_len": args.seq_len, "vocab_size": args.vocab_size},
         "train": {k: tr[k] for k in ("documents", "bytes", "tokens", "chunks", "tokens_per_byte")},

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ def case_fn(op: str, shape: dict):
 def run(cases: list[dict], protocol: str, log: Path, repeats: int, rank: int | None = None,
         peers: list[str] | None = None) -> list[dict]:
     """Both parties as threads (rank None), or this process's party over brpc to ``peers``."""
-    from privlm.spu.party import Party, _setup_fn, compile_step, make_link
+    from privlm.spu.party import Party, _setup_fn, compile_step, make_link, run_ranks
 
     compiled = []
     for i, c in enumerate(cases):
@@ -55,43 +54,33 @@ def run(cases: list[dict], protocol: str, log: Path, repeats: int, rank: int | N
         compiled.append((c, compile_step(fn, [s for s, _ in ins], f"case{i}"), ins, elements, calls, flops))
     setup = compile_step(_setup_fn, [(4, 8), (8, 8)], "setup")
     rows: list[dict] = []
-    errors: list[BaseException] = []
 
     def party(rank: int) -> None:
-        try:
-            lctx = make_link(rank, peers)
-            p = Party(rank, lctx, protocol, log if rank == 0 else None)
-            rng = np.random.default_rng(rank)
-            p.share_input("a", 0, rng.normal(size=(4, 8)) if rank == 0 else None)
-            p.share_input("w", 1, rng.normal(size=(8, 8)) if rank == 1 else None)
-            st = p.run(setup, ["a", "w"], ["o"])
-            if rank == 0:
-                rows.append({"op": "setup", "shape": {}, "elements": 0, "calls": 1, "flops": 0, **st})
-            for c, exe, ins, elements, calls, flops in compiled:
-                names = []
-                for j, (shape, owner) in enumerate(ins):
-                    # logits-like inputs: N(0, 2); gains near 1 keep LayerNorm in its usual range
-                    val = rng.normal(0, 2.0, size=shape) if j == 0 else rng.normal(1.0, 0.1, size=shape)
-                    p.share_input(f"in{j}", owner, val if rank == owner else None)
-                    names.append(f"in{j}")
-                for _ in range(c.get("repeats", repeats)):
-                    st = p.run(exe, names, ["out"])
-                    if rank == 0:
-                        rows.append({"op": c["op"], "shape": c["shape"], "elements": elements, "calls": calls,
-                                     "flops": flops, **st})
-                p.shares.clear()
-            if peers is not None:
-                lctx.stop_link()
-        except BaseException as exc:
-            errors.append(exc)
+        lctx = make_link(rank, peers)
+        p = Party(rank, lctx, protocol, log if rank == 0 else None)
+        rng = np.random.default_rng(rank)
+        p.share_input("a", 0, rng.normal(size=(4, 8)) if rank == 0 else None)
+        p.share_input("w", 1, rng.normal(size=(8, 8)) if rank == 1 else None)
+        st = p.run(setup, ["a", "w"], ["o"])
+        if rank == 0:
+            rows.append({"op": "setup", "shape": {}, "elements": 0, "calls": 1, "flops": 0, **st})
+        for c, exe, ins, elements, calls, flops in compiled:
+            names = []
+            for j, (shape, owner) in enumerate(ins):
+                # logits-like inputs: N(0, 2); gains near 1 keep LayerNorm in its usual range
+                val = rng.normal(0, 2.0, size=shape) if j == 0 else rng.normal(1.0, 0.1, size=shape)
+                p.share_input(f"in{j}", owner, val if rank == owner else None)
+                names.append(f"in{j}")
+            for _ in range(c.get("repeats", repeats)):
+                st = p.run(exe, names, ["out"])
+                if rank == 0:
+                    rows.append({"op": c["op"], "shape": c["shape"], "elements": elements, "calls": calls,
+                                 "flops": flops, **st})
+            p.shares.clear()
+        if peers is not None:
+            lctx.stop_link()
 
-    threads = [threading.Thread(target=party, args=(r,)) for r in ((0, 1) if rank is None else (rank,))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    run_ranks(party, (0, 1) if rank is None else (rank,))
     return rows
 
 

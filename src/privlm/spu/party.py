@@ -51,6 +51,26 @@ def runtime_config(protocol: str, profile: bool):
     return cfg
 
 
+def run_ranks(target, ranks) -> None:
+    """Run target(rank) for each rank in its own thread (the in-process simulator's two parties) and
+    re-raise the first failure in the calling thread."""
+    errors: list[BaseException] = []
+
+    def guarded(rank: int) -> None:
+        try:
+            target(rank)
+        except BaseException as exc:  # surface a thread's failure in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in ranks]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+
+
 def make_link(rank: int, peers: list[str] | None, recv_timeout_s: float = 3600.0):
     """An in-memory link for the threaded simulator (peers None) or brpc between two OS processes."""
     import spu.libspu as libspu
@@ -303,24 +323,13 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict = {}
     if args.sim:
-        errors: list[BaseException] = []
-
         def target(r):
-            try:
-                lctx = make_link(r, None)
-                out = run_party(r, lctx, program, args.protocol, Path(args.log) if r == 0 else None,
-                                onehot if r == 0 else None, weights if r == 1 else None)
-                if out is not None:
-                    result.update(out)
-            except BaseException as exc:  # surface a thread's failure in the main thread
-                errors.append(exc)
-        threads = [threading.Thread(target=target, args=(r,)) for r in (0, 1)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        if errors:
-            raise errors[0]
+            lctx = make_link(r, None)
+            out = run_party(r, lctx, program, args.protocol, Path(args.log) if r == 0 else None,
+                            onehot if r == 0 else None, weights if r == 1 else None)
+            if out is not None:
+                result.update(out)
+        run_ranks(target, (0, 1))
     else:
         lctx = make_link(args.rank, args.peers.split(","))
         out = run_party(args.rank, lctx, program, args.protocol, Path(args.log) if args.rank == 0 else None,
