@@ -3,31 +3,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
 
 from privlm.config import load_config
-from privlm.data import prepare_data
+from small_corpus import stdlib_corpus_overrides
 from privlm.train import train
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
-    src = tmp_path / "corpus"
-    src.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in sorted(p.name for p in stdlib.glob("*.py"))[:30]:
-        shutil.copy(stdlib / name, src / name)
-    common = [f"data.source=files:{src}/*.py", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=512",
-              "data.seq_len=64", "data.valid_fraction=0.1", "model.n_layer=2", "model.n_head=2",
-              "model.n_embd=64", "model.block_size=64", "train.device=cpu", "train.max_steps=6",
-              "train.log_every=1", "train.eval_every=6", "train.save_every=6", "train.entropy_every=3",
-              "train.grad_accum=2", "train.lr=3e-3"]
-    prepare_data(load_config("SM+LN+G", common).data)  # warm the cache once
+    common = stdlib_corpus_overrides(tmp_path, 30) + [
+        "train.max_steps=6", "train.log_every=1", "train.eval_every=6", "train.save_every=6",
+        "train.entropy_every=3", "train.grad_accum=2", "train.lr=3e-3"]
 
     ddp_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

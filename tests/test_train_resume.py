@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -16,21 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from privlm.config import load_config
-from privlm.data import prepare_data
-
-
-def corpus_overrides(tmp: Path) -> list[str]:
-    """A small real corpus (40 stdlib modules) and a private cache, warmed here so runs only read it."""
-    src = tmp / "corpus"
-    src.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in sorted(p.name for p in stdlib.glob("*.py"))[:40]:
-        shutil.copy(stdlib / name, src / name)
-    over = [f"data.source=files:{src}/*.py", f"data.cache_dir={tmp / 'cache'}", "data.vocab_size=512",
-            "data.seq_len=64", "data.valid_fraction=0.1", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
-            "model.block_size=64", "train.device=cpu"]
-    prepare_data(load_config("SM+LN+G", over).data)
-    return over
+from small_corpus import stdlib_corpus_overrides
 
 
 def train_cmd(*args: str) -> list[str]:
@@ -42,7 +26,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
-    over = corpus_overrides(tmp_path) + [
+    over = stdlib_corpus_overrides(tmp_path, 40) + [
         "train.max_steps=60", "train.batch_size=8", "train.log_every=1", "train.save_every=5",
         "train.eval_every=25", "train.entropy_every=7", "train.lr=2e-3",
         "model.embd_dropout=0.1"]  # dropout draws random numbers: the RNG state must be restored too
@@ -84,7 +68,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
 
 
 def test_resume_rejects_changed_data(tmp_path):
-    over = corpus_overrides(tmp_path) + ["train.max_steps=4", "train.save_every=2", "train.eval_every=100"]
+    over = stdlib_corpus_overrides(tmp_path, 40) + ["train.max_steps=4", "train.save_every=2", "train.eval_every=100"]
     from privlm.errors import CheckpointError
     from privlm.train import train
     run = tmp_path / "run"

@@ -130,26 +130,37 @@ def eval_loss_curves(runs: Sequence[RunData]) -> Optional[Figure]:
     return fig
 
 
+def _per_layer_lines(runs: Sequence[RunData], values, ylabel: str, panel: tuple[float, float]):
+    """One panel per run, one line per layer over the logged entropy steps; `values(rec)` gives the L values
+    of one entropy record. Returns (figure, axes, the [step, layer] array of each run)."""
+    fig, axes = _grid(len(runs), ncols=3, panel=panel)
+    all_series = []
+    for ax, run in zip(axes, runs):
+        steps = [rec["step"] for rec in run.entropy]
+        series = np.array([values(rec) for rec in run.entropy], float)
+        all_series.append(series)
+        colors = _layer_colors(series.shape[1])
+        for layer in range(series.shape[1]):
+            ax.plot(steps, series[:, layer], color=colors[layer], label=f"L{layer}", lw=1.4)
+        ax.set_title(run.label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_formatter(FuncFormatter(_kilo))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncols=2)
+    return fig, axes, all_series
+
+
 def layer_entropy_dynamics(runs: Sequence[RunData]) -> Optional[Figure]:
     """Fig. 5 / Fig. 8: layerwise mean entropy vs training step, one line per layer, one panel per run."""
     runs = [r for r in runs if r.entropy]
     if not runs:
         return None
-    fig, axes = _grid(len(runs), ncols=3, panel=(4.2, 3.0))
+    fig, axes, _ = _per_layer_lines(runs, lambda rec: [math.nan if v is None else v for v in rec["layer_mean"]],
+                                 "mean entropy (nats)", panel=(4.2, 3.0))
     for ax, run in zip(axes, runs):
-        steps = [rec["step"] for rec in run.entropy]
-        means = np.array([[math.nan if v is None else v for v in rec["layer_mean"]] for rec in run.entropy])
-        colors = _layer_colors(means.shape[1])
-        for layer in range(means.shape[1]):
-            ax.plot(steps, means[:, layer], color=colors[layer], label=f"L{layer}", lw=1.4)
         ax.axhline(analysis.causal_max_entropy(run.seq_len), color="gray", ls=":", lw=1)
         ax.set_ylim(bottom=0)
-        ax.set_title(run.label, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean entropy (nats)")
-        ax.xaxis.set_major_formatter(FuncFormatter(_kilo))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, ncols=2)
     return fig
 
 
@@ -164,20 +175,11 @@ def nan_counts(runs: Sequence[RunData]) -> Optional[Figure]:
     runs = [r for r in runs if r.entropy]
     if not runs:
         return None
-    fig, axes = _grid(len(runs), ncols=3, panel=(4.2, 2.8))
-    for ax, run in zip(axes, runs):
-        steps = [rec["step"] for rec in run.entropy]
-        counts = np.array([rec.get("nan_counts") or [0] * len(rec["layer_mean"]) for rec in run.entropy], float)
-        colors = _layer_colors(counts.shape[1])
-        for layer in range(counts.shape[1]):
-            ax.plot(steps, counts[:, layer], color=colors[layer], label=f"L{layer}", lw=1.4)
+    fig, axes, series = _per_layer_lines(runs, lambda rec: rec.get("nan_counts") or [0] * len(rec["layer_mean"]),
+                                 "NaN count", panel=(4.2, 2.8))
+    for ax, run, counts in zip(axes, runs, series):
         total = int(np.nansum(counts))
         ax.set_title(f"{run.label}: {total} NaN" if total else f"{run.label}: no NaN", fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("NaN count")
-        ax.xaxis.set_major_formatter(FuncFormatter(_kilo))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, ncols=2)
     return fig
 
 
