@@ -213,7 +213,15 @@ def test_divergence_stops_with_diagnosis_and_keeps_last_good_checkpoint(tmp_path
     assert "\n" not in msg and "diverged at step 2" in msg and "first layer with NaN attention" in msg
     summary = json.loads((run / "summary.json").read_text())
     assert summary["diverged"] and summary["diagnosis"] == msg and summary["steps"] == 1
-    # the checkpoint is step 1, finite, and equal to one AdamW step done by hand from the same init and batch
+    # the weights after step 1 (lr 1e6) are finite but give NaN attention: not a good checkpoint, none kept
+    assert "no checkpoint was saved yet" in msg and not (run / "state" / "LATEST").exists()
+
+
+def test_checkpoint_is_one_adamw_step_by_hand(tmp_path):
+    data = synthetic_data()
+    overrides = ("train.max_steps=1", "train.warmup_frac=0", "train.lr=1e-2")
+    run = tmp_path / "run"
+    train(tiny_cfg(*overrides), run, quiet=True, data=data)
     assert (run / "state" / "LATEST").read_text().strip() == "step-00000001"
     cfg = tiny_cfg(*overrides, f"model.vocab_size={V + 1}")
     torch.manual_seed(cfg.train.seed)

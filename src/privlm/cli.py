@@ -6,10 +6,11 @@ callable taking the parsed ``argparse.Namespace`` and returning an exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
-from privlm.errors import PrivlmError
+from privlm.errors import OneLineArgumentParser, PrivlmError
 
 # Modules that contribute subcommands (imported lazily so `privlm --help` stays fast and a broken optional
 # dependency only breaks its own command).
@@ -28,7 +29,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="privlm", description="Design, train, diagnose and cost language models for private inference.")
     parser.add_argument("--version", action="version", version=f"privlm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -48,6 +49,14 @@ def _unavailable(name: str, exc: ImportError):
     return fail
 
 
+def _closed_pipe() -> int:
+    """`privlm ... | head`: the reader left; stop quietly (and keep Python from complaining at exit)."""
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
 def _version() -> str:
     from privlm import __version__
     return __version__
@@ -57,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `privlm train SPEC --quiet k=v`: overrides may follow options
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        from privlm.config import is_override
+        if hasattr(args, "overrides") and all(is_override(e) for e in extra):
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -66,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except PrivlmError as exc:
         print(f"privlm {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:  # `privlm ... | head`
-        sys.stderr.close()
-        return 0
+    except OSError as exc:  # unwritable --out or cache, disk full, a file vanished: the OS's one line
+        if exc.errno == errno.EPIPE:
+            return _closed_pipe()
+        where = f": '{exc.filename}'" if exc.filename else ""
+        print(f"privlm {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"privlm {args.command}: interrupted", file=sys.stderr)
         return 130

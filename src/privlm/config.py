@@ -6,6 +6,7 @@ Every error is a :class:`ConfigError` whose message is one line naming the key a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,13 +227,27 @@ def looks_like_config_file(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml")) or os.path.sep in spec and Path(spec).suffix in (".yaml", ".yml")
 
 
+def is_override(arg: str) -> bool:
+    """Whether a command-line word is a ``key=value`` override. An existing path wins: the sweep's own run
+    directories are called e.g. ``...-lr=0.001``, and a config file may have ``=`` in its name."""
+    return ("=" in arg and not arg.startswith("-") and not looks_like_config_file(arg)
+            and not Path(arg).expanduser().exists())
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line words -> (presets / config files / run directories, ``key=value`` overrides), in order."""
+    return [a for a in args if not is_override(a)], [a for a in args if is_override(a)]
+
+
 def split_spec(spec: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
-    """`privlm CMD model.n_layer=2`: a first positional that is an override (not a file) means the default
-    preset; return (spec, overrides) with it moved into the overrides."""
-    overrides = list(overrides)
-    if spec and "=" in spec and not looks_like_config_file(spec):
-        return None, [spec] + overrides
-    return spec, overrides
+    """`privlm CMD [SPEC] [key=value ...]` -> (spec or None for the default preset, overrides). The one
+    positional SPEC may itself be an override (then the default preset is meant); a path given among the
+    overrides is an error naming it."""
+    specs, over = split_args(([spec] if spec else []) + list(overrides))
+    if len(specs) > 1:
+        raise ConfigError(f"'{specs[1]}' is neither a key=value override nor the only PRESET/config "
+                          f"(already given: '{specs[0]}')")
+    return (specs[0] if specs else None), over
 
 
 def load_config(spec: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -270,6 +285,31 @@ def load_config(spec: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
+# What `privlm train --resume RUN key=value` may change: the optimizer's hyperparameters, the schedule, the
+# cadences and the device. Anything else (model, data, batch shape, seed, regularizer set-up) would make the
+# continued run a different run than its checkpoint and data order describe.
+RESUME_OVERRIDABLE = frozenset({
+    "train.max_steps", "train.lr", "train.min_lr", "train.weight_decay", "train.beta1", "train.beta2",
+    "train.eps", "train.grad_clip", "train.warmup_frac", "train.schedule", "train.eval_every",
+    "train.eval_max_batches", "train.log_every", "train.entropy_every", "train.save_every", "train.device",
+    "train.dtype", "train.compile", "reg.lambda_", "reg.gamma", "reg.start_frac", "reg.stop_frac"})
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """Dotted keys set by ``key=value`` overrides (``train.lr=1`` -> ``train.lr``)."""
+    def walk(raw: Any, prefix: str) -> list[str]:
+        if not isinstance(raw, dict):
+            return [prefix]
+        return [k for key, val in raw.items() for k in walk(val, f"{prefix}.{key}" if prefix else key)]
+    return walk(_parse_overrides(overrides), "")
+
+
+def config_changes(old: Config, new: Config) -> dict[str, list]:
+    """{dotted key: [old value, new value]} for every field that differs."""
+    a, b = to_dict(old), to_dict(new)
+    return {f"{sec}.{key}": [a[sec][key], b[sec][key]] for sec in a for key in a[sec] if a[sec][key] != b[sec][key]}
+
+
 def apply_overrides(cfg: Config, overrides: list[str], origin: str = "override") -> Config:
     """A resolved Config (e.g. a run's saved one) with ``key=value`` overrides applied and re-validated;
     the preset is not re-applied."""
@@ -291,6 +331,7 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def validate(cfg: Config) -> None:
     """Check choices and impossible combinations; raise ConfigError naming the first bad key."""
+    _check_finite(cfg)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -368,6 +409,16 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= r.start_frac <= r.stop_frac <= 1.0:
         raise ConfigError(f"reg.start_frac={r.start_frac} and reg.stop_frac={r.stop_frac} must satisfy "
                           f"0 <= start_frac <= stop_frac <= 1")
+
+
+def _check_finite(cfg: Config) -> None:
+    """No numeric field may be NaN or infinite (a NaN passes every `<`/`>` test, so the range checks
+    below would otherwise accept it or blame another key)."""
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{f.name}={value} must be a finite number")
 
 
 def to_yaml(cfg: Config) -> str:

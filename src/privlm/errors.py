@@ -1,4 +1,7 @@
-"""Exceptions whose message is shown to the user as one line (the CLI exits non-zero on them)."""
+"""Exceptions whose message is shown to the user as one line (the CLI exits non-zero on them), and the
+argument parser whose usage errors are one line too."""
+
+import argparse
 
 
 class PrivlmError(Exception):
@@ -19,3 +22,11 @@ class DivergenceError(PrivlmError):
     """Training produced NaN/Inf; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block before a usage error; every other privlm error is one line,
+    so usage errors are one line as well (the usage stays in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 
-from privlm.config import Config, ConfigError, apply_overrides, load_config
+from privlm.config import Config, ConfigError, apply_overrides, load_config, split_args
+from privlm.errors import OneLineArgumentParser
 from privlm.pi.census import Census, census
 from privlm.run import load_run_config
 from privlm.pi.costs import Cost, available_profiles, load_profile, predict
@@ -172,8 +173,7 @@ def run(args: argparse.Namespace) -> int:
                   f"({worst_c['arch']}), worst latency error {_err(worst_l['lat_err'])} ({worst_l['arch']}). "
                   f"FLOPs in the paper convention; '=' census matches the printed cell.")
         return 0
-    specs = [s for s in args.specs if "=" not in s]
-    overrides = [s for s in args.specs if "=" in s]
+    specs, overrides = split_args(args.specs)
     if not specs:
         specs = ["SM+LN+G"]
     resolved = [resolve_spec(s, overrides) for s in specs]
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _IntermixedParser(argparse.ArgumentParser):
+class _IntermixedParser(OneLineArgumentParser):
     """Lets ``key=value`` overrides follow options (``privlm cost SM+LN+G --T 256 model.n_layer=18``):
     argparse's plain parsing takes positionals only once, so the sub-parser parses intermixed."""
 

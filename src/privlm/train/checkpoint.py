@@ -5,9 +5,15 @@ scheduler, grad scaler, RNG states, data position) made visible by atomically re
 ``state/LATEST``; ``model.safetensors`` and ``entropy_reg.safetensors`` at the top of the run are then
 replaced (link/copy to a temp name + rename). A SIGKILL at any moment leaves either the previous or the
 new checkpoint complete, never a mix.
+
+Nothing in a checkpoint is pickled: a run directory may come from anyone, and unpickling runs code. The
+optimizer/scheduler/scaler and RNG states are nested Python structures holding tensors; `save_state`
+stores the tensors as safetensors and the structure around them as JSON in the file's metadata, so
+loading one can only ever produce tensors, numbers, strings, lists and dicts.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -25,6 +31,119 @@ from privlm.fileio import atomic_write_text, fsync_dir
 
 WEIGHTS = "model.safetensors"
 REG_WEIGHTS = "entropy_reg.safetensors"
+OPTIMIZER_STATE = "optimizer.safetensors"
+RNG_STATE = "rng.safetensors"
+STATE_FORMAT = "privlm-state/1"
+PICKLED_STATE = ("optimizer.pt", "rng.pt")  # the format before STATE_FORMAT; never unpickled
+
+
+def _encode(obj, tensors: dict):
+    """A JSON-able mirror of ``obj`` with every tensor moved into ``tensors`` (tuples, non-string dict keys
+    and numpy arrays are tagged so that `_decode` rebuilds exactly the same types)."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(x, tensors) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x, tensors) for x in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint state file")
+
+
+def _decode(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_decode(x, tensors) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+    if "__tuple__" in obj:
+        return tuple(_decode(x, tensors) for x in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def save_state(path: Path, obj) -> None:
+    """Write a nested structure of tensors, numbers, strings, lists, tuples and dicts without pickle."""
+    tensors: dict = {}
+    structure = _encode(obj, tensors)
+    save_file(tensors, str(path), metadata={"format": STATE_FORMAT, "structure": json.dumps(structure)})
+
+
+def load_state(path: Path):
+    """Read what `save_state` wrote; CheckpointError (one line, naming the file) if it is not such a file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != STATE_FORMAT:
+                raise ValueError(f"not a {STATE_FORMAT} file (format {meta.get('format')!r})")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        return _decode(json.loads(meta["structure"]), tensors)
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or hand-edited files all mean "malformed"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"checkpoint state file '{path}' is malformed: {first}") from None
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """The one writer of a run directory: an exclusive `flock` on ``RUN_DIR/.lock`` held for a whole
+    train/resume (the kernel drops it when the process dies, so a SIGKILL never leaves a stale lock).
+    Readers (eval, entropy, cost, report) never take it."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(f"run directory '{self.path.parent}' is being written by another privlm "
+                                  f"process (pid {holder}); wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files and directories of a writer that was killed (only call while holding the RunLock)."""
+    run_dir = Path(run_dir)
+    for p in [*run_dir.glob(".*.tmp"), *(run_dir / "state").glob(".*.tmp")]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _atomic_place(src: Path, dst: Path) -> None:
@@ -45,12 +164,16 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict, source: Path | str = "the checkpoint") -> None:
+    try:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except Exception as exc:  # noqa: BLE001 - wrong types/sizes from a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"checkpoint state file '{source}' holds an unusable RNG state: {first}") from None
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, reg: Optional[torch.nn.Module],
@@ -67,9 +190,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, reg: Optio
         if reg is not None:
             save_file({"theta": reg.theta.detach().float().cpu().contiguous()}, str(tmp / REG_WEIGHTS),
                       metadata={"step": str(step)})
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
-        torch.save(rng_states, tmp / "rng.pt")
+        save_state(tmp / OPTIMIZER_STATE, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                           "scaler": scaler.state_dict() if scaler is not None else None})
+        save_state(tmp / RNG_STATE, rng_states)
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -93,34 +216,54 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, reg: Optio
     return final
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    return (Path(run_dir) / "state" / "LATEST").is_file()
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     pointer = Path(run_dir) / "state" / "LATEST"
     if not pointer.is_file():
         raise CheckpointError(f"'{run_dir}' has no checkpoint to resume from (missing {pointer})")
-    ckpt = pointer.parent / pointer.read_text().strip()
-    if not (ckpt / "trainer.json").is_file() or not (ckpt / WEIGHTS).is_file():
+    name = pointer.read_text(errors="replace").strip()
+    ckpt = pointer.parent / name
+    if not name.startswith("step-") or "/" in name or not (ckpt / "trainer.json").is_file() \
+            or not (ckpt / WEIGHTS).is_file():
         raise CheckpointError(f"checkpoint '{ckpt}' named by {pointer} is missing or incomplete")
+    if not (ckpt / OPTIMIZER_STATE).is_file() and any((ckpt / f).exists() for f in PICKLED_STATE):
+        raise CheckpointError(f"checkpoint '{ckpt}' uses the old pickled state format (optimizer.pt, rng.pt), "
+                              f"which privlm no longer loads because unpickling can run code; its weights still "
+                              f"serve eval/sample/entropy/cost, but it cannot be resumed")
     return ckpt
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, reg: Optional[torch.nn.Module],
                     optimizer: torch.optim.Optimizer, scheduler, scaler) -> tuple[dict, list[dict]]:
     """Restore everything saved by `save_checkpoint`; return (trainer_state, per-rank RNG states)."""
+    current = ckpt / WEIGHTS
     try:
-        load_model(model, str(ckpt / WEIGHTS), strict=True)
+        load_model(model, str(current), strict=True)
         if reg is not None:
-            theta = load_file(str(ckpt / REG_WEIGHTS))["theta"]
+            current = ckpt / REG_WEIGHTS
+            theta = load_file(str(current))["theta"]
             with torch.no_grad():
                 reg.theta.copy_(theta)
-        opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+        current = ckpt / OPTIMIZER_STATE
+        opt = load_state(current)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         if scaler is not None and opt["scaler"] is not None:
             scaler.load_state_dict(opt["scaler"])
-        rngs = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=False)
-        trainer_state = json.loads((ckpt / "trainer.json").read_text())
+        current = ckpt / RNG_STATE
+        rngs = load_state(current)
+        if not isinstance(rngs, list) or not all(isinstance(r, dict) and {"torch", "numpy", "python"} <= r.keys()
+                                                 for r in rngs):
+            raise CheckpointError(f"checkpoint state file '{current}' is malformed: not a list of per-rank "
+                                  f"RNG states")
+        current = ckpt / "trainer.json"
+        trainer_state = json.loads(current.read_text())
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decode/shape problem is a corrupt checkpoint
-        raise CheckpointError(f"cannot load checkpoint '{ckpt}': {str(exc).splitlines()[0]}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"cannot load checkpoint file '{current}': {first}") from None
     return trainer_state, rngs

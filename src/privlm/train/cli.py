@@ -23,16 +23,13 @@ def _default_run_dir(preset: str) -> Path:
 
 
 def resume_config(run_dir: Path, overrides: list[str]):
-    """The run's saved config with optional overrides (e.g. train.max_steps=... to extend a run)."""
+    """The run's saved config with optional overrides (e.g. train.max_steps=... to extend a run, train.lr=...);
+    the trainer rejects changes outside `RESUME_OVERRIDABLE` and records the others in config_history.jsonl."""
     try:
         cfg = load_run_config(run_dir)
     except CheckpointError as exc:
         raise CheckpointError(f"cannot resume: {exc}") from None
-    if any(o.split("=", 1)[0].split(".", 1)[0] in ("model", "data") for o in overrides):
-        raise ConfigError("on --resume only train.* and reg.* keys may be overridden "
-                          "(the model and data of a run are fixed)")
     return apply_overrides(cfg, overrides)
-    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", nargs="?", default=None, help="YAML config or preset name (e.g. 'SM+R')")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
     p.add_argument("--out", default=None, help="new run directory (default runs/<preset>-<time>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR exactly (from step 0 if it died before its first checkpoint); "
+                        "train.* overrides such as train.max_steps or train.lr apply from the next step")
     p.add_argument("--quiet", action="store_true", help="no progress bar, log lines only (automatic off a TTY)")
     p.set_defaults(func=run)

@@ -6,37 +6,78 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
+import statistics
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from privlm.config import Config, ConfigError, to_yaml, validate
+from privlm.config import RESUME_OVERRIDABLE, Config, ConfigError, config_changes, to_yaml, validate
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.model import GPT
 from privlm.train import distributed as D
 from privlm.train.baseline import unigram_ppl
 from privlm.train.batches import BatchSchedule, Position
 from privlm.fileio import atomic_write_json, atomic_write_text
-from privlm.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from privlm.train.checkpoint import (LOCK, RNG_STATE, RunLock, has_checkpoint, latest_checkpoint, load_checkpoint,
+                                     remove_leftovers, rng_state, save_checkpoint, set_rng_state)
 from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
 from privlm.train.optim import build_optimizer, build_scheduler
 from privlm.train.precision import Precision, resolve_precision
 from privlm.train.telemetry import Telemetry, truncate_metrics
 
 
+# A checkpoint is kept only if the loss of the weights it would hold, and the last training loss, are finite
+# and at most this factor times the median training loss of the last LOSS_WINDOW steps: a checkpoint of a run
+# that is blowing up (finite but huge weights) must not replace the last good one.
+SANE_LOSS_FACTOR = 2.0
+LOSS_WINDOW = 50
+# Records of a failed attempt that `--resume` of a run without any checkpoint replaces when it starts again.
+ATTEMPT_RECORDS = ("metrics.jsonl", "summary.json", "entropy.json", "tb")
+
+
 # ----------------------------------------------------------------------------------------
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """A new run never writes into a non-empty directory; a resume needs an existing run."""
+def check_run_dir(run_dir: Path, resume: bool) -> bool:
+    """A new run never writes into a non-empty directory; a resume needs a run directory. Returns whether
+    there is a checkpoint to continue from (a resume without one starts the run again from step 0)."""
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
+        if not has_checkpoint(run_dir):
+            return False
         latest_checkpoint(run_dir)
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise CheckpointError(f"run directory '{run_dir}' already exists and is not empty; choose another "
-                              f"--out or continue it with --resume {run_dir}")
+        return True
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out '{run_dir}' exists and is not a directory")
+    if run_dir.is_dir() and any(p.name != LOCK and not p.name.endswith(".tmp") for p in run_dir.iterdir()):
+        if (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"run directory '{run_dir}' is not empty: it holds a run; choose another --out or "
+                                  f"continue it with --resume {run_dir}")
+        raise CheckpointError(f"--out '{run_dir}' already exists and is not empty (and is not a run "
+                              f"directory); choose another --out")
+    return False
+
+
+def claim_run_dir(run_dir: Path, resume: bool) -> tuple[RunLock, bool]:
+    """Take the run's writer lock (refusing at once if another process holds it), check the directory,
+    remove what a killed writer left behind. Returns (lock, whether a checkpoint exists)."""
+    lock = RunLock(run_dir)
+    try:
+        if lock.path.is_file():  # a live writer is the first thing to report
+            lock.acquire()
+        check_run_dir(run_dir, resume)  # before creating anything in a directory we may not use
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not lock.held:
+            lock.acquire()
+        remove_leftovers(run_dir)
+        return lock, check_run_dir(run_dir, resume)  # again under the lock: the state may have changed
+    except BaseException:
+        lock.release()
+        raise
 
 
 def build_regularizer(cfg: Config) -> Optional[nn.Module]:
@@ -103,19 +144,47 @@ def _write_data_files(data: Any, run_dir: Path) -> None:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, quiet: bool = False,
                  data: Any = None):
-        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         device_hint = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.dist = D.init_distributed(device_hint)
         self.precision = resolve_precision(cfg.train.device, cfg.train.dtype, self.dist.local_rank)
-        check_run_dir(self.run_dir, resume)
-        D.barrier(self.dist)
+        self.lock: Optional[RunLock] = None
+        has_ckpt: Any = None
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.lock, has_ckpt = claim_run_dir(self.run_dir, resume)
+            except BaseException as exc:
+                D.broadcast_object(("error", str(exc)), self.dist)
+                raise
+        has_ckpt = D.broadcast_object(has_ckpt, self.dist)
+        if isinstance(has_ckpt, tuple):
+            raise CheckpointError(f"rank 0 refused the run directory: {has_ckpt[1]}")
+        # resume: continue from the checkpoint; restart: a --resume of a run that died before its first
+        # checkpoint starts it again from step 0 with its saved config (never a dead end)
+        self.resume, self.restart = has_ckpt, resume and not has_ckpt
+        try:
+            self._setup(quiet, data)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self, quiet: bool, data: Any) -> None:
+        cfg = self.cfg
+        changes = self._config_changes() if (self.resume or self.restart) else {}
+        if self.dist.is_main:
+            if self.restart:
+                self._clear_failed_attempt()
+            if not self.resume:  # first: a directory we write into always says which run it holds
+                atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        D.barrier(self.dist)
         self.data = self._load_data(data)
         cfg.model.vocab_size = int(self.data.vocab_size)  # the embedding follows the tokenizer
         validate(cfg)
-        if self.dist.is_main and not resume:
-            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
 
         if cfg.train.deterministic and self.precision.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
@@ -130,21 +199,37 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         self.step, self.tokens, self.last_saved = 0, 0, 0
+        # the current log interval and the loss window of the checkpoint sanity test are part of the
+        # trainer's state, so a resumed run logs and keeps checkpoints exactly like the uninterrupted one
+        self.interval_loss, self.interval_steps = 0.0, 0
+        self.recent_losses: deque = deque(maxlen=LOSS_WINDOW)
+        self._last_chunk: Optional[torch.Tensor] = None
         position = Position()
-        if resume:
+        if self.resume:
             ckpt = latest_checkpoint(self.run_dir)
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            base_lrs = list(self.scheduler.base_lrs)
             state, rngs = load_checkpoint(ckpt, self.model, self.reg, self.optimizer, self.scheduler, self.scaler)
+            self._use_config_hyperparameters(hyper, base_lrs)
             self.step = self.last_saved = int(state["step"])
             self.tokens = int(state["tokens"])
             position = Position(**state["position"])
+            self.interval_loss = float(state.get("interval_loss", 0.0))
+            self.interval_steps = int(state.get("interval_steps", 0))
+            self.recent_losses.extend(float(x) for x in state.get("recent_losses", []))
             if state.get("world", 1) != self.dist.world:
                 raise CheckpointError(f"run was trained with {state.get('world', 1)} processes, resumed with "
                                       f"{self.dist.world}; the data order would change")
-            set_rng_state(rngs[self.dist.rank])
+            if cfg.train.max_steps < self.step:
+                raise ConfigError(f"train.max_steps={cfg.train.max_steps} is below step {self.step}, which the "
+                                  f"run has already reached")
+            set_rng_state(rngs[self.dist.rank], ckpt / RNG_STATE)
             if self.dist.is_main:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         else:
             torch.manual_seed(cfg.train.seed + self.dist.rank)  # dropout streams differ per rank
+        if self.dist.is_main:
+            self._record_config(changes)
         self.batches = BatchSchedule(self.data.train, cfg.train.batch_size, cfg.train.grad_accum,
                                      cfg.train.seed, self.dist.rank, self.dist.world, position)
 
@@ -156,46 +241,140 @@ class Trainer:
         if cfg.train.compile:
             self.net = torch.compile(self.net)
         self.telemetry = Telemetry(self.run_dir, self.dist.is_main, quiet, cfg.train.max_steps, self.step)
+        if self.restart:
+            self.telemetry.print(f"'{self.run_dir}' has no checkpoint: starting the run again from step 0")
+
+    # ------------------------------------------------------------------------------------
+    def _config_changes(self) -> dict[str, list]:
+        """What the config given for a resume changes in the run's config.yaml; only the optimizer, schedule,
+        cadences, device and regularizer strength may change (RESUME_OVERRIDABLE)."""
+        from privlm.run import load_run_config
+        changes = config_changes(load_run_config(self.run_dir), self.cfg)
+        changes.pop("model.vocab_size", None)  # set from the tokenizer, not by the user
+        fixed = [k for k in changes if k not in RESUME_OVERRIDABLE]
+        if fixed:
+            raise ConfigError(f"{fixed[0]} cannot change when resuming a run (it would no longer be the run its "
+                              f"checkpoint describes); changeable: {', '.join(sorted(RESUME_OVERRIDABLE))}")
+        return changes
+
+    def _record_config(self, changes: dict[str, list]) -> None:
+        """Write config.yaml; on a resume with overrides also log them, with the step they take effect at,
+        to config_history.jsonl."""
+        if self.resume and not changes:
+            return
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        if changes:
+            with open(self.run_dir / "config_history.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
+            print(f"from step {self.step + 1}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+                  flush=True)
+
+    def _use_config_hyperparameters(self, hyper: list[dict], base_lrs: list[float]) -> None:
+        """After loading a checkpoint: the optimizer hyperparameters and schedule of the (possibly overridden)
+        config, and the learning rate of the next step recomputed from them (not the saved one: extending a
+        finished run would otherwise take its next step at the final, often zero, learning rate)."""
+        for group, fresh in zip(self.optimizer.param_groups, hyper):
+            group.update(fresh)
+        self.scheduler.base_lrs = base_lrs
+        lrs = [base * fn(self.scheduler.last_epoch) for base, fn in zip(base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+
+    def _clear_failed_attempt(self) -> None:
+        for name in ATTEMPT_RECORDS:
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        for f in (self.run_dir / "state").glob("step-*"):  # never committed (no LATEST): incomplete
+            shutil.rmtree(f, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------
     def _load_data(self, data: Any) -> Any:
+        # a resumed run (or a restarted one that got as far) uses its own tokenizer: never retrain it (same
+        # content = same token cache) and check that the data is still the run's data
+        own = (self.resume or self.restart) and (self.run_dir / "tokenizer.json").is_file() \
+            and (self.run_dir / "data_manifest.json").is_file()
         if data is None:
             from privlm.data import prepare_data
             dcfg = self.cfg.data
-            if self.resume:  # the run's own tokenizer: never retrain it (same content = same token cache)
+            if own:
                 dcfg = dataclasses.replace(dcfg, tokenizer=str(self.run_dir / "tokenizer.json"))
             # rank 0 builds (or finds in the cache) the tokenized splits first; the others then hit the cache
             if self.dist.is_main:
-                data = prepare_data(dcfg, None if self.resume else self.run_dir)
+                data = prepare_data(dcfg, None if own else self.run_dir)
             D.barrier(self.dist)
             if not self.dist.is_main:
                 data = prepare_data(dcfg, None)
-        if self.dist.is_main and not self.resume:
+        if self.dist.is_main and not own:
             _write_data_files(data, self.run_dir)
-        if self.resume:
-            saved = json.loads((self.run_dir / "data_manifest.json").read_text())
-            if _split_fingerprint(saved) != _split_fingerprint(data.manifest):
+        if own:
+            try:
+                saved = json.loads((self.run_dir / "data_manifest.json").read_text())
+            except ValueError as exc:
+                raise CheckpointError(f"'{self.run_dir / 'data_manifest.json'}' is not valid JSON: {exc}") from None
+            if not isinstance(saved, dict) or _split_fingerprint(saved) != _split_fingerprint(data.manifest):
                 raise CheckpointError(f"the data built now differs from the run's data_manifest.json "
                                       f"({_split_fingerprint(data.manifest)} vs {_split_fingerprint(saved)}); "
                                       f"resuming would not continue the same run")
         return data
 
+    @torch.no_grad()
+    def _probe_loss(self) -> float:
+        """Loss of the current weights on the last step's first micro-batch (eval mode: no dropout, no RNG
+        draw, no spectral-norm power iteration, so the run's numerics do not change)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.precision.autocast():
+                out = self.model(self._last_chunk, shift_targets(self._last_chunk))
+        finally:
+            self.model.train(was_training)
+        return (D.all_reduce_sum(out.loss.detach().float(), self.dist) / self.dist.world).item()
+
+    def checkpoint_problem(self) -> Optional[str]:
+        """Why the current weights are not a good checkpoint, or None. Good: every weight finite, and both the
+        last training loss and the loss of these weights at most SANE_LOSS_FACTOR x the median training loss
+        of the last LOSS_WINDOW steps."""
+        probe = self._probe_loss() if self._last_chunk is not None else None  # collective: every rank
+        if not all(torch.isfinite(p).all() for p in self.params):
+            return "non-finite weights"
+        if probe is not None and not math.isfinite(probe):
+            return f"the loss of the weights to save is {probe}"
+        if self.recent_losses:
+            median = statistics.median(self.recent_losses)
+            limit = SANE_LOSS_FACTOR * median
+            for what, loss in (("the last training loss", self.recent_losses[-1]),
+                               ("the loss of the weights to save", probe)):
+                if loss is not None and loss > limit:
+                    return (f"{what} {loss:.4g} exceeds {SANE_LOSS_FACTOR:g} x the median training loss "
+                            f"{median:.4g} of the last {len(self.recent_losses)} steps")
+        return None
+
     def _save(self) -> None:
-        if not all(torch.isfinite(p).all() for p in self.params):  # never replace a good checkpoint
+        problem = self.checkpoint_problem()
+        if problem is not None:  # never replace a good checkpoint
+            self.telemetry.print(f"step {self.step}: checkpoint not saved ({problem}); last good checkpoint: "
+                                 f"{f'step {self.last_saved}' if self.last_saved else 'none yet'}")
             return
         rngs = D.gather_objects(rng_state(), self.dist)
         if self.dist.is_main:
             save_checkpoint(self.run_dir, self.step, self.model, self.reg, self.optimizer, self.scheduler,
                             self.scaler, {"tokens": self.tokens, "position": self.batches.position.to_dict(),
-                                          "world": self.dist.world}, rngs)
+                                          "world": self.dist.world, "interval_loss": self.interval_loss,
+                                          "interval_steps": self.interval_steps,
+                                          "recent_losses": list(self.recent_losses)}, rngs)
         D.barrier(self.dist)
         self.last_saved = self.step
 
-    def _evaluate(self) -> EvalResult:
+    def _evaluate(self, record: bool = True) -> EvalResult:
         t = self.cfg.train
         res = evaluate(self.net if not self.dist.enabled else self.model, self.data.valid, t.batch_size,
                        self.precision, self.dist, t.eval_max_batches)
-        self.telemetry.eval(self.step, res.loss, res.ppl, res.tokens)
+        if record:
+            self.telemetry.eval(self.step, res.loss, res.ppl, res.tokens)
         if not math.isfinite(res.loss):  # finite training loss but NaN/Inf on held-out data: same verdict
             first = torch.from_numpy(self.data.valid[: t.batch_size].astype("int64")).to(self.precision.device)
             self._diverged(first, res.loss, float("nan"), self.step, "validation loss is non-finite")
@@ -306,6 +485,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.tokens += _tokens_per_step(self.cfg, self.dist.world)
+        self.recent_losses.append(loss_f)
+        self._last_chunk = first
         return loss_f, gn_f, tele
 
     def run(self) -> dict:
@@ -317,15 +498,15 @@ class Trainer:
                                  f"{len(self.data.train):,} train / {len(self.data.valid):,} valid chunks of "
                                  f"T={cfg.data.seq_len}, {tok_step:,} tokens per step, device "
                                  f"{self.precision.device} ({str(self.precision.dtype).replace('torch.', '')})")
-        interval_loss, interval_steps, t_interval = 0.0, 0, time.time()
+        t_interval = time.time()
         final: Optional[EvalResult] = None
         while self.step < t.max_steps:
             # a fixed cadence (not "and at the last step"): the numerics of step s never depend on max_steps
             want_entropy = (self.step + 1) % t.entropy_every == 0
             lr = self.optimizer.param_groups[0]["lr"]
             loss_f, gn_f, tele = self.step_once(want_entropy)
-            interval_loss += loss_f
-            interval_steps += 1
+            self.interval_loss += loss_f
+            self.interval_steps += 1
             self.telemetry.advance()
             if tele is not None:
                 self.telemetry.entropy(self.step, tele["head_entropy"], tele["nan_counts"], cfg.data.seq_len,
@@ -333,16 +514,16 @@ class Trainer:
             last = self.step == t.max_steps
             if self.step % t.log_every == 0 or last:
                 elapsed = max(time.time() - t_interval, 1e-9)
-                self.telemetry.train(self.step, interval_loss / interval_steps, lr, self.tokens,
-                                     interval_steps * tok_step / elapsed, gn_f)
-                interval_loss, interval_steps, t_interval = 0.0, 0, time.time()
+                self.telemetry.train(self.step, self.interval_loss / self.interval_steps, lr, self.tokens,
+                                     self.interval_steps * tok_step / elapsed, gn_f)
+                self.interval_loss, self.interval_steps, t_interval = 0.0, 0, time.time()
             if self.step % t.eval_every == 0 or last:
                 final = self._evaluate()
                 t_interval = time.time()  # evaluation time is not training throughput
             if self.step % t.save_every == 0 or last:
                 self._save()
-        if final is None:  # resumed a finished run: evaluate once more for the summary
-            final = self._evaluate()
+        if final is None:  # resumed a finished run: its eval record exists; evaluate for the summary only
+            final = self._evaluate(record=False)
         summary = None
         if self.dist.is_main:
             self._write_entropy()
@@ -374,6 +555,7 @@ def train(cfg: Config, run_dir: Path | str, *, resume: bool = False, quiet: bool
             return trainer.run()
         finally:
             trainer.telemetry.close()
+            trainer.release()
             D.shutdown(trainer.dist)
     finally:  # a global switch: do not leak it into the caller (tests, notebooks)
         torch.use_deterministic_algorithms(deterministic_before)
