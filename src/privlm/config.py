@@ -230,7 +230,8 @@ def looks_like_config_file(spec: str) -> bool:
 def is_override(arg: str) -> bool:
     """Whether a command-line word is a ``key=value`` override. An existing path wins: the sweep's own run
     directories are called e.g. ``...-lr=0.001``, and a config file may have ``=`` in its name."""
-    return ("=" in arg and not arg.startswith("-") and not looks_like_config_file(arg)
+    key = arg.split("=", 1)[0]
+    return ("=" in arg and not arg.startswith("-") and "/" not in key and not looks_like_config_file(arg)
             and not Path(arg).expanduser().exists())
 
 
@@ -260,6 +261,8 @@ def load_config(spec: Optional[str] = None, overrides: Optional[list[str]] = Non
     if spec:
         if looks_like_config_file(spec):
             file_raw = _load_yaml(Path(spec))
+        elif os.path.sep in spec:  # a path, not a preset name
+            raise ConfigError(f"'{spec}' does not exist (expected a preset name, a .yaml config or a run directory)")
         else:
             preset_name = spec
     over_raw = _parse_overrides(overrides)

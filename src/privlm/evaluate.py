@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+
+from privlm.errors import positive_int
+from privlm.fileio import strict_json
 
 
 def evaluate_run(run_dir: str, data_source: str | None = None, batch_size: int | None = None,
@@ -34,8 +36,8 @@ def evaluate_run(run_dir: str, data_source: str | None = None, batch_size: int |
 
 def run(args: argparse.Namespace) -> int:
     rep = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_batches, args.device)
-    if args.json:
-        print(json.dumps(rep))
+    if args.json:  # an overflowed PPL is null, not Infinity (which is not JSON)
+        print(strict_json(rep))
     else:
         print(f"{rep['run']}: valid loss {rep['loss']:.4f}  PPL {rep['ppl']:.4f}  "
               f"({rep['tokens']:,} tokens, T={rep['seq_len']}, data {rep['data']})")
@@ -47,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="evaluate on this source instead (files:<glob>, hf:<id>, stdlib)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--max-batches", type=positive_int, default=None, help="score only the first N batches")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--json", action="store_true", help="print {ppl, loss, tokens, ...} as JSON")
     p.set_defaults(func=run)

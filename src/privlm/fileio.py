@@ -3,6 +3,7 @@ directory, fsynced and renamed, so a reader (or a run killed with SIGKILL) never
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def strict_json(obj: Any, **kwargs) -> str:
+    """JSON that every parser accepts: NaN and +-Infinity (not JSON) become null."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
 
 
 def atomic_write_json(path: Path, obj: Any, indent: int = 2) -> None:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 from privlm.config import ConfigError
+from privlm.errors import finite_float
 
 
 def sample_text(run_dir: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -14,10 +16,15 @@ def sample_text(run_dir: str, prompt: str, max_new_tokens: int = 100, temperatur
 
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ConfigError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"--temperature={temperature} must be a finite number >= 0 (0 = greedy)")
     if top_k is not None and top_k <= 0:
         raise ConfigError(f"--top-k={top_k} must be positive")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable bytes in argv arrive as lone surrogates
+        raise ConfigError(f"--prompt is not valid UTF-8 text (undecodable byte at character {exc.start}); "
+                          f"pass the prompt in UTF-8") from None
     run = load_run(run_dir, device)
     ids = run.tokenizer.encode(prompt).ids
     if not ids:
@@ -41,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))

@@ -27,10 +27,13 @@ silent mismatch between the manifest and the tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
+import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +319,24 @@ def _read_text_files(paths: Iterable[Path], base: Path, gate: _Gate, code_for: C
 # ---------------------------------------------------------------------------------------------------
 # HF datasets rows
 
+def _check_jsonl(files: list[str]) -> None:
+    """DataError naming the first file and line that is not one JSON object."""
+    for name in files:
+        try:
+            with open(name, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as exc:
+                        raise DataError(f"'{name}' line {lineno} is not valid JSON: {exc}") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"'{name}' line {lineno} is a JSON {type(row).__name__}, not an object "
+                                        f"with a text field")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"'{name}' is not UTF-8 text (byte offset {exc.start})") from None
+
 def _column_check(ds, text_field: str, where: str) -> None:
     cols = list(getattr(ds, "column_names", None) or [])
     if cols and text_field not in cols:
@@ -345,6 +366,55 @@ def _row_text(value, text_field: str) -> str:
     return value
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect (seconds, instead of minutes of HTTP retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hf_offline(offline: bool):
+    """Hub calls answered from the local cache only (no retries against an unreachable network)."""
+    if not offline:
+        yield
+        return
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs its own multi-line errors and draws progress bars; privlm reports one line instead,
+    and draws no bars off a terminal."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    bars = datasets.utils.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def load_hf(spec: str, split: str, streaming: bool):
     """`datasets.load_dataset(id, config, split=split, streaming=streaming)` for ``id[:config]``, or
     `load_from_disk` for a directory written by `save_to_disk`."""
@@ -364,7 +434,22 @@ def load_hf(spec: str, split: str, streaming: bool):
                     raise DataError(f"dataset '{spec}' has no split '{split}'; splits: {', '.join(ds)}")
                 ds = ds[split]
             return ds.to_iterable_dataset() if streaming else ds
-        return datasets.load_dataset(str(path) if path.exists() else spec, name, split=split, streaming=streaming)
+        if path.exists():
+            with _quiet_datasets():
+                return datasets.load_dataset(str(path), name, split=split, streaming=streaming)
+        offline = (datasets.config.HF_HUB_OFFLINE or not hub_reachable()
+                   or os.environ.get("HF_HUB_OFFLINE", "").upper() in datasets.config.ENV_VARS_TRUE_VALUES)
+        with _quiet_datasets(), _hf_offline(offline):
+            try:
+                return datasets.load_dataset(spec, name, split=split, streaming=streaming)
+            except DataError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if offline:
+                    raise DataError(f"cannot load dataset '{spec}' split '{split}': the Hugging Face Hub is not "
+                                    f"reachable (no network, or HF_HUB_OFFLINE set) and the dataset is not in "
+                                    f"the local cache ({datasets.config.HF_DATASETS_CACHE})") from None
+                raise
     except DataError:
         raise
     except Exception as exc:  # hub/network/format errors from datasets are multi-line; keep the first
@@ -423,8 +508,11 @@ class _Builder:
         import datasets
 
         try:
-            return datasets.load_dataset(builder, data_files=files, split="train")
+            with _quiet_datasets():
+                return datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as exc:
+            if builder == "json":
+                _check_jsonl(files)  # names the file and line datasets' error does not
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise DataError(f"cannot read {builder} files under '{base}': {first}") from None
 
