@@ -241,14 +241,11 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def split_spec(spec: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
-    """`privlm CMD [SPEC] [key=value ...]` -> (spec or None for the default preset, overrides). The one
-    positional SPEC may itself be an override (then the default preset is meant); a path given among the
-    overrides is an error naming it."""
-    specs, over = split_args(([spec] if spec else []) + list(overrides))
-    if len(specs) > 1:
-        raise ConfigError(f"'{specs[1]}' is neither a key=value override nor the only PRESET/config "
-                          f"(already given: '{specs[0]}')")
-    return (specs[0] if specs else None), over
+    """`privlm CMD [SPEC] [key=value ...]` -> (spec or None for the default preset, overrides): the one
+    positional SPEC may itself be an override (then the default preset is meant)."""
+    if spec and is_override(spec):
+        return None, [spec] + list(overrides)
+    return spec, list(overrides)
 
 
 def load_config(spec: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
