@@ -235,6 +235,8 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
             log(f"stopping after {trained} run(s) (--max-runs); rerun the same command to continue")
             break
         if status == "incomplete":
+            from privlm.train.checkpoint import RunLock
+            RunLock(run_dir).acquire().release()  # refuses (one line, with the pid) if another process trains it
             aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
             run_dir.rename(aside)
             log(f"[{i}/{len(sweep.runs)}] {r.name}: no checkpoint to resume from; moved to {aside.name}")
