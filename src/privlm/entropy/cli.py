@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, bin_index, diagnose, measure_model
 from privlm.errors import DataError
+from privlm.fileio import strict_json
 
 
 def _batches(chunks: np.ndarray, batch_size: int, max_batches: int | None):
@@ -107,7 +107,7 @@ def format_report(rep: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     rep = entropy_report(args.run_dir, args.data, args.batch_size, args.max_batches, args.device, args.max_value)
-    print(json.dumps(rep) if args.json else format_report(rep))
+    print(strict_json(rep) if args.json else format_report(rep))
     return 0
 
 
