@@ -69,7 +69,10 @@ def _decode(obj, tensors: dict):
     if "__tensor__" in obj:
         return tensors[obj["__tensor__"]]
     if "__ndarray__" in obj:
-        return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+        dtype = np.dtype(obj["dtype"])
+        if dtype.kind not in "biuf":  # numbers only: an object array would hold arbitrary Python values
+            raise ValueError(f"array of dtype {dtype} is not allowed")
+        return np.asarray(obj["__ndarray__"], dtype=dtype)
     if "__tuple__" in obj:
         return tuple(_decode(x, tensors) for x in obj["__tuple__"])
     if "__items__" in obj:
@@ -261,6 +264,12 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, reg: Optional[torch.nn.M
                                   f"RNG states")
         current = ckpt / "trainer.json"
         trainer_state = json.loads(current.read_text())
+        position = trainer_state.get("position") if isinstance(trainer_state, dict) else None
+        if not (isinstance(position, dict) and set(position) == {"epoch", "cursor"}
+                and all(isinstance(trainer_state.get(k), int) for k in ("step", "tokens"))
+                and all(isinstance(v, int) and v >= 0 for v in position.values())):
+            raise CheckpointError(f"checkpoint file '{current}' is malformed: it needs integer step, tokens and "
+                                  f"position {{epoch, cursor}}")
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decode/shape problem is a corrupt checkpoint
