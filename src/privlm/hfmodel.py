@@ -157,8 +157,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report below says the same in one line
+    hf_logging.disable_progress_bar()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), config=config, attn_implementation="eager", dtype=dtype, use_safetensors=True,
@@ -167,6 +168,8 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         raise CheckpointError(f"cannot load the weights of '{spec}': {_first_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     bad = {k: sorted(v) for k in ("missing_keys", "mismatched_keys") if (v := info.get(k))}
     if bad:
         what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}"

@@ -77,12 +77,13 @@ def hf_entropy_report(spec: str, data_source: str | None, batch_size: int | None
     from privlm.config import DataConfig
     from privlm.data import prepare_data
     from privlm.entropy.hf import hf_entropy
-    from privlm.hfmodel import check_length, load_model, shape_of, tokenizer_spec
+    from privlm.hfmodel import check_length, load_config, load_model, shape_of, tokenizer_spec
 
-    hf = load_model(spec, device)
+    config = load_config(spec)[0]
     if T is None:
-        T = min(HF_DEFAULT_T, shape_of(hf.model.config)["max_positions"] or HF_DEFAULT_T)
-    check_length(hf.model.config, T)
+        T = min(HF_DEFAULT_T, shape_of(config)["max_positions"] or HF_DEFAULT_T)
+    check_length(config, T)
+    hf = load_model(spec, device)
     if data_source is None:  # the same default measurement set as a privlm run trained on stdlib
         dcfg = DataConfig(tokenizer=tokenizer_spec(hf.path), seq_len=T)
         chunks = prepare_data(dcfg, None).valid
