@@ -25,7 +25,7 @@ from privlm.data.tokenizer import train_bpe
 from privlm.entropy.cli import entropy_report
 from privlm.entropy.hf import hf_entropy
 from privlm.hfexport import export_hf
-from privlm.hfmodel import load_model
+from privlm.hfmodel import build_model, load_model
 from privlm.model import GPT
 from privlm.pi import census, predict
 
@@ -109,6 +109,17 @@ def test_gpt2_census_equals_privlm_baseline(hf_dirs):
     theirs = census(str(hf_dirs["gpt2"]), T)
     assert theirs.ops == ours.ops and theirs.flops == ours.flops
     assert predict(theirs, "paper-fit").comm_gb == pytest.approx(predict(ours, "paper-fit").comm_gb, rel=1e-12)
+
+
+@pytest.mark.parametrize("config_class", ["Qwen2Config", "MistralConfig"])
+def test_llama_style_families_count_as_llama(config_class):
+    import transformers
+
+    sizes = dict(num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, hidden_size=D,
+                 intermediate_size=40, vocab_size=V, max_position_embeddings=64)
+    other = census(build_model(getattr(transformers, config_class)(**sizes)), T)
+    llama = census(build_model(LlamaConfig(**sizes)), T)
+    assert other.ops == llama.ops and other.flops == llama.flops
 
 
 def test_census_walks_a_loaded_model(hf_dirs):
@@ -301,4 +312,5 @@ def test_export_never_overwrites(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert main(["export-hf", str(run), str(tmp_path / "fresh")]) == 0
     assert "max |logit difference|" in capsys.readouterr().out
+    _one_line_error(capsys, ["cost", str(tmp_path / "fresh")], "exported with export-hf")
     assert not list(tmp_path.glob(".fresh.*"))  # no temporary left behind

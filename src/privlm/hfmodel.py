@@ -68,8 +68,10 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def resolve_dir(spec: str) -> Path:
-    """Local directory of a model spec: the directory itself, or the cached snapshot of ``hf:<id>``."""
+def resolve_dir(spec: str, weights: bool = True) -> Path:
+    """Local directory of a model spec: the directory itself, or the snapshot of ``hf:<id>`` in the local
+    cache (downloaded when missing and the hub is reachable: config and tokenizer, plus the safetensors
+    weights when ``weights``; the census and `privlm inspect` need only config.json)."""
     if not spec.startswith(HUB_SCHEME):
         path = Path(spec).expanduser()
         if not path.is_dir():
@@ -83,15 +85,16 @@ def resolve_dir(spec: str) -> Path:
         raise CheckpointError("hf: needs a hub id, e.g. hf:EleutherAI/pythia-70m")
     from huggingface_hub import snapshot_download
 
+    patterns = HUB_FILES if weights else [f for f in HUB_FILES if "safetensors" not in f]
     try:
-        return Path(snapshot_download(repo, allow_patterns=HUB_FILES, local_files_only=True))
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
     except Exception as exc:  # noqa: BLE001 - not cached (or a bad id): try the hub below
         cached_error = _first_line(exc)
     if _offline():
         raise CheckpointError(f"Hugging Face model '{repo}' is not in the local cache and HF_HUB_OFFLINE is set "
                               f"({cached_error})")
     try:
-        return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated repo: one line
         raise CheckpointError(f"Hugging Face model '{repo}' is not in the local cache and could not be "
                               f"downloaded: {_first_line(exc)}") from None
@@ -106,9 +109,10 @@ def family_of(config) -> HFFamily:
     return family
 
 
-def load_config(spec: str):
-    """(transformers config, local directory, family) of a model spec; one-line CheckpointError otherwise."""
-    path = resolve_dir(spec)
+def load_config(spec: str, weights: bool = False):
+    """(transformers config, local directory, family) of a model spec; one-line CheckpointError otherwise.
+    ``weights``: also fetch the weights of an ``hf:`` model that is not cached yet."""
+    path = resolve_dir(spec, weights)
     import json
 
     try:
@@ -117,6 +121,9 @@ def load_config(spec: str):
         raise CheckpointError(f"'{path / 'config.json'}' is not valid JSON: {_first_line(exc)}") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise CheckpointError(f"'{path / 'config.json'}' is not a transformers config (no model_type)")
+    if raw["model_type"] == "privlm":
+        raise CheckpointError(f"'{spec}' is a privlm model exported with export-hf; diagnose and cost its run "
+                              f"directory instead")
     if raw["model_type"] not in FAMILIES:
         archs = ", ".join(raw.get("architectures") or [])
         raise CheckpointError(f"unsupported architecture '{raw['model_type']}'{f' ({archs})' if archs else ''}; "
@@ -150,7 +157,7 @@ class HFModel(NamedTuple):
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HFModel:
     """Weights of a supported model, in eval mode with eager attention. Missing, mismatched or corrupt weights
     are a CheckpointError: transformers would otherwise initialise them at random with only a warning."""
-    config, path, family = load_config(spec)
+    config, path, family = load_config(spec, weights=True)
     if not any(path.glob("*.safetensors")):
         raise CheckpointError(f"'{path}' has no *.safetensors weights (pickled *.bin files are not read: loading "
                               f"them can run code); convert them with save_pretrained(safe_serialization=True)")
