@@ -216,8 +216,8 @@ def test_bad_inputs(hf_dirs, tmp_path, capsys, monkeypatch):
     not_model = tmp_path / "notes"
     not_model.mkdir()
     (not_model / "readme.txt").write_text("hello")
-    _one_line_error(capsys, ["entropy", str(not_model)], "not a privlm run directory")
-    _one_line_error(capsys, ["cost", str(not_model)], "not a privlm run directory")
+    for cmd in ("entropy", "cost", "inspect"):
+        _one_line_error(capsys, [cmd, str(not_model)], "neither a privlm run directory (config.yaml) nor a Hugging")
 
     bert = tmp_path / "bert"
     bert.mkdir()

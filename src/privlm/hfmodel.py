@@ -59,6 +59,14 @@ def is_hf_spec(spec: str) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file()
 
 
+def check_model_dir(spec: str) -> None:
+    """A directory given where a model is expected must be a privlm run or a Hugging Face model."""
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        raise CheckpointError(f"'{spec}' is neither a privlm run directory (config.yaml) nor a Hugging Face "
+                              f"model directory (config.json)")
+
+
 def _offline() -> bool:
     flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return any(f in ("1", "true", "yes", "on") for f in flags)

@@ -122,8 +122,10 @@ def _print_human(rep: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from privlm.hfmodel import is_hf_spec
+    from privlm.hfmodel import check_model_dir, is_hf_spec
 
+    if args.spec is not None:
+        check_model_dir(args.spec)
     if args.spec is not None and is_hf_spec(args.spec) and not args.all:
         if args.overrides:
             raise ConfigError(f"key=value overrides apply to privlm presets, not to the Hugging Face model '{args.spec}'")

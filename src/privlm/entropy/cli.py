@@ -33,10 +33,11 @@ def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int
                    max_batches: int | None = None, device: str = "auto", max_value: float | None = None,
                    T: int | None = None) -> dict:
     from privlm.data import prepare_data
-    from privlm.hfmodel import is_hf_spec
+    from privlm.hfmodel import check_model_dir, is_hf_spec
     from privlm.run import load_run
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    check_model_dir(run_dir)
     if is_hf_spec(run_dir):
         return hf_entropy_report(run_dir, data_source, batch_size, max_batches, dev, max_value, T)
     if T is not None:

@@ -19,7 +19,7 @@ from typing import Optional
 
 
 from privlm.config import Config, ConfigError, apply_overrides, load_config
-from privlm.hfmodel import build_model, is_hf_spec, shape_of
+from privlm.hfmodel import build_model, check_model_dir, is_hf_spec, shape_of
 from privlm.hfmodel import load_config as load_hf_config
 from privlm.pi.census import Census, census
 from privlm.run import load_run_config
@@ -33,6 +33,7 @@ SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "ffn_hidden", "block
 def resolve_spec(spec: str, overrides: list[str]) -> tuple[Config, Optional[int]]:
     """Preset name, YAML file or RUN_DIR -> (Config, T of the run or None)."""
     path = Path(spec)
+    check_model_dir(spec)
     if path.is_dir() and not is_hf_spec(spec):
         cfg = apply_overrides(load_run_config(path), overrides)
         return cfg, cfg.data.seq_len
