@@ -85,8 +85,9 @@ def hf_entropy_report(spec: str, data_source: str | None, batch_size: int | None
         T = min(HF_DEFAULT_T, shape_of(config)["max_positions"] or HF_DEFAULT_T)
     check_length(config, T)
     hf = load_model(spec, device)
-    if data_source is None:  # the same default measurement set as a privlm run trained on stdlib
-        dcfg = DataConfig(tokenizer=tokenizer_spec(hf.path), seq_len=T)
+    if data_source is None:  # the validation split of a privlm run trained on stdlib (split by path hash,
+        # so limiting the training part, which is not measured, to one document leaves it unchanged)
+        dcfg = DataConfig(tokenizer=tokenizer_spec(hf.path), seq_len=T, max_train_docs=1)
         chunks = prepare_data(dcfg, None).valid
     else:  # every document of the source: all of it goes to the (unsplit) first part
         dcfg = DataConfig(source=data_source, valid_fraction=0.0, tokenizer=tokenizer_spec(hf.path), seq_len=T)

@@ -249,12 +249,11 @@ class _Walk:
         model.eval()  # no dropout: the pass must not consume the caller's RNG state
         try:
             with torch.no_grad(), counter:
-                out = forward(idx)
+                forward(idx)
         finally:
             for h in self.handles:
                 h.remove()
             model.train(was_training)
-        self.output = out
         flops = _split_flops(counter.get_flop_counts(), self.kinds)
         flops["embedding"] = self.embed_flops
         return flops, _group(self.records)
