@@ -217,7 +217,7 @@ def test_bad_inputs(hf_dirs, tmp_path, capsys, monkeypatch):
     not_model.mkdir()
     (not_model / "readme.txt").write_text("hello")
     for cmd in ("entropy", "cost", "inspect"):
-        _one_line_error(capsys, [cmd, str(not_model)], "neither a privlm run directory (config.yaml) nor a Hugging")
+        _one_line_error(capsys, [cmd, str(not_model)], "neither a privlm run directory (no config.yaml) nor a Hugging")
 
     bert = tmp_path / "bert"
     bert.mkdir()

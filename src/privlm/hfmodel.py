@@ -63,8 +63,8 @@ def check_model_dir(spec: str) -> None:
     """A directory given where a model is expected must be a privlm run or a Hugging Face model."""
     path = Path(spec)
     if path.is_dir() and not (path / "config.yaml").is_file() and not (path / "config.json").is_file():
-        raise CheckpointError(f"'{spec}' is neither a privlm run directory (config.yaml) nor a Hugging Face "
-                              f"model directory (config.json)")
+        raise CheckpointError(f"'{spec}' is neither a privlm run directory (no config.yaml) nor a Hugging Face "
+                              f"model directory (no config.json)")
 
 
 def _offline() -> bool:
@@ -177,7 +177,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     hf_logging.disable_progress_bar()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(path), config=config, attn_implementation="eager", dtype=dtype, use_safetensors=True,
+            str(path), config=config, attn_implementation="eager", use_safetensors=True,
             trust_remote_code=False, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - truncated header, bad shapes, unreadable file: one line
         raise CheckpointError(f"cannot load the weights of '{spec}': {_first_line(exc)}") from None
@@ -190,7 +190,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}"
                          for k, v in bad.items())
         raise CheckpointError(f"the weights of '{spec}' do not match its config ({what})")
-    return HFModel(model.to(device).eval(), family, path, spec)
+    return HFModel(model.to(device=device, dtype=dtype).eval(), family, path, spec)
 
 
 def tokenizer_spec(path: Path) -> str:

@@ -5,6 +5,7 @@ The weights are privlm's state dict under the prefix ``gpt.``; logits are exactl
 an ``attention_mask`` with zeros is refused (privlm's attention is causal only).
 """
 import torch
+import transformers
 from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
@@ -23,8 +24,9 @@ class PrivlmForCausalLM(PreTrainedModel, GenerationMixin):
         from privlm.model import GPT
 
         self.gpt = GPT(ModelConfig(**config.privlm))
-        if config.tie_word_embeddings:
-            self._tied_weights_keys = {"gpt.lm_head.weight": "gpt.wte.weight"}
+        if config.tie_word_embeddings:  # privlm's GPT shares the tensor; transformers 5 wants target -> source
+            tied = {"gpt.lm_head.weight": "gpt.wte.weight"}
+            self._tied_weights_keys = tied if int(transformers.__version__.split(".")[0]) >= 5 else list(tied)
         self.post_init()
 
     def _init_weights(self, module):
