@@ -178,6 +178,16 @@ def test_entropy_report_equals_reference(hf_dirs, family, tmp_path):
     assert rep["causal_max"] == pytest.approx(sum(math.log(i) for i in range(1, T + 1)) / T)
 
 
+def test_default_measurement_set_is_a_runs_validation_split():
+    """The HF entropy default builds stdlib with one training document; the hash split leaves the
+    validation split exactly that of a privlm run trained on stdlib."""
+    from privlm.data.corpus import build_corpus
+
+    full, one = build_corpus(DataConfig()), build_corpus(DataConfig(max_train_docs=1))
+    assert one.train.n_docs == 1 and one.valid.n_docs == full.valid.n_docs > 10
+    assert one.valid.sha256 == full.valid.sha256
+
+
 def test_hf_entropy_shapes(hf_dirs):
     model = load_model(str(hf_dirs["llama"])).model
     ent, nans = hf_entropy(model, torch.randint(0, V, (3, 8)))
