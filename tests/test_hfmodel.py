@@ -247,6 +247,14 @@ def test_bad_inputs(hf_dirs, tmp_path, capsys, monkeypatch):
     _one_line_error(capsys, ["entropy", str(corrupt), "--data", hf_dirs["data"]], "no *.safetensors")
 
     _one_line_error(capsys, ["entropy", str(hf_dirs["gpt2"]), "--T", "65"], "longer than the model's 64 positions")
+    no_eos = tmp_path / "no_eos"
+    no_eos.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (no_eos / f).write_bytes((hf_dirs["gpt2"] / f).read_bytes())
+    tok = _tokenizer()
+    tok = type(tok).from_str(tok.to_str().replace("<|endoftext|>", "<|end|>"))
+    tok.save(str(no_eos / "tokenizer.json"))
+    _one_line_error(capsys, ["entropy", str(no_eos), "--data", hf_dirs["data"], "--T", "8"], "no end-of-text token")
     _one_line_error(capsys, ["cost", str(hf_dirs["gpt2"]), "model.n_layer=3"], "overrides")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _one_line_error(capsys, ["cost", "hf:privlm-tests/no-such-model"], "not in the local cache")

@@ -88,10 +88,17 @@ def hf_entropy_report(spec: str, data_source: str | None, batch_size: int | None
     if data_source is None:  # the validation split of a privlm run trained on stdlib (split by path hash,
         # so limiting the training part, which is not measured, to one document leaves it unchanged)
         dcfg = DataConfig(tokenizer=tokenizer_spec(hf.path), seq_len=T, max_train_docs=1)
-        chunks = prepare_data(dcfg, None).valid
+        data = prepare_data(dcfg, None)
+        chunks = data.valid
     else:  # every document of the source: all of it goes to the (unsplit) first part
         dcfg = DataConfig(source=data_source, valid_fraction=0.0, tokenizer=tokenizer_spec(hf.path), seq_len=T)
-        chunks = prepare_data(dcfg, None).train
+        data = prepare_data(dcfg, None)
+        chunks = data.train
+    tok_info = data.manifest["tokenizer"]
+    if tok_info.get("eos_added"):  # the separator would be a token id the model never saw
+        raise DataError(f"the tokenizer of '{spec}' has no end-of-text token to separate documents (privlm would "
+                        f"append {tok_info['eos_token']}); give the directory a tokenizer_config.json naming its "
+                        f"eos_token")
     if len(chunks) == 0:
         raise DataError(f"no chunks of T={T} tokens in '{data_source or dcfg.source}'")
     vocab = shape_of(hf.model.config)["vocab_size"]
