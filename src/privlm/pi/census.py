@@ -16,6 +16,11 @@ i.e. one forward pass over T positions. The census runs that forward pass throug
   embedding is a table lookup in plaintext but, with secret token ids, a one-hot [T x V] @ [V x d] product
   in 2PC, so it is counted as 2·T·V·d. Position embeddings are public and free. Bias adds are ignored.
 
+Hugging Face causal LMs of the supported families (`privlm.hfmodel.FAMILIES`) are walked the same way
+(`_hf_census`): their norms (LayerNorm or RMSNorm), MLP activation (GELU, SiLU), the SwiGLU gate's
+secret x secret product, rotary embeddings (secret x public, listed outside the "#Nonlinear Ops" cell) and
+one softmax per query head; the cost assumption of each new op is in docs/pi-cost.md.
+
 Two FLOP conventions (SPEC §1.6):
 ``dense``  what the forward pass executes: attention = 8·L·T·d² (Q, K, V, O) + 4·L·T²·d (QK^T and AV).
 ``paper``  what the paper's tables print: FFN identical, attention = projections + 3·L·T²·d. The T² term is
