@@ -198,7 +198,7 @@ COST_PROXIES: dict[str, str] = {"rmsnorm": "layernorm", "silu": "gelu"}
 
 # ----------------------------------------------------------------------------------------
 def predict(c: Census, profile: Union[str, Path, Profile] = "paper-fit", unknown: str = "error") -> Cost:
-    """Linear cost model (SPEC §5.3): Comm in GB (10⁹ bytes) and latency in minutes, with a breakdown.
+    """Linear cost model: Comm in GB (10⁹ bytes) and latency in minutes, with a breakdown.
 
     An op the profile has no figure for (directly or through `COST_PROXIES`) is a ConfigError with
     ``unknown="error"``; with ``unknown="report"`` it is listed in ``Cost.unknown`` (breakdown entry None,
