@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "sample": "privlm.sample",
     "entropy": "privlm.entropy.cli",
     "cost": "privlm.pi.cost_cli",
+    "export-hf": "privlm.hfexport",
     "pi": "privlm.spu.cli",
     "sweep": "privlm.sweep",
     "report": "privlm.report.cli",

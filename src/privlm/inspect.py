@@ -1,5 +1,7 @@
-"""`privlm inspect PRESET|CONFIG.yaml [key=value ...] [--json] [--all]`: resolved config, parameter
-counts per module group, the special (scale / temperature / slope) parameters and the module tree."""
+"""`privlm inspect PRESET|CONFIG.yaml|HF_MODEL [key=value ...] [--json] [--all]`: resolved config, parameter
+counts per module group, the special (scale / temperature / slope) parameters and the module tree; for a
+Hugging Face model (a save_pretrained directory or hf:<hub id>; only its config.json is read) its family,
+sizes, the blocks' ingredients, parameter counts and the nonlinear ops the census finds at T=128."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +10,7 @@ import json
 
 import torch
 
-from privlm.config import load_config, split_spec, to_yaml
+from privlm.config import ConfigError, load_config, split_spec, to_yaml
 from privlm.model import GPT
 from privlm.presets import PAPER_PRESETS, describe
 
@@ -46,6 +48,62 @@ def inspect_report(spec: str, overrides: list[str]) -> dict:
     }
 
 
+def hf_inspect_report(spec: str) -> dict:
+    """What `privlm inspect` shows of a Hugging Face model, built from its config on the meta device."""
+    from torch import nn
+
+    from privlm.hfmodel import build_model, load_config, shape_of
+    from privlm.pi import census
+
+    config, path, family = load_config(spec)
+    model = build_model(config)
+    shape = shape_of(config)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    groups: dict[str, int] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if module is head and shape["tied"]:
+                continue  # the tied head is the embedding matrix
+            parts = mod_name.split(".")
+            group = ("token embedding" if module is embed else "lm_head" if module is head
+                     else "attention" if family.attn in parts else "mlp" if family.mlp in parts
+                     else "position embedding" if isinstance(module, nn.Embedding)
+                     else "norms" if "norm" in type(module).__name__.lower() else "other")
+            groups[group] = groups.get(group, 0) + p.numel()
+    T = min(128, shape["max_positions"] or 128)
+    c = census(model, T)
+    norm = next((type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()), None)
+    return {
+        "model": spec, "path": str(path), "family": family.name, "model_type": config.model_type,
+        "architecture": type(model).__name__, "shape": shape, "norm": norm,
+        "activation": getattr(config, "hidden_act", None) or getattr(config, "activation_function", None),
+        "gated_mlp": any(o.op == "gate_product" for o in c.ops),
+        "rotary_dims": next((o.shape[1] // (shape["n_head"] + shape["n_kv_head"]) for o in c.ops if o.op == "rotary"),
+                            None),
+        "parameters": {"total": sum(groups.values()), "by_group": groups},
+        "census": {"T": T, "nonlinear": c.nonlinear_label(paper_only=False), "notes": c.notes},
+        "module_tree": repr(model),
+    }
+
+
+def _print_hf(rep: dict) -> None:
+    s = rep["shape"]
+    print(f"== {rep['model']}: {rep['family']} ({rep['architecture']}, model_type {rep['model_type']})")
+    print(f"-- layers {s['n_layer']}, heads {s['n_head']} (key/value heads {s['n_kv_head']}), width {s['n_embd']}, "
+          f"head dim {s['head_dim']}, MLP {s['ffn_hidden']}{' (gated)' if rep['gated_mlp'] else ''}, vocabulary "
+          f"{s['vocab_size']}, positions {s['max_positions']}, {'tied' if s['tied'] else 'untied'} LM head")
+    print(f"-- norm {rep['norm']}, activation {rep['activation']}, rotary dims per head "
+          f"{rep['rotary_dims'] if rep['rotary_dims'] is not None else 'none (learned positions)'}")
+    print(f"-- parameters: {rep['parameters']['total']:,}")
+    for group, n in sorted(rep["parameters"]["by_group"].items(), key=lambda kv: -kv[1]):
+        print(f"   {group:<28} {n:>14,}")
+    print(f"-- nonlinear ops at T={rep['census']['T']}: {rep['census']['nonlinear']}")
+    for note in rep["census"]["notes"]:
+        print(f"   {note}")
+    print("-- module tree")
+    print(rep["module_tree"])
+
+
 def _print_human(rep: dict) -> None:
     print(f"== {rep['preset']}: {rep['description']}")
     print("-- resolved config")
@@ -64,6 +122,16 @@ def _print_human(rep: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from privlm.hfmodel import check_model_dir, is_hf_spec
+
+    if args.spec is not None:
+        check_model_dir(args.spec)
+    if args.spec is not None and is_hf_spec(args.spec) and not args.all:
+        if args.overrides:
+            raise ConfigError(f"key=value overrides apply to privlm presets, not to the Hugging Face model '{args.spec}'")
+        rep = hf_inspect_report(args.spec)
+        print(json.dumps(rep, indent=2)) if args.json else _print_hf(rep)
+        return 0
     spec, overrides = split_spec(args.spec, args.overrides)
     specs = list(PAPER_PRESETS) if args.all else [spec]
     reports = [inspect_report(spec, overrides) for spec in specs]
@@ -82,9 +150,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show a preset's resolved config, parameter counts and modules",
+    p = sub.add_parser("inspect", help="show a preset's (or Hugging Face model's) config, parameter counts and modules",
                        description=__doc__)
-    p.add_argument("spec", nargs="?", default=None, help="preset name (e.g. 'SM(t)+ScFuFFN') or YAML config")
+    p.add_argument("spec", nargs="?", default=None,
+                   help="preset name (e.g. 'SM(t)+ScFuFFN'), YAML config, or a Hugging Face model (directory or hf:<id>)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=12")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="one line per paper preset")

@@ -1,7 +1,10 @@
-"""`privlm entropy RUN_DIR [--data SOURCE] [--json]`: per-head attention entropy of a run's checkpoint.
+"""`privlm entropy RUN_DIR|HF_MODEL [--data SOURCE] [--json]`: per-head attention entropy of a run's
+checkpoint or of a Hugging Face causal LM (a ``save_pretrained`` directory or ``hf:<hub id>``).
 
 Recomputes the Eq. 7 head entropies [L, H] on validation data (the run's own validation split, or every
-chunk of --data tokenized with the run's tokenizer), then prints them as a layer x head table, the paper's
+chunk of --data tokenized with the run's tokenizer; for a Hugging Face model the validation split of the
+standard library, or every chunk of --data, tokenized with the model's own tokenizer in chunks of --T
+tokens), then prints them as a layer x head table, the paper's
 four histogram bins and the verdicts of the entropic-overload and entropy-collapse detectors (thresholds in
 privlm/entropy/measure.py). For runs trained with the regularizer it also prints the learned thresholds
 theta * log T and the share of heads outside the tolerance margin.
@@ -27,11 +30,18 @@ def _batches(chunks: np.ndarray, batch_size: int, max_batches: int | None):
 
 
 def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int | None = None,
-                   max_batches: int | None = None, device: str = "auto", max_value: float | None = None) -> dict:
+                   max_batches: int | None = None, device: str = "auto", max_value: float | None = None,
+                   T: int | None = None) -> dict:
     from privlm.data import prepare_data
+    from privlm.hfmodel import check_model_dir, is_hf_spec
     from privlm.run import load_run
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    check_model_dir(run_dir)
+    if is_hf_spec(run_dir):
+        return hf_entropy_report(run_dir, data_source, batch_size, max_batches, dev, max_value, T)
+    if T is not None:
+        raise DataError("--T applies to Hugging Face models; a run is measured at its training T")
     run = load_run(run_dir, dev)
     data_cfg = dataclasses.replace(run.cfg.data, tokenizer=str(run.path / "tokenizer.json"))
     if data_source is not None:
@@ -55,6 +65,51 @@ def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int
                              "outside_share": float(np.mean(np.abs(dev_) > gamma * math.log(T))),
                              "mean_abs_dev": float(np.nanmean(np.abs(dev_)))}
     return rep
+
+
+HF_DEFAULT_T = 128  # the paper's context length
+HF_DEFAULT_BATCH = 8
+
+
+def hf_entropy_report(spec: str, data_source: str | None, batch_size: int | None, max_batches: int | None,
+                      device: str, max_value: float | None, T: int | None) -> dict:
+    """`entropy_report` of a Hugging Face causal LM: same table, bins and verdicts, on text tokenized with
+    the model's own tokenizer (the standard library's validation split, or all of ``data_source``)."""
+    from privlm.config import DataConfig
+    from privlm.data import prepare_data
+    from privlm.entropy.hf import hf_entropy
+    from privlm.hfmodel import check_length, load_config, load_model, shape_of, tokenizer_spec
+
+    config = load_config(spec)[0]
+    if T is None:
+        T = min(HF_DEFAULT_T, shape_of(config)["max_positions"] or HF_DEFAULT_T)
+    check_length(config, T)
+    hf = load_model(spec, device)
+    if data_source is None:  # the validation split of a privlm run trained on stdlib (split by path hash,
+        # so limiting the training part, which is not measured, to one document leaves it unchanged)
+        dcfg = DataConfig(tokenizer=tokenizer_spec(hf.path), seq_len=T, max_train_docs=1)
+        data = prepare_data(dcfg, None)
+        chunks = data.valid
+    else:  # every document of the source: all of it goes to the (unsplit) first part
+        dcfg = DataConfig(source=data_source, valid_fraction=0.0, tokenizer=tokenizer_spec(hf.path), seq_len=T)
+        data = prepare_data(dcfg, None)
+        chunks = data.train
+    tok_info = data.manifest["tokenizer"]
+    if tok_info.get("eos_added"):  # the separator would be a token id the model never saw
+        raise DataError(f"the tokenizer of '{spec}' has no end-of-text token to separate documents (privlm would "
+                        f"append {tok_info['eos_token']}); give the directory a tokenizer_config.json naming its "
+                        f"eos_token")
+    if len(chunks) == 0:
+        raise DataError(f"no chunks of T={T} tokens in '{data_source or dcfg.source}'")
+    vocab = shape_of(hf.model.config)["vocab_size"]
+    if int(np.max(chunks)) >= vocab:  # e.g. a separator the tokenizer lacked and privlm.data appended
+        raise DataError(f"token id {int(np.max(chunks))} from the tokenizer of '{spec}' is outside the model's "
+                        f"vocabulary of {vocab}")
+    matrix, nans, n_seq = measure_model(hf.model, _batches(chunks, batch_size or HF_DEFAULT_BATCH, max_batches),
+                                        device, entropy_fn=hf_entropy)
+    return {"run": spec, "preset": f"{hf.family.name}: {type(hf.model).__name__}",
+            "data": data_source or dcfg.source + " (validation split)", "sequences": n_seq,
+            **diagnose(matrix, nans, T, max_value), "thresholds": None}
 
 
 def _table(rows: list[list[float | None]], fmt: str, marks=None) -> list[str]:
@@ -106,17 +161,23 @@ def format_report(rep: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    rep = entropy_report(args.run_dir, args.data, args.batch_size, args.max_batches, args.device, args.max_value)
+    rep = entropy_report(args.run_dir, args.data, args.batch_size, args.max_batches, args.device, args.max_value,
+                         args.T)
     print(strict_json(rep) if args.json else format_report(rep))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("entropy", help="per-head attention entropy, bins and overload/collapse verdicts of a run",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
+    p = sub.add_parser("entropy", help="per-head attention entropy, bins and overload/collapse verdicts of a run "
+                                       "or a Hugging Face model", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR|HF_MODEL",
+                   help="a privlm run directory, a save_pretrained directory or hf:<hub id>")
+    p.add_argument("--T", type=int, default=None,
+                   help=f"tokens per sequence for a Hugging Face model (default {HF_DEFAULT_T}); a run uses its own")
     p.add_argument("--data", default=None, help="measure on this source instead (files:<glob>, hf:<id>, stdlib)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"sequences per forward (default: the run's; {HF_DEFAULT_BATCH} for a Hugging Face model)")
     p.add_argument("--max-batches", type=int, default=None, help="measure only the first N batches")
     p.add_argument("--max-value", type=float, default=None,
                    help="shared bin maximum (e.g. the largest head entropy over the runs being compared)")

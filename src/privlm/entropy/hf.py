@@ -55,6 +55,21 @@ def attentions_to_entropy(attentions) -> torch.Tensor:
     return torch.stack([row_entropy(a.float()) for a in attentions])
 
 
+@torch.no_grad()
+def hf_entropy(model, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-query entropy [L, B, H, T], NaN entries of each layer's attention [L]) of a Hugging Face causal
+    LM on token ids ``idx`` [B, T], for `privlm.entropy.measure.measure_model`.
+
+    The model must run eager attention (``privlm.hfmodel.load_model`` loads it so): the probabilities come
+    from ``output_attentions`` and their row entropies from the same ``row_entropy`` privlm's attention uses.
+    A fused entropy attention registered with transformers' attention interface replaces this body (and
+    the L x [B, H, T, T] tensors it holds) without changing callers."""
+    out = model(input_ids=idx, output_attentions=True, use_cache=False)
+    entropy = attentions_to_entropy(out.attentions)
+    nans = torch.stack([torch.isnan(a).sum() for a in out.attentions])
+    return entropy, nans
+
+
 def _model_shape(model) -> tuple[int, int]:
     cfg = model.config
     n_layer = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)

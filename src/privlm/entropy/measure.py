@@ -217,22 +217,30 @@ def diagnose(head_matrix, nan_counts: Optional[Sequence[float]] = None, T: Optio
     return out
 
 
+def privlm_entropy(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-query entropy [L, B, H, T], NaN entries of each layer's attention [L]) of a privlm GPT, taken
+    inside its attention."""
+    out = model(idx, output_entropy=True)
+    return out.entropy, out.nan_counts
+
+
 @torch.no_grad()
-def measure_model(model: torch.nn.Module, batches: Iterable[torch.Tensor],
-                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, int]:
+def measure_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu",
+                  entropy_fn=privlm_entropy) -> tuple[np.ndarray, np.ndarray, int]:
     """Eq. 7 head entropies [L, H] averaged over every query of every sequence in ``batches`` (each
-    [B, T] token ids), the summed NaN counts [L] and the number of sequences. One forward per batch,
-    entropy taken inside the attention."""
+    [B, T] token ids), the summed NaN counts [L] and the number of sequences. One forward per batch;
+    ``entropy_fn(model, idx) -> (entropy [L, B, H, T], nan_counts [L])`` runs it (``privlm_entropy`` for
+    privlm models, ``privlm.entropy.hf.hf_entropy`` for Hugging Face ones)."""
     was_training = model.training
     model.eval()
     total = nan_total = None
     n_seq = 0
     try:
         for idx in batches:
-            out = model(idx.to(device), output_entropy=True)
-            s = out.entropy.double().sum(dim=(1, 3))  # [L, H]; divided by rows below
+            entropy, nans = entropy_fn(model, idx.to(device))
+            s = entropy.double().sum(dim=(1, 3))  # [L, H]; divided by rows below
             total = s if total is None else total + s
-            nan_total = out.nan_counts.double() if nan_total is None else nan_total + out.nan_counts.double()
+            nan_total = nans.double() if nan_total is None else nan_total + nans.double()
             n_seq += idx.shape[0]
             T = idx.shape[1]
     finally:

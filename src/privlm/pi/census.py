@@ -16,6 +16,11 @@ i.e. one forward pass over T positions. The census runs that forward pass throug
   embedding is a table lookup in plaintext but, with secret token ids, a one-hot [T x V] @ [V x d] product
   in 2PC, so it is counted as 2·T·V·d. Position embeddings are public and free. Bias adds are ignored.
 
+Hugging Face causal LMs of the supported families (`privlm.hfmodel.FAMILIES`) are walked the same way
+(`_hf_census`): their norms (LayerNorm or RMSNorm), MLP activation (GELU, SiLU), the SwiGLU gate's
+secret x secret product, rotary embeddings (secret x public, listed outside the "#Nonlinear Ops" cell) and
+one softmax per query head; the cost assumption of each new op is in docs/pi-cost.md.
+
 Two FLOP conventions (SPEC §1.6):
 ``dense``  what the forward pass executes: attention = 8·L·T·d² (Q, K, V, O) + 4·L·T²·d (QK^T and AV).
 ``paper``  what the paper's tables print: FFN identical, attention = projections + 3·L·T²·d. The T² term is
@@ -33,8 +38,10 @@ from torch import nn
 
 from privlm.config import Config, ConfigError, ModelConfig, load_config
 
-# Op type -> the abbreviation of the paper's "#Nonlinear Ops" column.
-OP_ABBREV: dict[str, str] = {"softmax": "SM", "layernorm": "LN", "gelu": "G", "relu": "R", "leaky_relu": "LR"}
+# Op type -> the abbreviation of the paper's "#Nonlinear Ops" column (the paper's five, then those of
+# Hugging Face families: RMSNorm, SiLU, the SwiGLU gate's secret x secret product, rotary embeddings).
+OP_ABBREV: dict[str, str] = {"softmax": "SM", "layernorm": "LN", "rmsnorm": "RMS", "gelu": "G", "relu": "R",
+                             "leaky_relu": "LR", "silu": "SiLU", "gate_product": "⊙", "rotary": "RoPE"}
 OP_TYPES: tuple[str, ...] = tuple(OP_ABBREV)
 
 # The T² coefficient (per layer, times d) of the paper's attention FLOPs (SPEC §1.6, empirical fit).
@@ -50,7 +57,7 @@ class NonlinearOp:
     count: int
     shape: tuple[int, ...]
     where: str  # "attention" | "block" | "ffn" | "final"
-    in_paper: bool  # listed in the paper's "#Nonlinear Ops" (False only for the final ln_f)
+    in_paper: bool  # belongs in the "#Nonlinear Ops" column (False for the final norm and rotary embeddings)
 
     @property
     def elements(self) -> int:
@@ -60,7 +67,7 @@ class NonlinearOp:
         return n
 
     def label(self) -> str:
-        name = OP_ABBREV[self.op] + ("(ln_f)" if self.where == "final" else "")
+        name = OP_ABBREV[self.op] + (("(ln_f)" if self.op == "layernorm" else "(final)") if self.where == "final" else "")
         return f"{name}:{self.count}×R^{{{'×'.join(map(str, self.shape))}}}"
 
     def to_dict(self) -> dict:
@@ -83,6 +90,7 @@ class Census:
     flops: dict[str, int]  # dense: ffn, attn_proj, attn_scores, embedding, lm_head
     attn_t2_coeff: int = PAPER_T2_COEFF  # paper convention's T² coefficient
     notes: list[str] = field(default_factory=list)
+    n_kv_head: Optional[int] = None  # key/value heads when fewer than n_head (grouped-query attention)
 
     # --- FLOPs ---------------------------------------------------------------------------
     @property
@@ -126,10 +134,14 @@ class Census:
                 "n_embd": self.n_embd, "vocab_size": self.vocab_size, "ffn_layers": self.ffn_layers,
                 "nonlinear": [o.to_dict() for o in self.ops], "flops_dense": self.flops_by("dense"),
                 "flops_paper": self.flops_by("paper"), "flops_detail": dict(self.flops),
-                "attn_t2_coeff": self.attn_t2_coeff, "notes": list(self.notes)}
+                "attn_t2_coeff": self.attn_t2_coeff, "notes": list(self.notes), "n_kv_head": self.n_kv_head}
 
 
 # ----------------------------------------------------------------------------------------
+def _is_hf_model(obj: Any) -> bool:
+    return isinstance(obj, nn.Module) and hasattr(getattr(obj, "config", None), "model_type")
+
+
 def _resolve(model_or_config: Any) -> tuple[Optional[nn.Module], ModelConfig]:
     from privlm.model import GPT
 
@@ -148,12 +160,19 @@ def census(model_or_config: Any, T: int = 128) -> Census:
     """Count the nonlinear ops and linear FLOPs of one forward pass over T tokens (the paper's workload).
 
     ``model_or_config``: a `GPT` (its own modules are walked, on its device), a `ModelConfig`, a `Config`
-    or a preset name (built on the meta device: nothing is allocated).
+    or a preset name (built on the meta device: nothing is allocated); or a Hugging Face causal LM of a
+    family in `privlm.hfmodel.FAMILIES`, given as a model or as a directory / ``hf:<id>`` (then built from
+    its config on the meta device).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     from privlm.model import GPT
 
+    if isinstance(model_or_config, str):
+        from privlm.hfmodel import build_model, is_hf_spec, load_config
+
+        if is_hf_spec(model_or_config):
+            model_or_config = build_model(load_config(model_or_config)[0])
+    if _is_hf_model(model_or_config):
+        return _hf_census(model_or_config, T)
     model, cfg = _resolve(model_or_config)
     if not isinstance(T, int) or T <= 0:
         raise ConfigError(f"T={T} must be a positive integer (the prompt length)")
@@ -163,62 +182,22 @@ def census(model_or_config: Any, T: int = 128) -> Census:
     if model is None:
         with torch.device("meta"):
             model = GPT(cfg)
-    device = next(model.parameters()).device
-
-    records: list[tuple[str, str, tuple[int, ...], str]] = []  # (op, module name, per-instance shape, where)
-    embed_flops = 0
-    handles = []
-
-    def on_probs(name):
-        def hook(_m, _inp, out):  # [B, H, T, T]: one softmax per head
-            for _ in range(out.shape[1]):
-                records.append(("softmax", name, tuple(out.shape[-2:]), "attention"))
-        return hook
-
-    def on_norm(name):
-        where = "block" if name.startswith("blocks.") else "final"
-
-        def hook(_m, inp, _out):
-            records.append(("layernorm", name, tuple(inp[0].shape[1:]), where))
-        return hook
-
-    def on_act(name, op):
-        def hook(_m, inp, _out):
-            records.append((op, name, tuple(inp[0].shape[1:]), "ffn"))
-        return hook
-
-    def on_embedding(_m, inp, _out):
-        nonlocal embed_flops  # one-hot [T x V] @ [V x d] under 2PC with secret token ids
-        embed_flops += 2 * inp[0].numel() * _m.num_embeddings * _m.embedding_dim
-
+    kinds = {f"blocks.{i}.{part}": part for i, b in enumerate(model.blocks)
+             for part in ("attn", "ffn") if getattr(b, part) is not None}
+    walk = _Walk(model, T, {**kinds, "lm_head": "lm_head"})
     for name, module in model.named_modules():
         if name.endswith("attn.hook_probs"):
-            handles.append(module.register_forward_hook(on_probs(name)))
+            walk.on_output(module, name, "softmax", "attention", per_head=True)
         elif isinstance(module, nn.LayerNorm):
-            handles.append(module.register_forward_hook(on_norm(name)))
+            walk.on_input(module, name, "layernorm", "block" if name.startswith("blocks.") else "final")
         elif name.endswith("ffn.act"):
             op = _activation_op(module)
             if op is not None:
-                handles.append(module.register_forward_hook(on_act(name, op)))
+                walk.on_input(module, name, op, "ffn")
         elif name == "wte":
-            handles.append(module.register_forward_hook(on_embedding))
-
-    idx = torch.zeros(1, T, dtype=torch.long, device=device)
-    counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()  # no dropout: the pass must not consume the caller's RNG state
-    try:
-        with torch.no_grad(), counter:
-            # output_attentions routes attention through the explicit softmax so hook_probs fires
-            model(idx, output_attentions=True)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-    flops = _split_flops(counter.get_flop_counts())
-    flops["embedding"] = embed_flops
-    ops = _group(records)
+            walk.on_embedding(module)
+    # output_attentions routes attention through the explicit softmax so hook_probs fires
+    flops, ops = walk.run(lambda idx: model(idx, output_attentions=True))
     has_ffn = sum(1 for b in model.blocks if b.ffn is not None)
     notes = []
     if cfg.attn_temperature:
@@ -227,6 +206,137 @@ def census(model_or_config: Any, T: int = 128) -> Census:
         notes.append("ln_f is listed separately; the paper's #Nonlinear Ops counts only the 2L block LNs")
     return Census(arch=cfg.preset, T=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                   vocab_size=cfg.vocab_size, ffn_layers=has_ffn, ops=ops, flops=flops, notes=notes)
+
+
+class _Walk:
+    """One census forward pass: forward hooks record nonlinear ops, FlopCounterMode counts FLOPs per module.
+
+    ``kinds`` maps module names (relative to ``model``) to "attn", "ffn" or "lm_head", the owners the FLOPs
+    are split by; the attention's matmul-type products (QK^T, AV) are its T x T scores, its mm/addmm its
+    projections.
+    """
+
+    def __init__(self, model: nn.Module, T: int, kinds: dict[str, str]):
+        self.model, self.T, self.kinds = model, T, kinds
+        self.records: list[tuple[str, str, tuple[int, ...], str]] = []  # (op, module, per-instance shape, where)
+        self.embed_flops = 0
+        self.handles = []
+
+    def record(self, op: str, name: str, shape: tuple[int, ...], where: str, count: int = 1) -> None:
+        self.records += [(op, name, tuple(shape), where)] * count
+
+    def on_input(self, module: nn.Module, name: str, op: str, where: str) -> None:
+        """One op over the module's input, per sequence (norms, activations)."""
+        self.handles.append(module.register_forward_hook(
+            lambda _m, inp, _out: self.record(op, name, inp[0].shape[1:], where)))
+
+    def on_output(self, module: nn.Module, name: str, op: str, where: str, per_head: bool = False) -> None:
+        """One op over the module's output per sequence; ``per_head``: [B, H, T, T] is H ops over T x T."""
+        def hook(_m, _inp, out):
+            if per_head:
+                self.record(op, name, out.shape[-2:], where, count=out.shape[1])
+            else:
+                self.record(op, name, out.shape[1:], where)
+        self.handles.append(module.register_forward_hook(hook))
+
+    def on_embedding(self, module: nn.Embedding) -> None:
+        def hook(m, inp, _out):  # one-hot [T x V] @ [V x d] under 2PC with secret token ids
+            self.embed_flops += 2 * inp[0].numel() * m.num_embeddings * m.embedding_dim
+        self.handles.append(module.register_forward_hook(hook))
+
+    def run(self, forward) -> tuple[dict[str, int], list[NonlinearOp]]:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model = self.model
+        idx = torch.zeros(1, self.T, dtype=torch.long, device=next(model.parameters()).device)
+        counter = FlopCounterMode(display=False)
+        was_training = model.training
+        model.eval()  # no dropout: the pass must not consume the caller's RNG state
+        try:
+            with torch.no_grad(), counter:
+                forward(idx)
+        finally:
+            for h in self.handles:
+                h.remove()
+            model.train(was_training)
+        flops = _split_flops(counter.get_flop_counts(), self.kinds)
+        flops["embedding"] = self.embed_flops
+        return flops, _group(self.records)
+
+
+def _hf_census(model: nn.Module, T: int) -> Census:
+    """The census of a Hugging Face causal LM, walked like a privlm model: norms (LayerNorm or RMSNorm) and
+    the MLP activation from forward hooks on their modules, the SwiGLU gate's elementwise product from the
+    MLP's ``up_proj`` output (the tensor it multiplies), rotary embeddings from the cos/sin tables each
+    attention layer receives, and one softmax per query head from the attention probabilities the eager
+    attention returns."""
+    from privlm.hfmodel import check_length, family_of, shape_of
+
+    config = model.config
+    family, shape = family_of(config), shape_of(config)
+    check_length(config, T)
+    n_head, n_kv = shape["n_head"], shape["n_kv_head"]
+    blocks = family.blocks + "."
+    head = model.get_output_embeddings()
+    kinds = {name: "lm_head" for name, m in model.named_modules() if m is head}
+    for i in range(shape["n_layer"]):
+        kinds[f"{blocks}{i}.{family.attn}"] = "attn"
+        kinds[f"{blocks}{i}.{family.mlp}"] = "ffn"
+    walk = _Walk(model, T, kinds)
+
+    def on_rotary(name):
+        def hook(_m, _args, kwargs, _out):  # cos/sin [B, T, rotary dims], applied to every q and k head
+            emb = kwargs.get("position_embeddings")
+            if emb is not None:
+                walk.record("rotary", name, (emb[0].shape[-2], (n_head + n_kv) * emb[0].shape[-1]), "attention")
+        return hook
+
+    for name, module in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+            op = "layernorm" if isinstance(module, nn.LayerNorm) else "rmsnorm"
+            walk.on_input(module, name, op, "block" if name.startswith(blocks) else "final")
+        elif not name.startswith(blocks):
+            continue
+        elif leaf in ("act", "act_fn") and parent.endswith("." + family.mlp):
+            op = _activation_op(module)
+            if op is not None:
+                walk.on_input(module, name, op, "ffn")
+        elif leaf == family.mlp and hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+            walk.on_output(module.up_proj, name + ".up_proj", "gate_product", "ffn")
+        elif leaf == family.attn:
+            walk.handles.append(module.register_forward_hook(on_rotary(name), with_kwargs=True))
+    walk.on_embedding(model.get_input_embeddings())
+
+    def forward(idx):
+        out = model(input_ids=idx, output_attentions=True)
+        for layer, probs in enumerate(out.attentions):  # [B, H, T, T]: one softmax per query head
+            walk.record("softmax", f"{blocks}{layer}.{family.attn}", probs.shape[-2:], "attention",
+                        count=probs.shape[1])
+        return out
+
+    flops, ops = walk.run(forward)
+    ops = [dataclasses.replace(o, in_paper=False) if o.op == "rotary" else o for o in ops]
+    notes = []
+    if any(o.where == "final" for o in ops):
+        notes.append("the final norm is listed separately, as ln_f is for privlm models")
+    if n_kv != n_head:
+        notes.append(f"grouped-query attention: {n_head} query heads share {n_kv} key/value heads (smaller K/V "
+                     f"projections in the FLOPs; one softmax per query head)")
+    if any(o.op == "rotary" for o in ops):
+        notes.append("rotary embeddings: q and k times public cos/sin tables (no secret x secret product, no "
+                     "comparison; each product needs a fixed-point truncation under 2PC, docs/pi-cost.md)")
+    if not shape["tied"]:
+        notes.append("untied LM head: its own V x d matrix (same FLOPs as a tied head, more parameters)")
+    return Census(arch=type(model).__name__, T=T, n_layer=shape["n_layer"], n_head=n_head, n_embd=shape["n_embd"],
+                  vocab_size=shape["vocab_size"], ffn_layers=shape["n_layer"], ops=ops, flops=flops, notes=notes,
+                  n_kv_head=n_kv if n_kv != n_head else None)
+
+
+# transformers' activation modules (ACT2FN) of the supported families: exact and tanh GELUs are both GELU.
+HF_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu", "GELUTanh": "gelu",
+                  "PytorchGELUTanh": "gelu", "FastGELUActivation": "gelu", "SiLUActivation": "silu",
+                  "SiLU": "silu", "ReLU": "relu"}
 
 
 def _activation_op(module: nn.Module) -> Optional[str]:
@@ -240,23 +350,24 @@ def _activation_op(module: nn.Module) -> Optional[str]:
         return "leaky_relu"
     if isinstance(module, nn.Identity):
         return None  # linear-only FFN (ScFFN): no activation to evaluate
+    kind = type(module).__name__  # transformers' ACT2FN classes
+    if kind in HF_ACTIVATIONS:
+        return HF_ACTIVATIONS[kind]
     raise TypeError(f"census: unknown FFN activation module {type(module).__name__}; add it to _activation_op")
 
 
-def _split_flops(counts: dict[str, dict]) -> dict[str, int]:
-    """Split FlopCounterMode's per-module counts into ffn / attn_proj / attn_scores / lm_head."""
+def _split_flops(counts: dict[str, dict], kinds: dict[str, str]) -> dict[str, int]:
+    """Split FlopCounterMode's per-module counts (keys "<RootClass>.<module name>") into ffn / attn_proj /
+    attn_scores / lm_head by the owners in ``kinds``; every FLOP must land in one of them."""
     out = {"ffn": 0, "attn_proj": 0, "attn_scores": 0, "lm_head": 0}
     for name, by_op in counts.items():
-        parts = name.split(".")
-        # module names are "GPT.blocks.3.attn" etc.; count each op only at its deepest owner we care about
-        if len(parts) == 4 and parts[1] == "blocks" and parts[3] == "ffn":
-            out["ffn"] += sum(by_op.values())
-        elif len(parts) == 4 and parts[1] == "blocks" and parts[3] == "attn":
+        kind = kinds.get(name.split(".", 1)[1] if "." in name else None)
+        if kind == "attn":
             for op, n in by_op.items():
                 key = "attn_scores" if "bmm" in str(op) or "matmul" in str(op) else "attn_proj"
                 out[key] += n
-        elif len(parts) == 2 and parts[1] == "lm_head":
-            out["lm_head"] += sum(by_op.values())
+        elif kind is not None:
+            out[kind] += sum(by_op.values())
     total = sum(sum(v.values()) for k, v in counts.items() if k == "Global")
     if total != sum(out.values()):
         raise RuntimeError(f"census: {total - sum(out.values())} FLOPs outside ffn/attn/lm_head; update _split_flops")
@@ -276,7 +387,7 @@ def sort_ops(ops: list[NonlinearOp]) -> list[NonlinearOp]:
     """Paper column order: softmax, LayerNorm, activation; the final ln_f after the block LNs."""
     order = {op: i for i, op in enumerate(OP_TYPES)}
     where_order = {"attention": 0, "block": 1, "ffn": 2, "final": 3}
-    return sorted(ops, key=lambda o: (order[o.op], where_order[o.where], o.shape))
+    return sorted(ops, key=lambda o: (o.op == "rotary", order[o.op], where_order[o.where], o.shape))
 
 
 def simplified_block_census(base: Census) -> Census:

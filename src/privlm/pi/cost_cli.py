@@ -4,12 +4,14 @@ published tables beside privlm's predictions.
     privlm cost SM+ScFuFFN --vs SM+LN+G                 # GPT-2 size, T=128, profile paper-fit
     privlm cost SM+LN+G SM+LN+R SM+ScFuFFN --T 256 model.n_layer=18 --format md
     privlm cost runs/my-run                             # reads runs/my-run/config.yaml (T = its data.seq_len)
+    privlm cost path/to/hf-model hf:EleutherAI/pythia-70m  # Hugging Face causal LMs (config.json is enough)
     privlm cost --table paper-t128 --format json        # published rows, predictions, relative errors
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Optional
 
 from privlm.config import Config, ConfigError, apply_overrides, load_config, split_args
 from privlm.errors import OneLineArgumentParser
+from privlm.hfmodel import build_model, check_model_dir, is_hf_spec, shape_of
+from privlm.hfmodel import load_config as load_hf_config
 from privlm.pi.census import Census, census
 from privlm.run import load_run_config
 from privlm.pi.costs import Cost, available_profiles, load_profile, predict
@@ -30,19 +34,36 @@ SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "ffn_hidden", "block
 def resolve_spec(spec: str, overrides: list[str]) -> tuple[Config, Optional[int]]:
     """Preset name, YAML file or RUN_DIR -> (Config, T of the run or None)."""
     path = Path(spec)
-    if path.is_dir():
+    check_model_dir(spec)
+    if path.is_dir() and not is_hf_spec(spec):
         cfg = apply_overrides(load_run_config(path), overrides)
         return cfg, cfg.data.seq_len
     return load_config(spec, overrides), None
 
 
-def reference_config(vs: str, model_cfg: Config) -> Config:
-    """The --vs model at the same size as the costed one (a run directory is taken as it is)."""
+def reference_config(vs: str, model_cfg) -> Config:
+    """The --vs model at the same size as the costed one (a privlm Config or a Hugging Face config; a run
+    directory is taken as it is)."""
     if Path(vs).is_dir():
         return resolve_spec(vs, [])[0]
-    m = model_cfg.model
-    size = [f"model.{k}={'null' if getattr(m, k) is None else getattr(m, k)}" for k in SIZE_FIELDS]
-    return load_config(vs, size + [f"data.seq_len={model_cfg.data.seq_len}"])
+    if isinstance(model_cfg, Config):
+        m = model_cfg.model
+        sizes, seq_len = {k: getattr(m, k) for k in SIZE_FIELDS}, model_cfg.data.seq_len
+    else:
+        shape = shape_of(model_cfg)
+        sizes = {k: shape[k] for k in SIZE_FIELDS if k in shape} | {"block_size": shape["max_positions"]}
+        seq_len = min(128, shape["max_positions"] or 128)
+    size = [f"model.{k}={'null' if v is None else v}" for k, v in sizes.items()]
+    return load_config(vs, size + [f"data.seq_len={seq_len}"])
+
+
+def hf_target(spec: str, overrides: list[str]):
+    """(HF config, meta-device model, label) of a Hugging Face spec; overrides do not apply to it."""
+    if overrides:
+        raise ConfigError(f"key=value overrides ({overrides[0]}) apply to privlm presets, not to the Hugging Face "
+                          f"model '{spec}'")
+    config = load_hf_config(spec)[0]
+    return config, build_model(config), spec.rstrip("/").rsplit("/", 1)[-1] if not spec.startswith("hf:") else spec
 
 
 def _gflops(x: int) -> float:
@@ -60,9 +81,10 @@ def cost_row(c: Census, cost: Cost, ref: Optional[Cost]) -> dict:
         "nonlinear_label": c.nonlinear_label(),
         "ffn_gflops": _gflops(fl_paper["ffn"]), "attn_gflops": _gflops(fl_paper["attn"]),
         "attn_gflops_dense": _gflops(fl_dense["attn"]), "embed_head_gflops": _gflops(fl_paper["embed_head"]),
-        "comm_gb": cost.comm_gb, "lat_min": cost.lat_min,
+        "comm_gb": cost.comm_gb, "lat_min": cost.lat_min, "complete": cost.complete, "unknown": cost.unknown,
         "comm_savings": comm_sav, "lat_savings": lat_sav, "vs": ref.arch if ref is not None else None,
         "profile": cost.profile, "breakdown": cost.breakdown, "warnings": cost.warnings,
+        "n_kv_head": c.n_kv_head, "notes": c.notes,
     }
 
 
@@ -140,8 +162,12 @@ def render(rows: list[dict], fmt: str, published: bool) -> str:
     else:
         header = ["Network Arch.", "T", "#Nonlinear Ops", "FFN FLOPs", "Attn FLOPs (paper)", "Attn FLOPs (dense)",
                   "Comm. (GB)", "Lat. (min.)", "Comm. Savings", "Lat. Savings"]
-        body = [[r["arch"], str(r["T"]), r["nonlinear_label"], _fl(r["ffn_gflops"]), _fl(r["attn_gflops"]), _fl(r["attn_gflops_dense"]), f"{r['comm_gb']:.2f}", f"{r['lat_min']:.2f}",
-                 _fmt_sav(r["comm_savings"]), _fmt_sav(r["lat_savings"])] for r in rows]
+        # a cost with unknown ops is a lower bound: "≥", and no savings factor (it would be an upper bound)
+        body = [[r["arch"], str(r["T"]), r["nonlinear_label"], _fl(r["ffn_gflops"]), _fl(r["attn_gflops"]),
+                 _fl(r["attn_gflops_dense"]), ("" if r["complete"] else "≥") + f"{r['comm_gb']:.2f}",
+                 ("" if r["complete"] else "≥") + f"{r['lat_min']:.2f}",
+                 _fmt_sav(r["comm_savings"] if r["complete"] else None),
+                 _fmt_sav(r["lat_savings"] if r["complete"] else None)] for r in rows]
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -176,17 +202,27 @@ def run(args: argparse.Namespace) -> int:
     specs, overrides = split_args(args.specs)
     if not specs:
         specs = ["SM+LN+G"]
-    resolved = [resolve_spec(s, overrides) for s in specs]
-    ref_cfg = reference_config(args.vs, resolved[0][0])
-    rows, warnings = [], []
-    for cfg, run_T in resolved:
+    targets = []  # (what census() takes, config the --vs size comes from, T of a run, label of an HF model)
+    for s in specs:
+        if is_hf_spec(s):
+            config, model, label = hf_target(s, overrides)
+            targets.append((model, config, None, label))
+        else:
+            cfg, run_T = resolve_spec(s, overrides)
+            targets.append((cfg, cfg, run_T, None))
+    ref_cfg = reference_config(args.vs, targets[0][1])
+    rows, warnings, notes = [], [], []
+    for target, _size, run_T, label in targets:
         T = args.T if args.T is not None else (run_T or 128)
         ref_c = census(ref_cfg, T)
         ref = predict(ref_c, profile)
-        c = census(cfg, T)
-        cost = predict(c, profile)
+        c = census(target, T)
+        if label is not None:
+            c = dataclasses.replace(c, arch=label)
+        cost = predict(c, profile, unknown="report")
         rows.append(cost_row(c, cost, ref))
         warnings += [w for w in cost.warnings if w not in warnings]
+        notes += [f"{c.arch}: {n}" for n in c.notes if label is not None]
     print(render(rows, args.format, published=False))
     if args.format in ("table", "md"):
         print(f"\nprofile {profile.name} (network {profile.network.get('bandwidth_mbps')} Mbit/s, "
@@ -194,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
               f"FLOPs: paper convention, attention also dense (docs/pi-cost.md)")
         for w in warnings:
             print(f"warning: {w}")
+        for n in notes:
+            print(f"note: {n}")
     return 0
 
 
@@ -216,8 +254,9 @@ class _IntermixedParser(OneLineArgumentParser):
 def register(subparsers) -> None:
     p = subparsers.add_parser("cost", help="PI communication/latency of a preset or run (paper Table 3 layout)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("specs", nargs="*", metavar="PRESET|RUN_DIR|key=value",
-                   help="presets, config YAMLs or run directories (default SM+LN+G at GPT-2 size), and overrides")
+    p.add_argument("specs", nargs="*", metavar="PRESET|RUN_DIR|HF_MODEL|key=value",
+                   help="presets, config YAMLs, run directories or Hugging Face models (a save_pretrained directory "
+                        "or hf:<hub id>; default SM+LN+G at GPT-2 size), and overrides")
     p.add_argument("--T", type=int, default=None, help="prompt length (default 128; a run's data.seq_len)")
     p.add_argument("--profile", default="paper-fit",
                    help=f"cost profile name or .json path (available: {', '.join(available_profiles())})")

@@ -71,6 +71,12 @@ class Cost:
     breakdown: dict[str, dict[str, float]]
     rounds: Optional[float] = None
     warnings: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # census ops the profile has no figure for (not in totals)
+
+    @property
+    def complete(self) -> bool:
+        """False when some op had no figure: comm_gb and lat_min are then lower bounds."""
+        return not self.unknown
 
     def savings_vs(self, ref: "Cost") -> tuple[float, float]:
         """(communication, latency) savings factor of this model relative to ``ref`` (ref / self)."""
@@ -79,7 +85,7 @@ class Cost:
     def to_dict(self) -> dict:
         return {"arch": self.arch, "T": self.T, "profile": self.profile, "comm_gb": self.comm_gb,
                 "lat_min": self.lat_min, "breakdown": self.breakdown, "rounds": self.rounds,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "unknown": list(self.unknown), "complete": self.complete}
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,20 +188,47 @@ def save_profile(raw: dict, path: Union[str, Path, None] = None, overwrite: bool
     return path
 
 
+# Ops of Hugging Face families charged at the figure of the paper op that computes the same thing when a
+# profile has no figure of their own (docs/pi-cost.md): RMSNorm is LayerNorm without the mean (a linear
+# step): the same squares, one reciprocal square root per row and the same products; SiLU x*sigmoid(x)
+# is a smooth activation evaluated, like GELU, by piecewise polynomials. The SwiGLU gate's product and
+# rotary embeddings have no such stand-in: without a figure they are unknown.
+COST_PROXIES: dict[str, str] = {"rmsnorm": "layernorm", "silu": "gelu"}
+
+
 # ----------------------------------------------------------------------------------------
-def predict(c: Census, profile: Union[str, Path, Profile] = "paper-fit") -> Cost:
-    """Linear cost model (SPEC §5.3): Comm in GB (10⁹ bytes) and latency in minutes, with a breakdown."""
+def predict(c: Census, profile: Union[str, Path, Profile] = "paper-fit", unknown: str = "error") -> Cost:
+    """Linear cost model: Comm in GB (10⁹ bytes) and latency in minutes, with a breakdown.
+
+    An op the profile has no figure for (directly or through `COST_PROXIES`) is a ConfigError with
+    ``unknown="error"``; with ``unknown="report"`` it is listed in ``Cost.unknown`` (breakdown entry None,
+    totals are lower bounds), never charged as zero.
+    """
+    if unknown not in ("error", "report"):
+        raise ValueError(f"unknown={unknown!r}: use 'error' or 'report'")
     prof = load_profile(profile)
     parts: dict[str, list[float]] = {}  # component -> [bytes, seconds]
     rounds: Optional[float] = 0.0
+    missing: list[str] = []
+    notes: list[str] = []
     for o in c.ops:
         if o.where == "final" and prof.final_layernorm == "in_per_token":
             continue  # the profile's per-token constant already carries ln_f (paper convention)
+        key = o.op if o.where != "final" else f"{o.op} (final)"
         cost = prof.nonlinear.get(o.op)
+        if cost is None and o.op in COST_PROXIES and COST_PROXIES[o.op] in prof.nonlinear:
+            cost = prof.nonlinear[COST_PROXIES[o.op]]
+            note = f"{o.op} charged at the profile's {COST_PROXIES[o.op]} figure (docs/pi-cost.md)"
+            notes += [note] if note not in notes else []
         if cost is None:
-            raise ConfigError(f"cost profile '{prof.name}' has no cost for nonlinear op '{o.op}' "
-                              f"(needed by {c.arch}); it covers: {', '.join(prof.nonlinear)}")
-        key = o.op if o.where != "final" else "layernorm (ln_f)"
+            if unknown == "error":
+                raise ConfigError(f"cost profile '{prof.name}' has no cost for nonlinear op '{o.op}' "
+                                  f"(needed by {c.arch}); it covers: {', '.join(prof.nonlinear)}")
+            missing += [key] if key not in missing else []
+            rounds = None
+            continue
+        if key == "layernorm (final)":
+            key = "layernorm (ln_f)"
         acc = parts.setdefault(key, [0.0, 0.0])
         acc[0] += o.elements * cost.bytes_per_element + o.count * cost.bytes_per_call
         acc[1] += o.elements * cost.seconds_per_element + o.count * cost.seconds_per_call
@@ -218,8 +251,13 @@ def predict(c: Census, profile: Union[str, Path, Profile] = "paper-fit") -> Cost
                         f"({'; '.join('+'.join(sorted(g, key=order.get)) for g in prof.identified_op_sets)}); "
                         f"{c.arch} has {'+'.join(sorted(present, key=order.get)) or 'no nonlinear op'}, so its "
                         f"per-op split is an extrapolation")
+    warnings += notes
+    if missing:
+        warnings.append(f"profile '{prof.name}' has no figure for {', '.join(missing)} of {c.arch}: unknown, not "
+                        f"in the totals, which are lower bounds")
     breakdown = {k: {"gb": v[0] / 1e9, "min": v[1] / 60} for k, v in parts.items()}
     return Cost(arch=c.arch, T=c.T, profile=prof.name,
                 comm_gb=sum(v["gb"] for v in breakdown.values()),
-                lat_min=sum(v["min"] for v in breakdown.values()), breakdown=breakdown, rounds=rounds,
-                warnings=warnings)
+                lat_min=sum(v["min"] for v in breakdown.values()),
+                breakdown=breakdown | {k: {"gb": None, "min": None} for k in missing}, rounds=rounds,
+                warnings=warnings, unknown=missing)

@@ -1,0 +1,137 @@
+"""`privlm export-hf RUN_DIR OUT_DIR`: a run's checkpoint as a directory `transformers` loads.
+
+* the GPT-2 baseline (SM+LN+G with biases, tied head, every FFN) becomes a plain ``GPT2LMHeadModel``
+  (weights mapped by `privlm.model.hf`), loadable with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``;
+* every other preset becomes a ``PrivlmConfig`` / ``PrivlmForCausalLM`` pair (the two files of
+  ``privlm/model/hf_remote`` copied next to the weights, ``auto_map`` in config.json), loadable with
+  ``from_pretrained(OUT_DIR, trust_remote_code=True)``. The wrapper holds privlm's own ``GPT``, so there is
+  one model definition and the ``privlm`` package must be installed where it is loaded.
+
+Both carry the run's tokenizer (``PreTrainedTokenizerFast``). OUT_DIR must not exist or be empty; the
+export is written to a temporary sibling and renamed, so nothing is overwritten or left half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from privlm.errors import CheckpointError
+
+REMOTE_DIR = Path(__file__).parent / "model" / "hf_remote"
+REMOTE_FILES = ("configuration_privlm.py", "modeling_privlm.py")
+AUTO_MAP = {"AutoConfig": "configuration_privlm.PrivlmConfig",
+            "AutoModelForCausalLM": "modeling_privlm.PrivlmForCausalLM"}
+
+
+def is_gpt2_baseline(cfg) -> bool:
+    from privlm.model.hf import _check_baseline
+
+    try:
+        _check_baseline(cfg)
+    except ValueError:
+        return False
+    return True
+
+
+def _gpt2(model, eos_id: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from privlm.model.hf import to_hf_state_dict
+
+    cfg = model.config
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.ffn_hidden,
+                        activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_eps,
+                        initializer_range=cfg.init_std, embd_pdrop=cfg.embd_dropout, attn_pdrop=0.0,
+                        resid_pdrop=0.0, bos_token_id=eos_id, eos_token_id=eos_id, tie_word_embeddings=True)
+    hf = GPT2LMHeadModel(hf_cfg)
+    result = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"GPT-2 export: weights do not map ({(result.missing_keys + result.unexpected_keys)[:3]})")
+    return hf.eval()
+
+
+def _remote(model, eos_id: int):
+    from privlm.model.hf_remote.configuration_privlm import PrivlmConfig
+    from privlm.model.hf_remote.modeling_privlm import PrivlmForCausalLM
+
+    config = PrivlmConfig(privlm=dataclasses.asdict(model.config), auto_map=AUTO_MAP,
+                          architectures=["PrivlmForCausalLM"], bos_token_id=eos_id, eos_token_id=eos_id)
+    hf = PrivlmForCausalLM(config)
+    hf.gpt.load_state_dict(model.state_dict(), strict=True)
+    return hf.eval()
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
+    """Write the run's model and tokenizer to ``out_dir`` in transformers' format; returns what was written."""
+    from transformers import PreTrainedTokenizerFast
+
+    from privlm.run import load_run
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"'{out}' already exists and is not an empty directory; nothing was written")
+    run = load_run(run_dir)
+    manifest = run.path / "data_manifest.json"
+    eos = json.loads(manifest.read_text()).get("tokenizer", {}).get("eos_token") if manifest.is_file() else None
+    eos = eos or "<|endoftext|>"
+    eos_id = run.tokenizer.token_to_id(eos)
+    baseline = is_gpt2_baseline(run.cfg.model)
+    hf = _gpt2(run.model, eos_id) if baseline else _remote(run.model, eos_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if not baseline:
+            for name in REMOTE_FILES:
+                shutil.copyfile(REMOTE_DIR / name, tmp / name)
+        PreTrainedTokenizerFast(tokenizer_object=run.tokenizer, eos_token=eos,
+                                model_max_length=run.cfg.model.block_size).save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"run": str(run.path), "out": str(out), "preset": run.cfg.model.preset,
+            "class": type(hf).__name__, "trust_remote_code": not baseline}
+
+
+def max_logit_difference(run_dir: str | Path, out_dir: str | Path, T: int = 16) -> float:
+    """Largest |logit| difference between the run's model and the exported one on random tokens (a check
+    for the export, run by `privlm export-hf` after writing)."""
+    from transformers import AutoModelForCausalLM
+
+    from privlm.run import load_run
+
+    run = load_run(run_dir)
+    hf = AutoModelForCausalLM.from_pretrained(str(out_dir), trust_remote_code=not is_gpt2_baseline(run.cfg.model))
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, run.cfg.model.vocab_size, (2, min(T, run.cfg.model.block_size)), generator=gen)
+    with torch.no_grad():
+        return float((run.model(idx).logits - hf.eval()(input_ids=idx).logits).abs().max())
+
+
+def run(args: argparse.Namespace) -> int:
+    info = export_hf(args.run_dir, args.out_dir)
+    err = max_logit_difference(args.run_dir, args.out_dir)
+    loader = (f"AutoModelForCausalLM.from_pretrained('{info['out']}'"
+              + (", trust_remote_code=True)  # needs privlm installed" if info["trust_remote_code"] else ")"))
+    print(f"wrote {info['out']} ({info['preset']} as {info['class']}); max |logit difference| = {err:.2e}\n"
+          f"load with: {loader}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-hf", help="write a run's checkpoint as a Hugging Face transformers model",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="privlm run directory")
+    p.add_argument("out_dir", help="new (or empty) directory to write")
+    p.set_defaults(func=run)

@@ -1,0 +1,222 @@
+"""Hugging Face causal LMs as inputs to privlm's diagnostics: `privlm entropy`, `privlm cost`, `privlm inspect`.
+
+A model is named by a local directory written by ``save_pretrained`` or by ``hf:<hub id>`` (resolved in the
+local Hugging Face cache first, downloaded only when the hub is reachable and not switched off with
+``HF_HUB_OFFLINE=1``). Weights load through ``AutoModelForCausalLM`` from safetensors only (no pickle), never
+with ``trust_remote_code``, and with eager attention so the attention probabilities exist for the entropy.
+
+Supported families (``FAMILIES``, keyed by ``config.model_type``) are the ones whose module tree the census
+knows: GPT-2, GPT-NeoX (Pythia) and LLaMA, including Qwen2 and Mistral, whose blocks are LLaMA's (RMSNorm,
+SwiGLU, rotary embeddings, grouped-query attention). Everything else is a one-line error naming them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from privlm.errors import CheckpointError
+
+HUB_SCHEME = "hf:"
+# What a hub snapshot needs for config, weights and tokenizer (no pickled *.bin weights, no remote code).
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "tokenizer.model"]
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """Where a family keeps its blocks and their sub-layers (module names relative to the CausalLM)."""
+
+    name: str
+    blocks: str  # the ModuleList of decoder blocks
+    attn: str  # attention sub-module of a block
+    mlp: str  # MLP sub-module of a block
+
+
+_LLAMA = HFFamily("LLaMA", "model.layers", "self_attn", "mlp")
+FAMILIES: dict[str, HFFamily] = {
+    "gpt2": HFFamily("GPT-2", "transformer.h", "attn", "mlp"),
+    "gpt_neox": HFFamily("GPT-NeoX", "gpt_neox.layers", "attention", "mlp"),
+    "llama": _LLAMA,
+    "qwen2": _LLAMA,
+    "mistral": _LLAMA,
+}
+
+
+def supported_list() -> str:
+    return ", ".join(f"{t} ({f.name})" for t, f in FAMILIES.items())
+
+
+def is_hf_spec(spec: str) -> bool:
+    """``hf:<id>``, or a directory holding a transformers ``config.json`` (and no privlm ``config.yaml``)."""
+    if spec.startswith(HUB_SCHEME):
+        return True
+    path = Path(spec)
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def check_model_dir(spec: str) -> None:
+    """A directory given where a model is expected must be a privlm run or a Hugging Face model."""
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        raise CheckpointError(f"'{spec}' is neither a privlm run directory (no config.yaml) nor a Hugging Face "
+                              f"model directory (no config.json)")
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def resolve_dir(spec: str, weights: bool = True) -> Path:
+    """Local directory of a model spec: the directory itself, or the snapshot of ``hf:<id>`` in the local
+    cache (downloaded when missing and the hub is reachable: config and tokenizer, plus the safetensors
+    weights when ``weights``; the census and `privlm inspect` need only config.json)."""
+    if not spec.startswith(HUB_SCHEME):
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"'{spec}' is neither a directory nor hf:<hub id>")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"'{spec}' is not a Hugging Face model directory (no config.json) "
+                                  f"nor a privlm run (no config.yaml)")
+        return path
+    repo = spec[len(HUB_SCHEME):]
+    if not repo:
+        raise CheckpointError("hf: needs a hub id, e.g. hf:EleutherAI/pythia-70m")
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_FILES if weights else [f for f in HUB_FILES if "safetensors" not in f]
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - not cached (or a bad id): try the hub below
+        cached_error = _first_line(exc)
+    if _offline():
+        raise CheckpointError(f"Hugging Face model '{repo}' is not in the local cache and HF_HUB_OFFLINE is set "
+                              f"({cached_error})")
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated repo: one line
+        raise CheckpointError(f"Hugging Face model '{repo}' is not in the local cache and could not be "
+                              f"downloaded: {_first_line(exc)}") from None
+
+
+def family_of(config) -> HFFamily:
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise CheckpointError(f"unsupported architecture '{getattr(config, 'model_type', '?')}' "
+                              f"({', '.join(getattr(config, 'architectures', None) or [])}); "
+                              f"supported: {supported_list()}")
+    return family
+
+
+def load_config(spec: str, weights: bool = False):
+    """(transformers config, local directory, family) of a model spec; one-line CheckpointError otherwise.
+    ``weights``: also fetch the weights of an ``hf:`` model that is not cached yet."""
+    path = resolve_dir(spec, weights)
+    import json
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path / 'config.json'}' is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise CheckpointError(f"'{path / 'config.json'}' is not a transformers config (no model_type)")
+    if raw["model_type"] == "privlm":
+        raise CheckpointError(f"'{spec}' is a privlm model exported with export-hf; diagnose and cost its run "
+                              f"directory instead")
+    if raw["model_type"] not in FAMILIES:
+        archs = ", ".join(raw.get("architectures") or [])
+        raise CheckpointError(f"unsupported architecture '{raw['model_type']}'{f' ({archs})' if archs else ''}; "
+                              f"supported: {supported_list()}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the config of '{spec}': {_first_line(exc)}") from None
+    return config, path, family_of(config)
+
+
+def build_model(config, device: str | torch.device = "meta"):
+    """An (untrained) model of this config with eager attention; on the meta device it allocates nothing,
+    which is all the census and `privlm inspect` need."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", trust_remote_code=False)
+    return model.eval()
+
+
+class HFModel(NamedTuple):
+    model: Any  # transformers PreTrainedModel (eval mode, eager attention)
+    family: HFFamily
+    path: Path
+    spec: str
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HFModel:
+    """Weights of a supported model, in eval mode with eager attention. Missing, mismatched or corrupt weights
+    are a CheckpointError: transformers would otherwise initialise them at random with only a warning."""
+    config, path, family = load_config(spec, weights=True)
+    if not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"'{path}' has no *.safetensors weights (pickled *.bin files are not read: loading "
+                              f"them can run code); convert them with save_pretrained(safe_serialization=True)")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the load report below says the same in one line
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), config=config, attn_implementation="eager", use_safetensors=True,
+            trust_remote_code=False, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - truncated header, bad shapes, unreadable file: one line
+        raise CheckpointError(f"cannot load the weights of '{spec}': {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    bad = {k: sorted(v) for k in ("missing_keys", "mismatched_keys") if (v := info.get(k))}
+    if bad:
+        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}"
+                         for k, v in bad.items())
+        raise CheckpointError(f"the weights of '{spec}' do not match its config ({what})")
+    return HFModel(model.to(device=device, dtype=dtype).eval(), family, path, spec)
+
+
+def tokenizer_spec(path: Path) -> str:
+    """What `privlm.data` should load as this model's own tokenizer (its directory)."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise CheckpointError(f"'{path}' has no tokenizer (tokenizer.json or tokenizer_config.json); entropy "
+                              f"is measured on text tokenized with the model's own tokenizer")
+    return str(path)
+
+
+def shape_of(config) -> dict[str, Optional[int]]:
+    """Sizes of any supported config under one set of names."""
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)  # noqa: E731
+    n_head = get("num_attention_heads", "n_head")
+    n_embd = get("hidden_size", "n_embd")
+    return {"n_layer": get("num_hidden_layers", "n_layer"), "n_head": n_head,
+            "n_kv_head": get("num_key_value_heads") or n_head, "n_embd": n_embd,
+            "head_dim": get("head_dim") or n_embd // n_head,
+            "ffn_hidden": get("intermediate_size", "n_inner") or 4 * n_embd,
+            "vocab_size": get("vocab_size"), "max_positions": get("max_position_embeddings", "n_positions"),
+            "tied": bool(getattr(config, "tie_word_embeddings", True))}
+
+
+def check_length(config, T: int) -> None:
+    limit = shape_of(config)["max_positions"]
+    if not isinstance(T, int) or T <= 0:
+        raise CheckpointError(f"T={T} must be a positive integer")
+    if limit is not None and T > limit:
+        raise CheckpointError(f"T={T} is longer than the model's {limit} positions")
