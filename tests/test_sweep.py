@@ -159,3 +159,62 @@ def test_changed_sweep_config_is_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "another config (train.lr: sweep 0.003 vs run 0.001)" in err
     assert (out / "sm-ln-g" / "metrics.jsonl").read_bytes() == before
+
+
+def test_parallel_sweep_resumes_after_ctrl_c_and_matches_one_job(tmp_path):
+    """`--jobs 2`: two runs train at once in their own processes; Ctrl-C (SIGINT to the process group, as a
+    terminal sends it) stops both after checkpoints; the same command resumes both to the end, and every
+    run's numbers equal those of the same run trained alone (one thread) from scratch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from privlm.train import train
+
+    steps = ["model.n_embd=32", "train.max_steps=100", "train.batch_size=2", "train.eval_every=50",
+             "train.eval_max_batches=2", "train.save_every=5", "train.entropy_every=25", "train.log_every=5"]
+    f = write_sweep(tmp_path / "s.yaml", ["SM+LN+G", "SM+ScFuFFN"], overrides=steps)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "privlm.cli", "sweep", str(f), "--out", str(out), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    dirs = [out / "sm-ln-g", out / "sm-scfuffn"]
+    deadline = time.time() + 240
+    while time.time() < deadline and not all((d / "state" / "LATEST").is_file() for d in dirs):
+        time.sleep(0.05)
+    assert all((d / "state" / "LATEST").is_file() for d in dirs), proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGINT)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in log, log
+    state = json.loads((out / "sweep.json").read_text())
+    assert {v["status"] for v in state["runs"].values()} == {"interrupted"}  # both were mid-run together
+    assert all(run_status(d) == "resumable" for d in dirs)
+    assert all((out / "logs" / f"{d.name}.log").is_file() for d in dirs)
+
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count(": resuming") == 2 and "wrote" in res.stdout
+    state = json.loads((out / "sweep.json").read_text())
+    assert {k: v["status"] for k, v in state["runs"].items()} == {"sm-ln-g": "done", "sm-scfuffn": "done"}
+
+    sweep = load_sweep(f)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = train(sweep.runs[1].cfg, tmp_path / "alone", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    for d in dirs:
+        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(5, 101, 5))  # none lost/repeated
+    got = json.loads((dirs[1] / "summary.json").read_text())
+    assert got["steps"] == 100 and got["final_loss"] == alone["final_loss"]  # exact resume, same numbers
+    def numbers(run_dir):
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["kind"], r["step"], r.get("loss"), r.get("head_entropy")) for r in recs]
+    assert numbers(dirs[1]) == numbers(tmp_path / "alone")
+    assert (out / "results.md").is_file() and "| SM+ScFuFFN |" in (out / "results.md").read_text()
