@@ -143,3 +143,40 @@ def test_bad_trace_file_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / FLIGHT_FILE).write_text('{"format": "other"}')
     with pytest.raises(CheckpointError, match="not a flight-recorder trace"):
         read_trace(tmp_path)
+
+
+def _row(preset, lr, diverged, step=None, ppl=None, first=None):
+    flight = {"first": first, "event_step": step - 3, "steps_before": 3, "where": ["L5h1", "L5h2", "L4h0"],
+              "line": "x"} if first else None
+    return {"preset": preset, "lr": lr, "diverged": diverged, "divergence_step": step, "ppl": ppl,
+            "finished": True, "max_steps": 100, "flight": flight}
+
+
+def test_stability_map_table_claim_and_figure(tmp_path):
+    from privlm.report.analysis import stability_cell_text, stability_map
+    from privlm.report.claims import claim_c1_stability
+    rows = [_row("SM+LN+G", 1e-3, False, ppl=80.0), _row("SM+LN+G", 1e-2, False, ppl=95.5),
+            _row("SM", 1e-3, False, ppl=120.0), _row("SM", 1e-2, True, step=24, first="collapse"),
+            _row("SM+WN(ffn)", 1e-3, False, ppl=110.0), _row("SM+WN(ffn)", 1e-2, False, ppl=130.0),
+            _row("SM+ScFuFFN", 1e-3, True, step=40, first="logit_blowup"), _row("SM+ScFuFFN", 1e-2, False, ppl=1.0)]
+    presets, lrs, cells = stability_map(rows)
+    assert presets == ["SM+LN+G", "SM", "SM+WN(ffn)", "SM+ScFuFFN"] and lrs == [1e-3, 1e-2]
+    assert stability_cell_text(cells[("SM", 1e-2)]) == "NaN @ 24 (collapse -3: L5h1,L5h2)"
+    assert stability_cell_text(cells[("SM+LN+G", 1e-2)]) == "PPL 95.5"
+    c1 = claim_c1_stability(rows)
+    # SM stable up to 1e-3; WN up to 1e-2 (wider); ScFuFFN diverged at the smallest rate (narrower): not all wider
+    assert c1["stable_up_to"] == {"SM": 1e-3, "SM+WN(ffn)": 1e-2, "SM+ScFuFFN": None} and c1["holds"] is False
+    assert claim_c1_stability([r for r in rows if r["preset"] != "SM+ScFuFFN"])["holds"] is True
+    assert claim_c1_stability([r for r in rows if r["lr"] == 1e-3]) is None  # one rate: no map
+
+    from privlm.report.figures import stability_map_figure
+    from privlm.report.runs import RunData
+    runs = []
+    for preset, lr, div in (("SM", 1e-3, False), ("SM", 1e-2, True), ("SM+LN+G", 1e-3, False), ("SM+LN+G", 1e-2, False)):
+        cfg = load_config(preset, [f"train.lr={lr}", "train.max_steps=100"])
+        runs.append(RunData(tmp_path / f"{preset}-{lr}", cfg, {"preset": preset, "diverged": div, "steps": 30,
+                                                               "final_ppl": None if div else 50.0}))
+    fig = stability_map_figure(runs)
+    texts = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert texts == ["NaN @ 31", "PPL 50.0", "PPL 50.0", "PPL 50.0"]
+    assert stability_map_figure(runs[::2]) is None

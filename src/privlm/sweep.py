@@ -418,8 +418,24 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
         over = f"yes (L{','.join(map(str, r['overloaded_layers']))})" if r["overloaded"] else "no"
         lines.append(f"| {r['label']} | {bins} | {_f(r['bin_max'], '{:.2f}')} | {means} | "
                      f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} |")
-    from privlm.report.claims import claims_markdown
-    lines += ["", "## The paper's claims on these runs (single seed)", ""] + claims_markdown(rows)
+    from privlm.report.analysis import stability_cell_text, stability_map
+    from privlm.report.claims import claim_c1_stability, claims_markdown
+    presets, lrs, cells = stability_map(rows)
+    if len(lrs) >= 2:
+        lines += ["", "## Stability map (peak learning rate x variant)", "",
+                  "PPL: trained to the end; NaN @ s: the update of step s was non-finite, with the flight "
+                  "recorder's first event (collapse: a head's entropy below 0.1 nats; logit / resid: a max "
+                  "attention logit or residual norm blow-up), how many steps before, and where.", "",
+                  "| Network Arch. | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+                  "|---|" + "---|" * len(lrs)]
+        for p in presets:
+            lines.append(f"| {p} | " + " | ".join(stability_cell_text(cells.get((p, lr), [])) or "–" for lr in lrs)
+                         + " |")
+        c1 = claim_c1_stability(rows)
+        verdict = {True: "yes", False: "**no**", None: "not testable"}[c1["holds"]]
+        lines += ["", f"({c1['id']}) {c1['claim']}: {verdict} — {c1['numbers']}"]
+    else:
+        lines += ["", "## The paper's claims on these runs (single seed)", ""] + claims_markdown(rows)
     diverged = [r for r in rows if r["diverged"]]
     if diverged:
         lines += ["", "## Divergences", ""] + [f"- **{r['label']}**: {r.get('diagnosis_summary')}" for r in diverged]
@@ -448,9 +464,10 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     rows, _, notes = collect(runs, baseline)
     state_file = out / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    from privlm.report.claims import evaluate_claims
+    from privlm.report.claims import claim_c1_stability, evaluate_claims
+    stability = claim_c1_stability(rows)
     _write_json(results / "results.json", {"sweep": sweep.name, "sweep_file": str(sweep.path),
-                                           "claims": evaluate_claims(rows),
+                                           "claims": evaluate_claims(rows) + ([stability] if stability else []),
                                            "command": state.get("command"),
                                            "baseline": baseline or runs[0].path.name, "rows": rows,
                                            "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
