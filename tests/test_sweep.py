@@ -218,3 +218,42 @@ def test_parallel_sweep_resumes_after_ctrl_c_and_matches_one_job(tmp_path):
         return [(r["kind"], r["step"], r.get("loss"), r.get("head_entropy")) for r in recs]
     assert numbers(dirs[1]) == numbers(tmp_path / "alone")
     assert (out / "results.md").is_file() and "| SM+ScFuFFN |" in (out / "results.md").read_text()
+
+
+def test_study_v2_stability_map_grid_and_gpu_sweeps_resolve():
+    sweeps = ROOT / "configs" / "sweeps"
+    v1 = load_sweep(sweeps / "cpu-study.yaml")
+    v2 = load_sweep(sweeps / "cpu-study-v2.yaml")
+    tokens = {r.name: r.cfg.train.max_steps * r.cfg.train.batch_size * r.cfg.train.grad_accum * r.cfg.data.seq_len
+              for r in v2.runs}
+    assert min(tokens.values()) >= 5_000_000
+    assert [r.preset for r in v2.runs[:12]] == [r.preset for r in v1.runs]  # the same 12 variants
+    seeds: dict[str, set] = {}
+    for r in v2.runs:
+        seeds.setdefault(r.preset, set()).add(r.cfg.train.seed)
+    three = {"SM+LN+G", "SM+G", "SM+R", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)"}
+    assert {p for p, s in seeds.items() if len(s) == 3} == three and all(len(s) == 1 for p, s in seeds.items()
+                                                                          if p not in three)
+    base = v2.runs[0].cfg
+    for r in v2.runs:  # one data set, model size, budget and schedule; only the seed (and the preset) differ
+        assert (r.cfg.data, r.cfg.train.max_steps, r.cfg.train.lr, r.cfg.model.n_layer, r.cfg.model.n_embd) == \
+               (base.data, base.train.max_steps, base.train.lr, base.model.n_layer, base.model.n_embd)
+
+    grid = load_sweep(sweeps / "ereg-grid-v2.yaml")
+    pairs = {(r.cfg.reg.lambda_, r.cfg.reg.gamma) for r in grid.runs if r.cfg.reg.enabled}
+    assert len(pairs) == 9 and sum(not r.cfg.reg.enabled for r in grid.runs) == 1
+    assert all(r.cfg.train.seed not in seeds["SM+LN+G"] for r in grid.runs)  # not one of the study's seeds
+    assert all(r.cfg.model == v2.runs[11].cfg.model for r in grid.runs if r.cfg.reg.enabled)
+
+    smap = load_sweep(sweeps / "stability-map.yaml")
+    assert sorted({r.cfg.train.lr for r in smap.runs}) == [1e-3, 3e-3, 1e-2, 3e-2] and len(smap.runs) == 24
+    assert {"SM", "SM+WN(ffn)", "SM+SN(ffn)", "SM+ScFFN", "SM+ScFuFFN", "SM+LN+G"} == {r.preset for r in smap.runs}
+    assert all(r.cfg.train.flight_steps > 0 and r.cfg.train.flight_every == 1 for r in smap.runs)
+
+    gpu = load_sweep(sweeps / "gpu-study.yaml")
+    assert len(gpu.runs) == 6 and gpu.runs[0].cfg.model.n_embd == 768
+    assert all(r.cfg.train.max_steps * r.cfg.train.batch_size * r.cfg.data.seq_len >= 50_000_000 for r in gpu.runs)
+    # the released-code penalty is a sum over the micro-batch: lambda scales as 1/B from the paper's 1e-5 at B=128
+    for sw in (v2, gpu):
+        ereg = next(r.cfg for r in sw.runs if r.cfg.reg.enabled)
+        assert ereg.reg.lambda_ == pytest.approx(1e-5 * 128 / ereg.train.batch_size)

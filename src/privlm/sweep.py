@@ -318,6 +318,15 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
 
     ctx = mp.get_context("spawn")  # no fork of a process that already runs torch threads
     (out / "logs").mkdir(exist_ok=True)
+    # Build each new run's tokenizer and token cache here, once, before any process starts: N processes
+    # building the same cache at once would each do the whole tokenization.
+    from privlm.data import prepare_data
+    built: list = []
+    for _, r, resume in todo:
+        if not resume and r.cfg.data not in built:
+            log(f"preparing data for {r.name} (shared by the runs with the same data config)")
+            prepare_data(r.cfg.data, None)
+            built.append(r.cfg.data)
     pending = list(todo)
     running: dict[str, tuple] = {}
     failures: list[str] = []
