@@ -102,7 +102,8 @@ def flight_summary(run: RunData) -> Optional[dict]:
     v = run.flight.get("verdict") or {}
     first = v.get("first")
     ev = (v.get("events") or {}).get(first) if first else None
-    return {"first": first, "event_step": ev["step"] if ev else None,
+    return {"first": first, "first_all": v.get("first_all") or ([first] if first else []),
+            "event_step": ev["step"] if ev else None,
             "steps_before": ev["steps_before"] if ev else None,
             "where": [f"L{w['layer']}" + (f"h{w['head']}" if w.get("head") is not None else "")
                       for w in ev["where"]] if ev else [],
@@ -135,7 +136,8 @@ def stability_cell_text(cell_rows: Sequence[dict]) -> str:
             text = f"NaN @ {r.get('divergence_step')}"
             fl = r.get("flight")
             if fl and fl.get("first"):
-                text += f" ({EVENT_ABBREV[fl['first']]} -{fl['steps_before']}: {','.join(fl['where'][:2])})"
+                kinds = "+".join(EVENT_ABBREV[k] for k in fl.get("first_all") or [fl["first"]])
+                text += f" ({kinds} -{fl['steps_before']}: {','.join(fl['where'][:2])})"
             parts.append(text)
         elif r.get("ppl") is not None:
             parts.append(f"PPL {r['ppl']:.1f}" + ("" if r["finished"] else " (unfinished)"))

@@ -53,6 +53,12 @@ def attention_head_stats(attn: nn.Module, x: torch.Tensor, entropy: Optional[tor
 
     The logits are Eq. 2's (with the SM(t) temperature), masked causally; the entropy is Eq. 7's head
     entropy (mean over batch and queries), taken from ``entropy`` [B, H, T] when the forward computed it."""
+    with torch.autocast(x.device.type, enabled=False):  # fp32 statistics whatever the training dtype
+        return _head_stats_fp32(attn, x.float(), entropy, query_block)
+
+
+def _head_stats_fp32(attn: nn.Module, x: torch.Tensor, entropy: Optional[torch.Tensor],
+                     query_block: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, d = x.shape
     H = attn.n_head
     q = attn.q_proj(x).view(B, T, H, d // H).transpose(1, 2).float()
@@ -225,9 +231,11 @@ def verdict(trace: dict) -> dict:
         if ev is not None:
             ev["steps_before"] = step - ev["step"]
             ev["at_window_start"] = ev["step"] == start["step"]
-    first = min((ev["step"], kind) for kind, ev in events.items() if ev is not None) if any(events.values()) else None
+    seen = {kind: ev["step"] for kind, ev in events.items() if ev is not None}
+    earliest = min(seen.values()) if seen else None
+    together = [kind for kind, st in seen.items() if st == earliest]  # events first seen at the same step
     return {"window": [start["step"], records[-1]["step"]], "events": events,
-            "first": first[1] if first else None}
+            "first": together[0] if together else None, "first_all": together}
 
 
 def _where_text(ev: dict, kind: str, limit: int = 4) -> str:
