@@ -162,9 +162,10 @@ def test_changed_sweep_config_is_refused_before_training(tmp_path, capsys):
 
 
 def test_parallel_sweep_resumes_after_ctrl_c_and_matches_one_job(tmp_path):
-    """`--jobs 2`: two runs train at once in their own processes; Ctrl-C (SIGINT to the process group, as a
-    terminal sends it) stops both after checkpoints; the same command resumes both to the end, and every
-    run's numbers equal those of the same run trained alone (one thread) from scratch."""
+    """`--jobs 2`: two runs train at once in their own processes; an interrupt of the sweep process alone (SIGTERM
+    to the parent, the harder case than Ctrl-C, which also reaches the children) stops both runs after
+    checkpoints and leaves no process behind; the same command resumes both to the end, and every run's numbers
+    equal those of the same run trained alone (one thread) from scratch."""
     import os
     import signal
     import subprocess
@@ -187,9 +188,15 @@ def test_parallel_sweep_resumes_after_ctrl_c_and_matches_one_job(tmp_path):
     while time.time() < deadline and not all((d / "state" / "LATEST").is_file() for d in dirs):
         time.sleep(0.05)
     assert all((d / "state" / "LATEST").is_file() for d in dirs), proc.communicate()[0]
-    os.killpg(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in log, log
+    for _ in range(100):  # the session's processes: the runs (and multiprocessing's tracker) must be gone
+        leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not leftover:
+            break
+        time.sleep(0.1)
+    assert leftover == [], f"processes still alive after the sweep stopped: {leftover}"
     state = json.loads((out / "sweep.json").read_text())
     assert {v["status"] for v in state["runs"].values()} == {"interrupted"}  # both were mid-run together
     assert all(run_status(d) == "resumable" for d in dirs)

@@ -330,6 +330,11 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
     pending = list(todo)
     running: dict[str, tuple] = {}
     failures: list[str] = []
+    import signal
+
+    def _terminated(_signum, _frame):  # `kill PID` stops the runs like Ctrl-C, never orphans them
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -373,6 +378,8 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
             records[name].update(status="interrupted")
             _finish(records[name], state, out, t0)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if failures:
         raise CheckpointError(f"{len(failures)} run(s) failed: {'; '.join(failures)}")
 
