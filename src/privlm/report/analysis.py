@@ -139,8 +139,10 @@ def stability_cell_text(cell_rows: Sequence[dict]) -> str:
                 kinds = "+".join(EVENT_ABBREV[k] for k in fl.get("first_all") or [fl["first"]])
                 text += f" ({kinds} -{fl['steps_before']}: {','.join(fl['where'][:2])})"
             parts.append(text)
+        elif not r["finished"]:
+            parts.append("unfinished")
         elif r.get("ppl") is not None:
-            parts.append(f"PPL {r['ppl']:.1f}" + ("" if r["finished"] else " (unfinished)"))
+            parts.append(f"PPL {r['ppl']:.1f}")
         else:
             parts.append("–")
     return " / ".join(parts)

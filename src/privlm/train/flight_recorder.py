@@ -309,5 +309,5 @@ def format_trace(trace: dict, last: int = 8) -> str:
             max_l = max((_val(v) for v in r["max_logit"][l]), key=lambda z: math.inf if math.isnan(z) else z)
             cells.append(f"{cell(mean_e, '.3f'):>8} {cell(max_l, '.3g'):>8} {cell(_val(r['resid_norm'][l]), '.3g'):>8}")
         mark = " <- diverged" if r["step"] >= trace["divergence_step"] else ""
-        lines.append(f"{r['step']:>5} {cell(_val(r['loss']), '10.4f'):>10} | " + " | ".join(cells) + mark)
+        lines.append(f"{r['step']:>5} {cell(_val(r['loss']), '.6g'):>10} | " + " | ".join(cells) + mark)
     return "\n".join(lines)
