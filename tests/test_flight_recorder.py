@@ -168,6 +168,12 @@ def test_stability_map_table_claim_and_figure(tmp_path):
     assert c1["stable_up_to"] == {"SM": 1e-3, "SM+WN(ffn)": 1e-2, "SM+ScFuFFN": None} and c1["holds"] is False
     assert claim_c1_stability([r for r in rows if r["preset"] != "SM+ScFuFFN"])["holds"] is True
     assert claim_c1_stability([r for r in rows if r["lr"] == 1e-3]) is None  # one rate: no map
+    # an untested (or unfinished) cell is skipped, not counted as stable or unstable
+    partial = [r for r in rows if not (r["preset"] == "SM" and r["lr"] == 1e-3)]
+    partial.append({**_row("SM", 1e-3, False), "finished": False})
+    assert claim_c1_stability(partial)["stable_up_to"]["SM"] is None
+    partial += [_row("SM", 3e-3, False, ppl=100.0)]
+    assert claim_c1_stability(partial)["stable_up_to"]["SM"] == 3e-3
 
     from privlm.report.figures import stability_map_figure
     from privlm.report.runs import RunData

@@ -98,12 +98,15 @@ def claim_c4(rows: Sequence[dict]) -> dict:
 
 
 def stable_up_to(cells: dict, preset: str, lrs: Sequence[float]) -> Optional[float]:
-    """The largest learning rate up to which every run of ``preset`` (every seed, every smaller rate) trained
-    without a divergence; None when it diverged already at the smallest rate or was not run there."""
+    """The largest learning rate up to which every finished run of ``preset`` (every seed, every smaller rate)
+    trained without a divergence; rates where it has no finished run are skipped (not tested, not a failure).
+    None when it diverged already at the smallest tested rate or has no finished run."""
     best = None
     for lr in lrs:
-        runs = cells.get((preset, lr))
-        if not runs or any(r["diverged"] for r in runs):
+        runs = [r for r in cells.get((preset, lr), []) if r["finished"]]
+        if not runs:
+            continue
+        if any(r["diverged"] for r in runs):
             break
         best = lr
     return best
