@@ -159,3 +159,108 @@ def test_changed_sweep_config_is_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "another config (train.lr: sweep 0.003 vs run 0.001)" in err
     assert (out / "sm-ln-g" / "metrics.jsonl").read_bytes() == before
+
+
+def test_parallel_sweep_resumes_after_ctrl_c_and_matches_one_job(tmp_path):
+    """`--jobs 2`: two runs train at once in their own processes; an interrupt of the sweep process alone (SIGTERM
+    to the parent, the harder case than Ctrl-C, which also reaches the children) stops both runs after
+    checkpoints and leaves no process behind; the same command resumes both to the end, and every run's numbers
+    equal those of the same run trained alone (one thread) from scratch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from privlm.train import train
+
+    steps = ["model.n_embd=32", "train.max_steps=100", "train.batch_size=2", "train.eval_every=50",
+             "train.eval_max_batches=2", "train.save_every=5", "train.entropy_every=25", "train.log_every=5"]
+    f = write_sweep(tmp_path / "s.yaml", ["SM+LN+G", "SM+ScFuFFN"], overrides=steps)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "privlm.cli", "sweep", str(f), "--out", str(out), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    dirs = [out / "sm-ln-g", out / "sm-scfuffn"]
+    deadline = time.time() + 240
+    while time.time() < deadline and not all((d / "state" / "LATEST").is_file() for d in dirs):
+        time.sleep(0.05)
+    assert all((d / "state" / "LATEST").is_file() for d in dirs), proc.communicate()[0]
+    os.kill(proc.pid, signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in log, log
+    for _ in range(100):  # the session's processes: the runs (and multiprocessing's tracker) must be gone
+        leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not leftover:
+            break
+        time.sleep(0.1)
+    assert leftover == [], f"processes still alive after the sweep stopped: {leftover}"
+    state = json.loads((out / "sweep.json").read_text())
+    assert {v["status"] for v in state["runs"].values()} == {"interrupted"}  # both were mid-run together
+    assert all(run_status(d) == "resumable" for d in dirs)
+    assert all((out / "logs" / f"{d.name}.log").is_file() for d in dirs)
+
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count(": resuming") == 2 and "wrote" in res.stdout
+    state = json.loads((out / "sweep.json").read_text())
+    assert {k: v["status"] for k, v in state["runs"].items()} == {"sm-ln-g": "done", "sm-scfuffn": "done"}
+
+    sweep = load_sweep(f)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = train(sweep.runs[1].cfg, tmp_path / "alone", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    for d in dirs:
+        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(5, 101, 5))  # none lost/repeated
+    got = json.loads((dirs[1] / "summary.json").read_text())
+    assert got["steps"] == 100 and got["final_loss"] == alone["final_loss"]  # exact resume, same numbers
+    def numbers(run_dir):
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["kind"], r["step"], r.get("loss"), r.get("head_entropy")) for r in recs]
+    assert numbers(dirs[1]) == numbers(tmp_path / "alone")
+    assert (out / "results.md").is_file() and "| SM+ScFuFFN |" in (out / "results.md").read_text()
+
+
+def test_study_v2_stability_map_grid_and_gpu_sweeps_resolve():
+    sweeps = ROOT / "configs" / "sweeps"
+    v1 = load_sweep(sweeps / "cpu-study.yaml")
+    v2 = load_sweep(sweeps / "cpu-study-v2.yaml")
+    tokens = {r.name: r.cfg.train.max_steps * r.cfg.train.batch_size * r.cfg.train.grad_accum * r.cfg.data.seq_len
+              for r in v2.runs}
+    assert min(tokens.values()) >= 5_000_000
+    assert [r.preset for r in v2.runs[:12]] == [r.preset for r in v1.runs]  # the same 12 variants
+    seeds: dict[str, set] = {}
+    for r in v2.runs:
+        seeds.setdefault(r.preset, set()).add(r.cfg.train.seed)
+    three = {"SM+LN+G", "SM+G", "SM+R", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)"}
+    assert {p for p, s in seeds.items() if len(s) == 3} == three and all(len(s) == 1 for p, s in seeds.items()
+                                                                          if p not in three)
+    base = v2.runs[0].cfg
+    for r in v2.runs:  # one data set, model size, budget and schedule; only the seed (and the preset) differ
+        assert (r.cfg.data, r.cfg.train.max_steps, r.cfg.train.lr, r.cfg.model.n_layer, r.cfg.model.n_embd) == \
+               (base.data, base.train.max_steps, base.train.lr, base.model.n_layer, base.model.n_embd)
+
+    grid = load_sweep(sweeps / "ereg-grid-v2.yaml")
+    pairs = {(r.cfg.reg.lambda_, r.cfg.reg.gamma) for r in grid.runs if r.cfg.reg.enabled}
+    assert len(pairs) == 9 and sum(not r.cfg.reg.enabled for r in grid.runs) == 1
+    assert all(r.cfg.train.seed not in seeds["SM+LN+G"] for r in grid.runs)  # not one of the study's seeds
+    assert all(r.cfg.model == v2.runs[11].cfg.model for r in grid.runs if r.cfg.reg.enabled)
+
+    smap = load_sweep(sweeps / "stability-map.yaml")
+    assert sorted({r.cfg.train.lr for r in smap.runs}) == [1e-3, 3e-3, 1e-2, 3e-2] and len(smap.runs) == 24
+    assert {"SM", "SM+WN(ffn)", "SM+SN(ffn)", "SM+ScFFN", "SM+ScFuFFN", "SM+LN+G"} == {r.preset for r in smap.runs}
+    assert all(r.cfg.train.flight_steps > 0 and r.cfg.train.flight_every == 1 for r in smap.runs)
+
+    gpu = load_sweep(sweeps / "gpu-study.yaml")
+    assert len(gpu.runs) == 6 and gpu.runs[0].cfg.model.n_embd == 768
+    assert all(r.cfg.train.max_steps * r.cfg.train.batch_size * r.cfg.data.seq_len >= 50_000_000 for r in gpu.runs)
+    # the released-code penalty is a sum over the micro-batch: lambda scales as 1/B from the paper's 1e-5 at B=128
+    for sw in (v2, gpu):
+        ereg = next(r.cfg for r in sw.runs if r.cfg.reg.enabled)
+        assert ereg.reg.lambda_ == pytest.approx(1e-5 * 128 / ereg.train.batch_size)

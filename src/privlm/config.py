@@ -133,6 +133,8 @@ class TrainConfig:
     log_every: int = 10  # steps per metrics.jsonl "train" record (loss averaged over the interval)
     entropy_every: int = 50  # steps between forward passes with in-attention entropy telemetry
     save_every: int = 200  # steps between checkpoints (and at the end)
+    flight_steps: int = 64  # divergence flight recorder: recorded steps kept in memory (0 = off)
+    flight_every: int = 1  # record every N-th step (train/flight_recorder.py)
     seed: int = 1337  # init, data order and dropout
     device: str = "auto"
     dtype: str = "auto"  # auto = bf16 autocast on CUDA (fp16 if unsupported), fp32 on CPU
@@ -390,7 +392,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
-    for key in ("eval_every", "log_every", "entropy_every", "save_every"):
+    if t.flight_steps < 0:
+        raise ConfigError(f"train.flight_steps={t.flight_steps} must be >= 0 (0 turns the flight recorder off)")
+    for key in ("eval_every", "log_every", "entropy_every", "save_every", "flight_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be a positive number of steps")
     if t.eval_max_batches is not None and t.eval_max_batches <= 0:

@@ -1,4 +1,4 @@
-"""`privlm sweep SWEEP.yaml [--out DIR] [--max-runs N] [--list]`: train a list of presets or a config
+"""`privlm sweep SWEEP.yaml [--out DIR] [--max-runs N] [--jobs N] [--list]`: train a list of presets or a config
 grid with the same data, token budget and seed, resume where an interrupted sweep stopped, and write
 results.md / results.json (the layout of the paper's Table 3) and report.html.
 
@@ -18,6 +18,8 @@ Every run gets the same `data.*`, `train.max_steps`/batch (hence token budget) a
 entry overrides them on purpose. Each run lives in DIR/<name>; a finished run (summary.json) is skipped,
 a run with a checkpoint is resumed exactly (`privlm train --resume` semantics), a run directory without
 any checkpoint is moved aside to <name>.incomplete-<time> and started again (nothing is deleted).
+`--jobs N` trains N runs at once, each in its own process with one torch thread (or --threads), console
+output in DIR/logs/<name>.log; Ctrl-C stops them all and the same command resumes them.
 """
 from __future__ import annotations
 
@@ -199,11 +201,13 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bool = True,
-              log=print, command: Optional[str] = None) -> dict:
-    """Train every run not yet finished (at most ``max_runs`` of them in this call). Returns the state
-    written to out/sweep.json. Divergence of one run is recorded and the sweep goes on."""
-    from privlm.train.loop import train
+              log=print, command: Optional[str] = None, jobs: int = 1, threads: Optional[int] = None) -> dict:
+    """Train every run not yet finished (at most ``max_runs`` of them in this call), ``jobs`` at a time.
+    Returns the state written to out/sweep.json. Divergence of one run is recorded and the sweep goes on.
 
+    With ``jobs > 1`` every run trains in its own process with ``threads`` torch threads (default 1), its
+    console output in out/logs/<name>.log; the run directories, resume and results are the same as with one
+    job (each run's numbers do not depend on what runs beside it)."""
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -220,7 +224,7 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
                 raise ConfigError(f"run directory '{run_dir}' holds a run with another config ({diffs[0]}"
                                   f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); use another "
                                   f"--out or move it away")
-    trained = 0
+    todo: list[tuple[int, SweepRun, bool]] = []
     for i, r in enumerate(sweep.runs, 1):
         run_dir = out / r.name
         status = run_status(run_dir)
@@ -231,8 +235,8 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
             rec.update(status="diverged" if summary.get("diverged") else "done")
             log(f"[{i}/{len(sweep.runs)}] {r.name}: already finished, skipped")
             continue
-        if max_runs is not None and trained >= max_runs:
-            log(f"stopping after {trained} run(s) (--max-runs); rerun the same command to continue")
+        if max_runs is not None and len(todo) >= max_runs:
+            log(f"stopping after {len(todo)} run(s) (--max-runs); rerun the same command to continue")
             break
         if status == "incomplete":
             from privlm.train.checkpoint import RunLock
@@ -241,23 +245,145 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
             run_dir.rename(aside)
             log(f"[{i}/{len(sweep.runs)}] {r.name}: no checkpoint to resume from; moved to {aside.name}")
             status = "new"
-        resume = status == "resumable"
+        todo.append((i, r, status == "resumable"))
+    _write_json(state_file, state)
+    if jobs > 1:
+        _run_parallel(sweep, out, todo, records, state, jobs, threads or 1, log)
+    else:
+        _run_serial(sweep, out, todo, records, state, quiet, log)
+    _write_json(state_file, state)
+    return state
+
+
+def _start(rec: dict, state: dict, out: Path) -> float:
+    rec.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _write_json(out / "sweep.json", state)
+    return time.time()
+
+
+def _finish(rec: dict, state: dict, out: Path, t0: float) -> None:
+    rec["seconds"] = round(rec.get("seconds", 0.0) + time.time() - t0, 1)
+    _write_json(out / "sweep.json", state)
+
+
+def _run_serial(sweep: Sweep, out: Path, todo: list, records: dict, state: dict, quiet: bool, log) -> None:
+    from privlm.train.loop import train
+
+    for i, r, resume in todo:
+        run_dir, rec = out / r.name, records[r.name]
         log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset}")
         cfg = _saved_config(run_dir) if resume else r.cfg
-        rec.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _write_json(state_file, state)
-        t0 = time.time()
+        t0 = _start(rec, state, out)
         try:
             summary = train(cfg, run_dir, resume=resume, quiet=quiet)
             rec.update(status="done", final_ppl=summary.get("final_ppl"))
         except DivergenceError as exc:
             rec.update(status="diverged", diagnosis=str(exc))
             log(f"[{i}/{len(sweep.runs)}] {r.name}: diverged ({exc}); continuing with the next run")
-        rec["seconds"] = round(rec.get("seconds", 0.0) + time.time() - t0, 1)
-        trained += 1
-        _write_json(state_file, state)
-    _write_json(state_file, state)
-    return state
+        _finish(rec, state, out, t0)
+
+
+def _train_in_child(cfg: Config, run_dir: str, resume: bool, threads: int, log_path: str) -> None:
+    """Entry point of a run's own process (spawned): console output to its log file, ``threads`` torch
+    threads, the exit status of `privlm train` (0 done, 3 diverged, 2 other one-line errors)."""
+    import os
+    import sys
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import torch
+    torch.set_num_threads(threads)
+    from privlm.errors import PrivlmError
+    from privlm.train.loop import train
+    try:
+        train(cfg, Path(run_dir), resume=resume, quiet=True)
+    except PrivlmError as exc:
+        print(f"privlm train: {exc}", flush=True)
+        sys.exit(exc.exit_code)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dict, jobs: int, threads: int,
+                  log) -> None:
+    """At most ``jobs`` runs at once, each a spawned process; the parent only schedules and keeps sweep.json.
+    A run's outcome is read from its run directory (summary.json) and exit status. On Ctrl-C the running
+    processes are stopped; their last checkpoints stay, and the same command resumes them."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a process that already runs torch threads
+    (out / "logs").mkdir(exist_ok=True)
+    # Build each new run's tokenizer and token cache here, once, before any process starts: N processes
+    # building the same cache at once would each do the whole tokenization.
+    from privlm.data import prepare_data
+    built: list = []
+    for _, r, resume in todo:
+        if not resume and r.cfg.data not in built:
+            log(f"preparing data for {r.name} (shared by the runs with the same data config)")
+            prepare_data(r.cfg.data, None)
+            built.append(r.cfg.data)
+    pending = list(todo)
+    running: dict[str, tuple] = {}
+    failures: list[str] = []
+    import signal
+
+    def _terminated(_signum, _frame):  # `kill PID` stops the runs like Ctrl-C, never orphans them
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, r, resume = pending.pop(0)
+                run_dir = out / r.name
+                cfg = _saved_config(run_dir) if resume else r.cfg
+                log_path = out / "logs" / f"{r.name}.log"
+                log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset} "
+                    f"(log: {log_path})")
+                proc = ctx.Process(target=_train_in_child, args=(cfg, str(run_dir), resume, threads, str(log_path)),
+                                   name=f"privlm-sweep-{r.name}")
+                t0 = _start(records[r.name], state, out)
+                proc.start()
+                running[r.name] = (i, r, proc, t0, log_path)
+            time.sleep(0.2)
+            for name, (i, r, proc, t0, log_path) in list(running.items()):
+                if proc.is_alive():
+                    continue
+                proc.join()
+                del running[name]
+                rec = records[name]
+                summary_file = out / name / "summary.json"
+                summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+                if summary is not None and summary.get("diverged"):
+                    rec.update(status="diverged", diagnosis=summary.get("diagnosis"))
+                    log(f"[{i}/{len(sweep.runs)}] {name}: diverged ({summary.get('diagnosis')})")
+                elif summary is not None and proc.exitcode == 0:
+                    rec.update(status="done", final_ppl=summary.get("final_ppl"))
+                    log(f"[{i}/{len(sweep.runs)}] {name}: done, PPL {summary.get('final_ppl'):.3f}")
+                else:
+                    why = _last_line(log_path) or f"exit status {proc.exitcode}"
+                    rec.update(status="failed", error=why)
+                    failures.append(f"{name}: {why}")
+                    log(f"[{i}/{len(sweep.runs)}] {name}: failed ({why})")
+                _finish(rec, state, out, t0)
+    except KeyboardInterrupt:
+        for name, (i, r, proc, t0, log_path) in running.items():
+            proc.terminate()  # checkpoints are written atomically: the last complete one is what resumes
+        for name, (i, r, proc, t0, log_path) in running.items():
+            proc.join()
+            records[name].update(status="interrupted")
+            _finish(records[name], state, out, t0)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failures:
+        raise CheckpointError(f"{len(failures)} run(s) failed: {'; '.join(failures)}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -310,8 +436,24 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
         over = f"yes (L{','.join(map(str, r['overloaded_layers']))})" if r["overloaded"] else "no"
         lines.append(f"| {r['label']} | {bins} | {_f(r['bin_max'], '{:.2f}')} | {means} | "
                      f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} |")
-    from privlm.report.claims import claims_markdown
-    lines += ["", "## The paper's claims on these runs (single seed)", ""] + claims_markdown(rows)
+    from privlm.report.analysis import stability_cell_text, stability_map
+    from privlm.report.claims import claim_c1_stability, claims_markdown
+    presets, lrs, cells = stability_map(rows)
+    if len(lrs) >= 2:
+        lines += ["", "## Stability map (peak learning rate x variant)", "",
+                  "PPL: trained to the end; NaN @ s: the update of step s was non-finite, with the flight "
+                  "recorder's first event (collapse: a head's entropy below 0.1 nats; logit / resid: a max "
+                  "attention logit or residual norm blow-up), how many steps before, and where.", "",
+                  "| Network Arch. | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+                  "|---|" + "---|" * len(lrs)]
+        for p in presets:
+            lines.append(f"| {p} | " + " | ".join(stability_cell_text(cells.get((p, lr), [])) or "–" for lr in lrs)
+                         + " |")
+        c1 = claim_c1_stability(rows)
+        verdict = {True: "yes", False: "**no**", None: "not testable"}[c1["holds"]]
+        lines += ["", f"({c1['id']}) {c1['claim']}: {verdict} — {c1['numbers']}"]
+    else:
+        lines += ["", "## The paper's claims on these runs (single seed)", ""] + claims_markdown(rows)
     diverged = [r for r in rows if r["diverged"]]
     if diverged:
         lines += ["", "## Divergences", ""] + [f"- **{r['label']}**: {r.get('diagnosis_summary')}" for r in diverged]
@@ -340,9 +482,10 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     rows, _, notes = collect(runs, baseline)
     state_file = out / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    from privlm.report.claims import evaluate_claims
+    from privlm.report.claims import claim_c1_stability, evaluate_claims
+    stability = claim_c1_stability(rows)
     _write_json(results / "results.json", {"sweep": sweep.name, "sweep_file": str(sweep.path),
-                                           "claims": evaluate_claims(rows),
+                                           "claims": evaluate_claims(rows) + ([stability] if stability else []),
                                            "command": state.get("command"),
                                            "baseline": baseline or runs[0].path.name, "rows": rows,
                                            "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
@@ -367,6 +510,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the sweep directory)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads per run (1 is fastest on a machine shared with other jobs)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in its own process with --threads threads (default 1); "
+                   "their console output goes to <out>/logs/<run>.log")
     p.add_argument("--verbose", action="store_true", help="show each run's progress bar / log lines")
     p.set_defaults(func=run)
 
@@ -384,6 +530,8 @@ def run(args: argparse.Namespace) -> int:
                   f"tokens={c.train.max_steps * c.train.batch_size * c.train.grad_accum * c.data.seq_len:,} "
                   f"seed={c.train.seed} {' '.join(r.overrides)}")
         return 0
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs={args.jobs} must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads={args.threads} must be >= 1")
@@ -393,7 +541,9 @@ def run(args: argparse.Namespace) -> int:
         state = run_sweep(sweep, out, args.max_runs, quiet=not args.verbose,
                           command=" ".join(["privlm sweep", args.sweep_file, "--out", str(out)]
                                            + (["--results", args.results] if args.results else [])
-                                           + (["--threads", str(args.threads)] if args.threads else [])))
+                                           + (["--threads", str(args.threads)] if args.threads else [])
+                                           + (["--jobs", str(args.jobs)] if args.jobs > 1 else [])),
+                          jobs=args.jobs, threads=args.threads)
         pending = [r.name for r in sweep.runs if run_status(out / r.name) != "done"]
         if pending:
             print(f"{len(pending)} run(s) not finished yet: {', '.join(pending)}")

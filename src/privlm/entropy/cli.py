@@ -7,19 +7,21 @@ standard library, or every chunk of --data, tokenized with the model's own token
 tokens), then prints them as a layer x head table, the paper's
 four histogram bins and the verdicts of the entropic-overload and entropy-collapse detectors (thresholds in
 privlm/entropy/measure.py). For runs trained with the regularizer it also prints the learned thresholds
-theta * log T and the share of heads outside the tolerance margin.
+theta * log T and the share of heads outside the tolerance margin. For a run that diverged it then prints
+the divergence flight recorder's verdict and its last recorded steps (RUN_DIR/flight_recorder.json).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
 
 import numpy as np
 import torch
 
 from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, bin_index, diagnose, measure_model
-from privlm.errors import DataError
+from privlm.errors import CheckpointError, DataError
 from privlm.fileio import strict_json
 
 
@@ -161,9 +163,24 @@ def format_report(rep: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    rep = entropy_report(args.run_dir, args.data, args.batch_size, args.max_batches, args.device, args.max_value,
-                         args.T)
-    print(strict_json(rep) if args.json else format_report(rep))
+    from privlm.train.flight_recorder import format_trace, read_trace
+    trace = read_trace(args.run_dir) if os.path.isdir(args.run_dir) else None
+    try:
+        rep = entropy_report(args.run_dir, args.data, args.batch_size, args.max_batches, args.device, args.max_value,
+                             args.T)
+    except CheckpointError as exc:
+        if trace is None:
+            raise
+        # diverged before its first checkpoint: no weights to measure, but the trace says what happened
+        print(strict_json({"run": args.run_dir, "error": str(exc), "flight_recorder": trace}) if args.json else
+              f"{args.run_dir}: no weights to measure ({exc})\n{format_trace(trace)}")
+        return 0
+    if args.json:
+        print(strict_json({**rep, "flight_recorder": trace}))
+    else:
+        print(format_report(rep))
+        if trace is not None:  # the run diverged: what the last recorded steps before the NaN looked like
+            print(format_trace(trace))
     return 0
 
 

@@ -93,6 +93,61 @@ def deep_layer_entropy(run: RunData) -> Optional[float]:
     return float(np.nanmin(deep)) if np.any(np.isfinite(deep)) else math.nan
 
 
+def flight_summary(run: RunData) -> Optional[dict]:
+    """The flight recorder's verdict of a diverged run: the first event (collapse / logit blow-up / residual
+    blow-up), its step, how many steps before the divergence, and the one-line verdict."""
+    if run.flight is None:
+        return None
+    from privlm.train.flight_recorder import verdict_line
+    v = run.flight.get("verdict") or {}
+    first = v.get("first")
+    ev = (v.get("events") or {}).get(first) if first else None
+    return {"first": first, "first_all": v.get("first_all") or ([first] if first else []),
+            "event_step": ev["step"] if ev else None,
+            "steps_before": ev["steps_before"] if ev else None,
+            "where": [f"L{w['layer']}" + (f"h{w['head']}" if w.get("head") is not None else "")
+                      for w in ev["where"]] if ev else [],
+            "line": verdict_line(run.flight)}
+
+
+EVENT_ABBREV = {"collapse": "collapse", "logit_blowup": "logit", "resid_blowup": "resid"}
+
+
+def stability_map(rows: Sequence[dict]) -> tuple[list[str], list[float], dict[tuple[str, float], list[dict]]]:
+    """Group result rows by (preset, learning rate): the presets in order of first appearance, the sorted
+    learning rates, and the rows (one per seed) of each cell."""
+    presets: list[str] = []
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if r.get("lr") is None:
+            continue
+        if r["preset"] not in presets:
+            presets.append(r["preset"])
+        cells.setdefault((r["preset"], r["lr"]), []).append(r)
+    lrs = sorted({lr for _, lr in cells})
+    return presets, lrs, cells
+
+
+def stability_cell_text(cell_rows: Sequence[dict]) -> str:
+    """'PPL 74.2' / 'NaN @ 24 (collapse -6: L3h1)' per seed, joined by ' / '."""
+    parts = []
+    for r in cell_rows:
+        if r["diverged"]:
+            text = f"NaN @ {r.get('divergence_step')}"
+            fl = r.get("flight")
+            if fl and fl.get("first"):
+                kinds = "+".join(EVENT_ABBREV[k] for k in fl.get("first_all") or [fl["first"]])
+                text += f" ({kinds} -{fl['steps_before']}: {','.join(fl['where'][:2])})"
+            parts.append(text)
+        elif not r["finished"]:
+            parts.append("unfinished")
+        elif r.get("ppl") is not None:
+            parts.append(f"PPL {r['ppl']:.1f}")
+        else:
+            parts.append("–")
+    return " / ".join(parts)
+
+
 def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict]) -> dict:
     """One row of the results table (paper Table 3 layout plus entropy diagnostics)."""
     diag = diagnosis(run)
@@ -104,6 +159,8 @@ def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict]) -
         "final_loss": (run.summary or {}).get("final_loss"),
         "unigram_ppl": (run.summary or {}).get("unigram_ppl"),  # same tokenizer's unigram model, if recorded
         "ppl": None if not math.isfinite(run.final_ppl) else run.final_ppl,
+        "lr": run.cfg.train.lr, "seed": run.cfg.train.seed, "max_steps": run.cfg.train.max_steps,
+        "divergence_step": run.divergence_step, "flight": flight_summary(run),
     }
     if cost is not None:
         row.update({k: cost[k] for k in ("profile", "comm_gb", "lat_min", "nonlinear", "nonlinear_all",

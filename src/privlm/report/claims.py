@@ -97,6 +97,43 @@ def claim_c4(rows: Sequence[dict]) -> dict:
                        f"{extra}"}
 
 
+def stable_up_to(cells: dict, preset: str, lrs: Sequence[float]) -> Optional[float]:
+    """The largest learning rate up to which every finished run of ``preset`` (every seed, every smaller rate)
+    trained without a divergence; rates where it has no finished run are skipped (not tested, not a failure).
+    None when it diverged already at the smallest tested rate or has no finished run."""
+    best = None
+    for lr in lrs:
+        runs = [r for r in cells.get((preset, lr), []) if r["finished"]]
+        if not runs:
+            continue
+        if any(r["diverged"] for r in runs):
+            break
+        best = lr
+    return best
+
+
+def claim_c1_stability(rows: Sequence[dict]) -> Optional[dict]:
+    """(C1, in the form a small budget can test) WN/SN/Scaled-FFN widen the range of learning rates over which
+    the norm-free SM trains without NaN. None unless the rows span at least two learning rates."""
+    from privlm.report.analysis import stability_map
+    presets, lrs, cells = stability_map(rows)
+    if len(lrs) < 2:
+        return None
+    out = {"id": "C1-stability", "claim": "WN(ffn)/SN(ffn)/Scaled-FFN train without NaN up to a larger learning "
+                                          "rate than SM without normalization"}
+    by_norm = {normalize_name(p): p for p in presets}
+    sm = by_norm.get(normalize_name("SM"))
+    fixes = [by_norm[normalize_name(f)] for f in NORM_FREE_FIXES if normalize_name(f) in by_norm]
+    if sm is None or not fixes:
+        return {**out, "holds": None, "numbers": "SM or all of its fixes missing"}
+    limit = {p: stable_up_to(cells, p, lrs) for p in [sm, *fixes]}
+    key = {p: -1.0 if v is None else v for p, v in limit.items()}
+    holds = all(key[f] >= key[sm] for f in fixes) and any(key[f] > key[sm] for f in fixes)
+    text = ", ".join(f"{p} {'none' if v is None else f'{v:g}'}" for p, v in limit.items())
+    return {**out, "holds": holds, "stable_up_to": limit,
+            "numbers": f"largest learning rate up to which every run trained without NaN (of {', '.join(f'{lr:g}' for lr in lrs)}): {text}"}
+
+
 def evaluate_claims(rows: Sequence[dict]) -> list[dict]:
     return [claim_c1(rows), claim_c2(rows), claim_c3(rows), claim_c4(rows)]
 

@@ -244,6 +244,87 @@ def ppl_vs_cost(runs: Sequence[RunData], costs: Sequence[Optional[dict]], key: s
     return fig
 
 
+def _trace_value(x) -> float:
+    return math.nan if x is None or abs(x) >= 1e308 else float(x)
+
+
+def flight_recorder_trace(run: RunData) -> Optional[Figure]:
+    """The flight recorder's window before a divergence: per layer, mean head entropy, max attention logit
+    (max over heads) and mean residual norm, and the loss / gradient norm, vs step; dashed line: the step whose
+    update was non-finite; dotted lines: the first collapse / blow-up the verdict names."""
+    trace = run.flight
+    if trace is None:
+        return None
+    recs = trace["records"] + ([trace["at_divergence"]] if trace.get("at_divergence") else [])
+    if not recs:
+        return None
+    steps = [r["step"] for r in recs]
+    ent = np.array([[np.nanmean([_trace_value(v) for v in row]) for row in r["head_entropy"]] for r in recs])
+    logit = np.array([[np.nanmax([_trace_value(v) for v in row] + [-math.inf]) for row in r["max_logit"]]
+                      for r in recs])
+    resid = np.array([[_trace_value(v) for v in r["resid_norm"]] for r in recs])
+    fig = Figure(figsize=(13.0, 3.3), layout="constrained")
+    axes = fig.subplots(1, 4)
+    colors = _layer_colors(ent.shape[1])
+    for ax, values, ylabel, log in ((axes[0], ent, "mean head entropy (nats)", False),
+                                    (axes[1], logit, "max attention logit", True),
+                                    (axes[2], resid, "mean residual norm", True)):
+        for layer in range(values.shape[1]):
+            ax.plot(steps, np.where(np.isfinite(values[:, layer]), values[:, layer], np.nan), marker=".", ms=3,
+                    color=colors[layer], label=f"L{layer}")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+    axes[0].axhline(analysis.causal_max_entropy(run.seq_len), color="gray", ls=":", lw=1)
+    axes[0].legend(fontsize=6, ncols=2)
+    axes[3].plot(steps, [_trace_value(r["loss"]) for r in recs], marker=".", color="k", label="loss")
+    axes[3].plot(steps, [_trace_value(r["grad_norm"]) for r in recs], marker=".", color="C3", label="grad norm")
+    axes[3].set_yscale("log")
+    axes[3].legend(fontsize=7)
+    events = (trace.get("verdict") or {}).get("events") or {}
+    for ax in axes:
+        ax.axvline(trace["divergence_step"], color="C3", ls="--", lw=1)
+        for kind, ev in events.items():
+            if ev is not None:
+                ax.axvline(ev["step"], color={"collapse": "C0", "logit_blowup": "C1", "resid_blowup": "C2"}[kind],
+                           ls=":", lw=1)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run.label}: non-finite at step {trace['divergence_step']}", fontsize=10)
+    return fig
+
+
+def stability_map_figure(runs: Sequence[RunData]) -> Optional[Figure]:
+    """Variants x learning rate: green cells trained to the end (validation PPL printed), red cells diverged
+    (step printed, shade = how early: the darker, the earlier), with the flight recorder's first event.
+    Several seeds of one cell are printed one per line; the shade follows the worst seed. Drawn when the runs
+    span at least two learning rates."""
+    rows = [analysis.run_row(r, None, None) for r in runs]
+    presets, lrs, cells = analysis.stability_map(rows)
+    if len(lrs) < 2:
+        return None
+    from matplotlib import colormaps
+    fig = Figure(figsize=(1.2 + 1.9 * len(lrs), 0.9 + 0.55 * len(presets)), layout="constrained")
+    ax = fig.subplots()
+    shade = np.full((len(presets), len(lrs)), np.nan)
+    for (preset, lr), cell in cells.items():
+        i, j = presets.index(preset), lrs.index(lr)
+        div = [r for r in cell if r["diverged"]]
+        # 1 = trained to the end; diverged: fraction of the budget reached, mapped below 0 so the colormap
+        # turns red; runs still unfinished leave the cell blank
+        if div:
+            shade[i, j] = -1.0 + min(r["divergence_step"] / r["max_steps"] for r in div)
+        elif all(r["finished"] for r in cell):
+            shade[i, j] = 1.0
+        texts = [t.replace(" (", "\n(") for t in analysis.stability_cell_text(cell).split(" / ")]
+        ax.text(j, i, "\n".join(texts), ha="center", va="center", fontsize=6.5 if len(texts) == 1 else 5.5)
+    ax.imshow(np.ma.masked_invalid(shade), cmap=colormaps["RdYlGn"], vmin=-1.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set_yticks(range(len(presets)), presets)
+    ax.set_xlabel("peak learning rate")
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[dict]]] = None) -> list[FigureSpec]:
     """Every figure the runs have data for, in the paper's order."""
@@ -272,6 +353,15 @@ def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[dic
             lambda run=run: learned_thresholds(run))
     add("nan-counts", "NaN counts in attention (AERO Fig. 6)", "NaN entries of the attention matrices per layer.",
         lambda: nan_counts(runs))
+    add("stability-map", "Stability map",
+        "Variant x peak learning rate: trained to the end (PPL) or diverged (NaN @ step, and the flight "
+        "recorder's first event with how many steps before the divergence and where).",
+        lambda: stability_map_figure(runs))
+    for run in runs:
+        add(f"flight-{analysis.slug(run.path.name)}", f"Flight recorder, {run.label}",
+            "The recorded window before the non-finite step (dashed red): per layer mean head entropy, max "
+            "attention logit and mean residual norm; loss and gradient norm. Dotted: the first collapse (blue), "
+            "logit blow-up (orange), residual blow-up (green).", lambda run=run: flight_recorder_trace(run))
     add("ppl-vs-comm", "PPL vs communication",
         "Predicted 2PC communication (cost profile in the summary table) vs validation PPL; red: Pareto front.",
         lambda: ppl_vs_cost(runs, costs, "comm_gb"))

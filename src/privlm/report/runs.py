@@ -16,6 +16,7 @@ import numpy as np
 from privlm.config import Config
 from privlm.errors import CheckpointError
 from privlm.run import load_run_config
+from privlm.train.flight_recorder import read_trace
 
 # Optional file with a measured private-inference run (written by `privlm pi run --save`, issue 6).
 PI_MEASURED_FILE = "pi_measured.json"
@@ -31,6 +32,7 @@ class RunData:
     entropy: list[dict] = field(default_factory=list)
     final_entropy: Optional[dict] = None
     pi_measured: Optional[dict] = None
+    flight: Optional[dict] = None  # flight_recorder.json of a diverged run (privlm.train.flight_recorder)
     label: str = ""
 
     @property
@@ -65,6 +67,15 @@ class RunData:
         if tokens is None and self.train:
             tokens = self.train[-1].get("tokens")
         return int(tokens) if tokens is not None else None
+
+    @property
+    def divergence_step(self) -> Optional[int]:
+        """The step whose update was refused as non-finite (None when the run did not diverge)."""
+        if not self.diverged:
+            return None
+        if self.flight is not None:
+            return int(self.flight["divergence_step"])
+        return int((self.summary or {}).get("steps") or 0) + 1
 
     @property
     def params(self) -> Optional[int]:
@@ -141,7 +152,7 @@ def load_run(path: str | Path) -> RunData:
     run = RunData(path=path, cfg=cfg, summary=_read_json(path / "summary.json"),
                   train=by_kind["train"], eval=by_kind["eval"], entropy=by_kind["entropy"],
                   final_entropy=_read_json(path / "entropy.json"),
-                  pi_measured=_read_json(path / PI_MEASURED_FILE))
+                  pi_measured=_read_json(path / PI_MEASURED_FILE), flight=read_trace(path))
     if run.summary is None and not records:
         raise CheckpointError(f"run directory '{path}' has neither summary.json nor metrics.jsonl records")
     return run

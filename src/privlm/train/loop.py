@@ -26,6 +26,7 @@ from privlm.fileio import atomic_write_json, atomic_write_text
 from privlm.train.checkpoint import (LOCK, RNG_STATE, RunLock, has_checkpoint, latest_checkpoint, load_checkpoint,
                                      remove_leftovers, rng_state, save_checkpoint, set_rng_state)
 from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
+from privlm.train.flight_recorder import FlightRecorder
 from privlm.train.optim import build_optimizer, build_scheduler
 from privlm.train.precision import Precision, resolve_precision
 from privlm.train.telemetry import Telemetry, truncate_metrics
@@ -190,6 +191,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         self.model = GPT(cfg.model).to(self.precision.device)
+        self.recorder = FlightRecorder.for_training(self.model, cfg.train)  # hooks only; no extra forward
         self.reg = build_regularizer(cfg)
         if self.reg is not None:
             self.reg.to(self.precision.device)
@@ -383,6 +385,8 @@ class Trainer:
     def _diverged(self, chunk: torch.Tensor, loss: float, grad_norm: float, step: int,
                   what: str = "training diverged") -> None:
         msg = diagnose(self.model, chunk, self.precision, step, loss, grad_norm, self.last_saved, what)
+        flight = self.recorder.dump(self.run_dir if self.dist.is_main else None, step, loss, grad_norm, what)
+        msg = f"{msg}; {flight}" if flight else msg
         self.telemetry.print(msg)
         if self.dist.is_main:
             self._write_summary(None, diverged=True, diagnosis=msg)
@@ -469,8 +473,10 @@ class Trainer:
     def step_once(self, want_entropy: bool = False) -> tuple[float, float, Optional[dict]]:
         """Forward/backward over the micro-batches, divergence checks, optimizer and schedule update.
         Returns (mean CE, grad norm, entropy telemetry or None); raises DivergenceError instead of stepping."""
+        self.recorder.begin(self.step + 1)
         ce, grad_norm, tele, first = self.train_step(want_entropy)
         loss_f, gn_f = ce.item(), grad_norm.item()
+        self.recorder.end(loss_f, gn_f, self.scheduler.get_last_lr()[0])
         bad_attention = tele is not None and any(tele["nan_counts"])
         grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
         if not math.isfinite(loss_f) or grads_bad or bad_attention:
