@@ -1,11 +1,10 @@
 """Attention entropy on fused kernels (privlm.model.entropy_attention) against an independent explicit reference,
 the attention path choice (fused / fused + entropy / explicit probabilities) and the no-T x T-tensor guarantee."""
-import math
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from allocations import AllocationRecorder
 
 from privlm.config import load_config
 from privlm.entropy import EntropyRegularizer
@@ -229,21 +228,6 @@ def test_nan_counts_agree_between_paths():
 
 
 # ------------------------------------------------------------------------------------- no T x T tensor
-class AllocationRecorder(TorchDispatchMode):
-    """Every tensor an ATen op returns (forward and backward), as (op, shape)."""
-
-    def __init__(self):
-        super().__init__()
-        self.records: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.records.append((str(func), tuple(t.shape)))
-        return out
-
-
 def regularized_step_allocations(model, reg, idx, hook_probs=False):
     recorder = AllocationRecorder()
     with recorder:
@@ -254,7 +238,7 @@ def regularized_step_allocations(model, reg, idx, hook_probs=False):
             out = model(idx, idx, output_entropy=True)
         l_ent, _ = reg(out.entropy)
         (out.loss + 1e-2 * l_ent).backward()
-    return recorder.records
+    return recorder
 
 
 @pytest.mark.parametrize("preset", ["SM+LN+G", "SM(t)+ScFuFFN"])
@@ -265,11 +249,8 @@ def test_regularized_step_allocates_nothing_of_t_by_t(preset):
     model, cfg = tiny(preset, T=T)
     reg = EntropyRegularizer(2, 2, T, cfg.reg)
     idx = torch.randint(0, 61, (1, T), generator=torch.Generator().manual_seed(3))
-    records = regularized_step_allocations(model, reg, idx)
-    ops = {op for op, _ in records}
-    assert any("flash_attention_for_cpu_backward" in op for op in ops)  # the recorder sees the backward too
-    big = [(op, s) for op, s in records if math.prod(s) >= T * T]
-    assert big == []
+    recorder = regularized_step_allocations(model, reg, idx)
+    assert any("flash_attention_for_cpu_backward" in op for op in recorder.ops())  # it sees the backward too
+    assert recorder.at_least(T * T) == []
     model.zero_grad(set_to_none=True)
-    explicit = regularized_step_allocations(model, reg, idx, hook_probs=True)
-    assert any(math.prod(s) >= T * T for _, s in explicit)
+    assert regularized_step_allocations(model, reg, idx, hook_probs=True).at_least(T * T)

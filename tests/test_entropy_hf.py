@@ -15,22 +15,22 @@ from privlm.entropy.hf import (ENTROPY_ATTENTION, AttentionsUnavailableError, En
 T, V = 16, 64
 
 
-def tiny_gpt2(impl="sdpa"):
+def tiny_gpt2(impl="sdpa", positions=T):
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
+    cfg = GPT2Config(vocab_size=V, n_positions=positions, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
                      resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
 
 
-def tiny_llama(impl="sdpa"):
+def tiny_llama(impl="sdpa", positions=2 * T):
     """LLaMA family: rotary positions, RMSNorm, 4 query heads sharing 2 KV heads."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=2 * T, bos_token_id=0, eos_token_id=0)
+                      num_key_value_heads=2, max_position_embeddings=positions, bos_token_id=0, eos_token_id=0)
     return LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
 
 
-MODELS = {"gpt2-eager": lambda: tiny_gpt2("eager"), "gpt2": lambda: tiny_gpt2("sdpa"), "llama": tiny_llama}
+MODELS = {"gpt2-eager": lambda **kw: tiny_gpt2("eager", **kw), "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
 def eager_copy(model):
@@ -206,3 +206,23 @@ def test_start_fraction_delays_the_regularizer(tmp_path):
     assert logged[0]["entropy/l_ent"] == 0.0 and logged[1]["entropy/l_ent"] > 0  # progress 0.0 off, 0.5 on
     assert logged[1]["entropy/theta_mean"] == pytest.approx(0.1)  # seen after step 1: no update while off
     assert trainer.regularizer.theta.detach().mean().item() > 0.1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_regularized_hf_step_allocates_nothing_of_t_by_t(tmp_path, arch):
+    """Trainer loss (CE + lambda * L_ent) forward + backward at T=512 through the fused attention: no tensor of
+    T*T elements or more (1 sequence, 4 heads: the eager weights would be 4 T^2 per layer)."""
+    from allocations import AllocationRecorder
+
+    T_long = 512
+    model = MODELS[arch](positions=T_long)
+    trainer = EntropyRegularizedTrainer(model=model, args=args(tmp_path), train_dataset=Tokens(),
+                                        reg_cfg=RegConfig(lambda_=1.0, theta_init=0.1))
+    ids = torch.randint(0, V, (1, T_long), generator=torch.Generator().manual_seed(6))
+    model.train()
+    with AllocationRecorder() as rec:
+        loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+        loss.backward()
+    assert trainer.regularizer.theta.grad.abs().sum() > 0
+    assert any("flash_attention_for_cpu_backward" in op for op in rec.ops())
+    assert rec.at_least(T_long * T_long) == []
