@@ -175,6 +175,12 @@ def test_models_without_the_attention_interface_are_rejected_clearly(tmp_path):
             pass
     with pytest.raises(AttentionsUnavailableError, match="no attention weights"):
         attentions_to_entropy(())
+    model = tiny_gpt2()
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(AttentionsUnavailableError, match="gradient checkpointing"):
+        with record_entropy(model):
+            pass
 
 
 def test_regularizer_share_follows_gradient_accumulation(tmp_path):
