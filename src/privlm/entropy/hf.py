@@ -159,7 +159,10 @@ def use_entropy_attention(model) -> None:
 def record_entropy(model) -> Iterator[EntropyRecord]:
     """Record the per-query attention entropy [L, B, H, T] of every forward pass in the block through the fused
     kernels (the model is switched to ``"privlm_entropy"`` attention for the block and switched back after)."""
-    if getattr(model, "is_gradient_checkpointing", False) and model.training and torch.is_grad_enabled():
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing and model.training and torch.is_grad_enabled():
         # the backward's recomputation runs outside this block: it would not see (or differentiate) the entropy
         raise AttentionsUnavailableError("gradient checkpointing is not supported with privlm's entropy attention "
                                          "(attention is recomputed outside record_entropy); disable it")
