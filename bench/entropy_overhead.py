@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -241,13 +242,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = least noisy)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved timing rounds")
     ap.add_argument("--steps", type=int, default=1, help="training steps per variant per round")
-    ap.add_argument("--seq", type=int, nargs="+", default=[128, 512, 2048, 4096])
+    ap.add_argument("--seq", type=int, nargs="*", default=[128, 512, 2048, 4096], help="timed lengths (none: skip)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (B = tokens / T, at least 1)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--official-max-T", type=int, default=2048,
                     help="time the HF eager/official variants only up to this T (their T x T weights)")
     ap.add_argument("--mem-seq", type=int, nargs="*", default=[4096])
+    ap.add_argument("--mem-jobs", type=int, default=1, help="memory subprocesses run at once (each is measured alone)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast for every variant")
@@ -271,9 +273,11 @@ def main() -> int:
              f"load average (1, 5, 15 min) at start: {load_average()}.  ",
              f"Model: d={D}, {H} heads, {args.layers} layers, vocab {args.vocab}; {args.tokens} tokens per step; "
              f"{args.reps} interleaved rounds x {args.steps} step(s); ratio = median of per-round ratios [min, max].",
-             "", "| T | B | clock | ours reg / plain (SM+LN+G) | ours reg / plain (SM(t)+ScFuFFN) | hf fused / sdpa | "
+             ""]
+    if args.seq:
+        lines += ["| T | B | clock | ours reg / plain (SM+LN+G) | ours reg / plain (SM(t)+ScFuFFN) | hf fused / sdpa | "
              "official / hf sdpa | official / hf eager | ms/step: ours plain, reg; ours-t plain, reg; "
-             "hf sdpa, fused, eager, official |", "|---|---|---|---|---|---|---|---|---|"]
+                  "hf sdpa, fused, eager, official |", "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda r: f"{r[0]:.3f}x [{r[1]:.2f}, {r[2]:.2f}]"  # noqa: E731
     verdicts = []
     for T in args.seq:
@@ -295,7 +299,8 @@ def main() -> int:
                     if goal is not None:
                         verdicts.append(f"T={T} {a} / {b}: {r:.3f}x, goal <= {goal:.2f}x: "
                                         f"{'met' if r <= goal else 'MISSED'}")
-    lines.append(f"\nLoad average at the end of the timing: {load_average()}.")
+    if args.seq:
+        lines.append(f"\nLoad average at the end of the timing: {load_average()}.")
     for T in args.mem_seq:
         B = max(1, args.tokens // T)
         unit = "allocator" if cuda else "RSS"
@@ -303,11 +308,10 @@ def main() -> int:
                   f"{unit} high-water mark of the step above what was held before it):", "",
                   "| variant | saved for backward (MiB) | step peak (MiB) | held before the step (MiB) |",
                   "|---|---|---|---|"]
-        mem = {}
-        for n in VARIANTS:
-            if n in ("hf/eager", "hf/official") and T > args.official_max_T:
-                continue
-            mem[n] = m = memory(n, T, B, args.threads)
+        names = [n for n in VARIANTS if T <= args.official_max_T or n not in ("hf/eager", "hf/official")]
+        with ThreadPoolExecutor(args.mem_jobs) as pool:  # threads only wait on the subprocesses
+            mem = dict(zip(names, pool.map(lambda n: memory(n, T, B, args.threads), names)))
+        for n, m in mem.items():
             if "error" in m:
                 lines.append(f"| {n} | failed: {m['error']} | | |")
             else:
