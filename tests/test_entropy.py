@@ -323,18 +323,18 @@ def test_model_entropy_paths_agree_and_match_probability_entropy():
     out = model(idx, output_entropy=True, output_attentions=True)
     ref = torch.stack([-(a * torch.log(a.clamp_min(1e-30))).sum(-1) for a in out.attentions])
     torch.testing.assert_close(out.entropy, ref, rtol=1e-5, atol=1e-6)
-    g_fused = torch.autograd.grad(out.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
-    blocked = model(idx, output_entropy=True)  # the training path: fused kernels, no T x T matrices
-    torch.testing.assert_close(blocked.entropy, out.entropy)
-    torch.testing.assert_close(blocked.logits, out.logits)
-    g_blocked = torch.autograd.grad(blocked.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
-    torch.testing.assert_close(g_blocked, g_fused, rtol=1e-4, atol=1e-7)
+    g_explicit = torch.autograd.grad(out.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
+    fused = model(idx, output_entropy=True)  # the training path: fused kernels, no T x T matrices
+    torch.testing.assert_close(fused.entropy, out.entropy)
+    torch.testing.assert_close(fused.logits, out.logits)
+    g_fused = torch.autograd.grad(fused.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
+    torch.testing.assert_close(g_fused, g_explicit, rtol=1e-4, atol=1e-7)
     with capture(model, lambda n: n.endswith("hook_probs")):
         out2 = model(idx, output_entropy=True)
     torch.testing.assert_close(out2.entropy, out.entropy)
     g_hooked = torch.autograd.grad(out2.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
-    torch.testing.assert_close(g_fused, g_hooked, rtol=1e-4, atol=1e-7)
-    assert torch.isfinite(g_fused).all() and g_fused.abs().sum() > 0
+    torch.testing.assert_close(g_explicit, g_hooked, rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(g_explicit).all() and g_explicit.abs().sum() > 0
 
 
 def test_entropy_history_reads_metrics_jsonl(tmp_path):
