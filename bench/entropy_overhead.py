@@ -1,26 +1,31 @@
-"""Cost of the entropy regularizer per training step, ours vs the official approach, on CPU.
+"""Cost of the entropy regularizer per training step (time and memory), privlm and HF, beside the official approach.
 
-    .venv/bin/python bench/entropy_overhead.py [--threads 1] [--reps 7] [--out bench/results/entropy_overhead.md]
+    PYTHONPATH=src .venv/bin/python bench/entropy_overhead.py --out bench/results/entropy_overhead.md
 
-Shape: the CPU "small" model (L=4, d=256, H=4, vocab 8192), tokens per step fixed at 2048
-(B=16 at T=128, B=4 at T=512). One step = forward, loss, backward, AdamW step. Variants:
+Model: GPT-2-small width (d=768, 12 heads), ``--layers`` blocks (default 2 on CPU; 12 = GPT-2 small) and a
+``--vocab`` vocabulary (default 8192 on CPU; 50257 = GPT-2); ``--tokens`` tokens per step (B = tokens / T, at
+least 1). One step = forward, loss, backward, AdamW step. Variants:
 
-  ours/plain    privlm GPT (preset SM+LN+G; and SM(t)+ScFuFFN), F.scaled_dot_product_attention, CE only
-  ours/reg      same model, output_entropy=True (entropy inside the attention from its probabilities),
-                CE + lambda * EntropyRegularizer (paper reduction)
-  hf/sdpa       transformers GPT2LMHeadModel, same shape, attn_implementation="sdpa", CE only
-  hf/eager      the same with attn_implementation="eager", CE only
-  hf/official   eager + output_attentions=True + the official per-head regularizer loop
-                (entropy_regularization.py, reimplemented below with per-layer thresholds)
+  ours/plain     privlm GPT, preset SM+LN+G, CE only (F.scaled_dot_product_attention)
+  ours/reg       same, output_entropy=True (fused entropy attention), CE + lambda * EntropyRegularizer
+  ours-t/plain   privlm GPT, preset SM(t)+ScFuFFN, CE only
+  ours-t/reg     same with the regularizer
+  hf/sdpa        transformers GPT2LMHeadModel, same shape, attn_implementation="sdpa", CE only
+  hf/fused       the same model under privlm.entropy.hf.record_entropy (the EntropyRegularizedTrainer path):
+                 privlm's fused entropy attention through transformers' AttentionInterface, CE + lambda * L_ent
+  hf/eager       attn_implementation="eager", CE only
+  hf/official    eager + output_attentions=True + the official per-head regularizer loop
+                 (entropy_regularization.py, reimplemented below with per-layer thresholds)
 
-Timing (wall clock and process CPU time): all variants are built up front and timed in interleaved rounds (round r times every variant once,
-``--steps`` steps each), so machine noise hits all of them alike; each ratio is the median over rounds of
-the per-round ratio. Memory at T=1024 is measured two ways, each variant in a fresh subprocess:
-  * saved-for-backward bytes: every tensor autograd saves during the forward, deduplicated by storage
-    (torch.autograd.graph.saved_tensors_hooks) -- exact and allocator-independent;
-  * peak RSS increase of one training step: the kernel's high-water mark (VmHWM) is reset to the current RSS
-    after setup and a T=8 warm-up step (/proc/self/clear_refs), then read after the step (tracemalloc does not
-    see torch's allocations; ru_maxrss cannot be reset). On CUDA: torch.cuda.max_memory_allocated increase.
+Timing: every variant is built up front and timed in interleaved rounds (round r times every variant once,
+``--steps`` steps each), so machine noise hits all of them alike; a ratio is the median over rounds of the
+per-round ratio [min, max]. On CPU both wall time and process CPU time are reported (the CPU clock is the less
+sensitive one on a shared machine); the load average is recorded before and after.
+
+Memory (each variant in a fresh process, at each ``--mem-seq`` length):
+  * saved for backward: every tensor autograd saves during the forward, deduplicated by storage -- exact;
+  * step peak: how far one step raises the high-water mark above the memory held before it (CPU: VmHWM reset
+    through /proc/self/clear_refs after a warm-up step; CUDA: torch.cuda.max_memory_allocated).
 """
 from __future__ import annotations
 
@@ -28,25 +33,27 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-L, D, H, V = 4, 256, 4, 8192
-TOKENS_PER_STEP = 2048
+D, H = 768, 12  # GPT-2 small width
 LAMBDA, GAMMA = 1e-5, 0.2
+ARGS = argparse.Namespace(layers=2, vocab=8192, device="cpu", dtype="fp32")
 
 
 # ------------------------------------------------------------------------------------------- variants
 def official_entropy_regularization(attentions, thresholds, context_size, fraction=GAMMA, loss_coeff=LAMBDA):
-    """The official repository's entropy_regularization (SPEC §3.2): per layer, per head, with the
-    per-layer thresholds of the paper's App. B (not usage_example.py's reuse of layer 0's)."""
+    """The official repository's entropy_regularization: per layer, per head, with the per-layer thresholds of
+    the paper's appendix (not usage_example.py's reuse of layer 0's)."""
     e_max = math.log(context_size)
     tol = fraction * e_max
     total = 0.0
@@ -61,64 +68,85 @@ def official_entropy_regularization(attentions, thresholds, context_size, fracti
     return loss_coeff * total / len(attentions)
 
 
-DEVICE = torch.device("cpu")
+def device() -> torch.device:
+    return torch.device(ARGS.device)
 
 
 def sync() -> None:
-    if DEVICE.type == "cuda":
+    if device().type == "cuda":
         torch.cuda.synchronize()
 
 
+def autocast():
+    if ARGS.dtype == "bf16":
+        return torch.autocast(device().type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 class Variant:
-    def __init__(self, name: str, T: int, B: int, preset: str = "SM+LN+G"):
+    def __init__(self, name: str, T: int, B: int):
+        from privlm.config import RegConfig
+        from privlm.entropy import EntropyRegularizer
+
         torch.manual_seed(0)
+        L, V = ARGS.layers, ARGS.vocab
         self.name, self.T, self.B = name, T, B
-        self.idx = torch.randint(0, V, (B, T), device=DEVICE)
-        self.targets = torch.randint(0, V, (B, T), device=DEVICE)
+        self.idx = torch.randint(0, V, (B, T), device=device())
+        self.targets = torch.randint(0, V, (B, T), device=device())
+        self.reg = self.thresholds = None
+        extra: list[torch.nn.Parameter] = []
         if name.startswith("ours"):
             from privlm.config import load_config
-            from privlm.entropy import EntropyRegularizer
             from privlm.model.gpt import GPT
 
+            preset = "SM(t)+ScFuFFN" if name.startswith("ours-t") else "SM+LN+G"
             cfg = load_config(preset, [f"model.n_layer={L}", f"model.n_embd={D}", f"model.n_head={H}",
-                                       f"model.vocab_size={V}", f"model.block_size={max(T, 1024)}",
-                                       f"data.seq_len={T}", "reg.enabled=true"])
+                                       f"model.vocab_size={V}", f"model.block_size={T}", f"data.seq_len={T}",
+                                       "reg.enabled=true"])
             self.model = GPT(cfg.model)
-            self.reg = EntropyRegularizer(L, H, T, cfg.reg) if name == "ours/reg" else None
         else:
             from transformers import GPT2Config, GPT2LMHeadModel
 
-            impl = "sdpa" if name == "hf/sdpa" else "eager"
-            hcfg = GPT2Config(vocab_size=V, n_positions=max(T, 1024), n_embd=D, n_layer=L, n_head=H,
-                              attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+            impl = "eager" if name in ("hf/eager", "hf/official") else "sdpa"
+            hcfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=D, n_layer=L, n_head=H, attn_pdrop=0.0,
+                              resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
             self.model = GPT2LMHeadModel._from_config(hcfg, attn_implementation=impl)
-            self.thresholds = None
+            if name == "hf/fused":
+                from privlm.entropy.hf import use_entropy_attention
+
+                use_entropy_attention(self.model)
             if name == "hf/official":
                 self.thresholds = torch.nn.ParameterList(torch.nn.Parameter(torch.full((H,), 0.5)) for _ in range(L))
-                self.thresholds.to(DEVICE)
-        self.model.to(DEVICE).train()
-        if name == "ours/reg":
-            self.reg.to(DEVICE)
-            params = list(self.model.parameters()) + list(self.reg.parameters())
-        elif name == "hf/official":
-            params = list(self.model.parameters()) + list(self.thresholds.parameters())
-        else:
-            params = list(self.model.parameters())
-        self.opt = torch.optim.AdamW(params, lr=1e-4)
+                extra = list(self.thresholds.to(device()).parameters())
+        if name.endswith("/reg") or name == "hf/fused":
+            self.reg = EntropyRegularizer(L, H, T, RegConfig(enabled=True, lambda_=LAMBDA, gamma=GAMMA)).to(device())
+            extra = list(self.reg.parameters())
+        self.model.to(device()).train()
+        self.opt = torch.optim.AdamW(list(self.model.parameters()) + extra, lr=1e-4)
 
     def loss(self, idx, targets):
-        if self.name == "ours/plain":
-            return self.model(idx, targets).loss
-        if self.name == "ours/reg":
-            out = self.model(idx, targets, output_entropy=True)
-            l_ent, _ = self.reg(out.entropy, idx.shape[1])
-            return out.loss + LAMBDA * l_ent
-        if self.name == "hf/official":
-            out = self.model(idx, output_attentions=True)
-            ce = F.cross_entropy(out.logits.float().view(-1, V), targets.reshape(-1))
-            return ce + official_entropy_regularization(out.attentions, self.thresholds, idx.shape[1])
-        out = self.model(idx)
-        return F.cross_entropy(out.logits.float().view(-1, V), targets.reshape(-1))
+        V = ARGS.vocab
+        with autocast():
+            if self.name.startswith("ours"):
+                out = self.model(idx, targets, output_entropy=self.reg is not None)
+                if self.reg is None:
+                    return out.loss
+                l_ent, _ = self.reg(out.entropy, idx.shape[1])
+                return out.loss + LAMBDA * l_ent
+            if self.name == "hf/fused":
+                from privlm.entropy.hf import record_entropy
+
+                with record_entropy(self.model) as rec:
+                    out = self.model(idx)
+                ce = F.cross_entropy(out.logits.float().view(-1, V), targets.reshape(-1))
+                l_ent, _ = self.reg(rec.entropy, idx.shape[1])
+                return ce + LAMBDA * l_ent
+            if self.name == "hf/official":
+                out = self.model(idx, output_attentions=True)
+                ce = F.cross_entropy(out.logits.float().view(-1, V), targets.reshape(-1))
+                return ce + official_entropy_regularization(out.attentions, self.thresholds, idx.shape[1])
+            out = self.model(idx)
+            return F.cross_entropy(out.logits.float().view(-1, V), targets.reshape(-1))
 
     def step(self, idx=None, targets=None):
         loss = self.loss(self.idx if idx is None else idx, self.targets if targets is None else targets)
@@ -127,26 +155,18 @@ class Variant:
         self.opt.zero_grad(set_to_none=True)
 
 
-VARIANTS = ("ours/plain", "ours/reg", "ours-t/plain", "ours-t/reg", "hf/sdpa", "hf/eager", "hf/official")
-
-
-def make(name: str, T: int, B: int) -> Variant:
-    if name.startswith("ours-t"):  # the model the regularizer is meant for: SM(t)+ScFuFFN
-        v = Variant(name.replace("ours-t", "ours"), T, B, preset="SM(t)+ScFuFFN")
-        v.name = name.replace("ours-t", "ours")
-        return v
-    return Variant(name, T, B)
+VARIANTS = ("ours/plain", "ours/reg", "ours-t/plain", "ours-t/reg", "hf/sdpa", "hf/fused", "hf/eager", "hf/official")
+RATIOS = (("ours/reg", "ours/plain"), ("ours-t/reg", "ours-t/plain"), ("hf/fused", "hf/sdpa"),
+          ("hf/official", "hf/sdpa"), ("hf/official", "hf/eager"))
 
 
 # ------------------------------------------------------------------------------------------- timing
-def time_all(T: int, reps: int, steps: int) -> dict[str, list[float]]:
-    B = TOKENS_PER_STEP // T
-    variants = {n: make(n, T, B) for n in VARIANTS}
+def time_all(T: int, B: int, reps: int, steps: int, names) -> tuple[dict, dict]:
+    variants = {n: Variant(n, T, B) for n in names}
     for v in variants.values():  # warm-up: allocator, AdamW state, kernels
         v.step()
-        v.step()
-    wall: dict[str, list[float]] = {n: [] for n in VARIANTS}
-    cpu: dict[str, list[float]] = {n: [] for n in VARIANTS}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(reps):
         for n, v in variants.items():
             sync()
@@ -173,106 +193,142 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def reset_peak_rss() -> int:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS and return it (KiB). Without the reset,
-    ru_maxrss would still hold the import-time peak (large for CUDA builds of torch) and hide the step's."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS")
-
-
-def read_peak_rss() -> int:
-    return _status_kib("VmHWM")
-
-
 def memory_child(name: str, T: int, B: int) -> dict:
-    """Run in a fresh process: saved-for-backward bytes and peak-RSS increase of one step at T."""
-    v = make(name, T, B)
+    """In a fresh process: saved-for-backward bytes and the step's peak above the memory held before it."""
+    v = Variant(name, T, B)
     v.step(v.idx[:, :8], v.targets[:, :8])  # AdamW state and allocator warm-up at a negligible size
-    if DEVICE.type == "cuda":  # the allocator's own peak counter
+    if device().type == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 1024
+        base = torch.cuda.memory_allocated()
         v.step()
         sync()
-        peak = torch.cuda.max_memory_allocated() / 1024
+        peak = torch.cuda.max_memory_allocated()
     else:
-        base = reset_peak_rss()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        base = _status_kib("VmRSS") * 1024
         v.step()
-        peak = read_peak_rss()
+        peak = _status_kib("VmHWM") * 1024
     seen: dict[int, int] = {}
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type == DEVICE.type:
+        if isinstance(t, torch.Tensor) and t.device.type == device().type:
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = v.loss(v.idx, v.targets)
-    saved = sum(seen.values())
-    return {"saved_bytes": saved, "peak_rss_increase_bytes": (peak - base) * 1024}
+        v.loss(v.idx, v.targets)
+    return {"saved_bytes": sum(seen.values()), "step_peak_bytes": peak - base, "base_bytes": base}
 
 
 def memory(name: str, T: int, B: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", name, "--T", str(T), "--B", str(B),
-           "--threads", str(threads), "--device", DEVICE.type]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, __file__, "--memory-child", name, "--T", str(T), "--B", str(B), "--threads", str(threads),
+           "--device", ARGS.device, "--dtype", ARGS.dtype, "--layers", str(ARGS.layers), "--vocab", str(ARGS.vocab)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["killed"])[-1]
+        return {"error": f"exit {res.returncode}: {tail[:120]}"}
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 # ------------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = least noisy)")
-    ap.add_argument("--reps", type=int, default=7, help="interleaved timing rounds")
-    ap.add_argument("--steps", type=int, default=3, help="training steps per variant per round")
-    ap.add_argument("--seq", type=int, nargs="+", default=[128, 512])
-    ap.add_argument("--mem-T", type=int, default=1024)
-    ap.add_argument("--mem-B", type=int, default=2)
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
-    ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                    help="cuda: wall time with synchronization; memory = allocator peak increase")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--steps", type=int, default=1, help="training steps per variant per round")
+    ap.add_argument("--seq", type=int, nargs="*", default=[128, 512, 2048, 4096], help="timed lengths (none: skip)")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (B = tokens / T, at least 1)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--official-max-T", type=int, default=2048,
+                    help="time the HF eager/official variants only up to this T (their T x T weights)")
+    ap.add_argument("--mem-seq", type=int, nargs="*", default=[4096])
+    ap.add_argument("--mem-jobs", type=int, default=1, help="memory subprocesses run at once (each is measured alone)")
+    ap.add_argument("--out", default=None, help="also write the markdown report here")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast for every variant")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--B", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    ARGS.layers, ARGS.vocab, ARGS.device, ARGS.dtype = args.layers, args.vocab, args.device, args.dtype
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.T, args.B)))
         return 0
 
-    lines = [f"# Entropy regularizer overhead ({DEVICE.type.upper()})", "",
-             f"`{' '.join(['python'] + sys.argv)}`  ", 
-             f"torch {torch.__version__}, "
-             f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-             f"{args.threads} torch thread(s); model L={L} d={D} H={H} vocab={V}; {TOKENS_PER_STEP} tokens/step; "
-             f"{args.reps} interleaved rounds x {args.steps} steps; ratio = median of per-round ratios [min, max].",
-             "Wall = elapsed time; CPU = process CPU time (insensitive to other processes on a shared machine; "
-             "with one torch thread it is the work done).", "",
-             "| T | B | clock | ours reg / plain (SM+LN+G) | ours reg / plain (SM(t)+ScFuFFN) | official / hf sdpa | "
-             "official / hf eager | ms/step ours plain, reg | ms/step ours-t plain, reg | ms/step hf sdpa, eager, official |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    from privlm.hostinfo import describe_host
+
+    cuda = device().type == "cuda"
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Entropy regularizer overhead ({torch.cuda.get_device_name() if cuda else 'CPU'}, {args.dtype})", "",
+             f"`PYTHONPATH=src {' '.join(['python'] + sys.argv)}`  ",
+             f"{started}; torch {torch.__version__}; {describe_host()}; {args.threads} torch thread(s); "
+             f"load average (1, 5, 15 min) at start: {load_average()}.  ",
+             f"Model: d={D}, {H} heads, {args.layers} layers, vocab {args.vocab}; {args.tokens} tokens per step; "
+             f"{args.reps} interleaved rounds x {args.steps} step(s); ratio = median of per-round ratios [min, max].",
+             ""]
+    if args.seq:
+        lines += ["| T | B | clock | ours reg / plain (SM+LN+G) | ours reg / plain (SM(t)+ScFuFFN) | hf fused / sdpa | "
+             "official / hf sdpa | official / hf eager | ms/step: ours plain, reg; ours-t plain, reg; "
+                  "hf sdpa, fused, eager, official |", "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda r: f"{r[0]:.3f}x [{r[1]:.2f}, {r[2]:.2f}]"  # noqa: E731
+    verdicts = []
     for T in args.seq:
-        clocks = zip(("wall", "CPU"), time_all(T, args.reps, args.steps))
-        for clock, times in (list(clocks)[:1] if DEVICE.type == "cuda" else clocks):
+        B = max(1, args.tokens // T)
+        names = [n for n in VARIANTS if T <= args.official_max_T or n not in ("hf/eager", "hf/official")]
+        wall, cpu = time_all(T, B, args.reps, args.steps, names)
+        for clock, times in ((("wall", wall),) if cuda else (("wall", wall), ("CPU", cpu))):
             ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-            lines.append(f"| {T} | {TOKENS_PER_STEP // T} | {clock} | {fmt(ratio(times, 'ours/reg', 'ours/plain'))} | "
-                         f"{fmt(ratio(times, 'ours-t/reg', 'ours-t/plain'))} | "
-                         f"{fmt(ratio(times, 'hf/official', 'hf/sdpa'))} | {fmt(ratio(times, 'hf/official', 'hf/eager'))} | "
-                         f"{ms['ours/plain']:.0f}, {ms['ours/reg']:.0f} | {ms['ours-t/plain']:.0f}, {ms['ours-t/reg']:.0f} | "
-                         f"{ms['hf/sdpa']:.0f}, {ms['hf/eager']:.0f}, {ms['hf/official']:.0f} |")
+            cells = [fmt(ratio(times, a, b)) if a in times and b in times else "not run" for a, b in RATIOS]
+            lines.append(f"| {T} | {B} | {clock} | " + " | ".join(cells) + " | " +
+                         "; ".join(", ".join(f"{ms[n]:.0f}" if n in ms else "-" for n in group) for group in
+                                   (("ours/plain", "ours/reg"), ("ours-t/plain", "ours-t/reg"),
+                                    ("hf/sdpa", "hf/fused", "hf/eager", "hf/official"))) + " |")
             print(lines[-1], flush=True)
-    lines += ["", f"Memory of one training step at T={args.mem_T}, B={args.mem_B} (fresh process per variant):", "",
-              "| variant | saved for backward (MiB) | "
-              f"{'allocator peak' if DEVICE.type == 'cuda' else 'peak RSS'} increase of the step (MiB) |", "|---|---|---|"]
-    for n in () if args.skip_memory else ("ours/plain", "ours/reg", "hf/sdpa", "hf/eager", "hf/official"):
-        m = memory(n, args.mem_T, args.mem_B, args.threads)
-        lines.append(f"| {n} | {m['saved_bytes'] / 2**20:.1f} | {m['peak_rss_increase_bytes'] / 2**20:.1f} |")
-        print(lines[-1], flush=True)
+            if clock == ("wall" if cuda else "CPU"):
+                goal = 1.10 if T <= 512 else 1.25 if T <= 2048 else None
+                for a, b in RATIOS[:3]:
+                    r = ratio(times, a, b)[0]
+                    if goal is not None:
+                        verdicts.append(f"T={T} {a} / {b}: {r:.3f}x, goal <= {goal:.2f}x: "
+                                        f"{'met' if r <= goal else 'MISSED'}")
+    if args.seq:
+        lines.append(f"\nLoad average at the end of the timing: {load_average()}.")
+    for T in args.mem_seq:
+        B = max(1, args.tokens // T)
+        unit = "allocator" if cuda else "RSS"
+        lines += ["", f"Memory of one training step at T={T}, B={B} (fresh process per variant; step peak = "
+                  f"{unit} high-water mark of the step above what was held before it):", "",
+                  "| variant | saved for backward (MiB) | step peak (MiB) | held before the step (MiB) |",
+                  "|---|---|---|---|"]
+        names = [n for n in VARIANTS if T <= args.official_max_T or n not in ("hf/eager", "hf/official")]
+        with ThreadPoolExecutor(args.mem_jobs) as pool:  # threads only wait on the subprocesses
+            mem = dict(zip(names, pool.map(lambda n: memory(n, T, B, args.threads), names)))
+        for n, m in mem.items():
+            if "error" in m:
+                lines.append(f"| {n} | failed: {m['error']} | | |")
+            else:
+                lines.append(f"| {n} | {m['saved_bytes'] / 2**20:.1f} | {m['step_peak_bytes'] / 2**20:.1f} | "
+                             f"{m['base_bytes'] / 2**20:.1f} |")
+            print(lines[-1], flush=True)
+        for a, b in RATIOS[:3]:
+            if "error" in mem.get(a, {"error": 1}) or "error" in mem.get(b, {"error": 1}):
+                continue
+            inc = mem[a]["step_peak_bytes"] - mem[b]["step_peak_bytes"]
+            share = inc / mem[b]["step_peak_bytes"]
+            saved = (mem[a]["saved_bytes"] - mem[b]["saved_bytes"]) / mem[b]["saved_bytes"]
+            verdicts.append(f"T={T} memory {a} vs {b}: step peak {inc / 2**20:+.1f} MiB = {100 * share:+.1f}% "
+                            f"(saved for backward {100 * saved:+.1f}%), goal <= 5%: "
+                            f"{'met' if share <= 0.05 else 'MISSED'}")
+    lines += ["", "Against the goals (" + ("wall clock" if cuda else "CPU clock") + "):", ""]
+    lines += [f"* {v}" for v in verdicts]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -314,27 +314,8 @@ def test_bad_shapes_and_reduction_are_rejected():
 
 
 # ---------------------------------------------------------------------------------------------- fused path
-def test_fused_softmax_entropy_matches_unfused_values_and_gradients():
-    from privlm.model.attention import causal_softmax_entropy
-    g = torch.Generator().manual_seed(11)
-    z = (4 * torch.randn(2, 3, 7, 7, generator=g, dtype=torch.float64)).requires_grad_()
-    gp = torch.randn(2, 3, 7, 7, generator=g, dtype=torch.float64)
-    ge = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
-    p1, e1 = causal_softmax_entropy(z)
-    p2 = causal_softmax(z)
-    e2 = row_entropy(p2)
-    torch.testing.assert_close(p1, p2)
-    torch.testing.assert_close(e1, e2)
-    for with_p in (True, False):  # entropy alone and entropy + probabilities both feed the loss
-        g1 = torch.autograd.grad((e1 * ge).sum() + with_p * (p1 * gp).sum(), z, retain_graph=True)[0]
-        g2 = torch.autograd.grad((e2 * ge).sum() + with_p * (p2 * gp).sum(), z, retain_graph=True)[0]
-        torch.testing.assert_close(g1, g2)
-        assert torch.isfinite(g1).all()
-    assert torch.autograd.gradcheck(lambda x: causal_softmax_entropy(x), (z,))
-
-
 def test_model_entropy_paths_agree_and_match_probability_entropy():
-    """Blocked (training) path vs the full-matrix path (attentions returned, or a probs hook attached), and
+    """Fused (training) path vs the full-matrix path (attentions returned, or a probs hook attached), and
     vs -sum p log p of the returned attention matrices; gradients of a loss on the entropies agree as well."""
     from privlm.model.hooks import capture
     model, _ = tiny_model(T=16)
@@ -342,38 +323,18 @@ def test_model_entropy_paths_agree_and_match_probability_entropy():
     out = model(idx, output_entropy=True, output_attentions=True)
     ref = torch.stack([-(a * torch.log(a.clamp_min(1e-30))).sum(-1) for a in out.attentions])
     torch.testing.assert_close(out.entropy, ref, rtol=1e-5, atol=1e-6)
-    g_fused = torch.autograd.grad(out.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
-    blocked = model(idx, output_entropy=True)  # the training path: query-blocked, no T x T matrices returned
-    torch.testing.assert_close(blocked.entropy, out.entropy)
-    torch.testing.assert_close(blocked.logits, out.logits)
-    g_blocked = torch.autograd.grad(blocked.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
-    torch.testing.assert_close(g_blocked, g_fused, rtol=1e-4, atol=1e-7)
+    g_explicit = torch.autograd.grad(out.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
+    fused = model(idx, output_entropy=True)  # the training path: fused kernels, no T x T matrices
+    torch.testing.assert_close(fused.entropy, out.entropy)
+    torch.testing.assert_close(fused.logits, out.logits)
+    g_fused = torch.autograd.grad(fused.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
+    torch.testing.assert_close(g_fused, g_explicit, rtol=1e-4, atol=1e-7)
     with capture(model, lambda n: n.endswith("hook_probs")):
         out2 = model(idx, output_entropy=True)
     torch.testing.assert_close(out2.entropy, out.entropy)
     g_hooked = torch.autograd.grad(out2.entropy.square().sum(), model.blocks[0].attn.q_proj.weight)[0]
-    torch.testing.assert_close(g_fused, g_hooked, rtol=1e-4, atol=1e-7)
-    assert torch.isfinite(g_fused).all() and g_fused.abs().sum() > 0
-
-
-@pytest.mark.parametrize("T,block", [(10, 4), (9, 3), (16, None)])
-def test_blocked_attention_entropy_matches_full_matrix(T, block):
-    """Query-blocked causal attention + entropy (the training path) against the full T x T computation,
-    including a temperature per head and query, and their gradients."""
-    from privlm.model.attention import causal_attention_entropy
-    g = torch.Generator().manual_seed(13)
-    q, k, v = (torch.randn(2, 3, T, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    t = (0.5 + torch.rand(3, T + 2, generator=g, dtype=torch.float64)).requires_grad_()
-    y, ent, nans = causal_attention_entropy(q, k, v, t, block)
-    p = causal_softmax(attention_logits(q, k, t))
-    torch.testing.assert_close(y, p @ v)
-    torch.testing.assert_close(ent, row_entropy(p))
-    assert int(nans) == 0
-    w = torch.randn(ent.shape, generator=g, dtype=torch.float64)
-    ga = torch.autograd.grad((ent * w).sum() + y.square().sum(), (q, k, v, t))
-    gb = torch.autograd.grad((row_entropy(p) * w).sum() + (p @ v).square().sum(), (q, k, v, t))
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g_explicit, g_hooked, rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(g_explicit).all() and g_explicit.abs().sum() > 0
 
 
 def test_entropy_history_reads_metrics_jsonl(tmp_path):

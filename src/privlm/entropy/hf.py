@@ -1,41 +1,60 @@
-"""Entropy regularization for any Hugging Face causal LM: ``EntropyRegularizedTrainer``.
+"""Attention entropy for any Hugging Face model on fused kernels, and entropy regularization of HF causal LMs.
 
-    model = GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager")
+**Entropy attention.** ``register_entropy_attention()`` adds the attention function ``"privlm_entropy"`` to
+transformers' ``AttentionInterface`` (with SDPA's mask builder). Outside ``record_entropy`` it is plain SDPA;
+inside, every attention call computes its output and the exact per-query entropy with
+``privlm.model.entropy_attention.attention_with_entropy`` (no T x T tensor, differentiable):
+
+    with record_entropy(model) as rec:          # switches the model to "privlm_entropy" for the block
+        out = model(input_ids)
+    rec.entropy                                 # [L, B, H, T] nats, float32, in the autograd graph
+
+Any model whose attention goes through ``AttentionInterface`` works (GPT-2, LLaMA / Mistral / Qwen with grouped
+KV heads repeated per query head, GPT-NeoX, ...). HF attention dropout, if the config has it, applies to the
+output as in SDPA; the entropy is that of the softmax itself (before dropout).
+
+**Trainer.** ``EntropyRegularizedTrainer`` trains with CE + lambda * L_ent (Algorithm 1):
+
+    model = AutoModelForCausalLM.from_pretrained(path)      # sdpa by default: switched to privlm_entropy
     trainer = EntropyRegularizedTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
                                         reg_cfg=RegConfig(enabled=True, lambda_=1e-5, gamma=0.2))
     trainer.train()
 
-Differences from the official ``usage_example.py`` (SPEC §3.2):
+A model loaded with ``attn_implementation="eager"`` keeps the official approach instead (``output_attentions``
+and the entropy of the returned T x T weights, after attention dropout), for comparisons.
+
+Differences from the official ``usage_example.py``:
   * one threshold vector per layer: theta in R^{L x H} (the example reuses layer 0's thresholds for every
     layer). theta lives in ``model.entropy_regularizer`` so the Trainer puts it in the optimizer (with no
     weight decay), moves it to the device, wraps it in DDP with the model and saves/resumes it with the
     checkpoints; ``save_pretrained`` therefore also writes the key
     ``entropy_regularizer.reg_threshold_weights`` (ignored, with a warning, by a plain ``from_pretrained``).
-  * the models must use ``attn_implementation="eager"``: in transformers 5.x the SDPA/flash paths return no
-    attention weights with ``output_attentions=True``; that is an error here, not a silent no-op.
+  * the entropy comes from the fused kernels (memory O(T) per head instead of the T x T weights of every layer).
   * the regularizer's share is divided by the gradient-accumulation steps whenever the Trainer does not do
     so itself (it does not when the CE is already normalized by ``num_items_in_batch``).
 
-Caveats shared with the official code: HF returns the attention weights *after* attention dropout, so set
-``attn_pdrop=0`` for the entropy of the actual softmax (a warning says so); padded query positions are
-included in the head entropies (pack sequences instead of padding). E_max = log T with T the key length of
-the batch unless ``context_size`` is given.
+Padded query positions are included in the head entropies (a query that sees no key has entropy 0); pack
+sequences instead of padding. E_max = log T with T the key length of the batch unless ``context_size`` is given.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections import defaultdict
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 
 from privlm.config import RegConfig
 from privlm.entropy.measure import head_entropy
 from privlm.entropy.regularizer import EntropyRegularizer
 from privlm.errors import PrivlmError
-from privlm.model.attention import row_entropy
+from privlm.model.attention import nan_count_from_entropy, row_entropy
+from privlm.model.entropy_attention import attention_with_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +74,121 @@ def attentions_to_entropy(attentions) -> torch.Tensor:
     return torch.stack([row_entropy(a.float()) for a in attentions])
 
 
+ENTROPY_ATTENTION = "privlm_entropy"
+_RECORDER: contextvars.ContextVar[Optional["EntropyRecord"]] = contextvars.ContextVar("privlm_entropy_record",
+                                                                                      default=None)
+
+
+class EntropyRecord:
+    """Per-query entropies of the attention calls made inside ``record_entropy``, in layer order."""
+
+    def __init__(self) -> None:
+        self.by_layer: dict[int, torch.Tensor] = {}
+
+    def add(self, module, entropy: torch.Tensor) -> None:
+        layer = getattr(module, "layer_idx", None)
+        self.by_layer[len(self.by_layer) if layer is None else int(layer)] = entropy
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """[L, B, H, T] per-query entropy in nats (float32), layers in order."""
+        if not self.by_layer:
+            raise AttentionsUnavailableError("no attention call recorded an entropy: the model does not dispatch "
+                                             f"its attention through transformers' AttentionInterface")
+        return torch.stack([self.by_layer[l] for l in sorted(self.by_layer)]).float()
+
+
+def entropy_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                              scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers attention function ``"privlm_entropy"``: SDPA, plus the entropy inside ``record_entropy``.
+
+    query [B, H, T_q, d], key/value [B, H_kv, T_k, d], attention_mask from SDPA's mask builder (boolean
+    keep-mask [B, 1, T_q, T_k], or None for plain causal). Returns (output [B, T_q, H, d], None).
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    record = _RECORDER.get()
+    if record is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise AttentionsUnavailableError(f"{type(module).__name__}: the privlm entropy attention has no logit "
+                                         f"soft-capping or position bias; use attn_implementation='eager'")
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    T_q, T_k = query.size(-2), key.size(-2)
+    mask = attention_mask
+    if mask is None and is_causal and T_q != T_k:  # queries are the last T_q positions (a cache before them)
+        mask = torch.arange(T_k, device=query.device) <= torch.arange(T_k - T_q, T_k, device=query.device)[:, None]
+    causal = mask is None and is_causal
+    q = query * scaling
+    y, entropy = attention_with_entropy(q, key, value, attn_mask=mask, is_causal=causal)
+    if dropout > 0.0 and module.training:  # the output with dropout; the entropy stays that of the softmax
+        y = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                           scale=1.0)
+    record.add(module, entropy)
+    return y.transpose(1, 2).contiguous(), None
+
+
+def register_entropy_attention() -> str:
+    """Register ``"privlm_entropy"`` with transformers' attention and mask interfaces (idempotent); returns it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ENTROPY_ATTENTION, entropy_attention_forward)
+    AttentionMaskInterface.register(ENTROPY_ATTENTION, sdpa_mask)
+    return ENTROPY_ATTENTION
+
+
+def use_entropy_attention(model) -> None:
+    """Switch an HF model to ``"privlm_entropy"`` attention (SDPA until ``record_entropy`` asks for entropy)."""
+    register_entropy_attention()
+    if model.config._attn_implementation == ENTROPY_ATTENTION:
+        return
+    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
+        raise AttentionsUnavailableError(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so "
+            f"privlm's fused entropy attention cannot be attached; load it with attn_implementation='eager'")
+    model.set_attn_implementation(ENTROPY_ATTENTION)
+
+
+@contextmanager
+def record_entropy(model) -> Iterator[EntropyRecord]:
+    """Record the per-query attention entropy [L, B, H, T] of every forward pass in the block through the fused
+    kernels (the model is switched to ``"privlm_entropy"`` attention for the block and switched back after)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing and model.training and torch.is_grad_enabled():
+        # the backward's recomputation runs outside this block: it would not see (or differentiate) the entropy
+        raise AttentionsUnavailableError("gradient checkpointing is not supported with privlm's entropy attention "
+                                         "(attention is recomputed outside record_entropy); disable it")
+    previous = model.config._attn_implementation
+    use_entropy_attention(model)
+    record = EntropyRecord()
+    token = _RECORDER.set(record)
+    try:
+        yield record
+    finally:
+        _RECORDER.reset(token)
+        if previous != ENTROPY_ATTENTION:
+            model.set_attn_implementation(previous)
+
+
 @torch.no_grad()
 def hf_entropy(model, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-query entropy [L, B, H, T], NaN entries of each layer's attention [L]) of a Hugging Face causal
     LM on token ids ``idx`` [B, T], for `privlm.entropy.measure.measure_model`.
 
-    The model must run eager attention (``privlm.hfmodel.load_model`` loads it so): the probabilities come
-    from ``output_attentions`` and their row entropies from the same ``row_entropy`` privlm's attention uses.
-    A fused entropy attention registered with transformers' attention interface replaces this body (and
-    the L x [B, H, T, T] tensors it holds) without changing callers."""
-    out = model(input_ids=idx, output_attentions=True, use_cache=False)
-    entropy = attentions_to_entropy(out.attentions)
-    nans = torch.stack([torch.isnan(a).sum() for a in out.attentions])
+    The entropy comes from privlm's fused entropy attention (``record_entropy``: no T x T tensor); the NaN
+    count is that of the attention matrix the fused path never forms (T per NaN row, as for privlm models)."""
+    with record_entropy(model) as rec:
+        model(input_ids=idx, use_cache=False)
+    entropy = rec.entropy
+    nans = torch.stack([nan_count_from_entropy(layer) for layer in entropy])
     return entropy, nans
 
 
@@ -88,21 +210,23 @@ class EntropyRegularizedTrainer(Trainer):
     attentions requested). Training logs gain ``entropy/l_ent``, ``entropy/outside_share``,
     ``entropy/mean_abs_dev``, ``entropy/theta_mean``, ``entropy/theta_std`` and
     ``entropy/layer_{l}`` (mean head entropy per layer), averaged over the steps since the last log.
+    The model's attention is switched to ``"privlm_entropy"`` (fused kernels) unless it was loaded with
+    ``attn_implementation="eager"``, which keeps the official ``output_attentions`` approach.
     """
 
     def __init__(self, *args, reg_cfg: Optional[RegConfig] = None, context_size: Optional[int] = None, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise PrivlmError("EntropyRegularizedTrainer needs a model")
-        impl = getattr(model.config, "_attn_implementation", None)
-        if impl not in (None, "eager"):
-            raise AttentionsUnavailableError(
-                f"model uses attn_implementation='{impl}', which returns no attention weights in transformers "
-                f"5.x; load it with attn_implementation='eager' to train with the entropy regularizer")
-        if getattr(model.config, "attn_pdrop", 0.0):
+        # eager: the official approach (output_attentions); anything else: the fused entropy attention
+        self.explicit_attentions = getattr(model.config, "_attn_implementation", None) == "eager"
+        if self.explicit_attentions and getattr(model.config, "attn_pdrop", 0.0):
             logger.warning("attn_pdrop=%s: HF returns attention weights after dropout, so the regularized "
                            "entropies are those of the dropped-out weights (as in the official code); "
-                           "set attn_pdrop=0 for the softmax's own entropy", model.config.attn_pdrop)
+                           "set attn_pdrop=0, or use the default fused attention, for the softmax's own entropy",
+                           model.config.attn_pdrop)
+        if not self.explicit_attentions:
+            use_entropy_attention(model)
         self.reg_cfg = reg_cfg or RegConfig(enabled=True)
         self.context_size = context_size
         if not hasattr(model, REG_MODULE):
@@ -129,9 +253,14 @@ class EntropyRegularizedTrainer(Trainer):
                      num_items_in_batch=None):
         if not model.training:  # evaluation: plain CE, no T x T attention tensors kept
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = super().compute_loss(model, {**inputs, "output_attentions": True}, True,
-                                             num_items_in_batch)
-        entropy = attentions_to_entropy(outputs.attentions)
+        if self.explicit_attentions:
+            loss, outputs = super().compute_loss(model, {**inputs, "output_attentions": True}, True,
+                                                 num_items_in_batch)
+            entropy = attentions_to_entropy(outputs.attentions)
+        else:
+            with record_entropy(self.accelerator.unwrap_model(model)) as record:
+                loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            entropy = record.entropy
         reg = self.regularizer
         T = self.context_size or entropy.shape[-1]
         if reg.active(self._progress()):

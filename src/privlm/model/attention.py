@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privlm.config import ModelConfig
+from privlm.model.entropy_attention import attention_with_entropy, fused_entropy_supported
 from privlm.model.hooks import HookPoint
 
 
@@ -27,15 +28,22 @@ def temperature_from_param(param: torch.Tensor, parameterization: str, t_min: fl
     return param.clamp_min(t_min)
 
 
+def scaled_queries(q: torch.Tensor, temperature: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eq. 2's query scaling, and SM(t)'s division of row i by t_i (App. A): q / (sqrt(d_k) [* t_i]).
+
+    q: [B, H, T, d_k]; temperature: [H, >= T] or None. Both factors scale whole query rows of the logits, so they
+    are applied to q (T x d_k values) rather than to the T x T logits; every attention path starts from here.
+    """
+    scale = 1.0 / math.sqrt(q.size(-1))
+    return q * scale if temperature is None else q * (scale / temperature[:, : q.size(-2), None])
+
+
 def attention_logits(q: torch.Tensor, k: torch.Tensor, temperature: Optional[torch.Tensor]) -> torch.Tensor:
     """Eq. 2 logits (q k^T) / sqrt(d_k), and with SM(t) divided by t_i per head and query (App. A).
 
     q, k: [B, H, T, d_k]; temperature: [H, T] or None. Returns [B, H, T, T] before masking.
     """
-    # Both factors scale query rows, so they are applied to q (T x d_k values) rather than to the T x T logits.
-    scale = 1.0 / math.sqrt(q.size(-1))
-    q = q * scale if temperature is None else q * (scale / temperature[:, : q.size(-2), None])
-    return q @ k.transpose(-2, -1)
+    return scaled_queries(q, temperature) @ k.transpose(-2, -1)
 
 
 def causal_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -68,80 +76,6 @@ class _RowEntropy(torch.autograd.Function):
 
 def _safe_log(p: torch.Tensor) -> torch.Tensor:
     return p.clamp_min(torch.finfo(p.dtype).tiny).log()
-
-
-class _SoftmaxEntropy(torch.autograd.Function):
-    """(softmax(z), -sum_j p_j log p_j) in one autograd node that saves only p.
-
-    The entropy's gradient w.r.t. p is -(log p + 1); its constant part cancels in the softmax backward, so
-    both outputs' gradients go through a single softmax backward of (g_p - g_H * log p). Against softmax
-    followed by a separate entropy node this saves about a third of the T x T passes of the backward.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(logits, dim=-1)
-        entropy = torch.special.entr(probs if probs.dtype != torch.bfloat16 and probs.dtype != torch.float16
-                                     else probs.float()).sum(dim=-1)
-        ctx.save_for_backward(probs)
-        ctx.logits_dtype = logits.dtype
-        return probs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_probs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]) -> torch.Tensor:
-        (probs,) = ctx.saved_tensors
-        if grad_entropy is not None:
-            log_p = _safe_log(probs)  # finite at masked zeros; multiplied by p = 0 in the softmax backward
-            g_e = grad_entropy.unsqueeze(-1).to(log_p.dtype)
-            grad = log_p.mul_(-g_e) if grad_probs is None else torch.addcmul(grad_probs, log_p, g_e, value=-1.0)
-        else:
-            grad = grad_probs
-        # softmax backward in the dtype of p (fp32 under autocast), then cast: CUDA's kernel has no mixed
-        # bf16-input / fp32-grad variant
-        return torch.ops.aten._softmax_backward_data(grad.to(probs.dtype), probs, -1, probs.dtype).to(ctx.logits_dtype)
-
-
-def causal_softmax_entropy(logits: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2 causal softmax and the per-row entropy (summand of Eq. 7) together: (probs [.., T, T], entropy [.., T]).
-
-    Equal to ``(causal_softmax(logits), row_entropy(causal_softmax(logits)))``, with fewer passes over the
-    T x T tensors. ``inplace=True`` masks ``logits`` in place (the attention passes its fresh q k^T product,
-    which autograd does not need).
-    """
-    T = logits.size(-1)
-    mask = torch.ones(T, T, dtype=torch.bool, device=logits.device).triu_(1)
-    logits = logits.masked_fill_(mask, float("-inf")) if inplace else logits.masked_fill(mask, float("-inf"))
-    return _SoftmaxEntropy.apply(logits)
-
-
-def causal_attention_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: Optional[torch.Tensor],
-                             block: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 2-3 attention output softmax(q k^T / sqrt(d_k) [/ t] + M) v and the per-query entropy, computed
-    one block of queries at a time so that the masked upper triangle is (mostly) never formed.
-
-    Query block [s, e) only needs keys [0, e): with 128-query blocks the T x T work and the probabilities
-    kept for backward shrink toward half (T=512: 62.5%), which is what keeps the entropy regularizer's
-    training step close to the fused SDPA kernel's. Returns (y [B,H,T,d_k], entropy [B,H,T], nan_count).
-    """
-    T = q.size(-2)
-    block = block or max(128, T // 8)  # <= 8 blocks per layer: few kernel launches on accelerators
-    scale = 1.0 / math.sqrt(q.size(-1))
-    q = (q * scale if temperature is None else q * (scale / temperature[:, :T, None])).contiguous()
-    # Contiguous once per layer, so that the per-block slices below are strided views the batched matmul takes
-    # as they are (q, k, v come out of the fused projection as permuted views; slicing those would copy
-    # k and v for every block, and autograd would keep all the copies).
-    k_t = k.transpose(-2, -1).contiguous()  # [B, H, d_k, T]
-    v = v.contiguous()
-    ys, entropies, nans = [], [], []
-    for s in range(0, T, block):
-        e = min(s + block, T)
-        logits = q[..., s:e, :] @ k_t[..., :e]  # [B, H, e - s, e]
-        mask = torch.ones(e - s, e, dtype=torch.bool, device=q.device).triu_(s + 1)  # key j > query s + r
-        probs, entropy = _SoftmaxEntropy.apply(logits.masked_fill_(mask, float("-inf")))
-        ys.append(probs @ v[..., :e, :])
-        entropies.append(entropy)
-        nans.append(_nan_count(probs, entropy))
-    return torch.cat(ys, dim=-2), torch.cat(entropies, dim=-1), torch.stack(nans).sum()
 
 
 def row_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -196,26 +130,51 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, want_entropy: bool = False, want_probs: bool = False) -> AttentionOutput:
         q, k, v = self._qkv(x)
-        t = self.temperatures()
+        q = scaled_queries(q, self.temperatures())
+        entropy_requested = want_entropy or self.hook_entropy.requested
+        path = attention_path(entropy_requested, want_probs or self.hook_probs.requested, x.device)
         entropy = probs = nan_count = None
-        if want_entropy and not want_probs and not self.hook_probs._forward_hooks:  # training with the regularizer
-            y, entropy, nan_count = causal_attention_entropy(q, k, v, t)
+        if path == FUSED:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        elif path == FUSED_ENTROPY:
+            y, entropy = attention_with_entropy(q, k, v, is_causal=True)
             entropy = self.hook_entropy(entropy)
-        elif want_entropy or want_probs:  # a probs hook may edit the probabilities: entropy of what it returns
-            probs = self.hook_probs(causal_softmax(attention_logits(q, k, t)))
-            if want_entropy:
+            nan_count = nan_count_from_entropy(entropy)
+        else:  # the entropy of what a probs hook returns, if it edits the probabilities
+            probs = self.hook_probs(causal_softmax(q @ k.transpose(-2, -1)))
+            if entropy_requested:
                 entropy = self.hook_entropy(row_entropy(probs))
                 nan_count = _nan_count(probs, entropy)
             y = probs @ v
-            if not want_probs:
-                probs = None
-        else:
-            if t is not None:  # t_i divides row i of the logits, i.e. scales query i: stays on the fused kernel
-                q = q / t[:, : q.size(-2), None]
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         B, H, T, dk = y.shape
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, H * dk))
-        return AttentionOutput(out, entropy, probs, nan_count)
+        return AttentionOutput(out, entropy if want_entropy else None, probs if want_probs else None,
+                               nan_count if want_entropy else None)
+
+
+FUSED, FUSED_ENTROPY, EXPLICIT = "fused", "fused+entropy", "explicit"
+
+
+def attention_path(entropy_requested: bool, probs_requested: bool, device: torch.device) -> str:
+    """The one place that picks how attention is computed, from what was asked (by the caller or by a hook):
+
+    ``explicit``       the probabilities are asked for: form softmax(q k^T / sqrt(d_k) + M) [B, H, T, T]
+    ``fused+entropy``  only the entropy: fused kernels (``attention_with_entropy``), nothing of T x T elements
+    ``fused``          neither: F.scaled_dot_product_attention
+    A device without a fused entropy kernel computes the entropy on the explicit path.
+    """
+    if probs_requested:
+        return EXPLICIT
+    if entropy_requested:
+        return FUSED_ENTROPY if fused_entropy_supported(device) else EXPLICIT
+    return FUSED
+
+
+def nan_count_from_entropy(entropy: torch.Tensor) -> torch.Tensor:
+    """NaN entries of the attention matrix the fused path never forms. A NaN or infinite logit makes the whole
+    softmax row NaN (the masked entries too: exp(-inf - nan)), and such a row's entropy is NaN: T per NaN row,
+    which is what ``_nan_count`` counts on the explicit matrix."""
+    return torch.isnan(entropy).sum() * entropy.size(-1)
 
 
 def _nan_count(probs: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:

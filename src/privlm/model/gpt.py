@@ -79,7 +79,7 @@ class ModelOutput(NamedTuple):
     loss: Optional[torch.Tensor]  # mean token cross-entropy, when targets are given
     entropy: Optional[torch.Tensor]  # [L, B, H, T] per-query attention entropy (nats), when asked
     attentions: Optional[tuple[torch.Tensor, ...]]  # L x [B, H, T, T], when asked
-    nan_counts: Optional[torch.Tensor]  # [L] NaN entries per layer's attention, when entropy is asked
+    nan_counts: Optional[torch.Tensor]  # [L] NaN entries per layer's attention matrix (fused path: NaN rows x T)
 
 
 class GPT(nn.Module):
