@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     src.add_argument("--prompt", help="prompt text (tokenized with the run's tokenizer.json)")
     src.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
     r.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
+    add_spu_profile_arg(r)
     r.add_argument("--mode", default="sim", choices=("sim", "2proc"),
                    help="sim: both parties in one SPU process; 2proc: two OS processes over brpc")
     r.add_argument("--peer", action="append", metavar="HOST:PORT",
@@ -56,6 +57,23 @@ def register(subparsers) -> None:
 
     from privlm.spu import calibrate as _cal
     _cal.register(sub)
+
+
+def add_spu_profile_arg(parser) -> None:
+    from privlm.spu.spu_profile import DEFAULT, available_spu_profiles
+    parser.add_argument("--spu-profile", default=DEFAULT, metavar="NAME",
+                        help=f"SPU runtime settings, compiler options and kernels (known: "
+                             f"{', '.join(available_spu_profiles())}; see docs/pi-measured.md)")
+
+
+def check_spu_profile(name: str) -> str:
+    """The name, if an SPU profile of that name exists; else a one-line error listing the known ones."""
+    from privlm.spu.spu_profile import UnknownSPUProfile, load_spu_profile
+    try:
+        load_spu_profile(name)
+    except UnknownSPUProfile as exc:
+        raise PrivlmError(str(exc)) from None
+    return name
 
 
 def _load(run_dir: Path):
@@ -86,6 +104,7 @@ def cmd_run(args) -> int:
     from privlm.spu.report import format_table, summarize
 
     run_dir = Path(args.run_dir)
+    check_spu_profile(args.spu_profile)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
     if args.chunks < 1:
@@ -133,9 +152,9 @@ def cmd_run(args) -> int:
                 ref = model(torch.tensor([ids])).logits[0].float().numpy()
         out = run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
                           mode=args.mode, peers=args.peer, party=args.party, head=args.head,
-                          chunks=args.chunks, matmul_block=args.matmul_block)
+                          chunks=args.chunks, matmul_block=args.matmul_block, spu_profile=args.spu_profile)
         if out is None:
-            print(f"party 1 (server) finished; T={T}, protocol {args.protocol}")
+            print(f"party 1 (server) finished; T={T}, protocol {args.protocol}, SPU profile {args.spu_profile}")
             return 0
         result, logits = out
         cen = None

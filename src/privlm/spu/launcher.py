@@ -49,7 +49,9 @@ def free_ports(n: int) -> list[int]:
 def _env() -> dict:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env.pop("PYTHONPATH", None)  # the main environment's paths must not leak into the SPU interpreter
+    # the main environment's paths must not leak into the SPU interpreter, but the parties must run the
+    # same privlm source as this process (not whatever checkout the SPU environment was installed from)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     return env
 
 
@@ -70,16 +72,21 @@ def spu_module(module: str, args: list[str], timeout: Optional[float] = None) ->
 
 def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Optional[list[int]], T: int,
                 protocol: str, mode: str, peers: Optional[list[str]] = None, party: Optional[int] = None,
-                head: str = "all", chunks: int = 1,
-                matmul_block: Optional[int] = None, timeout: Optional[float] = None) -> Optional[tuple[dict, np.ndarray]]:
+                head: str = "all", chunks: int = 1, matmul_block: Optional[int] = None,
+                timeout: Optional[float] = None, spu_profile: str = "default", sequences: int = 1,
+                wan=None) -> Optional[tuple[dict, np.ndarray]]:
     """Run the 2PC forward; returns (result, logits) where the client runs here, else None.
 
+    tokens: one prompt (list of ids) or ``sequences`` prompts of equal length (a list of lists).
     mode "sim": both parties as threads of one SPU process (in-memory link).
-    mode "2proc": each party its own OS process over brpc; ``party`` runs only that one (two machines).
+    mode "2proc": each party its own OS process over brpc; ``party`` runs only that one (two machines);
+    ``wan`` (a `privlm.spu.wan.WanLink`) puts the two processes in two network namespaces joined by a
+    rate-limited veth pair, with the one-way delay added by `privlm.spu.delayproxy`.
     """
     work.mkdir(parents=True, exist_ok=True)
     ids_file = work / "ids.json"
-    common = ["--public", str(public), "--protocol", protocol, "--head", head, "--chunks", str(chunks)]
+    common = ["--public", str(public), "--protocol", protocol, "--head", head, "--chunks", str(chunks),
+              "--spu-profile", spu_profile]
     if matmul_block is not None:
         common += ["--matmul-block", str(matmul_block)]
     out = work / "result.json"
@@ -97,6 +104,7 @@ def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Op
     cmds: dict[int, list[str]] = {}
     if party in (None, 1):
         cmds[1] = ["--rank", "1", *common, *peer_arg, "--weights", str(weights), "--T", str(T),
+                   "--sequences", str(sequences),
                    "--log", str(work / "spu_party1.log"), "--audit", str(work / "audit_party1.json")]
     if party in (None, 0):
         ids_file.write_text(json.dumps(tokens))
