@@ -50,6 +50,19 @@ def register(subparsers) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON document")
     r.set_defaults(func=cmd_run)
 
+    v = sub.add_parser("eval", help="accuracy under 2PC: validation sequences through SPU vs plaintext",
+                       description="Runs N validation sequences of the run through 2PC (one session) and reports "
+                                   "top-1 agreement with the plaintext model over all positions, mean and max "
+                                   "logit error, and the perplexity of the 2PC logits beside the plaintext one.")
+    v.add_argument("run_dir")
+    add_spu_profile_arg(v)
+    v.add_argument("--sequences", type=int, default=2, help="validation sequences (default 2)")
+    v.add_argument("--T", type=int, default=None, help="tokens per sequence (default the run's seq_len)")
+    v.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
+    v.add_argument("--mode", default="sim", choices=("sim", "2proc"))
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_eval)
+
     e = sub.add_parser("export", help="split a run into the client bundle and the server's weights")
     e.add_argument("run_dir")
     e.add_argument("out_dir")
@@ -185,4 +198,55 @@ def cmd_export(args) -> int:
     if (run_dir / "tokenizer.json").is_file():
         shutil.copy(run_dir / "tokenizer.json", client / "tokenizer.json")
     print(f"client bundle (give to the client): {client}\nserver files (keep): {weights.parent}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from privlm.data import prepare_data
+    from privlm.spu.export import save_export
+    from privlm.spu.launcher import run_parties
+    from privlm.spu.report import accuracy_under_2pc
+
+    check_spu_profile(args.spu_profile)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory '{run_dir}' does not exist")
+    if args.sequences < 1:
+        raise PrivlmError(f"--sequences={args.sequences} must be >= 1")
+    cfg, model, _ = _load(run_dir)
+    T = args.T or cfg.data.seq_len
+    if not 2 <= T <= min(cfg.data.seq_len, cfg.model.block_size):
+        raise PrivlmError(f"--T={T} must be in 2..{min(cfg.data.seq_len, cfg.model.block_size)} (the run's chunks)")
+    data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run_dir / "tokenizer.json"))
+    valid = prepare_data(data_cfg, None).valid
+    if len(valid) < args.sequences:
+        raise PrivlmError(f"the validation split has {len(valid)} sequences, fewer than --sequences={args.sequences}")
+    ids = np.asarray(valid[: args.sequences, :T], dtype=np.int64)  # the first N chunks: reproducible
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.float().numpy()
+    with tempfile.TemporaryDirectory(prefix="privlm-pi-eval-") as tmp:
+        public, weights = save_export(model, Path(tmp) / "export")
+        result, logits = run_parties(Path(tmp), public, weights=weights, tokens=ids.tolist(), T=T,
+                                     protocol=args.protocol, mode=args.mode, spu_profile=args.spu_profile,
+                                     sequences=args.sequences)
+    logits = logits.reshape(ref.shape)
+    doc = {"run": str(run_dir), "spu_profile": args.spu_profile, "protocol": args.protocol, "mode": args.mode,
+           "sequences": args.sequences, "T": T, "spu_version": result["spu_version"],
+           **accuracy_under_2pc(ref, logits, ids),
+           "bytes_online_per_sequence": [s["bytes_online"] for s in result["sequences"]],
+           "wall_seconds": result["wall_seconds"]}
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(f"{doc['run']}: {args.sequences} validation sequences x T={T} under {args.protocol.upper()} "
+              f"(SPU profile {args.spu_profile})\n"
+              f"  top-1 agreement with plaintext: {100 * doc['top1_agreement']:.2f}% of {doc['positions']} positions\n"
+              f"  logit error: mean {doc['mean_logit_err']:.2e}, max {doc['max_logit_err']:.2e}\n"
+              f"  perplexity: 2PC {doc['ppl_2pc']:.4f}, plaintext {doc['ppl_plain']:.4f} "
+              f"({100 * doc['ppl_rel_diff']:+.3f}%) over {doc['predicted_positions']} predicted tokens")
     return 0

@@ -122,3 +122,32 @@ def format_table(doc: dict) -> str:
         lines.append("census mapping (program vs privlm.pi.census): " + ", ".join(
             f"{k} {v['program']}/{v['census']}" for k, v in doc["census_check"].items()))
     return "\n".join(lines)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def accuracy_under_2pc(ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarray) -> dict:
+    """`privlm pi eval`'s numbers for N sequences: ref_logits/logits [N, T, V] (plaintext, 2PC), ids [N, T].
+
+    top1_agreement: share of all N*T positions whose argmax agrees; logit errors over every logit;
+    ppl_plain / ppl_2pc: exp of the mean next-token cross-entropy over the N*(T-1) positions that have a
+    target (as `privlm eval` scores T-token chunks), from each set of logits."""
+    ref = np.asarray(ref_logits, np.float64)
+    got = np.asarray(logits, np.float64)
+    ids = np.asarray(ids)
+    if ref.shape != got.shape or ref.shape[:2] != ids.shape:
+        raise ValueError(f"shape mismatch: plaintext {ref.shape}, 2PC {got.shape}, ids {ids.shape}")
+    targets = ids[:, 1:]
+
+    def ppl(lg: np.ndarray) -> float:
+        lp = np.take_along_axis(log_softmax(lg[:, :-1]), targets[..., None], axis=-1)
+        return float(np.exp(-lp.mean()))
+    err = np.abs(ref - got)
+    p_plain, p_2pc = ppl(ref), ppl(got)
+    return {"positions": int(ids.size), "predicted_positions": int(targets.size),
+            "top1_agreement": float(np.mean(ref.argmax(-1) == got.argmax(-1))),
+            "mean_logit_err": float(err.mean()), "max_logit_err": float(err.max()),
+            "ppl_plain": p_plain, "ppl_2pc": p_2pc, "ppl_rel_diff": p_2pc / p_plain - 1.0}
