@@ -40,6 +40,10 @@ def register(subparsers) -> None:
     r.add_argument("--party", type=int, choices=(0, 1),
                    help="2proc on two machines: run only this party (0 = client, 1 = server)")
     r.add_argument("--T", type=int, help="prompt length, for --party 1 (the server never sees the prompt)")
+    r.add_argument("--wan", metavar="RATE:DELAY",
+                   help="2proc only: run the parties in two network namespaces joined by a veth pair limited to "
+                        "RATE (tc tbf) with DELAY one-way per message flight (delay proxy), e.g. 100mbit:80ms; "
+                        "needs root")
     r.add_argument("--head", default="all", choices=("all", "last"),
                    help="LM head over all T positions (census/paper workload) or only the last")
     r.add_argument("--chunks", type=int, default=1,
@@ -128,6 +132,13 @@ def cmd_run(args) -> int:
         raise PrivlmError("--peer needs --mode 2proc")
     if args.party is not None and args.mode != "2proc":
         raise PrivlmError("--party needs --mode 2proc")
+    link = None
+    if args.wan is not None:
+        from privlm.spu.wan import WanLink, check_available
+        if args.mode != "2proc" or args.party is not None or args.peer is not None:
+            raise PrivlmError("--wan needs --mode 2proc with both parties on this machine (no --party, no --peer)")
+        link = WanLink.parse(args.wan)
+        check_available()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="privlm-pi-"))
     if args.keep and work.exists() and any(work.iterdir()):
         raise PrivlmError(f"--keep directory '{work}' exists and is not empty; choose a new one")
@@ -163,9 +174,17 @@ def cmd_run(args) -> int:
         if model is not None and ids is not None:
             with torch.no_grad():
                 ref = model(torch.tensor([ids])).logits[0].float().numpy()
-        out = run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
-                          mode=args.mode, peers=args.peer, party=args.party, head=args.head,
-                          chunks=args.chunks, matmul_block=args.matmul_block, spu_profile=args.spu_profile)
+        def launch(net=None):
+            return run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
+                               mode=args.mode, peers=args.peer, party=args.party, head=args.head,
+                               chunks=args.chunks, matmul_block=args.matmul_block, spu_profile=args.spu_profile,
+                               wan=net)
+        if link is not None:
+            from privlm.spu.wan import wan_namespaces
+            with wan_namespaces(link) as net:
+                out = launch(net)
+        else:
+            out = launch()
         if out is None:
             print(f"party 1 (server) finished; T={T}, protocol {args.protocol}, SPU profile {args.spu_profile}")
             return 0
@@ -175,13 +194,39 @@ def cmd_run(args) -> int:
             from privlm.pi.census import census
             cen = census(model, T)
         doc = summarize(result, logits, ref, cen)
+        if link is not None:
+            doc["wan"] = wan_report(doc, link, model, T, args.spu_profile if cen is not None else None)
         if tok is not None:
             doc["predicted_text"] = tok.decode([doc["predicted_token"]])
         print(json.dumps(doc, indent=1) if args.json else format_table(doc))
+        if link is not None and not args.json:
+            w = doc["wan"]
+            print(f"WAN {w['rate']}, {w['one_way_delay_ms']:g} ms one way (namespaces + tbf + delay proxy): "
+                  f"online {w['measured_online_seconds']:.1f} s measured; estimate {w['estimate_seconds']:.1f} s "
+                  f"(transfer {w['transfer_seconds_estimate']:.1f} s + rounds {w['rounds_estimate']})")
         return 0
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def wan_report(doc: dict, link, model, T: int, spu_profile: str | None) -> dict:
+    """Measured time over the emulated WAN beside the estimate bytes / rate + rounds x delay. Rounds are the
+    calibrated profile's nonlinear rounds for this model's census (None without a calibrated profile)."""
+    transfer = doc["bytes_online_excluding_setup"] * 8 / link.bits_per_second  # the online phase is what is timed
+    rounds = None
+    if spu_profile is not None:
+        from privlm.pi import census, load_profile, predict
+        from privlm.spu.calibrate import cost_profile_name
+        try:
+            rounds = predict(census(model, T), load_profile(cost_profile_name(spu_profile))).rounds
+        except Exception:  # no calibrated profile for this SPU profile: the estimate stays transfer-only
+            rounds = None
+    latency = None if rounds is None else rounds * link.delay_ms / 1000
+    return {**link.to_dict(), "measured_online_seconds": doc["online_seconds"],
+            "measured_wall_seconds": doc["wall_seconds"], "transfer_seconds_estimate": transfer,
+            "rounds_estimate": rounds, "latency_seconds_estimate": latency,
+            "estimate_seconds": transfer + (latency or 0.0)}
 
 
 def cmd_export(args) -> int:
