@@ -175,6 +175,7 @@ class Party:
             self._send_share(receiver, self.shares[name])
             return None
         other = self._recv_share(peer)
+        AUDIT["received_shares"].append(name)
         mine = self.shares[name]
         pair = [mine, other] if self.rank == 0 else [other, mine]
         return np.asarray(self.io.reconstruct(pair))
