@@ -217,6 +217,28 @@ def op_by_op(L: list[str], rows: list[dict]) -> None:
              "together in every published row) and charges linear layers per GFLOP in the paper's FLOP convention.\n")
 
 
+def predicted_table(L: list[str], rows: list[dict]) -> None:
+    """Every GPT-2 cell predicted by `privlm cost --profile` from each SPU profile's calibrated per-op costs,
+    beside the direct measurement where there is one (the calibration's check at GPT-2 size)."""
+    measured = {(r["spu_profile"], r["arch"], r["T"]): r["measured_gb"] for r in rows if r["source"] == "measured"}
+    L.append("### Predicted from the calibrated per-op costs (`privlm cost --profile spu-<profile>-measured`)\n")
+    L.append("| arch | T | " + " | ".join(f"`{p}` predicted GB (measured)" for p in PROFILES) + " | paper GB |")
+    L.append("|---|---|" + "---|" * (len(PROFILES) + 1))
+    for arch, T in GPT2_GRID:
+        c = census(load_config(arch, GPT2 + [f"data.seq_len={T}"]), T)
+        cells = []
+        for p in PROFILES:
+            try:
+                g = predict(c, cost_profile_name(p)).comm_gb
+            except Exception:
+                cells.append("—")
+                continue
+            m = measured.get((p, arch, T))
+            cells.append(f"{g:.2f}" + (f" ({m:.2f}, {100 * (g / m - 1):+.0f} %)" if m else ""))
+        L.append(f"| {arch} | {T} | " + " | ".join(cells) + f" | {PAPER_T128_GB.get(arch, '—') if T == 128 else '—'} |")
+    L.append("")
+
+
 def total_gb(row: dict) -> float:
     return row["measured_gb"] if row["measured_gb"] is not None else row["composed_gb"]
 
@@ -345,6 +367,7 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict]) -> str:
         pf = load_profile("paper-fit").nonlinear
         L.append(f"| paper-fit | | | {pf['softmax'].bytes_per_element:.0f} | {pf['layernorm'].bytes_per_element:.0f} "
                  f"| {pf['gelu'].bytes_per_element:.0f} |\n")
+    predicted_table(L, rows)
     if rows:
         op_by_op(L, rows)
         L.extend(findings(rows))
