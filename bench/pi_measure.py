@@ -443,6 +443,8 @@ def main() -> int:
     ap.add_argument("--gpt2", action="store_true", help="run the GPT-2 cells not yet in bench/results/pi_gpt2/")
     ap.add_argument("--eval-run", help="run `privlm pi eval` on this run directory with each SPU profile")
     ap.add_argument("--sequences", type=int, default=2)
+    ap.add_argument("--eval-json", nargs="*", default=[],
+                    help="add saved `privlm pi eval --json` outputs to the accuracy table (replacing same run+profile+T)")
     args = ap.parse_args()
     old = json.loads((RESULTS / "pi_measure.json").read_text()) if (RESULTS / "pi_measure.json").exists() else {}
     small = old.get("small", []) if old.get("format") == "privlm-pi-measure/2" else []
@@ -452,6 +454,9 @@ def main() -> int:
     if args.eval_run:
         evals = [e for e in evals if e["run"] != args.eval_run]
         evals += [run_eval(args.eval_run, p, args.sequences) for p in PROFILES]
+    for path in args.eval_json:
+        e = json.loads(Path(path).read_text())
+        evals = [x for x in evals if (x["run"], x["spu_profile"], x["T"]) != (e["run"], e["spu_profile"], e["T"])] + [e]
     if args.gpt2 or args.all:
         for p in ("bumblebee", "default"):
             for arch, T in GPT2_GRID:
