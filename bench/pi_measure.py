@@ -402,6 +402,12 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict]) -> str:
                      f"{100 * e['top1_agreement']:.2f}% | {e['mean_logit_err']:.4f} | {e['max_logit_err']:.3f} | "
                      f"{e['ppl_plain']:.3f} | {e['ppl_2pc']:.3f} | {100 * e['ppl_rel_diff']:+.2f}% |")
         L.append("")
+        for e in evals:
+            ok_top1, ok_ppl = e["top1_agreement"] >= 0.98, abs(e["ppl_rel_diff"]) <= 0.02
+            L.append(f"- `{e['spu_profile']}` on {Path(e['run']).name}: top-1 {'meets' if ok_top1 else 'misses'} the 98 % "
+                     f"target ({100 * e['top1_agreement']:.2f} % of {e['positions']} positions); perplexity "
+                     f"{'within' if ok_ppl else 'outside'} 2 % of plaintext ({100 * e['ppl_rel_diff']:+.2f} %).")
+        L.append("")
     L.append(NOTES)
     return "\n".join(L)
 
