@@ -418,7 +418,9 @@ NOTES = """## Measured WAN
 veth pair; `tc … tbf` limits each direction to the rate (this kernel has no `netem`) and a delay proxy in each
 namespace (`privlm.spu.delayproxy`) delays every message flight by the one-way delay. It reports the measured
 online time beside the estimate bytes / rate + rounds × delay (`wan` in `--json`; rounds from the calibrated
-profile's nonlinear ops). Needs root; otherwise it fails with one line saying so.
+profile's nonlinear ops; the shipped calibrations were run with `--rounds-delay-ms 0` on a machine too loaded
+for delay timing, so their rounds are null and the estimate is transfer-only until `privlm pi calibrate` is rerun
+with round counting). Needs root; otherwise it fails with one line saying so.
 
 ## Usage
 
