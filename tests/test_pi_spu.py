@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,9 +126,11 @@ def test_export_materializes_eq8_and_normalizations():
 
 # ---------------------------------------------------------------------------------------------------------
 def test_pi_run_sim_agrees_with_plaintext_and_calibrated_profile(tiny_run, tmp_path):
-    """sim-mode CHEETAH run: same next token as plaintext, op counts equal to the census, and total bytes
-    within 10 % of what a profile calibrated by `privlm pi calibrate` predicts through `privlm cost`."""
+    """sim-mode CHEETAH run with server-private weights: same next token as plaintext, op counts equal to
+    the census, nothing shared up front, and total bytes within 10 % of what a profile calibrated by
+    `privlm pi calibrate` predicts through `privlm cost`."""
     doc = json.loads(_cli("pi", "run", str(tiny_run), "--prompt", PROMPT, "--json").stdout)
+    assert doc["spu_profile"] == "default" and doc["spu_settings"]["kernels"]["softmax"] == "divide"
     assert doc["top1_agree"] is True
     assert doc["top1_agree_all_positions"] == 1.0
     assert doc["max_logit_err"] < 0.05  # 18-bit fixed point through softmax, LN and GELU
@@ -137,39 +140,66 @@ def test_pi_run_sim_agrees_with_plaintext_and_calibrated_profile(tiny_run, tmp_p
     assert set(doc["ops"]) == {"setup", "embedding", "layernorm", "matmul", "softmax", "activation", "head"}
     assert sum(o["bytes"] for o in doc["ops"].values()) <= doc["bytes_total"]
     assert doc["ops"]["softmax"]["bytes"] > 0 and doc["ops"]["activation"]["bytes"] > 0
+    # weights private to the server, prompt private to the client: no input shares at all
+    assert doc["input_share_bytes"] == 0 and "weight_share_bytes" not in doc
 
     profile = tmp_path / "quick.json"
     _cli("pi", "calibrate", "--quick", "--out", str(profile))
     prof = json.loads(profile.read_text())
     assert prof["format"] == "privlm-pi-cost-profile/1" and prof["provenance"]["spu_version"] == "0.9.5"
+    assert prof["provenance"]["spu_profile"]["name"] == "default"
     cost = json.loads(_cli("cost", str(tiny_run), "--T", str(doc["T"]), "--profile", str(profile),
                            "--format", "json").stdout)
     cost = cost[0] if isinstance(cost, list) else cost
     predicted = cost["comm_gb"] * 1e9
     assert abs(predicted - doc["bytes_total"]) / doc["bytes_total"] < 0.10, (predicted, doc["bytes_total"])
 
+    # the bumblebee profile: same token, cheaper softmax and GELU per element than the default kernels
+    bb = json.loads(_cli("pi", "run", str(tiny_run), "--prompt", PROMPT, "--spu-profile", "bumblebee",
+                         "--json").stdout)
+    assert bb["spu_profile"] == "bumblebee" and bb["top1_agree"] is True and bb["max_logit_err"] < 0.05
+    for kind in ("softmax", "activation"):
+        assert bb["ops"][kind]["elements"] == doc["ops"][kind]["elements"]
+        assert bb["ops"][kind]["bytes"] < 0.8 * doc["ops"][kind]["bytes"], kind
+
+
+def _audits(keep: Path) -> tuple[dict, dict]:
+    return (json.loads((keep / "audit_party0.json").read_text()), json.loads((keep / "audit_party1.json").read_text()))
+
 
 def test_pi_run_two_processes_keeps_weights_and_prompt_apart(tiny_run, tmp_path):
-    """2proc over brpc on loopback: correct token, same traffic as the simulator, and neither party process
-    received the other's plaintext (command line, files opened, tensors held in the clear)."""
-    keep = tmp_path / "keep"
-    doc = json.loads(_cli("pi", "run", str(tiny_run), "--prompt", PROMPT, "--mode", "2proc", "--keep", str(keep),
-                          "--json").stdout)
-    assert doc["mode"] == "2proc" and doc["top1_agree"] is True
-    assert doc["bytes_total"] > 30e6  # CHEETAH's OT/HE setup alone is ~34 MB
-
-    weights = str((keep / "export" / "weights.safetensors").resolve())
-    ids_file = str((keep / "ids.json").resolve())
-    ids = json.loads(Path(ids_file).read_text())
-    client = json.loads((keep / "audit_party0.json").read_text())
-    server = json.loads((keep / "audit_party1.json").read_text())
-    assert weights not in client["opened"] + client["loaded"] and weights not in " ".join(client["argv"])
-    assert client["plaintext"] == ["onehot"]
-    assert ids_file not in server["opened"] + server["loaded"] and ids_file not in " ".join(server["argv"])
-    assert PROMPT not in " ".join(server["argv"]) and "onehot" not in server["plaintext"]
-    assert "onehot" in server["received_shares"] and "onehot" not in client["received_shares"]
-    assert "wte" in client["received_shares"] and "h0.wqkv" in client["received_shares"]
-    assert len(ids) == doc["T"]
+    """2proc over brpc on loopback, run twice with different weights and different prompts. Neither party
+    process received the other's plaintext (command line, files opened, tensors held in the clear); the
+    client received no share of any weight and the server no share of the prompt (only the logits' share
+    travels, to the client); and the shares each party holds of the other's inputs are bit-identical
+    across the two runs, i.e. they do not depend on the weights or on the prompt."""
+    other = tmp_path / "other_run"
+    shutil.copytree(tiny_run, other)
+    cfg = load_config("SM+LN+G", TINY)
+    torch.manual_seed(1)
+    save_model(GPT(cfg.model), str(other / "model.safetensors"))
+    runs = []
+    for run_dir, prompt in ((tiny_run, PROMPT), (other, "w2 w6 w10 w4 w23 w8 w9 w41")):
+        keep = tmp_path / f"keep_{run_dir.name}"
+        doc = json.loads(_cli("pi", "run", str(run_dir), "--prompt", prompt, "--mode", "2proc", "--keep", str(keep),
+                              "--json").stdout)
+        assert doc["mode"] == "2proc" and doc["top1_agree"] is True and doc["input_share_bytes"] == 0
+        client, server = _audits(keep)
+        weights = str((keep / "export" / "weights.safetensors").resolve())
+        ids_file = str((keep / "ids.json").resolve())
+        assert weights not in client["opened"] + client["loaded"] and weights not in " ".join(client["argv"])
+        assert client["plaintext"] == ["onehot"]
+        assert ids_file not in server["opened"] + server["loaded"] and ids_file not in " ".join(server["argv"])
+        assert prompt not in " ".join(server["argv"]) and "onehot" not in server["plaintext"]
+        assert client["received_shares"] == ["logits"] and server["received_shares"] == []
+        assert {"wte", "h0.wqkv", "h0.w1"} <= set(client["local_shares"]) and "onehot" in server["local_shares"]
+        assert len(json.loads(Path(ids_file).read_text())) == doc["T"]
+        runs.append((client["share_digests"], server["share_digests"]))
+    (c1, s1), (c2, s2) = runs
+    for name in ("wte", "wpe", "h0.wqkv", "h0.w1", "h0.w2"):  # randomly initialized: different in the two runs
+        assert c1[name] == c2[name], name  # the client's share of a weight does not depend on it
+        assert s1[name] != s2[name], name  # while the server's share holds the (different) weights
+    assert s1["onehot"] == s2["onehot"] and c1["onehot"] != c2["onehot"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,6 +228,13 @@ def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
         (["pi", "run", str(tmp_path / "nope"), "--prompt", "w1"], "does not exist"),
         (["pi", "run", str(tiny_run), "--prompt", "w1", "--peer", "127.0.0.1:1"], "--mode 2proc"),
         (["pi", "run", str(tiny_run), "--mode", "2proc", "--party", "1"], "--T"),
+        (["pi", "run", str(tiny_run), "--prompt", "w1", "--spu-profile", "nope"], "known: bumblebee, default"),
+        (["pi", "eval", str(tiny_run), "--spu-profile", "nope"], "known: bumblebee, default"),
+        (["pi", "calibrate", "--quick", "--spu-profile", "nope"], "known: bumblebee, default"),
+        (["pi", "measure", "SM+LN+G", "--spu-profile", "nope"], "known: bumblebee, default"),
+        (["pi", "eval", str(tiny_run), "--sequences", "0"], "--sequences"),
+        (["pi", "run", str(tiny_run), "--prompt", "w1", "--wan", "100mbit:80ms"], "--mode 2proc"),
+        (["pi", "run", str(tiny_run), "--prompt", "w1", "--mode", "2proc", "--wan", "fast"], "RATE:DELAY"),
     ]
     for args, msg in cases:
         proc = _cli(*args, check=False)
@@ -211,14 +248,93 @@ def test_spu_python_error_names_the_fix(monkeypatch):
         spu_python()
 
 
-def test_committed_measured_profile_is_a_valid_cost_profile():
-    """`privlm cost --profile spu-cheetah-measured` works: the calibration output parses in the cost issue's
-    format, says where it was measured, and charges the one-hot/logit shares at 2 x 8 bytes per vocab entry."""
+@pytest.mark.parametrize("name", ["spu-cheetah-measured", "spu-bumblebee-measured"])
+def test_committed_measured_profile_is_a_valid_cost_profile(name):
+    """`privlm cost --profile NAME` works for both calibrated SPU profiles: the calibration output parses in
+    the cost format, says where and with which SPU settings it was measured, and charges the logits'
+    share at 8 bytes per vocabulary entry (the one-hot prompt is private to the client, never sent)."""
     from privlm.pi import census, load_profile, predict
-    prof = load_profile("spu-cheetah-measured")
+    prof = load_profile(name)
     assert prof.provenance["kind"] == "measured" and prof.provenance["spu_version"] == "0.9.5"
     assert prof.provenance["machine"] and prof.flop_convention == "dense" and prof.final_layernorm == "counted"
+    spu_name = "default" if name == "spu-cheetah-measured" else "bumblebee"
+    assert prof.provenance["spu_profile"]["name"] == spu_name
     assert set(prof.nonlinear) >= {"softmax", "layernorm", "gelu", "relu"}
-    assert prof.per_token["bytes_per_vocab"] == 16.0
+    assert prof.per_token["bytes_per_vocab"] == 8.0
     costs = {p: predict(census(p, 128), prof).comm_gb for p in ("SM+LN+G", "SM+LN+R", "SM+ScFuFFN")}
     assert costs["SM+LN+G"] > costs["SM+LN+R"] > costs["SM+ScFuFFN"] > 0
+
+
+def test_accuracy_under_2pc_matches_a_hand_computation():
+    """top-1 agreement over all positions, logit errors and both perplexities of `pi eval`, on 2 x 3 x 4
+    logits worked out by hand."""
+    from privlm.spu.report import accuracy_under_2pc
+    ref = np.zeros((2, 3, 4))
+    ref[:, :, 0] = np.log(2.0)  # plaintext: p = (2, 1, 1, 1) / 5 at every position
+    got = ref.copy()
+    got[1, 2] = [0.0, 1.0, 0.0, 0.0]  # one position's argmax flips to token 1 (error 1 on two logits)
+    ids = np.array([[0, 0, 1], [0, 1, 2]])
+    res = accuracy_under_2pc(ref, got, ids)
+    assert res["positions"] == 6 and res["predicted_positions"] == 4
+    assert res["top1_agreement"] == pytest.approx(5 / 6)
+    assert res["max_logit_err"] == pytest.approx(1.0)
+    assert res["mean_logit_err"] == pytest.approx((np.log(2.0) + 1.0) / 24)
+    # targets: seq 0 -> tokens 0, 1 (p 2/5, 1/5); seq 1 -> tokens 1, 2 (1/5, 1/5); the changed position
+    # is the last one, which has no target, so both perplexities are the same
+    expect = np.exp(-np.mean(np.log([0.4, 0.2, 0.2, 0.2])))
+    assert res["ppl_plain"] == pytest.approx(expect) and res["ppl_2pc"] == pytest.approx(expect)
+
+
+def test_pi_eval_reports_accuracy_and_perplexity_under_2pc(tiny_run):
+    """`privlm pi eval` on a tiny model: N validation sequences through one 2PC session; the 2PC logits give
+    the same top-1 tokens and the same perplexity as the plaintext model, recomputed here from PyTorch."""
+    doc = json.loads(_cli("pi", "eval", str(tiny_run), "--sequences", "2", "--spu-profile", "bumblebee",
+                          "--json").stdout)
+    assert doc["positions"] == 2 * 16 and doc["predicted_positions"] == 2 * 15 and doc["spu_profile"] == "bumblebee"
+    assert doc["top1_agreement"] >= 0.95
+    assert 0 < doc["mean_logit_err"] <= doc["max_logit_err"] < 0.1
+    assert abs(doc["ppl_2pc"] / doc["ppl_plain"] - 1) < 0.02
+    # the plaintext perplexity is the model's own on the same first two validation chunks
+    import dataclasses
+
+    from privlm.data import prepare_data
+    from privlm.run import load_run
+    run = load_run(tiny_run)
+    valid = prepare_data(dataclasses.replace(run.cfg.data, tokenizer=str(tiny_run / "tokenizer.json")), None).valid
+    ids = torch.as_tensor(np.asarray(valid[:2], dtype=np.int64))
+    with torch.no_grad():
+        logits = run.model(ids).logits.double()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert doc["ppl_plain"] == pytest.approx(float(torch.exp(ce)), rel=1e-4)
+    assert len(doc["bytes_online_per_sequence"]) == 2 and min(doc["bytes_online_per_sequence"]) > 0
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="network namespaces need root and tc")
+def test_pi_run_over_an_emulated_wan(tiny_run):
+    """2proc with the parties in two network namespaces (veth pair, tbf at 20 Mbit/s, 30 ms one way per
+    flight): the prediction stays right, the run takes at least the transfer time at that rate plus one
+    delay per SPU run, and the namespaces are gone afterwards."""
+    before = _namespaces()
+    doc = json.loads(_cli("pi", "run", str(tiny_run), "--prompt", PROMPT, "--mode", "2proc", "--wan", "20mbit:30ms",
+                          "--json").stdout)
+    assert doc["top1_agree"] is True
+    w = doc["wan"]
+    assert w["bits_per_second"] == 20e6 and w["one_way_delay_ms"] == 30.0
+    runs = sum(o["runs"] for k, o in doc["ops"].items() if k != "setup")
+    assert w["transfer_seconds_estimate"] == pytest.approx(doc["bytes_online_excluding_setup"] * 8 / 20e6)
+    assert w["measured_online_seconds"] > w["transfer_seconds_estimate"] + runs * 0.030
+    assert _namespaces() == before
+
+
+def test_wan_errors_are_one_line(monkeypatch):
+    from privlm.spu.wan import WanError, WanLink, check_available
+    assert WanLink.parse("100mbit:80ms").bits_per_second == 100e6
+    with pytest.raises(WanError, match="RATE:DELAY"):
+        WanLink.parse("100mb:80")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(WanError, match="needs root"):
+        check_available()

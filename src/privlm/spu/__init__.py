@@ -7,9 +7,10 @@ main environment (torch)                          SPU environment (.venv-spu, ja
 -----------------------------------------------   ---------------------------------------------------
 ``export``    model -> public.json + weights      ``program``   pure-JAX forward as a list of steps
 ``launcher``  finds .venv-spu, starts parties     ``party``     one 2PC party (client or server)
-``cli``       ``privlm pi run|calibrate|measure`` ``linkstats`` SPU's per-run link counters
-``calibrate`` writes the ``spu-cheetah-measured`` ``microbench`` per-op micro-benchmarks
-              cost profile
+``cli``       ``privlm pi run|eval|calibrate|...`` ``linkstats`` SPU's per-run link counters
+``calibrate`` writes ``spu-<profile>-measured`` ``microbench`` per-op micro-benchmarks
+              cost profile                        ``kernels``   softmax/GELU/LayerNorm kernels + bounds
+``wan``       namespaces + veth + tbf             ``spu_profile`` SPU profiles (stdlib; both envs)
 
 This package lives outside ``privlm.pi`` on purpose: ``privlm.pi`` imports torch (the census walks the
 model), and the SPU-side modules must import without it. Nothing here is imported at package import.

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from privlm.errors import PrivlmError
+from privlm.fileio import atomic_write_text
 from privlm.hostinfo import describe_host
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "pi" / "profiles"
@@ -57,11 +58,20 @@ QUICK_GRID: dict[str, list[dict]] = {
 }
 
 
+def cost_profile_name(spu_profile: str) -> str:
+    """The cost profile `privlm pi calibrate` writes for an SPU profile."""
+    return "spu-cheetah-measured" if spu_profile == "default" else f"spu-{spu_profile}-measured"
+
+
 def register(sub) -> None:
+    from privlm.spu.cli import add_spu_profile_arg
     c = sub.add_parser("calibrate", help="measure per-op SPU costs and write a cost profile")
     c.add_argument("--out", help="profile path (default src/privlm/pi/profiles/<name>.json)")
-    c.add_argument("--name", default="spu-cheetah-measured")
+    c.add_argument("--name", default=None,
+                   help="profile name (default spu-cheetah-measured for --spu-profile default, "
+                        "spu-<profile>-measured otherwise)")
     c.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
+    add_spu_profile_arg(c)
     c.add_argument("--quick", action="store_true", help="small shapes only (tiny models, CI)")
     c.add_argument("--force", action="store_true", help="overwrite an existing profile")
     c.add_argument("--rounds-delay-ms", type=float, default=None,
@@ -78,6 +88,7 @@ def register(sub) -> None:
     m.add_argument("--vocab-measured", type=int, default=4096,
                    help="run embedding and head at this vocabulary and scale linearly to the model's")
     m.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
+    add_spu_profile_arg(m)
     m.add_argument("--chunks", type=int, default=4,
                    help="softmax/activation runs per op (bounds memory: one GPT-2 layer in one piece needs ~20 GB)")
     m.add_argument("--matmul-block", type=int, default=768,
@@ -100,12 +111,13 @@ def grid_cases(grid: dict[str, list[dict]]) -> list[dict]:
     return cases
 
 
-def run_microbench(cases: list[dict], protocol: str, work: Path) -> dict:
+def run_microbench(cases: list[dict], protocol: str, work: Path, spu_profile: str = "default") -> dict:
     from privlm.spu.launcher import spu_module
 
     (work / "cases.json").write_text(json.dumps(cases))
     spu_module("privlm.spu.microbench", ["--cases", str(work / "cases.json"), "--out", str(work / "rows.json"),
-                                         "--log", str(work / "spu.log"), "--protocol", protocol])
+                                         "--log", str(work / "spu.log"), "--protocol", protocol,
+                                         "--spu-profile", spu_profile])
     out = json.loads((work / "rows.json").read_text())
     # the SPU side does not know which linear rows are embedding-shaped: tag them back
     linear_kinds = [c["kind"] for c in cases]
@@ -115,7 +127,8 @@ def run_microbench(cases: list[dict], protocol: str, work: Path) -> dict:
     return out
 
 
-def run_microbench_2proc(cases: list[dict], protocol: str, work: Path, delay_ms: float) -> list[dict]:
+def run_microbench_2proc(cases: list[dict], protocol: str, work: Path, delay_ms: float,
+                         spu_profile: str = "default") -> list[dict]:
     """The cases with each party in its own process over brpc; with delay_ms > 0 each party reaches the
     other through `privlm.spu.delayproxy`, so every message flight is delayed by delay_ms."""
     import subprocess
@@ -142,7 +155,7 @@ def run_microbench_2proc(cases: list[dict], protocol: str, work: Path, delay_ms:
             procs[r] = subprocess.Popen(
                 [str(spu_python()), "-m", "privlm.spu.microbench", "--cases", str(work / "cases.json"),
                  "--out", str(work / "rows.json"), "--log", str(work / f"spu{r}.log"), "--protocol", protocol,
-                 "--rank", str(r), "--peers", ",".join(peers[r])],
+                 "--rank", str(r), "--peers", ",".join(peers[r]), "--spu-profile", spu_profile],
                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for r, p in procs.items():
             _, err = p.communicate()
@@ -156,7 +169,8 @@ def run_microbench_2proc(cases: list[dict], protocol: str, work: Path, delay_ms:
     return json.loads((work / "rows.json").read_text())["rows"]
 
 
-def measure_rounds(cases: list[dict], protocol: str, work: Path, delay_ms: float, repeats: int = 3) -> list[dict]:
+def measure_rounds(cases: list[dict], protocol: str, work: Path, delay_ms: float, repeats: int = 3,
+                   spu_profile: str = "default") -> list[dict]:
     """Rounds of each case from its latency sensitivity: (t(delay) - t(0)) / delay, i.e. the number of
     sequential one-way message flights. For SEMI2K this should equal party 0's send actions. Each case
     runs ``repeats`` times and the fastest run counts, which removes most noise of a shared CPU."""
@@ -169,8 +183,8 @@ def measure_rounds(cases: list[dict], protocol: str, work: Path, delay_ms: float
             out.append(min(group, key=lambda r: r["seconds"]))
             i += repeats
         return out
-    base = fastest(run_microbench_2proc(cases, protocol, work / "d0", 0.0))
-    slow = fastest(run_microbench_2proc(cases, protocol, work / f"d{delay_ms:g}", delay_ms))
+    base = fastest(run_microbench_2proc(cases, protocol, work / "d0", 0.0, spu_profile))
+    slow = fastest(run_microbench_2proc(cases, protocol, work / f"d{delay_ms:g}", delay_ms, spu_profile))
     out = []
     for a, b in zip(base, slow):
         rounds = max(0.0, (b["seconds"] - a["seconds"]) / (delay_ms / 1000.0))
@@ -205,7 +219,10 @@ ROUNDS_CASES = [{"op": "softmax", "shape": {"H": 4, "T": 32}}, {"op": "layernorm
                 {"op": "scores", "shape": {"H": 4, "T": 32, "dk": 32}}]
 
 
-def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Optional[list[dict]] = None) -> dict:
+def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Optional[list[dict]] = None,
+                spu_profile: str = "default") -> dict:
+    from privlm.spu.spu_profile import load_spu_profile
+
     rows = bench["rows"]
     rounds_of = {r["op"]: r for r in rounds or []}
     setup = [r for r in rows if r["op"] == "setup"][0]
@@ -257,12 +274,15 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
         "_format": "see docs/pi-cost.md#profile-format; written by `privlm pi calibrate`",
         "name": name,
         "description": f"Per-op costs measured with SecretFlow SPU ({protocol.upper()}, 2PC, FM64, 18 fraction "
-                       f"bits) on this machine by `privlm pi calibrate{' --quick' if quick else ''}`; secret "
-                       f"weights (secret x secret matmuls), see docs/pi-measured.md",
+                       f"bits, SPU profile '{spu_profile}') on this machine by `privlm pi calibrate"
+                       f"{' --quick' if quick else ''}`; weights private to the server (secret x private "
+                       f"products), see docs/pi-measured.md",
         "provenance": {
             "kind": "measured", "source": "privlm.spu.microbench (each op = the function the private forward "
                                           "runs, random secret inputs)",
-            "script": f"privlm pi calibrate{' --quick' if quick else ''} --protocol {protocol}",
+            "script": f"privlm pi calibrate{' --quick' if quick else ''} --protocol {protocol} "
+                      f"--spu-profile {spu_profile}",
+            "spu_profile": load_spu_profile(spu_profile).to_dict(),
             "machine": machine(), "framework": f"SecretFlow SPU {protocol.upper()} (2PC, semi-honest)",
             "spu_version": bench["spu_version"], "privlm_version": md.version("privlm"),
             "date": time.strftime("%Y-%m-%d"), "grid": "quick" if quick else "full",
@@ -271,9 +291,9 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
             "_rounds": "rounds = sequential one-way message flights of one SPU run of the op, measured as "
                        "(t(delay) - t(0)) / delay through privlm.spu.delayproxy; rounds_per_call divides by the "
                        "census calls in that run (heads of a softmax run are evaluated in parallel)",
-            "caveats": "linear costs are secret x secret (CHEETAH's Io has no private visibility), which overstates "
-                       "them versus a server holding plaintext weights; small CHEETAH matmuls cost about one HE "
-                       "ciphertext batch regardless of FLOPs, so per-GFLOP costs are only fair near the grid's sizes",
+            "caveats": "attention products (QK^T, AV) are secret x secret, every other product secret x "
+                       "server-private; small CHEETAH matmuls cost about one HE ciphertext batch regardless of "
+                       "FLOPs, so per-GFLOP costs are only fair near the grid's sizes",
         },
         "network": {"bandwidth_mbps": None, "rtt_ms": None,
                     "setting": "seconds measured with both parties on one host (no network delay); "
@@ -282,8 +302,9 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
         "identified_op_sets": None,
         "nonlinear": nonlinear,
         "linear": linear,
-        # the client's one-hot share in and the logits' share out: one ring element per vocabulary entry each
-        "per_token": {"bytes": 0.0, "seconds": 0.0, "bytes_per_vocab": 2.0 * FM64_SHARE_BYTES,
+        # the logits' share out (the server's share, revealed to the client): one ring element per vocabulary
+        # entry; the one-hot prompt is private to the client and is never sent
+        "per_token": {"bytes": 0.0, "seconds": 0.0, "bytes_per_vocab": 1.0 * FM64_SHARE_BYTES,
                       "seconds_per_vocab": 0.0},
         "fixed": {"bytes": float(setup["bytes"]), "seconds": float(setup["seconds"])},
     }
@@ -298,16 +319,20 @@ def _marginal(el: np.ndarray, b: np.ndarray) -> Optional[float]:
 
 
 def cmd_calibrate(args) -> int:
+    from privlm.spu.cli import check_spu_profile
+    check_spu_profile(args.spu_profile)
+    args.name = args.name or cost_profile_name(args.spu_profile)
     out = Path(args.out) if args.out else PROFILE_DIR / f"{args.name}.json"
     if out.exists() and not args.force:
         raise PrivlmError(f"profile '{out}' exists; pass --force to overwrite it or --out for another path")
     delay = args.rounds_delay_ms if args.rounds_delay_ms is not None else (0.0 if args.quick else 40.0)
     with tempfile.TemporaryDirectory(prefix="privlm-cal-") as tmp:
-        bench = run_microbench(grid_cases(QUICK_GRID if args.quick else FULL_GRID), args.protocol, Path(tmp))
-        rounds = measure_rounds(ROUNDS_CASES, args.protocol, Path(tmp) / "rounds", delay) if delay > 0 else None
-    prof = fit_profile(bench, args.name, args.protocol, args.quick, rounds)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(prof, indent=1) + "\n")
+        bench = run_microbench(grid_cases(QUICK_GRID if args.quick else FULL_GRID), args.protocol, Path(tmp),
+                               args.spu_profile)
+        rounds = (measure_rounds(ROUNDS_CASES, args.protocol, Path(tmp) / "rounds", delay,
+                                 spu_profile=args.spu_profile) if delay > 0 else None)
+    prof = fit_profile(bench, args.name, args.protocol, args.quick, rounds, args.spu_profile)
+    atomic_write_text(out, json.dumps(prof, indent=1) + "\n")
     if args.json:
         print(json.dumps(prof, indent=1))
     else:
@@ -330,7 +355,7 @@ PAPER_T128_GB = {"SM+LN+G": 25.32, "SM+LN+R": 9.44, "SM+ScFuFFN": 6.43, "EReg(SM
 
 
 def measure(preset: str, overrides: list[str], T: int, layers_measured: int, vocab_measured: int,
-            protocol: str, chunks: int = 4, matmul_block: Optional[int] = 768) -> dict:
+            protocol: str, chunks: int = 4, matmul_block: Optional[int] = 768, spu_profile: str = "default") -> dict:
     """Cost of the full model from ``layers_measured`` measured blocks, scaled by L (see module doc)."""
     import torch
 
@@ -357,7 +382,7 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
         public, weights = save_export(model, Path(tmp) / "export")
         result, _ = run_parties(Path(tmp), public, weights=weights, tokens=ids, T=T, protocol=protocol,
                                 mode="sim", head="all", chunks=chunks,
-                                matmul_block=matmul_block)
+                                matmul_block=matmul_block, spu_profile=spu_profile)
     steps = result["steps"]
     scale_layer = m.n_layer / layers_measured
     scale_vocab = V / vm
@@ -382,6 +407,7 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
     name = cfg.model.preset
     return {"preset": name, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "vocab_size": V,
             "T": T, "layers_measured": layers_measured, "vocab_measured": vm, "protocol": protocol,
+            "spu_profile": spu_profile, "spu_settings": result["spu_settings"],
             "spu_version": result["spu_version"], "comm_gb": total / 1e9, "share_bytes": shares,
             "seconds_scaled": seconds, "ops": per_kind, "measured_wall_seconds": result["wall_seconds"],
             "measured_steps": breakdown(steps, "kind"), "steps": steps, "chunks": chunks,
@@ -392,10 +418,12 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
 
 
 def cmd_measure(args) -> int:
+    from privlm.spu.cli import check_spu_profile
+    check_spu_profile(args.spu_profile)
     doc = measure(args.preset, args.overrides, args.T, args.layers_measured, args.vocab_measured, args.protocol,
-                  args.chunks, args.matmul_block or None)
+                  args.chunks, args.matmul_block or None, args.spu_profile)
     if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        atomic_write_text(Path(args.out), json.dumps(doc, indent=1) + "\n")
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0

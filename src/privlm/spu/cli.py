@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     src.add_argument("--prompt", help="prompt text (tokenized with the run's tokenizer.json)")
     src.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
     r.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
+    add_spu_profile_arg(r)
     r.add_argument("--mode", default="sim", choices=("sim", "2proc"),
                    help="sim: both parties in one SPU process; 2proc: two OS processes over brpc")
     r.add_argument("--peer", action="append", metavar="HOST:PORT",
@@ -39,6 +40,10 @@ def register(subparsers) -> None:
     r.add_argument("--party", type=int, choices=(0, 1),
                    help="2proc on two machines: run only this party (0 = client, 1 = server)")
     r.add_argument("--T", type=int, help="prompt length, for --party 1 (the server never sees the prompt)")
+    r.add_argument("--wan", metavar="RATE:DELAY",
+                   help="2proc only: run the parties in two network namespaces joined by a veth pair limited to "
+                        "RATE (tc tbf) with DELAY one-way per message flight (delay proxy), e.g. 100mbit:80ms; "
+                        "needs root")
     r.add_argument("--head", default="all", choices=("all", "last"),
                    help="LM head over all T positions (census/paper workload) or only the last")
     r.add_argument("--chunks", type=int, default=1,
@@ -49,6 +54,19 @@ def register(subparsers) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON document")
     r.set_defaults(func=cmd_run)
 
+    v = sub.add_parser("eval", help="accuracy under 2PC: validation sequences through SPU vs plaintext",
+                       description="Runs N validation sequences of the run through 2PC (one session) and reports "
+                                   "top-1 agreement with the plaintext model over all positions, mean and max "
+                                   "logit error, and the perplexity of the 2PC logits beside the plaintext one.")
+    v.add_argument("run_dir")
+    add_spu_profile_arg(v)
+    v.add_argument("--sequences", type=int, default=2, help="validation sequences (default 2)")
+    v.add_argument("--T", type=int, default=None, help="tokens per sequence (default the run's seq_len)")
+    v.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
+    v.add_argument("--mode", default="sim", choices=("sim", "2proc"))
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_eval)
+
     e = sub.add_parser("export", help="split a run into the client bundle and the server's weights")
     e.add_argument("run_dir")
     e.add_argument("out_dir")
@@ -56,6 +74,23 @@ def register(subparsers) -> None:
 
     from privlm.spu import calibrate as _cal
     _cal.register(sub)
+
+
+def add_spu_profile_arg(parser) -> None:
+    from privlm.spu.spu_profile import DEFAULT, available_spu_profiles
+    parser.add_argument("--spu-profile", default=DEFAULT, metavar="NAME",
+                        help=f"SPU runtime settings, compiler options and kernels (known: "
+                             f"{', '.join(available_spu_profiles())}; see docs/pi-measured.md)")
+
+
+def check_spu_profile(name: str) -> str:
+    """The name, if an SPU profile of that name exists; else a one-line error listing the known ones."""
+    from privlm.spu.spu_profile import UnknownSPUProfile, load_spu_profile
+    try:
+        load_spu_profile(name)
+    except UnknownSPUProfile as exc:
+        raise PrivlmError(str(exc)) from None
+    return name
 
 
 def _load(run_dir: Path):
@@ -86,6 +121,7 @@ def cmd_run(args) -> int:
     from privlm.spu.report import format_table, summarize
 
     run_dir = Path(args.run_dir)
+    check_spu_profile(args.spu_profile)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
     if args.chunks < 1:
@@ -96,6 +132,13 @@ def cmd_run(args) -> int:
         raise PrivlmError("--peer needs --mode 2proc")
     if args.party is not None and args.mode != "2proc":
         raise PrivlmError("--party needs --mode 2proc")
+    link = None
+    if args.wan is not None:
+        from privlm.spu.wan import WanLink, check_available
+        if args.mode != "2proc" or args.party is not None or args.peer is not None:
+            raise PrivlmError("--wan needs --mode 2proc with both parties on this machine (no --party, no --peer)")
+        link = WanLink.parse(args.wan)
+        check_available()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="privlm-pi-"))
     if args.keep and work.exists() and any(work.iterdir()):
         raise PrivlmError(f"--keep directory '{work}' exists and is not empty; choose a new one")
@@ -131,11 +174,19 @@ def cmd_run(args) -> int:
         if model is not None and ids is not None:
             with torch.no_grad():
                 ref = model(torch.tensor([ids])).logits[0].float().numpy()
-        out = run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
-                          mode=args.mode, peers=args.peer, party=args.party, head=args.head,
-                          chunks=args.chunks, matmul_block=args.matmul_block)
+        def launch(net=None):
+            return run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
+                               mode=args.mode, peers=args.peer, party=args.party, head=args.head,
+                               chunks=args.chunks, matmul_block=args.matmul_block, spu_profile=args.spu_profile,
+                               wan=net)
+        if link is not None:
+            from privlm.spu.wan import wan_namespaces
+            with wan_namespaces(link) as net:
+                out = launch(net)
+        else:
+            out = launch()
         if out is None:
-            print(f"party 1 (server) finished; T={T}, protocol {args.protocol}")
+            print(f"party 1 (server) finished; T={T}, protocol {args.protocol}, SPU profile {args.spu_profile}")
             return 0
         result, logits = out
         cen = None
@@ -143,13 +194,39 @@ def cmd_run(args) -> int:
             from privlm.pi.census import census
             cen = census(model, T)
         doc = summarize(result, logits, ref, cen)
+        if link is not None:
+            doc["wan"] = wan_report(doc, link, model, T, args.spu_profile if cen is not None else None)
         if tok is not None:
             doc["predicted_text"] = tok.decode([doc["predicted_token"]])
         print(json.dumps(doc, indent=1) if args.json else format_table(doc))
+        if link is not None and not args.json:
+            w = doc["wan"]
+            print(f"WAN {w['rate']}, {w['one_way_delay_ms']:g} ms one way (namespaces + tbf + delay proxy): "
+                  f"online {w['measured_online_seconds']:.1f} s measured; estimate {w['estimate_seconds']:.1f} s "
+                  f"(transfer {w['transfer_seconds_estimate']:.1f} s + rounds {w['rounds_estimate']})")
         return 0
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def wan_report(doc: dict, link, model, T: int, spu_profile: str | None) -> dict:
+    """Measured time over the emulated WAN beside the estimate bytes / rate + rounds x delay. Rounds are the
+    calibrated profile's nonlinear rounds for this model's census (None without a calibrated profile)."""
+    transfer = doc["bytes_online_excluding_setup"] * 8 / link.bits_per_second  # the online phase is what is timed
+    rounds = None
+    if spu_profile is not None:
+        from privlm.pi import census, load_profile, predict
+        from privlm.spu.calibrate import cost_profile_name
+        try:
+            rounds = predict(census(model, T), load_profile(cost_profile_name(spu_profile))).rounds
+        except Exception:  # no calibrated profile for this SPU profile: the estimate stays transfer-only
+            rounds = None
+    latency = None if rounds is None else rounds * link.delay_ms / 1000
+    return {**link.to_dict(), "measured_online_seconds": doc["online_seconds"],
+            "measured_wall_seconds": doc["wall_seconds"], "transfer_seconds_estimate": transfer,
+            "rounds_estimate": rounds, "latency_seconds_estimate": latency,
+            "estimate_seconds": transfer + (latency or 0.0)}
 
 
 def cmd_export(args) -> int:
@@ -166,4 +243,55 @@ def cmd_export(args) -> int:
     if (run_dir / "tokenizer.json").is_file():
         shutil.copy(run_dir / "tokenizer.json", client / "tokenizer.json")
     print(f"client bundle (give to the client): {client}\nserver files (keep): {weights.parent}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from privlm.data import prepare_data
+    from privlm.spu.export import save_export
+    from privlm.spu.launcher import run_parties
+    from privlm.spu.report import accuracy_under_2pc
+
+    check_spu_profile(args.spu_profile)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory '{run_dir}' does not exist")
+    if args.sequences < 1:
+        raise PrivlmError(f"--sequences={args.sequences} must be >= 1")
+    cfg, model, _ = _load(run_dir)
+    T = args.T or cfg.data.seq_len
+    if not 2 <= T <= min(cfg.data.seq_len, cfg.model.block_size):
+        raise PrivlmError(f"--T={T} must be in 2..{min(cfg.data.seq_len, cfg.model.block_size)} (the run's chunks)")
+    data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run_dir / "tokenizer.json"))
+    valid = prepare_data(data_cfg, None).valid
+    if len(valid) < args.sequences:
+        raise PrivlmError(f"the validation split has {len(valid)} sequences, fewer than --sequences={args.sequences}")
+    ids = np.asarray(valid[: args.sequences, :T], dtype=np.int64)  # the first N chunks: reproducible
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.float().numpy()
+    with tempfile.TemporaryDirectory(prefix="privlm-pi-eval-") as tmp:
+        public, weights = save_export(model, Path(tmp) / "export")
+        result, logits = run_parties(Path(tmp), public, weights=weights, tokens=ids.tolist(), T=T,
+                                     protocol=args.protocol, mode=args.mode, spu_profile=args.spu_profile,
+                                     sequences=args.sequences)
+    logits = logits.reshape(ref.shape)
+    doc = {"run": str(run_dir), "spu_profile": args.spu_profile, "protocol": args.protocol, "mode": args.mode,
+           "sequences": args.sequences, "T": T, "spu_version": result["spu_version"],
+           **accuracy_under_2pc(ref, logits, ids),
+           "bytes_online_per_sequence": [s["bytes_online"] for s in result["sequences"]],
+           "wall_seconds": result["wall_seconds"]}
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(f"{doc['run']}: {args.sequences} validation sequences x T={T} under {args.protocol.upper()} "
+              f"(SPU profile {args.spu_profile})\n"
+              f"  top-1 agreement with plaintext: {100 * doc['top1_agreement']:.2f}% of {doc['positions']} positions\n"
+              f"  logit error: mean {doc['mean_logit_err']:.2e}, max {doc['max_logit_err']:.2e}\n"
+              f"  perplexity: 2PC {doc['ppl_2pc']:.4f}, plaintext {doc['ppl_plain']:.4f} "
+              f"({100 * doc['ppl_rel_diff']:+.3f}%) over {doc['predicted_positions']} predicted tokens")
     return 0

@@ -1,8 +1,9 @@
 """User-space one-way delay on loopback (``tc netem`` is not available in this kernel).
 
-    python -m privlm.spu.delayproxy DELAY_MS LISTEN_PORT:TARGET_PORT [...]
+    python -m privlm.spu.delayproxy DELAY_MS LISTEN_PORT:[TARGET_HOST:]TARGET_PORT [...]
 
-Every TCP connection to 127.0.0.1:LISTEN_PORT is forwarded to 127.0.0.1:TARGET_PORT, and every chunk of
+Every TCP connection to 127.0.0.1:LISTEN_PORT is forwarded to TARGET_HOST:TARGET_PORT (default host
+127.0.0.1; `privlm.spu.wan` runs one proxy per network namespace, targeting the peer's veth address), and every chunk of
 bytes, in either direction, is delivered DELAY_MS after it arrived (order preserved, no bandwidth limit).
 A party that reaches its peer through the proxy therefore sees each message flight delayed by DELAY_MS:
 a protocol with R sequential flights slows down by R·DELAY_MS, which is how `privlm pi calibrate
@@ -41,10 +42,10 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     await asyncio.gather(receive(), deliver())
 
 
-def _handler(target: int, delay: float):
+def _handler(target: tuple[str, int], delay: float):
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            t_reader, t_writer = await asyncio.open_connection("127.0.0.1", target)
+            t_reader, t_writer = await asyncio.open_connection(*target)
         except OSError:
             writer.close()
             return
@@ -55,7 +56,7 @@ def _handler(target: int, delay: float):
     return handle
 
 
-async def serve(delay_ms: float, routes: list[tuple[int, int]]) -> None:
+async def serve(delay_ms: float, routes: list[tuple[int, tuple[str, int]]]) -> None:
     servers = [await asyncio.start_server(_handler(target, delay_ms / 1000.0), "127.0.0.1", listen)
                for listen, target in routes]
     print("ready", flush=True)  # the launcher waits for this line before starting the parties
@@ -67,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) < 2:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
-    routes = [tuple(map(int, spec.split(":"))) for spec in argv[1:]]
+    routes = []
+    for spec in argv[1:]:
+        listen, *target = spec.split(":")
+        host = target[0] if len(target) == 2 else "127.0.0.1"
+        routes.append((int(listen), (host, int(target[-1]))))
     asyncio.run(serve(float(argv[0]), routes))
     return 0
 

@@ -49,7 +49,9 @@ def free_ports(n: int) -> list[int]:
 def _env() -> dict:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env.pop("PYTHONPATH", None)  # the main environment's paths must not leak into the SPU interpreter
+    # the main environment's paths must not leak into the SPU interpreter, but the parties must run the
+    # same privlm source as this process (not whatever checkout the SPU environment was installed from)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     return env
 
 
@@ -70,16 +72,21 @@ def spu_module(module: str, args: list[str], timeout: Optional[float] = None) ->
 
 def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Optional[list[int]], T: int,
                 protocol: str, mode: str, peers: Optional[list[str]] = None, party: Optional[int] = None,
-                head: str = "all", chunks: int = 1,
-                matmul_block: Optional[int] = None, timeout: Optional[float] = None) -> Optional[tuple[dict, np.ndarray]]:
+                head: str = "all", chunks: int = 1, matmul_block: Optional[int] = None,
+                timeout: Optional[float] = None, spu_profile: str = "default", sequences: int = 1,
+                wan=None) -> Optional[tuple[dict, np.ndarray]]:
     """Run the 2PC forward; returns (result, logits) where the client runs here, else None.
 
+    tokens: one prompt (list of ids) or ``sequences`` prompts of equal length (a list of lists).
     mode "sim": both parties as threads of one SPU process (in-memory link).
-    mode "2proc": each party its own OS process over brpc; ``party`` runs only that one (two machines).
+    mode "2proc": each party its own OS process over brpc; ``party`` runs only that one (two machines);
+    ``wan`` (a `privlm.spu.wan.WanLink`) puts the two processes in two network namespaces joined by a
+    rate-limited veth pair, with the one-way delay added by `privlm.spu.delayproxy`.
     """
     work.mkdir(parents=True, exist_ok=True)
     ids_file = work / "ids.json"
-    common = ["--public", str(public), "--protocol", protocol, "--head", head, "--chunks", str(chunks)]
+    common = ["--public", str(public), "--protocol", protocol, "--head", head, "--chunks", str(chunks),
+              "--spu-profile", spu_profile]
     if matmul_block is not None:
         common += ["--matmul-block", str(matmul_block)]
     out = work / "result.json"
@@ -89,20 +96,30 @@ def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Op
                                         "--out", str(out), "--log", str(work / "spu_sim.log"),
                                         "--audit", str(work / "audit_sim.json")], timeout=timeout)
         return json.loads(out.read_text()), np.load(out.with_suffix(".npy"))
-    if peers is None:
-        peers = [f"127.0.0.1:{p}" for p in free_ports(2)]
-    if len(peers) != 2:
-        raise SPUError(f"--peer must be given exactly twice (party 0 then party 1), got {len(peers)}")
-    peer_arg = ["--peers", ",".join(peers)]
+    prefix: dict[int, list[str]] = {0: [], 1: []}
+    proxies = []
+    if wan is not None:  # each party in its namespace, reaching the other through a delay proxy
+        p0, p1, x0, x1 = free_ports(4)
+        proxies = [wan.delay_proxy(1, x0, p0), wan.delay_proxy(0, x1, p1)]
+        peers_of = {0: [f"{wan.addresses[0]}:{p0}", f"127.0.0.1:{x1}"],
+                    1: [f"127.0.0.1:{x0}", f"{wan.addresses[1]}:{p1}"]}
+        prefix = {r: wan.prefix(r) for r in (0, 1)}
+    else:
+        if peers is None:
+            peers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+        if len(peers) != 2:
+            raise SPUError(f"--peer must be given exactly twice (party 0 then party 1), got {len(peers)}")
+        peers_of = {0: peers, 1: peers}
     cmds: dict[int, list[str]] = {}
     if party in (None, 1):
-        cmds[1] = ["--rank", "1", *common, *peer_arg, "--weights", str(weights), "--T", str(T),
+        cmds[1] = ["--rank", "1", *common, "--peers", ",".join(peers_of[1]), "--weights", str(weights), "--T", str(T),
+                   "--sequences", str(sequences),
                    "--log", str(work / "spu_party1.log"), "--audit", str(work / "audit_party1.json")]
     if party in (None, 0):
         ids_file.write_text(json.dumps(tokens))
-        cmds[0] = ["--rank", "0", *common, *peer_arg, "--tokens", str(ids_file), "--out", str(out),
+        cmds[0] = ["--rank", "0", *common, "--peers", ",".join(peers_of[0]), "--tokens", str(ids_file), "--out", str(out),
                    "--log", str(work / "spu_party0.log"), "--audit", str(work / "audit_party0.json")]
-    procs = {r: subprocess.Popen([str(spu_python()), "-m", "privlm.spu.party", *a], env=_env(),
+    procs = {r: subprocess.Popen([*prefix[r], str(spu_python()), "-m", "privlm.spu.party", *a], env=_env(),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r, a in sorted(cmds.items(), reverse=True)}
     errors = {}
@@ -112,7 +129,7 @@ def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Op
             if p.returncode != 0:
                 errors[r] = _fail(f"party {r} ({'client' if r == 0 else 'server'})", p.returncode, err)
     finally:
-        for p in procs.values():
+        for p in [*procs.values(), *proxies]:
             if p.poll() is None:
                 p.kill()
                 p.wait()

@@ -2,9 +2,9 @@
 
     python -m privlm.spu.microbench --cases cases.json --out rows.json --log spu.log [--protocol cheetah]
 
-cases.json is a list of {"op": ..., "shape": {...}}; each op is the very function the private forward
-runs (`privlm.spu.program`), on random secret inputs: the activation from the client, weights from the
-server. Both parties run as threads over an in-memory link (SPU's link counters are the same as over brpc),
+cases.json is a list of {"op": ..., "shape": {...}}; each op is the very kernel the private forward
+runs under the chosen SPU profile (`privlm.spu.kernels`), on random inputs held as in the forward pass:
+activations secret-shared, weights (and LayerNorm gains) private to the server. Both parties run as threads over an in-memory link (SPU's link counters are the same as over brpc),
 or, with ``--rank R --peers A,B``, each party in its own process over brpc (used with the delay proxy).
 After the protocol's one-time setup, every case runs ``repeats`` times and each run is reported.
 """
@@ -18,58 +18,70 @@ from pathlib import Path
 import numpy as np
 
 
-def case_fn(op: str, shape: dict):
-    """(fn, [(shape, owner), ...], elements, calls, flops) for one benchmark case."""
+SECRET, SERVER = "secret", 1  # how a case input is held: secret-shared activation, or private to the server
+
+
+def case_fn(op: str, shape: dict, kernels: dict[str, str]):
+    """(fn, [(shape, holder), ...], elements, calls, flops) for one benchmark case."""
     import jax.numpy as jnp
 
     from privlm.spu import program as P
+    from privlm.spu.kernels import kernel
 
     if op == "softmax":
         H, T = shape["H"], shape["T"]
-        return P.softmax, [((H, T, T), 0)], H * T * T, H, 0
+        return kernel("softmax", kernels["softmax"]), [((H, T, T), SECRET)], H * T * T, H, 0
     if op == "layernorm":
         T, d = shape["T"], shape["d"]
-        return (lambda x, g, b: P.layer_norm(x, g, b, 1e-5)), [((T, d), 0), ((d,), 1), ((d,), 1)], T * d, 1, 0
+        ln = kernel("layernorm", kernels["layernorm"])
+        return (lambda x, g, b: ln(x, g, b, 1e-5)), [((T, d), SECRET), ((d,), SERVER), ((d,), SERVER)], T * d, 1, 0
     if op in ("gelu", "relu", "leaky_relu"):
         T, w = shape["T"], shape["w"]
-        return P.activation_fn(op, 0.01 if op == "leaky_relu" else None), [((T, w), 0)], T * w, 1, 0
-    if op == "linear":  # x @ W + b: FFN and attention projections, and with (T, V, d) the embedding/head
+        act = P.activation_fn(op, 0.01 if op == "leaky_relu" else None, kernels["gelu"])
+        return act, [((T, w), SECRET)], T * w, 1, 0
+    if op == "linear":  # x @ W: FFN and attention projections, and with (T, V, d) the embedding/head
         T, i, o = shape["T"], shape["din"], shape["dout"]
-        return (lambda x, w: x @ w), [((T, i), 0), ((i, o), 1)], 0, 1, 2 * T * i * o
+        return (lambda x, w: x @ w), [((T, i), SECRET), ((i, o), SERVER)], 0, 1, 2 * T * i * o
     if op == "scores":  # q k^T and a v over H heads: both operands are secret activations
         H, T, dk = shape["H"], shape["T"], shape["dk"]
-        return (lambda q, k: jnp.einsum("htd,hsd->hts", q, k)), [((H, T, dk), 0), ((H, T, dk), 0)], 0, 1, \
-            2 * H * T * T * dk
+        return (lambda q, k: jnp.einsum("htd,hsd->hts", q, k)), [((H, T, dk), SECRET), ((H, T, dk), SECRET)], \
+            0, 1, 2 * H * T * T * dk
     raise ValueError(f"unknown micro-benchmark op '{op}'")
 
 
 def run(cases: list[dict], protocol: str, log: Path, repeats: int, rank: int | None = None,
-        peers: list[str] | None = None) -> list[dict]:
+        peers: list[str] | None = None, spu_profile: str = "default") -> list[dict]:
     """Both parties as threads (rank None), or this process's party over brpc to ``peers``."""
-    from privlm.spu.party import Party, _setup_fn, compile_step, make_link, run_ranks
+    from privlm.spu.party import Party, compile_step, make_link, run_ranks, setup_fn
+    from privlm.spu.spu_profile import load_spu_profile
 
+    prof = load_spu_profile(spu_profile)
+    copts = prof.compiler_options()
     compiled = []
     for i, c in enumerate(cases):
-        fn, ins, elements, calls, flops = case_fn(c["op"], c["shape"])
-        compiled.append((c, compile_step(fn, [s for s, _ in ins], f"case{i}"), ins, elements, calls, flops))
-    setup = compile_step(_setup_fn, [(4, 8), (8, 8)], "setup")
+        fn, ins, elements, calls, flops = case_fn(c["op"], c["shape"], prof.kernels)
+        compiled.append((c, compile_step(fn, [s for s, _ in ins], f"case{i}", copts), ins, elements, calls, flops))
+    setup = compile_step(setup_fn(prof.kernels), [(4, 8), (8, 8)], "setup", copts)
     rows: list[dict] = []
 
     def party(rank: int) -> None:
         lctx = make_link(rank, peers)
-        p = Party(rank, lctx, protocol, log if rank == 0 else None)
+        p = Party(rank, lctx, protocol, log if rank == 0 else None, prof)
         rng = np.random.default_rng(rank)
-        p.share_input("a", 0, rng.normal(size=(4, 8)) if rank == 0 else None)
-        p.share_input("w", 1, rng.normal(size=(8, 8)) if rank == 1 else None)
+        p.share_input("a", 0, rng.normal(size=(4, 8)) if rank == 0 else None, (4, 8))
+        p.share_input("w", 1, rng.normal(size=(8, 8)) if rank == 1 else None, (8, 8))
         st = p.run(setup, ["a", "w"], ["o"])
         if rank == 0:
             rows.append({"op": "setup", "shape": {}, "elements": 0, "calls": 1, "flops": 0, **st})
         for c, exe, ins, elements, calls, flops in compiled:
             names = []
-            for j, (shape, owner) in enumerate(ins):
+            for j, (shape, holder) in enumerate(ins):
                 # logits-like inputs: N(0, 2); gains near 1 keep LayerNorm in its usual range
                 val = rng.normal(0, 2.0, size=shape) if j == 0 else rng.normal(1.0, 0.1, size=shape)
-                p.share_input(f"in{j}", owner, val if rank == owner else None)
+                if holder == SECRET:  # the client deals it: any dealer gives the same runtime traffic
+                    p.share_secret(f"in{j}", 0, val if rank == 0 else None)
+                else:
+                    p.share_input(f"in{j}", holder, val if rank == holder else None, shape)
                 names.append(f"in{j}")
             for _ in range(c.get("repeats", repeats)):
                 st = p.run(exe, names, ["out"])
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--rank", type=int, choices=(0, 1), help="run only this party, over brpc to --peers")
     ap.add_argument("--peers", help="host:port of party 0 and party 1, as this party should reach them")
+    ap.add_argument("--spu-profile", default="default")
     args = ap.parse_args(argv)
     import spu
     import spu.libspu as libspu
@@ -102,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     opts.system_log_path = args.log
     libspu.logging.setup_logging(opts)
     rows = run(json.loads(Path(args.cases).read_text()), args.protocol, Path(args.log), args.repeats, args.rank,
-               args.peers.split(",") if args.peers else None)
+               args.peers.split(",") if args.peers else None, args.spu_profile)
     if args.rank == 1:
         return 0
     Path(args.out).write_text(json.dumps({"spu_version": spu.__version__, "protocol": args.protocol,
-                                          "rows": rows}))
+                                          "spu_profile": args.spu_profile, "rows": rows}))
     return 0
 
 

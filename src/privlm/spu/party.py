@@ -1,17 +1,24 @@
 """One party of the two-party private forward pass (runs in the SPU environment: jax + spu, no torch).
 
 Party 0 is the client: it holds the prompt's token ids (as a one-hot matrix) and learns the logits.
-Party 1 is the server: it holds the weights. Each party secret-shares its own tensors (keeps one share,
-sends the other); every step of `privlm.spu.program` then runs as its own SPU executable on shares, and
-at the end the server sends its share of the logits to the client, who alone reconstructs them.
+Party 1 is the server: it holds the weights, in the clear, and never shares them. Every input is private
+to its owner: SPU's colocated sharing (`make_shares(x, VIS_SECRET, owner_rank)`) gives the owner a share
+holding the value and the other party a share that does not depend on it, which that party builds
+itself from zeros of the public shape. So nothing crosses the link before the forward pass (no weight
+shares, no prompt shares), and CHEETAH runs its cheaper secret x private kernels for every product with a
+weight. Every step of `privlm.spu.program` runs as its own SPU executable on shares, and at the end the
+server sends its share of the logits to the client, who alone reconstructs them.
 
     python -m privlm.spu.party --rank 0 --public public.json --tokens ids.json --peers A,B --out res.json
     python -m privlm.spu.party --rank 1 --public public.json --weights weights.safetensors --T 16 --peers A,B
     python -m privlm.spu.party --sim --public ... --tokens ... --weights ... --out res.json   (both, threads)
 
-The result JSON of party 0 (or of ``--sim``) holds per-step link counters (from SPU's own profile log, see
-`privlm.spu.linkstats`), wall times and the logits. ``--audit FILE`` writes what this process received on
-its command line and which files it opened (Python audit hook), so tests can check the privacy split.
+``--tokens`` holds one list of ids or a list of N equally long lists (``pi eval``: N sequences through
+one session; the server then needs ``--sequences N``). The result JSON of party 0 (or of ``--sim``) holds
+per-step link counters of the first sequence (from SPU's own profile log, see `privlm.spu.linkstats`),
+per-sequence totals, wall times and the logits. ``--audit FILE`` writes what this process received on its
+command line and over the link outside SPU's runs, which files it opened (Python audit hook) and a digest
+of every input share it held, so tests can check the privacy split.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ import threading
 import time
 from pathlib import Path
 
-AUDIT: dict = {"argv": list(sys.argv), "opened": [], "loaded": [], "plaintext": [], "received_shares": []}
+AUDIT: dict = {"argv": list(sys.argv), "opened": [], "loaded": [], "plaintext": [], "received_shares": [],
+               "local_shares": [], "share_digests": {}}
 
 
 def _audit_hook(event: str, args: tuple) -> None:
@@ -37,18 +45,6 @@ def _audit_hook(event: str, args: tuple) -> None:
 import numpy as np  # noqa: E402  (after the hook so nothing is opened unseen)
 
 PROTOCOLS = ("cheetah", "semi2k")
-FRACTION_BITS = 18  # SPU's default for the 64-bit ring
-
-
-def runtime_config(protocol: str, profile: bool):
-    import spu.libspu as libspu
-
-    kind = {"cheetah": libspu.ProtocolKind.CHEETAH, "semi2k": libspu.ProtocolKind.SEMI2K}[protocol]
-    cfg = libspu.RuntimeConfig(protocol=kind, field=libspu.FieldType.FM64)
-    cfg.fxp_fraction_bits = FRACTION_BITS
-    cfg.enable_pphlo_profile = profile  # makes every run log its 'Link details' (our byte counter)
-    cfg.share_max_chunk_size = 16 << 20
-    return cfg
 
 
 def run_ranks(target, ranks) -> None:
@@ -93,29 +89,47 @@ def make_link(rank: int, peers: list[str] | None, recv_timeout_s: float = 3600.0
 class Party:
     """Holds the link, the SPU runtime and this party's shares of every live tensor."""
 
-    def __init__(self, rank: int, lctx, protocol: str, log_path: Path | None):
+    def __init__(self, rank: int, lctx, protocol: str, log_path: Path | None, spu_profile):
         import spu.api as spu_api
 
         from privlm.spu.linkstats import LogTail
 
-        self.rank, self.lctx, self.protocol = rank, lctx, protocol
+        self.rank, self.lctx, self.protocol, self.spu_profile = rank, lctx, protocol, spu_profile
         profile = log_path is not None
-        self.rt = spu_api.Runtime(lctx, runtime_config(protocol, profile))
-        self.io = spu_api.Io(2, runtime_config(protocol, False))
+        self.rt = spu_api.Runtime(lctx, spu_profile.runtime_config(protocol, link_profile=profile))
+        self.io = spu_api.Io(2, spu_profile.runtime_config(protocol))
         self.tail = LogTail(log_path) if profile else None
         self.shares: dict[str, object] = {}
         self.share_bytes_sent = 0
         self.share_bytes_recv = 0
 
-    # ---- input sharing: the owner splits its tensor, keeps one share and sends the other --------------
-    def share_input(self, name: str, owner: int, value: np.ndarray | None) -> None:
+    # ---- inputs: private to their owner, the other party's share is data-independent ---------------------
+    def share_input(self, name: str, owner: int, value: np.ndarray | None, shape: tuple) -> None:
+        """Make this party's share of an input owned by ``owner``. Only the owner passes ``value``; the
+        other party builds its share from zeros of ``shape`` (SPU's colocated share of the non-owner does
+        not depend on the value), so no message is exchanged."""
         import spu.libspu as libspu
 
-        peer = 1 - self.rank
+        if self.rank == owner:
+            data = np.ascontiguousarray(value, dtype=np.float32)
+            if data.shape != tuple(shape):
+                raise ValueError(f"input '{name}' has shape {data.shape}, the program expects {tuple(shape)}")
+        else:
+            data = np.zeros(shape, np.float32)
+            AUDIT["local_shares"].append(name)
+        share = self.io.make_shares(data, libspu.Visibility.VIS_SECRET, owner)[self.rank]
+        self.shares[name] = share
+        AUDIT["share_digests"].setdefault(name, share_digest(share))
+
+    def share_secret(self, name: str, owner: int, value: np.ndarray | None) -> None:
+        """Secret-share a value the way an intermediate activation is held: the owner splits it into two
+        random-looking shares and sends one (micro-benchmarks use this for activation-like inputs)."""
+        import spu.libspu as libspu
+
         if self.rank == owner:
             shares = self.io.make_shares(np.ascontiguousarray(value, dtype=np.float32),
                                          libspu.Visibility.VIS_SECRET)
-            self._send_share(peer, shares[peer])
+            self._send_share(1 - self.rank, shares[1 - self.rank])
             self.shares[name] = shares[self.rank]
         else:
             self.shares[name] = self._recv_share(owner)
@@ -161,12 +175,21 @@ class Party:
             self._send_share(receiver, self.shares[name])
             return None
         other = self._recv_share(peer)
+        AUDIT["received_shares"].append(name)
         mine = self.shares[name]
         pair = [mine, other] if self.rank == 0 else [other, mine]
         return np.asarray(self.io.reconstruct(pair))
 
 
-def compile_step(fn, arg_shapes: list[tuple], name: str):
+def share_digest(share) -> str:
+    import hashlib
+    h = hashlib.sha256(bytes(share.meta))
+    for c in share.share_chunks:
+        h.update(bytes(c))
+    return h.hexdigest()
+
+
+def compile_step(fn, arg_shapes: list[tuple], name: str, copts=None):
     """Compile one step for SPU; every input is a secret share named '<step>:in<i>'."""
     import spu.libspu as libspu
     import spu.utils.frontend as spu_fe
@@ -174,22 +197,29 @@ def compile_step(fn, arg_shapes: list[tuple], name: str):
     args = [np.zeros(s, np.float32) for s in arg_shapes]
     exe, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, args, {}, [f"{name}:in{i}" for i in range(len(args))],
                             [libspu.Visibility.VIS_SECRET] * len(args),
-                            lambda outs: [f"{name}:out{i}" for i in range(len(outs))])
+                            lambda outs: [f"{name}:out{i}" for i in range(len(outs))],
+                            copts=copts if copts is not None else libspu.CompilerOptions())
     return exe
 
 
-def _setup_fn(a, w):
-    """Evaluates one tiny instance of every primitive the forward uses (secret matmul, comparison, exp,
-    reciprocal, rsqrt, tanh, multiplication), so the protocol's one-time and lazily created setup
-    (CHEETAH: OT extension, HE keys, per-primitive OT correlations) is paid here and reported as 'setup'
-    instead of being charged to whichever op happens to come first."""
+def setup_fn(kernels: dict[str, str]):
+    """A function that evaluates one tiny instance of every primitive the forward uses (secret x private
+    and secret x secret products, comparison, exp, reciprocal, rsqrt, the profile's kernels), so the
+    protocol's one-time and lazily created setup (CHEETAH: OT extension, HE keys, per-primitive OT
+    correlations) is paid here and reported as 'setup' instead of being charged to whichever op happens
+    to come first. Inputs: a [4, 8] from the client, w [8, 8] from the server."""
     import jax
 
-    from privlm.spu.program import layer_norm
+    from privlm.spu.kernels import kernel
 
-    x = a @ w
-    return (jax.nn.softmax(x, axis=-1) + layer_norm(x, w[0], w[1], 1e-5) + jax.nn.gelu(x, approximate=True)
-            + jax.nn.relu(x) * a[:, :1])
+    softmax, gelu, layer_norm = (kernel(op, kernels[op]) for op in ("softmax", "gelu", "layernorm"))
+
+    def fn(a, w):
+        x = a @ w
+        y = x @ w + (x @ x.T)[:, :1] * 0.1
+        return (softmax(y) + layer_norm(y, w[0], w[1], 1e-5) + gelu(y) + jax.nn.gelu(y, approximate=True)
+                + jax.nn.softmax(y, axis=-1) + jax.nn.relu(y) * a[:, :1])
+    return fn
 
 
 def plan(program) -> tuple[dict[str, tuple], dict[str, int]]:
@@ -212,64 +242,83 @@ def plan(program) -> tuple[dict[str, tuple], dict[str, int]]:
     return shapes, last_use
 
 
-def run_party(rank: int, lctx, program, protocol: str, log_path: Path | None,
-              onehot: np.ndarray | None, weights: dict[str, np.ndarray] | None) -> dict | None:
-    """The whole 2PC forward for one party. Returns the result dict on the client, None on the server."""
+def run_party(rank: int, lctx, program, protocol: str, spu_profile, log_path: Path | None,
+              onehots: list[np.ndarray] | None, weights: dict[str, np.ndarray] | None,
+              sequences: int = 1) -> dict | None:
+    """The whole 2PC forward of ``sequences`` prompts (same T) for one party, in one session (one setup).
+    Returns the result dict on the client, None on the server."""
     import spu
 
     from privlm.spu.program import server_tensors
 
     t_start = time.perf_counter()
-    party = Party(rank, lctx, protocol, log_path)
+    party = Party(rank, lctx, protocol, log_path, spu_profile)
     shapes, last_use = plan(program)
+    copts = spu_profile.compiler_options()
     t0 = time.perf_counter()
-    compiled = {s.name: compile_step(s.fn, [shapes[n] for n in s.inputs], s.name) for s in program.steps}
-    setup_exe = compile_step(_setup_fn, [(4, 8), (8, 8)], "setup")
+    compiled = {s.name: compile_step(s.fn, [shapes[n] for n in s.inputs], s.name, copts) for s in program.steps}
+    setup_exe = compile_step(setup_fn(spu_profile.kernels), [(4, 8), (8, 8)], "setup", copts)
     compile_s = time.perf_counter() - t0
 
     rng = np.random.default_rng(rank)
-    party.share_input("setup.a", 0, rng.normal(size=(4, 8)) if rank == 0 else None)
-    party.share_input("setup.w", 1, rng.normal(size=(8, 8)) if rank == 1 else None)
+    party.share_input("setup.a", 0, rng.normal(size=(4, 8)) if rank == 0 else None, (4, 8))
+    party.share_input("setup.w", 1, rng.normal(size=(8, 8)) if rank == 1 else None, (8, 8))
     lctx.barrier()
-    rows = [{"name": "setup", "kind": "setup", "census": "fixed", "layer": None, "elements": 0, "flops": 0,
-             **party.run(setup_exe, ["setup.a", "setup.w"], ["setup.out"])}]
+    setup_row = {"name": "setup", "kind": "setup", "census": "fixed", "layer": None, "elements": 0, "flops": 0,
+                 **party.run(setup_exe, ["setup.a", "setup.w"], ["setup.out"])}
     party.shares.clear()
 
-    # the client's one-hot prompt is the only online input; the weights' shares are a one-time transfer
-    def moved():  # share traffic in both directions, as seen by this party
+    # the server's weights: private to it, made once per session and reused by every sequence
+    server = server_tensors(weights, program) if rank == 1 else {}
+    for name in program.server_inputs:
+        party.share_input(name, 1, server.get(name), shapes[name])
+    server.clear()
+    weight_shares = {n: party.shares[n] for n in program.server_inputs}
+
+    def moved():  # traffic outside SPU's runs in both directions, as seen by this party
         return party.share_bytes_sent + party.share_bytes_recv
 
-    before = moved()
-    party.share_input("onehot", 0, onehot if rank == 0 else None)
-    input_bytes = moved() - before
-    server = server_tensors(weights, program) if rank == 1 else {}
-    before = moved()
-    for name in program.server_inputs:
-        party.share_input(name, 1, server.get(name))
-    weight_bytes = moved() - before
-    server.clear()
-    lctx.barrier()
-
+    steps_first: list[dict] = []
+    per_sequence: list[dict] = []
+    logits_all = []
+    first_io = (0, 0)
     t_online = time.perf_counter()
-    for i, step in enumerate(program.steps):
-        row = party.run(compiled[step.name], list(step.inputs), list(step.outputs))
-        rows.append({"name": step.name, "kind": step.kind, "census": step.census, "layer": step.layer,
-                     "elements": step.elements, "flops": step.flops, **row})
-        for n in step.inputs:  # free shares nobody needs any more (the residual 'x' is rebound, not freed)
-            if last_use.get(n) == i and n not in step.outputs:
-                party.shares.pop(n, None)
-    before = moved()
-    logits = party.reveal_to(program.output, receiver=0)
-    output_bytes = moved() - before
+    for k in range(sequences):
+        party.shares = dict(weight_shares)
+        lctx.barrier()
+        t_seq = time.perf_counter()
+        before = moved()
+        party.share_input("onehot", 0, onehots[k] if rank == 0 else None, shapes["onehot"])
+        input_bytes = moved() - before
+        rows = [setup_row] if k == 0 else []
+        for i, step in enumerate(program.steps):
+            row = party.run(compiled[step.name], list(step.inputs), list(step.outputs))
+            rows.append({"name": step.name, "kind": step.kind, "census": step.census, "layer": step.layer,
+                         "elements": step.elements, "flops": step.flops, **row})
+            for n in step.inputs:  # free shares nobody needs any more (weights stay for the next sequence)
+                if last_use.get(n) == i and n not in step.outputs and n not in weight_shares:
+                    party.shares.pop(n, None)
+        before = moved()
+        logits = party.reveal_to(program.output, receiver=0)
+        output_bytes = moved() - before
+        runtime_bytes = sum(r.get("bytes", 0) for r in rows if r["kind"] != "setup")
+        per_sequence.append({"bytes_online": runtime_bytes + input_bytes + output_bytes,
+                             "seconds": time.perf_counter() - t_seq})
+        if k == 0:
+            steps_first, first_io = rows, (input_bytes, output_bytes)
+        if rank == 0:
+            logits_all.append(logits)
     online_s = time.perf_counter() - t_online
     if rank != 0:
         return None
-    return {"protocol": protocol, "T": program.T, "spu_version": spu.__version__, "steps": rows,
-            "compile_seconds": compile_s, "online_seconds": online_s,
+    return {"protocol": protocol, "spu_profile": spu_profile.name, "spu_settings": spu_profile.to_dict(),
+            "T": program.T, "spu_version": spu.__version__, "steps": steps_first,
+            "sequences": per_sequence, "compile_seconds": compile_s, "online_seconds": online_s,
             "wall_seconds": time.perf_counter() - t_start,
-            # sharing traffic outside SPU's runs, counted from the messages this code sends
-            "input_share_bytes": input_bytes, "weight_share_bytes": weight_bytes,
-            "output_share_bytes": output_bytes, "logits": logits,
+            # traffic outside SPU's runs (first sequence), counted from the messages this code sends: the
+            # prompt and the weights are private to their owners, so only the logits' share moves
+            "input_share_bytes": first_io[0], "output_share_bytes": first_io[1],
+            "logits": logits_all[0] if sequences == 1 else np.stack(logits_all),
             # peak resident memory of this process (both parties in sim mode), Linux reports KiB
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -280,13 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, choices=(0, 1))
     ap.add_argument("--sim", action="store_true", help="run both parties as threads over an in-memory link")
     ap.add_argument("--public", required=True, help="public.json of the export (architecture)")
-    ap.add_argument("--tokens", help="JSON list of token ids (client only)")
+    ap.add_argument("--tokens", help="JSON list of token ids, or a list of such lists (client only)")
     ap.add_argument("--weights", help="weights.safetensors (server only)")
     ap.add_argument("--T", type=int, help="prompt length (public; the server's only knowledge of the prompt)")
+    ap.add_argument("--sequences", type=int, default=1, help="number of prompts (server; public)")
     ap.add_argument("--head", default="all", choices=("all", "last"))
     ap.add_argument("--chunks", type=int, default=1, help="split softmax/activation runs (memory bound)")
     ap.add_argument("--matmul-block", type=int, default=None, help="split products into blocks (memory bound)")
     ap.add_argument("--protocol", default="cheetah", choices=PROTOCOLS)
+    ap.add_argument("--spu-profile", default="default", help="SPU profile name (privlm.spu.spu_profile)")
     ap.add_argument("--peers", help="host:port of party 0 and party 1, comma separated (2-process mode)")
     ap.add_argument("--out", help="result JSON (client); logits go to the .npy beside it")
     ap.add_argument("--log", required=True, help="SPU system log of this process")
@@ -297,46 +348,50 @@ def main(argv: list[str] | None = None) -> int:
     import spu.libspu as libspu
 
     from privlm.spu.program import build_program, load_meta, load_weights, one_hot
+    from privlm.spu.spu_profile import load_spu_profile
 
     opts = libspu.logging.LogOptions()
     opts.enable_console_logger = False
     opts.system_log_path = args.log
     libspu.logging.setup_logging(opts)
 
+    spu_profile = load_spu_profile(args.spu_profile)
     meta = load_meta(args.public)
     AUDIT["loaded"].append(os.path.abspath(args.public))
     roles = (0, 1) if args.sim else (args.rank,)
-    onehot = weights = None
+    onehots = weights = None
+    sequences = args.sequences
     if 0 in roles:
         ids = json.loads(Path(args.tokens).read_text())
         AUDIT["loaded"].append(os.path.abspath(args.tokens))
-        onehot = one_hot(np.asarray(ids), meta["vocab_size"])
+        seqs = ids if ids and isinstance(ids[0], list) else [ids]
+        if len({len(s) for s in seqs}) != 1:
+            raise ValueError("all sequences must have the same length (T is public and fixed per session)")
+        onehots = [one_hot(np.asarray(s), meta["vocab_size"]) for s in seqs]
         AUDIT["plaintext"].append("onehot")
-        T = len(ids)
+        T, sequences = len(seqs[0]), len(seqs)
     else:
         T = args.T
     if 1 in roles:
         weights = load_weights(args.weights)
         AUDIT["loaded"].append(os.path.abspath(args.weights))
         AUDIT["plaintext"].extend(sorted(weights))
-    program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block)
+    program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block,
+                            kernels=spu_profile.kernels)
 
     result: dict = {}
-    if args.sim:
-        def target(r):
-            lctx = make_link(r, None)
-            out = run_party(r, lctx, program, args.protocol, Path(args.log) if r == 0 else None,
-                            onehot if r == 0 else None, weights if r == 1 else None)
-            if out is not None:
-                result.update(out)
-        run_ranks(target, (0, 1))
-    else:
-        lctx = make_link(args.rank, args.peers.split(","))
-        out = run_party(args.rank, lctx, program, args.protocol, Path(args.log) if args.rank == 0 else None,
-                        onehot, weights)
-        lctx.stop_link()
+
+    def play(rank: int, lctx) -> None:
+        out = run_party(rank, lctx, program, args.protocol, spu_profile, Path(args.log) if rank == 0 else None,
+                        onehots if rank == 0 else None, weights if rank == 1 else None, sequences)
         if out is not None:
             result.update(out)
+    if args.sim:
+        run_ranks(lambda r: play(r, make_link(r, None)), (0, 1))
+    else:
+        lctx = make_link(args.rank, args.peers.split(","))
+        play(args.rank, lctx)
+        lctx.stop_link()
     if result and args.out:
         out_path = Path(args.out)
         np.save(out_path.with_suffix(".npy"), result.pop("logits"))

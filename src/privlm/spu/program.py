@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from privlm.spu.kernels import kernel
+from privlm.spu.spu_profile import DEFAULT, load_spu_profile
+
 EXPORT_FORMAT = "privlm-spu-export/1"
 # Causal-mask constant. SPU's fixed-point exp evaluates exp(x) as (1 + x/2^n)^(2^n) and breaks for
 # x far below -2^(n+1) (n = 8 by default: about -512); a mask of -1e4 therefore produced garbage
@@ -68,18 +71,11 @@ class Program:
 
 # --------------------------------------------------------------------------------------------------
 # the ops (each one paper equation / one census op)
-def layer_norm(x, g, b, eps: float):
-    """LayerNorm over the last axis (biased variance, as torch.nn.LayerNorm)."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + eps) * g
-    return y if b is None else y + b
-
-
-def activation_fn(name: str, slope: Optional[float]) -> Callable:
-    """The FFN nonlinearity of Eq. 4: GELU (tanh, GPT-2's), exact GELU, ReLU or leaky ReLU."""
+def activation_fn(name: str, slope: Optional[float], gelu_kernel: str = "tanh") -> Callable:
+    """The FFN nonlinearity of Eq. 4: GELU (GPT-2's tanh form, by the named kernel), exact GELU, ReLU or
+    leaky ReLU."""
     if name == "gelu":
-        return lambda u: jax.nn.gelu(u, approximate=True)
+        return kernel("gelu", gelu_kernel)
     if name == "gelu_erf":
         return lambda u: jax.nn.gelu(u, approximate=False)
     if name == "relu":
@@ -107,11 +103,6 @@ def attention_logits(q, k, inv_temperature: Optional[np.ndarray]):
     return jnp.where(causal_mask(T)[None], s, MASK_VALUE)
 
 
-def softmax(s):
-    """Row softmax of Eq. 2 (max-subtracted, as every 2PC framework evaluates it)."""
-    return jax.nn.softmax(s, axis=-1)
-
-
 def scaled_ffn_residual(x_sa, ffn_out, beta: float):
     """Eq. 8: X_out = beta·X_SA + (1/alpha)·FFN(X_SA); 1/alpha is already folded into ffn_out's weights."""
     return beta * x_sa + ffn_out
@@ -132,7 +123,7 @@ def load_weights(path: Path | str) -> dict[str, np.ndarray]:
 
 
 def build_program(meta: dict, T: int, head: str = "all", chunks: int = 1,
-                  matmul_block: Optional[int] = None) -> Program:
+                  matmul_block: Optional[int] = None, kernels: Optional[dict[str, str]] = None) -> Program:
     """The step list of a T-token forward pass of the exported model ``meta``.
 
     head: "all" computes the logits of every position (what the census counts and what the paper's
@@ -143,7 +134,12 @@ def build_program(meta: dict, T: int, head: str = "all", chunks: int = 1,
     product into blocks of at most that many input and output features (partial products are summed and
     concatenated locally, which costs no communication). The math is unchanged; small per-run overheads
     are added.
+    kernels: the softmax/gelu/layernorm kernel names of an SPU profile (`privlm.spu.kernels`); default:
+    the `default` profile's (the functions the PyTorch model computes, as SPU evaluates them).
     """
+    kernels = {**load_spu_profile(DEFAULT).kernels, **(kernels or {})}
+    softmax = kernel("softmax", kernels["softmax"])
+    layer_norm = kernel("layernorm", kernels["layernorm"])
     if chunks < 1:
         raise ValueError(f"chunks={chunks} must be >= 1")
     if matmul_block is not None and matmul_block < 1:
@@ -267,7 +263,7 @@ def build_program(meta: dict, T: int, head: str = "all", chunks: int = 1,
         parts = [p + "u"]
         if meta["activation"] != "identity":
             slope = meta["leaky_slope"][i] if meta["activation"] == "leaky_relu" else None
-            act = activation_fn(meta["activation"], slope)
+            act = activation_fn(meta["activation"], slope, kernels["gelu"])
             parts = []
             for c, (lo, hi) in enumerate(_splits(T, chunks)):
                 name = p + "act" + (f".{c}" if chunks > 1 else "")

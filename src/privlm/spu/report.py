@@ -52,12 +52,14 @@ def summarize(result: dict, logits: np.ndarray, ref_logits: Optional[np.ndarray]
     p1_sent = total.recv_bytes + result["output_share_bytes"]
     doc = {
         "protocol": result["protocol"], "mode": result["mode"], "T": result["T"],
-        "spu_version": result["spu_version"],
+        "spu_version": result["spu_version"], "spu_profile": result["spu_profile"],
+        "spu_settings": result["spu_settings"],
         "predicted_token": int(np.argmax(logits[-1])),
         "bytes_total": total.bytes + share_online,
         "bytes_per_party": {"party0_sent": p0_sent, "party1_sent": p1_sent},
         "bytes_online_excluding_setup": total.bytes + share_online - breakdown(steps, "kind")["setup"]["bytes"],
-        "weight_share_bytes": result["weight_share_bytes"],
+        # the weights are private to the server and the prompt to the client: nothing is shared up front
+        "input_share_bytes": result["input_share_bytes"],
         "messages": total.messages,
         "wall_seconds": result["wall_seconds"], "online_seconds": result["online_seconds"],
         "compile_seconds": result["compile_seconds"], "peak_rss_mb": result.get("peak_rss_mb"),
@@ -102,11 +104,12 @@ def format_table(doc: dict) -> str:
     else:
         lines.append(f"next token: {doc['predicted_token']} ({doc.get('predicted_text', '')!r})")
     mb = 1e6
-    lines.append(f"protocol {doc['protocol']} ({doc['mode']}), T={doc['T']}, SPU {doc['spu_version']}: "
+    lines.append(f"protocol {doc['protocol']} ({doc['mode']}), SPU profile {doc['spu_profile']}, T={doc['T']}, "
+                 f"SPU {doc['spu_version']}: "
                  f"{doc['bytes_total'] / mb:.2f} MB total (party 0 sent {doc['bytes_per_party']['party0_sent'] / mb:.2f}"
                  f" MB, party 1 sent {doc['bytes_per_party']['party1_sent'] / mb:.2f} MB), "
                  f"{doc['messages']} messages, online {doc['online_seconds']:.1f} s, wall {doc['wall_seconds']:.1f} s")
-    lines.append(f"one-time weight sharing (not in the total): {doc['weight_share_bytes'] / mb:.2f} MB")
+    lines.append("weights private to the server, prompt private to the client: no input shares are sent")
     lines.append(f"{'op':<12}{'MB':>10}{'share':>8}{'messages':>10}{'seconds':>10}{'elements':>11}{'GFLOP':>9}")
     total = max(doc["bytes_total"], 1)
     for kind in KINDS:
@@ -119,3 +122,32 @@ def format_table(doc: dict) -> str:
         lines.append("census mapping (program vs privlm.pi.census): " + ", ".join(
             f"{k} {v['program']}/{v['census']}" for k, v in doc["census_check"].items()))
     return "\n".join(lines)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def accuracy_under_2pc(ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarray) -> dict:
+    """`privlm pi eval`'s numbers for N sequences: ref_logits/logits [N, T, V] (plaintext, 2PC), ids [N, T].
+
+    top1_agreement: share of all N*T positions whose argmax agrees; logit errors over every logit;
+    ppl_plain / ppl_2pc: exp of the mean next-token cross-entropy over the N*(T-1) positions that have a
+    target (as `privlm eval` scores T-token chunks), from each set of logits."""
+    ref = np.asarray(ref_logits, np.float64)
+    got = np.asarray(logits, np.float64)
+    ids = np.asarray(ids)
+    if ref.shape != got.shape or ref.shape[:2] != ids.shape:
+        raise ValueError(f"shape mismatch: plaintext {ref.shape}, 2PC {got.shape}, ids {ids.shape}")
+    targets = ids[:, 1:]
+
+    def ppl(lg: np.ndarray) -> float:
+        lp = np.take_along_axis(log_softmax(lg[:, :-1]), targets[..., None], axis=-1)
+        return float(np.exp(-lp.mean()))
+    err = np.abs(ref - got)
+    p_plain, p_2pc = ppl(ref), ppl(got)
+    return {"positions": int(ids.size), "predicted_positions": int(targets.size),
+            "top1_agreement": float(np.mean(ref.argmax(-1) == got.argmax(-1))),
+            "mean_logit_err": float(err.mean()), "max_logit_err": float(err.max()),
+            "ppl_plain": p_plain, "ppl_2pc": p_2pc, "ppl_rel_diff": p_2pc / p_plain - 1.0}

@@ -1,0 +1,213 @@
+"""The nonlinear kernels a private forward can run, by name, with their numpy references and error bounds.
+
+An SPU profile (`privlm.spu.spu_profile`) picks one kernel per op; `privlm.spu.program` calls
+`kernel(op, name)`. Every kernel is plain JAX (SPU compiles it); each has a float64 numpy reference of
+the function the PyTorch model computes, an input range that covers what a trained privlm model feeds
+it, and a maximum absolute error under 2PC that `python -m privlm.spu.kernels` measures and
+tests/test_pi_spu_kernels.py enforces for every profile.
+
+softmax  divide      jax.nn.softmax: exp(z) / broadcast(sum) is one fixed-point division per element
+         reciprocal  exp(z) * broadcast(1 / sum): one reciprocal per row (Bumblebee, PUMA)
+gelu     tanh        GPT-2's tanh-GELU through SPU's generic tanh
+         piecewise   Bumblebee's GELU: 0 for x < -5, a cubic on [-5, -1.97), a degree-6 polynomial on
+                     [-1.97, 3], x above 3; the polynomials are minimax fits to tanh-GELU (`piecewise_gelu_fit`)
+layernorm rsqrt      (x - mean) * rsqrt(var + eps) * g + b, the one LayerNorm (SPU evaluates rsqrt itself)
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import numpy as np
+
+# Piecewise GELU segments (Bumblebee): the breakpoints where tanh-GELU is ~0, and ~x.
+GELU_ZERO_BELOW = -5.0
+GELU_SPLIT = -1.97
+GELU_IDENTITY_ABOVE = 3.0
+
+
+# --------------------------------------------------------------------------------------------------
+# numpy references (float64): what the PyTorch model computes
+def softmax_reference(s: np.ndarray) -> np.ndarray:
+    z = s - s.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def gelu_reference(u: np.ndarray) -> np.ndarray:
+    """tanh-GELU (GPT-2's, `torch.nn.GELU(approximate='tanh')`)."""
+    return 0.5 * u * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
+
+
+def layer_norm_reference(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + eps) * g + b
+
+
+# --------------------------------------------------------------------------------------------------
+@functools.cache
+def piecewise_gelu_fit(iterations: int = 200) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Minimax (Lawson's iteratively reweighted least squares) fits of tanh-GELU: a cubic on
+    [GELU_ZERO_BELOW, GELU_SPLIT) and a degree-6 polynomial on [GELU_SPLIT, GELU_IDENTITY_ABOVE];
+    coefficients highest degree first (numpy.polyval order)."""
+    def lawson(lo: float, hi: float, degree: int) -> tuple[float, ...]:
+        x = np.linspace(lo, hi, 4001)
+        y = gelu_reference(x)
+        w = np.full_like(x, 1.0 / x.size)
+        for _ in range(iterations):
+            p = np.polyfit(x, y, degree, w=np.sqrt(w))
+            w = w * np.abs(np.polyval(p, x) - y)
+            w /= w.sum()
+        return tuple(float(c) for c in p)
+    return lawson(GELU_ZERO_BELOW, GELU_SPLIT, 3), lawson(GELU_SPLIT, GELU_IDENTITY_ABOVE, 6)
+
+
+def _horner(coefs, x):
+    acc = coefs[0]
+    for c in coefs[1:]:
+        acc = acc * x + c
+    return acc
+
+
+# --------------------------------------------------------------------------------------------------
+# JAX kernels
+def softmax_divide(s):
+    import jax
+    return jax.nn.softmax(s, axis=-1)
+
+
+def softmax_reciprocal(s):
+    import jax.numpy as jnp
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+def gelu_tanh(u):
+    import jax
+    return jax.nn.gelu(u, approximate=True)
+
+
+def gelu_piecewise(u):
+    """Three secret comparisons select one of four segments. Powers are shared by both polynomials;
+    Horner's rule would cost one truncated product per degree as well, so the evaluation order is free."""
+    import jax.numpy as jnp
+    cubic, sextic = piecewise_gelu_fit()
+    below_zero, below_split, above_identity = u < GELU_ZERO_BELOW, u < GELU_SPLIT, u > GELU_IDENTITY_ABOVE
+    u2 = jnp.square(u)
+    u3 = u2 * u
+    u4 = jnp.square(u2)
+    powers = [u4 * u2, u4 * u, u4, u3, u2, u, 1.0]  # u^6 .. u^0
+    p6 = sum(c * p for c, p in zip(sextic, powers))
+    p3 = sum(c * p for c, p in zip(cubic, powers[3:]))
+    r = jnp.where(below_zero, 0.0, p3)
+    r = jnp.where(below_split, r, p6)
+    return jnp.where(above_identity, u, r)
+
+
+def layer_norm_rsqrt(x, g, b, eps: float):
+    """LayerNorm over the last axis (biased variance, as torch.nn.LayerNorm); b may be None."""
+    import jax
+    import jax.numpy as jnp
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps) * g
+    return y if b is None else y + b
+
+
+KERNELS: dict[str, dict[str, Callable]] = {
+    "softmax": {"divide": softmax_divide, "reciprocal": softmax_reciprocal},
+    "gelu": {"tanh": gelu_tanh, "piecewise": gelu_piecewise},
+    "layernorm": {"rsqrt": layer_norm_rsqrt},
+}
+
+# Maximum absolute error under 2PC (CHEETAH, 18 fraction bits) over INPUT_RANGES, under every shipped
+# profile that uses the kernel (softmax: probabilities; gelu: activations; layernorm: normalized outputs).
+# SPU's division is exact to ~5e-4 on probabilities; exp's Taylor form (1 + z/256)^256 and one Goldschmidt
+# reciprocal err by up to ~7e-3; SPU's tanh loses accuracy for |x| > 8 (tanh-GELU ~0.016 at |x| = 12).
+ERROR_BOUNDS: dict[tuple[str, str], float] = {
+    ("softmax", "divide"): 0.002, ("softmax", "reciprocal"): 0.01,
+    ("gelu", "tanh"): 0.02, ("gelu", "piecewise"): 0.012,
+    ("layernorm", "rsqrt"): 0.01,
+}
+# Plaintext approximation error of a kernel that is not the reference function itself (float64, no SPU).
+APPROXIMATION_BOUNDS: dict[tuple[str, str], float] = {("gelu", "piecewise"): 0.01}
+
+
+def kernel(op: str, name: str) -> Callable:
+    try:
+        return KERNELS[op][name]
+    except KeyError:
+        raise ValueError(f"no {op} kernel '{name}' (known: {', '.join(KERNELS.get(op, {}))})") from None
+
+
+def kernel_inputs(op: str, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """(inputs, reference output) over the range a trained privlm model produces (see INPUT_RANGES)."""
+    rng = np.random.default_rng(seed)
+    if op == "softmax":
+        H, T = 2, 48
+        s = rng.normal(0.0, INPUT_RANGES["softmax"]["std"], (H, T, T))
+        s[:, :, :2] = INPUT_RANGES["softmax"]["max"]  # rows whose maximum is the largest logit seen
+        s[:, :, 2:4] = INPUT_RANGES["softmax"]["min"]
+        s = np.where(np.tril(np.ones((T, T), bool))[None], s, -100.0)  # the program's causal fill (MASK_VALUE)
+        return [s.astype(np.float32)], softmax_reference(s.astype(np.float32).astype(np.float64))
+    if op == "gelu":
+        lo, hi = INPUT_RANGES["gelu"]["min"], INPUT_RANGES["gelu"]["max"]
+        u = rng.uniform(lo, hi, (32, 256)).astype(np.float32)
+        return [u], gelu_reference(u.astype(np.float64))
+    if op == "layernorm":
+        r = INPUT_RANGES["layernorm"]
+        x = rng.normal(r["mean"], r["std"], (32, 128))
+        x[:, :4] *= r["outlier_factor"]  # a few outlier channels, as trained residual streams have
+        g = rng.normal(1.0, 0.2, 128)
+        b = rng.normal(0.0, 0.1, 128)
+        x, g, b = (a.astype(np.float32) for a in (x, g, b))
+        return [x, g, b], layer_norm_reference(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
+    raise ValueError(f"unknown kernel op '{op}'")
+
+
+# Inputs each kernel must handle, with margin over what the trained demo-size model (SM+LN+G, L4 d128 H2,
+# T=128, stdlib corpus, 250 steps) produced on 8 validation chunks: attention logits in [-19.5, 17.4],
+# GELU inputs in [-4.0, 4.0], LayerNorm inputs |x| <= 7.2 with row standard deviations <= 2.3.
+INPUT_RANGES: dict[str, dict[str, float]] = {
+    "softmax": {"std": 3.0, "min": -30.0, "max": 30.0},
+    "gelu": {"min": -12.0, "max": 12.0},
+    "layernorm": {"mean": 0.0, "std": 2.0, "outlier_factor": 10.0},
+}
+
+
+def measure_errors(profile_name: str, seed: int = 0) -> dict[str, dict]:
+    """Each kernel of the profile run under SPU (both parties in this process) on `kernel_inputs`;
+    max |2PC - numpy reference| per op."""
+    import spu.utils.simulation as spsim
+
+    from privlm.spu.spu_profile import KERNEL_OPS, load_spu_profile
+
+    prof = load_spu_profile(profile_name)
+    sim = spsim.Simulator(2, prof.runtime_config("cheetah"))
+    out = {}
+    for op in KERNEL_OPS:
+        name = prof.kernels[op]
+        fn = kernel(op, name)
+        if op == "layernorm":
+            fn = functools.partial(fn, eps=1e-5)
+        inputs, ref = kernel_inputs(op, seed)
+        got = np.asarray(spsim.sim_jax(sim, fn, copts=prof.compiler_options())(*inputs), np.float64)
+        out[op] = {"kernel": name, "max_abs_err": float(np.max(np.abs(got - ref))), "bound": ERROR_BOUNDS[(op, name)],
+                   "elements": int(ref.size)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m privlm.spu.kernels PROFILE ...``: JSON of each kernel's 2PC error (used by tests)."""
+    import json
+    import sys
+
+    names = argv if argv is not None else sys.argv[1:]
+    print(json.dumps({n: measure_errors(n) for n in names}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
