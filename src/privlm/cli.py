@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "pi": "privlm.spu.cli",
     "sweep": "privlm.sweep",
     "report": "privlm.report.cli",
+    "demo": "privlm.demo",
 }
 
 
