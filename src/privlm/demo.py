@@ -51,12 +51,18 @@ def _train_child(cfg, run_dir: str, resume: bool, log_path: str) -> None:
 def train_runs(sweep, out: Path, jobs: int, log=print) -> dict[str, float]:
     """Train every unfinished run of ``sweep`` under ``out``, ``jobs`` processes at a time. Returns the
     wall seconds of each run trained in this call."""
-    from privlm.sweep import _saved_config, run_status
+    from privlm.config import ConfigError
+    from privlm.sweep import _config_differences, _saved_config, run_status
 
     pending = []
     for r in sweep.runs:
         run_dir = out / r.name
         status = run_status(run_dir)
+        if status in ("done", "resumable"):
+            diffs = _config_differences(r.cfg, _saved_config(run_dir))
+            if diffs:
+                raise ConfigError(f"run directory '{run_dir}' holds a run with another config ({diffs[0]}); "
+                                  f"use another --out")
         if status == "done":
             log(f"  {r.name}: already finished, kept")
             continue
