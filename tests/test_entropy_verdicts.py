@@ -121,3 +121,36 @@ def load_fixture(name: str) -> dict:
 
 def fixture_matrix(fx: dict) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in fx["head_entropy"]], dtype=float)
+
+
+def test_papers_trained_baseline_layer0_is_not_overloaded():
+    # layer 0 of the paper's trained SM+LN+G heatmap (GPT-2, 2.1B tokens): one head of 12 near-uniform
+    layer0 = [2.16, 2.91, 3.83, 3.33, 3.55, 3.12, 3.00, 3.20, 2.68, 2.87, 3.04, 3.04]
+    rep = detect_overload([layer0, [2.5] * 12], T)
+    assert rep.layer_share[0] == pytest.approx(1 / 12) and not rep.overloaded and not rep.too_early
+
+
+def test_recorded_young_baseline_is_too_early():
+    fx = load_fixture("sm-ln-g-step40")  # SM+LN+G after 81,920 tokens: every head still near uniform
+    diag = diagnose(fixture_matrix(fx), fx["nan_counts"], fx["seq_len"])
+    assert diag["bins"]["shares"][3] == 1.0  # the paper's bins would call this 100% overloaded
+    assert diag["overload"]["too_early"] and not diag["overload"]["overloaded"]
+    assert diag["verdict"].startswith("too early to judge") and diag["layer_verdicts"] == ["uniform"] * 4
+
+
+def test_recorded_softmax_only_model_overloads_its_early_layers():
+    fx = load_fixture("sm-scfuffn-1m")  # SM+ScFuFFN after 983,040 tokens (lr 1e-3), validation split
+    diag = diagnose(fixture_matrix(fx), fx["nan_counts"], fx["seq_len"])
+    assert diag["overload"]["overloaded_layers"] == [0, 1] and not diag["collapse"]["collapsed"]
+    assert diag["verdict"] == "entropic overload (layers 0, 1)"
+    # the early layers sit within 1.5 % of uniform causal attention; the deepest has left it
+    means = diag["layer_mean"]
+    assert min(means[:2]) > 0.985 * causal_entropy_max(T) and means[3] < 0.75 * causal_entropy_max(T)
+
+
+def test_recorded_collapse_of_a_normalization_free_model():
+    fx = load_fixture("sm-lr1e-2-step50")  # SM at lr 1e-2, step 50: the paper's SM picture
+    diag = diagnose(fixture_matrix(fx), fx["nan_counts"], fx["seq_len"])
+    assert diag["collapse"]["collapsed_layers"] == [1, 2, 3] and diag["overload"]["overloaded_layers"] == [0]
+    assert diag["layer_verdicts"] == ["overload", "collapse", "collapse", "collapse"]
+    assert diag["verdict"] == "entropy collapse (layers 1, 2, 3) + entropic overload (layers 0)"
