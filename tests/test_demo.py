@@ -93,6 +93,7 @@ def test_demo_end_to_end_with_private_inference_and_resume(tmp_path, capsys):
     assert "already finished, kept" in capsys.readouterr().out
     assert (out / "sm-ln-g" / "model.safetensors").stat().st_mtime_ns == mtime
     assert json.loads((out / "sm-scfuffn" / "pi_measured.json").read_text()) == pi
+    assert "MB exchanged" in (out / "demo.md").read_text()  # the earlier measurement is still shown
 
 
 def test_bad_demo_inputs_are_one_line_errors(tmp_path, capsys):

@@ -16,6 +16,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -181,6 +182,13 @@ def pi_line(run_label: str, doc: dict) -> str:
             f"{doc['messages']:,} messages, {doc['wall_seconds']:.0f} s")
 
 
+def _children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of every child process waited for so far: the demo's work in core-seconds,
+    which, unlike wall time, hardly depends on what else the machine is running."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[str], skip_pi: bool = False,
              log=print) -> dict:
     from privlm.data import prepare_data
@@ -197,20 +205,24 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
     tokens = t.max_steps * t.batch_size * t.grad_accum * d.seq_len
     log(f"privlm demo: {len(sweep.runs)} designs ({', '.join(r.preset for r in sweep.runs)}) at {demo_size}, "
         f"{tokens:,} training tokens each on the '{d.source}' corpus, {jobs} at a time (one thread each)")
-    t0 = time.time()
+    t0, cpu0 = time.time(), _children_cpu_seconds()
     prepare_data(d, None)  # build (or find) the shared token cache once, before the runs start
     log(f"data ready in {time.time() - t0:.0f} s")
     seconds = train_runs(sweep, out, jobs, log)
-    t_train = time.time() - t0
+    t_train, cpu_train = time.time() - t0, _children_cpu_seconds() - cpu0
 
-    pi_doc, pi_error = None, None
+    pi_doc, pi_error, cpu_pi = None, None, 0.0
     pi_run = next((r for r in sweep.runs if normalize_name(r.preset) == normalize_name(PI_PRESET)), None)
     if not skip_pi and pi_run is not None:
         log(f"private inference of {pi_run.name} under SPU (privlm pi run --mode sim {' '.join(pi_args)})...")
+        cpu_pi0 = _children_cpu_seconds()
         try:
             pi_doc = private_prediction(out / pi_run.name, prompt, pi_args)
         except PrivlmError as exc:
             pi_error = str(exc)
+        cpu_pi = _children_cpu_seconds() - cpu_pi0
+    elif pi_run is not None and (out / pi_run.name / "pi_measured.json").is_file():
+        pi_doc = json.loads((out / pi_run.name / "pi_measured.json").read_text())  # from an earlier call
 
     rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized")
     baseline_preset = next((r["preset"] for r in rows if sweep.baseline in (r["name"], r["preset"])),
@@ -227,14 +239,17 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
         lines += ["", f"private inference: {pi_error}"]
     report = out / "report.html"
     total = time.time() - t_start
-    lines += ["", f"HTML report of the three runs: {report.resolve()}",
+    lines += ["", f"HTML report of the runs: {report.resolve()}",
               f"demo wall time {total:.0f} s (training {t_train:.0f} s"
-              + (f", private inference {pi_doc['wall_seconds']:.0f} s" if pi_doc else "") + ")"]
+              + (f", private inference {pi_doc['wall_seconds']:.0f} s" if pi_doc and not skip_pi else "")
+              + f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU time of the training "
+              f"processes {cpu_train:.0f} core-s)"]
     for line in lines:
         log(line)
     atomic_write_text(out / "demo.md", "\n".join(lines).strip() + "\n")
     atomic_write_json(out / "demo.json", {"sweep_file": sweep_path, "jobs": jobs, "run_seconds": seconds,
                                           "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
+                                          "train_cpu_seconds": round(cpu_train, 1), "pi_cpu_seconds": round(cpu_pi, 1),
                                           "load_average": os.getloadavg(), "pi": pi_doc, "pi_error": pi_error})
     if pi_error is not None:
         raise PrivlmError(pi_error + f" (the rest of the demo is in {out})")
