@@ -154,3 +154,21 @@ def test_recorded_collapse_of_a_normalization_free_model():
     assert diag["collapse"]["collapsed_layers"] == [1, 2, 3] and diag["overload"]["overloaded_layers"] == [0]
     assert diag["layer_verdicts"] == ["overload", "collapse", "collapse", "collapse"]
     assert diag["verdict"] == "entropy collapse (layers 1, 2, 3) + entropic overload (layers 0)"
+
+
+def test_recorded_demo_runs_trained_baseline_vs_softmax_only_vs_regularized():
+    """The three runs of `privlm demo` (983,040 tokens each): the trained baseline is healthy although the
+    paper's relative bins put most of its heads in the top bin; the softmax-only designs keep their first
+    layers at uniform attention, also relative to the baseline."""
+    base, fu, ereg = (load_fixture(f"demo-{n}") for n in ("sm-ln-g", "sm-scfuffn", "ereg-sm-t-scfuffn"))
+    mb, mf, me = (fixture_matrix(f) for f in (base, fu, ereg))
+    d_base = diagnose(mb, base["nan_counts"], T)
+    assert d_base["verdict"] == "healthy" and d_base["overload"]["share"] == 0.0
+    assert d_base["bins"]["shares"][3] >= 0.5  # max-relative bins: "overloaded" by the paper's reading
+    d_fu = diagnose(mf, fu["nan_counts"], T, baseline=mb)
+    assert d_fu["verdict"] == "entropic overload (layers 0, 1)"
+    assert d_fu["vs_baseline"]["overloaded_layers"] == [0, 1, 2]  # the deepest layer is level with the baseline
+    assert abs(d_fu["vs_baseline"]["excess_nats"][3]) < OVERLOAD_EXCESS * causal_entropy_max(T)
+    d_ereg = diagnose(me, ereg["nan_counts"], T, baseline=mb)
+    assert d_ereg["overload"]["overloaded_layers"][:2] == [0, 1] and not d_ereg["collapse"]["collapsed"]
+    assert base["final_ppl"] < fu["final_ppl"]  # the price of removing LayerNorm and GELU at this budget
