@@ -31,16 +31,15 @@ $(SPU_STAMP): requirements-spu.txt pyproject.toml
 	$(SPU_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(SPU_STAMP)
 
-# the demo's run directory (later demo steps read it: entropy, cost, report)
-DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# the demo's directory (three run directories, results.md/json, report.html, demo.md)
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# extra flags of the demo's private next-token prediction (`privlm pi run`; default: privlm demo's --pi-args)
+DEMO_PI_ARGS ?=
 
-demo: setup
-	$(BIN)/privlm inspect --all
-	$(BIN)/privlm train configs/cpu/demo.yaml --out $(DEMO_RUN) --quiet
-	$(BIN)/privlm entropy $(DEMO_RUN)
-	$(BIN)/privlm cost $(DEMO_RUN) --vs SM+LN+G
-	$(BIN)/privlm cost SM+ScFuFFN --vs SM+LN+G
-	$(BIN)/privlm report $(DEMO_RUN) -o $(DEMO_RUN)/report.html
+# Baseline vs softmax-only vs entropy-regularized on the embedded corpus (configs/sweeps/demo.yaml), one
+# comparison table, one private next-token prediction under SPU, and the HTML report.
+demo: setup spu-setup
+	$(BIN)/privlm demo --out $(DEMO_DIR) $(if $(DEMO_PI_ARGS),--pi-args "$(DEMO_PI_ARGS)")
 
 test: setup spu-setup chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -272,3 +272,12 @@ def test_claims_verdicts_follow_the_numbers():
     assert c3["parts"] == [True, True, False] and "SM+R 3.300 >= SM+G 3.200" in c3["numbers"]
     assert "(0.6% higher" in c4["numbers"]
     assert evaluate_claims(rows[:2])[1]["holds"] is None  # SM+G / SM+R absent: not testable
+
+
+def test_claim_c2_reports_the_verdicts_beside_the_papers_bins():
+    from privlm.report.claims import claim_c2
+    g = {**_row("SM+G", 3.2, top=0.58), "near_uniform_share": 0.5, "verdict": "entropic overload (layers 0, 1)"}
+    r = {**_row("SM+R", 2.9, top=0.23), "near_uniform_share": 0.125, "verdict": "healthy"}
+    c2 = claim_c2([g, r])
+    assert c2["holds"] and c2["numbers"].endswith(
+        "; near-uniform heads SM+G 50% (entropic overload (layers 0, 1)) vs SM+R 12% (healthy)")

@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "pi": "privlm.spu.cli",
     "sweep": "privlm.sweep",
     "report": "privlm.report.cli",
+    "demo": "privlm.demo",
 }
 
 

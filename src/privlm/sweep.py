@@ -423,19 +423,24 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
                      f"{_f(r.get('params'), '{:,}')} |")
     lines += ["", "## Entropy diagnosis (final per-head entropies)", "",
               "Bins as in the paper's Fig. 2a: [0,max/4), [max/4,max/2), [max/2,3max/4), [3max/4,max] with max "
-              "the largest head entropy of each run.", "",
+              "the largest head entropy of each run (reported figures). Verdicts (docs/DECISIONS.md): overload = "
+              "at least half of a layer's heads at >= 95% of the causal maximum while another layer has left "
+              "uniform attention; too early = no layer has left it; collapse = at least half of a layer's heads "
+              "below 0.1 nats, or NaN attention.", "",
               "| Network Arch. | bins (% of heads) | max (nats) | layer means (nats) | min deep-half layer mean "
-              "| NaN entries | collapse | overload |", "|---|---|---|---|---|---|---|---|"]
+              "| NaN entries | collapse | overload | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "bin_shares" not in r:
-            lines.append(f"| {r['label']} | – | – | – | – | – | – | – |")
+            lines.append(f"| {r['label']} | – | – | – | – | – | – | – | – |")
             continue
         bins = " / ".join(f"{100 * s:.0f}" for s in r["bin_shares"])
         means = " ".join(_f(m, "{:.2f}") for m in r["layer_mean_entropy"])
         coll = f"yes (L{','.join(map(str, r['collapsed_layers']))})" if r["collapsed"] else "no"
-        over = f"yes (L{','.join(map(str, r['overloaded_layers']))})" if r["overloaded"] else "no"
+        over = (f"yes (L{','.join(map(str, r['overloaded_layers']))})" if r["overloaded"]
+                else "not judged" if r["too_early"] else "no")
         lines.append(f"| {r['label']} | {bins} | {_f(r['bin_max'], '{:.2f}')} | {means} | "
-                     f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} |")
+                     f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} "
+                     f"| {r['verdict']} |")
     from privlm.report.analysis import stability_cell_text, stability_map
     from privlm.report.claims import claim_c1_stability, claims_markdown
     presets, lrs, cells = stability_map(rows)

@@ -6,6 +6,7 @@ from privlm.entropy.measure import (
     EntropyBins,
     OverloadReport,
     causal_entropy_max,
+    compare_to_baseline,
     detect_collapse,
     detect_overload,
     diagnose,
@@ -14,16 +15,20 @@ from privlm.entropy.measure import (
     entropy_max,
     head_entropy,
     layer_means,
+    layer_verdicts,
     measure_model,
+    near_uniform_heads,
     normalized,
     row_entropy,
     shared_max,
+    verdict,
 )
 from privlm.entropy.regularizer import REDUCTIONS, EntropyRegularizer, regularization_loss
 
 __all__ = [
-    "BIN_LABELS", "CollapseReport", "EntropyBins", "OverloadReport", "causal_entropy_max", "detect_collapse",
-    "detect_overload", "diagnose", "entropy_bins", "entropy_history", "entropy_max", "head_entropy", "layer_means",
-    "measure_model", "normalized", "row_entropy", "shared_max", "REDUCTIONS", "EntropyRegularizer",
+    "BIN_LABELS", "CollapseReport", "EntropyBins", "OverloadReport", "causal_entropy_max", "compare_to_baseline",
+    "detect_collapse", "detect_overload", "diagnose", "entropy_bins", "entropy_history", "entropy_max", "head_entropy",
+    "layer_means", "layer_verdicts", "measure_model", "near_uniform_heads", "normalized", "row_entropy", "shared_max",
+    "verdict", "REDUCTIONS", "EntropyRegularizer",
     "regularization_loss",
 ]

@@ -5,8 +5,8 @@ Recomputes the Eq. 7 head entropies [L, H] on validation data (the run's own val
 chunk of --data tokenized with the run's tokenizer; for a Hugging Face model the validation split of the
 standard library, or every chunk of --data, tokenized with the model's own tokenizer in chunks of --T
 tokens), then prints them as a layer x head table, the paper's
-four histogram bins and the verdicts of the entropic-overload and entropy-collapse detectors (thresholds in
-privlm/entropy/measure.py). For runs trained with the regularizer it also prints the learned thresholds
+four histogram bins and the verdicts: entropic overload, entropy collapse, or too early to judge (criteria in
+privlm/entropy/measure.py and docs/DECISIONS.md). For runs trained with the regularizer it also prints the learned thresholds
 theta * log T and the share of heads outside the tolerance margin. For a run that diverged it then prints
 the divergence flight recorder's verdict and its last recorded steps (RUN_DIR/flight_recorder.json).
 """
@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, bin_index, diagnose, measure_model
+from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, diagnose, measure_model, near_uniform_heads
 from privlm.errors import CheckpointError, DataError
 from privlm.fileio import strict_json
 
@@ -132,26 +132,35 @@ def _table(rows: list[list[float | None]], fmt: str, marks=None) -> list[str]:
 def format_report(rep: dict) -> str:
     hm = rep["head_entropy"]
     bins, over, coll = rep["bins"], rep["overload"], rep["collapse"]
-    idx = bin_index([[np.nan if v is None else v for v in row] for row in hm], bins["max_value"])
-    marks = [["*" if b == 3 else ("_" if v is not None and v < coll["near_zero"] else " ")
-              for b, v in zip(brow, row)] for brow, row in zip(idx, hm)]
+    matrix = [[np.nan if v is None else v for v in row] for row in hm]
+    uniform = near_uniform_heads(matrix, rep["seq_len"], over["near_uniform"])
+    marks = [["*" if u else ("_" if v is not None and v < coll["near_zero"] else " ")
+              for u, v in zip(urow, row)] for urow, row in zip(uniform, hm)]
+    uniform_nats = over["near_uniform"] * rep["causal_max"]
     out = [f"{rep['run']}  ({rep['preset']}; {rep['sequences']} sequences of T={rep['seq_len']} from {rep['data']})",
            f"head entropy in nats (Eq. 7; log T = {rep['log_T']:.3f}, causal max = {rep['causal_max']:.3f}; "
-           f"* top bin, _ below {COLLAPSE_NATS} nats):"]
-    out += _table(hm, "6.3f", [[m for m in row] for row in marks])
-    out.append(f"bins (max = {bins['max_value']:.3f}, the largest head entropy"
+           f"* near-uniform >= {uniform_nats:.3f}, _ below {COLLAPSE_NATS} nats):"]
+    out += _table(hm, "6.3f", marks)
+    out.append(f"paper's bins (max = {bins['max_value']:.3f}, the largest head entropy"
                f"{'' if bins['max_value'] == max(v for r in hm for v in r if v is not None) else ', shared'}):  "
                + "  ".join(f"{lab} {100 * s:.0f}%" for lab, s in zip(BIN_LABELS, bins["shares"]))
                + (f"  ({bins['nan_heads']} NaN heads)" if bins["nan_heads"] else ""))
-    ol = ", ".join(f"{l}" for l in over["overloaded_layers"]) or "none"
-    out.append(f"entropic overload: {'YES' if over['overloaded'] else 'no'} — {100 * over['share']:.0f}% of heads "
-               f"in the top bin (threshold {100 * over['share_threshold']:.0f}%); layers with >= "
-               f"{100 * over['layer_threshold']:.0f}% there: {ol}")
+    per_layer = " ".join(f"L{l} {100 * s:.0f}%" for l, s in enumerate(over["layer_share"]))
+    out.append(f"near-uniform heads (>= {100 * over['near_uniform']:.0f}% of the causal max): "
+               f"{100 * over['share']:.0f}% ({per_layer})")
+    if over["too_early"]:
+        out.append("entropic overload: not judged — every layer still has >= "
+                   f"{100 * over['layer_threshold']:.0f}% of its heads near-uniform (too early to judge)")
+    else:
+        ol = ", ".join(map(str, over["overloaded_layers"])) or "none"
+        out.append(f"entropic overload: {'YES' if over['overloaded'] else 'no'} — layers with >= "
+                   f"{100 * over['layer_threshold']:.0f}% of heads near-uniform while others have left it: {ol}")
     cl = ", ".join(str(l) for l in coll["collapsed_layers"]) or "none"
     nan_total = sum(coll["nan_counts"] or [])
     out.append(f"entropy collapse: {'YES' if coll['collapsed'] else 'no'} — {100 * coll['share']:.0f}% of heads below "
                f"{coll['near_zero']} nats or NaN; collapsed layers (>= {100 * coll['layer_threshold']:.0f}% or NaN "
                f"attention): {cl}; NaN attention entries: {int(nan_total)}")
+    out.append(f"verdict: {rep['verdict']}")
     th = rep.get("thresholds")
     if th:
         out.append(f"learned thresholds theta * log T (nats; gamma = {th['gamma']}, margin = "

@@ -1,18 +1,24 @@
-"""Attention-entropy measurement and diagnosis (SPEC §2): head entropy (Eq. 7), its maxima, the paper's
-four histogram bins, and the entropic-overload / entropy-collapse detectors.
+"""Attention-entropy measurement and diagnosis: head entropy (Eq. 7), its maxima, the paper's four
+histogram bins, and the verdicts (entropic overload, entropy collapse, too early to judge).
 
 Inputs may be torch tensors, numpy arrays or nested lists (e.g. ``head_entropy`` from metrics.jsonl).
 The per-query entropies themselves are computed inside the attention from the probabilities it already
 has (``privlm.model.attention.row_entropy``; ``GPT(...)(idx, output_entropy=True).entropy``).
 
-Detector thresholds (ours; the paper gives none beyond "disproportionately large" / "near zero"):
-  * entropic overload: a layer is overloaded when >= 50% of its heads lie in the top bin [3max/4, max];
-    the model is overloaded when >= 25% of all heads do. The paper's well-behaved baselines have 3-8% of
-    heads there, the overloaded SM+G 58% and SM 45% (SPEC §2), so 25% separates them with room either side.
-  * entropy collapse: a head is collapsed when its mean entropy is below 0.1 nats (it attends to
-    exp(0.1) ~ 1.1 keys on average; Fig. 3f's collapsed deep heads are at 0.03-0.06) or is NaN; a layer
-    collapses when >= 50% of its heads do or its attention had any NaN entry; the model collapses when
-    any layer does (the paper's collapse is a deep-layer phenomenon that ends in NaNs).
+The paper's bins ([0, max/4) ... [3max/4, max] with max the largest observed head entropy) are relative to
+the run itself, so they cannot tell a young model whose heads are all still uniform from an overloaded one:
+both put most heads in the top bin. They are kept as reported figures; the verdicts use absolute scales
+(docs/DECISIONS.md, "Entropy verdicts", gives the reasoning and the paper's figures):
+  * near-uniform head: entropy >= NEAR_UNIFORM x the causal maximum log(T!)/T (uniform attention over the
+    visible keys; 0.95 x 3.878 = 3.684 nats at T=128);
+  * entropic overload of a layer: >= half of its heads near-uniform while some layer of the model has left
+    uniform attention (the paper's overload is early layers that stay uniform while the rest specialize);
+  * too early to judge: every layer still has >= half of its heads near-uniform (nothing has been learnt
+    yet that would make uniform attention abnormal); no overload verdict is given;
+  * entropy collapse of a layer: >= half of its heads below COLLAPSE_NATS (0.1 nats: ~1.1 keys attended)
+    or NaN, or any NaN in its attention;
+  * against a baseline run (same depth and T): a layer is overloaded relative to it when its mean head
+    entropy exceeds the baseline's same layer by >= OVERLOAD_EXCESS x the causal maximum.
 """
 from __future__ import annotations
 
@@ -27,10 +33,11 @@ import torch
 
 from privlm.model.attention import row_entropy  # noqa: F401  (re-exported: entropy of attention rows)
 
-OVERLOAD_SHARE = 0.25  # share of all heads in the top bin above which the model is "overloaded"
-OVERLOAD_LAYER_SHARE = 0.5  # share of a layer's heads in the top bin above which that layer is flagged
+NEAR_UNIFORM = 0.95  # head entropy >= this share of the causal maximum: (near) uniform attention
+OVERLOAD_LAYER_SHARE = 0.5  # share of a layer's heads near-uniform at or above which the layer is overloaded
+OVERLOAD_EXCESS = 0.10  # layer-mean excess over a baseline, as a share of the causal maximum (0.39 nats at T=128)
 COLLAPSE_NATS = 0.1  # head entropy below this (nats) counts as collapsed
-COLLAPSE_LAYER_SHARE = 0.5  # share of a layer's heads collapsed above which that layer is flagged
+COLLAPSE_LAYER_SHARE = 0.5  # share of a layer's heads collapsed at or above which that layer is flagged
 BIN_LABELS = ("[0, max/4)", "[max/4, max/2)", "[max/2, 3max/4)", "[3max/4, max]")
 
 
@@ -146,27 +153,59 @@ def entropy_bins(head_matrix, max_value: Optional[float] = None) -> EntropyBins:
 
 @dataclass
 class OverloadReport:
-    """Entropic overload: share of heads in the top bin [3max/4, max], overall and per layer."""
+    """Entropic overload: layers whose heads stay at near-uniform attention while others have left it.
 
-    max_value: float
-    share: float
+    ``top_bin_share`` is the paper's figure (share of heads in [3max/4, max], max = largest head entropy),
+    reported alongside; it does not decide the verdict."""
+
+    causal_max: float
+    near_uniform: float  # threshold as a share of causal_max
+    share: float  # share of all finite heads near-uniform
     layer_share: list[float]
     overloaded_layers: list[int]
     overloaded: bool
-    share_threshold: float
+    too_early: bool  # no layer has left uniform attention: no overload verdict
     layer_threshold: float
+    top_bin_share: float
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def detect_overload(head_matrix, max_value: Optional[float] = None, share_threshold: float = OVERLOAD_SHARE,
+def near_uniform_heads(head_matrix, T: int, near_uniform: float = NEAR_UNIFORM) -> np.ndarray:
+    """Boolean [L, H]: heads whose entropy is at least ``near_uniform`` x the causal maximum (NaN: False)."""
+    m = _matrix(head_matrix)
+    return np.nan_to_num(m, nan=-np.inf) >= near_uniform * causal_entropy_max(T)
+
+
+def detect_overload(head_matrix, T: int, near_uniform: float = NEAR_UNIFORM,
                     layer_threshold: float = OVERLOAD_LAYER_SHARE) -> OverloadReport:
-    bins = entropy_bins(head_matrix, max_value)
-    layer_share = [lc[3] / max(sum(lc), 1) for lc in bins.layer_counts]
-    flagged = [i for i, s in enumerate(layer_share) if s >= layer_threshold]
-    return OverloadReport(bins.max_value, bins.shares[3], layer_share, flagged,
-                          bins.shares[3] >= share_threshold or bool(flagged), share_threshold, layer_threshold)
+    """Layers with >= ``layer_threshold`` of their finite heads near-uniform are overloaded, unless every
+    layer is (then the model is too early to judge and no layer is called overloaded)."""
+    m = _matrix(head_matrix)
+    finite = ~np.isnan(m)
+    uniform = near_uniform_heads(m, T, near_uniform)
+    layer_share = (uniform.sum(axis=1) / np.maximum(finite.sum(axis=1), 1)).tolist()
+    stays_uniform = [i for i, s in enumerate(layer_share) if s >= layer_threshold]
+    too_early = len(stays_uniform) == m.shape[0]
+    flagged = [] if too_early else stays_uniform
+    return OverloadReport(causal_entropy_max(T), near_uniform, float(uniform.sum() / max(int(finite.sum()), 1)),
+                          layer_share, flagged, bool(flagged), too_early, layer_threshold,
+                          entropy_bins(m).shares[3])
+
+
+def compare_to_baseline(head_matrix, baseline_matrix, T: int, excess: float = OVERLOAD_EXCESS) -> dict:
+    """Per-layer mean head entropy minus the baseline's (nats and as a share of the causal maximum), and the
+    layers whose excess is >= ``excess`` (overloaded relative to the baseline). Same depth required."""
+    m, base = _matrix(head_matrix), _matrix(baseline_matrix)
+    if m.shape[0] != base.shape[0]:
+        raise ValueError(f"cannot compare {m.shape[0]} layers with a baseline of {base.shape[0]}")
+    diff = layer_means(m) - layer_means(base)
+    share = diff / causal_entropy_max(T)
+    return {"excess_nats": [None if math.isnan(v) else float(v) for v in diff],
+            "excess_share": [None if math.isnan(v) else float(v) for v in share],
+            "overloaded_layers": [i for i, v in enumerate(share) if not math.isnan(v) and v >= excess],
+            "threshold": excess}
 
 
 @dataclass
@@ -201,19 +240,54 @@ def detect_collapse(head_matrix, nan_counts: Optional[Sequence[float]] = None, n
                           bool(flagged), near_zero, layer_threshold)
 
 
-def diagnose(head_matrix, nan_counts: Optional[Sequence[float]] = None, T: Optional[int] = None,
-             max_value: Optional[float] = None) -> dict:
-    """Everything ``privlm entropy`` reports, JSON-able."""
+def layer_verdicts(diag: dict) -> list[str]:
+    """One word per layer of a ``diagnose`` result: 'uniform' (model too early to judge), 'overload',
+    'collapse', 'both' or 'ok'."""
+    collapsed = set(diag["collapse"]["collapsed_layers"])
+    overloaded = set(diag["overload"]["overloaded_layers"])
+    early = diag["overload"]["too_early"]
+    out = []
+    for layer in range(len(diag["layer_mean"])):
+        c, o = layer in collapsed, layer in overloaded
+        out.append("both" if c and o else "collapse" if c else "overload" if o else "uniform" if early else "ok")
+    return out
+
+
+def verdict(diag: dict) -> str:
+    """The model's verdict in a few words, e.g. 'entropic overload (layers 0, 1)' or 'too early to judge'."""
+    coll, over = diag["collapse"], diag["overload"]
+    parts = []
+    if coll["collapsed"]:
+        parts.append("entropy collapse (layers " + ", ".join(map(str, coll["collapsed_layers"])) + ")")
+    if over["overloaded"]:
+        parts.append("entropic overload (layers " + ", ".join(map(str, over["overloaded_layers"])) + ")")
+    if parts:
+        return " + ".join(parts)
+    if over["too_early"]:
+        return "too early to judge (no layer has left uniform attention)"
+    return "healthy"
+
+
+def diagnose(head_matrix, nan_counts: Optional[Sequence[float]], T: int, max_value: Optional[float] = None,
+             baseline=None) -> dict:
+    """Everything ``privlm entropy`` reports, JSON-able. ``T`` (the context length the entropies were
+    measured at) sets the causal maximum; ``baseline`` (head matrix of a baseline run at the same depth
+    and T) adds the per-layer comparison."""
+    if T < 1:
+        raise ValueError(f"T={T}: the context length of the measurement is needed for the verdicts")
     m = _matrix(head_matrix)
     out = {
         "head_entropy": np.where(np.isnan(m), None, m).tolist(),
         "layer_mean": [None if math.isnan(v) else v for v in layer_means(m).tolist()],
         "bins": entropy_bins(m, max_value).to_dict(),
-        "overload": detect_overload(m, max_value).to_dict(),
+        "overload": detect_overload(m, T).to_dict(),
         "collapse": detect_collapse(m, nan_counts).to_dict(),
+        "seq_len": T, "log_T": entropy_max(T), "causal_max": causal_entropy_max(T),
     }
-    if T is not None:
-        out.update(seq_len=T, log_T=entropy_max(T), causal_max=causal_entropy_max(T))
+    if baseline is not None:
+        out["vs_baseline"] = compare_to_baseline(m, baseline, T)
+    out["layer_verdicts"] = layer_verdicts(out)
+    out["verdict"] = verdict(out)
     return out
 
 

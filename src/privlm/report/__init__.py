@@ -30,7 +30,7 @@ def collect(runs: Sequence[RunData], baseline: Optional[str] = None,
             raise PrivlmError(f"baseline '{baseline}' is none of the runs: "
                               f"{', '.join(r.path.name for r in runs)}")
         base_idx = matches[0]
-    rows = [analysis.run_row(run, cost, costs[base_idx]) for run, cost in zip(runs, costs)]
+    rows = [analysis.run_row(run, cost, costs[base_idx], runs[base_idx]) for run, cost in zip(runs, costs)]
     return rows, costs, notes
 
 

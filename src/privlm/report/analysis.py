@@ -52,23 +52,18 @@ def last_nan_counts(run: RunData) -> Optional[list[float]]:
     return np.nansum(np.array(rows, float), axis=0).tolist()
 
 
-def diagnosis(run: RunData) -> Optional[dict]:
-    """`privlm.entropy.diagnose` of the final head entropies, with NaN counts over the whole run."""
+def diagnosis(run: RunData, baseline: Optional[RunData] = None) -> Optional[dict]:
+    """`privlm.entropy.diagnose` of the final head entropies, with NaN counts over the whole run and, when a
+    baseline run of the same depth and T is given, the per-layer comparison with its final entropies."""
     m = run.head_entropy()
     if m is None:
         return None
-    return ent.diagnose(m, last_nan_counts(run), T=run.seq_len)
-
-
-def layer_verdicts(diag: dict) -> list[str]:
-    """One word per layer: 'collapse', 'overload', 'both' or 'ok'."""
-    collapsed = set(diag["collapse"]["collapsed_layers"])
-    overloaded = set(diag["overload"]["overloaded_layers"])
-    out = []
-    for layer in range(len(diag["layer_mean"])):
-        c, o = layer in collapsed, layer in overloaded
-        out.append("both" if c and o else "collapse" if c else "overload" if o else "ok")
-    return out
+    base = None
+    if baseline is not None and baseline is not run and baseline.seq_len == run.seq_len:
+        base = baseline.head_entropy()
+        if base is not None and base.shape[0] != m.shape[0]:
+            base = None
+    return ent.diagnose(m, last_nan_counts(run), T=run.seq_len, baseline=base)
 
 
 def predicted_cost(run: RunData, profile: str = DEFAULT_PROFILE) -> Optional[dict]:
@@ -148,9 +143,10 @@ def stability_cell_text(cell_rows: Sequence[dict]) -> str:
     return " / ".join(parts)
 
 
-def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict]) -> dict:
+def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict],
+            baseline: Optional[RunData] = None) -> dict:
     """One row of the results table (paper Table 3 layout plus entropy diagnostics)."""
-    diag = diagnosis(run)
+    diag = diagnosis(run, baseline)
     row = {
         "name": run.path.name, "label": run.label, "preset": run.preset, "params": run.params,
         "tokens_trained": run.tokens_trained, "steps": (run.summary or {}).get("steps"),
@@ -181,5 +177,11 @@ def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict]) -
         row["overloaded_layers"] = diag["overload"]["overloaded_layers"]
         row["collapsed"] = diag["collapse"]["collapsed"]
         row["collapsed_layers"] = diag["collapse"]["collapsed_layers"]
-        row["layer_verdicts"] = layer_verdicts(diag)
+        row["too_early"] = diag["overload"]["too_early"]
+        row["near_uniform_share"] = diag["overload"]["share"]
+        row["layer_verdicts"] = diag["layer_verdicts"]
+        row["verdict"] = diag["verdict"]
+        if "vs_baseline" in diag:
+            row["excess_vs_baseline"] = diag["vs_baseline"]["excess_nats"]
+            row["overloaded_vs_baseline"] = diag["vs_baseline"]["overloaded_layers"]
     return row

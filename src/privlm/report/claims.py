@@ -58,10 +58,14 @@ def claim_c2(rows: Sequence[dict]) -> dict:
     if g is None or r is None or "bin_shares" not in g or "bin_shares" not in r:
         return {**out, "holds": None, "numbers": "variants or entropy telemetry missing"}
     sg, sr = g["bin_shares"][3], r["bin_shares"][3]
+    uniform = ""
+    if g.get("near_uniform_share") is not None and r.get("near_uniform_share") is not None:
+        uniform = (f"; near-uniform heads SM+G {100 * g['near_uniform_share']:.0f}% ({g['verdict']}) vs SM+R "
+                   f"{100 * r['near_uniform_share']:.0f}% ({r['verdict']})")
     return {**out, "holds": sg > sr,
             "numbers": f"top-bin share SM+G {100 * sg:.1f}% vs SM+R {100 * sr:.1f}% (paper: 58% vs 23-24%); "
                        f"bins SM+G {' / '.join(f'{100 * s:.0f}' for s in g['bin_shares'])}, "
-                       f"SM+R {' / '.join(f'{100 * s:.0f}' for s in r['bin_shares'])} %"}
+                       f"SM+R {' / '.join(f'{100 * s:.0f}' for s in r['bin_shares'])} %{uniform}"}
 
 
 def claim_c3(rows: Sequence[dict]) -> dict:

@@ -80,28 +80,42 @@ def summary_table(rows: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
+VERDICT_CLASS = {"ok": "ok", "healthy": "ok", "overload": "warn", "uniform": "", "too early": ""}
+
+
+def _verdict_class(word: str) -> str:
+    if word.startswith("too early"):
+        return ""
+    if word.startswith("entropic overload"):
+        return "warn"
+    return VERDICT_CLASS.get(word, "bad")
+
+
 def diagnosis_table(rows: Sequence[dict]) -> str:
     with_diag = [r for r in rows if "layer_verdicts" in r]
     if not with_diag:
         return "<p>No entropy telemetry in these runs.</p>"
     n_layers = max(len(r["layer_verdicts"]) for r in with_diag)
-    head = (["run", "overall"] + [f"L{i}" for i in range(n_layers)]
+    head = (["run", "verdict"] + [f"L{i}" for i in range(n_layers)] + ["near-uniform heads"]
             + [f"bin {lab}" for lab in analysis.BIN_LABELS] + ["NaN entries"])
     out = ['<table id="diagnosis-table"><thead><tr>' + "".join(
-        f'<th class="{"l" if i == 0 else ""}">{_e(h)}</th>' for i, h in enumerate(head))
+        f'<th class="{"l" if i < 2 else ""}">{_e(h)}</th>' for i, h in enumerate(head))
            + "</tr></thead><tbody>"]
     for r in with_diag:
-        overall = ("collapse + overload" if r["collapsed"] and r["overloaded"] else "collapse" if r["collapsed"]
-                   else "overload" if r["overloaded"] else "ok")
-        cls = {"ok": "ok", "overload": "warn"}.get(overall, "bad")
-        cells = [f'<td class="l">{_e(r["label"])}</td>', f'<td class="{cls}">{overall}</td>']
+        cells = [f'<td class="l">{_e(r["label"])}</td>',
+                 f'<td class="l {_verdict_class(r["verdict"])}">{_e(r["verdict"])}</td>']
+        excess = r.get("excess_vs_baseline")
         for i in range(n_layers):
             if i < len(r["layer_verdicts"]):
                 v, mean = r["layer_verdicts"][i], r["layer_mean_entropy"][i]
-                cls = {"ok": "ok", "overload": "warn"}.get(v, "bad")
-                cells.append(f'<td class="{cls}">{v}<br><span class="meta">{_num(mean, "{:.2f}")} nats</span></td>')
+                vs = ""
+                if excess is not None and excess[i] is not None:
+                    vs = f'<br><span class="meta">{excess[i]:+.2f} vs baseline</span>'
+                cells.append(f'<td class="{_verdict_class(v)}">{v}<br><span class="meta">{_num(mean, "{:.2f}")} '
+                             f"nats</span>{vs}</td>")
             else:
                 cells.append("<td></td>")
+        cells.append(f"<td>{100 * r['near_uniform_share']:.0f}%</td>")
         cells += [f"<td>{100 * s:.1f}%</td>" for s in r["bin_shares"]]
         cells.append(f"<td>{_num(r.get('nan_total'), '{:,.0f}')}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
@@ -132,9 +146,14 @@ def render(rows: Sequence[dict], figures: Sequence[FigureSpec], title: str = "pr
         "products. SPU-measured: bytes of a real SecretFlow SPU run of the checkpoint, when one was saved "
         "in the run directory.</p>",
         "<h2>Diagnosis</h2>", diagnosis_table(rows),
-        '<p class="meta">Per layer: collapse = at least half of the heads below 0.1 nats or NaN attention '
-        "entries at any logged step; overload = at least half of the heads in the top bin [3max/4, max]. "
-        "Thresholds documented in <code>privlm.entropy.measure</code>.</p>",
+        '<p class="meta">Per layer (final head entropies; causal maximum log(T!)/T): <b>overload</b> = at least '
+        "half of the heads near-uniform (at least 95% of the causal maximum) while some other layer has left "
+        "uniform attention; <b>uniform</b> = the same, but no layer has left it yet: the model is too early to "
+        "judge; <b>collapse</b> = at least half of the heads below 0.1 nats, or NaN attention entries at any "
+        "logged step. Under each layer: its mean head entropy and, for runs compared with the baseline, the "
+        "difference from the baseline's same layer (10% of the causal maximum or more marks overload relative "
+        "to the baseline). The paper's four bins (max = the run's largest head entropy) are reported as "
+        "figures only. Criteria: docs/DECISIONS.md.</p>",
     ]
     for r in rows:
         if r.get("diagnosis_summary"):

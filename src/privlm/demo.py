@@ -1,0 +1,281 @@
+"""`privlm demo [--out DIR] [--jobs N] [--pi-args "..."]`: the paper's story in a few minutes on a CPU.
+
+Trains the runs of a sweep file (default ``configs/sweeps/demo.yaml``: the baseline SM+LN+G, the softmax-only
+SM+ScFuFFN and the regularized EReg(SM(t)+ScFuFFN), same data, budget and seed) several at a time with one
+torch thread each, runs one private next-token prediction of the softmax-only model under SecretFlow SPU
+(`privlm pi run --mode sim`), and prints one comparison table: validation PPL, entropy verdicts per layer,
+nonlinear ops, predicted 2PC communication/latency at the demo size and at GPT-2 size, and savings. The
+results (results.md/json, report.html with every figure, demo.md) are the sweep's, written into DIR.
+
+An interrupted demo continues where it stopped when rerun with the same --out (finished runs are kept,
+runs with a checkpoint resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from privlm.errors import PrivlmError
+
+DEFAULT_SWEEP = "configs/sweeps/demo.yaml"
+# A prompt from the training distribution (Python source); 24 tokens with the demo's 2K BPE.
+DEFAULT_PROMPT = "import os\n\ndef read_config(path):\n    with open(path) as f:\n        return"
+PI_PRESET = "SM+ScFuFFN"  # the softmax-only design the private inference runs on
+GPT2_T = 128  # the paper's Table 3 context length
+
+
+def _train_child(cfg, run_dir: str, resume: bool, log_path: str) -> None:
+    """One run in its own process with one torch thread (the parent keeps the other cores busy)."""
+    import torch
+
+    from privlm.errors import DivergenceError
+    from privlm.train.loop import train
+
+    torch.set_num_threads(1)
+    with open(log_path, "a", buffering=1) as log:
+        sys.stdout = sys.stderr = log
+        try:
+            train(cfg, run_dir, resume=resume, quiet=True)
+        except DivergenceError as exc:  # recorded in summary.json by the trainer; the demo goes on
+            print(f"diverged: {exc}")
+
+
+def train_runs(sweep, out: Path, jobs: int, log=print) -> dict[str, float]:
+    """Train every unfinished run of ``sweep`` under ``out``, ``jobs`` processes at a time. Returns the
+    wall seconds of each run trained in this call."""
+    from privlm.config import ConfigError
+    from privlm.sweep import _config_differences, _saved_config, run_status
+
+    pending = []
+    for r in sweep.runs:
+        run_dir = out / r.name
+        status = run_status(run_dir)
+        if status in ("done", "resumable"):
+            diffs = _config_differences(r.cfg, _saved_config(run_dir))
+            if diffs:
+                raise ConfigError(f"run directory '{run_dir}' holds a run with another config ({diffs[0]}); "
+                                  f"use another --out")
+        if status == "done":
+            log(f"  {r.name}: already finished, kept")
+            continue
+        if status == "incomplete":
+            aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            log(f"  {r.name}: no checkpoint to resume from; moved to {aside.name}")
+            status = "new"
+        resume = status == "resumable"
+        pending.append((r, _saved_config(run_dir) if resume else r.cfg, resume))
+    ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch threads
+    running: dict[str, tuple] = {}
+    seconds: dict[str, float] = {}
+    failed = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            r, cfg, resume = pending.pop(0)
+            out.mkdir(parents=True, exist_ok=True)
+            log_path = out / f"{r.name}.log"
+            proc = ctx.Process(target=_train_child, args=(cfg, str(out / r.name), resume, str(log_path)))
+            proc.start()
+            running[r.name] = (proc, time.time())
+            log(f"  {r.name}: {'resuming' if resume else 'training'} {r.preset} (log: {log_path})")
+        time.sleep(0.5)
+        for name, (proc, t0) in list(running.items()):
+            if proc.is_alive():
+                continue
+            proc.join()
+            del running[name]
+            seconds[name] = round(time.time() - t0, 1)
+            if proc.exitcode != 0 or not (out / name / "summary.json").is_file():
+                failed.append(f"{name} (exit {proc.exitcode}; see {out / f'{name}.log'})")
+            else:
+                ppl = json.loads((out / name / "summary.json").read_text()).get("final_ppl")
+                log(f"  {name}: finished in {seconds[name]:.0f} s, validation PPL {ppl:.2f}"
+                    if ppl is not None else f"  {name}: finished in {seconds[name]:.0f} s, diverged")
+    if failed:
+        raise PrivlmError("training failed: " + "; ".join(failed))
+    return seconds
+
+
+DEFAULT_PI_ARGS = "--spu-profile bumblebee"
+
+
+def private_prediction(run_dir: Path, prompt: str, pi_args: list[str]) -> dict:
+    """`privlm pi run RUN_DIR --mode sim --head last --json` (plus ``pi_args``), saved as the run's
+    pi_measured.json so the report shows the measured bytes beside the predicted ones."""
+    from privlm.fileio import atomic_write_json
+
+    cmd = [sys.executable, "-m", "privlm.cli", "pi", "run", str(run_dir), "--mode", "sim", "--head", "last",
+           "--prompt", prompt, "--json", *pi_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise PrivlmError(f"private inference failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+    doc = json.loads(proc.stdout)
+    atomic_write_json(run_dir / "pi_measured.json", doc)
+    return doc
+
+
+def gpt2_costs(rows: list[dict], baseline_preset: str, profile: str) -> dict[str, dict]:
+    """Predicted 2PC cost of each row's preset at GPT-2 size (L12 H12 d768, 50K vocabulary, T=128) and its
+    savings relative to the baseline preset at the same size."""
+    from privlm.config import load_config
+    from privlm.pi import census, predict
+
+    def cost(preset):
+        return predict(census(load_config(preset).model, GPT2_T), profile)
+
+    ref = cost(baseline_preset)
+    out = {}
+    for r in rows:
+        c = cost(r["preset"])
+        comm_sav, lat_sav = c.savings_vs(ref)
+        out[r["name"]] = {"comm_gb": c.comm_gb, "lat_min": c.lat_min, "comm_savings": comm_sav,
+                          "lat_savings": lat_sav}
+    return out
+
+
+def _fmt(x, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def comparison_table(rows: list[dict], gpt2: dict[str, dict], demo_size: str) -> list[str]:
+    """The demo's one table (markdown): quality, entropy verdicts, nonlinear ops, cost at both sizes."""
+    n_layers = max(len(r.get("layer_verdicts", [])) for r in rows)
+    head = (["design", "val PPL", "entropy verdict"] + [f"L{i}" for i in range(n_layers)]
+            + ["#nonlinear ops", f"Comm/Lat {demo_size}", "sav.", "Comm/Lat GPT-2", "sav."])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ppl = "NaN (diverged)" if r["diverged"] else _fmt(r.get("ppl"), ".2f")
+        layers = []
+        excess = r.get("excess_vs_baseline")
+        for i in range(n_layers):
+            if i >= len(r.get("layer_verdicts", [])):
+                layers.append("")
+                continue
+            cell = f"{_fmt(r['layer_mean_entropy'][i], '.2f')} {r['layer_verdicts'][i]}"
+            if excess is not None and excess[i] is not None:
+                cell += f" ({excess[i]:+.2f})"
+            layers.append(cell)
+        g = gpt2[r["name"]]
+        cells = [r["label"], ppl, r.get("verdict", "–"), *layers, r.get("nonlinear", "–"),
+                 f"{_fmt(r.get('comm_gb'), '.3f')} GB / {_fmt(r.get('lat_min'), '.2f')} min",
+                 f"{_fmt(r.get('comm_savings'), '.2f')}× / {_fmt(r.get('lat_savings'), '.2f')}×",
+                 f"{g['comm_gb']:.2f} GB / {g['lat_min']:.2f} min",
+                 f"{g['comm_savings']:.2f}× / {g['lat_savings']:.2f}×"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def pi_line(run_label: str, doc: dict) -> str:
+    agree = {True: "agrees with", False: "DIFFERS from", None: "not compared with"}[doc.get("top1_agree")]
+    err = doc.get("max_logit_err")
+    return (f"private next-token prediction of {run_label} under 2PC (SPU {doc['protocol']}, {doc['mode']}, "
+            f"T={doc['T']} prompt tokens): {doc.get('predicted_text', doc['predicted_token'])!r} (token "
+            f"{doc['predicted_token']}), {agree} plaintext (max |logit error| "
+            f"{'–' if err is None else f'{err:.4f}'}); {doc['bytes_total'] / 1e6:.1f} MB exchanged, "
+            f"{doc['messages']:,} messages, {doc['wall_seconds']:.0f} s")
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of every child process waited for so far: the demo's work in core-seconds,
+    which, unlike wall time, hardly depends on what else the machine is running."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[str], skip_pi: bool = False,
+             log=print) -> dict:
+    from privlm.data import prepare_data
+    from privlm.fileio import atomic_write_json, atomic_write_text
+    from privlm.presets import normalize_name
+    from privlm.report.analysis import DEFAULT_PROFILE
+    from privlm.sweep import load_sweep, write_results
+
+    t_start = time.time()
+    sweep = load_sweep(sweep_path)
+    first = sweep.runs[0].cfg
+    m, d, t = first.model, first.data, first.train
+    demo_size = f"L{m.n_layer} d{m.n_embd} H{m.n_head}, T={d.seq_len}"
+    tokens = t.max_steps * t.batch_size * t.grad_accum * d.seq_len
+    log(f"privlm demo: {len(sweep.runs)} designs ({', '.join(r.preset for r in sweep.runs)}) at {demo_size}, "
+        f"{tokens:,} training tokens each on the '{d.source}' corpus, {jobs} at a time (one thread each)")
+    t0, cpu0 = time.time(), _children_cpu_seconds()
+    prepare_data(d, None)  # build (or find) the shared token cache once, before the runs start
+    log(f"data ready in {time.time() - t0:.0f} s")
+    seconds = train_runs(sweep, out, jobs, log)
+    t_train, cpu_train = time.time() - t0, _children_cpu_seconds() - cpu0
+
+    pi_doc, pi_error, cpu_pi = None, None, 0.0
+    pi_run = next((r for r in sweep.runs if normalize_name(r.preset) == normalize_name(PI_PRESET)), None)
+    if not skip_pi and pi_run is not None:
+        log(f"private inference of {pi_run.name} under SPU (privlm pi run --mode sim {' '.join(pi_args)})...")
+        cpu_pi0 = _children_cpu_seconds()
+        try:
+            pi_doc = private_prediction(out / pi_run.name, prompt, pi_args)
+        except PrivlmError as exc:
+            pi_error = str(exc)
+        cpu_pi = _children_cpu_seconds() - cpu_pi0
+    elif pi_run is not None and (out / pi_run.name / "pi_measured.json").is_file():
+        pi_doc = json.loads((out / pi_run.name / "pi_measured.json").read_text())  # from an earlier call
+
+    rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized")
+    baseline_preset = next((r["preset"] for r in rows if sweep.baseline in (r["name"], r["preset"])),
+                           rows[0]["preset"])
+    profile = next((r.get("profile") for r in rows if r.get("profile")), DEFAULT_PROFILE)
+    table = comparison_table(rows, gpt2_costs(rows, baseline_preset, profile), demo_size)
+    lines = ["", f"Comparison ({tokens:,} training tokens per design; PPL on the whole validation split; per "
+                 f"layer: mean head entropy in nats, verdict, difference from the baseline's layer; costs: "
+                 f"predicted 2PC cost of one token after a {d.seq_len}-token prompt, profile {profile}; "
+                 f"savings vs {baseline_preset}):", ""] + table
+    if pi_doc is not None:
+        lines += ["", pi_line(pi_run.name, pi_doc)]
+    elif pi_error is not None:
+        lines += ["", f"private inference: {pi_error}"]
+    report = out / "report.html"
+    total = time.time() - t_start
+    lines += ["", f"HTML report of the runs: {report.resolve()}",
+              f"demo wall time {total:.0f} s (training {t_train:.0f} s"
+              + (f", private inference {pi_doc['wall_seconds']:.0f} s" if pi_doc and not skip_pi else "")
+              + f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU time of the training "
+              f"processes {cpu_train:.0f} core-s)"]
+    for line in lines:
+        log(line)
+    atomic_write_text(out / "demo.md", "\n".join(lines).strip() + "\n")
+    atomic_write_json(out / "demo.json", {"sweep_file": sweep_path, "jobs": jobs, "run_seconds": seconds,
+                                          "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
+                                          "train_cpu_seconds": round(cpu_train, 1), "pi_cpu_seconds": round(cpu_pi, 1),
+                                          "load_average": os.getloadavg(), "pi": pi_doc, "pi_error": pi_error})
+    if pi_error is not None:
+        raise PrivlmError(pi_error + f" (the rest of the demo is in {out})")
+    return {"rows": rows, "pi": pi_doc}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise PrivlmError(f"--jobs={args.jobs} must be >= 1")
+    out = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_demo(args.sweep, out, args.jobs, args.prompt, shlex.split(args.pi_args), args.skip_pi)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the paper's story in minutes: three designs, verdicts, costs, 2PC prediction",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"sweep file of the runs (default {DEFAULT_SWEEP})")
+    p.add_argument("--out", help="demo directory (default runs/demo-<time>); rerun with it to continue")
+    p.add_argument("--jobs", type=int, default=3, help="runs trained at once, one torch thread each (default 3)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the private next-token prediction")
+    p.add_argument("--pi-args", default=DEFAULT_PI_ARGS,
+                   help=f"flags for `privlm pi run` (default \"{DEFAULT_PI_ARGS}\": the SPU profile closest to the "
+                        f"paper's engine)")
+    p.add_argument("--skip-pi", action="store_true", help="no private inference (no SPU environment needed)")
+    p.set_defaults(func=run)
