@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import shlex
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from privlm.errors import PrivlmError
 
@@ -33,76 +31,13 @@ PI_PRESET = "SM+ScFuFFN"  # the softmax-only design the private inference runs o
 GPT2_T = 128  # the paper's Table 3 context length
 
 
-def _train_child(cfg, run_dir: str, resume: bool, log_path: str) -> None:
-    """One run in its own process with one torch thread (the parent keeps the other cores busy)."""
-    import torch
-
-    from privlm.errors import DivergenceError
-    from privlm.train.loop import train
-
-    torch.set_num_threads(1)
-    with open(log_path, "a", buffering=1) as log:
-        sys.stdout = sys.stderr = log
-        try:
-            train(cfg, run_dir, resume=resume, quiet=True)
-        except DivergenceError as exc:  # recorded in summary.json by the trainer; the demo goes on
-            print(f"diverged: {exc}")
-
-
 def train_runs(sweep, out: Path, jobs: int, log=print) -> dict[str, float]:
-    """Train every unfinished run of ``sweep`` under ``out``, ``jobs`` processes at a time. Returns the
-    wall seconds of each run trained in this call."""
-    from privlm.config import ConfigError
-    from privlm.sweep import _config_differences, _saved_config, run_status
+    """Train every unfinished run of ``sweep`` under ``out`` with the sweep runner, ``jobs`` processes at a
+    time (one torch thread each). Returns the wall seconds of each run trained so far."""
+    from privlm.sweep import run_sweep
 
-    pending = []
-    for r in sweep.runs:
-        run_dir = out / r.name
-        status = run_status(run_dir)
-        if status in ("done", "resumable"):
-            diffs = _config_differences(r.cfg, _saved_config(run_dir))
-            if diffs:
-                raise ConfigError(f"run directory '{run_dir}' holds a run with another config ({diffs[0]}); "
-                                  f"use another --out")
-        if status == "done":
-            log(f"  {r.name}: already finished, kept")
-            continue
-        if status == "incomplete":
-            aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(aside)
-            log(f"  {r.name}: no checkpoint to resume from; moved to {aside.name}")
-            status = "new"
-        resume = status == "resumable"
-        pending.append((r, _saved_config(run_dir) if resume else r.cfg, resume))
-    ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch threads
-    running: dict[str, tuple] = {}
-    seconds: dict[str, float] = {}
-    failed = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            r, cfg, resume = pending.pop(0)
-            out.mkdir(parents=True, exist_ok=True)
-            log_path = out / f"{r.name}.log"
-            proc = ctx.Process(target=_train_child, args=(cfg, str(out / r.name), resume, str(log_path)))
-            proc.start()
-            running[r.name] = (proc, time.time())
-            log(f"  {r.name}: {'resuming' if resume else 'training'} {r.preset} (log: {log_path})")
-        time.sleep(0.5)
-        for name, (proc, t0) in list(running.items()):
-            if proc.is_alive():
-                continue
-            proc.join()
-            del running[name]
-            seconds[name] = round(time.time() - t0, 1)
-            if proc.exitcode != 0 or not (out / name / "summary.json").is_file():
-                failed.append(f"{name} (exit {proc.exitcode}; see {out / f'{name}.log'})")
-            else:
-                ppl = json.loads((out / name / "summary.json").read_text()).get("final_ppl")
-                log(f"  {name}: finished in {seconds[name]:.0f} s, validation PPL {ppl:.2f}"
-                    if ppl is not None else f"  {name}: finished in {seconds[name]:.0f} s, diverged")
-    if failed:
-        raise PrivlmError("training failed: " + "; ".join(failed))
-    return seconds
+    state = run_sweep(sweep, out, log=log, jobs=jobs)  # a failed run raises there, naming its log
+    return {name: rec["seconds"] for name, rec in state["runs"].items() if "seconds" in rec}
 
 
 DEFAULT_PI_ARGS = "--spu-profile bumblebee"
