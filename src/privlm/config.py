@@ -15,11 +15,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from privlm.errors import PrivlmError
-
-
-class ConfigError(PrivlmError, ValueError):
-    """A configuration problem, reported as one line naming the offending key."""
+from privlm.errors import ConfigError
+from privlm.presets import preset_fields
 
 
 # Allowed values of the string-valued fields; checked in `validate`.
@@ -252,8 +249,6 @@ def split_spec(spec: Optional[str], overrides: list[str]) -> tuple[Optional[str]
 
 def load_config(spec: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Build a validated :class:`Config` from a preset name or YAML path plus ``key=value`` overrides."""
-    from privlm.presets import preset_fields  # local import: presets imports this module
-
     overrides = list(overrides or [])
     file_raw: dict = {}
     preset_name: Optional[str] = None

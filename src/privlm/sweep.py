@@ -40,7 +40,8 @@ from privlm.errors import CheckpointError, DivergenceError
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title"}
 ENTRY_KEYS = {"preset", "name", "overrides"}
-# Keys the trainer itself rewrites in config.yaml (the vocabulary follows the trained tokenizer).
+# Keys resolved from the data when a run starts, so its config.yaml differs from the sweep's config there (the
+# vocabulary follows the tokenizer).
 _SET_BY_TRAINER = {("model", "vocab_size")}
 
 

@@ -65,8 +65,8 @@ class EntropyRegularizer(nn.Module):
     ``reg(entropy) -> (l_ent, stats)``: ``l_ent`` is the scalar L_entropy before lambda (the training loop
     adds ``reg_cfg.lambda_ * l_ent`` to the CE loss); ``stats`` holds floats for logging.
 
-    The parameter is registered as ``reg_threshold_weights`` (the official name; the word "threshold" puts it
-    in the no-weight-decay group of ``GPT.optimizer_groups(wd, extra=reg)``, SPEC §3.3) and is reachable as
+    The parameter is registered as ``reg_threshold_weights`` (the official name), declared in
+    ``no_weight_decay()`` so that ``GPT.optimizer_groups(wd, extra=reg)`` never decays it, and is reachable as
     ``reg.theta``.
 
     DDP: theta is an ordinary parameter. If the regularizer is not inside the DDP-wrapped module, call
@@ -87,6 +87,10 @@ class EntropyRegularizer(nn.Module):
         self.start_frac = float(reg_cfg.start_frac)
         self.stop_frac = float(reg_cfg.stop_frac)
         self.reg_threshold_weights = nn.Parameter(torch.full((n_layer, n_head), float(reg_cfg.theta_init)))
+
+    def no_weight_decay(self) -> set[str]:
+        # thresholds are targets in nats, not weights: decay would pull every head's target toward zero entropy
+        return {"reg_threshold_weights"}
 
     @property
     def theta(self) -> nn.Parameter:
