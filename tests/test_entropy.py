@@ -342,3 +342,16 @@ def test_entropy_history_reads_metrics_jsonl(tmp_path):
     assert np.isnan(hist[1]["head_entropy"][0, 1])
     assert detect_collapse(hist[1]["head_entropy"], hist[1]["nan_counts"]).collapsed  # NaN head + NaN counts
     assert detect_collapse(hist[0]["head_entropy"], hist[0]["nan_counts"]).layer_share == [0.5]
+
+
+def test_theta_band_is_one_test_for_torch_and_numpy():
+    from privlm.entropy.regularizer import outside_band, threshold_deviation
+    T, gamma = 16, 0.2
+    log_t = math.log(T)
+    head = np.array([[0.5 * log_t, 0.75 * log_t], [0.2 * log_t, 0.69 * log_t]])
+    theta = np.full((2, 2), 0.5)
+    delta = threshold_deviation(head, theta, T)  # hand: 0, 0.25, -0.3, 0.19 times log T
+    assert np.allclose(delta / log_t, [[0.0, 0.25], [-0.3, 0.19]])
+    assert outside_band(delta, gamma, T).tolist() == [[False, True], [True, False]]
+    t_delta = threshold_deviation(torch.tensor(head), torch.tensor(theta), T)
+    assert outside_band(t_delta, gamma, T).tolist() == outside_band(delta, gamma, T).tolist()

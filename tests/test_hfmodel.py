@@ -190,9 +190,10 @@ def test_default_measurement_set_is_a_runs_validation_split():
 
 def test_hf_entropy_shapes(hf_dirs):
     model = load_model(str(hf_dirs["llama"])).model
-    ent, nans = hf_entropy(model, torch.randint(0, V, (3, 8)))
+    ent, nans = hf_entropy(model, torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(0)))
     assert ent.shape == (L, 3, 4, 8) and nans.tolist() == [0, 0]
-    assert torch.allclose(ent[:, :, :, 0], torch.zeros(()))  # the first query sees one key
+    # the first query sees one key: entropy 0, up to the fused path's float32 rounding of LSE - q'.k (~1e-7 |z|)
+    assert torch.allclose(ent[:, :, :, 0], torch.zeros(()), atol=1e-5)
 
 
 def test_entropy_cli_json(hf_dirs, capsys):

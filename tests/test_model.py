@@ -267,6 +267,28 @@ def test_optimizer_groups_exclude_scales_temperatures_and_gains():
     assert "wte.weight" in decay_names
 
 
+@pytest.mark.parametrize("preset,extra", [(p, ()) for p in PAPER_PRESETS if "^i" not in p]
+                         + [("SM+LN+G", ("model.weight_norm=qkvo+ffn",)), ("SM+R", ("model.spectral_norm=qkvo+ffn",)),
+                            ("SM+LR(global)", ("model.weight_norm=ffn",))])
+def test_weight_decay_falls_on_exactly_the_weight_matrices(preset, extra):
+    # independent reference: the decayed tensors are the Linear / Embedding weights, which under WN are the
+    # directions v (original1) and under SN the raw weights (original); everything else is a scale or offset
+    model = tiny(preset, *extra)
+    expected = set()
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            plist = getattr(mod, "parametrizations", None)
+            weight = plist.weight if plist is not None and "weight" in plist else None
+            if weight is None:
+                expected.add(id(mod.weight))
+            else:
+                expected.add(id(weight.original1 if hasattr(weight, "original1") else weight.original))
+    decay, no_decay = model.optimizer_groups(0.1)
+    assert {id(p) for p in decay["params"]} == expected
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert not {id(p) for p in decay["params"]} & {id(p) for p in no_decay["params"]}
+
+
 def test_hf_gpt2_logits_match_both_ways():
     transformers = pytest.importorskip("transformers")  # a hard dependency; import for the API only
     from privlm.model.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict

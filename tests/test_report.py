@@ -17,6 +17,7 @@ import yaml
 from privlm.cli import main
 from privlm.config import from_dict, load_config, to_yaml
 from privlm.errors import CheckpointError
+from privlm.fileio import slug
 from privlm.report import analysis, build_report, collect, figures, load_runs
 from privlm.report.runs import read_metrics
 
@@ -89,9 +90,10 @@ def test_pareto_front_hand_cases():
 
 def test_slug_is_file_safe_and_distinct():
     names = ["SM+LN+G", "SM+LN+R", "EReg(SM(t)+ScFuFFN)", "SM(t)+ScFuFFN", "SM+WN(ffn)"]
-    slugs = [analysis.slug(n) for n in names]
+    slugs = [slug(n) for n in names]
     assert len(set(slugs)) == len(slugs)
     assert all(re.fullmatch(r"[a-z0-9.=-]+", s) for s in slugs)
+    assert slug("EReg(SM(t)+ScFuFFN)") == "ereg-sm-t-scfuffn" and slug("lr=0.001") == "lr=0.001" and slug("++") == "run"
 
 
 def test_read_metrics_ignores_only_a_torn_last_line(tmp_path):
@@ -216,7 +218,7 @@ def test_report_of_two_tiny_runs_renders_in_chromium(tmp_path, capsys):
     dirs = []
     for preset in ("SM+LN+G", "EReg(SM(t)+ScFuFFN)"):
         cfg = load_config(str(TINY), FAST + [f"model.preset={preset}"])
-        dirs.append(tmp_path / analysis.slug(preset))
+        dirs.append(tmp_path / slug(preset))
         train(cfg, dirs[-1], quiet=True)
     out = tmp_path / "r" / "report.html"
     code = main(["report", *map(str, dirs), "-o", str(out), "--figures", str(tmp_path / "f")])

@@ -88,6 +88,28 @@ def test_logged_lr_follows_schedule(tmp_path):
     assert lrs == pytest.approx(expected, rel=1e-9)
 
 
+def test_config_yaml_is_written_once_with_the_tokenizer_vocabulary(tmp_path, monkeypatch):
+    import yaml
+    import privlm.train.loop as loop
+    written = []
+    real = loop.atomic_write_text
+
+    def spy(path, text):
+        if path.name == "config.yaml":
+            written.append((yaml.safe_load(text), sorted(p.name for p in path.parent.iterdir())))
+        return real(path, text)
+
+    monkeypatch.setattr(loop, "atomic_write_text", spy)
+    cfg = tiny_cfg("train.max_steps=2", "train.eval_every=2", "train.save_every=2", "train.entropy_every=2")
+    assert cfg.model.vocab_size != V + 1  # the config's default; the tokenizer decides
+    train(cfg, tmp_path / "run", quiet=True, data=synthetic_data())
+    assert len(written) == 1  # never rewritten after the data is known
+    saved, present = written[0]
+    assert saved["model"]["vocab_size"] == V + 1
+    assert "tokenizer.json" not in present and "data_manifest.json" not in present  # config.yaml comes first
+    assert (tmp_path / "run" / "tokenizer.json").is_file() and (tmp_path / "run" / "data_manifest.json").is_file()
+
+
 def test_optimizer_groups_exclude_biases_norms_scales_and_thresholds():
     from privlm.entropy import EntropyRegularizer
     cfg = load_config("EReg(SM(t)+ScFuFFN)", ["model.n_layer=2", "model.n_head=2", "model.n_embd=32",

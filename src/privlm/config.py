@@ -15,11 +15,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from privlm.errors import PrivlmError
-
-
-class ConfigError(PrivlmError, ValueError):
-    """A configuration problem, reported as one line naming the offending key."""
+from privlm.errors import ConfigError
+from privlm.presets import preset_fields
 
 
 # Allowed values of the string-valued fields; checked in `validate`.
@@ -169,10 +166,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------
-def _field_names(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
 def _check_keys(raw: dict, cls, prefix: str = "") -> None:
     """Reject unknown keys with the list of known ones (OmegaConf's own message is multi-line)."""
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -252,8 +245,6 @@ def split_spec(spec: Optional[str], overrides: list[str]) -> tuple[Optional[str]
 
 def load_config(spec: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Build a validated :class:`Config` from a preset name or YAML path plus ``key=value`` overrides."""
-    from privlm.presets import preset_fields  # local import: presets imports this module
-
     overrides = list(overrides or [])
     file_raw: dict = {}
     preset_name: Optional[str] = None
@@ -295,15 +286,6 @@ RESUME_OVERRIDABLE = frozenset({
     "train.eps", "train.grad_clip", "train.warmup_frac", "train.schedule", "train.eval_every",
     "train.eval_max_batches", "train.log_every", "train.entropy_every", "train.save_every", "train.device",
     "train.dtype", "train.compile", "reg.lambda_", "reg.gamma", "reg.start_frac", "reg.stop_frac"})
-
-
-def override_keys(overrides: list[str]) -> list[str]:
-    """Dotted keys set by ``key=value`` overrides (``train.lr=1`` -> ``train.lr``)."""
-    def walk(raw: Any, prefix: str) -> list[str]:
-        if not isinstance(raw, dict):
-            return [prefix]
-        return [k for key, val in raw.items() for k in walk(val, f"{prefix}.{key}" if prefix else key)]
-    return walk(_parse_overrides(overrides), "")
 
 
 def config_changes(old: Config, new: Config) -> dict[str, list]:

@@ -113,7 +113,8 @@ def comparison_table(rows: list[dict], gpt2: dict[str, dict], demo_size: str) ->
 def pi_line(run_label: str, doc: dict) -> str:
     agree = {True: "agrees with", False: "DIFFERS from", None: "not compared with"}[doc.get("top1_agree")]
     err = doc.get("max_logit_err")
-    return (f"private next-token prediction of {run_label} under 2PC (SPU {doc['protocol']}, {doc['mode']}, "
+    return (f"private next-token prediction of {run_label} under 2PC (SPU {doc['protocol']}, profile "
+            f"{doc.get('spu_profile', 'default')}, {doc['mode']}, "
             f"T={doc['T']} prompt tokens): {doc.get('predicted_text', doc['predicted_token'])!r} (token "
             f"{doc['predicted_token']}), {agree} plaintext (max |logit error| "
             f"{'–' if err is None else f'{err:.4f}'}); {doc['bytes_total'] / 1e6:.1f} MB exchanged, "

@@ -10,6 +10,11 @@ class PrivlmError(Exception):
     exit_code = 2
 
 
+class ConfigError(PrivlmError, ValueError):
+    """A configuration problem, reported as one line naming the offending key (defined here so that both
+    privlm.config and the preset table it reads can raise it without importing each other)."""
+
+
 class DataError(PrivlmError):
     """Missing, empty or unusable data."""
 

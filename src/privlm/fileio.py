@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def slug(text: str) -> str:
+    """File-name-safe form of a run or sweep name: 'EReg(SM(t)+ScFuFFN)' -> 'ereg-sm-t-scfuffn'
+    ('.' and '=' are kept so that 'lr=0.001' stays readable)."""
+    return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-") or "run"
 
 
 def fsync_dir(path: Path) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 
-from privlm.config import ConfigError
+from privlm.errors import ConfigError
 
 # The canonical names of the paper's tables, in the order of the papers (used by `inspect --all`, tests, sweeps).
 PAPER_PRESETS: tuple[str, ...] = (

@@ -27,7 +27,6 @@ import argparse
 import itertools
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +34,14 @@ from typing import Any, Optional
 
 import yaml
 
-from privlm.config import Config, ConfigError, from_dict, load_config, looks_like_config_file, to_dict
+from privlm.config import Config, ConfigError, load_config, looks_like_config_file, to_dict
 from privlm.errors import CheckpointError, DivergenceError
+from privlm.fileio import slug
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title"}
 ENTRY_KEYS = {"preset", "name", "overrides"}
-# Keys the trainer itself rewrites in config.yaml (the vocabulary follows the trained tokenizer).
+# Keys resolved from the data when a run starts, so its config.yaml differs from the sweep's config there (the
+# vocabulary follows the tokenizer).
 _SET_BY_TRAINER = {("model", "vocab_size")}
 
 
@@ -60,10 +61,6 @@ class Sweep:
     baseline: Optional[str]
     description: str = ""
     common: list[str] = field(default_factory=list)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-") or "run"
 
 
 def _flatten(raw: dict, prefix: str = "") -> list[str]:
@@ -143,7 +140,7 @@ def load_sweep(path: str | Path) -> Sweep:
             name = entry.get("name") or cfg.model.preset
             if combo:
                 name += "-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in zip(grid, combo))
-            runs.append(SweepRun(_slug(name), cfg.model.preset, own + grid_over, cfg))
+            runs.append(SweepRun(slug(name), cfg.model.preset, own + grid_over, cfg))
     seen: dict[str, int] = {}
     for r in runs:
         seen[r.name] = seen.get(r.name, 0) + 1
@@ -154,7 +151,7 @@ def load_sweep(path: str | Path) -> Sweep:
     baseline = raw.get("baseline")
     if baseline is not None:
         names = {r.name for r in runs} | {r.preset for r in runs}
-        if baseline not in names and _slug(baseline) not in names:
+        if baseline not in names and slug(baseline) not in names:
             raise ConfigError(f"{origin}: baseline '{baseline}' is not one of the runs ({', '.join(r.name for r in runs)})")
     return Sweep(name=str(raw.get("name") or path.stem), path=path, runs=runs, baseline=baseline,
                  description=str(raw.get("description") or ""), common=common)
@@ -179,19 +176,12 @@ def run_status(run_dir: Path) -> str:
         return "done"
     if not run_dir.exists():
         return "new"
+    from privlm.train.checkpoint import latest_checkpoint
     try:
-        from privlm.train.checkpoint import latest_checkpoint
         latest_checkpoint(run_dir)
         return "resumable"
     except CheckpointError:
         return "incomplete" if any(run_dir.iterdir()) else "new"
-
-
-def _saved_config(run_dir: Path) -> Config:
-    try:
-        return from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (OSError, yaml.YAMLError, ConfigError) as exc:
-        raise CheckpointError(f"{run_dir}/config.yaml is unreadable: {str(exc).splitlines()[0]}") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -208,6 +198,7 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
     With ``jobs > 1`` every run trains in its own process with ``threads`` torch threads (default 1), its
     console output in out/logs/<name>.log; the run directories, resume and results are the same as with one
     job (each run's numbers do not depend on what runs beside it)."""
+    from privlm.run import load_run_config  # torch: imported when a sweep runs, not when the CLI starts
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -219,7 +210,7 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
     for r in sweep.runs:
         run_dir = out / r.name
         if run_status(run_dir) in ("done", "resumable"):
-            diffs = _config_differences(r.cfg, _saved_config(run_dir))
+            diffs = _config_differences(r.cfg, load_run_config(run_dir))
             if diffs:
                 raise ConfigError(f"run directory '{run_dir}' holds a run with another config ({diffs[0]}"
                                   f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); use another "
@@ -267,12 +258,13 @@ def _finish(rec: dict, state: dict, out: Path, t0: float) -> None:
 
 
 def _run_serial(sweep: Sweep, out: Path, todo: list, records: dict, state: dict, quiet: bool, log) -> None:
+    from privlm.run import load_run_config
     from privlm.train.loop import train
 
     for i, r, resume in todo:
         run_dir, rec = out / r.name, records[r.name]
         log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset}")
-        cfg = _saved_config(run_dir) if resume else r.cfg
+        cfg = load_run_config(run_dir) if resume else r.cfg
         t0 = _start(rec, state, out)
         try:
             summary = train(cfg, run_dir, resume=resume, quiet=quiet)
@@ -318,6 +310,8 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
     processes are stopped; their last checkpoints stay, and the same command resumes them."""
     import multiprocessing as mp
 
+    from privlm.run import load_run_config
+
     ctx = mp.get_context("spawn")  # no fork of a process that already runs torch threads
     (out / "logs").mkdir(exist_ok=True)
     # Build each new run's tokenizer and token cache here, once, before any process starts: N processes
@@ -342,7 +336,7 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
             while pending and len(running) < jobs:
                 i, r, resume = pending.pop(0)
                 run_dir = out / r.name
-                cfg = _saved_config(run_dir) if resume else r.cfg
+                cfg = load_run_config(run_dir) if resume else r.cfg
                 log_path = out / "logs" / f"{r.name}.log"
                 log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset} "
                     f"(log: {log_path})")
@@ -481,7 +475,7 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     baseline = None
     if sweep.baseline is not None:
         baseline = next((r.name for r in sweep.runs if sweep.baseline in (r.name, r.preset)
-                         or _slug(sweep.baseline) == r.name), None)
+                         or slug(sweep.baseline) == r.name), None)
         if baseline is not None and not (out / baseline / "config.yaml").is_file():
             baseline = None  # not trained yet: savings relative to the first run
     rows, _, notes = collect(runs, baseline)
@@ -524,7 +518,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_file)
-    out = Path(args.out) if args.out else Path("runs") / "sweeps" / _slug(sweep.name)
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / slug(sweep.name)
     if args.max_runs is not None and args.max_runs < 0:
         raise ConfigError(f"--max-runs={args.max_runs} must be >= 0")
     if args.list:

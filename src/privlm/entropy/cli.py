@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 
 import numpy as np
 import torch
 
 from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, diagnose, measure_model, near_uniform_heads
+from privlm.entropy.regularizer import outside_band, threshold_deviation
 from privlm.errors import CheckpointError, DataError
 from privlm.fileio import strict_json
 
@@ -62,9 +62,9 @@ def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int
     rep["thresholds"] = None
     if theta is not None:
         gamma = run.cfg.reg.gamma
-        dev_ = matrix - theta.double().numpy() * math.log(T)
+        dev_ = threshold_deviation(matrix, theta.double().numpy(), T)
         rep["thresholds"] = {"theta": theta.tolist(), "gamma": gamma,
-                             "outside_share": float(np.mean(np.abs(dev_) > gamma * math.log(T))),
+                             "outside_share": float(np.mean(outside_band(dev_, gamma, T))),
                              "mean_abs_dev": float(np.nanmean(np.abs(dev_)))}
     return rep
 

@@ -71,7 +71,7 @@ def head_entropy(entropy):
     if isinstance(entropy, torch.Tensor):
         if entropy.dim() != 4:
             raise ValueError(f"entropy must have shape [L, B, H, T], got {tuple(entropy.shape)}")
-        return entropy.float().mean(dim=(1, 3))
+        return entropy.to(torch.promote_types(entropy.dtype, torch.float32)).mean(dim=(1, 3))
     arr = to_numpy(entropy)
     if arr.ndim != 4:
         raise ValueError(f"entropy must have shape [L, B, H, T], got {arr.shape}")

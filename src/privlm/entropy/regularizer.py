@@ -22,7 +22,20 @@ from typing import Optional
 import torch
 from torch import nn
 
+from privlm.entropy.measure import head_entropy
+
 REDUCTIONS = ("paper", "released_code")
+
+
+def threshold_deviation(entropy, theta, T: int):
+    """delta = E - theta * E_max (nats), E_max = log T: how far an entropy lies from its head's threshold.
+    Works on torch tensors and numpy arrays; ``theta`` broadcasts against ``entropy``."""
+    return entropy - theta * math.log(T)
+
+
+def outside_band(delta, gamma: float, T: int):
+    """The hinge of Algorithm 1: whether a deviation leaves the tolerance band |delta| <= gamma * E_max."""
+    return abs(delta) > gamma * math.log(T)
 
 
 def regularization_loss(entropy: torch.Tensor, theta: torch.Tensor, T: int, gamma: float,
@@ -42,19 +55,16 @@ def regularization_loss(entropy: torch.Tensor, theta: torch.Tensor, T: int, gamm
         raise ValueError(f"theta must have shape [L, H] = [{L}, {H}], got {tuple(theta.shape)}")
     if T < 2:
         raise ValueError(f"T={T}: E_max = log T needs T >= 2")
-    e_max = math.log(T)
-    tol = gamma * e_max
     # at least float32: under autocast the squared deviations must not be taken in bf16/fp16
     dtype = torch.promote_types(torch.promote_types(entropy.dtype, theta.dtype), torch.float32)
-    ent = entropy.to(dtype)
-    threshold = theta.to(dtype) * e_max
+    ent, theta = entropy.to(dtype), theta.to(dtype)
     if reduction == "paper":
-        delta = ent.mean(dim=(1, 3)) - threshold  # [L, H]: Eq. 7 head entropy on this batch
-        penalty = delta.square() * (delta.abs() > tol)
+        delta = threshold_deviation(head_entropy(ent), theta, T)  # [L, H]: Eq. 7 head entropy on this batch
+        penalty = delta.square() * outside_band(delta, gamma, T)
         return penalty.mean()  # mean over heads then layers (equal counts: same as the overall mean)
     if reduction == "released_code":
-        delta = ent - threshold[:, None, :, None]  # [L, B, H, T]
-        penalty = delta.square() * (delta.abs() > tol)
+        delta = threshold_deviation(ent, theta[:, None, :, None], T)  # [L, B, H, T]
+        penalty = delta.square() * outside_band(delta, gamma, T)
         return penalty.sum(dim=(1, 3)).mean()  # sum over batch x queries, mean over heads then layers
     raise ValueError(f"reduction='{reduction}' is not one of {', '.join(REDUCTIONS)}")
 
@@ -65,8 +75,8 @@ class EntropyRegularizer(nn.Module):
     ``reg(entropy) -> (l_ent, stats)``: ``l_ent`` is the scalar L_entropy before lambda (the training loop
     adds ``reg_cfg.lambda_ * l_ent`` to the CE loss); ``stats`` holds floats for logging.
 
-    The parameter is registered as ``reg_threshold_weights`` (the official name; the word "threshold" puts it
-    in the no-weight-decay group of ``GPT.optimizer_groups(wd, extra=reg)``, SPEC §3.3) and is reachable as
+    The parameter is registered as ``reg_threshold_weights`` (the official name), declared in
+    ``no_weight_decay()`` so that ``GPT.optimizer_groups(wd, extra=reg)`` never decays it, and is reachable as
     ``reg.theta``.
 
     DDP: theta is an ordinary parameter. If the regularizer is not inside the DDP-wrapped module, call
@@ -87,6 +97,10 @@ class EntropyRegularizer(nn.Module):
         self.start_frac = float(reg_cfg.start_frac)
         self.stop_frac = float(reg_cfg.stop_frac)
         self.reg_threshold_weights = nn.Parameter(torch.full((n_layer, n_head), float(reg_cfg.theta_init)))
+
+    def no_weight_decay(self) -> set[str]:
+        # thresholds are targets in nats, not weights: decay would pull every head's target toward zero entropy
+        return {"reg_threshold_weights"}
 
     @property
     def theta(self) -> nn.Parameter:
@@ -113,9 +127,9 @@ class EntropyRegularizer(nn.Module):
               T: Optional[int] = None) -> dict[str, float]:
         """L_ent, share of heads whose batch head entropy lies outside theta*E_max +- gamma*E_max,
         mean |E - theta*E_max| in nats, and theta mean/std. One host sync for all of them."""
-        e_max = math.log(self.seq_len if T is None else T)
-        dev = entropy.float().mean(dim=(1, 3)) - self.theta.float() * e_max
-        outside = (dev.abs() > self.gamma * e_max).float().mean()
+        T = self.seq_len if T is None else T
+        dev = threshold_deviation(head_entropy(entropy), self.theta.float(), T)
+        outside = outside_band(dev, self.gamma, T).float().mean()
         theta = self.theta.detach().float()
         values = torch.stack([
             l_ent.detach().float() if l_ent is not None else torch.tensor(float("nan"), device=dev.device),

@@ -113,6 +113,10 @@ class CausalSelfAttention(nn.Module):
         self.hook_probs = HookPoint()
         self.hook_entropy = HookPoint()
 
+    def no_weight_decay(self) -> set[str]:
+        # the temperature is a per-position scale of the logits, not a weight: decay would pull it to zero
+        return {"temperature"} if self.temperature is not None else set()
+
     def temperatures(self) -> Optional[torch.Tensor]:
         """The temperature t in R^{H x block_size}, or None for plain softmax."""
         if self.temperature is None:

@@ -157,10 +157,14 @@ class GPT(nn.Module):
         return groups
 
     def optimizer_groups(self, weight_decay: float, extra: Optional[nn.Module] = None) -> list[dict]:
-        """AdamW groups: decay on matrices, none on biases, norm gains, alpha/beta, temperatures, slopes."""
-        named = list(self.named_parameters()) + (list(extra.named_parameters()) if extra is not None else [])
-        decay = [p for n, p in named if p.requires_grad and not is_no_decay(n, p)]
-        no_decay = [p for n, p in named if p.requires_grad and is_no_decay(n, p)]
+        """AdamW groups: decay on weight matrices; none on vectors and scalars (biases, norm gains, alpha/beta,
+        slopes) nor on what a module declares in its ``no_weight_decay()`` (temperatures, WN gains, the
+        regularizer's thresholds when it is passed as ``extra``)."""
+        modules = [self] + ([extra] if extra is not None else [])
+        skip = {id(p) for m in modules for p in no_weight_decay_params(m)}
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        decay = [p for p in params if id(p) not in skip]
+        no_decay = [p for p in params if id(p) in skip]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def fuse(self) -> "GPT":
@@ -206,13 +210,17 @@ def _without_ffn(placement: str) -> str:
     return "+".join(parts) if parts and parts != ["none"] else "none"
 
 
-_NO_DECAY_MARKERS = ("temperature", "threshold", "leaky_slope", "slope", ".alpha", ".beta", "original0")
-
-
-def is_no_decay(name: str, p: torch.Tensor) -> bool:
-    """Biases and other vectors, norm gains (incl. WN's g = original0), Eq. 8 scales, temperatures,
-    entropy thresholds and leaky slopes get no weight decay (SPEC §4)."""
-    return p.ndim < 2 or any(m in name for m in _NO_DECAY_MARKERS)
+def no_weight_decay_params(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of ``module`` that AdamW must not decay: every vector and scalar (biases, norm gains, Eq. 8
+    scales, slopes), and the matrices that a submodule names in its ``no_weight_decay()`` method (the
+    timm/HF convention: the module that owns a parameter says whether it is a weight to shrink)."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    skip = {id(p) for p in params.values() if p.ndim < 2}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        declare = getattr(sub, "no_weight_decay", None)
+        if callable(declare):
+            skip.update(id(params[f"{prefix}.{name}" if prefix else name]) for name in declare())
+    return [p for p in module.parameters() if id(p) in skip]
 
 
 def param_group_of(name: str) -> str:

@@ -36,8 +36,15 @@ def apply_weight_normalization(block: nn.Module, cfg: ModelConfig) -> None:
             for linear in _linears(block, target):
                 if kind == "weight_norm":
                     weight_norm(linear, name="weight", dim=0)
+                    linear.no_weight_decay = _weight_norm_gain
                 else:
                     spectral_norm(linear, name="weight")
+
+
+def _weight_norm_gain() -> set[str]:
+    """``no_weight_decay`` of a weight-normalized linear: its gain g ([out, 1], torch's ``original0``) is a
+    per-unit scale like a norm gain; the direction v (``original1``) is the weight that decays."""
+    return {"parametrizations.weight.original0"}
 
 
 def _linears(block: nn.Module, target: str) -> list[nn.Linear]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -17,11 +16,6 @@ DEFAULT_PROFILE = "paper-fit"
 
 def causal_max_entropy(T: int) -> float:
     return ent.causal_entropy_max(T)
-
-
-def slug(text: str) -> str:
-    """File-name-safe form of a run label: 'EReg(SM(t)+ScFuFFN)' -> 'ereg-sm-t-scfuffn'."""
-    return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-") or "run"
 
 
 def bin_shares_for(runs: Sequence[RunData], shared_max: bool = False) -> list[np.ndarray]:

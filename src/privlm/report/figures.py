@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from privlm.fileio import slug
 from privlm.report import analysis
 from privlm.report.runs import RunData
 
@@ -348,7 +349,7 @@ def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[dic
         "Mean entropy of each layer vs step; dotted line: the causal maximum.",
         lambda: layer_entropy_dynamics(runs))
     for run in runs:
-        add(f"thresholds-{analysis.slug(run.label)}", f"Learned thresholds, {run.label} (Fig. 6)",
+        add(f"thresholds-{slug(run.label)}", f"Learned thresholds, {run.label} (Fig. 6)",
             "θ of the entropy regularizer (threshold = θ·log T) and its per-layer mean and variance.",
             lambda run=run: learned_thresholds(run))
     add("nan-counts", "NaN counts in attention (AERO Fig. 6)", "NaN entries of the attention matrices per layer.",
@@ -358,7 +359,7 @@ def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[dic
         "recorder's first event with how many steps before the divergence and where).",
         lambda: stability_map_figure(runs))
     for run in runs:
-        add(f"flight-{analysis.slug(run.path.name)}", f"Flight recorder, {run.label}",
+        add(f"flight-{slug(run.path.name)}", f"Flight recorder, {run.label}",
             "The recorded window before the non-finite step (dashed red): per layer mean head entropy, max "
             "attention logit and mean residual norm; loss and gradient norm. Dotted: the first collapse (blue), "
             "logit blow-up (orange), residual blow-up (green).", lambda run=run: flight_recorder_trace(run))

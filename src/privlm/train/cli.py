@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from pathlib import Path
 
 
 from privlm.config import ConfigError, apply_overrides, load_config, split_spec
 from privlm.errors import CheckpointError
+from privlm.fileio import slug
 from privlm.run import load_run_config
 
 
 def _default_run_dir(preset: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", preset).strip("-").lower() or "run"
-    return Path("runs") / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{slug(preset)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def resume_config(run_dir: Path, overrides: list[str]):

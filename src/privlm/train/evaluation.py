@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from privlm.entropy.measure import measure_model, privlm_entropy
 from privlm.train.batches import eval_batches
 from privlm.train.distributed import DistInfo, all_reduce_sum
 from privlm.train.precision import Precision
@@ -63,20 +64,14 @@ def evaluate(model: torch.nn.Module, chunks: np.ndarray, batch_size: int, precis
     return EvalResult(loss, perplexity(loss), tokens)
 
 
-@torch.no_grad()
 def measure_entropy(model: torch.nn.Module, chunks: np.ndarray, batch_size: int, precision: Precision,
                     max_batches: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head attention entropy [L, H] (Eq. 7: mean over queries, averaged over sequences) and the
-    per-layer NaN counts [L] of the attention matrices, on the given chunks."""
-    was_training = model.training
-    model.eval()
-    ent_sum, nans, n = None, None, 0
-    for chunk in eval_batches(chunks, batch_size, max_batches=max_batches):
+    per-layer NaN counts [L] of the attention matrices, on the given chunks, under the run's precision."""
+    def entropy_under_autocast(m: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with precision.autocast():
-            out = model(chunk.to(precision.device), output_entropy=True)
-        e = out.entropy.float().sum(dim=(1, 3)).double().cpu()  # [L, H] summed over batch and queries
-        ent_sum = e if ent_sum is None else ent_sum + e
-        nans = out.nan_counts.cpu() if nans is None else nans + out.nan_counts.cpu()
-        n += chunk.size(0) * chunk.size(1)
-    model.train(was_training)
-    return (ent_sum / n).float(), nans
+            return privlm_entropy(m, idx)
+
+    matrix, nans, _ = measure_model(model, eval_batches(chunks, batch_size, max_batches=max_batches),
+                                    precision.device, entropy_under_autocast)
+    return torch.from_numpy(matrix).float(), torch.from_numpy(nans).long()

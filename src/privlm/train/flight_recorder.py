@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from privlm.entropy.measure import COLLAPSE_NATS, row_entropy
+from privlm.entropy.measure import COLLAPSE_NATS, head_entropy, row_entropy
 from privlm.fileio import atomic_write_json
 from privlm.model.attention import attention_logits
 
@@ -74,7 +74,8 @@ def _head_stats_fp32(attn: nn.Module, x: torch.Tensor, entropy: Optional[torch.T
         max_logit = torch.maximum(max_logit, logits.amax(dim=(0, 2, 3)))  # both propagate NaN
         if ent_sum is not None:
             ent_sum += row_entropy(logits.softmax(dim=-1)).sum(dim=(0, 2))
-    head_ent = entropy.detach().float().mean(dim=(0, 2)) if entropy is not None else ent_sum / (B * T)
+    # the attention's own entropy when it was computed; otherwise the same Eq. 7 mean, streamed over query blocks
+    head_ent = head_entropy(entropy.detach()[None])[0] if entropy is not None else ent_sum / (B * T)
     return max_logit, head_ent
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from privlm.config import RESUME_OVERRIDABLE, Config, ConfigError, config_changes, to_yaml, validate
+from privlm.data.pipeline import prepare_data, write_run_files
+from privlm.entropy import EntropyRegularizer, head_entropy
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.model import GPT
 from privlm.train import distributed as D
@@ -84,20 +86,7 @@ def claim_run_dir(run_dir: Path, resume: bool) -> tuple[RunLock, bool]:
 def build_regularizer(cfg: Config) -> Optional[nn.Module]:
     if not cfg.reg.enabled:
         return None
-    try:
-        from privlm.entropy import EntropyRegularizer
-    except ImportError as exc:
-        raise ConfigError(f"reg.enabled=true needs privlm.entropy, which failed to import: {exc}") from None
     return EntropyRegularizer(cfg.model.n_layer, cfg.model.n_head, cfg.data.seq_len, cfg.reg)
-
-
-def head_entropy(entropy: torch.Tensor) -> torch.Tensor:
-    """[L, B, H, T] per-query entropies -> [L, H] (Eq. 7, mean over queries and sequences)."""
-    try:
-        from privlm.entropy import head_entropy as contract_head_entropy
-    except ImportError:
-        return entropy.float().mean(dim=(1, 3))
-    return contract_head_entropy(entropy.float())
 
 
 @torch.no_grad()
@@ -131,14 +120,6 @@ def diagnose(model: GPT, chunk: torch.Tensor, precision: Precision, step: int, l
 
 def _tokens_per_step(cfg: Config, world: int) -> int:
     return world * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
-
-
-def _write_data_files(data: Any, run_dir: Path) -> None:
-    """When the caller built the data itself, still leave the tokenizer and manifest in the run."""
-    if not (run_dir / "tokenizer.json").is_file():
-        atomic_write_text(run_dir / "tokenizer.json", data.tokenizer.to_str())
-    if not (run_dir / "data_manifest.json").is_file():
-        atomic_write_json(run_dir / "data_manifest.json", data.manifest)
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,15 +158,19 @@ class Trainer:
     def _setup(self, quiet: bool, data: Any) -> None:
         cfg = self.cfg
         changes = self._config_changes() if (self.resume or self.restart) else {}
+        # the data is prepared in the shared cache before anything is written into the run directory, so the
+        # vocabulary (the embedding follows the tokenizer) is resolved in the config.yaml written first
+        self.data = self._load_data(data)
+        cfg.model.vocab_size = int(self.data.vocab_size)
+        validate(cfg)
         if self.dist.is_main:
             if self.restart:
                 self._clear_failed_attempt()
             if not self.resume:  # first: a directory we write into always says which run it holds
                 atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            if not self._owns_data():
+                write_run_files(self.run_dir, self.data.tokenizer, self.data.manifest)
         D.barrier(self.dist)
-        self.data = self._load_data(data)
-        cfg.model.vocab_size = int(self.data.vocab_size)  # the embedding follows the tokenizer
-        validate(cfg)
 
         if cfg.train.deterministic and self.precision.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
@@ -262,9 +247,8 @@ class Trainer:
     def _record_config(self, changes: dict[str, list]) -> None:
         """Write config.yaml; on a resume with overrides also log them, with the step they take effect at,
         to config_history.jsonl."""
-        if self.resume and not changes:
-            return
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        if self.resume and changes:  # a new or restarted run wrote its config.yaml before anything else
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         if changes:
             with open(self.run_dir / "config_history.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
@@ -294,24 +278,26 @@ class Trainer:
             shutil.rmtree(f, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------
+    def _owns_data(self) -> bool:
+        """Whether the run directory already holds the run's tokenizer and data manifest (a resumed run, or
+        a restarted one that got as far)."""
+        return (self.resume or self.restart) and (self.run_dir / "tokenizer.json").is_file() \
+            and (self.run_dir / "data_manifest.json").is_file()
+
     def _load_data(self, data: Any) -> Any:
         # a resumed run (or a restarted one that got as far) uses its own tokenizer: never retrain it (same
         # content = same token cache) and check that the data is still the run's data
-        own = (self.resume or self.restart) and (self.run_dir / "tokenizer.json").is_file() \
-            and (self.run_dir / "data_manifest.json").is_file()
+        own = self._owns_data()
         if data is None:
-            from privlm.data import prepare_data
             dcfg = self.cfg.data
             if own:
                 dcfg = dataclasses.replace(dcfg, tokenizer=str(self.run_dir / "tokenizer.json"))
             # rank 0 builds (or finds in the cache) the tokenized splits first; the others then hit the cache
             if self.dist.is_main:
-                data = prepare_data(dcfg, None if own else self.run_dir)
+                data = prepare_data(dcfg, None)
             D.barrier(self.dist)
             if not self.dist.is_main:
                 data = prepare_data(dcfg, None)
-        if self.dist.is_main and not own:
-            _write_data_files(data, self.run_dir)
         if own:
             try:
                 saved = json.loads((self.run_dir / "data_manifest.json").read_text())

@@ -33,8 +33,8 @@ def lr_multiplier(step: int, max_steps: int, warmup_frac: float, schedule: str, 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, extra_no_decay: Optional[nn.Module] = None,
                     device_type: str = "cpu") -> torch.optim.AdamW:
-    """AdamW over ``GPT.optimizer_groups`` (no decay on biases, norm gains, alpha/beta, temperatures,
-    slopes); the entropy regularizer's thresholds theta join the no-decay group (SPEC §3.3)."""
+    """AdamW over ``GPT.optimizer_groups``: no decay on vectors and scalars nor on what the modules declare in
+    ``no_weight_decay()`` (temperatures, WN gains, and the entropy regularizer's thresholds theta)."""
     groups = [g for g in model.optimizer_groups(cfg.weight_decay, extra=extra_no_decay) if g["params"]]
     if extra_no_decay is not None:
         decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
