@@ -33,7 +33,7 @@ def test_uniform_causal_attention_entropy_is_mean_log_i(T):
 
 
 def test_causal_max_matches_spec_values():
-    # SPEC §2: 3.878 (T=128), 4.560 (T=256), 5.246 (T=512)
+    # docs/DECISIONS.md#head-entropy-eq-7: 3.878 (T=128), 4.560 (T=256), 5.246 (T=512)
     assert [round(causal_entropy_max(T), 3) for T in (128, 256, 512)] == [3.878, 4.560, 5.246]
 
 
@@ -181,7 +181,7 @@ def test_regularizer_matches_loop_reference(reduction):
 
 
 def official_entropy_regularization(attentions, thresholds, T, gamma):
-    """Port of the official entropy_regularization.py (SPEC §3.2): per-head loop on attention matrices,
+    """Port of the official entropy_regularization.py (docs/DECISIONS.md#the-entropy-regularizer-algorithm-1): per-head loop on attention matrices,
     nansum(A log(A + 1e-9)), penalty summed over batch and queries."""
     e_max = math.log(T)
     tol = gamma * e_max

@@ -1,5 +1,5 @@
 """The model zoo: every preset builds and trains a step, has exactly the modules its name implies,
-matches HF GPT-2, fuses exactly, and its temperature behaves as SPEC §1.7 says."""
+matches HF GPT-2, fuses exactly, and its temperature behaves as docs/DECISIONS.md#learnable-temperature-smt says."""
 from __future__ import annotations
 
 import math

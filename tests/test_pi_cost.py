@@ -141,7 +141,7 @@ def test_aero_rows_reported_with_errors():
     errs = _errors([r for r in ROWS if r.table.startswith("aero")])
     for r, ec, el, _ in errs:
         print(f"{_id(r):55s} comm {100 * ec:+6.2f}%  lat {100 * el:+6.2f}%")
-    # communication is linear across all rows; latency is not (SPEC §5.3(d)): pruning rows are worst
+    # communication is linear across all rows; latency is not (docs/pi-cost.md#caveats): pruning rows are worst
     assert max(abs(e[1]) for e in errs) < 0.03
     worst = max(errs, key=lambda e: abs(e[2]))
     assert "^i" in worst[0].preset and abs(worst[2]) < 0.15
@@ -227,7 +227,7 @@ def test_shipped_paper_fit_is_what_the_fit_produces():
     assert PAPER.nonlinear["gelu"].bytes_per_element == pytest.approx(comm["gelu"] * 1e3, rel=1e-6)
     assert PAPER.linear["ffn"][0] == pytest.approx(comm["ffn"] * 1e9, rel=1e-6)
     assert PAPER.per_token["bytes"] == pytest.approx(comm["per_token"] * 1e9, rel=1e-6)
-    # the GELU-ReLU difference is the cleanest number in the data: ~3.37 KB per element (SPEC §5.3(a))
+    # the GELU-ReLU difference is the cleanest number in the data: ~3.37 KB per element (docs/DECISIONS.md#private-inference-cost-model)
     assert (comm["gelu"] - comm["relu"]) * 1e3 == pytest.approx(3366, rel=0.01)
 
 

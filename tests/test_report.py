@@ -134,7 +134,7 @@ def test_rows_costs_and_diagnosis(runs):
     assert fu["comm_savings"] > 1.0 and fu["lat_savings"] > 1.0  # LN and GELU removed, FFN fused
     assert base["nonlinear"].startswith("SM:16×R^{32×32}") and "LN:8×R^{32×32}" in base["nonlinear"]
     assert fu["nonlinear"] == "SM:16×R^{32×32}"
-    assert fu["ffn_flops"] == 2 * L * T * 32 * 32  # fused d×d FFN: 2·L·T·d² (SPEC §1.6)
+    assert fu["ffn_flops"] == 2 * L * T * 32 * 32  # fused d×d FFN: 2·L·T·d² (docs/pi-cost.md#two-flop-conventions)
     assert base["ffn_flops"] == 16 * L * T * 32 * 32
     # the collapsing run: its deepest layer is flagged (NaN entries), the others are not
     assert sm["diverged"] and sm["ppl"] is None and sm["nan_total"] == 17

@@ -167,7 +167,7 @@ def test_train_writes_run_dir_and_learns(tmp_path):
     ent = records(run, "entropy")
     assert [e["step"] for e in ent] == [10, 20, 30, 40, 50, 60]
     assert np.array(ent[0]["head_entropy"]).shape == (2, 2) and ent[0]["nan_counts"] == [0, 0]
-    # causal attention rows: 0 <= mean entropy <= (1/T) sum log i  (SPEC §2)
+    # causal attention rows: 0 <= mean entropy <= (1/T) sum log i  (docs/DECISIONS.md#head-entropy-eq-7)
     assert all(0 <= h <= math.lgamma(T + 1) / T + 1e-5 for e in ent for row in e["head_entropy"] for h in row)
     final_ent = json.loads((run / "entropy.json").read_text())
     assert final_ent["seq_len"] == T and np.array(final_ent["head_entropy"]).shape == (2, 2)

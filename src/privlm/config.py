@@ -50,7 +50,7 @@ class ModelConfig:
     ffn_hidden: Optional[int] = None  # hidden width of the two-matrix FFN; None = 4 * n_embd
     # --- what the preset names change -------------------------------------------------
     norm: str = "layernorm"  # LN1/LN2 of every block ("none" = identity, as in the LN-free variants)
-    ln_f: bool = True  # final LayerNorm before the LM head (SPEC §8 item 5)
+    ln_f: bool = True  # final LayerNorm before the LM head (docs/DECISIONS.md#final-layernorm-ln_f)
     activation: str = "gelu"  # "gelu" is GPT-2's tanh approximation (HF "gelu_new")
     leaky_slope: float = 0.01  # negative slope of leaky ReLU (initial value when learnable)
     leaky_slope_learnable: str = "none"  # ReLU's Revival: one slope per layer or one global slope
@@ -111,7 +111,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """AdamW + warmup/decay schedule (SPEC §4). Global batch = processes x batch_size x grad_accum sequences."""
+    """AdamW + warmup/decay schedule (docs/DECISIONS.md#training-recipe). Global batch = processes x batch_size x grad_accum sequences."""
 
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 16  # sequences per micro-batch per process
@@ -147,7 +147,7 @@ class RegConfig:
     lambda_: float = 1e-5  # CodeParrot value; with reduction=released_code it multiplies a sum over B*T
     gamma: float = 0.2  # tolerance margin = gamma * log T (the paper's adopted value)
     reduction: str = "paper"  # paper: penalize the batch head entropy | released_code: per query, summed
-    # Initial theta (threshold = theta * log T). The paper does not give it (SPEC §3.3). 0.5 puts the
+    # Initial theta (threshold = theta * log T). The paper does not give it (docs/DECISIONS.md#the-entropy-regularizer-algorithm-1). 0.5 puts the
     # initial band at [0.3, 0.7] * log T for gamma=0.2: it excludes near-uniform heads (uniform causal
     # attention is 0.80 log T at T=128, 0.84 at T=512: entropic overload) and near-zero heads (collapse),
     # and it sits at the top of the learned range 0.20-0.52 of Fig. 6a (theta only moves while a head is

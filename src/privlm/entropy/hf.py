@@ -243,7 +243,7 @@ class EntropyRegularizedTrainer(Trainer):
         return getattr(self.accelerator.unwrap_model(self.model), REG_MODULE)
 
     def get_decay_parameter_names(self, model) -> list[str]:
-        # thresholds are fractions of E_max, not weights to shrink toward zero (SPEC §3.3)
+        # thresholds are fractions of E_max, not weights to shrink toward zero (docs/DECISIONS.md#the-entropy-regularizer-algorithm-1)
         return [n for n in super().get_decay_parameter_names(model) if REG_MODULE not in n]
 
     def _progress(self) -> float:

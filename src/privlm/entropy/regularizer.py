@@ -1,15 +1,15 @@
-"""The entropy regularizer of Algorithm 1 (SPEC §3): learnable per-head thresholds and a two-sided penalty.
+"""The entropy regularizer of Algorithm 1 (docs/DECISIONS.md#the-entropy-regularizer-algorithm-1): learnable per-head thresholds and a two-sided penalty.
 
     delta_{l,h}   = E^{(l,h)} - theta_{l,h} * E_max,            E_max = log T
     penalty_{l,h} = delta_{l,h}^2 * 1[ |delta_{l,h}| > gamma * E_max ]
     L_ent         = (1/L) sum_l (1/H) sum_h penalty_{l,h},        L_total = L_CE + lambda * L_ent
 
-Two reductions (SPEC §3.1 vs §3.2):
+Two reductions (docs/DECISIONS.md#the-entropy-regularizer-algorithm-1):
   ``paper``          E^{(l,h)} is the head entropy of Eq. 7 estimated on the batch (mean over batch and
                      query positions), then penalized once per head.
   ``released_code``  the penalty is applied to every per-query entropy E_{b,l,h,i} and *summed* over batch
                      and queries, as ``entropy_regularization.py`` of the official repository does; its scale
-                     grows with B*T, so lambda means something different (SPEC §3.2).
+                     grows with B*T, so lambda means something different (docs/DECISIONS.md#the-entropy-regularizer-algorithm-1).
 
 Everything is vectorized over layers, heads, batch and queries and computed in float32 whatever the
 autocast dtype of the forward pass.

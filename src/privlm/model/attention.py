@@ -14,7 +14,7 @@ from privlm.model.hooks import HookPoint
 
 
 def temperature_from_param(param: torch.Tensor, parameterization: str, t_min: float) -> torch.Tensor:
-    """Map the stored parameter p to the temperature t of SPEC §1.7.
+    """Map the stored parameter p to the temperature t of docs/DECISIONS.md#learnable-temperature-smt.
 
     The paper's "temperature initialized to 1e-2" is read as the initial value of p (see ARCHITECTURE.md):
     ``offset``: t = max(1 + p, t_min)  (default; p = 1e-2 gives t = 1.01, almost plain softmax)

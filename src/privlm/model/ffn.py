@@ -63,7 +63,7 @@ class FFN(nn.Module):
 
 
 class FusedFFN(nn.Module):
-    """SM+ScFuFFN: one d x d linear map, trained from scratch (SPEC §1.6)."""
+    """SM+ScFuFFN: one d x d linear map, trained from scratch (docs/DECISIONS.md#fused-and-pruned-ffns)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

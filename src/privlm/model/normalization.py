@@ -1,4 +1,4 @@
-"""Activation normalization (LayerNorm or identity) and the PI-free weight normalizations of SPEC §1.4."""
+"""Activation normalization (LayerNorm or identity) and the PI-free weight normalizations of docs/DECISIONS.md#weight-and-spectral-normalization."""
 from __future__ import annotations
 
 from torch import nn

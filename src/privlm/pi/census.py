@@ -1,6 +1,6 @@
 """Nonlinear-op and FLOPs census of a model for the paper's private-inference workload.
 
-Workload (SPEC §5.1): one output token after a T-token prompt, batch 1, embeddings and LM head included,
+Workload (docs/DECISIONS.md#private-inference-cost-model): one output token after a T-token prompt, batch 1, embeddings and LM head included,
 i.e. one forward pass over T positions. The census runs that forward pass through the *actual* modules
 (on the meta device when it builds the model itself, so it costs no memory) and records:
 
@@ -8,9 +8,9 @@ i.e. one forward pass over T positions. The census runs that forward pass throug
   softmax from ``blocks.i.attn.hook_probs`` (one T x T matrix per head; the causally masked half counts,
   as in the paper's "H·L × R^{T×T}"), LayerNorm from every ``nn.LayerNorm`` (block LNs and the final
   ``ln_f`` are reported as separate entries, because the paper's "#Nonlinear Ops" lists only the 2L block
-  LNs, SPEC §1.6 and §8 item 5), and the FFN activation from ``blocks.i.ffn.act`` (pruned or fused FFNs
+  LNs; docs/DECISIONS.md#final-layernorm-ln_f), and the FFN activation from ``blocks.i.ffn.act`` (pruned or fused FFNs
   have none). SM(t)'s temperature divides each logit row by a server-side scalar, i.e. it is a free
-  rescaling of the query (SPEC §1.7), and Eq. 8's alpha/beta are public scalars: neither is a nonlinear op.
+  rescaling of the query (docs/DECISIONS.md#learnable-temperature-smt), and Eq. 8's alpha/beta are public scalars: neither is a nonlinear op.
 * linear FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add, dense), split
   by module into FFN, attention projections, the two T x T products (QK^T and AV) and LM head. The token
   embedding is a table lookup in plaintext but, with secret token ids, a one-hot [T x V] @ [V x d] product
@@ -21,7 +21,7 @@ Hugging Face causal LMs of the supported families (`privlm.hfmodel.FAMILIES`) ar
 secret x secret product, rotary embeddings (secret x public, listed outside the "#Nonlinear Ops" cell) and
 one softmax per query head; the cost assumption of each new op is in docs/pi-cost.md.
 
-Two FLOP conventions (SPEC §1.6):
+Two FLOP conventions (docs/pi-cost.md#two-flop-conventions):
 ``dense``  what the forward pass executes: attention = 8·L·T·d² (Q, K, V, O) + 4·L·T²·d (QK^T and AV).
 ``paper``  what the paper's tables print: FFN identical, attention = projections + 3·L·T²·d. The T² term is
            an empirical fit of every printed value (the paper gives no formula); the He & Hofmann rows
@@ -44,7 +44,7 @@ OP_ABBREV: dict[str, str] = {"softmax": "SM", "layernorm": "LN", "rmsnorm": "RMS
                              "leaky_relu": "LR", "silu": "SiLU", "gate_product": "⊙", "rotary": "RoPE"}
 OP_TYPES: tuple[str, ...] = tuple(OP_ABBREV)
 
-# The T² coefficient (per layer, times d) of the paper's attention FLOPs (SPEC §1.6, empirical fit).
+# The T² coefficient (per layer, times d) of the paper's attention FLOPs (docs/pi-cost.md#two-flop-conventions, empirical fit).
 PAPER_T2_COEFF = 3
 PAPER_T2_COEFF_NO_VALUE = 2  # He & Hofmann "SOTA" blocks without the value/output projections
 
@@ -104,7 +104,7 @@ class Census:
 
     @property
     def paper_attn_flops(self) -> int:
-        """The paper's attention FLOPs: projections + attn_t2_coeff·L·T²·d (SPEC §1.6)."""
+        """The paper's attention FLOPs: projections + attn_t2_coeff·L·T²·d (docs/pi-cost.md#two-flop-conventions)."""
         return self.flops["attn_proj"] + self.attn_t2_coeff * self.n_layer * self.T ** 2 * self.n_embd
 
     @property
@@ -201,7 +201,7 @@ def census(model_or_config: Any, T: int = 128) -> Census:
     has_ffn = sum(1 for b in model.blocks if b.ffn is not None)
     notes = []
     if cfg.attn_temperature:
-        notes.append("SM(t): the temperature rescales each query row by a server-side scalar (free, SPEC §1.7)")
+        notes.append("SM(t): the temperature rescales each query row by a server-side scalar (free, docs/DECISIONS.md#learnable-temperature-smt)")
     if any(o.where == "final" for o in ops):
         notes.append("ln_f is listed separately; the paper's #Nonlinear Ops counts only the 2L block LNs")
     return Census(arch=cfg.preset, T=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -391,7 +391,7 @@ def sort_ops(ops: list[NonlinearOp]) -> list[NonlinearOp]:
 
 
 def simplified_block_census(base: Census) -> Census:
-    """He & Hofmann (2024) simplified blocks, the "SOTA" rows of AERO's tables (SPEC §7.1).
+    """He & Hofmann (2024) simplified blocks, the "SOTA" rows of AERO's tables (docs/pi-cost.md#the-he--hofmann-sota-rows).
 
     Not a privlm preset: derived from the census of the matching LN-free privlm model (SM+ScFFN or
     SM+ScFuFFN[^iK]) by removing the value and output projections (2 of the 4 d x d attention matmuls,

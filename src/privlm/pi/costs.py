@@ -2,7 +2,7 @@
 
 A profile is a JSON file ``src/privlm/pi/profiles/<name>.json`` (or any path) in the format
 ``privlm-pi-cost-profile/1``, documented in full in docs/pi-cost.md and in the ``_format`` key of every
-shipped profile. Costs combine linearly (SPEC §5.3):
+shipped profile. Costs combine linearly (docs/DECISIONS.md#private-inference-cost-model):
 
     cost = Σ_op  elements(op)·per_element(op) + count(op)·per_call(op)        nonlinear ops of the census
          + Σ_k   GFLOPs_k·per_gflop(k),  k in {ffn, attn, embed_head}          linear layers

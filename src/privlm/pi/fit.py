@@ -1,4 +1,4 @@
-"""Fit the ``paper-fit`` cost profile to the published rows (SPEC §5.3) with non-negative least squares.
+"""Fit the ``paper-fit`` cost profile to the published rows (docs/DECISIONS.md#private-inference-cost-model) with non-negative least squares.
 
     .venv/bin/python -m privlm.pi.fit            # print the fit and the residual of every published row
     .venv/bin/python -m privlm.pi.fit --write    # also write profiles/paper-fit.json and the doc's table
@@ -123,11 +123,11 @@ def profile_dict(coef: dict[str, np.ndarray], rows: list[PublishedRow], residual
         },
         "network": {"bandwidth_mbps": 100, "rtt_ms": 80, "setting": "WAN via tc, as stated by the paper",
                     "_note": "the published latencies imply >= 411 Mbit/s of traffic, so the stated 100 Mbit/s cannot "
-                             "hold (SPEC §5.3(d)); latencies here reproduce the tables, whatever their network"},
+                             "hold (docs/pi-cost.md#caveats); latencies here reproduce the tables, whatever their network"},
         "conventions": {"flops": "paper", "final_layernorm": "in_per_token",
                         "_note": "per-GFLOP costs apply to the paper's FLOP convention (attention 8LTd^2 + 3LT^2d). "
                                  "The tables count only the 2L block LNs; whether the measured models had a "
-                                 "final ln_f is unknown (SPEC §8.5), so any ln_f cost is inside the per-token "
+                                 "final ln_f is unknown (docs/DECISIONS.md#final-layernorm-ln_f), so any ln_f cost is inside the per-token "
                                  "constant and a census's ln_f is not charged again"},
         "identified_op_sets": [["softmax"], ["softmax", "layernorm", "gelu"], ["softmax", "layernorm", "relu"]],
         "_identified_op_sets": "the data has GELU and ReLU only together with 2L LayerNorms, so only LN+2*act "

@@ -1,6 +1,6 @@
 """The published PI-cost rows of 2501.03489 (Tables 3, 4, 7, 8) and AERO 2410.13060 (Tables 4, 5, 7, L=18).
 
-``tables/published.csv`` is a verbatim transcription (SPEC §5.2 and §7.1): it is the test oracle of the
+``tables/published.csv`` is a verbatim transcription (docs/pi-cost.md#how-paper-fit-was-fitted): it is the test oracle of the
 census and the data the ``paper-fit`` profile is fitted to. Empty cells were not printed (or not
 transcribed). Each row names the privlm preset that builds the same model; ``variant=sota`` marks the
 He & Hofmann "SOTA" rows, which are not privlm models and get `simplified_block_census` instead.
@@ -102,7 +102,7 @@ def paper_round(value: float, decimals: int) -> float:
     """Round like the paper's FLOP columns: to 2 decimals first, then (half up) to the printed precision.
 
     Every printed FLOP value follows this, including 7.248B printed as 7.3B (7.248 -> 7.25 -> 7.3), which a
-    single rounding would print as 7.2 (SPEC §1.6).
+    single rounding would print as 7.2 (docs/pi-cost.md#two-flop-conventions).
     """
     from decimal import ROUND_HALF_UP, Decimal
 

@@ -1,4 +1,4 @@
-"""The paper's figures (SPEC.md §6), drawn from run directories alone.
+"""The paper's figures, drawn from run directories alone.
 
 Every function takes loaded runs (`privlm.report.runs.RunData`) and returns a matplotlib `Figure`
 built without pyplot (no global state, no display needed: the Agg canvas renders PNG and SVG).
@@ -19,7 +19,7 @@ from privlm.fileio import slug
 from privlm.report import analysis
 from privlm.report.runs import RunData
 
-CMAP = "cividis"  # the authors' heatmap colormap (SPEC §6)
+CMAP = "cividis"  # the authors' heatmap colormap
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""AdamW with the paper's decay groups and the learning-rate schedules (SPEC §4)."""
+"""AdamW with the paper's decay groups and the learning-rate schedules (docs/DECISIONS.md#training-recipe)."""
 from __future__ import annotations
 
 import functools
