@@ -90,7 +90,7 @@ def test_demo_end_to_end_with_private_inference_and_resume(tmp_path, capsys):
     # rerun: nothing retrained, same rows; --skip-pi leaves the saved measurement alone
     mtime = (out / "sm-ln-g" / "model.safetensors").stat().st_mtime_ns
     assert main(["demo", "--sweep", str(sweep), "--out", str(out), "--skip-pi"]) == 0
-    assert "already finished, kept" in capsys.readouterr().out
+    assert "already finished, skipped" in capsys.readouterr().out
     assert (out / "sm-ln-g" / "model.safetensors").stat().st_mtime_ns == mtime
     assert json.loads((out / "sm-scfuffn" / "pi_measured.json").read_text()) == pi
     assert "MB exchanged" in (out / "demo.md").read_text()  # the earlier measurement is still shown
