@@ -272,3 +272,39 @@ def test_leave_one_setting_out_backs_the_documented_claims():
     assert max(abs(r["comm_err"]) for r in cv) < 0.08  # docs: communication extrapolates within ~8%
     languini = [r["lat_err"] for r in cv if r["held_out"].startswith("T=512")]
     assert min(languini) > 0.2  # docs: latency at T=512 from T<=256 is 25-35% too slow (sub-linear runtime)
+
+
+# ---------------------------------------------------------------------------------------- op schema
+def test_op_schema_is_torch_free_and_shared():
+    """The SPU environment has no torch: the schema module must import with the standard library alone, and
+    the census, cost model, SPU program and export must all use its names, not copies."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import privlm.opschema; "
+             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'jax', 'omegaconf')); "
+             "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+    import importlib
+
+    from privlm import opschema
+    from privlm.pi import costs
+    from privlm.spu import export
+    census_mod = importlib.import_module("privlm.pi.census")  # the package attribute is the function
+    assert set(opschema.PRIVLM_OPS) <= set(opschema.OP_TYPES)
+    assert set(opschema.ACTIVATION_OPS) <= set(opschema.PRIVLM_OPS)
+    assert set(opschema.LINEAR_KIND_OF.values()) == set(opschema.LINEAR_KINDS)
+    assert census_mod.OP_TYPES is opschema.OP_TYPES and costs.LINEAR_KINDS is opschema.LINEAR_KINDS
+    assert export.EXPORT_FORMAT is opschema.EXPORT_FORMAT
+    # every census FLOP entry is one the schema maps to a linear kind, and the kinds sum to flops_by
+    c = census("SM+LN+G", 64)
+    assert set(c.flops) <= set(opschema.FLOP_ENTRIES)
+    dense = c.flops_by("dense")
+    for kind in opschema.LINEAR_KINDS:
+        assert dense[kind] == sum(v for k, v in c.flops.items() if opschema.LINEAR_KIND_OF[k] == kind)
+    # shipped profiles use only schema names
+    for name in costs.available_profiles():
+        prof = load_profile(name)
+        assert prof.raw["format"] == opschema.COST_PROFILE_FORMAT
+        assert set(prof.nonlinear) <= set(opschema.OP_TYPES) and set(prof.linear) <= set(opschema.LINEAR_KINDS)

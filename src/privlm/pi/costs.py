@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from privlm.config import ConfigError
-from privlm.pi.census import OP_TYPES, Census
+from privlm.opschema import COST_PROFILE_FORMAT, LINEAR_KINDS, OP_TYPES
+from privlm.pi.census import Census
 
-FORMAT = "privlm-pi-cost-profile/1"
 PROFILE_DIR = Path(__file__).parent / "profiles"
-LINEAR_KINDS: tuple[str, ...] = ("ffn", "attn", "embed_head")
 _OP_FIELDS = ("bytes_per_element", "seconds_per_element", "bytes_per_call", "seconds_per_call",
               "rounds_per_call", "messages_per_call")
 _LINEAR_FIELDS = ("bytes_per_gflop", "seconds_per_gflop")
@@ -114,8 +113,8 @@ def parse_profile(raw: dict, origin: str = "<dict>") -> Profile:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"cost profile '{origin}': {msg}")
 
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise fail(f"'format' must be '{FORMAT}'")
+    if not isinstance(raw, dict) or raw.get("format") != COST_PROFILE_FORMAT:
+        raise fail(f"'format' must be '{COST_PROFILE_FORMAT}'")
     for key in ("name", "nonlinear", "linear", "per_token", "network", "provenance", "conventions"):
         if key not in raw:
             raise fail(f"missing key '{key}'")

@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 
 from privlm.pi.census import Census
-from privlm.pi.costs import FORMAT, PROFILE_DIR, parse_profile, predict
+from privlm.opschema import COST_PROFILE_FORMAT, LINEAR_KINDS
+from privlm.pi.costs import PROFILE_DIR, parse_profile, predict
 from privlm.pi.published import MAIN_TABLES, PublishedRow, load_rows, unique_rows
 
 # Columns of the design matrix: (name, unit, how to read it from a census).
@@ -99,7 +100,7 @@ def profile_dict(coef: dict[str, np.ndarray], rows: list[PublishedRow], residual
 
     main = [r for r in residuals if r["table"] in MAIN_TABLES]
     return {
-        "format": FORMAT,
+        "format": COST_PROFILE_FORMAT,
         "_format": "see docs/pi-cost.md#profile-format: per-element/per-call costs per nonlinear op, per-GFLOP "
                    "costs per linear kind, per-token constant (bytes + bytes_per_vocab * V, same for seconds), "
                    "fixed per-inference cost; all at the stated network; costs add linearly",
@@ -136,7 +137,7 @@ def profile_dict(coef: dict[str, np.ndarray], rows: list[PublishedRow], residual
         "nonlinear": {name: op(name) for name in ("softmax", "layernorm", "gelu", "relu")}
         | {"leaky_relu": {**op("relu"), "_note": "not in any published row: set to the ReLU cost "
                                                  "(one comparison and one multiplication by a public slope)"}},
-        "linear": {name: lin(name) for name in ("ffn", "attn", "embed_head")},
+        "linear": {name: lin(name) for name in LINEAR_KINDS},
         "per_token": {"bytes": round(cb["per_token"] * 1e9, 1), "seconds": round(cl["per_token"] * 60, 6),
                       "bytes_per_vocab": 0, "seconds_per_vocab": 0,
                       "_note": "vocabulary dependence is carried by linear.embed_head (2*T*V*d FLOPs each)"},

@@ -21,9 +21,9 @@ import numpy as np
 from privlm.errors import PrivlmError
 from privlm.fileio import atomic_write_text
 from privlm.hostinfo import describe_host
+from privlm.opschema import COST_PROFILE_FORMAT, PRIVLM_OPS
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "pi" / "profiles"
-NONLINEAR = ("softmax", "layernorm", "gelu", "relu", "leaky_relu")
 FM64_SHARE_BYTES = 8  # one 64-bit ring element per share
 
 # (op, shapes): the full grid spans small privlm models up to GPT-2's T=128 (elementwise ops in pieces of at
@@ -227,7 +227,7 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
     rounds_of = {r["op"]: r for r in rounds or []}
     setup = [r for r in rows if r["op"] == "setup"][0]
     nonlinear, fits = {}, {}
-    for op in NONLINEAR:
+    for op in PRIVLM_OPS:
         rs = [r for r in rows if r["op"] == op]
         if not rs:
             continue
@@ -270,7 +270,7 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
                       "bytes_per_product": float(np.mean(b))}
     import importlib.metadata as md
     return {
-        "format": "privlm-pi-cost-profile/1",
+        "format": COST_PROFILE_FORMAT,
         "_format": "see docs/pi-cost.md#profile-format; written by `privlm pi calibrate`",
         "name": name,
         "description": f"Per-op costs measured with SecretFlow SPU ({protocol.upper()}, 2PC, FM64, 18 fraction "
