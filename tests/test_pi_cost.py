@@ -308,3 +308,30 @@ def test_op_schema_is_torch_free_and_shared():
         prof = load_profile(name)
         assert prof.raw["format"] == opschema.COST_PROFILE_FORMAT
         assert set(prof.nonlinear) <= set(opschema.OP_TYPES) and set(prof.linear) <= set(opschema.LINEAR_KINDS)
+
+
+# ---------------------------------------------------------------------------------------- profile locations
+def test_user_profiles_shadow_shipped_ones_and_the_package_stays_read_only(tmp_path, monkeypatch):
+    from privlm.pi import costs, save_profile
+    monkeypatch.setenv("PRIVLM_HOME", str(tmp_path / "home"))
+    shipped = sorted(p.stem for p in costs.SHIPPED_PROFILE_DIR.glob("*.json"))
+    before = {p.name: p.read_bytes() for p in costs.SHIPPED_PROFILE_DIR.glob("*.json")}
+    assert costs.available_profiles() == shipped and costs.shadowed_profiles() == []
+    raw = json.loads(json.dumps(PAPER.raw))
+    raw["per_token"]["bytes"] *= 2
+    path = save_profile(raw)  # name "paper-fit": goes to the user directory, not over the shipped file
+    assert path == tmp_path / "home" / "profiles" / "paper-fit.json"
+    assert {p.name: p.read_bytes() for p in costs.SHIPPED_PROFILE_DIR.glob("*.json")} == before
+    assert costs.shadowed_profiles() == ["paper-fit"]
+    assert load_profile("paper-fit").path == str(path)
+    c = census("SM+LN+G", 128)
+    extra_gb = 128 * PAPER.per_token["bytes"] / 1e9  # the doubled per-token bytes, T = 128
+    assert predict(c, "paper-fit").comm_gb == pytest.approx(predict(c, PAPER).comm_gb + extra_gb, rel=1e-12)
+    raw["name"] = "mine"
+    save_profile(raw)
+    assert "mine" in costs.available_profiles() and load_profile("mine").name == "mine"
+    with pytest.raises(ConfigError, match="already exists"):
+        save_profile(raw)
+    monkeypatch.delenv("PRIVLM_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert costs.user_profile_dir() == tmp_path / "h" / ".privlm" / "profiles"

@@ -1,7 +1,8 @@
 """privlm.pi: private-inference cost of a model: nonlinear-op census, FLOPs and a per-op cost model.
 
 `census(model_or_config, T)` walks the model for the paper's workload (one output token after a T-token
-prompt); `load_profile(name)` reads a cost profile (data file under ``profiles/``); `predict(census,
+prompt); `load_profile(name)` reads a cost profile (the user's
+``$PRIVLM_HOME/profiles`` first, then the read-only ones shipped under ``profiles/``); `predict(census,
 profile)` combines them linearly into communication (GB) and latency (minutes). See docs/pi-cost.md.
 """
 from privlm.opschema import OP_ABBREV, OP_TYPES
