@@ -332,6 +332,10 @@ def test_user_profiles_shadow_shipped_ones_and_the_package_stays_read_only(tmp_p
     assert "mine" in costs.available_profiles() and load_profile("mine").name == "mine"
     with pytest.raises(ConfigError, match="already exists"):
         save_profile(raw)
+    raw["name"] = "../escape"
+    with pytest.raises(ConfigError, match="plain file name"):
+        save_profile(raw)
+    assert not (tmp_path / "home" / "escape.json").exists()
     monkeypatch.delenv("PRIVLM_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
     assert costs.user_profile_dir() == tmp_path / "h" / ".privlm" / "profiles"

@@ -4,7 +4,9 @@ A profile is a JSON file in the format ``privlm-pi-cost-profile/1``, documented 
 and in the ``_format`` key of every shipped profile. A profile name is looked up in the user's profile
 directory (``$PRIVLM_HOME/profiles``, default ``~/.privlm/profiles``, where `save_profile` and ``privlm pi
 calibrate`` write) and then among the read-only profiles shipped in the package (``privlm/pi/profiles``);
-a user profile with a shipped name shadows it. Any path to a ``.json`` file works too. Costs combine linearly (SPEC §5.3):
+a user profile with a shipped name shadows it. Any path to a ``.json`` file works too.
+
+Costs combine linearly (SPEC §5.3):
 
     cost = Σ_op  elements(op)·per_element(op) + count(op)·per_call(op)        nonlinear ops of the census
          + Σ_k   GFLOPs_k·per_gflop(k),  k in {ffn, attn, embed_head}          linear layers
@@ -197,6 +199,8 @@ def parse_profile(raw: dict, origin: str = "<dict>") -> Profile:
 
 def default_profile_path(name: str) -> Path:
     """Where `save_profile` writes profile ``name`` when given no path: the user profile directory."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ConfigError(f"cost profile name {name!r} must be a plain file name (no directories, no leading dot)")
     return user_profile_dir() / f"{name}.json"
 
 
