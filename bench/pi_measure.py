@@ -430,7 +430,7 @@ privlm pi eval RUN_DIR [--spu-profile bumblebee] [--sequences 2] [--json]
 privlm pi export RUN_DIR bundle/        # bundle/client -> client machine, bundle/server stays
 server$ privlm pi run RUN_DIR --mode 2proc --party 1 --T 12 --peer CLIENT:9000 --peer SERVER:9001
 client$ privlm pi run bundle/client --prompt "..." --mode 2proc --party 0 --peer CLIENT:9000 --peer SERVER:9001
-privlm pi calibrate --spu-profile bumblebee --force     # writes src/privlm/pi/profiles/spu-bumblebee-measured.json
+privlm pi calibrate --spu-profile bumblebee --force     # writes $PRIVLM_HOME/profiles/spu-bumblebee-measured.json (~/.privlm by default)
 privlm cost SM+ScFuFFN --vs SM+LN+G --profile spu-bumblebee-measured
 ```
 
@@ -441,6 +441,9 @@ privlm cost SM+ScFuFFN --vs SM+LN+G --profile spu-bumblebee-measured
 .venv/bin/privlm pi calibrate --spu-profile bumblebee --force --rounds-delay-ms 0
 .venv/bin/python bench/pi_measure.py --all --eval-run RUN_DIR
 ```
+
+Calibration writes to the user profile directory, whose profiles shadow the shipped ones of the same name; to
+refresh the shipped profiles a maintainer adds `--out src/privlm/pi/profiles/spu-<profile>-measured.json`.
 """
 
 

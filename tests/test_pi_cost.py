@@ -272,3 +272,70 @@ def test_leave_one_setting_out_backs_the_documented_claims():
     assert max(abs(r["comm_err"]) for r in cv) < 0.08  # docs: communication extrapolates within ~8%
     languini = [r["lat_err"] for r in cv if r["held_out"].startswith("T=512")]
     assert min(languini) > 0.2  # docs: latency at T=512 from T<=256 is 25-35% too slow (sub-linear runtime)
+
+
+# ---------------------------------------------------------------------------------------- op schema
+def test_op_schema_is_torch_free_and_shared():
+    """The SPU environment has no torch: the schema module must import with the standard library alone, and
+    the census, cost model, SPU program and export must all use its names, not copies."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import privlm.opschema; "
+             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'jax', 'omegaconf')); "
+             "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+    import importlib
+
+    from privlm import opschema
+    from privlm.pi import costs
+    from privlm.spu import export
+    census_mod = importlib.import_module("privlm.pi.census")  # the package attribute is the function
+    assert set(opschema.PRIVLM_OPS) <= set(opschema.OP_TYPES)
+    assert set(opschema.ACTIVATION_OPS) <= set(opschema.PRIVLM_OPS)
+    assert set(opschema.LINEAR_KIND_OF.values()) == set(opschema.LINEAR_KINDS)
+    assert census_mod.OP_TYPES is opschema.OP_TYPES and costs.LINEAR_KINDS is opschema.LINEAR_KINDS
+    assert export.EXPORT_FORMAT is opschema.EXPORT_FORMAT
+    # every census FLOP entry is one the schema maps to a linear kind, and the kinds sum to flops_by
+    c = census("SM+LN+G", 64)
+    assert set(c.flops) <= set(opschema.FLOP_ENTRIES)
+    dense = c.flops_by("dense")
+    for kind in opschema.LINEAR_KINDS:
+        assert dense[kind] == sum(v for k, v in c.flops.items() if opschema.LINEAR_KIND_OF[k] == kind)
+    # shipped profiles use only schema names
+    for name in costs.available_profiles():
+        prof = load_profile(name)
+        assert prof.raw["format"] == opschema.COST_PROFILE_FORMAT
+        assert set(prof.nonlinear) <= set(opschema.OP_TYPES) and set(prof.linear) <= set(opschema.LINEAR_KINDS)
+
+
+# ---------------------------------------------------------------------------------------- profile locations
+def test_user_profiles_shadow_shipped_ones_and_the_package_stays_read_only(tmp_path, monkeypatch):
+    from privlm.pi import costs, save_profile
+    monkeypatch.setenv("PRIVLM_HOME", str(tmp_path / "home"))
+    shipped = sorted(p.stem for p in costs.SHIPPED_PROFILE_DIR.glob("*.json"))
+    before = {p.name: p.read_bytes() for p in costs.SHIPPED_PROFILE_DIR.glob("*.json")}
+    assert costs.available_profiles() == shipped and costs.shadowed_profiles() == []
+    raw = json.loads(json.dumps(PAPER.raw))
+    raw["per_token"]["bytes"] *= 2
+    path = save_profile(raw)  # name "paper-fit": goes to the user directory, not over the shipped file
+    assert path == tmp_path / "home" / "profiles" / "paper-fit.json"
+    assert {p.name: p.read_bytes() for p in costs.SHIPPED_PROFILE_DIR.glob("*.json")} == before
+    assert costs.shadowed_profiles() == ["paper-fit"]
+    assert load_profile("paper-fit").path == str(path)
+    c = census("SM+LN+G", 128)
+    extra_gb = 128 * PAPER.per_token["bytes"] / 1e9  # the doubled per-token bytes, T = 128
+    assert predict(c, "paper-fit").comm_gb == pytest.approx(predict(c, PAPER).comm_gb + extra_gb, rel=1e-12)
+    raw["name"] = "mine"
+    save_profile(raw)
+    assert "mine" in costs.available_profiles() and load_profile("mine").name == "mine"
+    with pytest.raises(ConfigError, match="already exists"):
+        save_profile(raw)
+    raw["name"] = "../escape"
+    with pytest.raises(ConfigError, match="plain file name"):
+        save_profile(raw)
+    assert not (tmp_path / "home" / "escape.json").exists()
+    monkeypatch.delenv("PRIVLM_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert costs.user_profile_dir() == tmp_path / "h" / ".privlm" / "profiles"

@@ -93,3 +93,32 @@ def test_bad_input_is_one_line_error(capsys, argv, message):
 def test_dir_without_config_is_an_error(capsys, tmp_path):
     code, _, err = _run(capsys, str(tmp_path))
     assert code != 0 and "no config.yaml" in err
+
+
+def test_calibrate_validates_and_writes_through_the_profile_writer(tmp_path, monkeypatch, capsys):
+    """`privlm pi calibrate` (measurement stubbed out: it needs the SPU environment) writes its profile to the
+    user profile directory through `save_profile`: a malformed fit is a one-line error and leaves no file."""
+    import argparse
+
+    from privlm.config import ConfigError
+    from privlm.pi import costs
+    from privlm.spu import calibrate
+    monkeypatch.setenv("PRIVLM_HOME", str(tmp_path))
+    measured = json.loads(json.dumps(costs.load_profile("spu-cheetah-measured").raw))
+    monkeypatch.setattr(calibrate, "run_microbench", lambda *a, **k: {})
+    monkeypatch.setattr(calibrate, "fit_profile", lambda bench, name, *a, **k: {**measured, "name": name})
+    args = argparse.Namespace(spu_profile="default", name=None, out=None, force=False, quick=True,
+                              rounds_delay_ms=None, protocol="cheetah", json=True)
+    assert calibrate.cmd_calibrate(args) == 0
+    out = tmp_path / "profiles" / "spu-cheetah-measured.json"
+    assert costs.load_profile("spu-cheetah-measured").path == str(out)
+    assert costs.shadowed_profiles() == ["spu-cheetah-measured"]
+    measured["nonlinear"]["softmax"]["bytes_per_element"] = float("nan")
+    args.name = "broken"
+    with pytest.raises(ConfigError, match="non-negative number") as exc:
+        calibrate.cmd_calibrate(args)
+    assert "\n" not in str(exc.value) and not (tmp_path / "profiles" / "broken.json").exists()
+    capsys.readouterr()
+    code = main(["pi", "calibrate", "--quick"])  # the profile of the first run is there now
+    err = capsys.readouterr().err
+    assert code != 0 and "exists" in err and "--force" in err and "Traceback" not in err

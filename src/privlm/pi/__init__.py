@@ -1,10 +1,12 @@
 """privlm.pi: private-inference cost of a model: nonlinear-op census, FLOPs and a per-op cost model.
 
 `census(model_or_config, T)` walks the model for the paper's workload (one output token after a T-token
-prompt); `load_profile(name)` reads a cost profile (data file under ``profiles/``); `predict(census,
+prompt); `load_profile(name)` reads a cost profile (the user's
+``$PRIVLM_HOME/profiles`` first, then the read-only ones shipped under ``profiles/``); `predict(census,
 profile)` combines them linearly into communication (GB) and latency (minutes). See docs/pi-cost.md.
 """
-from privlm.pi.census import OP_ABBREV, OP_TYPES, Census, NonlinearOp, census, simplified_block_census
+from privlm.opschema import OP_ABBREV, OP_TYPES
+from privlm.pi.census import Census, NonlinearOp, census, simplified_block_census
 from privlm.pi.costs import Cost, Profile, available_profiles, load_profile, predict, save_profile
 
 __all__ = ["census", "Census", "NonlinearOp", "simplified_block_census", "OP_TYPES", "OP_ABBREV",

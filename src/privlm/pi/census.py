@@ -37,12 +37,7 @@ import torch
 from torch import nn
 
 from privlm.config import Config, ConfigError, ModelConfig, load_config
-
-# Op type -> the abbreviation of the paper's "#Nonlinear Ops" column (the paper's five, then those of
-# Hugging Face families: RMSNorm, SiLU, the SwiGLU gate's secret x secret product, rotary embeddings).
-OP_ABBREV: dict[str, str] = {"softmax": "SM", "layernorm": "LN", "rmsnorm": "RMS", "gelu": "G", "relu": "R",
-                             "leaky_relu": "LR", "silu": "SiLU", "gate_product": "⊙", "rotary": "RoPE"}
-OP_TYPES: tuple[str, ...] = tuple(OP_ABBREV)
+from privlm.opschema import OP_ABBREV, OP_TYPES
 
 # The T² coefficient (per layer, times d) of the paper's attention FLOPs (docs/pi-cost.md#two-flop-conventions, empirical fit).
 PAPER_T2_COEFF = 3

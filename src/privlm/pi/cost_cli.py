@@ -24,7 +24,7 @@ from privlm.hfmodel import build_model, check_model_dir, is_hf_spec, shape_of
 from privlm.hfmodel import load_config as load_hf_config
 from privlm.pi.census import Census, census
 from privlm.run import load_run_config
-from privlm.pi.costs import Cost, available_profiles, load_profile, predict
+from privlm.pi.costs import Cost, available_profiles, load_profile, predict, shadowed_profiles, user_profile_dir
 from privlm.pi.published import TABLES, load_rows, paper_round, printed_decimals
 
 # Fields copied from the costed model onto the --vs reference so both have the same size.
@@ -258,8 +258,11 @@ def register(subparsers) -> None:
                    help="presets, config YAMLs, run directories or Hugging Face models (a save_pretrained directory "
                         "or hf:<hub id>; default SM+LN+G at GPT-2 size), and overrides")
     p.add_argument("--T", type=int, default=None, help="prompt length (default 128; a run's data.seq_len)")
+    shadowed = shadowed_profiles()
     p.add_argument("--profile", default="paper-fit",
-                   help=f"cost profile name or .json path (available: {', '.join(available_profiles())})")
+                   help=f"cost profile name or .json path (available: {', '.join(available_profiles())}; names are "
+                        f"looked up in {user_profile_dir()} first, then among the shipped profiles"
+                        + (f"; user profiles shadow the shipped {', '.join(shadowed)}" if shadowed else "") + ")")
     p.add_argument("--vs", default="SM+LN+G", help="reference for the savings columns (preset or RUN_DIR)")
     p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
     p.add_argument("--table", choices=tuple(TABLES), help="print a published table beside the predictions")

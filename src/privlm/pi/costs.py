@@ -1,8 +1,12 @@
 """Cost profiles (data files) and the linear PI cost model: Comm (GB) and latency (minutes) of a census.
 
-A profile is a JSON file ``src/privlm/pi/profiles/<name>.json`` (or any path) in the format
-``privlm-pi-cost-profile/1``, documented in full in docs/pi-cost.md and in the ``_format`` key of every
-shipped profile. Costs combine linearly (docs/DECISIONS.md#private-inference-cost-model):
+A profile is a JSON file in the format ``privlm-pi-cost-profile/1``, documented in full in docs/pi-cost.md
+and in the ``_format`` key of every shipped profile. A profile name is looked up in the user's profile
+directory (``$PRIVLM_HOME/profiles``, default ``~/.privlm/profiles``, where `save_profile` and ``privlm pi
+calibrate`` write) and then among the read-only profiles shipped in the package (``privlm/pi/profiles``);
+a user profile with a shipped name shadows it. Any path to a ``.json`` file works too.
+
+Costs combine linearly (docs/DECISIONS.md#private-inference-cost-model):
 
     cost = Σ_op  elements(op)·per_element(op) + count(op)·per_call(op)        nonlinear ops of the census
          + Σ_k   GFLOPs_k·per_gflop(k),  k in {ffn, attn, embed_head}          linear layers
@@ -14,16 +18,17 @@ for bytes and seconds alike. GB means 10⁹ bytes, latency is reported in minute
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from privlm.config import ConfigError
-from privlm.pi.census import OP_TYPES, Census
+from privlm.fileio import atomic_write_text
+from privlm.opschema import COST_PROFILE_FORMAT, LINEAR_KINDS, OP_TYPES
+from privlm.pi.census import Census
 
-FORMAT = "privlm-pi-cost-profile/1"
-PROFILE_DIR = Path(__file__).parent / "profiles"
-LINEAR_KINDS: tuple[str, ...] = ("ffn", "attn", "embed_head")
+SHIPPED_PROFILE_DIR = Path(__file__).parent / "profiles"  # package data: read-only at run time
 _OP_FIELDS = ("bytes_per_element", "seconds_per_element", "bytes_per_call", "seconds_per_call",
               "rounds_per_call", "messages_per_call")
 _LINEAR_FIELDS = ("bytes_per_gflop", "seconds_per_gflop")
@@ -89,17 +94,35 @@ class Cost:
 
 
 # ----------------------------------------------------------------------------------------
+def user_profile_dir() -> Path:
+    """Where calibrated and user profiles live: ``$PRIVLM_HOME/profiles`` (default ``~/.privlm/profiles``)."""
+    return Path(os.environ.get("PRIVLM_HOME") or "~/.privlm").expanduser() / "profiles"
+
+
+def profile_paths() -> dict[str, Path]:
+    """Profile name -> the file `load_profile` reads for it: user profiles shadow shipped ones."""
+    found = {p.stem: p for p in SHIPPED_PROFILE_DIR.glob("*.json")}
+    found |= {p.stem: p for p in user_profile_dir().glob("*.json")}
+    return dict(sorted(found.items()))
+
+
+def shadowed_profiles() -> list[str]:
+    """Shipped profile names that a user profile of the same name replaces."""
+    return [n for n, p in profile_paths().items() if (SHIPPED_PROFILE_DIR / p.name).is_file()
+            and p.parent != SHIPPED_PROFILE_DIR]
+
+
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+    return list(profile_paths())
 
 
 def load_profile(name_or_path: Union[str, Path, Profile] = "paper-fit") -> Profile:
-    """Read a profile by name (``profiles/<name>.json``) or path; ConfigError on anything malformed."""
+    """Read a profile by name (user directory first, then shipped) or path; ConfigError on anything malformed."""
     if isinstance(name_or_path, Profile):
         return name_or_path
     path = Path(name_or_path)
     if not path.suffix == ".json":
-        path = PROFILE_DIR / f"{name_or_path}.json"
+        path = profile_paths().get(str(name_or_path), path)
     if not path.is_file():
         raise ConfigError(f"cost profile '{name_or_path}' not found; available: {', '.join(available_profiles())} "
                           f"(or a path to a .json profile)")
@@ -114,8 +137,8 @@ def parse_profile(raw: dict, origin: str = "<dict>") -> Profile:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"cost profile '{origin}': {msg}")
 
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise fail(f"'format' must be '{FORMAT}'")
+    if not isinstance(raw, dict) or raw.get("format") != COST_PROFILE_FORMAT:
+        raise fail(f"'format' must be '{COST_PROFILE_FORMAT}'")
     for key in ("name", "nonlinear", "linear", "per_token", "network", "provenance", "conventions"):
         if key not in raw:
             raise fail(f"missing key '{key}'")
@@ -174,17 +197,22 @@ def parse_profile(raw: dict, origin: str = "<dict>") -> Profile:
                    path=origin, raw=raw)
 
 
+def default_profile_path(name: str) -> Path:
+    """Where `save_profile` writes profile ``name`` when given no path: the user profile directory."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ConfigError(f"cost profile name {name!r} must be a plain file name (no directories, no leading dot)")
+    return user_profile_dir() / f"{name}.json"
+
+
 def save_profile(raw: dict, path: Union[str, Path, None] = None, overwrite: bool = False) -> Path:
-    """Validate ``raw`` as a profile and write it (default ``profiles/<name>.json``); never clobbers an
-    existing file unless ``overwrite``. For measured profiles (e.g. ``spu-cheetah-measured``)."""
+    """Validate ``raw`` exactly as `load_profile` will, then write it atomically (default: the user profile
+    directory, `default_profile_path`); never clobbers an existing file unless ``overwrite``. The writer of
+    every profile: ``privlm pi calibrate`` and the paper fit alike."""
     parse_profile(raw, str(path or raw.get("name")))
-    path = Path(path) if path is not None else PROFILE_DIR / f"{raw['name']}.json"
+    path = Path(path) if path is not None else default_profile_path(str(raw["name"]))
     if path.exists() and not overwrite:
         raise ConfigError(f"cost profile '{path}' already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # atomic: a crash never leaves half a profile
+    atomic_write_text(path, json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

@@ -1,7 +1,7 @@
 """Fit the ``paper-fit`` cost profile to the published rows (docs/DECISIONS.md#private-inference-cost-model) with non-negative least squares.
 
     .venv/bin/python -m privlm.pi.fit            # print the fit and the residual of every published row
-    .venv/bin/python -m privlm.pi.fit --write    # also write profiles/paper-fit.json and the doc's table
+    .venv/bin/python bench/paper_fit.py --write  # regenerate the shipped paper-fit.json and the doc's tables
 
 Features of a row come from the census of the model it names (not from the printed columns): softmax,
 block-LayerNorm and activation elements, FFN and attention GFLOPs (paper convention), embedding + LM head
@@ -17,8 +17,9 @@ from typing import Optional
 
 import numpy as np
 
+from privlm.opschema import COST_PROFILE_FORMAT, LINEAR_KINDS
 from privlm.pi.census import Census
-from privlm.pi.costs import FORMAT, PROFILE_DIR, parse_profile, predict
+from privlm.pi.costs import parse_profile, predict
 from privlm.pi.published import MAIN_TABLES, PublishedRow, load_rows, unique_rows
 
 # Columns of the design matrix: (name, unit, how to read it from a census).
@@ -99,7 +100,7 @@ def profile_dict(coef: dict[str, np.ndarray], rows: list[PublishedRow], residual
 
     main = [r for r in residuals if r["table"] in MAIN_TABLES]
     return {
-        "format": FORMAT,
+        "format": COST_PROFILE_FORMAT,
         "_format": "see docs/pi-cost.md#profile-format: per-element/per-call costs per nonlinear op, per-GFLOP "
                    "costs per linear kind, per-token constant (bytes + bytes_per_vocab * V, same for seconds), "
                    "fixed per-inference cost; all at the stated network; costs add linearly",
@@ -109,7 +110,7 @@ def profile_dict(coef: dict[str, np.ndarray], rows: list[PublishedRow], residual
         "provenance": {
             "kind": "fitted",
             "source": "2501.03489 v2 + 2410.13060 v2 published tables (src/privlm/pi/tables/published.csv)",
-            "script": "python -m privlm.pi.fit --write",
+            "script": "python bench/paper_fit.py --write",
             "machine": "paper: 2x AMD EPYC 7502 (32 cores, 256 GB), 32 threads, client and server on separate hosts",
             "framework": "SecretFlow SPU, Bumblebee protocols (2PC, semi-honest)",
             "spu_version": None,
@@ -136,7 +137,7 @@ def profile_dict(coef: dict[str, np.ndarray], rows: list[PublishedRow], residual
         "nonlinear": {name: op(name) for name in ("softmax", "layernorm", "gelu", "relu")}
         | {"leaky_relu": {**op("relu"), "_note": "not in any published row: set to the ReLU cost "
                                                  "(one comparison and one multiplication by a public slope)"}},
-        "linear": {name: lin(name) for name in ("ffn", "attn", "embed_head")},
+        "linear": {name: lin(name) for name in LINEAR_KINDS},
         "per_token": {"bytes": round(cb["per_token"] * 1e9, 1), "seconds": round(cl["per_token"] * 60, 6),
                       "bytes_per_vocab": 0, "seconds_per_vocab": 0,
                       "_note": "vocabulary dependence is carried by linear.embed_head (2*T*V*d FLOPs each)"},
@@ -182,11 +183,6 @@ def leave_one_setting_out(rows: list[PublishedRow]) -> list[dict]:
     return out
 
 
-DOC = Path(__file__).resolve().parents[3] / "docs" / "pi-cost.md"
-BEGIN, END = "<!-- BEGIN paper-fit residuals (python -m privlm.pi.fit --write) -->", "<!-- END paper-fit residuals -->"
-CV_BEGIN, CV_END = "<!-- BEGIN leave-one-setting-out (python -m privlm.pi.fit --write) -->", "<!-- END leave-one-setting-out -->"
-
-
 def markdown_cv(cv: list[dict]) -> str:
     lines = ["| held-out setting | rows | worst Comm err | worst Lat err |", "|---|---:|---:|---:|"]
     for held in dict.fromkeys(r["held_out"] for r in cv):
@@ -198,39 +194,26 @@ def markdown_cv(cv: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _replace_between(text: str, begin: str, end: str, body: str) -> str:
-    if begin not in text or end not in text:
-        return text
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return head + begin + "\n" + body + "\n" + end + tail
-
-
-def run(write: bool = False) -> dict:
+def run() -> dict:
+    """The fitted ``paper-fit`` profile and its residuals. Writes nothing: `bench/paper_fit.py --write`
+    regenerates the shipped profile and the tables of docs/pi-cost.md from it."""
     rows = fit_rows()
     coef = fit(rows)
     draft = profile_dict(coef, rows, [{"table": "paper-t128", "comm_err": 0, "lat_err": 0}])
     res = residual_table(rows, parse_profile(draft))
     prof = profile_dict(coef, rows, res)
-    if write:
-        (PROFILE_DIR / "paper-fit.json").write_text(json.dumps(prof, indent=2, ensure_ascii=False) + "\n")
-        if DOC.is_file():
-            text = _replace_between(DOC.read_text(), BEGIN, END, markdown_residuals(res))
-            text = _replace_between(text, CV_BEGIN, CV_END, markdown_cv(leave_one_setting_out(rows)))
-            DOC.write_text(text)
     return {"profile": prof, "residuals": res}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m privlm.pi.fit", description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="write profiles/paper-fit.json and the doc table")
     parser.add_argument("--cv", action="store_true", help="also print leave-one-setting-out errors")
     args = parser.parse_args(argv)
     if args.cv:
         print("| held-out setting | arch | Comm err | Lat err |\n|---|---|---:|---:|")
         for r in leave_one_setting_out(fit_rows()):
             print(f"| {r['held_out']} | {r['arch']} | {100 * r['comm_err']:+.1f}% | {100 * r['lat_err']:+.1f}% |")
-    out = run(args.write)
+    out = run()
     p = out["profile"]
     print("per-op costs of paper-fit:")
     for op, v in p["nonlinear"].items():

@@ -21,9 +21,8 @@ import numpy as np
 from privlm.errors import PrivlmError
 from privlm.fileio import atomic_write_text
 from privlm.hostinfo import describe_host
+from privlm.opschema import COST_PROFILE_FORMAT, PRIVLM_OPS
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "pi" / "profiles"
-NONLINEAR = ("softmax", "layernorm", "gelu", "relu", "leaky_relu")
 FM64_SHARE_BYTES = 8  # one 64-bit ring element per share
 
 # (op, shapes): the full grid spans small privlm models up to GPT-2's T=128 (elementwise ops in pieces of at
@@ -66,7 +65,8 @@ def cost_profile_name(spu_profile: str) -> str:
 def register(sub) -> None:
     from privlm.spu.cli import add_spu_profile_arg
     c = sub.add_parser("calibrate", help="measure per-op SPU costs and write a cost profile")
-    c.add_argument("--out", help="profile path (default src/privlm/pi/profiles/<name>.json)")
+    c.add_argument("--out", help="profile path (default $PRIVLM_HOME/profiles/<name>.json, PRIVLM_HOME "
+                                 "defaulting to ~/.privlm; a profile there shadows a shipped one of the same name)")
     c.add_argument("--name", default=None,
                    help="profile name (default spu-cheetah-measured for --spu-profile default, "
                         "spu-<profile>-measured otherwise)")
@@ -227,7 +227,7 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
     rounds_of = {r["op"]: r for r in rounds or []}
     setup = [r for r in rows if r["op"] == "setup"][0]
     nonlinear, fits = {}, {}
-    for op in NONLINEAR:
+    for op in PRIVLM_OPS:
         rs = [r for r in rows if r["op"] == op]
         if not rs:
             continue
@@ -270,7 +270,7 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
                       "bytes_per_product": float(np.mean(b))}
     import importlib.metadata as md
     return {
-        "format": "privlm-pi-cost-profile/1",
+        "format": COST_PROFILE_FORMAT,
         "_format": "see docs/pi-cost.md#profile-format; written by `privlm pi calibrate`",
         "name": name,
         "description": f"Per-op costs measured with SecretFlow SPU ({protocol.upper()}, 2PC, FM64, 18 fraction "
@@ -322,8 +322,10 @@ def cmd_calibrate(args) -> int:
     from privlm.spu.cli import check_spu_profile
     check_spu_profile(args.spu_profile)
     args.name = args.name or cost_profile_name(args.spu_profile)
-    out = Path(args.out) if args.out else PROFILE_DIR / f"{args.name}.json"
-    if out.exists() and not args.force:
+    from privlm.pi.costs import default_profile_path, save_profile
+
+    out = Path(args.out) if args.out else default_profile_path(args.name)
+    if out.exists() and not args.force:  # checked again on writing; failing here saves the measurement
         raise PrivlmError(f"profile '{out}' exists; pass --force to overwrite it or --out for another path")
     delay = args.rounds_delay_ms if args.rounds_delay_ms is not None else (0.0 if args.quick else 40.0)
     with tempfile.TemporaryDirectory(prefix="privlm-cal-") as tmp:
@@ -332,7 +334,7 @@ def cmd_calibrate(args) -> int:
         rounds = (measure_rounds(ROUNDS_CASES, args.protocol, Path(tmp) / "rounds", delay,
                                  spu_profile=args.spu_profile) if delay > 0 else None)
     prof = fit_profile(bench, args.name, args.protocol, args.quick, rounds, args.spu_profile)
-    atomic_write_text(out, json.dumps(prof, indent=1) + "\n")
+    save_profile(prof, out, overwrite=args.force)  # validated as `privlm cost` will read it
     if args.json:
         print(json.dumps(prof, indent=1))
     else:

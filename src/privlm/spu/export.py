@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from privlm.errors import CheckpointError
+from privlm.opschema import EXPORT_FORMAT
 
-EXPORT_FORMAT = "privlm-spu-export/1"  # same constant as privlm.spu.program (which cannot import torch)
 PUBLIC_FILE = "public.json"
 WEIGHTS_FILE = "weights.safetensors"
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from privlm.opschema import ACTIVATION_OPS
+
 
 SECRET, SERVER = "secret", 1  # how a case input is held: secret-shared activation, or private to the server
 
@@ -35,7 +37,7 @@ def case_fn(op: str, shape: dict, kernels: dict[str, str]):
         T, d = shape["T"], shape["d"]
         ln = kernel("layernorm", kernels["layernorm"])
         return (lambda x, g, b: ln(x, g, b, 1e-5)), [((T, d), SECRET), ((d,), SERVER), ((d,), SERVER)], T * d, 1, 0
-    if op in ("gelu", "relu", "leaky_relu"):
+    if op in ACTIVATION_OPS:
         T, w = shape["T"], shape["w"]
         act = P.activation_fn(op, 0.01 if op == "leaky_relu" else None, kernels["gelu"])
         return act, [((T, w), SECRET)], T * w, 1, 0

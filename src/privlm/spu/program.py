@@ -26,24 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from privlm.spu.kernels import kernel
+from privlm.opschema import EXPORT_FORMAT
 from privlm.spu.spu_profile import DEFAULT, load_spu_profile
 
-EXPORT_FORMAT = "privlm-spu-export/1"
 # Causal-mask constant. SPU's fixed-point exp evaluates exp(x) as (1 + x/2^n)^(2^n) and breaks for
 # x far below -2^(n+1) (n = 8 by default: about -512); a mask of -1e4 therefore produced garbage
 # attention. -100 is far enough below any real logit to give the masked keys exp(-100) ≈ 4e-44 weight
 # (exactly 0 in float32 and in 18-bit fixed point) while staying in the range SPU's exp handles.
 MASK_VALUE = -100.0
 
-# breakdown kinds reported by `privlm pi run`, in display order
-KINDS: tuple[str, ...] = ("setup", "embedding", "layernorm", "matmul", "softmax", "activation", "head")
-
 
 @dataclass
 class Step:
     """One op of the forward pass: ``outputs = fn(*inputs)`` over named tensors.
 
-    kind: breakdown kind (one of KINDS). census: the census entry it is charged to: a nonlinear op type
+    kind: breakdown kind (one of `privlm.opschema.STEP_KINDS`). census: the census entry it is charged to: a nonlinear op type
     (softmax, layernorm, gelu, relu, leaky_relu) or a FLOPs key (attn_proj, attn_scores, ffn, embedding,
     lm_head). elements: elements the nonlinear op evaluates (0 for matmuls); flops: 2·multiply-adds.
     """

@@ -10,11 +10,8 @@ from typing import Optional
 
 import numpy as np
 
+from privlm.opschema import FLOP_ENTRIES, PRIVLM_OPS, STEP_KINDS
 from privlm.spu.linkstats import LinkStats
-
-KINDS = ("setup", "embedding", "layernorm", "matmul", "softmax", "activation", "head")
-LINEAR_OF = {"attn_proj": "attn", "attn_scores": "attn", "ffn": "ffn", "embedding": "embed_head",
-             "lm_head": "embed_head"}
 
 
 def _stats(row: dict) -> LinkStats:
@@ -82,12 +79,12 @@ def summarize(result: dict, logits: np.ndarray, ref_logits: Optional[np.ndarray]
 def census_check(measured: dict[str, dict], census) -> dict[str, dict]:
     """Elements / FLOPs the 2PC program evaluated beside what `privlm.pi.census` counts for the model."""
     out = {}
-    for op in ("softmax", "layernorm", "gelu", "relu", "leaky_relu"):
+    for op in PRIVLM_OPS:
         want = census.elements(op)
         got = measured.get(op, {}).get("elements", 0)
         if want or got:
             out[op] = {"program": got, "census": want}
-    for key in ("attn_proj", "attn_scores", "ffn", "embedding", "lm_head"):
+    for key in FLOP_ENTRIES:
         want = census.flops.get(key, 0)
         got = measured.get(key, {}).get("flops", 0)
         if want or got:
@@ -112,7 +109,7 @@ def format_table(doc: dict) -> str:
     lines.append("weights private to the server, prompt private to the client: no input shares are sent")
     lines.append(f"{'op':<12}{'MB':>10}{'share':>8}{'messages':>10}{'seconds':>10}{'elements':>11}{'GFLOP':>9}")
     total = max(doc["bytes_total"], 1)
-    for kind in KINDS:
+    for kind in STEP_KINDS:
         if kind not in doc["ops"]:
             continue
         r = doc["ops"][kind]
