@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from privlm.errors import CheckpointError
 from privlm.opschema import EXPORT_FORMAT
 
 PUBLIC_FILE = "public.json"
@@ -125,36 +124,7 @@ def save_public(model, out_dir: Path) -> Path:
 
 def load_model(run_dir: Path):
     """(Config, GPT in eval mode, tokenizer or None) of a run directory (docs/CONTRACTS.md layout)."""
-    run_dir = Path(run_dir)
-    try:
-        from privlm.run import load_run  # the training module's loader, when present
-    except ImportError:
-        load_run = None
-    if load_run is not None:
-        run = load_run(run_dir)
-        return run.cfg, run.model.eval(), run.tokenizer
-    return _load_run_fallback(run_dir)
+    from privlm.run import load_run  # torch side: the one run loader (CheckpointError on missing/corrupt files)
 
-
-def _load_run_fallback(run_dir: Path):
-    import yaml
-    from safetensors.torch import load_model as st_load
-
-    from privlm.config import from_dict
-    from privlm.model import GPT
-
-    cfg_path, weights = run_dir / "config.yaml", run_dir / "model.safetensors"
-    for f in (cfg_path, weights):
-        if not f.is_file():
-            raise CheckpointError(f"run directory '{run_dir}' has no {f.name}")
-    cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
-    model = GPT(cfg.model)
-    try:
-        st_load(model, str(weights))
-    except Exception as exc:
-        raise CheckpointError(f"cannot load '{weights}': {str(exc).splitlines()[0]}") from None
-    tok = None
-    if (run_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-    return cfg, model.eval(), tok
+    run = load_run(Path(run_dir))
+    return run.cfg, run.model.eval(), run.tokenizer
