@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from privlm.config import load_config
 from privlm.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import RandomTokens, machine, timed  # noqa: E402
+from train_throughput import RandomTokens, append_record, timed  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -79,10 +78,7 @@ def main(argv=None) -> int:
                      f"(runs: {', '.join(f'{args.steps * tokens_per_step / s:,.0f}' for s in seconds[n])})")
     print("\n".join(lines))
     if args.out:
-        cmd = "python bench/flight_recorder_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `{cmd}`\n\n"
-                     f"Machine: {machine()}\n\n```\n{header}\n" + "\n".join(lines) + "\n```\n")
+        append_record(args.out, "flight_recorder_overhead.py", argv, [header, *lines])
     return 0
 
 

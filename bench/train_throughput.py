@@ -155,6 +155,14 @@ def machine() -> str:
     return desc
 
 
+def append_record(out: str, script: str, argv, lines: list[str]) -> None:
+    """Append one dated, self-describing result block (command, machine, printed lines) to ``out``."""
+    cmd = f"python bench/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    with open(out, "a", encoding="utf-8") as fh:
+        fh.write(f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `{cmd}`\n\n"
+                 f"Machine: {machine()}\n\n```\n" + "\n".join(lines) + "\n```\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="small", help=f"one of {', '.join(CONFIGS)} or a YAML path / preset")
@@ -232,10 +240,7 @@ def main(argv=None) -> int:
             lines.append(f"MFU: unknown peak for '{name}'; pass --peak-tflops")
     print("\n".join(lines))
     if args.out:
-        cmd = "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `{cmd}`\n\n"
-                     f"Machine: {machine()}\n\n```\n" + "\n".join(lines) + "\n```\n")
+        append_record(args.out, "train_throughput.py", argv, lines)
     return 0
 
 
