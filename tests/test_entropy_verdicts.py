@@ -172,3 +172,18 @@ def test_recorded_demo_runs_trained_baseline_vs_softmax_only_vs_regularized():
     d_ereg = diagnose(me, ereg["nan_counts"], T, baseline=mb)
     assert d_ereg["overload"]["overloaded_layers"][:2] == [0, 1] and not d_ereg["collapse"]["collapsed"]
     assert base["final_ppl"] < fu["final_ppl"]  # the price of removing LayerNorm and GELU at this budget
+
+
+def test_impossible_entropies_are_broken_attention_not_huge_ones():
+    # a diverged run's fused entropy (logsumexp - sum p*s) at logits ~1e5 cancels into values no distribution
+    # over 128 keys has (the stability map's SM at lr 1e-2 recorded 28542 and -9.2 nats): they count as NaN
+    log_T = math.log(T)
+    m = heads([64, 16], [32, 8]) + [[28542.0, -9.2], [log_T + 0.5, 1.0]]
+    diag = diagnose(m, [0, 0, 0, 0], T)
+    assert diag["invalid_heads"] == 3
+    assert diag["head_entropy"][2] == [None, None] and diag["head_entropy"][3] == [None, 1.0]
+    assert diag["collapse"]["collapsed_layers"] == [2, 3]  # layer 3: one of two heads broken = half
+    assert diag["bins"]["max_value"] == pytest.approx(max(window_entropy(64), window_entropy(32)))
+    assert diag["layer_mean"][3] == 1.0
+    exact = diagnose(heads([128, 1]) + [[log_T, 0.0]], [0, 0], T)  # the bounds themselves are possible
+    assert exact["invalid_heads"] == 0

@@ -281,5 +281,64 @@ def test_claim_c2_reports_the_verdicts_beside_the_papers_bins():
     g = {**_row("SM+G", 3.2, top=0.58), "near_uniform_share": 0.5, "verdict": "entropic overload (layers 0, 1)"}
     r = {**_row("SM+R", 2.9, top=0.23), "near_uniform_share": 0.125, "verdict": "healthy"}
     c2 = claim_c2([g, r])
-    assert c2["holds"] and c2["numbers"].endswith(
-        "; near-uniform heads SM+G 50% (entropic overload (layers 0, 1)) vs SM+R 12% (healthy)")
+    assert c2["holds"] and c2["verdict"] == "holds" and c2["numbers"].endswith(
+        "; near-uniform heads SM+G 50% (entropic overload (layers 0, 1)) vs SM+R 12% (healthy)"
+        " (single seed per variant: no noise estimate)")
+
+
+# --- claims weighed against seed-to-seed noise -------------------------------------------------
+def _seeded(preset, ppls, tops=None, seeds=(1337, 1, 2)):
+    tops = tops or [0.1] * len(ppls)
+    return [{**_row(preset, p, top=t), "seed": s, "lr": 1e-3} for p, t, s in zip(ppls, tops, seeds)]
+
+
+def test_pooled_noise_is_the_median_relative_seed_range():
+    from privlm.report.claims import _ppl, pooled_noise
+    rows = _seeded("SM+LN+G", [49.0, 50.0]) + _seeded("SM+R", [90.0, 100.0, 95.0]) + _seeded("SM+G", [100.0, 104.0])
+    # relative ranges: 1/49.5, 10/95, 4/102 -> median 4/102
+    assert pooled_noise(rows, _ppl) == pytest.approx(4 / 102)
+    assert pooled_noise(_seeded("SM", [50.0]), _ppl) is None  # nobody has two seeds: no estimate
+
+
+def test_c3_single_seed_variant_borrows_the_pooled_spread():
+    from privlm.report.claims import claim_c3
+    base = _seeded("SM+LN+G", [48.967, 49.071, 49.739]) + _seeded("SM+R", [94.904, 96.75]) + \
+        _seeded("SM+G", [99.649, 110.062])
+    # SM+LN+R 45.415 +- r/2 (r = median of 1.57%, 1.93%, 9.93% = 1.93%) ends at 45.85 < 48.967: decided, and reversed
+    c3 = claim_c3(base + _seeded("SM+LN+R", [45.415]))
+    assert c3["part_verdicts"] == ["does not hold", "holds", "holds"] and c3["verdict"] == "does not hold"
+    assert c3["numbers"].startswith("SM+LN+G 49.259 [48.967–49.739, 3 seeds] > SM+LN+R 45.415 <")
+    # inside the baseline's interval: the "<=" part cannot be broken by noise
+    c3 = claim_c3(base + _seeded("SM+LN+R", [49.0]))
+    assert c3["part_verdicts"][0] == "holds" and c3["parts"][0] is False  # the means alone would say no
+
+
+def test_c2_overlapping_seed_intervals_are_within_noise():
+    from privlm.report.claims import claim_c2
+    rows = _seeded("SM+G", [3.2, 3.3, 3.1], tops=[0.625, 0.75, 0.625]) + \
+        _seeded("SM+R", [2.9, 3.0, 2.95], tops=[0.625, 0.6875, 0.6875])
+    c2 = claim_c2(rows)
+    assert c2["verdict"] == "within noise" and c2["holds"] is False  # equal means 66.7% vs 66.7%
+    assert "SM+G 66.7% [62.5%–75.0%, 3 seeds] vs SM+R 66.7% [62.5%–68.8%, 3 seeds]" in c2["numbers"]
+    rows = _seeded("SM+G", [3.2, 3.3], tops=[0.58, 0.6]) + _seeded("SM+R", [2.9, 3.0], tops=[0.23, 0.25])
+    assert claim_c2(rows)["verdict"] == "holds"
+
+
+def test_c4_is_paired_by_seed():
+    from privlm.report.claims import claim_c4
+    # intervals overlap ([97, 108] vs [100, 110]) but every seed improves: the paired comparison decides
+    rows = _seeded("EReg(SM(t)+ScFuFFN)", [97.0, 108.0]) + _seeded("SM+ScFuFFN", [100.0, 110.0])
+    c4 = claim_c4(rows)
+    assert c4["verdict"] == "holds" and "paired by seed: +3.0%, +1.8% lower" in c4["numbers"]
+    rows = _seeded("EReg(SM(t)+ScFuFFN)", [97.0, 111.0]) + _seeded("SM+ScFuFFN", [100.0, 110.0])
+    assert claim_c4(rows)["verdict"] == "within noise"  # one seed better, one worse
+    rows = _seeded("EReg(SM(t)+ScFuFFN)", [97.0, 98.0], seeds=(1, 2)) + _seeded("SM+ScFuFFN", [100.0], seeds=(3,))
+    assert claim_c4(rows)["verdict"] == "holds"  # no shared seeds: 100 +- r/2 (r = 1/97.5) vs [97, 98]
+
+
+def test_claims_of_the_committed_study_v2():
+    """The verdicts printed in docs/results/cpu-study-v2 follow from its rows."""
+    import json
+    from privlm.report.claims import evaluate_claims
+    rows = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu-study-v2" / "results.json").read_text())["rows"]
+    assert [c["verdict"] for c in evaluate_claims(rows)] == ["does not hold", "within noise", "does not hold", "holds"]

@@ -436,7 +436,7 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
                      f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} "
                      f"| {r['verdict']} |")
     from privlm.report.analysis import stability_cell_text, stability_map
-    from privlm.report.claims import claim_c1_stability, claims_markdown
+    from privlm.report.claims import claim_c1_stability, claims_markdown, verdict_text
     presets, lrs, cells = stability_map(rows)
     if len(lrs) >= 2:
         lines += ["", "## Stability map (peak learning rate x variant)", "",
@@ -449,10 +449,13 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
             lines.append(f"| {p} | " + " | ".join(stability_cell_text(cells.get((p, lr), [])) or "–" for lr in lrs)
                          + " |")
         c1 = claim_c1_stability(rows)
-        verdict = {True: "yes", False: "**no**", None: "not testable"}[c1["holds"]]
-        lines += ["", f"({c1['id']}) {c1['claim']}: {verdict} — {c1['numbers']}"]
+        lines += ["", f"({c1['id']}) {c1['claim']}: {verdict_text(c1)} — {c1['numbers']}"]
     else:
-        lines += ["", "## The paper's claims on these runs (single seed)", ""] + claims_markdown(rows)
+        seeds = max((sum(r["preset"] == p for r in rows) for p in {r["preset"] for r in rows}), default=0)
+        lines += ["", f"## The paper's claims on these runs ({'seed means and spreads' if seeds > 1 else 'single seed'})",
+                  "", "Verdicts weigh each difference against the seeds' spread (docs/DECISIONS.md, \"Claims and "
+                  "seeds\"): intervals [min, max] over seeds that do not overlap decide a comparison.", ""] \
+            + claims_markdown(rows)
     diverged = [r for r in rows if r["diverged"]]
     if diverged:
         lines += ["", "## Divergences", ""] + [f"- **{r['label']}**: {r.get('diagnosis_summary')}" for r in diverged]

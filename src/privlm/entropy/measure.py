@@ -268,6 +268,17 @@ def verdict(diag: dict) -> str:
     return "healthy"
 
 
+def invalid_entropies(head_matrix, T: int) -> np.ndarray:
+    """Mask of head entropies no attention distribution over at most T keys can have (below 0 or above log T,
+    beyond float32 rounding). They come from attention logits so large that the fused entropy
+    (logsumexp - sum p*s) cancels catastrophically: the attention is numerically broken, so the diagnosis
+    treats them like NaN (a collapsed head), never as a huge or negative entropy."""
+    m = _matrix(head_matrix)
+    tol = 1e-3 * max(entropy_max(T), 1.0)
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(m) & ((m < -tol) | (m > entropy_max(T) + tol))
+
+
 def diagnose(head_matrix, nan_counts: Optional[Sequence[float]], T: int, max_value: Optional[float] = None,
              baseline=None) -> dict:
     """Everything ``privlm entropy`` reports, JSON-able. ``T`` (the context length the entropies were
@@ -276,8 +287,11 @@ def diagnose(head_matrix, nan_counts: Optional[Sequence[float]], T: int, max_val
     if T < 1:
         raise ValueError(f"T={T}: the context length of the measurement is needed for the verdicts")
     m = _matrix(head_matrix)
+    invalid = invalid_entropies(m, T)
+    m = np.where(invalid, np.nan, m)
     out = {
         "head_entropy": np.where(np.isnan(m), None, m).tolist(),
+        "invalid_heads": int(invalid.sum()),
         "layer_mean": [None if math.isnan(v) else v for v in layer_means(m).tolist()],
         "bins": entropy_bins(m, max_value).to_dict(),
         "overload": detect_overload(m, T).to_dict(),

@@ -1,36 +1,122 @@
 """The paper's qualitative claims, checked on the rows of a sweep (results.json) that contains the variants.
 
-Each check returns whether the claim holds on these runs and the numbers it rests on; a claim whose
-variants are missing from the sweep is reported as not testable. Single runs (one seed): a difference is a
-measurement, not a significance test; the README of a study must say how large seed-to-seed noise is.
+Each claim reports two things. ``holds`` compares the seed means (a single run is its own mean); ``verdict``
+weighs the difference against seed-to-seed noise (docs/DECISIONS.md, "Claims and seeds"):
+
+- a variant with several seeds is the interval [min, max] of its seeds;
+- a variant with one seed borrows the noise of the others: its interval is value x (1 +/- r/2), r the median
+  relative seed range (max - min) / mean of the variants that have several seeds in the same sweep;
+- two intervals that do not overlap decide the comparison ("holds" / "does not hold"); overlapping ones are
+  "within noise" — except for a "<=" (or "no worse than") part, which noise cannot break and so holds;
+- C4 compares the two variants seed by seed when they share at least two seeds: every paired difference with
+  the same sign decides it, mixed signs are within noise;
+- a sweep where no variant has several seeds falls back to comparing the single runs, and says so.
+
+A claim whose variants are missing from the sweep is "not testable" (``holds`` None).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from privlm.entropy.measure import COLLAPSE_NATS
 from privlm.presets import normalize_name
 
 NORM_FREE_FIXES = ("SM+WN(ffn)", "SM+SN(ffn)", "SM+ScFFN", "SM+ScFuFFN")
+HOLDS, FAILS, NOISE, UNTESTABLE = "holds", "does not hold", "within noise", "not testable"
+Metric = Callable[[dict], float]
 
 
-def _find(rows: Sequence[dict], preset: str) -> Optional[dict]:
-    return next((r for r in rows if normalize_name(r["preset"]) == normalize_name(preset)), None)
+def _group(rows: Sequence[dict], preset: str) -> list[dict]:
+    """Every seed of ``preset`` at the learning rate of its first row (a stability map's other rates are other
+    experiments, not other seeds)."""
+    same = [r for r in rows if normalize_name(r["preset"]) == normalize_name(preset)]
+    return [r for r in same if r.get("lr") == same[0].get("lr")] if same else []
 
 
 def _ppl(r: dict) -> float:
     return math.inf if r["diverged"] or r.get("ppl") is None else r["ppl"]
 
 
-def _fmt_ppl(r: dict) -> str:
-    return "NaN (diverged)" if r["diverged"] else f"{r['ppl']:.3f}" if r.get("ppl") is not None else "–"
+def _top_bin(r: dict) -> float:
+    return r["bin_shares"][3]
 
 
-def _collapse_numbers(r: dict) -> str:
-    return (f"{r['preset']}: deepest-half min layer entropy {r.get('deep_layer_min_entropy', math.nan):.3f} nats, "
-            f"NaN entries {r.get('nan_total', 0):.0f}, diverged {r['diverged']}, "
-            f"collapsed layers {r.get('collapsed_layers', [])}")
+@dataclass(frozen=True)
+class Spread:
+    """One variant's metric over its seeds."""
+    values: tuple[float, ...]
+    seeds: tuple
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if all(map(math.isfinite, self.values)) else math.inf
+
+    @property
+    def relative_range(self) -> Optional[float]:
+        m = self.mean
+        return (max(self.values) - min(self.values)) / abs(m) if self.n >= 2 and math.isfinite(m) and m else None
+
+    def interval(self, pooled_r: Optional[float]) -> tuple[float, float]:
+        if self.n >= 2 or pooled_r is None or not math.isfinite(self.mean):
+            return min(self.values), max(self.values)
+        return self.mean * (1 - pooled_r / 2), self.mean * (1 + pooled_r / 2)
+
+    def text(self, fmt: str = "{:.3f}", scale: float = 1.0) -> str:
+        one = lambda v: "NaN (diverged)" if not math.isfinite(v) else fmt.format(scale * v)  # noqa: E731
+        if self.n == 1:
+            return one(self.values[0])
+        return f"{one(self.mean)} [{one(min(self.values))}–{one(max(self.values))}, {self.n} seeds]"
+
+
+def _spread(group: Sequence[dict], metric: Metric) -> Spread:
+    return Spread(tuple(metric(r) for r in group), tuple(r.get("seed") for r in group))
+
+
+def pooled_noise(rows: Sequence[dict], metric: Metric) -> Optional[float]:
+    """Median relative seed range of the variants with several seeds (None when no variant has two)."""
+    ranges = []
+    for p in dict.fromkeys(r["preset"] for r in rows):
+        try:
+            r = _spread(_group(rows, p), metric).relative_range
+        except (KeyError, TypeError, IndexError):
+            continue
+        if r is not None:
+            ranges.append(r)
+    return statistics.median(ranges) if ranges else None
+
+
+def compare(a: Spread, b: Spread, pooled_r: Optional[float], strict: bool = True) -> str:
+    """Verdict on "a < b" (strict) or "a <= b" given the seeds' spread."""
+    point = a.mean < b.mean if strict else a.mean <= b.mean
+    if a.n < 2 and b.n < 2 and pooled_r is None:
+        return HOLDS if point else FAILS  # single runs, nothing to weigh them against
+    (alo, ahi), (blo, bhi) = a.interval(pooled_r), b.interval(pooled_r)
+    if ahi < blo:
+        return HOLDS
+    if alo > bhi:
+        return FAILS
+    return HOLDS if not strict else NOISE
+
+
+def _combine(verdicts: Sequence[str]) -> str:
+    return FAILS if FAILS in verdicts else NOISE if NOISE in verdicts else HOLDS
+
+
+def _seed_note(rows: Sequence[dict], pooled_r: Optional[float], what: str) -> str:
+    if pooled_r is None:
+        return " (single seed per variant: no noise estimate)"
+    return f" (single-seed variants use the median seed range of {what}, {100 * pooled_r:.1f}%)"
+
+
+def _result(out: dict, verdict: str, holds: Optional[bool], numbers: str, **extra) -> dict:
+    return {**out, "holds": holds, "verdict": verdict, "numbers": numbers, **extra}
 
 
 def _collapsed(r: dict) -> bool:
@@ -39,66 +125,105 @@ def _collapsed(r: dict) -> bool:
 
 def claim_c1(rows: Sequence[dict]) -> dict:
     """(C1) SM without normalization collapses (NaN or near-zero deep-layer entropy); WN/SN/Scaled-FFN do not."""
-    sm = _find(rows, "SM")
-    fixes = [r for r in (_find(rows, p) for p in NORM_FREE_FIXES) if r is not None]
+    sm = _group(rows, "SM")
+    fixes = [g for g in (_group(rows, p) for p in NORM_FREE_FIXES) if g]
     out = {"id": "C1", "claim": "SM without normalization collapses (NaN or near-zero deep-layer entropy) while "
                                 "WN(ffn)/SN(ffn)/Scaled-FFN do not"}
-    if sm is None or not fixes or "deep_layer_min_entropy" not in sm:
-        return {**out, "holds": None, "numbers": "variants or entropy telemetry missing"}
-    holds = _collapsed(sm) and not any(_collapsed(r) for r in fixes)
-    return {**out, "holds": holds,
-            "numbers": "; ".join(_collapse_numbers(r) for r in [sm, *fixes])
-            + f" (collapse: >= half of a layer's heads below {COLLAPSE_NATS} nats, or NaN)"}
+    if not sm or not fixes or "deep_layer_min_entropy" not in sm[0]:
+        return _result(out, UNTESTABLE, None, "variants or entropy telemetry missing")
+    sm_share = sum(map(_collapsed, sm)) / len(sm)
+    fix_shares = [sum(map(_collapsed, g)) / len(g) for g in fixes]
+    holds = sm_share == 1 and not any(fix_shares)
+    mixed = 0 < sm_share < 1 or any(0 < s < 1 for s in fix_shares)
+    verdict = HOLDS if holds else NOISE if mixed else FAILS
+
+    def numbers(g: list[dict]) -> str:
+        deep = _spread(g, lambda r: r.get("deep_layer_min_entropy", math.nan))
+        layers = sorted({i for r in g for i in r.get("collapsed_layers", [])})
+        return (f"{g[0]['preset']}: deepest-half min layer entropy {deep.text()} nats, "
+                f"NaN entries {max(r.get('nan_total', 0) for r in g):.0f}, diverged {sum(r['diverged'] for r in g)}/{len(g)}, "
+                f"collapsed {sum(map(_collapsed, g))}/{len(g)} (layers {layers})")
+    return _result(out, verdict, holds, "; ".join(numbers(g) for g in [sm, *fixes])
+                   + f" (collapse: >= half of a layer's heads below {COLLAPSE_NATS} nats, or NaN)")
+
+
+def _verdicts(group: Sequence[dict]) -> str:
+    """The runs' entropy verdicts: the verdict when all seeds agree, else each with its count."""
+    counts: dict[str, int] = {}
+    for r in group:
+        counts[r.get("verdict", "?")] = counts.get(r.get("verdict", "?"), 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{n}/{len(group)} {v}" for v, n in counts.items())
 
 
 def claim_c2(rows: Sequence[dict]) -> dict:
     """(C2) SM+G has a larger top-bin share (entropic overload) than SM+R."""
-    g, r = _find(rows, "SM+G"), _find(rows, "SM+R")
+    g, r = _group(rows, "SM+G"), _group(rows, "SM+R")
     out = {"id": "C2", "claim": "SM+G has a larger share of heads in the top entropy bin [3max/4, max] than SM+R"}
-    if g is None or r is None or "bin_shares" not in g or "bin_shares" not in r:
-        return {**out, "holds": None, "numbers": "variants or entropy telemetry missing"}
-    sg, sr = g["bin_shares"][3], r["bin_shares"][3]
+    if not g or not r or "bin_shares" not in g[0] or "bin_shares" not in r[0]:
+        return _result(out, UNTESTABLE, None, "variants or entropy telemetry missing")
+    sg, sr = _spread(g, _top_bin), _spread(r, _top_bin)
+    pooled = pooled_noise(rows, _top_bin)
+    verdict = compare(sr, sg, pooled)
+    pct = dict(fmt="{:.1f}%", scale=100)
+    bins = lambda grp: " / ".join(f"{100 * statistics.fmean(x['bin_shares'][i] for x in grp):.0f}"  # noqa: E731
+                                  for i in range(4))
     uniform = ""
-    if g.get("near_uniform_share") is not None and r.get("near_uniform_share") is not None:
-        uniform = (f"; near-uniform heads SM+G {100 * g['near_uniform_share']:.0f}% ({g['verdict']}) vs SM+R "
-                   f"{100 * r['near_uniform_share']:.0f}% ({r['verdict']})")
-    return {**out, "holds": sg > sr,
-            "numbers": f"top-bin share SM+G {100 * sg:.1f}% vs SM+R {100 * sr:.1f}% (paper: 58% vs 23-24%); "
-                       f"bins SM+G {' / '.join(f'{100 * s:.0f}' for s in g['bin_shares'])}, "
-                       f"SM+R {' / '.join(f'{100 * s:.0f}' for s in r['bin_shares'])} %{uniform}"}
+    if all(x.get("near_uniform_share") is not None for x in g + r):
+        ug, ur = _spread(g, lambda x: x["near_uniform_share"]), _spread(r, lambda x: x["near_uniform_share"])
+        uniform = (f"; near-uniform heads SM+G {ug.text('{:.0f}%', 100)} ({_verdicts(g)}) vs SM+R "
+                   f"{ur.text('{:.0f}%', 100)} ({_verdicts(r)})")
+    return _result(out, verdict, sg.mean > sr.mean,
+                   f"top-bin share SM+G {sg.text(**pct)} vs SM+R {sr.text(**pct)} (paper: 58% vs 23-24%); "
+                   f"bins SM+G {bins(g)}, SM+R {bins(r)} %{uniform}"
+                   + ("" if sg.n >= 2 and sr.n >= 2 else _seed_note(rows, pooled, "the top-bin share")))
 
 
 def claim_c3(rows: Sequence[dict]) -> dict:
     """(C3) PPL order SM+LN+G <= SM+LN+R < SM+R < SM+G."""
     names = ["SM+LN+G", "SM+LN+R", "SM+R", "SM+G"]
-    found = [_find(rows, n) for n in names]
+    groups = [_group(rows, n) for n in names]
     out = {"id": "C3", "claim": "PPL order SM+LN+G <= SM+LN+R < SM+R < SM+G"}
-    if any(f is None for f in found):
-        return {**out, "holds": None, "numbers": "variants missing"}
-    p = [_ppl(f) for f in found]
-    parts = [p[0] <= p[1], p[1] < p[2], p[2] < p[3]]
-    ops = ["<=" if parts[0] else ">", "<" if parts[1] else ">=", "<" if parts[2] else ">="]
-    chain = f"{names[0]} {_fmt_ppl(found[0])}"
-    for op, n, f in zip(ops, names[1:], found[1:]):
-        chain += f" {op} {n} {_fmt_ppl(f)}"
-    return {**out, "holds": all(parts), "parts": parts,
-            "numbers": chain + " (paper: 2.69 <= 2.76 < 2.94 < 3.20)"}
+    if not all(groups):
+        return _result(out, UNTESTABLE, None, "variants missing")
+    spreads = [_spread(g, _ppl) for g in groups]
+    pooled = pooled_noise(rows, _ppl)
+    strict = [False, True, True]
+    verdicts = [compare(a, b, pooled, s) for a, b, s in zip(spreads, spreads[1:], strict)]
+    parts = [a.mean <= b.mean if not s else a.mean < b.mean for a, b, s in zip(spreads, spreads[1:], strict)]
+    chain = f"{names[0]} {spreads[0].text()}"
+    for v, s, n, sp in zip(verdicts, strict, names[1:], spreads[1:]):
+        op = ("<=" if not s else "<") if v == HOLDS else (">" if not s else ">=") if v == FAILS else "~"
+        chain += f" {op} {n} {sp.text()}"
+    return _result(out, _combine(verdicts), all(parts), chain + " (paper: 2.69 <= 2.76 < 2.94 < 3.20; ~ = within "
+                   "noise)" + _seed_note(rows, pooled, "PPL"), parts=parts, part_verdicts=verdicts)
 
 
 def claim_c4(rows: Sequence[dict]) -> dict:
     """(C4) EReg(SM(t)+ScFuFFN) has lower PPL than SM+ScFuFFN."""
-    e, s = _find(rows, "EReg(SM(t)+ScFuFFN)"), _find(rows, "SM+ScFuFFN")
-    t = _find(rows, "SM(t)+ScFuFFN")
+    e, s = _group(rows, "EReg(SM(t)+ScFuFFN)"), _group(rows, "SM+ScFuFFN")
+    t = _group(rows, "SM(t)+ScFuFFN")
     out = {"id": "C4", "claim": "EReg(SM(t)+ScFuFFN) has lower PPL than SM+ScFuFFN"}
-    if e is None or s is None:
-        return {**out, "holds": None, "numbers": "variants missing"}
-    pe, ps = _ppl(e), _ppl(s)
+    if not e or not s:
+        return _result(out, UNTESTABLE, None, "variants missing")
+    se, ss = _spread(e, _ppl), _spread(s, _ppl)
+    pe, ps = se.mean, ss.mean
     rel = (ps - pe) / ps * 100 if math.isfinite(ps) and math.isfinite(pe) else math.nan
-    extra = f"; SM(t)+ScFuFFN without the regularizer {_fmt_ppl(t)}" if t is not None else ""
-    return {**out, "holds": pe < ps,
-            "numbers": f"EReg(SM(t)+ScFuFFN) {_fmt_ppl(e)} vs SM+ScFuFFN {_fmt_ppl(s)} "
-                       f"({abs(rel):.1f}% {'lower' if rel >= 0 else 'higher'}; paper: 3.21 vs 3.48, 7.8% lower)"
-                       f"{extra}"}
+    by_seed = {r.get("seed"): _ppl(r) for r in s}
+    pairs = [(by_seed[r.get("seed")], _ppl(r)) for r in e if r.get("seed") in by_seed]
+    pooled = pooled_noise(rows, _ppl)
+    if len(pairs) >= 2:
+        diffs = [(b - a) / b * 100 for b, a in pairs]
+        verdict = HOLDS if all(d > 0 for d in diffs) else FAILS if all(d < 0 for d in diffs) else NOISE
+        paired = f"; paired by seed: {', '.join(f'{d:+.1f}%' for d in diffs)} lower"
+    else:
+        verdict, paired = compare(se, ss, pooled), _seed_note(rows, pooled, "PPL")
+    extra = f"; SM(t)+ScFuFFN without the regularizer {_spread(t, _ppl).text()}" if t else ""
+    return _result(out, verdict, pe < ps,
+                   f"EReg(SM(t)+ScFuFFN) {se.text()} vs SM+ScFuFFN {ss.text()} "
+                   f"({abs(rel):.1f}% {'lower' if rel >= 0 else 'higher'}; paper: 3.21 vs 3.48, 7.8% lower)"
+                   f"{paired}{extra}")
 
 
 def stable_up_to(cells: dict, preset: str, lrs: Sequence[float]) -> Optional[float]:
@@ -129,12 +254,12 @@ def claim_c1_stability(rows: Sequence[dict]) -> Optional[dict]:
     sm = by_norm.get(normalize_name("SM"))
     fixes = [by_norm[normalize_name(f)] for f in NORM_FREE_FIXES if normalize_name(f) in by_norm]
     if sm is None or not fixes:
-        return {**out, "holds": None, "numbers": "SM or all of its fixes missing"}
+        return _result(out, UNTESTABLE, None, "SM or all of its fixes missing")
     limit = {p: stable_up_to(cells, p, lrs) for p in [sm, *fixes]}
     key = {p: -1.0 if v is None else v for p, v in limit.items()}
     holds = all(key[f] >= key[sm] for f in fixes) and any(key[f] > key[sm] for f in fixes)
     text = ", ".join(f"{p} {'none' if v is None else f'{v:g}'}" for p, v in limit.items())
-    return {**out, "holds": holds, "stable_up_to": limit,
+    return {**out, "holds": holds, "verdict": HOLDS if holds else FAILS, "stable_up_to": limit,
             "numbers": f"largest learning rate up to which every run trained without NaN (of {', '.join(f'{lr:g}' for lr in lrs)}): {text}"}
 
 
@@ -142,9 +267,13 @@ def evaluate_claims(rows: Sequence[dict]) -> list[dict]:
     return [claim_c1(rows), claim_c2(rows), claim_c3(rows), claim_c4(rows)]
 
 
+def verdict_text(claim: dict) -> str:
+    v = claim.get("verdict") or {True: HOLDS, False: FAILS, None: UNTESTABLE}[claim["holds"]]
+    return f"**{v}**" if v == FAILS else v
+
+
 def claims_markdown(rows: Sequence[dict]) -> list[str]:
     lines = ["| Claim | Holds here? | Numbers |", "|---|---|---|"]
     for c in evaluate_claims(rows):
-        verdict = {True: "yes", False: "**no**", None: "not testable"}[c["holds"]]
-        lines.append(f"| ({c['id']}) {c['claim']} | {verdict} | {c['numbers']} |")
+        lines.append(f"| ({c['id']}) {c['claim']} | {verdict_text(c)} | {c['numbers']} |")
     return lines
