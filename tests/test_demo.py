@@ -10,6 +10,7 @@ import yaml
 
 from privlm.cli import main
 from privlm.demo import comparison_table, gpt2_costs, run_demo
+from privlm.pi import CostSummary
 
 from small_corpus import stdlib_corpus_overrides
 
@@ -33,12 +34,14 @@ def test_gpt2_size_costs_reproduce_the_papers_table3():
             {"name": "ereg", "preset": "EReg(SM(t)+ScFuFFN)"}]
     g = gpt2_costs(rows, "SM+LN+G", "paper-fit")
     # paper Table 3 (GPT-2, T=128): 25.32 GB / 8.21 min vs 6.43 GB / 4.76 min, savings 3.94x / 1.72x
-    assert g["base"]["comm_gb"] == pytest.approx(25.32, rel=0.02)
-    assert g["fu"]["comm_gb"] == pytest.approx(6.43, rel=0.02)
-    assert g["fu"]["comm_savings"] == pytest.approx(3.94, rel=0.03)
-    assert g["fu"]["lat_savings"] == pytest.approx(1.72, rel=0.10)  # latency fits within ~8-12 %
-    assert g["ereg"] == g["fu"]  # the temperature is free: same cost as SM+ScFuFFN
-    assert g["base"]["comm_savings"] == 1.0
+    assert g["base"].comm_gb == pytest.approx(25.32, rel=0.02)
+    assert g["fu"].comm_gb == pytest.approx(6.43, rel=0.02)
+    assert g["fu"].comm_savings == pytest.approx(3.94, rel=0.03)
+    assert g["fu"].lat_savings == pytest.approx(1.72, rel=0.10)  # latency fits within ~8-12 %
+    # the temperature is free: same cost as SM+ScFuFFN
+    assert (g["ereg"].comm_gb, g["ereg"].lat_min, g["ereg"].nonlinear) == (g["fu"].comm_gb, g["fu"].lat_min,
+                                                                           g["fu"].nonlinear)
+    assert g["base"].comm_savings == 1.0 and g["fu"].vs == "SM+LN+G"
 
 
 def test_comparison_table_cells():
@@ -50,8 +53,8 @@ def test_comparison_table_cells():
              "verdict": "entropic overload (layers 0)", "layer_verdicts": ["overload", "ok"],
              "layer_mean_entropy": [3.87, 2.4], "excess_vs_baseline": [0.77, -0.1], "nonlinear": "SM",
              "comm_gb": 0.25, "lat_min": 0.5, "comm_savings": 2.0, "lat_savings": 2.0}]
-    g = {"a": {"comm_gb": 25.0, "lat_min": 8.0, "comm_savings": 1.0, "lat_savings": 1.0},
-         "b": {"comm_gb": 6.4, "lat_min": 4.8, "comm_savings": 3.9, "lat_savings": 1.7}}
+    g = {"a": CostSummary.from_dict({"comm_gb": 25.0, "lat_min": 8.0, "comm_savings": 1.0, "lat_savings": 1.0}),
+         "b": CostSummary.from_dict({"comm_gb": 6.4, "lat_min": 4.8, "comm_savings": 3.9, "lat_savings": 1.7})}
     lines = comparison_table(rows, g, "L2")
     assert lines[0].startswith("| design | val PPL | entropy verdict | L0 | L1 |")
     assert "| SM+LN+G | 80.12 | healthy | 3.10 ok | 2.50 ok |" in lines[2]

@@ -9,6 +9,7 @@ import pytest
 
 from privlm.cli import main
 from privlm.config import load_config, to_yaml
+from privlm.pi import CostSummary
 
 
 def _run(capsys, *argv):
@@ -23,8 +24,9 @@ def test_fused_vs_baseline_savings_at_gpt2_size(capsys):
     (row,) = json.loads(out)
     assert (row["n_layer"], row["n_head"], row["n_embd"], row["vocab_size"], row["T"]) == (12, 12, 768, 50257, 128)
     assert row["comm_savings"] == pytest.approx(3.94, abs=0.03)  # the paper's 3.94x
-    assert row["nonlinear"] == [{"op": "softmax", "count": 144, "shape": [128, 128], "where": "attention",
-                                 "in_paper": True}]
+    assert row["nonlinear_ops"] == [{"op": "softmax", "count": 144, "shape": [128, 128], "where": "attention",
+                                     "in_paper": True}]
+    assert row["nonlinear"] == "SM:144×R^{128×128}" and row["vs"] == "SM+LN+G"
     code, out, _ = _run(capsys, "SM+ScFuFFN", "--vs", "SM+LN+G")
     assert code == 0 and "SM:144×R^{128×128}" in out
     assert f"{row['comm_savings']:.2f}×" in out and "Comm. Savings" in out
@@ -45,10 +47,16 @@ def test_table_json_rows(capsys, table):
     assert code == 0
     rows = json.loads(out)
     for r in rows:
-        for key in ("arch", "comm_gb", "lat_min", "paper_comm_gb", "paper_lat_min", "ffn_gflops", "attn_gflops",
-                    "nonlinear"):
+        for key in ("arch", "comm_gb", "lat_min", "paper_comm_gb", "paper_lat_min", "ffn_flops", "attn_flops_paper",
+                    "nonlinear", "nonlinear_ops"):
             assert key in r
-        assert all({"op", "count", "shape"} <= set(op) for op in r["nonlinear"])
+        assert all({"op", "count", "shape"} <= set(op) for op in r["nonlinear_ops"])
+        assert r["nonlinear"] == r["paper_nonlinear"]
+        # the flat JSON row is the typed summary: it reads back by attribute with the same numbers
+        summary = CostSummary.from_dict(r)
+        assert (summary.comm_gb, summary.ffn_flops, summary.nonlinear) == (r["comm_gb"], r["ffn_flops"], r["nonlinear"])
+        if r["paper_ffn_flops"]:
+            assert r["ffn_flops"] / 1e9 == pytest.approx(r["paper_ffn_flops"] / 1e9, abs=0.06)
         assert r["nonlinear_match"] is True and r["ffn_flops_match"] is True and r["attn_flops_match"] is True
         assert r["comm_err"] == pytest.approx(r["comm_gb"] / r["paper_comm_gb"] - 1)
         assert abs(r["comm_err"]) < 0.03
@@ -71,7 +79,7 @@ def test_run_dir(capsys, tmp_path):
     assert code == 0
     (row,) = json.loads(out)
     assert row["T"] == 32 and row["n_layer"] == 2 and row["vocab_size"] == 300
-    assert row["nonlinear"][0] == {"op": "softmax", "count": 8, "shape": [32, 32], "where": "attention",
+    assert row["nonlinear_ops"][0] == {"op": "softmax", "count": 8, "shape": [32, 32], "where": "attention",
                                    "in_paper": True}
     assert row["vs"] == "SM+LN+G" and row["comm_savings"] > 1  # reference built at the run's size
     code, out, _ = _run(capsys, str(tmp_path), "--T", "16", "model.n_layer=3", "--format", "json")

@@ -17,6 +17,7 @@ import yaml
 from privlm.cli import main
 from privlm.config import from_dict, load_config, to_yaml
 from privlm.errors import CheckpointError
+from privlm.pi import CostSummary
 from privlm.fileio import slug
 from privlm.report import analysis, build_report, collect, figures, load_runs
 from privlm.report.runs import read_metrics
@@ -130,7 +131,8 @@ def test_rows_costs_and_diagnosis(runs):
     base, sm, fu, ereg = rows
     # savings are relative to the baseline and equal the ratio of the predicted costs
     assert base["comm_savings"] == pytest.approx(1.0)
-    assert fu["comm_savings"] == pytest.approx(costs[0]["comm_gb"] / costs[2]["comm_gb"])
+    assert fu["comm_savings"] == pytest.approx(costs[0].comm_gb / costs[2].comm_gb)
+    assert CostSummary.from_dict(fu) == costs[2].relative_to(costs[0])  # the row stores the typed summary
     assert fu["comm_savings"] > 1.0 and fu["lat_savings"] > 1.0  # LN and GELU removed, FFN fused
     assert base["nonlinear"].startswith("SM:16×R^{32×32}") and "LN:8×R^{32×32}" in base["nonlinear"]
     assert fu["nonlinear"] == "SM:16×R^{32×32}"
@@ -342,3 +344,11 @@ def test_claims_of_the_committed_study_v2():
     from privlm.report.claims import evaluate_claims
     rows = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu-study-v2" / "results.json").read_text())["rows"]
     assert [c["verdict"] for c in evaluate_claims(rows)] == ["does not hold", "within noise", "does not hold", "holds"]
+
+
+def test_deep_layer_entropy_reads_the_diagnosis_means():
+    from privlm.report.analysis import deep_layer_entropy
+    assert deep_layer_entropy([3.0, 2.0, 0.5, 1.5]) == 0.5
+    # a layer whose heads are all NaN or impossible has mean None in the diagnosis: it is skipped, not -9 nats
+    assert deep_layer_entropy([3.0, 2.0, 0.01, None]) == 0.01
+    assert math.isnan(deep_layer_entropy([3.0, None]))

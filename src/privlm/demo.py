@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from privlm.errors import PrivlmError
+from privlm.pi.summary import CostSummary
 
 DEFAULT_SWEEP = "configs/sweeps/demo.yaml"
 # A prompt from the training distribution (Python source); 24 tokens with the demo's 2K BPE.
@@ -59,30 +60,25 @@ def private_prediction(run_dir: Path, prompt: str, pi_args: list[str]) -> dict:
     return doc
 
 
-def gpt2_costs(rows: list[dict], baseline_preset: str, profile: str) -> dict[str, dict]:
+def gpt2_costs(rows: list[dict], baseline_preset: str, profile: str) -> dict[str, CostSummary]:
     """Predicted 2PC cost of each row's preset at GPT-2 size (L12 H12 d768, 50K vocabulary, T=128) and its
     savings relative to the baseline preset at the same size."""
     from privlm.config import load_config
     from privlm.pi import census, predict
 
     def cost(preset):
-        return predict(census(load_config(preset).model, GPT2_T), profile)
+        c = census(load_config(preset).model, GPT2_T)
+        return CostSummary.of(c, predict(c, profile))
 
     ref = cost(baseline_preset)
-    out = {}
-    for r in rows:
-        c = cost(r["preset"])
-        comm_sav, lat_sav = c.savings_vs(ref)
-        out[r["name"]] = {"comm_gb": c.comm_gb, "lat_min": c.lat_min, "comm_savings": comm_sav,
-                          "lat_savings": lat_sav}
-    return out
+    return {r["name"]: cost(r["preset"]).relative_to(ref) for r in rows}
 
 
 def _fmt(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def comparison_table(rows: list[dict], gpt2: dict[str, dict], demo_size: str) -> list[str]:
+def comparison_table(rows: list[dict], gpt2: dict[str, CostSummary], demo_size: str) -> list[str]:
     """The demo's one table (markdown): quality, entropy verdicts, nonlinear ops, cost at both sizes."""
     n_layers = max(len(r.get("layer_verdicts", [])) for r in rows)
     head = (["design", "val PPL", "entropy verdict"] + [f"L{i}" for i in range(n_layers)]
@@ -100,12 +96,12 @@ def comparison_table(rows: list[dict], gpt2: dict[str, dict], demo_size: str) ->
             if excess is not None and excess[i] is not None:
                 cell += f" ({excess[i]:+.2f})"
             layers.append(cell)
-        g = gpt2[r["name"]]
-        cells = [r["label"], ppl, r.get("verdict", "–"), *layers, r.get("nonlinear", "–"),
-                 f"{_fmt(r.get('comm_gb'), '.3f')} GB / {_fmt(r.get('lat_min'), '.2f')} min",
-                 f"{_fmt(r.get('comm_savings'), '.2f')}× / {_fmt(r.get('lat_savings'), '.2f')}×",
-                 f"{g['comm_gb']:.2f} GB / {g['lat_min']:.2f} min",
-                 f"{g['comm_savings']:.2f}× / {g['lat_savings']:.2f}×"]
+        g, c = gpt2[r["name"]], CostSummary.from_dict(r)
+        demo_cost = (["–", "–"] if c is None else
+                     [f"{c.comm_gb:.3f} GB / {c.lat_min:.2f} min",
+                      f"{_fmt(c.comm_savings, '.2f')}× / {_fmt(c.lat_savings, '.2f')}×"])
+        cells = [r["label"], ppl, r.get("verdict", "–"), *layers, "–" if c is None else c.nonlinear, *demo_cost,
+                 f"{g.comm_gb:.2f} GB / {g.lat_min:.2f} min", f"{g.comm_savings:.2f}× / {g.lat_savings:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -166,7 +162,7 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
     rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized")
     baseline_preset = next((r["preset"] for r in rows if sweep.baseline in (r["name"], r["preset"])),
                            rows[0]["preset"])
-    profile = next((r.get("profile") for r in rows if r.get("profile")), DEFAULT_PROFILE)
+    profile = next((c.profile for c in map(CostSummary.from_dict, rows) if c), DEFAULT_PROFILE)
     table = comparison_table(rows, gpt2_costs(rows, baseline_preset, profile), demo_size)
     lines = ["", f"Comparison ({tokens:,} training tokens per design; PPL on the whole validation split; per "
                  f"layer: mean head entropy in nats, verdict, difference from the baseline's layer; costs: "

@@ -37,6 +37,7 @@ import yaml
 from privlm.config import Config, ConfigError, load_config, looks_like_config_file, to_dict
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.fileio import slug
+from privlm.pi.summary import CostSummary
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title"}
 ENTRY_KEYS = {"preset", "name", "overrides"}
@@ -396,7 +397,7 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
         lines += [sweep.description.strip(), ""]
     base = next((r for r in rows if sweep.baseline in (r["name"], r["preset"])), rows[0] if rows else None)
     lines += [f"Baseline for the savings: **{base['preset'] if base else '–'}**. Comm/Lat: predicted 2PC cost "
-              f"of one output token after a T-token prompt, profile `{next((r.get('profile') for r in rows if r.get('profile')), '–')}`. "
+              f"of one output token after a T-token prompt, profile `{next((c.profile for c in map(CostSummary.from_dict, rows) if c), '–')}`. "
               "Attn FLOPs in the paper's convention (8LTd² + 3LT²d)."]
     unigram = sorted({round(r["unigram_ppl"], 3) for r in rows if r.get("unigram_ppl")})
     if unigram:
@@ -410,10 +411,11 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
         ppl = "NaNs" if r["diverged"] else _f(r.get("ppl"), "{:.3f}")
         if not r["finished"]:
             ppl += " (unfinished)"
-        lines.append(f"| {r['label']} | {ppl} | {r.get('nonlinear', '–')} | {_g(r.get('ffn_flops'))} | "
-                     f"{_g(r.get('attn_flops_paper'))} | {_f(r.get('comm_gb'), '{:.3f}')} | "
-                     f"{_f(r.get('lat_min'), '{:.3f}')} | {_f(r.get('comm_savings'), '{:.2f}×')} | "
-                     f"{_f(r.get('lat_savings'), '{:.2f}×')} | {_f(r.get('tokens_trained'), '{:,}')} | "
+        c = CostSummary.from_dict(r)
+        cost = ("– | – | – | – | – | – | –" if c is None else
+                f"{c.nonlinear} | {_g(c.ffn_flops)} | {_g(c.attn_flops_paper)} | {_f(c.comm_gb, '{:.3f}')} | "
+                f"{_f(c.lat_min, '{:.3f}')} | {_f(c.comm_savings, '{:.2f}×')} | {_f(c.lat_savings, '{:.2f}×')}")
+        lines.append(f"| {r['label']} | {ppl} | {cost} | {_f(r.get('tokens_trained'), '{:,}')} | "
                      f"{_f(r.get('params'), '{:,}')} |")
     lines += ["", "## Entropy diagnosis (final per-head entropies)", "",
               "Bins as in the paper's Fig. 2a: [0,max/4), [max/4,max/2), [max/2,3max/4), [3max/4,max] with max "

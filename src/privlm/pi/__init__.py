@@ -8,6 +8,7 @@ profile)` combines them linearly into communication (GB) and latency (minutes). 
 from privlm.opschema import OP_ABBREV, OP_TYPES
 from privlm.pi.census import Census, NonlinearOp, census, simplified_block_census
 from privlm.pi.costs import Cost, Profile, available_profiles, load_profile, predict, save_profile
+from privlm.pi.summary import CostSummary
 
 __all__ = ["census", "Census", "NonlinearOp", "simplified_block_census", "OP_TYPES", "OP_ABBREV",
-           "Profile", "Cost", "load_profile", "available_profiles", "predict", "save_profile"]
+           "Profile", "Cost", "CostSummary", "load_profile", "available_profiles", "predict", "save_profile"]

@@ -25,6 +25,7 @@ from privlm.hfmodel import load_config as load_hf_config
 from privlm.pi.census import Census, census
 from privlm.run import load_run_config
 from privlm.pi.costs import Cost, available_profiles, load_profile, predict, shadowed_profiles, user_profile_dir
+from privlm.pi.summary import CostSummary
 from privlm.pi.published import TABLES, load_rows, paper_round, printed_decimals
 
 # Fields copied from the costed model onto the --vs reference so both have the same size.
@@ -66,25 +67,17 @@ def hf_target(spec: str, overrides: list[str]):
     return config, build_model(config), spec.rstrip("/").rsplit("/", 1)[-1] if not spec.startswith("hf:") else spec
 
 
-def _gflops(x: int) -> float:
-    return x / 1e9
-
-
 def cost_row(c: Census, cost: Cost, ref: Optional[Cost]) -> dict:
-    fl_paper, fl_dense = c.flops_by("paper"), c.flops_by("dense")
-    comm_sav, lat_sav = cost.savings_vs(ref) if ref is not None else (None, None)
+    """One `privlm cost` row: the typed `CostSummary` (flat) plus the census detail and the cost breakdown."""
+    summary = CostSummary.of(c, cost)
+    if ref is not None:
+        summary = summary.relative_to(ref)
     return {
-        "arch": c.arch, "T": c.T, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
-        "vocab_size": c.vocab_size,
-        "nonlinear": [{"op": o.op, "count": o.count, "shape": list(o.shape), "where": o.where,
-                       "in_paper": o.in_paper} for o in c.ops],
-        "nonlinear_label": c.nonlinear_label(),
-        "ffn_gflops": _gflops(fl_paper["ffn"]), "attn_gflops": _gflops(fl_paper["attn"]),
-        "attn_gflops_dense": _gflops(fl_dense["attn"]), "embed_head_gflops": _gflops(fl_paper["embed_head"]),
-        "comm_gb": cost.comm_gb, "lat_min": cost.lat_min, "complete": cost.complete, "unknown": cost.unknown,
-        "comm_savings": comm_sav, "lat_savings": lat_sav, "vs": ref.arch if ref is not None else None,
-        "profile": cost.profile, "breakdown": cost.breakdown, "warnings": cost.warnings,
-        "n_kv_head": c.n_kv_head, "notes": c.notes,
+        **summary.to_dict(), "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+        "vocab_size": c.vocab_size, "n_kv_head": c.n_kv_head,
+        "nonlinear_ops": [{"op": o.op, "count": o.count, "shape": list(o.shape), "where": o.where,
+                           "in_paper": o.in_paper} for o in c.ops],
+        "breakdown": cost.breakdown, "warnings": cost.warnings, "notes": c.notes,
     }
 
 
@@ -103,32 +96,39 @@ def table_rows(table: str, profile) -> list[dict]:
         row["source"] = r.source
         row.update({
             "paper_nonlinear": r.nonlinear or None,
-            "nonlinear_match": (c.nonlinear_label() == r.nonlinear) if r.nonlinear else None,
-            "paper_ffn_gflops": float(r.ffn_flops) if r.ffn_flops else None,
-            "paper_attn_gflops": float(r.attn_flops) if r.attn_flops else None,
-            "ffn_flops_match": (paper_round(row["ffn_gflops"], printed_decimals(r.ffn_flops)) == float(r.ffn_flops))
-            if r.ffn_flops else None,
-            "attn_flops_match": (paper_round(row["attn_gflops"], printed_decimals(r.attn_flops)) ==
+            "nonlinear_match": (row["nonlinear"] == r.nonlinear) if r.nonlinear else None,
+            "paper_ffn_flops": float(r.ffn_flops) * 1e9 if r.ffn_flops else None,
+            "paper_attn_flops": float(r.attn_flops) * 1e9 if r.attn_flops else None,
+            "ffn_flops_match": (paper_round(row["ffn_flops"] / 1e9, printed_decimals(r.ffn_flops)) ==
+                                float(r.ffn_flops)) if r.ffn_flops else None,
+            "attn_flops_match": (paper_round(row["attn_flops_paper"] / 1e9, printed_decimals(r.attn_flops)) ==
                                  float(r.attn_flops)) if r.attn_flops else None,
             "paper_comm_gb": r.comm_gb, "paper_lat_min": r.lat_min,
             "comm_err": cost.comm_gb / r.comm_gb - 1, "lat_err": cost.lat_min / r.lat_min - 1,
             "paper_comm_savings": r.comm_sav, "paper_lat_savings": r.lat_sav,
             "ppl": r.ppl, "note": r.note or None,
         })
-        for ours, theirs in (("ffn_gflops", "paper_ffn_gflops"), ("attn_gflops", "paper_attn_gflops"),
-                             ("comm_savings", "paper_comm_savings"), ("lat_savings", "paper_lat_savings")):
-            row[ours.replace("_gflops", "_flops") + "_err"] = (row[ours] / row[theirs] - 1) if row[theirs] else None
+        for ours, theirs, err in (("ffn_flops", "paper_ffn_flops", "ffn_flops_err"),
+                                  ("attn_flops_paper", "paper_attn_flops", "attn_flops_err"),
+                                  ("comm_savings", "paper_comm_savings", "comm_savings_err"),
+                                  ("lat_savings", "paper_lat_savings", "lat_savings_err")):
+            row[err] = (row[ours] / row[theirs] - 1) if row[theirs] else None
         out.append(row)
     return out
 
 
 # ----------------------------------------------------------------------------------------
-def _fl(gflops: float) -> str:
+def _fl(flops: float) -> str:
     """FLOPs in the paper's style (14.50B), falling back to M/K for small models."""
-    for scale, unit in ((1.0, "B"), (1e-3, "M"), (1e-6, "K")):
-        if gflops >= 0.1 * scale or unit == "K":
-            return f"{gflops / scale:.2f}{unit}"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if flops >= 0.1 * scale or unit == "K":
+            return f"{flops / scale:.2f}{unit}"
     return ""
+
+
+def _paper_gflops(flops: float) -> str:
+    """The paper's printed GFLOPs cell back from the FLOP count (14.5, not 14.499999999)."""
+    return f"{flops / 1e9:g}"
 
 
 def _fmt_sav(x: Optional[float]) -> str:
@@ -150,11 +150,11 @@ def render(rows: list[dict], fmt: str, published: bool) -> str:
         header = ["Network Arch.", "#Nonlinear Ops (census)", "paper", "FFN FLOPs", "paper", "Attn FLOPs",
                   "paper", "Comm. (GB)", "paper", "err", "Lat. (min.)", "paper", "err", "Comm. Sav.", "paper",
                   "Lat. Sav.", "paper"]
-        body = [[r["arch"], r["nonlinear_label"], _ok(r["nonlinear_match"]),
-                 _fl(r["ffn_gflops"]), f"{r['paper_ffn_gflops']}B{_ok(r['ffn_flops_match'])}"
-                 if r["paper_ffn_gflops"] is not None else "",
-                 _fl(r["attn_gflops"]), f"{r['paper_attn_gflops']}B{_ok(r['attn_flops_match'])}"
-                 if r["paper_attn_gflops"] is not None else "",
+        body = [[r["arch"], r["nonlinear"], _ok(r["nonlinear_match"]),
+                 _fl(r["ffn_flops"]), f"{_paper_gflops(r['paper_ffn_flops'])}B{_ok(r['ffn_flops_match'])}"
+                 if r["paper_ffn_flops"] is not None else "",
+                 _fl(r["attn_flops_paper"]), f"{_paper_gflops(r['paper_attn_flops'])}B{_ok(r['attn_flops_match'])}"
+                 if r["paper_attn_flops"] is not None else "",
                  f"{r['comm_gb']:.2f}", f"{r['paper_comm_gb']:.2f}", _err(r["comm_err"]),
                  f"{r['lat_min']:.2f}", f"{r['paper_lat_min']:.2f}", _err(r["lat_err"]),
                  _fmt_sav(r["comm_savings"]), _fmt_sav(r["paper_comm_savings"]),
@@ -163,8 +163,8 @@ def render(rows: list[dict], fmt: str, published: bool) -> str:
         header = ["Network Arch.", "T", "#Nonlinear Ops", "FFN FLOPs", "Attn FLOPs (paper)", "Attn FLOPs (dense)",
                   "Comm. (GB)", "Lat. (min.)", "Comm. Savings", "Lat. Savings"]
         # a cost with unknown ops is a lower bound: "≥", and no savings factor (it would be an upper bound)
-        body = [[r["arch"], str(r["T"]), r["nonlinear_label"], _fl(r["ffn_gflops"]), _fl(r["attn_gflops"]),
-                 _fl(r["attn_gflops_dense"]), ("" if r["complete"] else "≥") + f"{r['comm_gb']:.2f}",
+        body = [[r["arch"], str(r["T"]), r["nonlinear"], _fl(r["ffn_flops"]), _fl(r["attn_flops_paper"]),
+                 _fl(r["attn_flops_dense"]), ("" if r["complete"] else "≥") + f"{r['comm_gb']:.2f}",
                  ("" if r["complete"] else "≥") + f"{r['lat_min']:.2f}",
                  _fmt_sav(r["comm_savings"] if r["complete"] else None),
                  _fmt_sav(r["lat_savings"] if r["complete"] else None)] for r in rows]

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from privlm.errors import PrivlmError
+from privlm.pi.summary import CostSummary
 from privlm.report import analysis, figures, html
 from privlm.report.runs import RunData, load_run, load_runs
 
@@ -12,11 +13,11 @@ __all__ = ["RunData", "load_run", "load_runs", "collect", "build_report", "analy
 
 
 def collect(runs: Sequence[RunData], baseline: Optional[str] = None,
-            profile: str = analysis.DEFAULT_PROFILE) -> tuple[list[dict], list[Optional[dict]], list[str]]:
+            profile: str = analysis.DEFAULT_PROFILE) -> tuple[list[dict], list[Optional[CostSummary]], list[str]]:
     """Rows (one per run), predicted costs and notes. ``baseline`` names the run (directory name,
     label or preset) the savings are relative to; default the first run."""
     notes: list[str] = []
-    costs: list[Optional[dict]] = []
+    costs: list[Optional[CostSummary]] = []
     for run in runs:
         try:
             costs.append(analysis.predicted_cost(run, profile))

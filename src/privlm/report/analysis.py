@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from privlm import entropy as ent
 from privlm.report.runs import RunData
+
+if TYPE_CHECKING:
+    from privlm.pi.summary import CostSummary
 
 BIN_LABELS = ent.BIN_LABELS
 DEFAULT_PROFILE = "paper-fit"
@@ -60,25 +63,17 @@ def diagnosis(run: RunData, baseline: Optional[RunData] = None) -> Optional[dict
     return ent.diagnose(m, last_nan_counts(run), T=run.seq_len, baseline=base)
 
 
-def predicted_cost(run: RunData, profile: str = DEFAULT_PROFILE) -> Optional[dict]:
+def predicted_cost(run: RunData, profile: str = DEFAULT_PROFILE) -> "CostSummary":
     """Census (nonlinear ops, FLOPs) and predicted 2PC Comm/Lat of the run's architecture at its T."""
     from privlm import pi
     c = pi.census(run.cfg.model, run.seq_len)
-    cost = pi.predict(c, profile)
-    return {"profile": cost.profile, "comm_gb": cost.comm_gb, "lat_min": cost.lat_min,
-            "nonlinear": c.nonlinear_label(paper_only=True),
-            "nonlinear_all": c.nonlinear_label(paper_only=False),
-            "ffn_flops": c.ffn_flops, "attn_flops_paper": c.paper_attn_flops, "attn_flops_dense": c.attn_flops,
-            "census": c.to_dict()}
+    return pi.CostSummary.of(c, pi.predict(c, profile))
 
 
-def deep_layer_entropy(run: RunData) -> Optional[float]:
-    """Mean entropy of the deeper half of the layers at the end (collapse shows up there first)."""
-    m = run.head_entropy()
-    if m is None:
-        return None
-    means = ent.layer_means(m)
-    deep = means[len(means) // 2:]
+def deep_layer_entropy(layer_means: Sequence[float]) -> float:
+    """Lowest mean entropy of the deeper half of the layers (collapse shows up there first); the means are the
+    diagnosis's, in which impossible head entropies already count as NaN."""
+    deep = np.asarray(layer_means, dtype=float)[len(layer_means) // 2:]
     return float(np.nanmin(deep)) if np.any(np.isfinite(deep)) else math.nan
 
 
@@ -137,7 +132,7 @@ def stability_cell_text(cell_rows: Sequence[dict]) -> str:
     return " / ".join(parts)
 
 
-def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict],
+def run_row(run: RunData, cost: Optional["CostSummary"], baseline_cost: Optional["CostSummary"],
             baseline: Optional[RunData] = None) -> dict:
     """One row of the results table (paper Table 3 layout plus entropy diagnostics)."""
     diag = diagnosis(run, baseline)
@@ -153,11 +148,8 @@ def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict],
         "divergence_step": run.divergence_step, "flight": flight_summary(run),
     }
     if cost is not None:
-        row.update({k: cost[k] for k in ("profile", "comm_gb", "lat_min", "nonlinear", "nonlinear_all",
-                                          "ffn_flops", "attn_flops_paper", "attn_flops_dense")})
-        if baseline_cost is not None:
-            row["comm_savings"] = baseline_cost["comm_gb"] / cost["comm_gb"]
-            row["lat_savings"] = baseline_cost["lat_min"] / cost["lat_min"]
+        summary = cost.relative_to(baseline_cost) if baseline_cost is not None else cost
+        row.update(summary.to_dict())
     if run.pi_measured is not None:
         row["spu_bytes"] = run.pi_measured.get("bytes_total")
         row["spu_protocol"] = run.pi_measured.get("protocol")
@@ -165,7 +157,7 @@ def run_row(run: RunData, cost: Optional[dict], baseline_cost: Optional[dict],
         row["bin_shares"] = diag["bins"]["shares"]
         row["bin_max"] = diag["bins"]["max_value"]
         row["layer_mean_entropy"] = diag["layer_mean"]
-        row["deep_layer_min_entropy"] = deep_layer_entropy(run)
+        row["deep_layer_min_entropy"] = deep_layer_entropy(diag["layer_mean"])
         row["nan_total"] = float(np.nansum(last_nan_counts(run) or [0.0]))
         row["overloaded"] = diag["overload"]["overloaded"]
         row["overloaded_layers"] = diag["overload"]["overloaded_layers"]

@@ -17,6 +17,7 @@ from matplotlib.ticker import FuncFormatter
 
 from privlm.fileio import slug
 from privlm.report import analysis
+from privlm.pi.summary import CostSummary
 from privlm.report.runs import RunData
 
 CMAP = "cividis"  # the authors' heatmap colormap
@@ -208,11 +209,11 @@ def learned_thresholds(run: RunData) -> Optional[Figure]:
     return fig
 
 
-def ppl_vs_cost(runs: Sequence[RunData], costs: Sequence[Optional[dict]], key: str) -> Optional[Figure]:
+def ppl_vs_cost(runs: Sequence[RunData], costs: Sequence[Optional[CostSummary]], key: str) -> Optional[Figure]:
     """PPL vs predicted communication (key="comm_gb") or latency (key="lat_min"), with the Pareto
     front of the runs that did not diverge (lower cost and lower PPL are both better)."""
     unit = {"comm_gb": "communication (GB)", "lat_min": "latency (min)"}[key]
-    pts = [(run, c[key]) for run, c in zip(runs, costs) if c is not None and c.get(key) is not None]
+    pts = [(run, getattr(c, key)) for run, c in zip(runs, costs) if c is not None]
     if not pts:
         return None
     fig = Figure(figsize=(7.5, 5.0), layout="constrained")
@@ -327,7 +328,7 @@ def stability_map_figure(runs: Sequence[RunData]) -> Optional[Figure]:
 
 
 # --------------------------------------------------------------------------------------------
-def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[dict]]] = None) -> list[FigureSpec]:
+def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[CostSummary]]] = None) -> list[FigureSpec]:
     """Every figure the runs have data for, in the paper's order."""
     costs = list(costs) if costs is not None else [None] * len(runs)
     specs: list[FigureSpec] = []

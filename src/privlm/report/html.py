@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from privlm import __version__
+from privlm.pi.summary import CostSummary
 from privlm.report import analysis
 from privlm.report.figures import FigureSpec
 
@@ -63,18 +64,24 @@ def summary_table(rows: Sequence[dict]) -> str:
         status = "" if r["finished"] else " (unfinished)"
         ppl = "NaN (diverged)" if r["diverged"] else _num(r.get("ppl"), "{:.3f}")
         spu = "–" if r.get("spu_bytes") is None else f"{_bytes(r['spu_bytes'])} ({_e(r.get('spu_protocol') or '')})"
+        c = CostSummary.from_dict(r)
         cells = [
             f'<td class="l">{_e(r["name"])}{status}</td>', f'<td class="l">{_e(r["preset"])}</td>',
             f"<td>{_num(r.get('params'), '{:,}')}</td>", f"<td>{_num(r.get('tokens_trained'), '{:,}')}</td>",
             f"<td>{_num(r.get('steps'), '{:,}')}</td>",
             f'<td class="{"bad" if r["diverged"] else ""}">{ppl}</td>',
-            f'<td class="l">{_e(r.get("nonlinear", "–"))}</td>',
-            f"<td>{_flops(r.get('ffn_flops'))}</td>", f"<td>{_flops(r.get('attn_flops_paper'))}</td>",
-            f"<td>{_flops(r.get('attn_flops_dense'))}</td>",
-            f"<td>{_num(r.get('comm_gb'), '{:.3f} GB')}</td>", f"<td>{_num(r.get('lat_min'), '{:.3f} min')}</td>",
-            f"<td>{_num(r.get('comm_savings'), '{:.2f}×')}</td>", f"<td>{_num(r.get('lat_savings'), '{:.2f}×')}</td>",
-            f"<td>{spu}</td>",
         ]
+        if c is None:
+            cells += ['<td class="l">–</td>'] + ["<td>–</td>"] * 7
+        else:
+            cells += [
+                f'<td class="l">{_e(c.nonlinear)}</td>',
+                f"<td>{_flops(c.ffn_flops)}</td>", f"<td>{_flops(c.attn_flops_paper)}</td>",
+                f"<td>{_flops(c.attn_flops_dense)}</td>",
+                f"<td>{_num(c.comm_gb, '{:.3f} GB')}</td>", f"<td>{_num(c.lat_min, '{:.3f} min')}</td>",
+                f"<td>{_num(c.comm_savings, '{:.2f}×')}</td>", f"<td>{_num(c.lat_savings, '{:.2f}×')}</td>",
+            ]
+        cells.append(f"<td>{spu}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
