@@ -32,6 +32,7 @@ from privlm.spu.calibrate import PAPER_T128_GB, cost_profile_name, machine, meas
 from privlm.spu.export import save_export
 from privlm.spu.launcher import run_parties
 from privlm.spu.report import breakdown
+from privlm.spu.spu_profile import load_spu_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -54,14 +55,58 @@ def gpt2_file(profile: str, arch: str, T: int) -> Path:
     return GPT2_DIR / f"{profile}_{arch}_T{T}.json"
 
 
+def current_settings(profile: str) -> dict:
+    """What a result must have run on to be kept: the SPU profile's settings as they are now."""
+    return load_spu_profile(profile).to_dict()
+
+
+def is_current(doc: dict) -> bool:
+    return doc.get("spu_settings") == current_settings(doc["spu_profile"])
+
+
 def run_gpt2(profile: str, arch: str, T: int) -> None:
     path = gpt2_file(profile, arch, T)
-    if path.exists():
+    if path.exists() and is_current(json.loads(path.read_text())):
         return
     t0 = time.time()
     doc = measure(arch, GPT2, T, 1, VOCAB_MEASURED, "cheetah", spu_profile=profile)
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
     print(f"{profile} {arch} T={T}: {doc['comm_gb']:.2f} GB ({time.time() - t0:.0f} s)", flush=True)
+
+
+VOCAB_CHECK = RESULTS / "pi_gpt2_vocab_check.json"
+VOCAB_CHECK_CELL = ("bumblebee", "SM+ScFuFFN", 128)
+
+
+def run_vocab_check() -> None:
+    """The grid's embedding and head run at VOCAB_MEASURED and are scaled to 50257; this measures one cell
+    with the whole vocabulary, to check that scaling."""
+    profile, arch, T = VOCAB_CHECK_CELL
+    t0 = time.time()
+    doc = measure(arch, GPT2, T, 1, 50257, "cheetah", spu_profile=profile)
+    atomic_write_text(VOCAB_CHECK, json.dumps(doc, indent=1) + "\n")
+    print(f"vocabulary check {profile} {arch} T={T} at V=50257: {doc['comm_gb']:.2f} GB ({time.time() - t0:.0f} s)")
+
+
+def vocab_check_section(L: list[str]) -> None:
+    if not VOCAB_CHECK.exists():
+        return
+    full = json.loads(VOCAB_CHECK.read_text())
+    profile, arch, T = VOCAB_CHECK_CELL
+    cell = gpt2_file(profile, arch, T)
+    if not is_current(full) or not cell.exists():
+        return
+    scaled = json.loads(cell.read_text())
+
+    def part(doc: dict, kind: str) -> float:
+        return doc["ops"].get(kind, {}).get("bytes", 0.0) / 1e9
+    rows = [(k, part(scaled, k), part(full, k)) for k in ("embedding", "head")]
+    L.append(f"**The vocabulary scaling, checked.** `{arch}` under `{profile}` at T = {T} measured once more with the "
+             f"whole vocabulary (V = 50257, {full['measured_wall_seconds']:.0f} s): " +
+             "; ".join(f"{k} {sc:.3f} GB scaled from V = {scaled['vocab_measured']} vs {fu:.3f} GB measured "
+                       f"({100 * (sc / fu - 1):+.1f} %)" for k, sc, fu in rows) +
+             f"; total {scaled['comm_gb']:.3f} vs {full['comm_gb']:.3f} GB "
+             f"({100 * (scaled['comm_gb'] / full['comm_gb'] - 1):+.1f} %). Raw: `bench/results/pi_gpt2_vocab_check.json`.\n")
 
 
 def gpt2_row(doc: dict) -> dict:
@@ -139,7 +184,8 @@ def run_small(arch: str, profile: str) -> dict:
         predicted = predict(census(model, SMALL_T), cost_profile_name(profile)).comm_gb * 1e9
     except Exception:  # no calibrated profile yet
         predicted = None
-    return {"arch": arch, "spu_profile": profile, "T": SMALL_T, "bytes_total": total,
+    return {"arch": arch, "spu_profile": profile, "spu_settings": result["spu_settings"], "T": SMALL_T,
+            "bytes_total": total,
             "bytes_setup": kinds["setup"]["bytes"], "bytes_online": total - kinds["setup"]["bytes"],
             "online_seconds": result["online_seconds"], "ops": kinds, "predicted_bytes": predicted,
             "top1_agree_all_positions": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
@@ -293,7 +339,75 @@ def findings(rows: list[dict]) -> list[str]:
             "therefore saves fewer bytes here. This is a property of the kernels (a cheaper GELU shrinks the "
             "benefit of removing it), not of how the model runs: the weights are private and the linear layers "
             "cost about what the paper-fit charges.\n")
+        out.extend(counterfactual_savings(by))
     return out
+
+
+def counterfactual_savings(by: dict) -> list[str]:
+    """The measured `bumblebee` rows with some nonlinear ops swapped for the paper-fit's bytes of the same census:
+    if the savings then approach the paper's, those ops' kernel costs explain the gap."""
+    swaps = {"GELU, LayerNorm and ReLU": ("gelu", "layernorm", "relu"),
+             "GELU, LayerNorm, ReLU and softmax": ("gelu", "layernorm", "relu", "softmax")}
+    base = by.get(("bumblebee", "SM+LN+G"))
+    if base is None:
+        return []
+    out = ["| `bumblebee`, T = 128, with the paper-fit's bytes for | " +
+           " | ".join(f"{a} savings (paper {p:.2f}×)" for a, p in PAPER_SAVINGS.items()) + " |",
+           "|---|" + "---|" * len(PAPER_SAVINGS)]
+
+    def swapped(r: dict, ops: tuple[str, ...]) -> float:
+        m, f = r["per_census_gb"], r["paper_fit_per_op_gb"]
+        return total_gb(r) + sum(f.get(k, 0.0) - m.get(k, 0.0) for k in ops)
+    devs = []
+    for label, ops in {"nothing (as measured)": (), **swaps}.items():
+        cells = []
+        for arch, paper in PAPER_SAVINGS.items():
+            r = by.get(("bumblebee", arch))
+            if r is None:
+                cells.append("—")
+                continue
+            sav = swapped(base, ops) / swapped(r, ops)
+            cells.append(f"{sav:.2f}× ({100 * (sav / paper - 1):+.0f} %)")
+            if ops == swaps["GELU, LayerNorm, ReLU and softmax"]:
+                devs.append(sav / paper - 1)
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append("\nEach row keeps every other measured byte (linear layers, embedding and head, setup) and replaces "
+               "only the named ops' measured bytes by what the paper-fit charges for the same census entries (the "
+               "paper-fit's LayerNorm figure carries ReLU). Cheaper GELU/LayerNorm alone explain the shortfall "
+               "(with the paper's costs for them the savings overshoot, because this engine's softmax is cheaper "
+               "too); with all four nonlinear ops at the paper-fit's costs the measured savings are within "
+               f"{100 * max(abs(d) for d in devs):.0f} % of the paper's, and the rest is the linear part "
+               "(the paper-fit charges the embedding and head more than measured here).\n" if devs else "")
+    return out
+
+
+def tails_section(L: list[str]) -> None:
+    """Why not enable_mul_lsb_error: the rare large kernel errors of bench/pi_kernel_tails.py."""
+    path = RESULTS / "pi_kernel_tails.json"
+    if not path.exists():
+        return
+    doc = json.loads(path.read_text())
+    L.append("### Why not `enable_mul_lsb_error`\n")
+    L.append("SPU's `cheetah_2pc_config.enable_mul_lsb_error` promises products that may be off in the last bit and "
+             "saves bytes in every secret × secret product (exp, reciprocal, LayerNorm, GELU's powers). In SPU 0.9.5 "
+             "it shrinks the statistical margin of CHEETAH's HE multiplication from 32 to 4 bits "
+             "(`libspu/mpc/cheetah/arith/cheetah_mul.cc`, `allow_high_prob_one_bit_error`), and the errors that "
+             "get through are not small: `bench/pi_kernel_tails.py` runs each kernel on independent 2^18-element "
+             "inputs (the kernel tests' inputs, new seeds) and counts the elements beyond the kernel's bound. "
+             "An earlier `bumblebee` that had it on lost a whole small-model forward (top-1 agreement 0, logit "
+             f"error 3.7e4) once in two runs. It is off in `bumblebee`. ({doc['machine']}, {doc['date']})\n")
+    L.append("| SPU profile | op | kernel | runs × elements | max abs error | bound | elements beyond the bound | "
+             "runs with any |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for r in doc["rows"]:
+        L.append(f"| {r['variant']} | {r['op']} | {r['kernel']} | {r['runs']} × {r['elements'] // r['runs']:,} | "
+                 f"{r['max_abs_err']:.3g} | {r['bound']:g} | {r['beyond_bound']:,} | {r.get('runs_beyond_bound', 0)} |")
+    L.append("")
+    L.append("The failures are sporadic: most runs stay within the bound everywhere, a few have thousands of "
+             "outputs off by orders of magnitude (one in twelve softmax runs above; an earlier pass of six runs "
+             "per op had 7,311 LayerNorm outputs off by up to 10; a further 24 softmax runs had none). A single kernel test catches it only by "
+             "chance, so the tails above, not the test, are the evidence against the setting; the test guards the "
+             "settings that passed.\n")
 
 
 def write_doc(rows: list[dict], small: list[dict], evals: list[dict]) -> str:
@@ -320,11 +434,12 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict]) -> str:
          "**SPU profiles** (`src/privlm/spu/spu_profiles/*.json`, `--spu-profile` on every `pi` command) bundle "
          "runtime settings, compiler options and kernels (`privlm.spu.kernels`, each with a 2PC error bound tested "
          "against numpy): `default` is SPU as it comes (JAX softmax = one division per element, tanh-GELU, exact "
-         "truncation); `bumblebee` is exp × one reciprocal per row, Bumblebee's piecewise-polynomial GELU, "
-         "CHEETAH products that may err in the last bit (`cheetah_2pc_config.enable_mul_lsb_error`), one "
-         "Goldschmidt iteration and `enable_optimize_denominator_with_broadcast`. The settings were chosen by "
-         "accuracy (kernel error bounds, `pi eval`), not to hit the paper's numbers.\n",
-         "## Per-op costs per SPU profile vs the paper-fit\n"]
+         "truncation); `bumblebee` is exp × one reciprocal per row, Bumblebee's piecewise-polynomial GELU, one "
+         "Goldschmidt iteration and `enable_optimize_denominator_with_broadcast`, with exact CHEETAH products. The "
+         "settings were chosen by accuracy (kernel error bounds over 2^18 elements, the tails below, `pi eval`), "
+         "not to hit the paper's numbers.\n"]
+    tails_section(L)
+    L.append("## Per-op costs per SPU profile vs the paper-fit\n")
     per_op_table(L)
     if rows:
         L.append("## GPT-2 size (L=12, d=768, H=12, V=50257) from one measured layer\n")
@@ -336,9 +451,11 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict]) -> str:
                  "traffic is the same per block, so the traffic is linear in V. Products run in 768-feature blocks "
                  "and softmax/GELU in 4 pieces to bound memory (same math, small per-run overheads). Savings are "
                  "against SM+LN+G of the same profile and T.\n")
-        L.append("*Composed* cells were not measured directly (the machine could not finish them before the "
-                 "deadline); they are built from the measured SM+LN+G layer of the same profile as stated in "
-                 "`source` of `bench/results/pi_gpt2.json`.\n")
+        vocab_check_section(L)
+        L.append("*Composed* cells are outside the measured grid (`GPT2_GRID` of `bench/pi_measure.py`: T = 128 for "
+                 "all four designs, T = 256 for SM+LN+G and SM+ScFuFFN); they are built from the measured SM+LN+G "
+                 "layer of the same profile and T as stated in `source` of `bench/results/pi_gpt2.json`, and no "
+                 "savings claim rests on them.\n")
         L.append("| arch | T | SPU profile | measured GB | savings | paper GB | paper savings | paper-fit GB | "
                  "softmax GB | LN GB | GELU/ReLU GB | linear GB | embed+head+logits GB | setup GB |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -394,18 +511,30 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict]) -> str:
         L.append("The first N validation chunks of a trained run through one 2PC session; top-1 agreement with the "
                  "plaintext model over all positions, and the perplexity of the 2PC logits beside the plaintext "
                  "perplexity on the same predicted tokens.\n")
-        L.append("| run | SPU profile | sequences × T | positions | top-1 agreement | mean logit err | max logit err | "
-                 "PPL plaintext | PPL 2PC | PPL change |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        L.append("*Differ* counts the positions whose top-1 token differs, *largest gap* the largest plaintext logit "
+                 "gap between the two chosen tokens among them: a gap below twice the max logit error is a near-tie "
+                 "that the fixed-point error can flip.\n")
+        L.append("| run | SPU profile | sequences × T | positions | top-1 agreement | differ | largest gap | "
+                 "mean logit err | max logit err | PPL plaintext | PPL 2PC | PPL change |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for e in evals:
+            gap = e.get("max_disagreement_margin")
             L.append(f"| {Path(e['run']).name} | {e['spu_profile']} | {e['sequences']} × {e['T']} | {e['positions']} | "
-                     f"{100 * e['top1_agreement']:.2f}% | {e['mean_logit_err']:.4f} | {e['max_logit_err']:.3f} | "
+                     f"{100 * e['top1_agreement']:.2f}% | {e.get('disagreements', '—')} | "
+                     f"{'—' if gap is None else f'{gap:.3f}'} | {e['mean_logit_err']:.4f} | {e['max_logit_err']:.3f} | "
                      f"{e['ppl_plain']:.3f} | {e['ppl_2pc']:.3f} | {100 * e['ppl_rel_diff']:+.2f}% |")
         L.append("")
         for e in evals:
             ok_top1, ok_ppl = e["top1_agreement"] >= 0.98, abs(e["ppl_rel_diff"]) <= 0.02
+            why = ""
+            if not ok_top1 and e.get("max_disagreement_margin") is not None:
+                tie = e["max_disagreement_margin"] <= 2 * e["max_logit_err"]
+                why = (f"; every differing position is a near-tie (largest plaintext gap {e['max_disagreement_margin']:.3f}"
+                       f" ≤ 2 × max logit error {e['max_logit_err']:.3f})" if tie else
+                       f"; not only near-ties: a differing position has plaintext gap {e['max_disagreement_margin']:.3f}"
+                       f" > 2 × max logit error {e['max_logit_err']:.3f}")
             L.append(f"- `{e['spu_profile']}` on {Path(e['run']).name}: top-1 {'meets' if ok_top1 else 'misses'} the 98 % "
-                     f"target ({100 * e['top1_agreement']:.2f} % of {e['positions']} positions); perplexity "
+                     f"target ({100 * e['top1_agreement']:.2f} % of {e['positions']} positions{why}); perplexity "
                      f"{'within' if ok_ppl else 'outside'} 2 % of plaintext ({100 * e['ppl_rel_diff']:+.2f} %).")
         L.append("")
     L.append(NOTES)
@@ -418,9 +547,8 @@ NOTES = """## Measured WAN
 veth pair; `tc … tbf` limits each direction to the rate (this kernel has no `netem`) and a delay proxy in each
 namespace (`privlm.spu.delayproxy`) delays every message flight by the one-way delay. It reports the measured
 online time beside the estimate bytes / rate + rounds × delay (`wan` in `--json`; rounds from the calibrated
-profile's nonlinear ops; the shipped calibrations were run with `--rounds-delay-ms 0` on a machine too loaded
-for delay timing, so their rounds are null and the estimate is transfer-only until `privlm pi calibrate` is rerun
-with round counting). Needs root; otherwise it fails with one line saying so.
+profile of the run's SPU profile, which `privlm pi calibrate` measures from each op's latency sensitivity under
+a 40 ms delay proxy: rounds = (t(40 ms) − t(0)) / 40 ms). Needs root; otherwise it fails with one line saying so.
 
 ## Usage
 
@@ -437,10 +565,17 @@ privlm cost SM+ScFuFFN --vs SM+LN+G --profile spu-bumblebee-measured
 ## Reproduce
 
 ```
-.venv/bin/privlm pi calibrate --spu-profile default --force --rounds-delay-ms 0
-.venv/bin/privlm pi calibrate --spu-profile bumblebee --force --rounds-delay-ms 0
-.venv/bin/python bench/pi_measure.py --all --eval-run RUN_DIR
+.venv-spu/bin/python bench/pi_kernel_tails.py --reps 6 --lsb-error      # kernel tails (why not enable_mul_lsb_error)
+.venv/bin/privlm pi calibrate --spu-profile default --force --out src/privlm/pi/profiles/spu-cheetah-measured.json
+.venv/bin/privlm pi calibrate --spu-profile bumblebee --force --out src/privlm/pi/profiles/spu-bumblebee-measured.json
+.venv/bin/python bench/pi_measure.py --all                               # GPT-2 grid + small models
+make demo DEMO_DIR=runs/demo-final                                       # three trained demo-size models
+.venv/bin/python bench/pi_measure.py --eval-run runs/demo-final/sm-ln-g
+.venv/bin/python bench/pi_measure.py --eval-run runs/demo-final/sm-scfuffn
 ```
+
+A GPT-2 cell, a small-model row or an accuracy row measured under other settings than its SPU profile has now
+is dropped from this page and re-measured by the next `--gpt2` / `--small` / `--eval-run`.
 
 Calibration writes to the user profile directory, whose profiles shadow the shipped ones of the same name; to
 refresh the shipped profiles a maintainer adds `--out src/privlm/pi/profiles/spu-<profile>-measured.json`.
@@ -452,14 +587,17 @@ def main() -> int:
     ap.add_argument("--all", action="store_true", help="--small and --gpt2")
     ap.add_argument("--small", action="store_true", help="rerun the small models end to end")
     ap.add_argument("--gpt2", action="store_true", help="run the GPT-2 cells not yet in bench/results/pi_gpt2/")
+    ap.add_argument("--vocab-check", action="store_true",
+                    help="measure one GPT-2 cell with the whole vocabulary (checks the embedding/head scaling)")
     ap.add_argument("--eval-run", help="run `privlm pi eval` on this run directory with each SPU profile")
     ap.add_argument("--sequences", type=int, default=2)
     ap.add_argument("--eval-json", nargs="*", default=[],
                     help="add saved `privlm pi eval --json` outputs to the accuracy table (replacing same run+profile+T)")
     args = ap.parse_args()
     old = json.loads((RESULTS / "pi_measure.json").read_text()) if (RESULTS / "pi_measure.json").exists() else {}
-    small = old.get("small", []) if old.get("format") == "privlm-pi-measure/2" else []
-    evals = old.get("evals", []) if old.get("format") == "privlm-pi-measure/2" else []
+    # results of an SPU profile whose settings have changed since are dropped, never shown as the profile's
+    small = [r for r in old.get("small", []) if is_current(r)] if old.get("format") == "privlm-pi-measure/2" else []
+    evals = [e for e in old.get("evals", []) if is_current(e)] if old.get("format") == "privlm-pi-measure/2" else []
     if args.small or args.all:
         small = [run_small(a, p) for p in PROFILES for a in SMALL_ARCHS]
     if args.eval_run:
@@ -472,7 +610,9 @@ def main() -> int:
         for p in ("bumblebee", "default"):
             for arch, T in GPT2_GRID:
                 run_gpt2(p, arch, T)
-    docs = [json.loads(f.read_text()) for f in sorted(GPT2_DIR.glob("*.json"))]
+    if args.vocab_check:
+        run_vocab_check()
+    docs = [d for d in (json.loads(f.read_text()) for f in sorted(GPT2_DIR.glob("*.json"))) if is_current(d)]
     rows = [{**gpt2_row(d), "source": "measured"} for d in docs]
     have = {(r["spu_profile"], r["arch"], r["T"]) for r in rows}
     for d in docs:  # cells the grid has not measured yet: composed from the measured SM+LN+G layer

@@ -277,6 +277,8 @@ def test_accuracy_under_2pc_matches_a_hand_computation():
     res = accuracy_under_2pc(ref, got, ids)
     assert res["positions"] == 6 and res["predicted_positions"] == 4
     assert res["top1_agreement"] == pytest.approx(5 / 6)
+    # the flipped position: plaintext top-1 is token 0 (log 2), the 2PC's is token 1 (plaintext logit 0)
+    assert res["disagreements"] == 1 and res["max_disagreement_margin"] == pytest.approx(np.log(2.0))
     assert res["max_logit_err"] == pytest.approx(1.0)
     assert res["mean_logit_err"] == pytest.approx((np.log(2.0) + 1.0) / 24)
     # targets: seq 0 -> tokens 0, 1 (p 2/5, 1/5); seq 1 -> tokens 1, 2 (1/5, 1/5); the changed position

@@ -282,6 +282,7 @@ def cmd_eval(args) -> int:
     logits = logits.reshape(ref.shape)
     doc = {"run": str(run_dir), "spu_profile": args.spu_profile, "protocol": args.protocol, "mode": args.mode,
            "sequences": args.sequences, "T": T, "spu_version": result["spu_version"],
+           "spu_settings": result["spu_settings"],
            **accuracy_under_2pc(ref, logits, ids),
            "bytes_online_per_sequence": [s["bytes_online"] for s in result["sequences"]],
            "wall_seconds": result["wall_seconds"]}
@@ -290,7 +291,9 @@ def cmd_eval(args) -> int:
     else:
         print(f"{doc['run']}: {args.sequences} validation sequences x T={T} under {args.protocol.upper()} "
               f"(SPU profile {args.spu_profile})\n"
-              f"  top-1 agreement with plaintext: {100 * doc['top1_agreement']:.2f}% of {doc['positions']} positions\n"
+              f"  top-1 agreement with plaintext: {100 * doc['top1_agreement']:.2f}% of {doc['positions']} positions"
+              f" ({doc['disagreements']} differ; largest plaintext logit gap among them "
+              f"{doc['max_disagreement_margin']:.3g})\n"
               f"  logit error: mean {doc['mean_logit_err']:.2e}, max {doc['max_logit_err']:.2e}\n"
               f"  perplexity: 2PC {doc['ppl_2pc']:.4f}, plaintext {doc['ppl_plain']:.4f} "
               f"({100 * doc['ppl_rel_diff']:+.3f}%) over {doc['predicted_positions']} predicted tokens")

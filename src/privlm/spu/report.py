@@ -131,7 +131,10 @@ def accuracy_under_2pc(ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarr
 
     top1_agreement: share of all N*T positions whose argmax agrees; logit errors over every logit;
     ppl_plain / ppl_2pc: exp of the mean next-token cross-entropy over the N*(T-1) positions that have a
-    target (as `privlm eval` scores T-token chunks), from each set of logits."""
+    target (as `privlm eval` scores T-token chunks), from each set of logits.
+    disagreements / max_disagreement_margin: positions whose argmax differs, and the largest plaintext logit
+    gap between the plaintext's top-1 and the 2PC's top-1 among them. A gap below twice the logit error is a
+    near-tie that the 2PC error can flip; a larger one is a real failure."""
     ref = np.asarray(ref_logits, np.float64)
     got = np.asarray(logits, np.float64)
     ids = np.asarray(ids)
@@ -144,7 +147,11 @@ def accuracy_under_2pc(ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarr
         return float(np.exp(-lp.mean()))
     err = np.abs(ref - got)
     p_plain, p_2pc = ppl(ref), ppl(got)
+    top_plain, top_2pc = ref.argmax(-1), got.argmax(-1)
+    differ = top_plain != top_2pc
+    margins = (np.take_along_axis(ref, top_plain[..., None], -1) - np.take_along_axis(ref, top_2pc[..., None], -1))[..., 0]
     return {"positions": int(ids.size), "predicted_positions": int(targets.size),
-            "top1_agreement": float(np.mean(ref.argmax(-1) == got.argmax(-1))),
+            "top1_agreement": float(np.mean(~differ)), "disagreements": int(differ.sum()),
+            "max_disagreement_margin": float(margins[differ].max()) if differ.any() else 0.0,
             "mean_logit_err": float(err.mean()), "max_logit_err": float(err.max()),
             "ppl_plain": p_plain, "ppl_2pc": p_2pc, "ppl_rel_diff": p_2pc / p_plain - 1.0}
