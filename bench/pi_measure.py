@@ -565,7 +565,8 @@ privlm cost SM+ScFuFFN --vs SM+LN+G --profile spu-bumblebee-measured
 ## Reproduce
 
 ```
-.venv-spu/bin/python bench/pi_kernel_tails.py --reps 6 --lsb-error      # kernel tails (why not enable_mul_lsb_error)
+.venv-spu/bin/python bench/pi_kernel_tails.py --reps 6                  # kernel tails of the shipped profiles
+.venv-spu/bin/python bench/pi_kernel_tails.py --reps 12 --variants bumblebee+enable_mul_lsb_error
 .venv/bin/privlm pi calibrate --spu-profile default --force --out src/privlm/pi/profiles/spu-cheetah-measured.json
 .venv/bin/privlm pi calibrate --spu-profile bumblebee --force --out src/privlm/pi/profiles/spu-bumblebee-measured.json
 .venv/bin/python bench/pi_measure.py --all                               # GPT-2 grid + small models
