@@ -193,7 +193,7 @@ def cmd_run(args) -> int:
         if model is not None and args.head == "all":
             from privlm.pi.census import census
             cen = census(model, T)
-        doc = summarize(result, logits, ref, cen)
+        doc = {"run": args.run_dir, **summarize(result, logits, ref, cen)}
         if link is not None:
             doc["wan"] = wan_report(doc, link, model, T, args.spu_profile if cen is not None else None)
         if tok is not None:
