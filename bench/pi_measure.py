@@ -393,7 +393,8 @@ def tails_section(L: list[str]) -> None:
              "it shrinks the statistical margin of CHEETAH's HE multiplication from 32 to 4 bits "
              "(`libspu/mpc/cheetah/arith/cheetah_mul.cc`, `allow_high_prob_one_bit_error`), and the errors that "
              "get through are not small: `bench/pi_kernel_tails.py` runs each kernel on independent 2^18-element "
-             "inputs (the kernel tests' inputs, new seeds) and counts the elements beyond the kernel's bound. "
+             "inputs (the kernel tests' input distributions, seeds 0 to runs − 1) and counts the elements beyond "
+             "the kernel's bound. "
              "An earlier `bumblebee` that had it on lost a whole small-model forward (top-1 agreement 0, logit "
              f"error 3.7e4) once in two runs. It is off in `bumblebee`. ({doc['machine']}, {doc['date']})\n")
     L.append("| SPU profile | op | kernel | runs × elements | max abs error | bound | elements beyond the bound | "
