@@ -1,10 +1,10 @@
 """Rare large errors of the SPU kernels: each kernel of a profile over many independent 2PC runs.
 
     .venv-spu/bin/python bench/pi_kernel_tails.py --reps 6                     # every shipped profile
-    .venv-spu/bin/python bench/pi_kernel_tails.py --reps 6 --variants bumblebee+enable_mul_lsb_error
+    .venv-spu/bin/python bench/pi_kernel_tails.py --reps 12 --variants bumblebee+enable_mul_lsb_error
 
 A kernel test (tests/test_pi_spu_kernels.py) runs each kernel once on 2^18 elements. A protocol setting that
-errs once per 10^5 elements by orders of magnitude needs more: this script runs `privlm.spu.kernels.
+now and then errs by orders of magnitude needs more runs to show: this script runs `privlm.spu.kernels.
 measure_errors` with ``--reps`` different seeds per profile and counts, per op, the elements beyond the
 kernel's bound and the runs that had any. It is how `enable_mul_lsb_error` was found to be unfit for the bumblebee
 profile (docs/pi-measured.md, "Why not enable_mul_lsb_error"). Writes bench/results/pi_kernel_tails.json,

@@ -59,7 +59,6 @@ def test_every_kernel_of_every_profile_is_within_its_error_bound_under_2pc():
         for op, r in res[name].items():
             assert r["kernel"] == load_spu_profile(name).kernels[op]
             assert r["max_abs_err"] <= r["bound"] == K.ERROR_BOUNDS[(op, r["kernel"])], (name, op, r)
-            assert r["beyond_bound"] == 0, (name, op, r)
             assert r["max_abs_err"] > 0  # fixed point: a real computation, not a copy of the reference
             # enough elements that a rarely-but-badly failing protocol setting shows (see KERNEL_TEST_ELEMENTS)
             assert r["elements"] == K.KERNEL_TEST_ELEMENTS, (name, op)
