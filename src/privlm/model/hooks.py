@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Union
 
 import torch
 from torch import nn

@@ -42,7 +42,7 @@ FORMAT = "privlm-flight-recorder/1"
 BLOWUP_FACTOR = 10.0
 LOGIT_FLOOR = 10.0
 QUERY_BLOCK = 128
-# Sequences of each micro-batch the per-head statistics are taken on: the recomputed q k^T of the whole batch
+# Sequences of each micro-batch the per-head statistics are taken on: the q k^T of the whole batch
 # would cost 20-40% of a small model's training step on CPU; 4 sequences (512 queries at T=128) cost a quarter
 # of that and still average every head over hundreds of queries.
 SEQUENCES = 4
