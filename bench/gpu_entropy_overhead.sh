@@ -3,17 +3,25 @@
 # autocast, T = 512 and 2048, 16384 tokens per step; memory at T = 2048. Writes
 # bench/results/entropy_overhead_cuda_<gpu>.md named after the device. Run from the repository root:
 #     bash bench/gpu_entropy_overhead.sh            (about 5-8 minutes on an H100-class GPU)
-# First it runs the fused entropy kernel's correctness tests on the GPU (values and gradients against an
-# explicit float64 reference, bf16 error bound), so a timing is never recorded for a wrong CUDA path.
+# First it prints the fused entropy kernels' one-time self-check on the GPU (privlm.model.entropy_attention.self_check,
+# the check training runs at first use) and stops if it failed (training would fall back to the explicit path),
+# then runs the kernels' correctness tests (values and gradients against an explicit float64 reference, bf16
+# error bound), so a timing is never recorded for a wrong CUDA path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src"
 PY=${PYTHON:-.venv/bin/python}
 gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 "$PY" - <<'PYEOF'
+import sys
 import torch
 from privlm.model.attention import causal_softmax, row_entropy
-from privlm.model.entropy_attention import attention_with_entropy
+from privlm.model.entropy_attention import attention_with_entropy, self_check
+
+check = self_check(torch.device("cuda"))
+print(check.message, flush=True)
+if not check.ok:
+    sys.exit("the fused entropy self-check failed on this GPU: training uses the explicit path here; no timing")
 
 g = torch.Generator(device="cuda").manual_seed(0)
 for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):

@@ -1,6 +1,8 @@
 """Attention entropy on fused kernels (privlm.model.entropy_attention) against an independent explicit reference,
 the attention path choice (fused / fused + entropy / explicit probabilities) and the no-T x T-tensor guarantee."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,63 @@ def test_regularized_step_allocates_nothing_of_t_by_t(preset):
     assert recorder.at_least(T * T) == []
     model.zero_grad(set_to_none=True)
     assert regularized_step_allocations(model, reg, idx, hook_probs=True).at_least(T * T)
+
+
+# ------------------------------------------------------------------------------------------- self-check
+@pytest.fixture
+def fresh_self_check():
+    from privlm.model import entropy_attention as ea
+    ea.reset_self_checks()
+    yield ea
+    ea.reset_self_checks()  # later tests check the real kernels again
+
+
+def test_self_check_passes_once_per_device_and_leaves_random_streams_alone(fresh_self_check):
+    ea = fresh_self_check
+    state = torch.get_rng_state()
+    check = ea.self_check(torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)  # the check's inputs come from a private generator
+    assert check.ok and check.device == "cpu" and 0 <= check.max_error <= 1 and "passed" in check.message
+    assert ea.self_check(torch.device("cpu")) is check and ea.self_check_failures() == []
+    assert attention_path(True, False, torch.device("cpu")) == FUSED_ENTROPY
+    assert not ea.self_check(torch.device("meta")).ok  # no kernel there: nothing to check, explicit path
+
+
+@pytest.mark.parametrize("fault", ["mismatch", "error"])
+def test_failed_self_check_falls_back_to_the_explicit_path(fresh_self_check, monkeypatch, caplog, tmp_path, fault):
+    ea = fresh_self_check
+    real = ea._CPUFlash.forward
+
+    def broken(q, k, v, mask, is_causal):
+        if fault == "error":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        out, lse, aux = real(q, k, v, mask, is_causal)
+        return out, lse + 0.01, aux  # an entropy off by 0.01 nats: 100 x the float32 tolerance
+
+    monkeypatch.setattr(ea._CPUFlash, "forward", staticmethod(broken))
+    model, _ = tiny("SM(t)+ScFuFFN")
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger=ea.__name__):
+        out = model(idx, output_entropy=True)
+    check = ea.self_check(torch.device("cpu"))
+    assert not check.ok and "using the explicit path" in check.message and "\n" not in check.message
+    assert ("MISMATCH" in check.message) if fault == "mismatch" else ("RuntimeError: no kernel image" in check.message)
+    assert [r.getMessage() for r in caplog.records] == [check.message]  # one warning line, once
+    assert attention_path(True, False, torch.device("cpu")) == EXPLICIT
+    with capture(model, lambda n: n.endswith("hook_probs")):  # the explicit path, asked for directly
+        explicit = model(idx, output_entropy=True)
+    assert torch.equal(out.entropy, explicit.entropy) and torch.equal(out.logits, explicit.logits)
+    # attention_with_entropy itself (the Hugging Face path) computes explicitly too: right values, finite grads
+    q, k, v, t = inputs(37, torch.float32)
+    y, h = fused(q, k, v, t)
+    y_ref, h_ref = reference(q, k, v, t)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    # a run records the fallback once in its telemetry (metrics.jsonl) and trains on
+    from test_train import synthetic_data, tiny_cfg
+    from privlm.train import train
+    run = tmp_path / "run"
+    train(tiny_cfg("train.max_steps=4", "train.entropy_every=1", "train.eval_every=4", "train.save_every=4"),
+          run, quiet=True, data=synthetic_data(n_train=32, n_valid=8))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["message"] for r in lines if r["kind"] == "warning"] == [check.message]

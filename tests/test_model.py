@@ -331,3 +331,110 @@ def test_generate_greedy_is_deterministic():
     a = model.generate(idx, 20, temperature=0)
     b = model.generate(idx, 20, temperature=0)
     assert a.shape == (1, 23) and torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------- hooks and cache
+def _reference_forward(model: GPT, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every hook point's value computed by hand from the weights (Eq. 1-4, 8), and the logits."""
+    cfg = model.config
+    B, T = idx.shape
+    H, d = cfg.n_head, cfg.n_embd
+    dk = d // H
+    acts = {}
+
+    def lin(x, linear):
+        return x @ linear.weight.T + (linear.bias if linear.bias is not None else 0)
+
+    def norm(x, ln):
+        return x if isinstance(ln, nn.Identity) else nn.functional.layer_norm(x, (d,), ln.weight, ln.bias, ln.eps)
+
+    def heads(x):
+        return x.view(B, T, H, dk).transpose(1, 2)
+
+    x = model.wte.weight[idx] + model.wpe.weight[:T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn
+        p = f"blocks.{i}."
+        acts[p + "hook_resid_pre"] = x
+        h = norm(x, blk.ln_1)
+        q, k, v = heads(lin(h, a.q_proj)), heads(lin(h, a.k_proj)), heads(lin(h, a.v_proj))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dk)
+        if a.temperature is not None:
+            scores = scores / a.temperatures()[:, :T, None]
+        scores = scores.masked_fill(~causal, -math.inf)
+        probs = scores.softmax(-1)
+        z = probs @ v
+        attn_out = lin(z.transpose(1, 2).reshape(B, T, d), a.o_proj)
+        mid = x + attn_out
+        acts.update({p + "attn.hook_q": q, p + "attn.hook_k": k, p + "attn.hook_v": v,
+                     p + "attn.hook_attn_scores": scores, p + "attn.hook_probs": probs,
+                     p + "attn.hook_entropy": -(probs * probs.clamp_min(1e-300).log()).sum(-1),
+                     p + "attn.hook_z": z, p + "hook_attn_out": attn_out, p + "hook_resid_mid": mid})
+        x = mid
+        if blk.ffn is not None:
+            f_in = norm(mid, blk.ln_2)
+            if isinstance(blk.ffn, FusedFFN):
+                f_out = lin(f_in, blk.ffn.fc)
+            else:
+                pre = lin(f_in, blk.ffn.fc_in)
+                post = nn.functional.gelu(pre, approximate="tanh")
+                acts.update({p + "ffn.hook_pre_act": pre, p + "ffn.hook_post_act": post})
+                f_out = lin(post, blk.ffn.fc_out)
+            acts.update({p + "hook_mlp_pre": f_in, p + "hook_mlp_post": f_out})
+            x = mid + f_out if blk.alpha is None else blk.beta * mid + f_out / blk.alpha
+        acts[p + "hook_resid_post"] = x
+    return acts, norm(x, model.ln_f) @ model.wte.weight.T
+
+
+@pytest.mark.parametrize("preset", ["SM+LN+G", "SM(t)+ScFuFFN", "SM+ScFuFFN^i2"])
+def test_cache_holds_what_a_by_hand_forward_computes(preset):
+    model = tiny(preset).double().eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.attn.temperature is not None:
+                block.attn.temperature.uniform_(-0.5, 2.0)
+            if block.alpha is not None:
+                block.alpha.fill_(1.7), block.beta.fill_(0.6)  # Eq. 8 away from its init of 1
+    idx = torch.randint(0, 61, (3, 16), generator=torch.Generator().manual_seed(0))
+    want, want_logits = _reference_forward(model, idx)
+    with torch.no_grad():
+        out, cache = model.run_with_cache(idx)
+    assert sorted(cache) == sorted(want)  # every hook point fired (pruned blocks have no FFN hooks)
+    for name, ref in want.items():
+        torch.testing.assert_close(cache[name], ref, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(out.logits, want_logits, rtol=1e-9, atol=1e-10)
+    # typed access by layer, negative layers, stacking over layers
+    assert cache.q(2) is cache["blocks.2.attn.hook_q"] and cache.resid_post(-1) is cache["blocks.5.hook_resid_post"]
+    assert cache.stack("entropy").shape == (6, 3, 4, 16)
+    if "^i2" in preset:
+        with pytest.raises(KeyError, match="pruned blocks"):
+            cache.mlp_post(5)
+    with pytest.raises(IndexError):
+        cache.q(6)
+    assert not any(m.requested for m in model.modules() if hasattr(m, "requested"))  # all removed
+
+
+def test_path_neutral_hooks_leave_logits_bit_identical(monkeypatch):
+    model = tiny("SM(t)+ScFuFFN").eval()
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(2))
+    plain = model(idx).logits
+    calls = []
+    sdpa = nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    neutral = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_q", "hook_k", "hook_v", "hook_z",
+               "hook_attn_out", "hook_mlp_pre", "hook_mlp_post"]
+    out, cache = model.run_with_cache(idx, names=neutral)
+    assert torch.equal(out.logits, plain) and len(calls) == 6  # fused stays fused, in every layer
+    assert len(cache) == 6 * len(neutral) and "blocks.0.attn.hook_probs" not in cache
+    # hook_attn_scores is a request for the T x T scores: that layer takes the explicit path, as for hook_probs
+    explicit, probs = model.run_with_cache(idx, names=["blocks.1.attn.hook_probs"])
+    calls.clear()
+    out, cache = model.run_with_cache(idx, names=["blocks.1.attn.hook_attn_scores"])
+    assert torch.equal(out.logits, explicit.logits) and len(calls) == 5 and list(cache) == ["blocks.1.attn.hook_attn_scores"]
+    assert not torch.equal(out.logits, plain)  # (the explicit path rounds differently: the check means something)
+    scores = cache.attn_scores(1)
+    assert torch.isneginf(scores[..., 0, 1:]).all()  # causally masked
+    assert torch.equal(scores.softmax(-1), probs.probs(1))
+    with pytest.raises(KeyError, match="hook_nope"):
+        model.run_with_cache(idx, names=["hook_nope"])

@@ -9,9 +9,9 @@ from privlm.model.attention import (
 )
 from privlm.model.entropy_attention import attention_with_entropy, fused_entropy_supported
 from privlm.model.gpt import GPT, Block, ModelOutput, scaled_ffn_residual
-from privlm.model.hooks import HookPoint, capture
+from privlm.model.hooks import ActivationCache, HookPoint, capture
 
-__all__ = ["GPT", "Block", "ModelOutput", "CausalSelfAttention", "HookPoint", "capture", "attention_logits",
+__all__ = ["GPT", "Block", "ModelOutput", "CausalSelfAttention", "ActivationCache", "HookPoint", "capture", "attention_logits",
            "attention_path", "attention_with_entropy", "causal_softmax", "fused_entropy_supported", "row_entropy",
            "scaled_queries", "scaled_ffn_residual", "build_model"]
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from privlm.config import ModelConfig
-from privlm.model.entropy_attention import attention_with_entropy, fused_entropy_supported
+from privlm.model.entropy_attention import (attention_with_entropy, causal_mask, fused_entropy_usable,
+                                            row_entropy)
 from privlm.model.hooks import HookPoint
 
 
@@ -48,44 +49,7 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, temperature: Optional[tor
 
 def causal_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over keys with the causal mask M (M_ij = -inf for j > i), Eq. 2."""
-    T = logits.size(-1)
-    mask = torch.ones(T, T, dtype=torch.bool, device=logits.device).triu_(1)
-    return logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
-
-
-class _RowEntropy(torch.autograd.Function):
-    """-sum_j p_j log p_j with a backward that stays finite at p = 0 and saves nothing but p.
-
-    Autograd through xlogy(p, p) gives d/dp = log p + 1 = -inf at the masked (exactly 0) entries, and the
-    softmax backward then multiplies it by p = 0: NaN gradients for every logit. Here log p is taken at
-    max(p, tiny), so a zero entry contributes 0 to the value and a finite term (killed by the softmax
-    backward's factor p) to the gradient. Saving only p (which the softmax saves anyway) keeps the
-    regularizer's extra memory to the [.., T] entropies instead of two more T x T tensors per layer.
-    """
-
-    @staticmethod
-    def forward(ctx, probs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(probs)
-        return -(probs * _safe_log(probs)).sum(dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (probs,) = ctx.saved_tensors
-        return grad.unsqueeze(-1) * -(_safe_log(probs) + 1.0)
-
-
-def _safe_log(p: torch.Tensor) -> torch.Tensor:
-    return p.clamp_min(torch.finfo(p.dtype).tiny).log()
-
-
-def row_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats of every attention row, -sum_j a_ij log a_ij (the summand of Eq. 7).
-
-    Masked entries are exactly 0 and contribute 0, so no epsilon is needed (the official code's log(a + 1e-9)
-    differs by at most T * 1e-9). Differentiable with finite gradients (see _RowEntropy).
-    probs: [..., T_k] -> [...].
-    """
-    return _RowEntropy.apply(probs)
+    return causal_mask(logits).softmax(dim=-1)
 
 
 class AttentionOutput(NamedTuple):
@@ -110,8 +74,14 @@ class CausalSelfAttention(nn.Module):
             self.temperature = nn.Parameter(torch.full((cfg.n_head, cfg.block_size), cfg.temperature_init))
         else:
             self.register_parameter("temperature", None)
-        self.hook_probs = HookPoint()
-        self.hook_entropy = HookPoint()
+        # [B, H, T, d_k] unless noted; hook_q is the projection before 1/sqrt(d_k) and SM(t)'s temperature
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [B, H, T, T] scaled, causally masked logits; formed only on request
+        self.hook_probs = HookPoint()  # [B, H, T, T]; formed only on request
+        self.hook_entropy = HookPoint()  # [B, H, T] per-query entropy (nats); computed only on request
+        self.hook_z = HookPoint()  # per-head attention output, before W^O
 
     def no_weight_decay(self) -> set[str]:
         # the temperature is a per-position scale of the logits, not a weight: decay would pull it to zero
@@ -134,9 +104,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, want_entropy: bool = False, want_probs: bool = False) -> AttentionOutput:
         q, k, v = self._qkv(x)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q = scaled_queries(q, self.temperatures())
         entropy_requested = want_entropy or self.hook_entropy.requested
-        path = attention_path(entropy_requested, want_probs or self.hook_probs.requested, x.device)
+        probs_requested = want_probs or self.hook_probs.requested or self.hook_attn_scores.requested
+        path = attention_path(entropy_requested, probs_requested, x.device)
         entropy = probs = nan_count = None
         if path == FUSED:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
@@ -145,11 +117,13 @@ class CausalSelfAttention(nn.Module):
             entropy = self.hook_entropy(entropy)
             nan_count = nan_count_from_entropy(entropy)
         else:  # the entropy of what a probs hook returns, if it edits the probabilities
-            probs = self.hook_probs(causal_softmax(q @ k.transpose(-2, -1)))
+            scores = self.hook_attn_scores(causal_mask(q @ k.transpose(-2, -1)))
+            probs = self.hook_probs(scores.softmax(dim=-1))
             if entropy_requested:
                 entropy = self.hook_entropy(row_entropy(probs))
                 nan_count = _nan_count(probs, entropy)
             y = probs @ v
+        y = self.hook_z(y)
         B, H, T, dk = y.shape
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, H * dk))
         return AttentionOutput(out, entropy if want_entropy else None, probs if want_probs else None,
@@ -162,15 +136,16 @@ FUSED, FUSED_ENTROPY, EXPLICIT = "fused", "fused+entropy", "explicit"
 def attention_path(entropy_requested: bool, probs_requested: bool, device: torch.device) -> str:
     """The one place that picks how attention is computed, from what was asked (by the caller or by a hook):
 
-    ``explicit``       the probabilities are asked for: form softmax(q k^T / sqrt(d_k) + M) [B, H, T, T]
+    ``explicit``       the probabilities (or the scores) are asked for: form softmax(q k^T / sqrt(d_k) + M) [B, H, T, T]
     ``fused+entropy``  only the entropy: fused kernels (``attention_with_entropy``), nothing of T x T elements
     ``fused``          neither: F.scaled_dot_product_attention
-    A device without a fused entropy kernel computes the entropy on the explicit path.
+    A device without a fused entropy kernel, or whose kernel failed its one-time self-check
+    (``fused_entropy_usable``), computes the entropy on the explicit path.
     """
     if probs_requested:
         return EXPLICIT
     if entropy_requested:
-        return FUSED_ENTROPY if fused_entropy_supported(device) else EXPLICIT
+        return FUSED_ENTROPY if fused_entropy_usable(device) else EXPLICIT
     return FUSED
 
 

@@ -25,14 +25,25 @@ logits), against exact in float32/float64.
 """
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def fused_entropy_supported(device: torch.device) -> bool:
     """Whether ``attention_with_entropy`` has a fused kernel on this device type."""
     return device.type in ("cpu", "cuda")
+
+
+def fused_entropy_usable(device: torch.device) -> bool:
+    """Whether the fused entropy kernels are used on ``device``: the device type has them and they passed the
+    one-time self-check on this device (``self_check``). Otherwise the entropy is computed on the explicit path."""
+    return fused_entropy_supported(device) and self_check(device).ok
 
 
 def attention_with_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -56,6 +67,8 @@ def attention_with_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 ~attn_mask, float("-inf"))
         attn_mask = attn_mask.to(q.dtype)
         is_causal = False
+    if not fused_entropy_usable(q.device):
+        return explicit_attention_with_entropy(q, k, v, attn_mask, is_causal)
     return _AttentionEntropy.apply(q, k, v, attn_mask, is_causal)
 
 
@@ -64,6 +77,168 @@ def entropy_from_lse(lse: torch.Tensor, q: torch.Tensor, keys_attended: torch.Te
     dtype = torch.promote_types(q.dtype, torch.float32)
     mean_logit = (q.to(dtype) * keys_attended.to(dtype)).sum(-1)
     return lse.to(dtype) - mean_logit
+
+
+def causal_mask(logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 2's causal mask M applied to [..., T_q, T_k] logits: M_ij = -inf for j > i (queries are the last T_q
+    positions of the T_k keys' sequence)."""
+    T_q, T_k = logits.shape[-2:]
+    mask = torch.ones(T_q, T_k, dtype=torch.bool, device=logits.device).triu_(T_k - T_q + 1)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+
+
+class _RowEntropy(torch.autograd.Function):
+    """-sum_j p_j log p_j with a backward that stays finite at p = 0 and saves nothing but p.
+
+    Autograd through xlogy(p, p) gives d/dp = log p + 1 = -inf at the masked (exactly 0) entries, and the
+    softmax backward then multiplies it by p = 0: NaN gradients for every logit. Here log p is taken at
+    max(p, tiny), so a zero entry contributes 0 to the value and a finite term (killed by the softmax
+    backward's factor p) to the gradient. Saving only p (which the softmax saves anyway) keeps the
+    regularizer's extra memory to the [.., T] entropies instead of two more T x T tensors per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(probs)
+        return -(probs * _safe_log(probs)).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (probs,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * -(_safe_log(probs) + 1.0)
+
+
+def _safe_log(p: torch.Tensor) -> torch.Tensor:
+    return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+def row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of every attention row, -sum_j a_ij log a_ij (the summand of Eq. 7).
+
+    Masked entries are exactly 0 and contribute 0, so no epsilon is needed (the official code's log(a + 1e-9)
+    differs by at most T * 1e-9). Differentiable with finite gradients (see _RowEntropy).
+    probs: [..., T_k] -> [...].
+    """
+    return _RowEntropy.apply(probs)
+
+
+def explicit_attention_with_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    attn_mask: Optional[torch.Tensor] = None,
+                                    is_causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``attention_with_entropy`` computes, from the explicit probabilities (a [B, H, T_q, T_k] tensor):
+    the reference of the self-check and the fallback where the fused kernels are unusable. ``attn_mask``: None
+    or an additive float mask (then ``is_causal`` is ignored). Rows with no visible key give y = 0, entropy 0."""
+    logits = q @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    elif is_causal:
+        logits = causal_mask(logits)
+    probs = logits.softmax(dim=-1)
+    empty = torch.isneginf(logits).all(dim=-1, keepdim=True)  # no visible key: softmax gives NaN, kernels 0
+    probs = probs.masked_fill(empty, 0.0)
+    entropy = row_entropy(probs.to(torch.promote_types(probs.dtype, torch.float32)))
+    return probs @ v, entropy
+
+
+# ------------------------------------------------------------------------------------------- self-check
+@dataclass(frozen=True)
+class SelfCheck:
+    """Result of the one-time check of the fused entropy kernels on one device."""
+    device: str
+    ok: bool
+    max_error: Optional[float]  # largest error found, relative to its tolerance's scale
+    message: str  # one line: what was checked and what came out
+
+
+SELF_CHECK_T = (1, 37, 70)  # query counts of the check: a single row, ragged kernel blocks
+_SELF_CHECKS: dict[str, SelfCheck] = {}
+
+
+def _device_key(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def _check_dtypes(device: torch.device) -> list[tuple[torch.dtype, float]]:
+    """Dtypes the check covers with their tolerances: float32 everywhere; on CUDA also the half dtypes that
+    autocast trains in (they take the flash kernel, float32 the memory-efficient one)."""
+    dtypes = [(torch.float32, 1e-4)]
+    if device.type == "cuda":
+        dtypes.append((torch.float16, 2e-2))
+        if torch.cuda.is_bf16_supported():
+            dtypes.append((torch.bfloat16, 5e-2))
+    return dtypes
+
+
+def _run_self_check(device: torch.device) -> tuple[float, float]:
+    """Values and gradients of the fused path against the explicit float64 path on small random inputs (a
+    private generator: the caller's random streams are untouched). Returns (max error / tolerance, worst T)."""
+    gen = torch.Generator().manual_seed(0)
+    worst = (0.0, 0)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        for dtype, tol in _check_dtypes(device):
+            for T in SELF_CHECK_T:
+                q, k, v, w = (torch.randn(2, 3, T, 16, generator=gen, dtype=torch.float64) for _ in range(4))
+                q = q / 4  # logits of a few units: entropies well inside (0, log T)
+                leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+                y, h = _AttentionEntropy.apply(*(t.to(dtype) for t in leaves), None, True)
+                y_ref, h_ref = explicit_attention_with_entropy(*leaves)
+                gw = w[..., 0].to(device)
+                got = torch.autograd.grad((h.double() * gw).sum() + y.double().sum(), leaves)
+                want = torch.autograd.grad((h_ref * gw).sum() + y_ref.sum(), leaves)
+                errs = [(h.double() - h_ref).abs().max(), (y.double() - y_ref).abs().max()]
+                errs += [(a.double() - b).abs().max() / b.abs().max().clamp_min(1) for a, b in zip(got, want)]
+                err = max(float(e.detach()) for e in errs) / tol
+                if math.isnan(err):
+                    return err, T
+                worst = max(worst, (err, T))
+    return worst
+
+
+def self_check(device: torch.device) -> SelfCheck:
+    """The fused entropy kernels checked once per device (values and gradients against the explicit path, see
+    ``_run_self_check``); the result is kept for the process. On a mismatch or an error the kernels are not
+    used on that device (``fused_entropy_usable`` is False, ``attention_with_entropy`` computes explicitly) and
+    one warning line is logged; the trainer's telemetry records it in metrics.jsonl (``self_check_failures``)."""
+    key = _device_key(device)
+    done = _SELF_CHECKS.get(key)
+    if done is not None:
+        return done
+    device = torch.device(key)
+    if not fused_entropy_supported(device):
+        return SelfCheck(key, False, None, f"no fused attention-entropy kernel for device type '{device.type}'")
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return SelfCheck(key, True, None, "not checked while tracing")  # not kept: checked at the first eager use
+    try:
+        err, T = _run_self_check(device)
+    except Exception as exc:  # a kernel that raises on this device: the explicit path still works
+        result = SelfCheck(key, False, None, f"fused attention-entropy self-check on {key} failed with "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                           f"using the explicit path (T x T probabilities) on {key}")
+    else:
+        ok = err <= 1.0
+        result = SelfCheck(key, ok, err, (f"fused attention-entropy self-check on {key}: " +
+                                          (f"passed (max error {err:.2g} of tolerance)" if ok else
+                                           f"MISMATCH against the explicit path (error {err:.3g} x tolerance at "
+                                           f"T={T}); using the explicit path (T x T probabilities) on {key}")))
+    _SELF_CHECKS[key] = result
+    if not result.ok:
+        log.warning(result.message)
+    return result
+
+
+def self_check_failures() -> list[SelfCheck]:
+    """The devices whose fused entropy kernels failed their self-check in this process."""
+    return [c for c in _SELF_CHECKS.values() if not c.ok]
+
+
+def reset_self_checks() -> None:
+    """Forget every check (the next use of each device checks again); for tests."""
+    _SELF_CHECKS.clear()
 
 
 class _AttentionEntropy(torch.autograd.Function):

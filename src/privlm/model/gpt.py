@@ -17,7 +17,7 @@ from torch import nn
 from privlm.config import ModelConfig
 from privlm.model.attention import CausalSelfAttention
 from privlm.model.ffn import FFN, fuse_linear_ffn, make_ffn
-from privlm.model.hooks import HookPoint
+from privlm.model.hooks import ActivationCache, HookPoint, Names, capture, name_filter
 from privlm.model.normalization import apply_weight_normalization, make_norm
 
 
@@ -58,19 +58,21 @@ class Block(nn.Module):
             self.register_parameter("alpha", None)
             self.register_parameter("beta", None)
         self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
+        self.hook_mlp_pre = HookPoint()
+        self.hook_mlp_post = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def forward(self, x: torch.Tensor, want_entropy: bool = False, want_probs: bool = False) -> BlockOutput:
         x = self.hook_resid_pre(x)
         a = self.attn(self.ln_1(x), want_entropy, want_probs)
-        x_sa = self.hook_resid_mid(attention_residual(x, a.out))
+        x_sa = self.hook_resid_mid(attention_residual(x, self.hook_attn_out(a.out)))
         if self.ffn is None:  # AERO's pruned blocks: attention only
             out = x_sa
-        elif self.alpha is None:
-            out = ffn_residual(x_sa, self.ffn(self.ln_2(x_sa)))
         else:
-            out = scaled_ffn_residual(x_sa, self.ffn(self.ln_2(x_sa)), self.alpha, self.beta)
+            f = self.hook_mlp_post(self.ffn(self.hook_mlp_pre(self.ln_2(x_sa))))
+            out = ffn_residual(x_sa, f) if self.alpha is None else scaled_ffn_residual(x_sa, f, self.alpha, self.beta)
         return BlockOutput(self.hook_resid_post(out), a.entropy, a.probs, a.nan_count)
 
 
@@ -143,6 +145,16 @@ class GPT(nn.Module):
                            torch.stack(entropies) if output_entropy else None,
                            tuple(probs) if output_attentions else None,
                            torch.stack(nans) if output_entropy else None)
+
+    def run_with_cache(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, names: Names = None,
+                       **kwargs) -> tuple[ModelOutput, ActivationCache]:
+        """One forward pass that records the named hook points (privlm.model.hooks): ``names`` None = every hook
+        point (hook_probs and hook_attn_scores among them: the explicit attention path), a hook name such as
+        ``"hook_q"`` for every layer, full names (``"blocks.2.attn.hook_q"``), a list of either, or a predicate.
+        Other keyword arguments go to ``forward``. Returns (the forward's output, the ActivationCache)."""
+        with capture(self, name_filter(self, names)) as store:
+            out = self(idx, targets, **kwargs)
+        return out, ActivationCache(store, len(self.blocks))
 
     # ------------------------------------------------------------------------------------
     def num_params(self, exclude_position: bool = False) -> int:

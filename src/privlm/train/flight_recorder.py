@@ -3,14 +3,16 @@ maximum attention logit, per-layer residual-stream norm, loss and gradient norm,
 to RUN_DIR/flight_recorder.json when training diverges, with a verdict: which layers/heads collapsed
 (entropy toward zero) or blew up first, and how many steps before the divergence.
 
-No extra forward pass: forward hooks on each attention module and on each block's ``hook_resid_post`` see
-the training forward of the recorded steps (every ``train.flight_every`` steps, ``train.flight_steps`` of
-them kept; 0 turns the recorder off). The residual norm is read off the block output. The entropy is the
-attention's own when the loop asked for it (telemetry or regularizer steps); otherwise it and the max logit
-come from q and k recomputed under ``no_grad`` with the attention's own projections, one block of queries at
-a time, on the first ``SEQUENCES`` sequences of each micro-batch. A recorded step therefore costs two d x d
-projections and one q k^T product per layer of those sequences more than an unrecorded one
-(bench/flight_recorder_overhead.py measures it).
+It observes the training forward and changes nothing: on recorded steps (every ``train.flight_every``-th
+step, ``train.flight_steps`` of them kept; 0 turns the recorder off) it attaches forward hooks to each block's
+``attn.hook_q``, ``attn.hook_k``, attention module and ``hook_resid_post``, and takes detached views of what
+that forward computed; between recorded steps no hook is attached. Nothing recomputes a projection or runs a
+module again (a spectral-norm projection would run another power iteration and change the weights). The
+residual norm is read off the block output. The entropy is the attention's own when the loop asked for it
+(telemetry or regularizer steps); otherwise it and the max logit come from the recorded q and k (with the
+SM(t) temperature), without autograd, one block of queries at a time, on the first ``SEQUENCES`` sequences of
+each micro-batch: a recorded step costs one q k^T product of those sequences per layer more than an unrecorded
+one (bench/observer_overhead.py measures every observer together).
 
 Verdict thresholds (ours, documented with the numbers they rest on):
   * collapse: head entropy below ``privlm.entropy.measure.COLLAPSE_NATS`` (the project's collapse threshold)
@@ -33,57 +35,52 @@ from torch import nn
 
 from privlm.entropy.measure import COLLAPSE_NATS, head_entropy, row_entropy
 from privlm.fileio import atomic_write_json
-from privlm.model.attention import attention_logits
+from privlm.model.attention import attention_logits, causal_mask
 
 FLIGHT_FILE = "flight_recorder.json"
 FORMAT = "privlm-flight-recorder/1"
 BLOWUP_FACTOR = 10.0
 LOGIT_FLOOR = 10.0
 QUERY_BLOCK = 128
-# Sequences of each micro-batch the per-head statistics are taken on: the recomputed q k^T of the whole batch
+# Sequences of each micro-batch the per-head statistics are taken on: the q k^T of the whole batch
 # would cost 20-40% of a small model's training step on CPU; 4 sequences (512 queries at T=128) cost a quarter
 # of that and still average every head over hundreds of queries.
 SEQUENCES = 4
 
 
 @torch.no_grad()
-def attention_head_stats(attn: nn.Module, x: torch.Tensor, entropy: Optional[torch.Tensor],
+def attention_head_stats(q: torch.Tensor, k: torch.Tensor, temperature: Optional[torch.Tensor],
+                         entropy: Optional[torch.Tensor],
                          query_block: int = QUERY_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max logit [H], head entropy [H]) of one attention module on its input x [B, T, d].
+    """(max logit [H], head entropy [H]) of one attention layer from its projections q, k [B, H, T, d_k] (as
+    ``attn.hook_q`` / ``attn.hook_k`` see them: before 1/sqrt(d_k) and the temperature) and its SM(t)
+    temperature [H, >= T] or None.
 
-    The logits are Eq. 2's (with the SM(t) temperature), masked causally; the entropy is Eq. 7's head
-    entropy (mean over batch and queries), taken from ``entropy`` [B, H, T] when the forward computed it."""
-    with torch.autocast(x.device.type, enabled=False):  # fp32 statistics whatever the training dtype
-        return _head_stats_fp32(attn, x.float(), entropy, query_block)
-
-
-def _head_stats_fp32(attn: nn.Module, x: torch.Tensor, entropy: Optional[torch.Tensor],
-                     query_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T, d = x.shape
-    H = attn.n_head
-    q = attn.q_proj(x).view(B, T, H, d // H).transpose(1, 2).float()
-    k = attn.k_proj(x).view(B, T, H, d // H).transpose(1, 2).float()
-    t = attn.temperatures()
-    max_logit = torch.full((H,), -math.inf, device=x.device)
-    ent_sum = None if entropy is not None else torch.zeros(H, device=x.device)
-    for s in range(0, T, query_block):
-        e = min(s + query_block, T)
-        logits = attention_logits(q[..., s:e, :], k[..., :e, :], None if t is None else t[:, s:e].float())
-        mask = torch.ones(e - s, e, dtype=torch.bool, device=x.device).triu_(s + 1)
-        logits.masked_fill_(mask, -math.inf)
-        max_logit = torch.maximum(max_logit, logits.amax(dim=(0, 2, 3)))  # both propagate NaN
-        if ent_sum is not None:
-            ent_sum += row_entropy(logits.softmax(dim=-1)).sum(dim=(0, 2))
-    # the attention's own entropy when it was computed; otherwise the same Eq. 7 mean, streamed over query blocks
-    head_ent = head_entropy(entropy.detach()[None])[0] if entropy is not None else ent_sum / (B * T)
+    The logits are Eq. 2's (with the SM(t) temperature), masked causally; the entropy is Eq. 7's head entropy
+    (mean over batch and queries), taken from ``entropy`` [B, H, T] when the forward computed it. Pure: reads
+    its arguments, in float32 whatever the training dtype."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.detach().float(), k.detach().float()
+        t = None if temperature is None else temperature.detach().float()
+        B, H, T, _ = q.shape
+        max_logit = torch.full((H,), -math.inf, device=q.device)
+        ent_sum = None if entropy is not None else torch.zeros(H, device=q.device)
+        for s in range(0, T, query_block):
+            e = min(s + query_block, T)
+            logits = causal_mask(attention_logits(q[..., s:e, :], k[..., :e, :], None if t is None else t[:, s:e]))
+            max_logit = torch.maximum(max_logit, logits.amax(dim=(0, 2, 3)))  # both propagate NaN
+            if ent_sum is not None:
+                ent_sum += row_entropy(logits.softmax(dim=-1)).sum(dim=(0, 2))
+        # the attention's own entropy when it was computed; otherwise the same Eq. 7 mean, over query blocks
+        head_ent = head_entropy(entropy.detach()[None])[0] if entropy is not None else ent_sum / (B * T)
     return max_logit, head_ent
 
 
 class FlightRecorder:
-    """Ring buffer of per-step measurements fed by forward hooks. ``begin(step)`` arms the hooks for the
-    forward passes of one optimizer step (all micro-batches: max logit is the max, the rest the mean over
-    them), ``end(loss, grad_norm, lr)`` files the record, ``dump(...)`` writes the window and returns the
-    verdict. With ``capacity=0`` it registers nothing and every call is a no-op."""
+    """Ring buffer of per-step measurements fed by forward hooks. ``begin(step)`` attaches the hooks for the
+    forward passes of one recorded optimizer step (all micro-batches: max logit is the max, the rest the mean
+    over them), ``end(loss, grad_norm, lr)`` removes them and files the record, ``dump(...)`` writes the window
+    and returns the verdict. With ``capacity=0`` every call is a no-op."""
 
     def __init__(self, model: nn.Module, capacity: int, every: int = 1):
         self.capacity, self.every = int(capacity), max(1, int(every))
@@ -92,16 +89,10 @@ class FlightRecorder:
         self._armed = False
         self._step = 0
         self._acc: dict[int, dict[str, list[torch.Tensor]]] = {}
-        self._handles = []
-        if self.capacity <= 0:
-            return
-        blocks = getattr(model, "blocks")
-        self.n_layer = len(blocks)
-        for i, block in enumerate(blocks):
-            self._handles.append(block.attn.register_forward_hook(
-                lambda mod, args, kwargs, out, i=i: self._on_attention(i, mod, args, kwargs, out), with_kwargs=True))
-            self._handles.append(block.hook_resid_post.register_forward_hook(
-                lambda mod, args, out, i=i: self._on_residual(i, out)))
+        self._qk: dict[int, dict[str, torch.Tensor]] = {}
+        self._handles: list = []
+        self.blocks = list(getattr(model, "blocks"))
+        self.n_layer = len(self.blocks)
 
     @classmethod
     def for_training(cls, model: nn.Module, train_cfg) -> "FlightRecorder":
@@ -111,37 +102,61 @@ class FlightRecorder:
     def enabled(self) -> bool:
         return self.capacity > 0
 
-    # -- hooks ---------------------------------------------------------------------------------
-    def _on_attention(self, layer: int, attn: nn.Module, args: tuple, kwargs: dict, out) -> None:
-        if not self._armed:
+    # -- hooks: detached views of what the forward computed ---------------------------------------
+    def _attach(self) -> None:
+        for i, block in enumerate(self.blocks):
+            attn = block.attn
+            self._handles += [
+                attn.hook_q.register_forward_hook(lambda _m, _a, out, i=i: self._on_qk(i, "q", out)),
+                attn.hook_k.register_forward_hook(lambda _m, _a, out, i=i: self._on_qk(i, "k", out)),
+                attn.register_forward_hook(lambda mod, _a, out, i=i: self._on_attention(i, mod, out)),
+                block.hook_resid_post.register_forward_hook(lambda _m, _a, out, i=i: self._on_residual(i, out)),
+            ]
+
+    def _detach_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._qk = {}
+
+    def _on_qk(self, layer: int, which: str, out: torch.Tensor) -> None:
+        self._qk.setdefault(layer, {})[which] = out.detach()[:SEQUENCES]
+
+    def _on_attention(self, layer: int, attn: nn.Module, out) -> None:
+        qk = self._qk.pop(layer, {})
+        if "q" not in qk or "k" not in qk:
             return
-        x = args[0] if args else kwargs["x"]
         entropy = getattr(out, "entropy", None)
-        max_logit, ent = attention_head_stats(attn, x.detach()[:SEQUENCES],
+        with torch.no_grad():
+            t = attn.temperatures()
+        max_logit, ent = attention_head_stats(qk["q"], qk["k"], t,
                                               None if entropy is None else entropy[:SEQUENCES])
         acc = self._acc.setdefault(layer, {"max_logit": [], "entropy": [], "resid": []})
         acc["max_logit"].append(max_logit)
         acc["entropy"].append(ent)
 
     def _on_residual(self, layer: int, out: torch.Tensor) -> None:
-        if not self._armed:
-            return
-        norm = out.detach().float().norm(dim=-1).mean()
+        with torch.no_grad():
+            norm = out.detach().float().norm(dim=-1).mean()
         self._acc.setdefault(layer, {"max_logit": [], "entropy": [], "resid": []})["resid"].append(norm)
 
     # -- the loop's three calls ----------------------------------------------------------------
     def begin(self, step: int) -> None:
-        """Arm the hooks when ``step`` (1-based, the step about to run) is a recorded one."""
+        """Attach the hooks when ``step`` (1-based, the step about to run) is a recorded one."""
+        self._detach_hooks()  # a forward that raised may have left them attached
         self._acc = {}
         self._step = step
         self._armed = self.enabled and (step % self.every == 0 or not self.records)
+        if self._armed:
+            self._attach()
 
     def end(self, loss: float, grad_norm: float, lr: Optional[float] = None) -> None:
         if not self._armed:
             return
         self._armed = False
-        if len(self._acc) < self.n_layer:  # e.g. a forward that raised: nothing consistent to file
-            return
+        self._detach_hooks()
+        if len(self._acc) < self.n_layer or any(not a["max_logit"] or not a["resid"] for a in self._acc.values()):
+            return  # e.g. a forward that raised: nothing consistent to file
         layers = [self._acc[i] for i in range(self.n_layer)]
         max_logit = torch.stack([torch.stack(a["max_logit"]).amax(0) for a in layers]).cpu()
         entropy = torch.stack([torch.stack(a["entropy"]).mean(0) for a in layers]).cpu()
@@ -173,9 +188,8 @@ class FlightRecorder:
         return line
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._detach_hooks()
+        self._armed = False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from privlm.fileio import atomic_write_text
+from privlm.model.entropy_attention import self_check_failures
 
 
 def is_interactive() -> bool:
@@ -45,6 +46,7 @@ class Telemetry:
         self.quiet = quiet or not is_interactive()
         self._fh = self._tb = self._bar = None
         self.last_eval_ppl: Optional[float] = None
+        self._warned: set[str] = set()
         if not enabled:
             return
         self._fh = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
@@ -72,9 +74,21 @@ class Telemetry:
         else:
             print(msg, flush=True)
 
+    def warnings(self, step: int) -> None:
+        """Record, once per device, a fused attention-entropy kernel that failed its self-check (the attention
+        then runs on the explicit path): a ``warning`` line in metrics.jsonl; the line itself was logged when
+        the check ran."""
+        if not self.enabled:
+            return
+        for check in self_check_failures():
+            if check.device not in self._warned:
+                self._warned.add(check.device)
+                self._write({"kind": "warning", "step": step, "message": check.message})
+
     def train(self, step: int, loss: float, lr: float, tokens: int, tok_per_s: float, grad_norm: float) -> None:
         if not self.enabled:
             return
+        self.warnings(step)
         self._write({"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens": tokens,
                      "tok_per_s": tok_per_s, "grad_norm": grad_norm})
         for key, val in (("loss", loss), ("lr", lr), ("tok_per_s", tok_per_s), ("grad_norm", grad_norm)):
@@ -107,6 +121,7 @@ class Telemetry:
                 reg_stats: Optional[dict]) -> None:
         if not self.enabled:
             return
+        self.warnings(step)
         layer_mean = [sum(row) / len(row) for row in head_entropy]
         self._write({"kind": "entropy", "step": step, "head_entropy": head_entropy, "layer_mean": layer_mean,
                      "nan_counts": nan_counts, "seq_len": seq_len, "reg": reg_stats})
