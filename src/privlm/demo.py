@@ -186,6 +186,9 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
                                           "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
                                           "train_cpu_seconds": round(cpu_train, 1), "pi_cpu_seconds": round(cpu_pi, 1),
                                           "load_average": os.getloadavg(), "pi": pi_doc, "pi_error": pi_error})
+    from privlm.report.readme import has_blocks, update_readme
+    if has_blocks(out / "README.md"):  # the committed demo page (docs/results/demo): its numbers follow demo.json
+        update_readme(out / "README.md")
     if pi_error is not None:
         raise PrivlmError(pi_error + f" (the rest of the demo is in {out})")
     return {"rows": rows, "pi": pi_doc}

@@ -496,6 +496,9 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     (results / "results.md").write_text(results_markdown(sweep, rows, notes))
     build_report(dirs, results / "report.html", results / "figures", baseline=baseline,
                  title=title or f"privlm sweep {sweep.name}")
+    from privlm.report.readme import has_blocks, update_readme
+    if has_blocks(results / "README.md"):  # a results page with generated numbers (docs/results/*)
+        update_readme(results / "README.md")
     return rows
 
 

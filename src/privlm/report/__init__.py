@@ -38,7 +38,7 @@ def collect(runs: Sequence[RunData], baseline: Optional[str] = None,
 def build_report(run_dirs: Sequence[str | Path], out_html: Path, figures_dir: Optional[Path] = None,
                  baseline: Optional[str] = None, title: str = "privlm report",
                  profile: str = analysis.DEFAULT_PROFILE, extra_notes: Sequence[str] = ()) -> list[dict]:
-    """Write the HTML report (and, when ``figures_dir`` is given, every figure as PNG and SVG)."""
+    """Write the HTML report (and, when ``figures_dir`` is given, every figure as PNG)."""
     runs = load_runs(list(run_dirs))
     rows, costs, notes = collect(runs, baseline, profile)
     specs = figures.build_figures(runs, costs)

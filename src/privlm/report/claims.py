@@ -29,14 +29,14 @@ HOLDS, FAILS, NOISE, UNTESTABLE = "holds", "does not hold", "within noise", "not
 Metric = Callable[[dict], float]
 
 
-def _group(rows: Sequence[dict], preset: str) -> list[dict]:
+def seed_group(rows: Sequence[dict], preset: str) -> list[dict]:
     """Every seed of ``preset`` at the learning rate of its first row (a stability map's other rates are other
     experiments, not other seeds)."""
     same = [r for r in rows if normalize_name(r["preset"]) == normalize_name(preset)]
     return [r for r in same if r.get("lr") == same[0].get("lr")] if same else []
 
 
-def _ppl(r: dict) -> float:
+def ppl_of(r: dict) -> float:
     return math.inf if r["diverged"] or r.get("ppl") is None else r["ppl"]
 
 
@@ -75,7 +75,7 @@ class Spread:
         return f"{one(self.mean)} [{one(min(self.values))}–{one(max(self.values))}, {self.n} seeds]"
 
 
-def _spread(group: Sequence[dict], metric: Metric) -> Spread:
+def spread_of(group: Sequence[dict], metric: Metric) -> Spread:
     return Spread(tuple(metric(r) for r in group), tuple(r.get("seed") for r in group))
 
 
@@ -84,7 +84,7 @@ def pooled_noise(rows: Sequence[dict], metric: Metric) -> Optional[float]:
     ranges = []
     for p in dict.fromkeys(r["preset"] for r in rows):
         try:
-            r = _spread(_group(rows, p), metric).relative_range
+            r = spread_of(seed_group(rows, p), metric).relative_range
         except (KeyError, TypeError, IndexError):
             continue
         if r is not None:
@@ -125,8 +125,8 @@ def _collapsed(r: dict) -> bool:
 
 def claim_c1(rows: Sequence[dict]) -> dict:
     """(C1) SM without normalization collapses (NaN or near-zero deep-layer entropy); WN/SN/Scaled-FFN do not."""
-    sm = _group(rows, "SM")
-    fixes = [g for g in (_group(rows, p) for p in NORM_FREE_FIXES) if g]
+    sm = seed_group(rows, "SM")
+    fixes = [g for g in (seed_group(rows, p) for p in NORM_FREE_FIXES) if g]
     out = {"id": "C1", "claim": "SM without normalization collapses (NaN or near-zero deep-layer entropy) while "
                                 "WN(ffn)/SN(ffn)/Scaled-FFN do not"}
     if not sm or not fixes or "deep_layer_min_entropy" not in sm[0]:
@@ -138,7 +138,7 @@ def claim_c1(rows: Sequence[dict]) -> dict:
     verdict = HOLDS if holds else NOISE if mixed else FAILS
 
     def numbers(g: list[dict]) -> str:
-        deep = _spread(g, lambda r: r.get("deep_layer_min_entropy", math.nan))
+        deep = spread_of(g, lambda r: r.get("deep_layer_min_entropy", math.nan))
         layers = sorted({i for r in g for i in r.get("collapsed_layers", [])})
         return (f"{g[0]['preset']}: deepest-half min layer entropy {deep.text()} nats, "
                 f"NaN entries {max(r.get('nan_total', 0) for r in g):.0f}, diverged {sum(r['diverged'] for r in g)}/{len(g)}, "
@@ -147,7 +147,7 @@ def claim_c1(rows: Sequence[dict]) -> dict:
                    + f" (collapse: >= half of a layer's heads below {COLLAPSE_NATS} nats, or NaN)")
 
 
-def _verdicts(group: Sequence[dict]) -> str:
+def verdicts_of(group: Sequence[dict]) -> str:
     """The runs' entropy verdicts: the verdict when all seeds agree, else each with its count."""
     counts: dict[str, int] = {}
     for r in group:
@@ -159,11 +159,11 @@ def _verdicts(group: Sequence[dict]) -> str:
 
 def claim_c2(rows: Sequence[dict]) -> dict:
     """(C2) SM+G has a larger top-bin share (entropic overload) than SM+R."""
-    g, r = _group(rows, "SM+G"), _group(rows, "SM+R")
+    g, r = seed_group(rows, "SM+G"), seed_group(rows, "SM+R")
     out = {"id": "C2", "claim": "SM+G has a larger share of heads in the top entropy bin [3max/4, max] than SM+R"}
     if not g or not r or "bin_shares" not in g[0] or "bin_shares" not in r[0]:
         return _result(out, UNTESTABLE, None, "variants or entropy telemetry missing")
-    sg, sr = _spread(g, _top_bin), _spread(r, _top_bin)
+    sg, sr = spread_of(g, _top_bin), spread_of(r, _top_bin)
     pooled = pooled_noise(rows, _top_bin)
     verdict = compare(sr, sg, pooled)
     pct = dict(fmt="{:.1f}%", scale=100)
@@ -171,9 +171,9 @@ def claim_c2(rows: Sequence[dict]) -> dict:
                                   for i in range(4))
     uniform = ""
     if all(x.get("near_uniform_share") is not None for x in g + r):
-        ug, ur = _spread(g, lambda x: x["near_uniform_share"]), _spread(r, lambda x: x["near_uniform_share"])
-        uniform = (f"; near-uniform heads SM+G {ug.text('{:.0f}%', 100)} ({_verdicts(g)}) vs SM+R "
-                   f"{ur.text('{:.0f}%', 100)} ({_verdicts(r)})")
+        ug, ur = spread_of(g, lambda x: x["near_uniform_share"]), spread_of(r, lambda x: x["near_uniform_share"])
+        uniform = (f"; near-uniform heads SM+G {ug.text('{:.0f}%', 100)} ({verdicts_of(g)}) vs SM+R "
+                   f"{ur.text('{:.0f}%', 100)} ({verdicts_of(r)})")
     return _result(out, verdict, sg.mean > sr.mean,
                    f"top-bin share SM+G {sg.text(**pct)} vs SM+R {sr.text(**pct)} (paper: 58% vs 23-24%); "
                    f"bins SM+G {bins(g)}, SM+R {bins(r)} %{uniform}"
@@ -183,12 +183,12 @@ def claim_c2(rows: Sequence[dict]) -> dict:
 def claim_c3(rows: Sequence[dict]) -> dict:
     """(C3) PPL order SM+LN+G <= SM+LN+R < SM+R < SM+G."""
     names = ["SM+LN+G", "SM+LN+R", "SM+R", "SM+G"]
-    groups = [_group(rows, n) for n in names]
+    groups = [seed_group(rows, n) for n in names]
     out = {"id": "C3", "claim": "PPL order SM+LN+G <= SM+LN+R < SM+R < SM+G"}
     if not all(groups):
         return _result(out, UNTESTABLE, None, "variants missing")
-    spreads = [_spread(g, _ppl) for g in groups]
-    pooled = pooled_noise(rows, _ppl)
+    spreads = [spread_of(g, ppl_of) for g in groups]
+    pooled = pooled_noise(rows, ppl_of)
     strict = [False, True, True]
     verdicts = [compare(a, b, pooled, s) for a, b, s in zip(spreads, spreads[1:], strict)]
     parts = [a.mean <= b.mean if not s else a.mean < b.mean for a, b, s in zip(spreads, spreads[1:], strict)]
@@ -202,24 +202,24 @@ def claim_c3(rows: Sequence[dict]) -> dict:
 
 def claim_c4(rows: Sequence[dict]) -> dict:
     """(C4) EReg(SM(t)+ScFuFFN) has lower PPL than SM+ScFuFFN."""
-    e, s = _group(rows, "EReg(SM(t)+ScFuFFN)"), _group(rows, "SM+ScFuFFN")
-    t = _group(rows, "SM(t)+ScFuFFN")
+    e, s = seed_group(rows, "EReg(SM(t)+ScFuFFN)"), seed_group(rows, "SM+ScFuFFN")
+    t = seed_group(rows, "SM(t)+ScFuFFN")
     out = {"id": "C4", "claim": "EReg(SM(t)+ScFuFFN) has lower PPL than SM+ScFuFFN"}
     if not e or not s:
         return _result(out, UNTESTABLE, None, "variants missing")
-    se, ss = _spread(e, _ppl), _spread(s, _ppl)
+    se, ss = spread_of(e, ppl_of), spread_of(s, ppl_of)
     pe, ps = se.mean, ss.mean
     rel = (ps - pe) / ps * 100 if math.isfinite(ps) and math.isfinite(pe) else math.nan
-    by_seed = {r.get("seed"): _ppl(r) for r in s}
-    pairs = [(by_seed[r.get("seed")], _ppl(r)) for r in e if r.get("seed") in by_seed]
-    pooled = pooled_noise(rows, _ppl)
+    by_seed = {r.get("seed"): ppl_of(r) for r in s}
+    pairs = [(by_seed[r.get("seed")], ppl_of(r)) for r in e if r.get("seed") in by_seed]
+    pooled = pooled_noise(rows, ppl_of)
     if len(pairs) >= 2:
         diffs = [(b - a) / b * 100 for b, a in pairs]
         verdict = HOLDS if all(d > 0 for d in diffs) else FAILS if all(d < 0 for d in diffs) else NOISE
         paired = f"; paired by seed: {', '.join(f'{d:+.1f}%' for d in diffs)} lower"
     else:
         verdict, paired = compare(se, ss, pooled), _seed_note(rows, pooled, "PPL")
-    extra = f"; SM(t)+ScFuFFN without the regularizer {_spread(t, _ppl).text()}" if t else ""
+    extra = f"; SM(t)+ScFuFFN without the regularizer {spread_of(t, ppl_of).text()}" if t else ""
     return _result(out, verdict, pe < ps,
                    f"EReg(SM(t)+ScFuFFN) {se.text()} vs SM+ScFuFFN {ss.text()} "
                    f"({abs(rel):.1f}% {'lower' if rel >= 0 else 'higher'}; paper: 3.21 vs 3.48, 7.8% lower)"

@@ -1,8 +1,9 @@
 """The paper's figures, drawn from run directories alone.
 
 Every function takes loaded runs (`privlm.report.runs.RunData`) and returns a matplotlib `Figure`
-built without pyplot (no global state, no display needed: the Agg canvas renders PNG and SVG).
-`make_figures` draws every figure that the given runs have data for and writes PNG + SVG.
+built without pyplot (no global state, no display needed: the Agg canvas renders PNG).
+`build_figures` draws every figure that the given runs have data for; `save_figure` writes one as PNG, the
+single figure format of privlm (docs/DECISIONS.md, "Figures: PNG only").
 """
 from __future__ import annotations
 
@@ -373,9 +374,12 @@ def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[Cos
     return specs
 
 
-def save_figure(spec: FigureSpec, out_dir: Path) -> tuple[Path, Path]:
+FIGURE_DPI = 110
+
+
+def save_figure(spec: FigureSpec, out_dir: Path) -> Path:
+    """Write ``spec`` as ``out_dir/<name>.png`` and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    png, svg = out_dir / f"{spec.name}.png", out_dir / f"{spec.name}.svg"
-    spec.figure.savefig(png, dpi=110)
-    spec.figure.savefig(svg)
-    return png, svg
+    png = out_dir / f"{spec.name}.png"
+    spec.figure.savefig(png, dpi=FIGURE_DPI)
+    return png
