@@ -36,13 +36,13 @@ def test_committed_blocks_equal_what_the_committed_results_give(path):
 
 @pytest.mark.parametrize("path", READMES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_number_outside_the_generated_blocks(path):
-    loose = R.bare_numbers(R.results_prose(path, path.read_text()))
+    loose = R.bare_numbers(R.results_prose(path.read_text()))
     assert loose == [], "\n".join(f"{path.name}:{no}: {line}" for no, line in loose)
 
 
 def test_the_readme_results_section_is_the_one_checked():
     text = (ROOT / "README.md").read_text()
-    prose = R.results_prose(ROOT / "README.md", text)
+    prose = R.results_prose(text)
     assert R.README_RESULTS_SECTION in prose and "study-summary" in prose
     assert len(prose.split("\n")) == len(text.split("\n"))
 
@@ -156,3 +156,18 @@ def test_check_command_exits_zero_on_the_committed_pages():
     proc = subprocess.run([sys.executable, "-m", "privlm.report.readme", "--check"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_check_command_names_a_stale_block_and_a_bad_file_in_one_line(folder):
+    page = folder / "README.md"
+    page.write_text("<!-- privlm:begin time -->\nold\n<!-- privlm:end time -->\nA bare 7 here.\n")
+    proc = subprocess.run([sys.executable, "-m", "privlm.report.readme", "--check", str(page)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"{page}: block 'time' differs from its results files",
+                                        f"{page}:4: number outside a generated block: A bare 7 here."]
+    (folder / "results.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "privlm.report.readme", str(page)], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("python -m privlm.report.readme: error: ") and "is not a readable JSON" in proc.stderr
+    assert "old" in page.read_text()  # nothing written

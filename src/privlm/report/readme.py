@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from privlm.errors import PrivlmError
+from privlm.errors import OneLineArgumentParser, PrivlmError
 from privlm.report import claims as cl
 from privlm.report.analysis import causal_max_entropy, stability_cell_text, stability_map
 
@@ -394,10 +394,11 @@ def bare_numbers(text: str) -> list[tuple[int, str]]:
 README_RESULTS_SECTION = "## Reports, sweeps and the CPU-scale study"
 
 
-def results_prose(path: Path, text: str) -> str:
-    """The part of a README whose prose must carry no number of its own: all of a results README, the
-    results section of the repository README (other lines blanked, so line numbers stay)."""
-    if path.parent.parent.name == "results" and path.parent.parent.parent.name == "docs":
+def results_prose(text: str) -> str:
+    """The part of a README whose prose must carry no number of its own: the results section of the
+    repository README (the README with a `README_RESULTS_SECTION` heading; other lines blanked, so line numbers
+    stay), all of any other README (a results page)."""
+    if README_RESULTS_SECTION not in text.split("\n"):
         return text
     lines, inside = [], False
     for line in text.split("\n"):
@@ -413,8 +414,8 @@ def repository_readmes(root: Path) -> list[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m privlm.report.readme", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog = "python -m privlm.report.readme"
+    ap = OneLineArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("readmes", nargs="*", metavar="README", help="default: README.md and docs/results/*/README.md")
     ap.add_argument("--check", action="store_true", help="only report blocks that differ; exit 1 if any")
     args = ap.parse_args(argv)
@@ -425,7 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.check:
                 stale = stale_blocks(path)
                 text = _read(path)
-                loose = bare_numbers(results_prose(path.resolve(), text))
+                loose = bare_numbers(results_prose(text))
                 for name in stale:
                     print(f"{path}: block '{name}' differs from its results files", file=sys.stderr)
                 for no, line in loose:
@@ -434,8 +435,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 print(f"{path}: {'updated' if update_readme(path) else 'up to date'}")
     except PrivlmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a README that cannot be written
+        print(f"{prog}: error: {exc.strerror or exc}: '{exc.filename}'", file=sys.stderr)
+        return 1
     return 1 if bad else 0
 
 
