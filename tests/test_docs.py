@@ -60,7 +60,7 @@ def _row(name, preset, ppl, seed=1337, **kw):
     row = {"name": name, "label": preset, "preset": preset, "ppl": ppl, "seed": seed, "lr": 0.001,
            "diverged": False, "finished": True, "tokens_trained": 4096, "max_steps": 8, "unigram_ppl": 400.04,
            "layer_mean_entropy": [3.0, 2.5], "verdict": "healthy",
-           "nonlinear": "SM:4×R^{64×64}, LN:4×R^{64×64}"}
+           "nonlinear": "SM:4×R^{64×64}, LN:4×R^{64×64}", "comm_gb": 1.0, "lat_min": 0.5}
     row.update(kw)
     return row
 

@@ -130,24 +130,25 @@ def test_rows_costs_and_diagnosis(runs):
     rows, costs, notes = collect(loaded, baseline="SM+LN+G")
     base, sm, fu, ereg = rows
     # savings are relative to the baseline and equal the ratio of the predicted costs
-    assert base["comm_savings"] == pytest.approx(1.0)
-    assert fu["comm_savings"] == pytest.approx(costs[0].comm_gb / costs[2].comm_gb)
-    assert CostSummary.from_dict(fu) == costs[2].relative_to(costs[0])  # the row stores the typed summary
-    assert fu["comm_savings"] > 1.0 and fu["lat_savings"] > 1.0  # LN and GELU removed, FFN fused
-    assert base["nonlinear"].startswith("SM:16×R^{32×32}") and "LN:8×R^{32×32}" in base["nonlinear"]
-    assert fu["nonlinear"] == "SM:16×R^{32×32}"
-    assert fu["ffn_flops"] == 2 * L * T * 32 * 32  # fused d×d FFN: 2·L·T·d² (docs/pi-cost.md#two-flop-conventions)
-    assert base["ffn_flops"] == 16 * L * T * 32 * 32
+    assert base.cost.comm_savings == pytest.approx(1.0)
+    assert fu.cost.comm_savings == pytest.approx(costs[0].comm_gb / costs[2].comm_gb)
+    assert fu.cost == costs[2].relative_to(costs[0])  # the row holds the typed summary
+    assert CostSummary.from_dict(fu.to_dict()) == fu.cost  # and results.json stores it flat
+    assert fu.cost.comm_savings > 1.0 and fu.cost.lat_savings > 1.0  # LN and GELU removed, FFN fused
+    assert base.cost.nonlinear.startswith("SM:16×R^{32×32}") and "LN:8×R^{32×32}" in base.cost.nonlinear
+    assert fu.cost.nonlinear == "SM:16×R^{32×32}"
+    assert fu.cost.ffn_flops == 2 * L * T * 32 * 32  # fused d×d FFN: 2·L·T·d² (docs/pi-cost.md#two-flop-conventions)
+    assert base.cost.ffn_flops == 16 * L * T * 32 * 32
     # the collapsing run: its deepest layer is flagged (NaN entries), the others are not
-    assert sm["diverged"] and sm["ppl"] is None and sm["nan_total"] == 17
-    assert sm["collapsed"] and 3 in sm["collapsed_layers"] and sm["layer_verdicts"][0] == "ok"
-    assert not base["collapsed"]
-    assert base["spu_bytes"] == 123456789 and "spu_bytes" not in fu
+    assert sm.diverged and sm.ppl is None and sm.diagnosis.nan_total == 17
+    assert sm.diagnosis.collapsed and 3 in sm.diagnosis.collapsed_layers and sm.diagnosis.layer_verdicts[0] == "ok"
+    assert not base.diagnosis.collapsed
+    assert base.spu_bytes == 123456789 and fu.spu_bytes is None and "spu_bytes" not in fu.to_dict()
     from privlm.report.html import summary_table
-    assert "0.123 GB (cheetah)" in summary_table(rows)
-    assert sum(base["bin_shares"]) == pytest.approx(1.0)
+    assert "0.123 GB (cheetah)" in summary_table([r.to_dict() for r in rows])
+    assert sum(base.diagnosis.bin_shares) == pytest.approx(1.0)
     # top bin is at least one head: the maximum lies in it by definition
-    assert base["bin_shares"][3] >= 1 / (L * H)
+    assert base.diagnosis.top_bin_share >= 1 / (L * H)
 
 
 def test_every_figure_kind_is_drawn(runs, tmp_path):

@@ -312,12 +312,12 @@ def stability_map_figure(runs: Sequence[RunData]) -> Optional[Figure]:
     shade = np.full((len(presets), len(lrs)), np.nan)
     for (preset, lr), cell in cells.items():
         i, j = presets.index(preset), lrs.index(lr)
-        div = [r for r in cell if r["diverged"]]
+        div = [r for r in cell if r.diverged]
         # 1 = trained to the end; diverged: fraction of the budget reached, mapped below 0 so the colormap
         # turns red; runs still unfinished leave the cell blank
         if div:
-            shade[i, j] = -1.0 + min(r["divergence_step"] / r["max_steps"] for r in div)
-        elif all(r["finished"] for r in cell):
+            shade[i, j] = -1.0 + min(r.divergence_step / r.max_steps for r in div)
+        elif all(r.finished for r in cell):
             shade[i, j] = 1.0
         texts = [t.replace(" (", "\n(") for t in analysis.stability_cell_text(cell).split(" / ")]
         ax.text(j, i, "\n".join(texts), ha="center", va="center", fontsize=6.5 if len(texts) == 1 else 5.5)

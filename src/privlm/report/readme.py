@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 from privlm.errors import OneLineArgumentParser, PrivlmError
 from privlm.report import claims as cl
 from privlm.report.analysis import causal_max_entropy, stability_cell_text, stability_map
+from privlm.results import RunRow, as_rows
 
 BLOCK_RE = re.compile(r"<!-- privlm:begin (?P<name>[\w-]+)(?: (?P<dir>[^\s>]+))? -->(?P<body>.*?)"
                       r"<!-- privlm:end (?P=name) -->", re.S)
@@ -49,25 +50,28 @@ def _load(folder: Path, name: str) -> dict:
         raise PrivlmError(f"'{path}' is not a readable JSON results file: {exc}") from None
 
 
-def _rows(folder: Path) -> list[dict]:
+def _rows(folder: Path) -> list[RunRow]:
     rows = _load(folder, "results.json").get("rows")
     if not isinstance(rows, list) or not rows:
         raise PrivlmError(f"'{folder / 'results.json'}' has no result rows")
-    return rows
+    try:
+        return as_rows(rows)
+    except (TypeError, AttributeError, KeyError) as exc:
+        raise PrivlmError(f"'{folder / 'results.json'}' has a malformed result row: {exc}") from None
 
 
-def _presets(rows: Sequence[dict]) -> list[str]:
+def _presets(rows: Sequence[RunRow]) -> list[str]:
     out: list[str] = []
     for r in rows:
-        if r["preset"] not in out:
-            out.append(r["preset"])
+        if r.preset not in out:
+            out.append(r.preset)
     return out
 
 
-def _seq_len(rows: Sequence[dict]) -> Optional[int]:
+def _seq_len(rows: Sequence[RunRow]) -> Optional[int]:
     """T of the runs, read from the census of their softmax ops (``SM:n×R^{T×T}``)."""
     for r in rows:
-        m = re.search(r"SM:\d+×R\^\{(\d+)×\1\}", r.get("nonlinear") or "")
+        m = re.search(r"SM:\d+×R\^\{(\d+)×\1\}", r.cost.nonlinear if r.cost else "")
         if m:
             return int(m.group(1))
     return None
@@ -77,7 +81,7 @@ def _seeds_text(seeds: Sequence) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
-def _spread(rows: Sequence[dict], preset: str) -> cl.Spread:
+def _spread(rows: Sequence[RunRow], preset: str) -> cl.Spread:
     return cl.spread_of(cl.seed_group(rows, preset), cl.ppl_of)
 
 
@@ -94,11 +98,11 @@ def block_setup(folder: Path) -> str:
     """Runs, variants, tokens per run, steps, learning rates, seeds, total tokens, the unigram reference."""
     rows = _rows(folder)
     presets = _presets(rows)
-    done = [r for r in rows if r.get("finished") and not r["diverged"]] or rows  # diverged runs stop early
-    tokens = sorted({r["tokens_trained"] for r in done if r.get("tokens_trained")})
-    steps = sorted({r["max_steps"] for r in rows if r.get("max_steps")})
-    lrs = sorted({r["lr"] for r in rows if r.get("lr") is not None})
-    seeds = {p: sorted({r.get("seed") for r in rows if r["preset"] == p}, key=str) for p in presets}
+    done = [r for r in rows if r.finished and not r.diverged] or rows  # diverged runs stop early
+    tokens = sorted({r.tokens_trained for r in done if r.tokens_trained})
+    steps = sorted({r.max_steps for r in rows if r.max_steps})
+    lrs = sorted({r.lr for r in rows if r.lr is not None})
+    seeds = {p: sorted({r.seed for r in rows if r.preset == p}, key=str) for p in presets}
     common = sorted(set.intersection(*(set(s) for s in seeds.values())), key=str)
     extra = {p: [s for s in ss if s not in common] for p, ss in seeds.items()}
     seed_text = f"seed{'s' if len(common) > 1 else ''} {_seeds_text(common)} for every variant"
@@ -108,7 +112,7 @@ def block_setup(folder: Path) -> str:
             more.setdefault(tuple(ss), []).append(p)
     for ss, ps in more.items():
         seed_text += f", seed{'s' if len(ss) > 1 else ''} {_seeds_text(ss)} also for {', '.join(ps)}"
-    total = sum(r.get("tokens_trained") or 0 for r in rows)
+    total = sum(r.tokens_trained or 0 for r in rows)
     T = _seq_len(rows)
     stopped = len(rows) - len(done)
     text = (f"{len(rows)} runs of {len(presets)} variant{'s' if len(presets) > 1 else ''}: "
@@ -117,7 +121,7 @@ def block_setup(folder: Path) -> str:
             f"{'s' if len(lrs) > 1 else ''} {', '.join(f'{lr:g}' for lr in lrs)}, {seed_text}; "
             f"{total:,} training tokens in all"
             + (f" ({stopped} diverged run{'s' if stopped > 1 else ''} stopped early)." if stopped else "."))
-    unigram = sorted({round(r["unigram_ppl"], 1) for r in rows if r.get("unigram_ppl")})
+    unigram = sorted({round(r.unigram_ppl, 1) for r in rows if r.unigram_ppl})
     if unigram:
         text += f" Validation PPL of the tokenizer's unigram model: {', '.join(f'{u:.1f}' for u in unigram)}."
     if T:
@@ -146,14 +150,15 @@ def block_variants(folder: Path) -> str:
     """One line per variant: PPL (seed mean [min–max]), layer-mean entropies of its first seed, verdicts."""
     rows = _rows(folder)
     T = _seq_len(rows)
-    n_layers = max(len(r.get("layer_mean_entropy") or []) for r in rows)
+    n_layers = max(len(r.diagnosis.layer_mean_entropy) if r.diagnosis else 0 for r in rows)
     head = (f"layer-mean entropy L0…L{n_layers - 1}, first seed (nats"
             + (f"; causal maximum {causal_max_entropy(T):.2f})" if T else ")"))
     lines = [f"| variant | seeds | validation PPL | {head} | verdict |", "|---|---|---|---|---|"]
     for p in _presets(rows):
         group = cl.seed_group(rows, p)
         lines.append(f"| {p} | {len(group)} | {_ppl_text(_spread(rows, p))} | "
-                     f"{_means(group[0].get('layer_mean_entropy') or [])} | {cl.verdicts_of(group)} |")
+                     f"{_means(group[0].diagnosis.layer_mean_entropy if group[0].diagnosis else [])} | "
+                     f"{cl.verdicts_of(group)} |")
     return "\n".join(lines)
 
 
@@ -187,29 +192,29 @@ def block_grid(folder: Path) -> str:
     rows = _rows(folder)
     cells = {}
     for r in rows:
-        params = _grid_params(r["name"])
+        params = _grid_params(r.name)
         if len(params) == 2:
             cells[tuple(params.values())] = r
     if not cells:
         raise PrivlmError(f"'{folder / 'results.json'}' has no two-parameter grid runs")
-    keys = list(_grid_params(next(r["name"] for r in rows if len(_grid_params(r["name"])) == 2)))
+    keys = list(_grid_params(next(r.name for r in rows if len(_grid_params(r.name)) == 2)))
     a_vals = sorted({k[0] for k in cells}, key=float)
     b_vals = sorted({k[1] for k in cells}, key=float)
 
-    def cell(r: dict) -> str:
-        return f"{_ppl_text(_spread([r], r['preset']))} ({'diverged' if r['diverged'] else r.get('verdict')})"
+    def cell(r: RunRow) -> str:
+        return f"{_ppl_text(_spread([r], r.preset))} ({'diverged' if r.diverged else r.verdict})"
 
     lines = [f"| {keys[0]} \\ {keys[1]} | " + " | ".join(b_vals) + " |", "|---|" + "---|" * len(b_vals)]
     for a in a_vals:
         lines.append(f"| {a} | " + " | ".join(cell(cells[(a, b)]) if (a, b) in cells else "–" for b in b_vals)
                      + " |")
-    refs = [r for r in rows if len(_grid_params(r["name"])) != 2]
+    refs = [r for r in rows if len(_grid_params(r.name)) != 2]
     best_key, best = min(cells.items(), key=lambda kv: cl.ppl_of(kv[1]))
     pb = cl.ppl_of(best)
     summary = [f"Best cell: {keys[0]} {best_key[0]}, {keys[1]} {best_key[1]}, PPL {pb:.2f}."]
     for ref in refs:
         p = cl.ppl_of(ref)
-        summary.append(f"Without the grid's parameters ({ref['preset']}): PPL {p:.2f} ({ref.get('verdict')}); the "
+        summary.append(f"Without the grid's parameters ({ref.preset}): PPL {p:.2f} ({ref.verdict}); the "
                        f"best cell is {abs(p - pb) / p * 100:.1f} % {'lower' if pb <= p else 'higher'}.")
     return "\n".join(lines + ["", " ".join(summary)])
 
@@ -227,16 +232,16 @@ def block_stability(folder: Path) -> str:
 
 def block_divergences(folder: Path) -> str:
     """Every diverged run: its step and the flight recorder's line."""
-    rows = [r for r in _rows(folder) if r["diverged"]]
+    rows = [r for r in _rows(folder) if r.diverged]
     if not rows:
         return "No run diverged."
-    flights = [r["flight"] for r in rows if (r.get("flight") or {}).get("first")]
-    early = sum(1 for f in flights if f["first"] == "collapse" and (f.get("first_all") or ["collapse"]) == ["collapse"])
+    flights = [r.flight for r in rows if r.flight and r.flight.first]
+    early = sum(1 for f in flights if f.first == "collapse" and tuple(f.first_all or ("collapse",)) == ("collapse",))
     out = [f"{len(rows)} run{'s' if len(rows) > 1 else ''} diverged; the flight recorder saw entropy collapse strictly "
            f"before both logit and residual blow-up in {early} of the {len(flights)} with a recorded event:"]
     for r in rows:
-        fl = (r.get("flight") or {}).get("line") or "no flight record"
-        out.append(f"- **{r['preset']}, lr {r['lr']:g}**: non-finite update at step {r.get('divergence_step')}; {fl}")
+        fl = r.flight.line if r.flight and r.flight.line else "no flight record"
+        out.append(f"- **{r.preset}, lr {r.lr:g}**: non-finite update at step {r.divergence_step}; {fl}")
     return "\n".join(out)
 
 
@@ -259,17 +264,18 @@ def block_demo_summary(folder: Path) -> str:
     rows = _rows(folder)
     d = _load(folder, "demo.json")
     T = _seq_len(rows)
-    tokens = sorted({r["tokens_trained"] for r in rows if r.get("tokens_trained")})
+    tokens = sorted({r.tokens_trained for r in rows if r.tokens_trained})
     lines = [f"{' / '.join(f'{t:,}' for t in tokens)} training tokens per design"
              + (f"; the causal maximum at T = {T} is {causal_max_entropy(T):.3f} nats" if T else "") + ".", "",
              "| design | validation PPL | layer-mean entropy (nats) | verdict | predicted Comm (GB) | Comm sav. "
              "| top-bin share |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        ppl = "NaN (diverged)" if r["diverged"] else f"{r['ppl']:.2f}"
-        comm = "–" if r.get("comm_gb") is None else f"{r['comm_gb']:.3f}"
-        sav = "–" if r.get("comm_savings") is None else f"{r['comm_savings']:.2f}×"
-        top = "–" if not r.get("bin_shares") else f"{100 * r['bin_shares'][3]:.0f} %"
-        lines.append(f"| {r['preset']} | {ppl} | {_means(r.get('layer_mean_entropy') or [])} | {r.get('verdict')} "
+        ppl = "NaN (diverged)" if r.diverged or r.ppl is None else f"{r.ppl:.2f}"
+        comm = "–" if r.cost is None else f"{r.cost.comm_gb:.3f}"
+        sav = "–" if r.cost is None or r.cost.comm_savings is None else f"{r.cost.comm_savings:.2f}×"
+        top = "–" if r.diagnosis is None else f"{100 * r.diagnosis.top_bin_share:.0f} %"
+        means = _means(r.diagnosis.layer_mean_entropy if r.diagnosis else [])
+        lines.append(f"| {r.preset} | {ppl} | {means} | {r.verdict} "
                      f"| {comm} | {sav} | {top} |")
     pi = d.get("pi")
     if pi:
@@ -288,7 +294,7 @@ def block_study_summary(folder: Path) -> str:
     """One paragraph of a study for the repository README: size, seeds, each claim's verdict, C4's numbers."""
     rows = _rows(folder)
     presets = _presets(rows)
-    tokens = sorted({r["tokens_trained"] for r in rows if r.get("tokens_trained")})
+    tokens = sorted({r.tokens_trained for r in rows if r.tokens_trained})
     seeded = [p for p in presets if len(cl.seed_group(rows, p)) > 1]
     n_seeds = max((len(cl.seed_group(rows, p)) for p in presets), default=1)
     text = (f"{len(presets)} variants at {' / '.join(f'{t / 1e6:.1f} M' for t in tokens)} training tokens each"
