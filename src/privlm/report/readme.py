@@ -69,8 +69,11 @@ def _presets(rows: Sequence[RunRow]) -> list[str]:
 
 
 def _seq_len(rows: Sequence[RunRow]) -> Optional[int]:
-    """T of the runs, read from the census of their softmax ops (``SM:n×R^{T×T}``)."""
+    """T of the runs: the cost row's T, or (results files written before the row carried it) the census of
+    their softmax ops (``SM:n×R^{T×T}``)."""
     for r in rows:
+        if r.cost and r.cost.T:
+            return int(r.cost.T)
         m = re.search(r"SM:\d+×R\^\{(\d+)×\1\}", r.cost.nonlinear if r.cost else "")
         if m:
             return int(m.group(1))
@@ -162,7 +165,7 @@ def block_variants(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def _claims(rows: Sequence[dict]) -> list[dict]:
+def _claims(rows: Sequence[RunRow]) -> list[dict]:
     _, lrs, _ = stability_map(rows)
     if len(lrs) >= 2:
         c = cl.claim_c1_stability(rows)
