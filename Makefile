@@ -11,7 +11,7 @@ SPU_PYTHON ?= python3.11
 SPU_VENV   := .venv-spu
 SPU_STAMP  := $(SPU_VENV)/.privlm-spu-installed
 
-.PHONY: setup spu-setup chromium demo test clean
+.PHONY: setup spu-setup chromium demo test docs clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ demo: setup spu-setup
 
 test: setup spu-setup chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Rewrite the numbers of README.md and docs/results/*/README.md from the committed results files (between
+# <!-- privlm:begin/end --> markers); `make docs DOCS_ARGS=--check` only checks them.
+docs: setup
+	$(BIN)/python -m privlm.report.readme $(DOCS_ARGS)
 
 # Headless Chromium for the report test (tests/test_report.py opens the HTML report in it); Debian package.
 chromium:

@@ -72,17 +72,18 @@ def test_demo_end_to_end_with_private_inference_and_resume(tmp_path, capsys):
     out = tmp_path / "demo"
     res = run_demo(str(sweep), out, jobs=2, prompt="import os", pi_args=["--protocol", "semi2k"])
     text = capsys.readouterr().out
-    rows = {r["preset"]: r for r in res["rows"]}
+    rows = {r.preset: r for r in res["rows"]}
     assert set(rows) == {"SM+LN+G", "SM+ScFuFFN"}
     for r in rows.values():
-        assert (out / r["name"] / "summary.json").is_file() and r["ppl"] is not None
-        assert len(r["layer_verdicts"]) == 2 and r["verdict"]
+        assert (out / r.name / "summary.json").is_file() and r.ppl is not None
+        assert len(r.diagnosis.layer_verdicts) == 2 and r.verdict
     # the softmax-only run is compared with the baseline layer by layer; the baseline is not
-    assert len(rows["SM+ScFuFFN"]["excess_vs_baseline"]) == 2 and "excess_vs_baseline" not in rows["SM+LN+G"]
+    assert len(rows["SM+ScFuFFN"].diagnosis.excess_vs_baseline) == 2
+    assert rows["SM+LN+G"].diagnosis.excess_vs_baseline is None
     # the private prediction: saved beside the checkpoint, agrees with plaintext, shown in the report
     pi = json.loads((out / "sm-scfuffn" / "pi_measured.json").read_text())
     assert pi == res["pi"] and pi["protocol"] == "semi2k" and pi["top1_agree"] is True and pi["bytes_total"] > 0
-    assert rows["SM+ScFuFFN"]["spu_bytes"] == pi["bytes_total"]
+    assert rows["SM+ScFuFFN"].spu_bytes == pi["bytes_total"]
     assert f"{pi['bytes_total'] / 1e6:.1f} MB exchanged" in text and "agrees with plaintext" in text
     html = (out / "report.html").read_text()
     assert "diagnosis-table" in html and "vs baseline" in html and "(semi2k)" in html

@@ -135,7 +135,7 @@ def test_forced_divergence_dumps_the_window_before_the_nan(tmp_path, capsys):
     from privlm.report import build_report
     rows = build_report([run], tmp_path / "r.html", tmp_path / "fig")
     assert (tmp_path / "fig" / "flight-run.png").is_file()
-    assert rows[0]["divergence_step"] == step and rows[0]["flight"]["first"] == v["first"]
+    assert rows[0].divergence_step == step and rows[0].flight.first == v["first"]
 
 
 def test_recorder_off_and_finished_runs_leave_no_trace(tmp_path):

@@ -120,8 +120,13 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path, monkeypatch, cap
     assert max(json.loads(x)["step"] for x in partial) == 4
 
     # 3) the same command again: first run untouched, second resumed from step 4 and finished
+    readme = "# page\n\n<!-- privlm:begin setup -->\nstale\n<!-- privlm:end setup -->\n\nProse stays.\n"
+    (out / "README.md").write_text(readme)  # a results page: the sweep rewrites its blocks, nothing else
     capsys.readouterr()
     assert main(["sweep", str(f), "--out", str(out)]) == 0
+    page = (out / "README.md").read_text()
+    assert "stale" not in page and page.endswith("\n\nProse stays.\n") and page.startswith("# page\n\n")
+    assert f"2 runs of 2 variants: {6 * 2 * 128:,} training tokens per run (6 optimizer steps)" in page
     log = capsys.readouterr().out
     assert "sm-ln-g: already finished, skipped" in log and "sm-scfuffn: resuming" in log
     assert (first / "metrics.jsonl").read_bytes() == metrics_before
@@ -143,7 +148,8 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path, monkeypatch, cap
     md = (out / "results.md").read_text()
     assert "| Network Arch. | PPL | #Nonlinear Ops | FFN FLOPs | Attn FLOPs | Comm. (GB) | Lat. (min.) | Comm. Sav. | Lat. Sav." in md
     assert re.search(r"\| SM\+ScFuFFN \| [\d.]+ \| SM:4×R\^\{128×128\} \|", md)
-    assert (out / "report.html").stat().st_size > 10000 and (out / "figures" / "entropy-heatmaps.svg").is_file()
+    assert (out / "report.html").stat().st_size > 10000 and (out / "figures" / "entropy-heatmaps.png").is_file()
+    assert not list((out / "figures").glob("*.svg"))
     state = json.loads((out / "sweep.json").read_text())
     assert {k: v["status"] for k, v in state["runs"].items()} == {"sm-ln-g": "done", "sm-scfuffn": "done"}
 

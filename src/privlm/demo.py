@@ -24,6 +24,7 @@ from pathlib import Path
 
 from privlm.errors import PrivlmError
 from privlm.pi.summary import CostSummary
+from privlm.results import RunRow, as_rows
 
 DEFAULT_SWEEP = "configs/sweeps/demo.yaml"
 # A prompt from the training distribution (Python source); 24 tokens with the demo's 2K BPE.
@@ -60,7 +61,7 @@ def private_prediction(run_dir: Path, prompt: str, pi_args: list[str]) -> dict:
     return doc
 
 
-def gpt2_costs(rows: list[dict], baseline_preset: str, profile: str) -> dict[str, CostSummary]:
+def gpt2_costs(rows: list[RunRow], baseline_preset: str, profile: str) -> dict[str, CostSummary]:
     """Predicted 2PC cost of each row's preset at GPT-2 size (L12 H12 d768, 50K vocabulary, T=128) and its
     savings relative to the baseline preset at the same size."""
     from privlm.config import load_config
@@ -71,36 +72,38 @@ def gpt2_costs(rows: list[dict], baseline_preset: str, profile: str) -> dict[str
         return CostSummary.of(c, predict(c, profile))
 
     ref = cost(baseline_preset)
-    return {r["name"]: cost(r["preset"]).relative_to(ref) for r in rows}
+    return {r.name: cost(r.preset).relative_to(ref) for r in as_rows(rows)}
 
 
 def _fmt(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def comparison_table(rows: list[dict], gpt2: dict[str, CostSummary], demo_size: str) -> list[str]:
+def comparison_table(rows: list[RunRow], gpt2: dict[str, CostSummary], demo_size: str) -> list[str]:
     """The demo's one table (markdown): quality, entropy verdicts, nonlinear ops, cost at both sizes."""
-    n_layers = max(len(r.get("layer_verdicts", [])) for r in rows)
+    rows = as_rows(rows)
+    n_layers = max(len(r.diagnosis.layer_verdicts) if r.diagnosis else 0 for r in rows)
     head = (["design", "val PPL", "entropy verdict"] + [f"L{i}" for i in range(n_layers)]
             + ["#nonlinear ops", f"Comm/Lat {demo_size}", "sav.", "Comm/Lat GPT-2", "sav."])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        ppl = "NaN (diverged)" if r["diverged"] else _fmt(r.get("ppl"), ".2f")
+        ppl = "NaN (diverged)" if r.diverged else _fmt(r.ppl, ".2f")
         layers = []
-        excess = r.get("excess_vs_baseline")
+        d = r.diagnosis
+        excess = d.excess_vs_baseline if d else None
         for i in range(n_layers):
-            if i >= len(r.get("layer_verdicts", [])):
+            if d is None or i >= len(d.layer_verdicts):
                 layers.append("")
                 continue
-            cell = f"{_fmt(r['layer_mean_entropy'][i], '.2f')} {r['layer_verdicts'][i]}"
+            cell = f"{_fmt(d.layer_mean_entropy[i], '.2f')} {d.layer_verdicts[i]}"
             if excess is not None and excess[i] is not None:
                 cell += f" ({excess[i]:+.2f})"
             layers.append(cell)
-        g, c = gpt2[r["name"]], CostSummary.from_dict(r)
+        g, c = gpt2[r.name], r.cost
         demo_cost = (["–", "–"] if c is None else
                      [f"{c.comm_gb:.3f} GB / {c.lat_min:.2f} min",
                       f"{_fmt(c.comm_savings, '.2f')}× / {_fmt(c.lat_savings, '.2f')}×"])
-        cells = [r["label"], ppl, r.get("verdict", "–"), *layers, "–" if c is None else c.nonlinear, *demo_cost,
+        cells = [r.label, ppl, r.verdict or "–", *layers, "–" if c is None else c.nonlinear, *demo_cost,
                  f"{g.comm_gb:.2f} GB / {g.lat_min:.2f} min", f"{g.comm_savings:.2f}× / {g.lat_savings:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -160,9 +163,8 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
         pi_doc = json.loads((out / pi_run.name / "pi_measured.json").read_text())  # from an earlier call
 
     rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized")
-    baseline_preset = next((r["preset"] for r in rows if sweep.baseline in (r["name"], r["preset"])),
-                           rows[0]["preset"])
-    profile = next((c.profile for c in map(CostSummary.from_dict, rows) if c), DEFAULT_PROFILE)
+    baseline_preset = next((r.preset for r in rows if sweep.baseline in (r.name, r.preset)), rows[0].preset)
+    profile = next((r.cost.profile for r in rows if r.cost), DEFAULT_PROFILE)
     table = comparison_table(rows, gpt2_costs(rows, baseline_preset, profile), demo_size)
     lines = ["", f"Comparison ({tokens:,} training tokens per design; PPL on the whole validation split; per "
                  f"layer: mean head entropy in nats, verdict, difference from the baseline's layer; costs: "
@@ -186,6 +188,9 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
                                           "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
                                           "train_cpu_seconds": round(cpu_train, 1), "pi_cpu_seconds": round(cpu_pi, 1),
                                           "load_average": os.getloadavg(), "pi": pi_doc, "pi_error": pi_error})
+    from privlm.report.readme import has_blocks, update_readme
+    if has_blocks(out / "README.md"):  # the committed demo page (docs/results/demo): its numbers follow demo.json
+        update_readme(out / "README.md")
     if pi_error is not None:
         raise PrivlmError(pi_error + f" (the rest of the demo is in {out})")
     return {"rows": rows, "pi": pi_doc}

@@ -37,7 +37,7 @@ import yaml
 from privlm.config import Config, ConfigError, load_config, looks_like_config_file, to_dict
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.fileio import slug
-from privlm.pi.summary import CostSummary
+from privlm.results import RunRow
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title"}
 ENTRY_KEYS = {"preset", "name", "overrides"}
@@ -390,16 +390,16 @@ def _f(x: Any, fmt: str) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
 
 
-def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
+def results_markdown(sweep: Sweep, rows: list[RunRow], notes: list[str]) -> str:
     """Table 3 layout (PPL, #nonlinear ops, FFN/Attn FLOPs, Comm, Lat, savings) + entropy diagnostics."""
     lines = [f"# Sweep `{sweep.name}`", ""]
     if sweep.description:
         lines += [sweep.description.strip(), ""]
-    base = next((r for r in rows if sweep.baseline in (r["name"], r["preset"])), rows[0] if rows else None)
-    lines += [f"Baseline for the savings: **{base['preset'] if base else '–'}**. Comm/Lat: predicted 2PC cost "
-              f"of one output token after a T-token prompt, profile `{next((c.profile for c in map(CostSummary.from_dict, rows) if c), '–')}`. "
+    base = next((r for r in rows if sweep.baseline in (r.name, r.preset)), rows[0] if rows else None)
+    lines += [f"Baseline for the savings: **{base.preset if base else '–'}**. Comm/Lat: predicted 2PC cost "
+              f"of one output token after a T-token prompt, profile `{next((r.cost.profile for r in rows if r.cost), '–')}`. "
               "Attn FLOPs in the paper's convention (8LTd² + 3LT²d)."]
-    unigram = sorted({round(r["unigram_ppl"], 3) for r in rows if r.get("unigram_ppl")})
+    unigram = sorted({round(r.unigram_ppl, 3) for r in rows if r.unigram_ppl})
     if unigram:
         lines[-1] += (f" For scale: the unigram model of the same tokenizer has validation PPL "
                       f"{', '.join(f'{u:.1f}' for u in unigram)}.")
@@ -408,15 +408,14 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
               "| Comm. Sav. | Lat. Sav. | Tokens | Params |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ppl = "NaNs" if r["diverged"] else _f(r.get("ppl"), "{:.3f}")
-        if not r["finished"]:
+        ppl = "NaNs" if r.diverged else _f(r.ppl, "{:.3f}")
+        if not r.finished:
             ppl += " (unfinished)"
-        c = CostSummary.from_dict(r)
+        c = r.cost
         cost = ("– | – | – | – | – | – | –" if c is None else
                 f"{c.nonlinear} | {_g(c.ffn_flops)} | {_g(c.attn_flops_paper)} | {_f(c.comm_gb, '{:.3f}')} | "
                 f"{_f(c.lat_min, '{:.3f}')} | {_f(c.comm_savings, '{:.2f}×')} | {_f(c.lat_savings, '{:.2f}×')}")
-        lines.append(f"| {r['label']} | {ppl} | {cost} | {_f(r.get('tokens_trained'), '{:,}')} | "
-                     f"{_f(r.get('params'), '{:,}')} |")
+        lines.append(f"| {r.label} | {ppl} | {cost} | {_f(r.tokens_trained, '{:,}')} | {_f(r.params, '{:,}')} |")
     lines += ["", "## Entropy diagnosis (final per-head entropies)", "",
               "Bins as in the paper's Fig. 2a: [0,max/4), [max/4,max/2), [max/2,3max/4), [3max/4,max] with max "
               "the largest head entropy of each run (reported figures). Verdicts (docs/DECISIONS.md): overload = "
@@ -426,17 +425,18 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
               "| Network Arch. | bins (% of heads) | max (nats) | layer means (nats) | min deep-half layer mean "
               "| NaN entries | collapse | overload | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "bin_shares" not in r:
-            lines.append(f"| {r['label']} | – | – | – | – | – | – | – | – |")
+        d = r.diagnosis
+        if d is None:
+            lines.append(f"| {r.label} | – | – | – | – | – | – | – | – |")
             continue
-        bins = " / ".join(f"{100 * s:.0f}" for s in r["bin_shares"])
-        means = " ".join(_f(m, "{:.2f}") for m in r["layer_mean_entropy"])
-        coll = f"yes (L{','.join(map(str, r['collapsed_layers']))})" if r["collapsed"] else "no"
-        over = (f"yes (L{','.join(map(str, r['overloaded_layers']))})" if r["overloaded"]
-                else "not judged" if r["too_early"] else "no")
-        lines.append(f"| {r['label']} | {bins} | {_f(r['bin_max'], '{:.2f}')} | {means} | "
-                     f"{_f(r['deep_layer_min_entropy'], '{:.3f}')} | {_f(r['nan_total'], '{:,.0f}')} | {coll} | {over} "
-                     f"| {r['verdict']} |")
+        bins = " / ".join(f"{100 * s:.0f}" for s in d.bin_shares)
+        means = " ".join(_f(m, "{:.2f}") for m in d.layer_mean_entropy)
+        coll = f"yes (L{','.join(map(str, d.collapsed_layers))})" if d.collapsed else "no"
+        over = (f"yes (L{','.join(map(str, d.overloaded_layers))})" if d.overloaded
+                else "not judged" if d.too_early else "no")
+        lines.append(f"| {r.label} | {bins} | {_f(d.bin_max, '{:.2f}')} | {means} | "
+                     f"{_f(d.deep_layer_min_entropy, '{:.3f}')} | {_f(d.nan_total, '{:,.0f}')} | {coll} | {over} "
+                     f"| {d.verdict} |")
     from privlm.report.analysis import stability_cell_text, stability_map
     from privlm.report.claims import claim_c1_stability, claims_markdown, verdict_text
     presets, lrs, cells = stability_map(rows)
@@ -453,20 +453,20 @@ def results_markdown(sweep: Sweep, rows: list[dict], notes: list[str]) -> str:
         c1 = claim_c1_stability(rows)
         lines += ["", f"({c1['id']}) {c1['claim']}: {verdict_text(c1)} — {c1['numbers']}"]
     else:
-        seeds = max((sum(r["preset"] == p for r in rows) for p in {r["preset"] for r in rows}), default=0)
+        seeds = max((sum(r.preset == p for r in rows) for p in {r.preset for r in rows}), default=0)
         lines += ["", f"## The paper's claims on these runs ({'seed means and spreads' if seeds > 1 else 'single seed'})",
                   "", "Verdicts weigh each difference against the seeds' spread (docs/DECISIONS.md, \"Claims and "
                   "seeds\"): intervals [min, max] over seeds that do not overlap decide a comparison.", ""] \
             + claims_markdown(rows)
-    diverged = [r for r in rows if r["diverged"]]
+    diverged = [r for r in rows if r.diverged]
     if diverged:
-        lines += ["", "## Divergences", ""] + [f"- **{r['label']}**: {r.get('diagnosis_summary')}" for r in diverged]
+        lines += ["", "## Divergences", ""] + [f"- **{r.label}**: {r.diagnosis_summary}" for r in diverged]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title: Optional[str] = None) -> list[dict]:
+def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title: Optional[str] = None) -> list[RunRow]:
     """results.json, results.md, report.html and figures/ (in ``results``, default ``out``) from the run
     directories that exist under ``out``."""
     results = results or out
@@ -491,11 +491,14 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     _write_json(results / "results.json", {"sweep": sweep.name, "sweep_file": str(sweep.path),
                                            "claims": evaluate_claims(rows) + ([stability] if stability else []),
                                            "command": state.get("command"),
-                                           "baseline": baseline or runs[0].path.name, "rows": rows,
+                                           "baseline": baseline or runs[0].path.name, "rows": [r.to_dict() for r in rows],
                                            "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
     (results / "results.md").write_text(results_markdown(sweep, rows, notes))
     build_report(dirs, results / "report.html", results / "figures", baseline=baseline,
                  title=title or f"privlm sweep {sweep.name}")
+    from privlm.report.readme import has_blocks, update_readme
+    if has_blocks(results / "README.md"):  # a results page with generated numbers (docs/results/*)
+        update_readme(results / "README.md")
     return rows
 
 

@@ -8,12 +8,13 @@ from privlm.errors import PrivlmError
 from privlm.pi.summary import CostSummary
 from privlm.report import analysis, figures, html
 from privlm.report.runs import RunData, load_run, load_runs
+from privlm.results import RunRow
 
 __all__ = ["RunData", "load_run", "load_runs", "collect", "build_report", "analysis", "figures", "html"]
 
 
 def collect(runs: Sequence[RunData], baseline: Optional[str] = None,
-            profile: str = analysis.DEFAULT_PROFILE) -> tuple[list[dict], list[Optional[CostSummary]], list[str]]:
+            profile: str = analysis.DEFAULT_PROFILE) -> tuple[list[RunRow], list[Optional[CostSummary]], list[str]]:
     """Rows (one per run), predicted costs and notes. ``baseline`` names the run (directory name,
     label or preset) the savings are relative to; default the first run."""
     notes: list[str] = []
@@ -37,13 +38,14 @@ def collect(runs: Sequence[RunData], baseline: Optional[str] = None,
 
 def build_report(run_dirs: Sequence[str | Path], out_html: Path, figures_dir: Optional[Path] = None,
                  baseline: Optional[str] = None, title: str = "privlm report",
-                 profile: str = analysis.DEFAULT_PROFILE, extra_notes: Sequence[str] = ()) -> list[dict]:
-    """Write the HTML report (and, when ``figures_dir`` is given, every figure as PNG and SVG)."""
+                 profile: str = analysis.DEFAULT_PROFILE, extra_notes: Sequence[str] = ()) -> list[RunRow]:
+    """Write the HTML report (and, when ``figures_dir`` is given, every figure as PNG)."""
     runs = load_runs(list(run_dirs))
     rows, costs, notes = collect(runs, baseline, profile)
     specs = figures.build_figures(runs, costs)
     if figures_dir is not None:
         for spec in specs:
             figures.save_figure(spec, figures_dir)
-    html.write_html(Path(out_html), html.render(rows, specs, title, list(extra_notes) + notes))
+    html.write_html(Path(out_html), html.render([r.to_dict() for r in rows], specs, title,
+                                                list(extra_notes) + notes))
     return rows

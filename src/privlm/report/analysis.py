@@ -9,6 +9,7 @@ import numpy as np
 
 from privlm import entropy as ent
 from privlm.report.runs import RunData
+from privlm.results import EntropyDiagnosis, FlightSummary, RunRow, as_rows
 
 if TYPE_CHECKING:
     from privlm.pi.summary import CostSummary
@@ -77,7 +78,7 @@ def deep_layer_entropy(layer_means: Sequence[float]) -> float:
     return float(np.nanmin(deep)) if np.any(np.isfinite(deep)) else math.nan
 
 
-def flight_summary(run: RunData) -> Optional[dict]:
+def flight_summary(run: RunData) -> Optional[FlightSummary]:
     """The flight recorder's verdict of a diverged run: the first event (collapse / logit blow-up / residual
     blow-up), its step, how many steps before the divergence, and the one-line verdict."""
     if run.flight is None:
@@ -86,88 +87,79 @@ def flight_summary(run: RunData) -> Optional[dict]:
     v = run.flight.get("verdict") or {}
     first = v.get("first")
     ev = (v.get("events") or {}).get(first) if first else None
-    return {"first": first, "first_all": v.get("first_all") or ([first] if first else []),
-            "event_step": ev["step"] if ev else None,
-            "steps_before": ev["steps_before"] if ev else None,
-            "where": [f"L{w['layer']}" + (f"h{w['head']}" if w.get("head") is not None else "")
-                      for w in ev["where"]] if ev else [],
-            "line": verdict_line(run.flight)}
+    return FlightSummary(first=first, first_all=tuple(v.get("first_all") or ([first] if first else [])),
+                         event_step=ev["step"] if ev else None, steps_before=ev["steps_before"] if ev else None,
+                         where=tuple(f"L{w['layer']}" + (f"h{w['head']}" if w.get("head") is not None else "")
+                                     for w in ev["where"]) if ev else (),
+                         line=verdict_line(run.flight))
 
 
 EVENT_ABBREV = {"collapse": "collapse", "logit_blowup": "logit", "resid_blowup": "resid"}
 
 
-def stability_map(rows: Sequence[dict]) -> tuple[list[str], list[float], dict[tuple[str, float], list[dict]]]:
+def stability_map(rows: Sequence["RunRow"]) -> tuple[list[str], list[float], dict[tuple[str, float], list["RunRow"]]]:
     """Group result rows by (preset, learning rate): the presets in order of first appearance, the sorted
     learning rates, and the rows (one per seed) of each cell."""
     presets: list[str] = []
-    cells: dict[tuple[str, float], list[dict]] = {}
-    for r in rows:
-        if r.get("lr") is None:
+    cells: dict[tuple[str, float], list[RunRow]] = {}
+    for r in as_rows(rows):
+        if r.lr is None:
             continue
-        if r["preset"] not in presets:
-            presets.append(r["preset"])
-        cells.setdefault((r["preset"], r["lr"]), []).append(r)
+        if r.preset not in presets:
+            presets.append(r.preset)
+        cells.setdefault((r.preset, r.lr), []).append(r)
     lrs = sorted({lr for _, lr in cells})
     return presets, lrs, cells
 
 
-def stability_cell_text(cell_rows: Sequence[dict]) -> str:
+def stability_cell_text(cell_rows: Sequence["RunRow"]) -> str:
     """'PPL 74.2' / 'NaN @ 24 (collapse -6: L3h1)' per seed, joined by ' / '."""
     parts = []
-    for r in cell_rows:
-        if r["diverged"]:
-            text = f"NaN @ {r.get('divergence_step')}"
-            fl = r.get("flight")
-            if fl and fl.get("first"):
-                kinds = "+".join(EVENT_ABBREV[k] for k in fl.get("first_all") or [fl["first"]])
-                text += f" ({kinds} -{fl['steps_before']}: {','.join(fl['where'][:2])})"
+    for r in as_rows(cell_rows):
+        if r.diverged:
+            text = f"NaN @ {r.divergence_step}"
+            fl = r.flight
+            if fl and fl.first:
+                kinds = "+".join(EVENT_ABBREV[k] for k in fl.first_all or [fl.first])
+                text += f" ({kinds} -{fl.steps_before}: {','.join(fl.where[:2])})"
             parts.append(text)
-        elif not r["finished"]:
+        elif not r.finished:
             parts.append("unfinished")
-        elif r.get("ppl") is not None:
-            parts.append(f"PPL {r['ppl']:.1f}")
+        elif r.ppl is not None:
+            parts.append(f"PPL {r.ppl:.1f}")
         else:
             parts.append("–")
     return " / ".join(parts)
 
 
 def run_row(run: RunData, cost: Optional["CostSummary"], baseline_cost: Optional["CostSummary"],
-            baseline: Optional[RunData] = None) -> dict:
+            baseline: Optional[RunData] = None) -> RunRow:
     """One row of the results table (paper Table 3 layout plus entropy diagnostics)."""
     diag = diagnosis(run, baseline)
-    row = {
-        "name": run.path.name, "label": run.label, "preset": run.preset, "params": run.params,
-        "tokens_trained": run.tokens_trained, "steps": (run.summary or {}).get("steps"),
-        "finished": run.finished, "diverged": run.diverged,
-        "diagnosis_summary": (run.summary or {}).get("diagnosis"),
-        "final_loss": (run.summary or {}).get("final_loss"),
-        "unigram_ppl": (run.summary or {}).get("unigram_ppl"),  # same tokenizer's unigram model, if recorded
-        "ppl": None if not math.isfinite(run.final_ppl) else run.final_ppl,
-        "lr": run.cfg.train.lr, "seed": run.cfg.train.seed, "max_steps": run.cfg.train.max_steps,
-        "divergence_step": run.divergence_step, "flight": flight_summary(run),
-    }
-    if cost is not None:
-        summary = cost.relative_to(baseline_cost) if baseline_cost is not None else cost
-        row.update(summary.to_dict())
-    if run.pi_measured is not None:
-        row["spu_bytes"] = run.pi_measured.get("bytes_total")
-        row["spu_protocol"] = run.pi_measured.get("protocol")
+    summary = run.summary or {}
+    entropy = None
     if diag is not None:
-        row["bin_shares"] = diag["bins"]["shares"]
-        row["bin_max"] = diag["bins"]["max_value"]
-        row["layer_mean_entropy"] = diag["layer_mean"]
-        row["deep_layer_min_entropy"] = deep_layer_entropy(diag["layer_mean"])
-        row["nan_total"] = float(np.nansum(last_nan_counts(run) or [0.0]))
-        row["overloaded"] = diag["overload"]["overloaded"]
-        row["overloaded_layers"] = diag["overload"]["overloaded_layers"]
-        row["collapsed"] = diag["collapse"]["collapsed"]
-        row["collapsed_layers"] = diag["collapse"]["collapsed_layers"]
-        row["too_early"] = diag["overload"]["too_early"]
-        row["near_uniform_share"] = diag["overload"]["share"]
-        row["layer_verdicts"] = diag["layer_verdicts"]
-        row["verdict"] = diag["verdict"]
-        if "vs_baseline" in diag:
-            row["excess_vs_baseline"] = diag["vs_baseline"]["excess_nats"]
-            row["overloaded_vs_baseline"] = diag["vs_baseline"]["overloaded_layers"]
-    return row
+        vs = diag.get("vs_baseline")
+        entropy = EntropyDiagnosis(
+            bin_shares=tuple(diag["bins"]["shares"]), bin_max=diag["bins"]["max_value"],
+            layer_mean_entropy=tuple(diag["layer_mean"]),
+            deep_layer_min_entropy=deep_layer_entropy(diag["layer_mean"]),
+            nan_total=float(np.nansum(last_nan_counts(run) or [0.0])),
+            overloaded=diag["overload"]["overloaded"], overloaded_layers=tuple(diag["overload"]["overloaded_layers"]),
+            collapsed=diag["collapse"]["collapsed"], collapsed_layers=tuple(diag["collapse"]["collapsed_layers"]),
+            too_early=diag["overload"]["too_early"], near_uniform_share=diag["overload"]["share"],
+            layer_verdicts=tuple(diag["layer_verdicts"]), verdict=diag["verdict"],
+            excess_vs_baseline=tuple(vs["excess_nats"]) if vs else None,
+            overloaded_vs_baseline=tuple(vs["overloaded_layers"]) if vs else None)
+    return RunRow(
+        name=run.path.name, label=run.label, preset=run.preset, params=run.params,
+        tokens_trained=run.tokens_trained, steps=summary.get("steps"), finished=run.finished, diverged=run.diverged,
+        diagnosis_summary=summary.get("diagnosis"), final_loss=summary.get("final_loss"),
+        unigram_ppl=summary.get("unigram_ppl"),  # same tokenizer's unigram model, if recorded
+        ppl=None if not math.isfinite(run.final_ppl) else run.final_ppl,
+        lr=run.cfg.train.lr, seed=run.cfg.train.seed, max_steps=run.cfg.train.max_steps,
+        divergence_step=run.divergence_step, flight=flight_summary(run),
+        cost=(cost.relative_to(baseline_cost) if baseline_cost is not None else cost) if cost is not None else None,
+        spu_bytes=run.pi_measured.get("bytes_total") if run.pi_measured is not None else None,
+        spu_protocol=run.pi_measured.get("protocol") if run.pi_measured is not None else None,
+        diagnosis=entropy)

@@ -23,25 +23,26 @@ from typing import Callable, Optional, Sequence
 
 from privlm.entropy.measure import COLLAPSE_NATS
 from privlm.presets import normalize_name
+from privlm.results import RunRow, as_rows
 
 NORM_FREE_FIXES = ("SM+WN(ffn)", "SM+SN(ffn)", "SM+ScFFN", "SM+ScFuFFN")
 HOLDS, FAILS, NOISE, UNTESTABLE = "holds", "does not hold", "within noise", "not testable"
-Metric = Callable[[dict], float]
+Metric = Callable[[RunRow], float]
 
 
-def _group(rows: Sequence[dict], preset: str) -> list[dict]:
+def seed_group(rows: Sequence[RunRow], preset: str) -> list[RunRow]:
     """Every seed of ``preset`` at the learning rate of its first row (a stability map's other rates are other
     experiments, not other seeds)."""
-    same = [r for r in rows if normalize_name(r["preset"]) == normalize_name(preset)]
-    return [r for r in same if r.get("lr") == same[0].get("lr")] if same else []
+    same = [r for r in as_rows(rows) if normalize_name(r.preset) == normalize_name(preset)]
+    return [r for r in same if r.lr == same[0].lr] if same else []
 
 
-def _ppl(r: dict) -> float:
-    return math.inf if r["diverged"] or r.get("ppl") is None else r["ppl"]
+def ppl_of(r: RunRow) -> float:
+    return r.ppl_or_inf
 
 
-def _top_bin(r: dict) -> float:
-    return r["bin_shares"][3]
+def _top_bin(r: RunRow) -> float:
+    return r.diagnosis.top_bin_share
 
 
 @dataclass(frozen=True)
@@ -75,17 +76,18 @@ class Spread:
         return f"{one(self.mean)} [{one(min(self.values))}–{one(max(self.values))}, {self.n} seeds]"
 
 
-def _spread(group: Sequence[dict], metric: Metric) -> Spread:
-    return Spread(tuple(metric(r) for r in group), tuple(r.get("seed") for r in group))
+def spread_of(group: Sequence[RunRow], metric: Metric) -> Spread:
+    return Spread(tuple(metric(r) for r in group), tuple(r.seed for r in group))
 
 
-def pooled_noise(rows: Sequence[dict], metric: Metric) -> Optional[float]:
+def pooled_noise(rows: Sequence[RunRow], metric: Metric) -> Optional[float]:
     """Median relative seed range of the variants with several seeds (None when no variant has two)."""
+    rows = as_rows(rows)
     ranges = []
-    for p in dict.fromkeys(r["preset"] for r in rows):
+    for p in dict.fromkeys(r.preset for r in rows):
         try:
-            r = _spread(_group(rows, p), metric).relative_range
-        except (KeyError, TypeError, IndexError):
+            r = spread_of(seed_group(rows, p), metric).relative_range
+        except (AttributeError, TypeError, IndexError):  # e.g. a run without a diagnosis
             continue
         if r is not None:
             ranges.append(r)
@@ -109,7 +111,7 @@ def _combine(verdicts: Sequence[str]) -> str:
     return FAILS if FAILS in verdicts else NOISE if NOISE in verdicts else HOLDS
 
 
-def _seed_note(rows: Sequence[dict], pooled_r: Optional[float], what: str) -> str:
+def _seed_note(rows: Sequence[RunRow], pooled_r: Optional[float], what: str) -> str:
     if pooled_r is None:
         return " (single seed per variant: no noise estimate)"
     return f" (single-seed variants use the median seed range of {what}, {100 * pooled_r:.1f}%)"
@@ -119,17 +121,18 @@ def _result(out: dict, verdict: str, holds: Optional[bool], numbers: str, **extr
     return {**out, "holds": holds, "verdict": verdict, "numbers": numbers, **extra}
 
 
-def _collapsed(r: dict) -> bool:
-    return bool(r["diverged"] or r.get("collapsed"))
+def _collapsed(r: RunRow) -> bool:
+    return bool(r.diverged or (r.diagnosis and r.diagnosis.collapsed))
 
 
-def claim_c1(rows: Sequence[dict]) -> dict:
+def claim_c1(rows: Sequence[RunRow]) -> dict:
     """(C1) SM without normalization collapses (NaN or near-zero deep-layer entropy); WN/SN/Scaled-FFN do not."""
-    sm = _group(rows, "SM")
-    fixes = [g for g in (_group(rows, p) for p in NORM_FREE_FIXES) if g]
+    rows = as_rows(rows)
+    sm = seed_group(rows, "SM")
+    fixes = [g for g in (seed_group(rows, p) for p in NORM_FREE_FIXES) if g]
     out = {"id": "C1", "claim": "SM without normalization collapses (NaN or near-zero deep-layer entropy) while "
                                 "WN(ffn)/SN(ffn)/Scaled-FFN do not"}
-    if not sm or not fixes or "deep_layer_min_entropy" not in sm[0]:
+    if not sm or not fixes or sm[0].diagnosis is None:
         return _result(out, UNTESTABLE, None, "variants or entropy telemetry missing")
     sm_share = sum(map(_collapsed, sm)) / len(sm)
     fix_shares = [sum(map(_collapsed, g)) / len(g) for g in fixes]
@@ -137,58 +140,63 @@ def claim_c1(rows: Sequence[dict]) -> dict:
     mixed = 0 < sm_share < 1 or any(0 < s < 1 for s in fix_shares)
     verdict = HOLDS if holds else NOISE if mixed else FAILS
 
-    def numbers(g: list[dict]) -> str:
-        deep = _spread(g, lambda r: r.get("deep_layer_min_entropy", math.nan))
-        layers = sorted({i for r in g for i in r.get("collapsed_layers", [])})
-        return (f"{g[0]['preset']}: deepest-half min layer entropy {deep.text()} nats, "
-                f"NaN entries {max(r.get('nan_total', 0) for r in g):.0f}, diverged {sum(r['diverged'] for r in g)}/{len(g)}, "
+    def numbers(g: list[RunRow]) -> str:
+        deep = spread_of(g, lambda r: r.diagnosis.deep_layer_min_entropy if r.diagnosis else math.nan)
+        layers = sorted({i for r in g if r.diagnosis for i in r.diagnosis.collapsed_layers})
+        nan = max(r.diagnosis.nan_total if r.diagnosis else 0 for r in g)
+        return (f"{g[0].preset}: deepest-half min layer entropy {deep.text()} nats, "
+                f"NaN entries {nan:.0f}, diverged {sum(r.diverged for r in g)}/{len(g)}, "
                 f"collapsed {sum(map(_collapsed, g))}/{len(g)} (layers {layers})")
     return _result(out, verdict, holds, "; ".join(numbers(g) for g in [sm, *fixes])
                    + f" (collapse: >= half of a layer's heads below {COLLAPSE_NATS} nats, or NaN)")
 
 
-def _verdicts(group: Sequence[dict]) -> str:
+def verdicts_of(group: Sequence[RunRow]) -> str:
     """The runs' entropy verdicts: the verdict when all seeds agree, else each with its count."""
     counts: dict[str, int] = {}
-    for r in group:
-        counts[r.get("verdict", "?")] = counts.get(r.get("verdict", "?"), 0) + 1
+    for r in as_rows(group):
+        v = r.verdict or "?"
+        counts[v] = counts.get(v, 0) + 1
     if len(counts) == 1:
         return next(iter(counts))
     return "; ".join(f"{n}/{len(group)} {v}" for v, n in counts.items())
 
 
-def claim_c2(rows: Sequence[dict]) -> dict:
+def claim_c2(rows: Sequence[RunRow]) -> dict:
     """(C2) SM+G has a larger top-bin share (entropic overload) than SM+R."""
-    g, r = _group(rows, "SM+G"), _group(rows, "SM+R")
+    rows = as_rows(rows)
+    g, r = seed_group(rows, "SM+G"), seed_group(rows, "SM+R")
     out = {"id": "C2", "claim": "SM+G has a larger share of heads in the top entropy bin [3max/4, max] than SM+R"}
-    if not g or not r or "bin_shares" not in g[0] or "bin_shares" not in r[0]:
+    if not g or not r or g[0].diagnosis is None or r[0].diagnosis is None:
         return _result(out, UNTESTABLE, None, "variants or entropy telemetry missing")
-    sg, sr = _spread(g, _top_bin), _spread(r, _top_bin)
+    sg, sr = spread_of(g, _top_bin), spread_of(r, _top_bin)
     pooled = pooled_noise(rows, _top_bin)
     verdict = compare(sr, sg, pooled)
     pct = dict(fmt="{:.1f}%", scale=100)
-    bins = lambda grp: " / ".join(f"{100 * statistics.fmean(x['bin_shares'][i] for x in grp):.0f}"  # noqa: E731
+    bins = lambda grp: " / ".join(f"{100 * statistics.fmean(x.diagnosis.bin_shares[i] for x in grp):.0f}"  # noqa: E731
                                   for i in range(4))
     uniform = ""
-    if all(x.get("near_uniform_share") is not None for x in g + r):
-        ug, ur = _spread(g, lambda x: x["near_uniform_share"]), _spread(r, lambda x: x["near_uniform_share"])
-        uniform = (f"; near-uniform heads SM+G {ug.text('{:.0f}%', 100)} ({_verdicts(g)}) vs SM+R "
-                   f"{ur.text('{:.0f}%', 100)} ({_verdicts(r)})")
+    if all(x.diagnosis and x.diagnosis.near_uniform_share is not None for x in g + r):
+        share = lambda x: x.diagnosis.near_uniform_share  # noqa: E731
+        ug, ur = spread_of(g, share), spread_of(r, share)
+        uniform = (f"; near-uniform heads SM+G {ug.text('{:.0f}%', 100)} ({verdicts_of(g)}) vs SM+R "
+                   f"{ur.text('{:.0f}%', 100)} ({verdicts_of(r)})")
     return _result(out, verdict, sg.mean > sr.mean,
                    f"top-bin share SM+G {sg.text(**pct)} vs SM+R {sr.text(**pct)} (paper: 58% vs 23-24%); "
                    f"bins SM+G {bins(g)}, SM+R {bins(r)} %{uniform}"
                    + ("" if sg.n >= 2 and sr.n >= 2 else _seed_note(rows, pooled, "the top-bin share")))
 
 
-def claim_c3(rows: Sequence[dict]) -> dict:
+def claim_c3(rows: Sequence[RunRow]) -> dict:
     """(C3) PPL order SM+LN+G <= SM+LN+R < SM+R < SM+G."""
+    rows = as_rows(rows)
     names = ["SM+LN+G", "SM+LN+R", "SM+R", "SM+G"]
-    groups = [_group(rows, n) for n in names]
+    groups = [seed_group(rows, n) for n in names]
     out = {"id": "C3", "claim": "PPL order SM+LN+G <= SM+LN+R < SM+R < SM+G"}
     if not all(groups):
         return _result(out, UNTESTABLE, None, "variants missing")
-    spreads = [_spread(g, _ppl) for g in groups]
-    pooled = pooled_noise(rows, _ppl)
+    spreads = [spread_of(g, ppl_of) for g in groups]
+    pooled = pooled_noise(rows, ppl_of)
     strict = [False, True, True]
     verdicts = [compare(a, b, pooled, s) for a, b, s in zip(spreads, spreads[1:], strict)]
     parts = [a.mean <= b.mean if not s else a.mean < b.mean for a, b, s in zip(spreads, spreads[1:], strict)]
@@ -200,26 +208,27 @@ def claim_c3(rows: Sequence[dict]) -> dict:
                    "noise)" + _seed_note(rows, pooled, "PPL"), parts=parts, part_verdicts=verdicts)
 
 
-def claim_c4(rows: Sequence[dict]) -> dict:
+def claim_c4(rows: Sequence[RunRow]) -> dict:
     """(C4) EReg(SM(t)+ScFuFFN) has lower PPL than SM+ScFuFFN."""
-    e, s = _group(rows, "EReg(SM(t)+ScFuFFN)"), _group(rows, "SM+ScFuFFN")
-    t = _group(rows, "SM(t)+ScFuFFN")
+    rows = as_rows(rows)
+    e, s = seed_group(rows, "EReg(SM(t)+ScFuFFN)"), seed_group(rows, "SM+ScFuFFN")
+    t = seed_group(rows, "SM(t)+ScFuFFN")
     out = {"id": "C4", "claim": "EReg(SM(t)+ScFuFFN) has lower PPL than SM+ScFuFFN"}
     if not e or not s:
         return _result(out, UNTESTABLE, None, "variants missing")
-    se, ss = _spread(e, _ppl), _spread(s, _ppl)
+    se, ss = spread_of(e, ppl_of), spread_of(s, ppl_of)
     pe, ps = se.mean, ss.mean
     rel = (ps - pe) / ps * 100 if math.isfinite(ps) and math.isfinite(pe) else math.nan
-    by_seed = {r.get("seed"): _ppl(r) for r in s}
-    pairs = [(by_seed[r.get("seed")], _ppl(r)) for r in e if r.get("seed") in by_seed]
-    pooled = pooled_noise(rows, _ppl)
+    by_seed = {r.seed: ppl_of(r) for r in s}
+    pairs = [(by_seed[r.seed], ppl_of(r)) for r in e if r.seed in by_seed]
+    pooled = pooled_noise(rows, ppl_of)
     if len(pairs) >= 2:
         diffs = [(b - a) / b * 100 for b, a in pairs]
         verdict = HOLDS if all(d > 0 for d in diffs) else FAILS if all(d < 0 for d in diffs) else NOISE
         paired = f"; paired by seed: {', '.join(f'{d:+.1f}%' for d in diffs)} lower"
     else:
         verdict, paired = compare(se, ss, pooled), _seed_note(rows, pooled, "PPL")
-    extra = f"; SM(t)+ScFuFFN without the regularizer {_spread(t, _ppl).text()}" if t else ""
+    extra = f"; SM(t)+ScFuFFN without the regularizer {spread_of(t, ppl_of).text()}" if t else ""
     return _result(out, verdict, pe < ps,
                    f"EReg(SM(t)+ScFuFFN) {se.text()} vs SM+ScFuFFN {ss.text()} "
                    f"({abs(rel):.1f}% {'lower' if rel >= 0 else 'higher'}; paper: 3.21 vs 3.48, 7.8% lower)"
@@ -232,20 +241,20 @@ def stable_up_to(cells: dict, preset: str, lrs: Sequence[float]) -> Optional[flo
     None when it diverged already at the smallest tested rate or has no finished run."""
     best = None
     for lr in lrs:
-        runs = [r for r in cells.get((preset, lr), []) if r["finished"]]
+        runs = [r for r in cells.get((preset, lr), []) if r.finished]
         if not runs:
             continue
-        if any(r["diverged"] for r in runs):
+        if any(r.diverged for r in runs):
             break
         best = lr
     return best
 
 
-def claim_c1_stability(rows: Sequence[dict]) -> Optional[dict]:
+def claim_c1_stability(rows: Sequence[RunRow]) -> Optional[dict]:
     """(C1, in the form a small budget can test) WN/SN/Scaled-FFN widen the range of learning rates over which
     the norm-free SM trains without NaN. None unless the rows span at least two learning rates."""
     from privlm.report.analysis import stability_map
-    presets, lrs, cells = stability_map(rows)
+    presets, lrs, cells = stability_map(as_rows(rows))
     if len(lrs) < 2:
         return None
     out = {"id": "C1-stability", "claim": "WN(ffn)/SN(ffn)/Scaled-FFN train without NaN up to a larger learning "
@@ -263,7 +272,8 @@ def claim_c1_stability(rows: Sequence[dict]) -> Optional[dict]:
             "numbers": f"largest learning rate up to which every run trained without NaN (of {', '.join(f'{lr:g}' for lr in lrs)}): {text}"}
 
 
-def evaluate_claims(rows: Sequence[dict]) -> list[dict]:
+def evaluate_claims(rows: Sequence[RunRow]) -> list[dict]:
+    rows = as_rows(rows)
     return [claim_c1(rows), claim_c2(rows), claim_c3(rows), claim_c4(rows)]
 
 
@@ -272,7 +282,7 @@ def verdict_text(claim: dict) -> str:
     return f"**{v}**" if v == FAILS else v
 
 
-def claims_markdown(rows: Sequence[dict]) -> list[str]:
+def claims_markdown(rows: Sequence[RunRow]) -> list[str]:
     lines = ["| Claim | Holds here? | Numbers |", "|---|---|---|"]
     for c in evaluate_claims(rows):
         lines.append(f"| ({c['id']}) {c['claim']} | {verdict_text(c)} | {c['numbers']} |")

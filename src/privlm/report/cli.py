@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
-    p.add_argument("--figures", metavar="DIR", help="also write every figure as PNG and SVG into DIR")
+    p.add_argument("--figures", metavar="DIR", help="also write every figure as PNG into DIR")
     p.add_argument("--baseline", help="run (directory name or preset) the savings are relative to; default first")
     p.add_argument("--profile", default="paper-fit", help="PI cost profile for Comm/Lat (default paper-fit)")
     p.add_argument("--title", default="privlm report")

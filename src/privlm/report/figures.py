@@ -1,8 +1,9 @@
 """The paper's figures, drawn from run directories alone.
 
 Every function takes loaded runs (`privlm.report.runs.RunData`) and returns a matplotlib `Figure`
-built without pyplot (no global state, no display needed: the Agg canvas renders PNG and SVG).
-`make_figures` draws every figure that the given runs have data for and writes PNG + SVG.
+built without pyplot (no global state, no display needed: the Agg canvas renders PNG).
+`build_figures` draws every figure that the given runs have data for; `save_figure` writes one as PNG, the
+single figure format of privlm (docs/DECISIONS.md, "Figures: PNG only").
 """
 from __future__ import annotations
 
@@ -311,12 +312,12 @@ def stability_map_figure(runs: Sequence[RunData]) -> Optional[Figure]:
     shade = np.full((len(presets), len(lrs)), np.nan)
     for (preset, lr), cell in cells.items():
         i, j = presets.index(preset), lrs.index(lr)
-        div = [r for r in cell if r["diverged"]]
+        div = [r for r in cell if r.diverged]
         # 1 = trained to the end; diverged: fraction of the budget reached, mapped below 0 so the colormap
         # turns red; runs still unfinished leave the cell blank
         if div:
-            shade[i, j] = -1.0 + min(r["divergence_step"] / r["max_steps"] for r in div)
-        elif all(r["finished"] for r in cell):
+            shade[i, j] = -1.0 + min(r.divergence_step / r.max_steps for r in div)
+        elif all(r.finished for r in cell):
             shade[i, j] = 1.0
         texts = [t.replace(" (", "\n(") for t in analysis.stability_cell_text(cell).split(" / ")]
         ax.text(j, i, "\n".join(texts), ha="center", va="center", fontsize=6.5 if len(texts) == 1 else 5.5)
@@ -373,9 +374,12 @@ def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[Cos
     return specs
 
 
-def save_figure(spec: FigureSpec, out_dir: Path) -> tuple[Path, Path]:
+FIGURE_DPI = 110
+
+
+def save_figure(spec: FigureSpec, out_dir: Path) -> Path:
+    """Write ``spec`` as ``out_dir/<name>.png`` and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    png, svg = out_dir / f"{spec.name}.png", out_dir / f"{spec.name}.svg"
-    spec.figure.savefig(png, dpi=110)
-    spec.figure.savefig(svg)
-    return png, svg
+    png = out_dir / f"{spec.name}.png"
+    spec.figure.savefig(png, dpi=FIGURE_DPI)
+    return png
