@@ -65,6 +65,8 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from privlm.proc import adopt_parent
+    adopt_parent()  # a privlm started by privlm (`privlm.proc.spawn`, e.g. the demo's `pi run`) dies with it
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `privlm train SPEC --quiet k=v`: overrides may follow options
