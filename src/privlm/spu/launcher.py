@@ -151,8 +151,10 @@ def check_peers(peers: list[str]) -> list[str]:
     resolved = []
     for r, peer in enumerate(peers):
         host, sep, port = peer.rpartition(":")
-        if not sep or not host or host.endswith(":") and not host.startswith("["):
+        if not sep or not host.strip("[]"):
             raise SPUError(f"--peer '{peer}' (party {r}) must be HOST:PORT, e.g. 127.0.0.1:9530")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            raise SPUError(f"--peer '{peer}' (party {r}): an IPv6 host goes in brackets, e.g. [::1]:9530")
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise SPUError(f"--peer '{peer}' (party {r}): port '{port}' must be a number in 1..65535")
         try:
