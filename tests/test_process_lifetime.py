@@ -248,15 +248,19 @@ def test_killed_server_party_on_two_machines_both_sides_exit_with_one_line(tiny_
 
 
 @needs_spu
-def test_sigkilled_launcher_leaves_no_party_and_no_export(tiny_run, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_launcher_leaves_no_party_and_no_export(tiny_run, tmp_path, sig):
     """SIGKILL `privlm pi run --mode 2proc` itself mid-run: both parties die with it (parent-death signal) and
-    the temporary directory with the server's exported weights is removed (janitor)."""
+    the temporary directory with the server's exported weights is removed (janitor). SIGTERM: the launcher
+    stops the parties itself, cleans up and says it was interrupted."""
     tmpdir = tmp_path / "tmp"
     launcher = _start(["pi", "run", str(tiny_run), "--prompt", PROMPT, "--mode", "2proc"], tmpdir)
     _until_protocol_runs(tmpdir, [launcher])
     parties = [_party_pid(tmpdir, 0), _party_pid(tmpdir, 1)]
-    launcher.kill()
-    launcher.communicate()
+    launcher.send_signal(sig)
+    _, err = launcher.communicate(timeout=EXIT_WITHIN)
+    if sig == signal.SIGTERM:
+        assert launcher.returncode == 130 and err == "privlm pi: interrupted\n", err
     _nothing_left(tmpdir)
     assert not any(_alive(p) for p in parties)
 
