@@ -17,7 +17,7 @@ import numpy as np
 
 from privlm.errors import PrivlmError
 from privlm.proc import interrupt_on_term, signal_name, spawn, stop
-from privlm.spu.party import EXIT_PEER, PEER_TIMEOUT_S, party_name
+from privlm.spu.party import EXIT_PEER, PEER_TIMEOUT_S, SIM_NAME, party_name
 
 
 class SPUError(PrivlmError):
@@ -136,11 +136,12 @@ def start_spu(module: str, args: list[str], err: Path, prefix: Optional[list[str
                      stdout=subprocess.DEVNULL, stderr=f)
 
 
-def spu_module(module: str, args: list[str], work: Path, timeout: Optional[float] = None) -> None:
+def spu_module(module: str, args: list[str], work: Path, timeout: Optional[float] = None,
+               name: Optional[str] = None) -> None:
     """Run ``python -m <module> args`` in the SPU environment and wait for it, raising SPUError with its last
-    stderr line (kept in ``work``) on failure."""
+    stderr line (kept in ``work``) on failure; ``name`` is how the error calls it (default the module)."""
     err = work / f"{module.rsplit('.', 1)[-1]}.stderr"
-    supervise({module: (start_spu(module, args, err), err)}, timeout)
+    supervise({name or module: (start_spu(module, args, err), err)}, timeout)
 
 
 def check_peers(peers: list[str]) -> list[str]:
@@ -198,7 +199,8 @@ def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Op
         ids_file.write_text(json.dumps(tokens))
         spu_module("privlm.spu.party", ["--sim", *common, "--tokens", str(ids_file), "--weights", str(weights),
                                         *drop, "--out", str(out), "--log", str(work / "spu_sim.log"),
-                                        "--audit", str(work / "audit_sim.json")], work, timeout=timeout)
+                                        "--audit", str(work / "audit_sim.json")], work, timeout=timeout,
+                   name=SIM_NAME)
         return json.loads(out.read_text()), np.load(out.with_suffix(".npy"))
     prefix: dict[int, list[str]] = {0: [], 1: []}
     if wan is None:

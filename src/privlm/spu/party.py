@@ -75,6 +75,7 @@ LOST_GRACE_S = 2.0
 # Exit status of a party whose peer never connected or went away (the launcher then blames the peer).
 EXIT_PEER = 4
 ROLE = {0: "client", 1: "server"}
+SIM_NAME = "SPU simulator"  # how errors of `--sim` (both parties in one process) name it
 
 
 def party_name(rank: int) -> str:
@@ -109,13 +110,14 @@ class PeerLost(Exception):
     """The peer never connected or went away (the message names it)."""
 
 
-def _tcp_states() -> list[str]:
-    """States (hex, /proc/net/tcp) of this process's TCP sockets; '01' is ESTABLISHED, '0A' LISTEN."""
+def _tcp_states() -> list[str] | None:
+    """States (hex, /proc/net/tcp) of this process's TCP sockets; '01' is ESTABLISHED, '0A' LISTEN. None where
+    there is no /proc to read (not Linux): then a lost peer is left to the link's own timeouts."""
     inodes = set()
     try:
         fds = os.listdir("/proc/self/fd")
     except OSError:
-        return []
+        return None
     for fd in fds:
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
@@ -123,29 +125,36 @@ def _tcp_states() -> list[str]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    states = []
+    states, tables = [], 0
     for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
         try:
             with open(table) as f:
                 rows = f.read().splitlines()[1:]
         except OSError:
             continue
+        tables += 1
         for row in rows:
             cols = row.split()
             if len(cols) > 9 and cols[9] in inodes:
                 states.append(cols[3])
-    return states
+    return states if tables else None
+
+
+def _peer_connected() -> bool:
+    """Has this process an established TCP connection (brpc's to or from the peer)? True when unknown."""
+    states = _tcp_states()
+    return states is None or "01" in states
 
 
 class PeerWatch:
-    """Watchdog of one 2PC party (a thread; the SPU calls it waits in release the GIL).
+    """Watchdog of one 2PC party: a thread (SPU's link and runtime calls release the GIL) that ends the process.
 
     connecting: the peer must connect within ``timeout`` s, else one line and exit `EXIT_PEER`.
     running: the party's connections with its peer (observed in /proc, nothing is sent) must not all be
     closed for `LOST_GRACE_S`, else one line naming the peer and exit `EXIT_PEER`.
     closing: the result is written; a peer gone while the link shuts down ends the party with status 0."""
 
-    def __init__(self, rank: int, peer_addr: str, timeout: float, poll: float = 0.25) -> None:
+    def __init__(self, rank: int, peer_addr: str, timeout: float, poll: float = 0.5) -> None:
         self.rank, self.peer_addr, self.timeout, self.poll = rank, peer_addr, timeout, poll
         self.phase = "connecting"
         self.lost_since: float | None = None
@@ -160,8 +169,7 @@ class PeerWatch:
         return f"{self.peer} did not connect within {self.timeout:g} s"
 
     def lost_message(self) -> str:
-        return f"lost {self.peer}: its connections closed (the process ended or was killed, or its machine " \
-               f"dropped the link)"
+        return f"lost {self.peer}: its connections closed (its process ended or was killed)"
 
     def connected(self) -> None:
         self.phase = "running"
@@ -186,7 +194,7 @@ class PeerWatch:
                 continue
             if self.phase == "off":
                 return
-            if "01" in _tcp_states():
+            if _peer_connected():
                 self.lost_since = None
                 continue
             now = time.monotonic()
@@ -199,7 +207,7 @@ class PeerWatch:
         """After an error in the protocol: are the peer's connections closed (waiting up to ``wait`` s)?"""
         deadline = time.monotonic() + wait
         while True:
-            if "01" not in _tcp_states():
+            if not _peer_connected():
                 return True
             if time.monotonic() > deadline:
                 return False
@@ -501,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", required=True, help="SPU system log of this process")
     ap.add_argument("--audit", help="write what this process received and opened here")
     args = ap.parse_args(argv)
-    name = "SPU simulator" if args.sim else party_name(args.rank)
+    name = SIM_NAME if args.sim else party_name(args.rank)
     # One stderr line on every failure (the launcher shows it); EXIT_PEER when the peer is to blame.
     try:
         return _run(args)
