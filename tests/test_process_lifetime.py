@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,6 +96,31 @@ def test_sigkilled_parent_takes_its_child_and_temporary_directory(tmp_path):
     finally:
         if _alive(child_pid):
             os.kill(child_pid, signal.SIGKILL)
+
+
+WAN_PARENT = """
+import time
+from privlm.spu.wan import WanLink, wan_namespaces
+with wan_namespaces(WanLink.parse("100mbit:10ms")) as net:
+    proxy = net.delay_proxy(0, 45901, 45902)
+    print(proxy.pid, *net.namespaces, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="network namespaces need root and tc")
+def test_sigkilled_wan_parent_leaves_no_namespace_and_no_proxy(tmp_path):
+    """`pi run --wan`'s network namespaces (with their veth pair) and delay proxies do not outlive a
+    SIGKILLed launcher: the proxy dies with it, the janitor deletes the namespaces."""
+    parent = subprocess.Popen([sys.executable, "-c", WAN_PARENT], env=_env(tmp_path / "tmp"), stdout=subprocess.PIPE,
+                              text=True)
+    proxy, *namespaces = parent.stdout.readline().split()
+    listed = lambda: subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout  # noqa: E731
+    assert len(namespaces) == 2 and all(n in listed() for n in namespaces) and _alive(int(proxy))
+    parent.kill()
+    parent.wait()
+    _wait_while(lambda: _alive(int(proxy)), 10, "the delay proxy of a SIGKILLed launcher is running")
+    _wait_while(lambda: any(n in listed() for n in namespaces), 10, f"namespaces {namespaces} exist")
 
 
 def test_child_whose_parent_is_already_gone_ends_itself():
