@@ -145,16 +145,27 @@ class Janitor:
         self._next = 0
         self._lock = threading.Lock()
 
+    def _alive(self) -> bool:
+        return self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None
+
+    def _start(self) -> None:
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._proc = spawn([sys.executable, "-m", "privlm.proc", "janitor"], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        self._owner = os.getpid()
+
     def _send(self, order: dict) -> None:
-        if self._proc is None or self._owner != os.getpid() or self._proc.poll() is not None:
-            package_root = str(Path(__file__).resolve().parents[1])
-            env = dict(os.environ)
-            env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            self._proc = spawn([sys.executable, "-m", "privlm.proc", "janitor"], env=env, stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-            self._owner = os.getpid()
-        self._proc.stdin.write(json.dumps(order) + "\n")
-        self._proc.stdin.flush()
+        for _ in range(2):  # a janitor killed by someone is replaced (its earlier orders are lost)
+            if not self._alive():
+                self._start()
+            try:
+                self._proc.stdin.write(json.dumps(order) + "\n")
+                self._proc.stdin.flush()
+                return
+            except OSError:
+                self._proc = None
 
     def register(self, *, rmtree: Optional[str] = None, run: Optional[list[str]] = None) -> int:
         """Remove the directory ``rmtree`` / run the command ``run`` if this process dies first; returns a
@@ -167,7 +178,7 @@ class Janitor:
     def done(self, token: int) -> None:
         """This process undid ``token`` itself."""
         with self._lock:
-            if self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None:
+            if self._alive():
                 self._send({"done": token})
 
 
