@@ -136,6 +136,9 @@ def _tokens(args, tokenizer, vocab_size: int) -> list[int]:
 
 
 def cmd_run(args) -> int:
+    from privlm.spu.launcher import run_parties
+    from privlm.spu.report import format_table, summarize
+
     run_dir = Path(args.run_dir)
     check_spu_profile(args.spu_profile)
     if not run_dir.is_dir():
@@ -162,76 +165,68 @@ def cmd_run(args) -> int:
         raise PrivlmError(f"--keep directory '{args.keep}' exists and is not empty; choose a new one")
     # the export holds the server's weights: a temporary one is removed even if this process is killed
     with contextlib.nullcontext(Path(args.keep)) if args.keep else private_tempdir("privlm-pi-") as work:
-        return _run(args, run_dir, work, link)
+        client_only = args.party == 0 and (run_dir / "public.json").is_file() \
+            and not (run_dir / "model.safetensors").is_file()
+        ref = model = tok = None
+        if client_only:  # a client machine: public architecture and tokenizer, no weights
+            meta = json.loads((run_dir / "public.json").read_text())
+            public, weights, vocab = run_dir / "public.json", None, meta["vocab_size"]
+            if (run_dir / "tokenizer.json").is_file():
+                from tokenizers import Tokenizer
+                tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+            block = meta["block_size"]
+        else:
+            import torch
 
-
-def _run(args, run_dir: Path, work: Path, link) -> int:
-    from privlm.spu.launcher import run_parties
-    from privlm.spu.report import format_table, summarize
-
-    client_only = args.party == 0 and (run_dir / "public.json").is_file() \
-        and not (run_dir / "model.safetensors").is_file()
-    ref = model = tok = None
-    if client_only:  # a client machine: public architecture and tokenizer, no weights
-        meta = json.loads((run_dir / "public.json").read_text())
-        public, weights, vocab = run_dir / "public.json", None, meta["vocab_size"]
-        if (run_dir / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-            tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-        block = meta["block_size"]
-    else:
-        import torch
-
-        from privlm.spu.export import save_export
-        cfg, model, tok = _load(run_dir)
-        public, weights = save_export(model, work / "export")
-        vocab, block = cfg.model.vocab_size, cfg.model.block_size
-    if args.party != 1 and args.prompt is None and args.tokens is None:
-        raise PrivlmError("give --prompt or --tokens (only the server, --party 1, runs without one)")
-    if args.party == 1:
-        if args.T is None:
-            raise PrivlmError("--party 1 (server) needs --T, the public prompt length")
-        ids, T = None, args.T
-    else:
-        ids = _tokens(args, tok, vocab)
-        T = len(ids)
-    if T > block:
-        raise PrivlmError(f"the prompt has {T} tokens but the model's position table holds {block}")
-    if model is not None and ids is not None:
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0].float().numpy()
-
-    def launch(net=None):
-        return run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
-                           mode=args.mode, peers=args.peer, party=args.party, head=args.head,
-                           chunks=args.chunks, matmul_block=args.matmul_block, spu_profile=args.spu_profile,
-                           wan=net, peer_timeout=args.peer_timeout, delete_weights=not args.keep)
-    if link is not None:
-        from privlm.spu.wan import wan_namespaces
-        with wan_namespaces(link) as net:
-            out = launch(net)
-    else:
-        out = launch()
-    if out is None:
-        print(f"party 1 (server) finished; T={T}, protocol {args.protocol}, SPU profile {args.spu_profile}")
+            from privlm.spu.export import save_export
+            cfg, model, tok = _load(run_dir)
+            public, weights = save_export(model, work / "export")
+            vocab, block = cfg.model.vocab_size, cfg.model.block_size
+        if args.party != 1 and args.prompt is None and args.tokens is None:
+            raise PrivlmError("give --prompt or --tokens (only the server, --party 1, runs without one)")
+        if args.party == 1:
+            if args.T is None:
+                raise PrivlmError("--party 1 (server) needs --T, the public prompt length")
+            ids, T = None, args.T
+        else:
+            ids = _tokens(args, tok, vocab)
+            T = len(ids)
+        if T > block:
+            raise PrivlmError(f"the prompt has {T} tokens but the model's position table holds {block}")
+        if model is not None and ids is not None:
+            with torch.no_grad():
+                ref = model(torch.tensor([ids])).logits[0].float().numpy()
+        def launch(net=None):
+            return run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
+                               mode=args.mode, peers=args.peer, party=args.party, head=args.head,
+                               chunks=args.chunks, matmul_block=args.matmul_block, spu_profile=args.spu_profile,
+                               wan=net, peer_timeout=args.peer_timeout, delete_weights=not args.keep)
+        if link is not None:
+            from privlm.spu.wan import wan_namespaces
+            with wan_namespaces(link) as net:
+                out = launch(net)
+        else:
+            out = launch()
+        if out is None:
+            print(f"party 1 (server) finished; T={T}, protocol {args.protocol}, SPU profile {args.spu_profile}")
+            return 0
+        result, logits = out
+        cen = None
+        if model is not None and args.head == "all":
+            from privlm.pi.census import census
+            cen = census(model, T)
+        doc = {"run": args.run_dir, **summarize(result, logits, ref, cen)}
+        if link is not None:
+            doc["wan"] = wan_report(doc, link, model, T, args.spu_profile if cen is not None else None)
+        if tok is not None:
+            doc["predicted_text"] = tok.decode([doc["predicted_token"]])
+        print(json.dumps(doc, indent=1) if args.json else format_table(doc))
+        if link is not None and not args.json:
+            w = doc["wan"]
+            print(f"WAN {w['rate']}, {w['one_way_delay_ms']:g} ms one way (namespaces + tbf + delay proxy): "
+                  f"online {w['measured_online_seconds']:.1f} s measured; estimate {w['estimate_seconds']:.1f} s "
+                  f"(transfer {w['transfer_seconds_estimate']:.1f} s + rounds {w['rounds_estimate']})")
         return 0
-    result, logits = out
-    cen = None
-    if model is not None and args.head == "all":
-        from privlm.pi.census import census
-        cen = census(model, T)
-    doc = {"run": args.run_dir, **summarize(result, logits, ref, cen)}
-    if link is not None:
-        doc["wan"] = wan_report(doc, link, model, T, args.spu_profile if cen is not None else None)
-    if tok is not None:
-        doc["predicted_text"] = tok.decode([doc["predicted_token"]])
-    print(json.dumps(doc, indent=1) if args.json else format_table(doc))
-    if link is not None and not args.json:
-        w = doc["wan"]
-        print(f"WAN {w['rate']}, {w['one_way_delay_ms']:g} ms one way (namespaces + tbf + delay proxy): "
-              f"online {w['measured_online_seconds']:.1f} s measured; estimate {w['estimate_seconds']:.1f} s "
-              f"(transfer {w['transfer_seconds_estimate']:.1f} s + rounds {w['rounds_estimate']})")
-    return 0
 
 
 def wan_report(doc: dict, link, model, T: int, spu_profile: str | None) -> dict:
