@@ -313,6 +313,7 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
     A run's outcome is read from its run directory (summary.json) and exit status. On Ctrl-C the running
     processes are stopped; their last checkpoints stay, and the same command resumes them. A SIGKILLed sweep
     process takes its runs with it (`privlm.proc.die_with_parent`), so the same command resumes them too."""
+    import contextlib
     import multiprocessing as mp
     import os
 
@@ -334,50 +335,53 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
     failures: list[str] = []
     from privlm.proc import interrupt_on_term
 
-    with interrupt_on_term():  # `kill PID` stops the runs like Ctrl-C, never orphans them
-        try:
-            while pending or running:
-                while pending and len(running) < jobs:
-                    i, r, resume = pending.pop(0)
-                    run_dir = out / r.name
-                    cfg = load_run_config(run_dir) if resume else r.cfg
-                    log_path = out / "logs" / f"{r.name}.log"
-                    log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset} "
-                        f"(log: {log_path})")
-                    proc = ctx.Process(target=_train_in_child, name=f"privlm-sweep-{r.name}",
-                                       args=(cfg, str(run_dir), resume, threads, str(log_path), os.getpid()))
-                    t0 = _start(records[r.name], state, out)
-                    proc.start()
-                    running[r.name] = (i, r, proc, t0, log_path)
-                time.sleep(0.2)
-                for name, (i, r, proc, t0, log_path) in list(running.items()):
-                    if proc.is_alive():
-                        continue
-                    proc.join()
-                    del running[name]
-                    rec = records[name]
-                    summary_file = out / name / "summary.json"
-                    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-                    if summary is not None and summary.get("diverged"):
-                        rec.update(status="diverged", diagnosis=summary.get("diagnosis"))
-                        log(f"[{i}/{len(sweep.runs)}] {name}: diverged ({summary.get('diagnosis')})")
-                    elif summary is not None and proc.exitcode == 0:
-                        rec.update(status="done", final_ppl=summary.get("final_ppl"))
-                        log(f"[{i}/{len(sweep.runs)}] {name}: done, PPL {summary.get('final_ppl'):.3f}")
-                    else:
-                        why = _last_line(log_path) or f"exit status {proc.exitcode}"
-                        rec.update(status="failed", error=why)
-                        failures.append(f"{name}: {why}")
-                        log(f"[{i}/{len(sweep.runs)}] {name}: failed ({why})")
-                    _finish(rec, state, out, t0)
-        except KeyboardInterrupt:
-            for name, (i, r, proc, t0, log_path) in running.items():
-                proc.terminate()  # checkpoints are written atomically: the last complete one is what resumes
-            for name, (i, r, proc, t0, log_path) in running.items():
+    term = contextlib.ExitStack()
+    term.enter_context(interrupt_on_term())  # `kill PID` stops the runs like Ctrl-C, never orphans them
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, r, resume = pending.pop(0)
+                run_dir = out / r.name
+                cfg = load_run_config(run_dir) if resume else r.cfg
+                log_path = out / "logs" / f"{r.name}.log"
+                log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset} "
+                    f"(log: {log_path})")
+                proc = ctx.Process(target=_train_in_child, name=f"privlm-sweep-{r.name}",
+                                   args=(cfg, str(run_dir), resume, threads, str(log_path), os.getpid()))
+                t0 = _start(records[r.name], state, out)
+                proc.start()
+                running[r.name] = (i, r, proc, t0, log_path)
+            time.sleep(0.2)
+            for name, (i, r, proc, t0, log_path) in list(running.items()):
+                if proc.is_alive():
+                    continue
                 proc.join()
-                records[name].update(status="interrupted")
-                _finish(records[name], state, out, t0)
-            raise
+                del running[name]
+                rec = records[name]
+                summary_file = out / name / "summary.json"
+                summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+                if summary is not None and summary.get("diverged"):
+                    rec.update(status="diverged", diagnosis=summary.get("diagnosis"))
+                    log(f"[{i}/{len(sweep.runs)}] {name}: diverged ({summary.get('diagnosis')})")
+                elif summary is not None and proc.exitcode == 0:
+                    rec.update(status="done", final_ppl=summary.get("final_ppl"))
+                    log(f"[{i}/{len(sweep.runs)}] {name}: done, PPL {summary.get('final_ppl'):.3f}")
+                else:
+                    why = _last_line(log_path) or f"exit status {proc.exitcode}"
+                    rec.update(status="failed", error=why)
+                    failures.append(f"{name}: {why}")
+                    log(f"[{i}/{len(sweep.runs)}] {name}: failed ({why})")
+                _finish(rec, state, out, t0)
+    except KeyboardInterrupt:
+        for name, (i, r, proc, t0, log_path) in running.items():
+            proc.terminate()  # checkpoints are written atomically: the last complete one is what resumes
+        for name, (i, r, proc, t0, log_path) in running.items():
+            proc.join()
+            records[name].update(status="interrupted")
+            _finish(records[name], state, out, t0)
+        raise
+    finally:
+        term.close()
     if failures:
         raise CheckpointError(f"{len(failures)} run(s) failed: {'; '.join(failures)}")
 
