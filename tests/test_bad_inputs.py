@@ -245,6 +245,32 @@ CASES = [
          r"does not exist"),
     Case("pi-bad-tokens", "pi", "--tokens that are not integers", ["pi", "run", "{run}", "--tokens", "1,x"],
          r"--tokens '1,x' must be comma-separated integers"),
+    # --- pi: the 2PC addresses and timeout (checked before anything is exported or started) -------------
+    *[Case(f"pi-peer-{name}", "pi", what, ["pi", "run", "{run}", "--prompt", "x", "--mode", "2proc", *argv], expect)
+      for name, what, argv, expect in [
+          ("no-port", "--peer without a port", ["--peer", "localhost", "--peer", "127.0.0.1:9531"],
+           r"--peer 'localhost' \(party 0\) must be HOST:PORT"),
+          ("no-host", "--peer without a host", ["--peer", ":9530", "--peer", "127.0.0.1:9531"], r"must be HOST:PORT"),
+          ("same-twice", "the same address for both parties", ["--peer", "127.0.0.1:9530", "--peer", "127.0.0.1:9530"],
+           r"are the same address"),
+          ("same-by-name", "one address given by name and by number", ["--peer", "localhost:9530", "--peer",
+                                                                      "127.0.0.1:9530"], r"are the same address"),
+          ("port-range", "a port above 65535", ["--peer", "127.0.0.1:9530", "--peer", "127.0.0.1:70000"],
+           r"port '70000' must be a number in 1\.\.65535"),
+          ("port-zero", "port 0", ["--peer", "127.0.0.1:0", "--peer", "127.0.0.1:9531"], r"port '0' must be"),
+          ("port-word", "a port that is not a number", ["--peer", "127.0.0.1:http", "--peer", "127.0.0.1:9531"],
+           r"port 'http' must be"),
+          ("unresolvable", "a host that does not resolve", ["--peer", "no-such-host.invalid:9530", "--peer",
+                                                            "127.0.0.1:9531"], r"host 'no-such-host\.invalid' does not resolve"),
+          ("ipv6-bare", "an IPv6 host without brackets", ["--peer", "::1:9530", "--peer", "127.0.0.1:9531"],
+           r"IPv6 host goes in brackets"),
+          ("once", "--peer given once", ["--peer", "127.0.0.1:9530"], r"exactly twice .* got 1"),
+          ("three", "--peer given three times", ["--peer", "127.0.0.1:9530", "--peer", "127.0.0.1:9531", "--peer",
+                                                 "127.0.0.1:9532"], r"exactly twice .* got 3"),
+          ("timeout-zero", "--peer-timeout 0", ["--peer-timeout", "0"], r"--peer-timeout: 0 must be between 1 and"),
+          ("timeout-nan", "--peer-timeout nan", ["--peer-timeout", "nan"], r"--peer-timeout: nan is not a finite"),
+          ("timeout-huge", "--peer-timeout 1e9", ["--peer-timeout", "1e9"], r"must be between 1 and 86400"),
+      ]],
 ]
 
 

@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     # --debug may stand anywhere on the line (`privlm train X --debug`); it only adds the traceback to an error
     debug = "--debug" in argv or os.environ.get("PRIVLM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    from privlm.proc import adopt_parent
+    adopt_parent()  # a privlm started by privlm (`privlm.proc.spawn`, e.g. the demo's `pi run`) dies with it
     parser = build_parser(only=_command_of(argv) or "")
     args, extra = parser.parse_known_args(argv)
     if extra:  # `privlm train SPEC --quiet k=v`: overrides may follow options

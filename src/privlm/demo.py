@@ -50,13 +50,20 @@ def private_prediction(run_dir: Path, prompt: str, pi_args: list[str]) -> dict:
     pi_measured.json so the report shows the measured bytes beside the predicted ones."""
     from privlm.fileio import atomic_write_json
 
+    from privlm.proc import interrupt_on_term, spawn, stop
+
     cmd = [sys.executable, "-m", "privlm.cli", "pi", "run", str(run_dir), "--mode", "sim", "--head", "last",
            "--prompt", prompt, "--json", *pi_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # a child that dies with the demo, and that a Ctrl-C or SIGTERM of the demo stops
+        with interrupt_on_term():
+            stdout, stderr = proc.communicate()
+    finally:
+        stop([proc])
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
         raise PrivlmError(f"private inference failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
-    doc = json.loads(proc.stdout)
+    doc = json.loads(stdout)
     atomic_write_json(run_dir / "pi_measured.json", doc)
     return doc
 

@@ -276,12 +276,15 @@ def _run_serial(sweep: Sweep, out: Path, todo: list, records: dict, state: dict,
         _finish(rec, state, out, t0)
 
 
-def _train_in_child(cfg: Config, run_dir: str, resume: bool, threads: int, log_path: str) -> None:
-    """Entry point of a run's own process (spawned): console output to its log file, ``threads`` torch
-    threads, the exit status of `privlm train` (0 done, 3 diverged, 2 other one-line errors)."""
+def _train_in_child(cfg: Config, run_dir: str, resume: bool, threads: int, log_path: str, parent: int) -> None:
+    """Entry point of a run's own process (spawned): dies with the sweep process ``parent`` (even a SIGKILLed
+    one: the run lock goes with it, so the same command resumes the run), console output to its log file,
+    ``threads`` torch threads, the exit status of `privlm train` (0 done, 3 diverged, 2 other one-line errors)."""
     import os
     import sys
 
+    from privlm.proc import die_with_parent
+    die_with_parent(parent)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -308,8 +311,11 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
                   log) -> None:
     """At most ``jobs`` runs at once, each a spawned process; the parent only schedules and keeps sweep.json.
     A run's outcome is read from its run directory (summary.json) and exit status. On Ctrl-C the running
-    processes are stopped; their last checkpoints stay, and the same command resumes them."""
+    processes are stopped; their last checkpoints stay, and the same command resumes them. A SIGKILLed sweep
+    process takes its runs with it (`privlm.proc.die_with_parent`), so the same command resumes them too."""
+    import contextlib
     import multiprocessing as mp
+    import os
 
     from privlm.run import load_run_config
 
@@ -327,11 +333,10 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
     pending = list(todo)
     running: dict[str, tuple] = {}
     failures: list[str] = []
-    import signal
+    from privlm.proc import interrupt_on_term
 
-    def _terminated(_signum, _frame):  # `kill PID` stops the runs like Ctrl-C, never orphans them
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    term = contextlib.ExitStack()
+    term.enter_context(interrupt_on_term())  # `kill PID` stops the runs like Ctrl-C, never orphans them
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -341,8 +346,8 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
                 log_path = out / "logs" / f"{r.name}.log"
                 log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset} "
                     f"(log: {log_path})")
-                proc = ctx.Process(target=_train_in_child, args=(cfg, str(run_dir), resume, threads, str(log_path)),
-                                   name=f"privlm-sweep-{r.name}")
+                proc = ctx.Process(target=_train_in_child, name=f"privlm-sweep-{r.name}",
+                                   args=(cfg, str(run_dir), resume, threads, str(log_path), os.getpid()))
                 t0 = _start(records[r.name], state, out)
                 proc.start()
                 running[r.name] = (i, r, proc, t0, log_path)
@@ -376,7 +381,7 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
             _finish(records[name], state, out, t0)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        term.close()
     if failures:
         raise CheckpointError(f"{len(failures)} run(s) failed: {'; '.join(failures)}")
 

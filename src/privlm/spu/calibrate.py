@@ -11,7 +11,6 @@ under 2PC and the per-block steps are scaled by L / layers_measured.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,7 @@ from privlm.errors import PrivlmError
 from privlm.fileio import atomic_write_text
 from privlm.hostinfo import describe_host
 from privlm.opschema import COST_PROFILE_FORMAT, PRIVLM_OPS
+from privlm.proc import private_tempdir
 
 FM64_SHARE_BYTES = 8  # one 64-bit ring element per share
 
@@ -117,7 +117,7 @@ def run_microbench(cases: list[dict], protocol: str, work: Path, spu_profile: st
     (work / "cases.json").write_text(json.dumps(cases))
     spu_module("privlm.spu.microbench", ["--cases", str(work / "cases.json"), "--out", str(work / "rows.json"),
                                          "--log", str(work / "spu.log"), "--protocol", protocol,
-                                         "--spu-profile", spu_profile])
+                                         "--spu-profile", spu_profile], work)
     out = json.loads((work / "rows.json").read_text())
     # the SPU side does not know which linear rows are embedding-shaped: tag them back
     linear_kinds = [c["kind"] for c in cases]
@@ -134,38 +134,35 @@ def run_microbench_2proc(cases: list[dict], protocol: str, work: Path, delay_ms:
     import subprocess
     import sys
 
-    from privlm.spu.launcher import SPUError, _env, _fail, free_ports, spu_python
+    from privlm.proc import spawn, stop
+    from privlm.spu.launcher import SPUError, free_ports, start_spu, supervise
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "cases.json").write_text(json.dumps(cases))
     p0, p1, x0, x1 = free_ports(4)
-    proxy = None
+    daemons = {}
     if delay_ms > 0:
         peers = {0: [f"127.0.0.1:{p0}", f"127.0.0.1:{x1}"], 1: [f"127.0.0.1:{x0}", f"127.0.0.1:{p1}"]}
-        proxy = subprocess.Popen([sys.executable, "-m", "privlm.spu.delayproxy", str(delay_ms), f"{x0}:{p0}",
-                                  f"{x1}:{p1}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proxy = spawn([sys.executable, "-m", "privlm.spu.delayproxy", str(delay_ms), f"{x0}:{p0}", f"{x1}:{p1}"],
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proxy.stdout.readline().strip() != "ready":
-            proxy.kill()
+            stop([proxy])
             raise SPUError(f"the delay proxy did not start: {proxy.stderr.read().strip()[-200:]}")
+        daemons["the delay proxy"] = (proxy, work / "-")
     else:
         peers = {r: [f"127.0.0.1:{p0}", f"127.0.0.1:{p1}"] for r in (0, 1)}
     procs = {}
     try:
         for r in (1, 0):
-            procs[r] = subprocess.Popen(
-                [str(spu_python()), "-m", "privlm.spu.microbench", "--cases", str(work / "cases.json"),
-                 "--out", str(work / "rows.json"), "--log", str(work / f"spu{r}.log"), "--protocol", protocol,
-                 "--rank", str(r), "--peers", ",".join(peers[r]), "--spu-profile", spu_profile],
-                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for r, p in procs.items():
-            _, err = p.communicate()
-            if p.returncode != 0:
-                raise _fail(f"microbench party {r}", p.returncode, err)
-    finally:
-        for p in list(procs.values()) + ([proxy] if proxy else []):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            err = work / f"spu{r}.stderr"
+            procs[f"microbench party {r}"] = (start_spu(
+                "privlm.spu.microbench", ["--cases", str(work / "cases.json"), "--out", str(work / "rows.json"),
+                                          "--log", str(work / f"spu{r}.log"), "--protocol", protocol, "--rank", str(r),
+                                          "--peers", ",".join(peers[r]), "--spu-profile", spu_profile], err), err)
+    except BaseException:
+        stop(p for p, _ in [*procs.values(), *daemons.values()])
+        raise
+    supervise(procs, daemons=daemons)  # the first to fail stops the other; none outlives this process
     return json.loads((work / "rows.json").read_text())["rows"]
 
 
@@ -328,7 +325,7 @@ def cmd_calibrate(args) -> int:
     if out.exists() and not args.force:  # checked again on writing; failing here saves the measurement
         raise PrivlmError(f"profile '{out}' exists; pass --force to overwrite it or --out for another path")
     delay = args.rounds_delay_ms if args.rounds_delay_ms is not None else (0.0 if args.quick else 40.0)
-    with tempfile.TemporaryDirectory(prefix="privlm-cal-") as tmp:
+    with private_tempdir("privlm-cal-") as tmp:
         bench = run_microbench(grid_cases(QUICK_GRID if args.quick else FULL_GRID), args.protocol, Path(tmp),
                                args.spu_profile)
         rounds = (measure_rounds(ROUNDS_CASES, args.protocol, Path(tmp) / "rounds", delay,
@@ -380,7 +377,7 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
     torch.manual_seed(0)
     model = GPT(small.model).eval()
     ids = torch.randint(0, vm, (T,)).tolist()
-    with tempfile.TemporaryDirectory(prefix="privlm-measure-") as tmp:
+    with private_tempdir("privlm-measure-") as tmp:
         public, weights = save_export(model, Path(tmp) / "export")
         result, _ = run_parties(Path(tmp), public, weights=weights, tokens=ids, T=T, protocol=protocol,
                                 mode="sim", head="all", chunks=chunks,

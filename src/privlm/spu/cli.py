@@ -12,12 +12,14 @@ reports. See docs/pi-measured.md.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
-from privlm.errors import CheckpointError, PrivlmError
+from privlm.errors import CheckpointError, PrivlmError, finite_float
+from privlm.proc import private_tempdir
 
 
 def register(subparsers) -> None:
@@ -39,6 +41,7 @@ def register(subparsers) -> None:
                    help="address of party 0, then of party 1 (2proc; default two free loopback ports)")
     r.add_argument("--party", type=int, choices=(0, 1),
                    help="2proc on two machines: run only this party (0 = client, 1 = server)")
+    add_peer_timeout_arg(r)
     r.add_argument("--T", type=int, help="prompt length, for --party 1 (the server never sees the prompt)")
     r.add_argument("--wan", metavar="RATE:DELAY",
                    help="2proc only: run the parties in two network namespaces joined by a veth pair limited to "
@@ -64,6 +67,7 @@ def register(subparsers) -> None:
     v.add_argument("--T", type=int, default=None, help="tokens per sequence (default the run's seq_len)")
     v.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     v.add_argument("--mode", default="sim", choices=("sim", "2proc"))
+    add_peer_timeout_arg(v)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
 
@@ -81,6 +85,21 @@ def add_spu_profile_arg(parser) -> None:
     parser.add_argument("--spu-profile", default=DEFAULT, metavar="NAME",
                         help=f"SPU runtime settings, compiler options and kernels (known: "
                              f"{', '.join(available_spu_profiles())}; see docs/pi-measured.md)")
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --peer-timeout: a number of seconds in 1..86400."""
+    value = finite_float(text)
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} must be between 1 and 86400 seconds")
+    return value
+
+
+def add_peer_timeout_arg(parser) -> None:
+    from privlm.spu.party import PEER_TIMEOUT_S
+    parser.add_argument("--peer-timeout", type=_seconds, default=PEER_TIMEOUT_S, metavar="S",
+                        help=f"2proc: a party whose peer does not connect within S seconds, or whose peer's "
+                             f"process ends, exits with one line naming it (default {PEER_TIMEOUT_S:g})")
 
 
 def check_spu_profile(name: str) -> str:
@@ -130,6 +149,9 @@ def cmd_run(args) -> int:
         raise PrivlmError(f"--matmul-block={args.matmul_block} must be >= 1")
     if args.peer is not None and args.mode != "2proc":
         raise PrivlmError("--peer needs --mode 2proc")
+    if args.peer is not None:
+        from privlm.spu.launcher import check_peers
+        check_peers(args.peer)
     if args.party is not None and args.mode != "2proc":
         raise PrivlmError("--party needs --mode 2proc")
     link = None
@@ -139,10 +161,10 @@ def cmd_run(args) -> int:
             raise PrivlmError("--wan needs --mode 2proc with both parties on this machine (no --party, no --peer)")
         link = WanLink.parse(args.wan)
         check_available()
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="privlm-pi-"))
-    if args.keep and work.exists() and any(work.iterdir()):
-        raise PrivlmError(f"--keep directory '{work}' exists and is not empty; choose a new one")
-    try:
+    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
+        raise PrivlmError(f"--keep directory '{args.keep}' exists and is not empty; choose a new one")
+    # the export holds the server's weights: a temporary one is removed even if this process is killed
+    with contextlib.nullcontext(Path(args.keep)) if args.keep else private_tempdir("privlm-pi-") as work:
         client_only = args.party == 0 and (run_dir / "public.json").is_file() \
             and not (run_dir / "model.safetensors").is_file()
         ref = model = tok = None
@@ -178,7 +200,7 @@ def cmd_run(args) -> int:
             return run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
                                mode=args.mode, peers=args.peer, party=args.party, head=args.head,
                                chunks=args.chunks, matmul_block=args.matmul_block, spu_profile=args.spu_profile,
-                               wan=net)
+                               wan=net, peer_timeout=args.peer_timeout, delete_weights=not args.keep)
         if link is not None:
             from privlm.spu.wan import wan_namespaces
             with wan_namespaces(link) as net:
@@ -205,9 +227,6 @@ def cmd_run(args) -> int:
                   f"online {w['measured_online_seconds']:.1f} s measured; estimate {w['estimate_seconds']:.1f} s "
                   f"(transfer {w['transfer_seconds_estimate']:.1f} s + rounds {w['rounds_estimate']})")
         return 0
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def wan_report(doc: dict, link, model, T: int, spu_profile: str | None) -> dict:
@@ -274,11 +293,12 @@ def cmd_eval(args) -> int:
     ids = np.asarray(valid[: args.sequences, :T], dtype=np.int64)  # the first N chunks: reproducible
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.float().numpy()
-    with tempfile.TemporaryDirectory(prefix="privlm-pi-eval-") as tmp:
-        public, weights = save_export(model, Path(tmp) / "export")
-        result, logits = run_parties(Path(tmp), public, weights=weights, tokens=ids.tolist(), T=T,
+    with private_tempdir("privlm-pi-eval-") as tmp:
+        public, weights = save_export(model, tmp / "export")
+        result, logits = run_parties(tmp, public, weights=weights, tokens=ids.tolist(), T=T,
                                      protocol=args.protocol, mode=args.mode, spu_profile=args.spu_profile,
-                                     sequences=args.sequences)
+                                     sequences=args.sequences, peer_timeout=args.peer_timeout,
+                                     delete_weights=True)
     logits = logits.reshape(ref.shape)
     doc = {"run": str(run_dir), "spu_profile": args.spu_profile, "protocol": args.protocol, "mode": args.mode,
            "sequences": args.sequences, "T": T, "spu_version": result["spu_version"],

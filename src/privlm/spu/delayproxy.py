@@ -7,7 +7,8 @@ Every TCP connection to 127.0.0.1:LISTEN_PORT is forwarded to TARGET_HOST:TARGET
 bytes, in either direction, is delivered DELAY_MS after it arrived (order preserved, no bandwidth limit).
 A party that reaches its peer through the proxy therefore sees each message flight delayed by DELAY_MS:
 a protocol with R sequential flights slows down by R·DELAY_MS, which is how `privlm pi calibrate
---rounds` counts CHEETAH's rounds. Standard library only; runs in either environment.
+--rounds` counts CHEETAH's rounds. Standard library only; runs in either environment. Started through
+`privlm.proc.spawn`, it dies with the process that started it.
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ async def serve(delay_ms: float, routes: list[tuple[int, tuple[str, int]]]) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    from privlm.proc import adopt_parent
+
+    adopt_parent()  # started by a launcher (`privlm.proc.spawn`): die with it
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)

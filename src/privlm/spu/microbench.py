@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", help="host:port of party 0 and party 1, as this party should reach them")
     ap.add_argument("--spu-profile", default="default")
     args = ap.parse_args(argv)
+    from privlm.proc import adopt_parent
+
+    adopt_parent()  # started by the calibration (`privlm.proc.spawn`): die with it
     import spu
     import spu.libspu as libspu
 

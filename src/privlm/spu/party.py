@@ -67,23 +67,182 @@ def run_ranks(target, ranks) -> None:
         raise errors[0]
 
 
-def make_link(rank: int, peers: list[str] | None, recv_timeout_s: float = 3600.0):
-    """An in-memory link for the threaded simulator (peers None) or brpc between two OS processes."""
+# How long a party waits for its peer by default (`--peer-timeout`), and how long its connections to a peer
+# that is running may all be closed before the party concludes the peer is gone (brpc keeps one connection
+# each way open for the whole session; they close when the peer's process ends).
+PEER_TIMEOUT_S = 60.0
+LOST_GRACE_S = 2.0
+# Exit status of a party whose peer never connected or went away (the launcher then blames the peer).
+EXIT_PEER = 4
+ROLE = {0: "client", 1: "server"}
+SIM_NAME = "SPU simulator"  # how errors of `--sim` (both parties in one process) name it
+
+
+def party_name(rank: int) -> str:
+    return f"party {rank} ({ROLE[rank]})"
+
+
+def make_link(rank: int, peers: list[str] | None, recv_timeout_s: float = 3600.0,
+              peer_timeout_s: float = PEER_TIMEOUT_S):
+    """An in-memory link for the threaded simulator (peers None) or brpc between two OS processes.
+
+    brpc: connecting is retried every 0.5 s for ``peer_timeout_s`` (`PeerWatch` bounds the whole connect,
+    which also waits for the peer to reach back). A message is waited for up to ``recv_timeout_s``: a big HE
+    product on a busy machine can keep the other party silent for minutes, so silence alone is no sign of
+    death; a peer whose process ended is noticed by `PeerWatch` from its closed connections instead."""
     import spu.libspu as libspu
 
     desc = libspu.link.Desc()
-    # a big HE matmul on a busy machine can keep the other party silent for minutes
     desc.recv_timeout_ms = int(recv_timeout_s * 1000)
     if peers is None:
         for r in range(2):
             desc.add_party(f"party{r}", f"thread_{r}")
         return libspu.link.create_mem(desc, rank)
     desc.http_max_payload_size = 32 << 20
-    desc.connect_retry_times = 600  # the other party may start a while later (another machine)
     desc.connect_retry_interval_ms = 500
+    desc.connect_retry_times = max(1, int(peer_timeout_s * 2))
     for r, addr in enumerate(peers):
         desc.add_party(f"party{r}", addr)
     return libspu.link.create_brpc(desc, rank)
+
+
+class PeerLost(Exception):
+    """The peer never connected or went away (the message names it)."""
+
+
+def _tcp_states() -> list[str] | None:
+    """States (hex, /proc/net/tcp) of this process's TCP sockets; '01' is ESTABLISHED, '0A' LISTEN. None where
+    there is no /proc to read (not Linux): then a lost peer is left to the link's own timeouts."""
+    inodes = set()
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    states, tables = [], 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        tables += 1
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[9] in inodes:
+                states.append(cols[3])
+    return states if tables else None
+
+
+def _peer_connected() -> bool:
+    """Has this process an established TCP connection (brpc's to or from the peer)? True when unknown."""
+    states = _tcp_states()
+    return states is None or "01" in states
+
+
+class PeerWatch:
+    """Watchdog of one 2PC party: a thread (SPU's link and runtime calls release the GIL) that ends the process.
+
+    connecting: the peer must connect within ``timeout`` s, else one line and exit `EXIT_PEER`.
+    running: the party's connections with its peer (observed in /proc, nothing is sent) must not all be
+    closed for `LOST_GRACE_S`, else one line naming the peer and exit `EXIT_PEER`.
+    closing: the result is written; a peer gone while the link shuts down ends the party with status 0."""
+
+    def __init__(self, rank: int, peer_addr: str, timeout: float, poll: float = 0.5) -> None:
+        self.rank, self.peer_addr, self.timeout, self.poll = rank, peer_addr, timeout, poll
+        self.phase = "connecting"
+        self.lost_since: float | None = None
+        self._start = time.monotonic()
+        threading.Thread(target=self._loop, daemon=True, name="privlm-peer-watch").start()
+
+    @property
+    def peer(self) -> str:
+        return f"{party_name(1 - self.rank)} at {self.peer_addr}"
+
+    def no_connect_message(self) -> str:
+        return f"{self.peer} did not connect within {self.timeout:g} s"
+
+    def lost_message(self) -> str:
+        return f"lost {self.peer}: its connections closed (its process ended or was killed)"
+
+    def connected(self) -> None:
+        self.phase = "running"
+
+    def closing(self) -> None:
+        self.phase = "closing"
+
+    def disarm(self) -> None:
+        self.phase = "off"
+
+    def _exit(self, message: str | None, status: int) -> None:
+        if message:
+            print(f"{party_name(self.rank)}: {message}", file=sys.stderr, flush=True)
+        os._exit(status)
+
+    def _loop(self) -> None:
+        while self.phase != "off":
+            time.sleep(self.poll)
+            if self.phase == "connecting":
+                if time.monotonic() - self._start > self.timeout:
+                    self._exit(self.no_connect_message(), EXIT_PEER)
+                continue
+            if self.phase == "off":
+                return
+            if _peer_connected():
+                self.lost_since = None
+                continue
+            now = time.monotonic()
+            self.lost_since = self.lost_since or now
+            if now - self.lost_since >= LOST_GRACE_S:
+                self._exit(None if self.phase == "closing" else self.lost_message(),
+                           0 if self.phase == "closing" else EXIT_PEER)
+
+    def peer_gone(self, wait: float = LOST_GRACE_S + 1.0) -> bool:
+        """After an error in the protocol: are the peer's connections closed (waiting up to ``wait`` s)?"""
+        deadline = time.monotonic() + wait
+        while True:
+            if not _peer_connected():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(self.poll)
+
+
+def connect(rank: int, peers: list[str], peer_timeout_s: float = PEER_TIMEOUT_S):
+    """(link, watch): this party's brpc link to its peer, watched by a `PeerWatch` from before connecting
+    (the watch bounds the connect to ``peer_timeout_s``). Raises PeerLost when the peer never connects."""
+    import socket
+
+    host, _, port = peers[rank].rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:  # brpc's own failure here is a C++ stack; say which address cannot be used
+            s.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {peers[rank]} (this party's --peer address): "
+                          f"{exc.strerror or exc}") from None
+    watch = PeerWatch(rank, peers[1 - rank], peer_timeout_s)
+    try:
+        lctx = make_link(rank, peers, peer_timeout_s=peer_timeout_s)
+    except Exception:
+        raise PeerLost(watch.no_connect_message()) from None
+    watch.connected()
+    return lctx, watch
+
+
+def one_line(exc: BaseException) -> str:
+    """The first informative line of an exception (SPU's C++ errors carry a stack trace after it)."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and line != "what:" and not line.startswith(("Stacktrace", "#")):
+            return f"{type(exc).__name__}: {line[:300]}"
+    return type(exc).__name__
 
 
 class Party:
@@ -325,12 +484,17 @@ def run_party(rank: int, lctx, program, protocol: str, spu_profile, log_path: Pa
 
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    from privlm.proc import adopt_parent
+
+    adopt_parent()  # started by the launcher: die with it
     ap = argparse.ArgumentParser(prog="python -m privlm.spu.party", description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, choices=(0, 1))
     ap.add_argument("--sim", action="store_true", help="run both parties as threads over an in-memory link")
     ap.add_argument("--public", required=True, help="public.json of the export (architecture)")
     ap.add_argument("--tokens", help="JSON list of token ids, or a list of such lists (client only)")
     ap.add_argument("--weights", help="weights.safetensors (server only)")
+    ap.add_argument("--delete-weights", action="store_true",
+                    help="remove the weights file once loaded (a temporary export of the launcher)")
     ap.add_argument("--T", type=int, help="prompt length (public; the server's only knowledge of the prompt)")
     ap.add_argument("--sequences", type=int, default=1, help="number of prompts (server; public)")
     ap.add_argument("--head", default="all", choices=("all", "last"))
@@ -339,10 +503,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", default="cheetah", choices=PROTOCOLS)
     ap.add_argument("--spu-profile", default="default", help="SPU profile name (privlm.spu.spu_profile)")
     ap.add_argument("--peers", help="host:port of party 0 and party 1, comma separated (2-process mode)")
+    ap.add_argument("--peer-timeout", type=float, default=PEER_TIMEOUT_S,
+                    help="seconds to wait for the peer to connect (default %(default)g)")
     ap.add_argument("--out", help="result JSON (client); logits go to the .npy beside it")
     ap.add_argument("--log", required=True, help="SPU system log of this process")
     ap.add_argument("--audit", help="write what this process received and opened here")
     args = ap.parse_args(argv)
+    name = SIM_NAME if args.sim else party_name(args.rank)
+    # One stderr line on every failure (the launcher shows it); EXIT_PEER when the peer is to blame.
+    try:
+        return _run(args)
+    except PeerLost as exc:
+        print(f"{name}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PEER
+    except Exception as exc:
+        print(f"{name}: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run(args) -> int:
     sys.addaudithook(_audit_hook)
 
     import spu.libspu as libspu
@@ -375,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     if 1 in roles:
         weights = load_weights(args.weights)
         AUDIT["loaded"].append(os.path.abspath(args.weights))
+        if args.delete_weights:  # in memory now: the plaintext weights do not stay in a temporary directory
+            os.unlink(args.weights)
         AUDIT["plaintext"].extend(sorted(weights))
     program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block,
                             kernels=spu_profile.kernels)
@@ -386,12 +567,18 @@ def main(argv: list[str] | None = None) -> int:
                         onehots if rank == 0 else None, weights if rank == 1 else None, sequences)
         if out is not None:
             result.update(out)
+    watch = None
     if args.sim:
         run_ranks(lambda r: play(r, make_link(r, None)), (0, 1))
     else:
-        lctx = make_link(args.rank, args.peers.split(","))
-        play(args.rank, lctx)
-        lctx.stop_link()
+        peers = args.peers.split(",")
+        lctx, watch = connect(args.rank, peers, args.peer_timeout)
+        try:
+            play(args.rank, lctx)
+        except Exception:  # a send to a peer that is gone fails here before the watch notices
+            if watch.peer_gone():
+                raise PeerLost(watch.lost_message()) from None
+            raise
     if result and args.out:
         out_path = Path(args.out)
         np.save(out_path.with_suffix(".npy"), result.pop("logits"))
@@ -399,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         out_path.write_text(json.dumps(result))
     if args.audit:
         Path(args.audit).write_text(json.dumps(AUDIT))
+    if watch is not None:
+        watch.closing()  # the result is complete: a peer gone while the link shuts down is no failure
+        lctx.stop_link()
+        watch.disarm()
     return 0
 
 

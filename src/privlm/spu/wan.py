@@ -8,8 +8,9 @@ that direction (this kernel has tbf and htb but not netem). The one-way delay is
 `privlm.spu.delayproxy`: in each namespace a proxy listens on 127.0.0.1 and forwards to the peer's veth
 address, delivering every chunk DELAY after it arrived, so each message flight from one party to the
 other takes DELAY plus its transfer time at RATE. Everything is created with unique names and removed in
-``finally``; where namespaces cannot be created (not root, no `ip`), `WanError` says why in one line.
-Runs in the main environment (standard library only).
+``finally``, or by `privlm.proc`'s janitor when this process is killed first; the proxies die with this
+process. Where namespaces cannot be created (not root, no `ip`), `WanError` says why in one line. Runs in
+the main environment (standard library only).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from privlm.errors import PrivlmError
+from privlm.proc import JANITOR, spawn, stop
 
 
 class WanError(PrivlmError):
@@ -78,11 +80,11 @@ class WanNet:
     def delay_proxy(self, side: int, listen_port: int, target_port: int) -> subprocess.Popen:
         """A delay proxy in ``side``'s namespace: 127.0.0.1:listen_port -> the peer's veth address."""
         peer = self.addresses[1 - side]
-        proc = subprocess.Popen([*self.prefix(side), sys.executable, "-m", "privlm.spu.delayproxy",
-                                 str(self.link.delay_ms), f"{listen_port}:{peer}:{target_port}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_proxy_env())
+        proc = spawn([*self.prefix(side), sys.executable, "-m", "privlm.spu.delayproxy", str(self.link.delay_ms),
+                      f"{listen_port}:{peer}:{target_port}"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True, env=_proxy_env())  # dies with this process
         if proc.stdout.readline().strip() != "ready":
-            proc.kill()
+            stop([proc])
             raise WanError(f"the delay proxy did not start: {proc.stderr.read().strip()[-200:]}")
         return proc
 
@@ -111,11 +113,12 @@ def wan_namespaces(link: WanLink) -> Iterator[WanNet]:
     veth = (f"pvc{tag}", f"pvs{tag}")
     octet = os.getpid() % 250 + 1
     addr = (f"10.231.{octet}.1", f"10.231.{octet}.2")
-    created: list[str] = []
+    created: list[tuple[str, int]] = []
     try:
         for name in ns:
+            # removed by the janitor if this process is killed before the `finally` below
+            created.append((name, JANITOR.register(run=["ip", "netns", "del", name])))
             _ip("ip", "netns", "add", name)
-            created.append(name)
             _ip("ip", "link", "set", "lo", "up", ns=name)
         _ip("ip", "link", "add", veth[0], "netns", ns[0], "type", "veth", "peer", "name", veth[1], "netns", ns[1])
         for side in (0, 1):
@@ -126,5 +129,6 @@ def wan_namespaces(link: WanLink) -> Iterator[WanNet]:
                 "latency", "500ms", ns=ns[side])
         yield WanNet(link, ns, addr)
     finally:
-        for name in reversed(created):  # deleting a namespace removes its veth end and qdisc too
+        for name, token in reversed(created):  # deleting a namespace removes its veth end and qdisc too
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            JANITOR.done(token)
