@@ -10,7 +10,7 @@ import errno
 import importlib
 import sys
 
-from privlm.errors import OneLineArgumentParser, PrivlmError
+from privlm.errors import OneLineArgumentParser, PrivlmError, one_line
 
 # Modules that contribute subcommands (imported lazily so `privlm --help` stays fast and a broken optional
 # dependency only breaks its own command).
@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PrivlmError as exc:
-        print(f"privlm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"privlm {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # unwritable --out or cache, disk full, a file vanished: the OS's one line
         if exc.errno == errno.EPIPE:
             return _closed_pipe()
         where = f": '{exc.filename}'" if exc.filename else ""
-        print(f"privlm {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"privlm {args.command}: error: {one_line(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"privlm {args.command}: interrupted", file=sys.stderr)

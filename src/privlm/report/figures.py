@@ -374,8 +374,15 @@ def build_figures(runs: Sequence[RunData], costs: Optional[Sequence[Optional[Cos
 
 
 def save_figure(spec: FigureSpec, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png, svg = out_dir / f"{spec.name}.png", out_dir / f"{spec.name}.svg"
-    spec.figure.savefig(png, dpi=110)
-    spec.figure.savefig(svg)
-    return png, svg
+    """PNG + SVG of a figure, each written atomically inside ``out_dir`` (never through a symbolic link)."""
+    import io
+
+    from privlm.fileio import RunDirectory
+    target = RunDirectory(out_dir)
+    target.mkdir()
+    written = []
+    for ext, kwargs in (("png", {"dpi": 110}), ("svg", {})):
+        buf = io.BytesIO()
+        spec.figure.savefig(buf, format=ext, **kwargs)
+        written.append(target.write_bytes(f"{spec.name}.{ext}", buf.getvalue()))
+    return written[0], written[1]
