@@ -161,7 +161,7 @@ class RunDirectory:
     def check_tree(self) -> None:
         """Refuse a directory holding any symbolic link (privlm never creates one; a directory received from
         someone else could use one to make a resume write, truncate or delete files elsewhere)."""
-        if path_state(self.root) is None:
+        if not self.root.is_dir():  # missing, or a file (whoever wants a directory there says so)
             return
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False, onerror=_raise):
             for name in sorted(dirnames + filenames):
