@@ -390,8 +390,8 @@ def test_bad_inputs_in_a_real_subprocess(case_id, ctx, tmp_path):
 
 
 def _argv_text(argv: list[str]) -> str:
-    text = " ".join(a if a and " " not in a and a.isprintable() else repr(a) for a in argv)
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    shown = [a.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for a in argv]
+    return " ".join(a if a and " " not in a and a.isprintable() else repr(a) for a in shown)
 
 
 @pytest.fixture(scope="module", autouse=True)
