@@ -114,7 +114,7 @@ def check_accessible(path: Path) -> None:
     for p in [*reversed(path.parents), path]:
         try:
             st = os.stat(p)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # missing: the caller's own message says so
             return
         except PermissionError:
             raise PermissionError(errno.EACCES, "Permission denied", str(p)) from None
