@@ -271,7 +271,42 @@ CASES = [
           ("timeout-nan", "--peer-timeout nan", ["--peer-timeout", "nan"], r"--peer-timeout: nan is not a finite"),
           ("timeout-huge", "--peer-timeout 1e9", ["--peer-timeout", "1e9"], r"must be between 1 and 86400"),
       ]],
+    # --- run-directory safety (rundir: links, outputs, one-line paths; tests/test_rundir_safety.py) ---------
+    Case("resume-lock-symlink", "resume", "a run whose .lock is a link to a file outside it",
+         ["train", "--resume", "{copy}"], r"\.lock' is a symbolic link", setup=lambda c, t: _link(c, t, ".lock")),
+    Case("resume-state-symlink", "resume", "a run whose state/ is a link to another run's checkpoints",
+         ["train", "--resume", "{copy}"], r"state' is a symbolic link", setup=lambda c, t: _link(c, t, "state")),
+    Case("resume-history-symlink", "resume", "a run whose config_history.jsonl is a link to an outside file",
+         ["train", "--resume", "{copy}", "train.lr=1e-3"], r"config_history\.jsonl' is a symbolic link",
+         setup=lambda c, t: _link(c, t, "config_history.jsonl")),
+    Case("resume-step-symlink", "resume", "a run whose state/step-N is a link to another run's checkpoint",
+         ["train", "--resume", "{copy}"], r"step-00000001' is a symbolic link",
+         setup=lambda c, t: _link(c, t, "state/step-00000001")),
+    Case("sweep-out-is-run", "sweep", "--out an existing run directory", ["sweep", "{tmp}/s.yaml", "--out", "{copy}"],
+         r"is a run directory \(it holds config\.yaml\)", setup=_write("tmp:s.yaml", "name: s\nruns: [SM+LN+G]\n")),
+    Case("export-hf-out-symlink", "export-hf", "OUT_DIR is a link to an empty directory",
+         ["export-hf", "{run}", "{tmp}/out"], r"out' is a symbolic link", setup=lambda c, t: _link(c, t, "tmp:out")),
+    Case("eval-newline-path", "eval", "a run path containing a newline", ["eval", "{tmp}/a\nb"],
+         r"a\\nb' does not exist"),
 ]
+
+
+def _link(copy: Path, tmp: Path, rel: str) -> None:
+    """Replace ``rel`` of the run copy (or of the case directory, 'tmp:...') with a link to something outside:
+    a file for a file, a copy of the run's state for a directory, an empty directory for a new name."""
+    where = tmp / rel.removeprefix("tmp:") if rel.startswith("tmp:") else copy / rel
+    outside = tmp / "outside"
+    if where.is_dir():
+        shutil.copytree(where, outside)
+        shutil.rmtree(where)
+    elif where.exists():
+        outside.write_bytes(where.read_bytes())
+        where.unlink()
+    elif where.parent.name == "state":
+        shutil.copytree(_ckpt(copy), outside)
+    else:
+        outside.mkdir()
+    where.symlink_to(outside)
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -381,8 +416,8 @@ def test_bad_inputs_in_a_real_subprocess(case_id, ctx, tmp_path):
 
 
 def _argv_text(argv: list[str]) -> str:
-    text = " ".join(a if a and " " not in a else repr(a) for a in argv)
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    shown = [a.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for a in argv]
+    return " ".join(a if a and " " not in a and a.isprintable() else repr(a) for a in shown)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -90,16 +90,16 @@ def test_logged_lr_follows_schedule(tmp_path):
 
 def test_config_yaml_is_written_once_with_the_tokenizer_vocabulary(tmp_path, monkeypatch):
     import yaml
-    import privlm.train.loop as loop
+    import privlm.fileio as fileio  # RunDirectory.write_text, through which the trainer writes config.yaml
     written = []
-    real = loop.atomic_write_text
+    real = fileio.atomic_write_text
 
     def spy(path, text):
         if path.name == "config.yaml":
             written.append((yaml.safe_load(text), sorted(p.name for p in path.parent.iterdir())))
         return real(path, text)
 
-    monkeypatch.setattr(loop, "atomic_write_text", spy)
+    monkeypatch.setattr(fileio, "atomic_write_text", spy)
     cfg = tiny_cfg("train.max_steps=2", "train.eval_every=2", "train.save_every=2", "train.entropy_every=2")
     assert cfg.model.vocab_size != V + 1  # the config's default; the tokenizer decides
     train(cfg, tmp_path / "run", quiet=True, data=synthetic_data())

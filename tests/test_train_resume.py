@@ -82,3 +82,45 @@ def test_resume_rejects_changed_data(tmp_path):
     from privlm.train.cli import resume_config
     with pytest.raises(CheckpointError, match="differs from the run's data_manifest.json"):
         train(resume_config(run, ["train.max_steps=6"]), run, resume=True, quiet=True)
+
+
+def test_degrading_resumed_run_keeps_its_good_checkpoint(tmp_path, capsys):
+    """`--resume GOOD train.lr=0.1 train.grad_clip=0`: the loss rises without NaN and within the 2x-median rule,
+    so the new checkpoints are sane and saved; the best one (lowest validation loss) is still kept, and the
+    run's model.safetensors (what eval/sample/pi load) still has the validation loss it had before."""
+    from privlm.cli import main
+    from privlm.train import train
+    from privlm.train.checkpoint import best_checkpoint, checkpoint_valid_loss, latest_checkpoint
+    from privlm.train.cli import resume_config
+
+    def eval_loss(run: Path) -> float:
+        capsys.readouterr()
+        assert main(["eval", str(run), "--json", "--max-batches", "4"]) == 0
+        return json.loads(capsys.readouterr().out)["loss"]
+
+    over = stdlib_corpus_overrides(tmp_path, 12) + [
+        "train.batch_size=4", "train.eval_max_batches=2", "train.max_steps=10", "train.save_every=5",
+        "train.eval_every=5", "train.log_every=5", "train.lr=3e-3"]
+    run = tmp_path / "run"
+    train(load_config("SM+LN+G", over), run, quiet=True)
+    good_loss = eval_loss(run)
+    good_weights = load_file(str(run / "model.safetensors"))
+    assert best_checkpoint(run).name == latest_checkpoint(run).name == "step-00000010"
+
+    summary = train(resume_config(run, ["train.max_steps=20", "train.lr=0.1", "train.grad_clip=0",
+                                        "train.schedule=constant", "train.warmup_frac=0"]),
+                    run, resume=True, quiet=True)
+    assert not summary["diverged"]
+    latest, best = latest_checkpoint(run), best_checkpoint(run)
+    assert latest.name == "step-00000020" and best.name == "step-00000010"
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["BEST", "LATEST", "step-00000010", "step-00000020"]
+    # it did degrade: the latest checkpoint's validation loss (and the final one) is far above the best's
+    assert checkpoint_valid_loss(latest) > checkpoint_valid_loss(best) + 0.5
+    assert summary["final_loss"] > summary["best_loss"] + 0.5 and summary["best_step"] == 10
+    # the run's weights are the good checkpoint's, bit for bit, with the same validation loss
+    kept = load_file(str(run / "model.safetensors"))
+    assert kept.keys() == good_weights.keys() and all(torch.equal(kept[k], good_weights[k]) for k in kept)
+    assert eval_loss(run) == good_loss
+    # resume continues from the latest checkpoint, not the best
+    train(resume_config(run, ["train.max_steps=21"]), run, resume=True, quiet=True)
+    assert latest_checkpoint(run).name == "step-00000021" and best_checkpoint(run).name == "step-00000010"

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from privlm.errors import OneLineArgumentParser, PrivlmError
+from privlm.errors import OneLineArgumentParser, PrivlmError, one_line
 
 # Subcommand → (module that registers it, one-line summary). Only the named command's module is imported, so
 # `privlm --help` imports nothing heavy and a broken optional dependency only breaks its own command.
@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PrivlmError as exc:
-        print(f"privlm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"privlm {args.command}: error: {one_line(exc)}", file=sys.stderr)
         _traceback_if(debug)
         return exc.exit_code
     except OSError as exc:  # unwritable --out or cache, disk full, a file vanished: the OS's one line
         if exc.errno == errno.EPIPE:
             return _closed_pipe()
         where = f": '{exc.filename}'" if exc.filename else ""
-        print(f"privlm {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"privlm {args.command}: error: {one_line(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         _traceback_if(debug)
         return 1
     except KeyboardInterrupt:

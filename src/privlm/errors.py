@@ -23,10 +23,20 @@ class CheckpointError(PrivlmError):
     """Missing or corrupt run directory / checkpoint."""
 
 
+class UnsafePathError(PrivlmError):
+    """A write, deletion or lock under a run, sweep or export directory that would follow a symbolic link or
+    leave the directory (see privlm.fileio.RunDirectory)."""
+
+
 class DivergenceError(PrivlmError):
     """Training produced NaN/Inf; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+def one_line(text: str) -> str:
+    """A message as one line: newlines and other control characters (from a path, say) are escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -34,7 +44,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     so usage errors are one line as well (the usage stays in --help)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:

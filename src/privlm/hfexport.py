@@ -7,13 +7,18 @@
   ``from_pretrained(OUT_DIR, trust_remote_code=True)``. The wrapper holds privlm's own ``GPT``, so there is
   one model definition and the ``privlm`` package must be installed where it is loaded.
 
-Both carry the run's tokenizer (``PreTrainedTokenizerFast``). OUT_DIR must not exist or be empty; the
-export is written to a temporary sibling and renamed, so nothing is overwritten or left half-written.
+Both carry the run's tokenizer (``PreTrainedTokenizerFast``). OUT_DIR must not exist or be empty (and not be
+a symbolic link); the export is written to a temporary sibling ``.OUT_DIR.privlm-export-XXXXXXXX.tmp`` and
+renamed, so nothing is overwritten or left half-written: a failure (disk full, an exception) removes the
+temporary directory, and the temporary directories of exports that were killed are removed by the next export
+into the same parent directory (only these names, and only when no live export holds their lock). Files get the
+user's umask.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -23,9 +28,11 @@ from pathlib import Path
 import torch
 
 from privlm.errors import CheckpointError
+from privlm.fileio import path_state, use_umask
 
 REMOTE_DIR = Path(__file__).parent / "model" / "hf_remote"
 REMOTE_FILES = ("configuration_privlm.py", "modeling_privlm.py")
+TMP_MARK = ".privlm-export-"  # in the name of every temporary export directory (and of nothing else)
 AUTO_MAP = {"AutoConfig": "configuration_privlm.PrivlmConfig",
             "AutoModelForCausalLM": "modeling_privlm.PrivlmForCausalLM"}
 
@@ -69,6 +76,39 @@ def _remote(model, eos_id: int):
     return hf.eval()
 
 
+def _lock_dir(path: Path, blocking: bool = True) -> int | None:
+    """An flock on a directory (held by the export writing it; a killed export's lock is gone with it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_exports(parent: Path) -> list[Path]:
+    """Remove the temporary directories that killed exports left in ``parent`` (``.NAME.privlm-export-*.tmp``
+    directories that no live export holds locked); links and every other name are left alone."""
+    removed = []
+    for p in sorted(Path(parent).glob(f".*{TMP_MARK}*.tmp")):
+        st = path_state(p)
+        if st is None or not os.path.isdir(p) or os.path.islink(p):
+            continue
+        try:
+            fd = _lock_dir(p, blocking=False)
+        except OSError:
+            continue
+        if fd is None:  # an export in progress
+            continue
+        try:
+            shutil.rmtree(p)
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     """Write the run's model and tokenizer to ``out_dir`` in transformers' format; returns what was written."""
     from transformers import PreTrainedTokenizerFast
@@ -76,6 +116,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     from privlm.run import load_run
 
     out = Path(out_dir)
+    if out.is_symlink():
+        raise CheckpointError(f"'{out}' is a symbolic link; give a new directory (nothing was written)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"'{out}' already exists and is not an empty directory; nothing was written")
     run = load_run(run_dir)
@@ -86,7 +128,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     baseline = is_gpt2_baseline(run.cfg.model)
     hf = _gpt2(run.model, eos_id) if baseline else _remote(run.model, eos_id)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    remove_stale_exports(out.parent)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{TMP_MARK}", suffix=".tmp"))
+    lock = _lock_dir(tmp)
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         if not baseline:
@@ -94,12 +138,15 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
                 shutil.copyfile(REMOTE_DIR / name, tmp / name)
         PreTrainedTokenizerFast(tokenizer_object=run.tokenizer, eos_token=eos,
                                 model_max_length=run.cfg.model.block_size).save_pretrained(tmp)
+        use_umask(tmp)  # safetensors writes 0600 files, mkdtemp a 0700 directory
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     return {"run": str(run.path), "out": str(out), "preset": run.cfg.model.preset,
             "class": type(hf).__name__, "trust_remote_code": not baseline}
 
@@ -120,8 +167,16 @@ def max_logit_difference(run_dir: str | Path, out_dir: str | Path, T: int = 16) 
 
 
 def run(args: argparse.Namespace) -> int:
-    info = export_hf(args.run_dir, args.out_dir)
-    err = max_logit_difference(args.run_dir, args.out_dir)
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars on stderr: the command prints its own lines
+    try:
+        info = export_hf(args.run_dir, args.out_dir)
+        err = max_logit_difference(args.run_dir, args.out_dir)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
     loader = (f"AutoModelForCausalLM.from_pretrained('{info['out']}'"
               + (", trust_remote_code=True)  # needs privlm installed" if info["trust_remote_code"] else ")"))
     print(f"wrote {info['out']} ({info['preset']} as {info['class']}); max |logit difference| = {err:.2e}\n"

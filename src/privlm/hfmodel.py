@@ -62,6 +62,8 @@ def is_hf_spec(spec: str) -> bool:
 def check_model_dir(spec: str) -> None:
     """A directory given where a model is expected must be a privlm run or a Hugging Face model."""
     path = Path(spec)
+    from privlm.fileio import check_accessible
+    check_accessible(path / "config.json")  # unreadable is "Permission denied: PATH", never "missing"
     if path.is_dir() and not (path / "config.yaml").is_file() and not (path / "config.json").is_file():
         raise CheckpointError(f"'{spec}' is neither a privlm run directory (no config.yaml) nor a Hugging Face "
                               f"model directory (no config.json)")
@@ -82,6 +84,8 @@ def resolve_dir(spec: str, weights: bool = True) -> Path:
     weights when ``weights``; the census and `privlm inspect` need only config.json)."""
     if not spec.startswith(HUB_SCHEME):
         path = Path(spec).expanduser()
+        from privlm.fileio import check_accessible
+        check_accessible(path / "config.json")
         if not path.is_dir():
             raise CheckpointError(f"'{spec}' is neither a directory nor hf:<hub id>")
         if not (path / "config.json").is_file():

@@ -9,6 +9,7 @@ import yaml
 
 from privlm.config import Config, ConfigError, from_dict
 from privlm.errors import CheckpointError
+from privlm.fileio import check_accessible
 from privlm.model import GPT
 
 
@@ -30,6 +31,7 @@ class Run(NamedTuple):
 def load_run_config(run_dir: Path | str) -> Config:
     """The resolved config a run was trained with (CheckpointError if RUN_DIR is not a run directory)."""
     path = Path(run_dir)
+    check_accessible(path / "config.yaml")  # unreadable is "Permission denied: PATH", never "does not exist"
     if not path.is_dir():
         raise CheckpointError(f"run directory '{path}' does not exist")
     cfg_file = path / "config.yaml"
@@ -46,6 +48,7 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu") -> Run:
     path = Path(run_dir)
     cfg = load_run_config(path)
     for name in ("model.safetensors", "tokenizer.json"):
+        check_accessible(path / name)
         if not (path / name).is_file():
             raise CheckpointError(f"'{path}' is not a complete run: missing {name}")
     from safetensors.torch import load_model

@@ -36,7 +36,7 @@ import yaml
 
 from privlm.config import Config, ConfigError, load_config, looks_like_config_file, to_dict
 from privlm.errors import CheckpointError, DivergenceError
-from privlm.fileio import slug
+from privlm.fileio import RunDirectory, atomic_write_text, slug
 from privlm.results import RunRow
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title"}
@@ -186,9 +186,16 @@ def run_status(run_dir: Path) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def check_sweep_dir(out: Path) -> None:
+    """A sweep directory is not a run directory (it would write its runs and results into that run) and holds
+    no symbolic link (a link could make a run or a log write outside it); one line otherwise."""
+    if (out / "config.yaml").is_file():
+        raise CheckpointError(f"--out '{out}' is a run directory (it holds config.yaml), not a sweep directory; "
+                              f"choose another --out")
+    RunDirectory(out).check_tree()
 
 
 def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bool = True,
@@ -200,6 +207,7 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
     console output in out/logs/<name>.log; the run directories, resume and results are the same as with one
     job (each run's numbers do not depend on what runs beside it)."""
     from privlm.run import load_run_config  # torch: imported when a sweep runs, not when the CLI starts
+    check_sweep_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -285,7 +293,7 @@ def _train_in_child(cfg: Config, run_dir: str, resume: bool, threads: int, log_p
 
     from privlm.proc import die_with_parent
     die_with_parent(parent)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     import torch
@@ -475,7 +483,9 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     """results.json, results.md, report.html and figures/ (in ``results``, default ``out``) from the run
     directories that exist under ``out``."""
     results = results or out
-    results.mkdir(parents=True, exist_ok=True)
+    check_sweep_dir(out)
+    results_dir = RunDirectory(results)
+    results_dir.mkdir()
     from privlm.report import build_report, collect, load_runs
 
     dirs = [out / r.name for r in sweep.runs if (out / r.name / "config.yaml").is_file()]
@@ -493,17 +503,17 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     from privlm.report.claims import claim_c1_stability, evaluate_claims
     stability = claim_c1_stability(rows)
-    _write_json(results / "results.json", {"sweep": sweep.name, "sweep_file": str(sweep.path),
+    _write_json(results_dir.path("results.json"), {"sweep": sweep.name, "sweep_file": str(sweep.path),
                                            "claims": evaluate_claims(rows) + ([stability] if stability else []),
                                            "command": state.get("command"),
                                            "baseline": baseline or runs[0].path.name, "rows": [r.to_dict() for r in rows],
                                            "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
-    (results / "results.md").write_text(results_markdown(sweep, rows, notes))
-    build_report(dirs, results / "report.html", results / "figures", baseline=baseline,
+    results_dir.write_text("results.md", results_markdown(sweep, rows, notes))
+    build_report(dirs, results_dir.path("report.html"), results_dir.path("figures"), baseline=baseline,
                  title=title or f"privlm sweep {sweep.name}")
     from privlm.report.readme import has_blocks, update_readme
-    if has_blocks(results / "README.md"):  # a results page with generated numbers (docs/results/*)
-        update_readme(results / "README.md")
+    if has_blocks(results_dir.path("README.md")):  # a results page with generated numbers (docs/results/*)
+        update_readme(results_dir.path("README.md"))
     return rows
 
 

@@ -378,8 +378,12 @@ FIGURE_DPI = 110
 
 
 def save_figure(spec: FigureSpec, out_dir: Path) -> Path:
-    """Write ``spec`` as ``out_dir/<name>.png`` and return its path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = out_dir / f"{spec.name}.png"
-    spec.figure.savefig(png, dpi=FIGURE_DPI)
-    return png
+    """Write ``spec`` as ``out_dir/<name>.png`` atomically (never through a symbolic link) and return its path."""
+    import io
+
+    from privlm.fileio import RunDirectory
+    target = RunDirectory(out_dir)
+    target.mkdir()
+    buf = io.BytesIO()
+    spec.figure.savefig(buf, format="png", dpi=FIGURE_DPI)
+    return target.write_bytes(f"{spec.name}.png", buf.getvalue())

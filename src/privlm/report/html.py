@@ -174,8 +174,7 @@ def render(rows: Sequence[dict], figures: Sequence[FigureSpec], title: str = "pr
 
 
 def write_html(path: Path, text: str) -> None:
-    """Write atomically, so an interrupted report never leaves a truncated file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Write atomically (`privlm.fileio.atomic_write_text`): an interrupted report or a full disk never leaves
+    a truncated file or a temporary one behind, and a symbolic link at ``path`` is refused, not followed."""
+    from privlm.fileio import atomic_write_text
+    atomic_write_text(path, text)

@@ -2,9 +2,11 @@
 
 A checkpoint is a directory ``state/step-XXXXXXXX/`` (weights, regularizer thresholds, optimizer,
 scheduler, grad scaler, RNG states, data position) made visible by atomically rewriting the pointer file
-``state/LATEST``; ``model.safetensors`` and ``entropy_reg.safetensors`` at the top of the run are then
-replaced (link/copy to a temp name + rename). A SIGKILL at any moment leaves either the previous or the
-new checkpoint complete, never a mix.
+``state/LATEST``; ``state/BEST`` then names the checkpoint of lowest validation loss, whose weights become
+``model.safetensors`` and ``entropy_reg.safetensors`` at the top of the run (link/copy to a temp name +
+rename), and every checkpoint other than the latest and the best is deleted. A SIGKILL at any moment leaves
+either the previous or the new checkpoint complete, never a mix, and never loses the best one. Every write and
+deletion goes through `privlm.fileio.RunDirectory` (no symbolic link is followed).
 
 Nothing in a checkpoint is pickled: a run directory may come from anyone, and unpickling runs code. The
 optimizer/scheduler/scaler and RNG states are nested Python structures holding tensors; `save_state`
@@ -27,12 +29,13 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from privlm.errors import CheckpointError
-from privlm.fileio import atomic_write_text, fsync_dir
+from privlm.fileio import RunDirectory, fsync_dir, path_state, use_umask
 
 WEIGHTS = "model.safetensors"
 REG_WEIGHTS = "entropy_reg.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 RNG_STATE = "rng.safetensors"
+BEST = "BEST"  # state/BEST names the checkpoint of lowest validation loss; state/LATEST the newest
 STATE_FORMAT = "privlm-state/1"
 PICKLED_STATE = ("optimizer.pt", "rng.pt")  # the format before STATE_FORMAT; never unpickled
 
@@ -109,14 +112,16 @@ LOCK = ".lock"
 class RunLock:
     """The one writer of a run directory: an exclusive `flock` on ``RUN_DIR/.lock`` held for a whole
     train/resume (the kernel drops it when the process dies, so a SIGKILL never leaves a stale lock).
-    Readers (eval, entropy, cost, report) never take it."""
+    Readers (eval, entropy, cost, report) never take it. The lock file is opened without following links
+    (`RunDirectory.open_lock`): a ``.lock`` that is a link is refused, never truncated through."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
+        self.dir = RunDirectory(run_dir)
+        self.path = self.dir.root / LOCK
         self._fd: Optional[int] = None
 
     def acquire(self) -> "RunLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self.dir.open_lock(LOCK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -141,23 +146,21 @@ class RunLock:
 
 def remove_leftovers(run_dir: Path) -> None:
     """Temporary files and directories of a writer that was killed (only call while holding the RunLock)."""
-    run_dir = Path(run_dir)
-    for p in [*run_dir.glob(".*.tmp"), *(run_dir / "state").glob(".*.tmp")]:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    rd = RunDirectory(run_dir)
+    for rel in [*rd.entries(pattern=".*.tmp"), *rd.entries("state", pattern=".*.tmp")]:
+        rd.remove(rel)
 
 
-def _atomic_place(src: Path, dst: Path) -> None:
-    """Make ``dst`` a hard link (or copy) of ``src`` atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
+def _atomic_place(rd: RunDirectory, src: Path, name: str) -> None:
+    """Make ``rd.root / name`` a hard link (or copy) of ``src`` atomically."""
+    dst = rd.path(name)
+    tmp = f".{name}.tmp"
+    rd.remove(tmp)
     try:
-        os.link(src, tmp)
+        os.link(src, rd.path(tmp))
     except OSError:  # file systems without hard links
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        shutil.copyfile(src, rd.path(tmp))
+    os.replace(rd.path(tmp), dst)
 
 
 def rng_state() -> dict:
@@ -181,12 +184,16 @@ def set_rng_state(state: dict, source: Path | str = "the checkpoint") -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, reg: Optional[torch.nn.Module],
                     optimizer: torch.optim.Optimizer, scheduler, scaler, trainer_state: dict,
-                    rng_states: list[dict], keep: int = 1) -> Path:
-    """Write checkpoint ``step``; return its directory. ``trainer_state`` is JSON (position, counters)."""
-    run_dir = Path(run_dir)
-    state_root = run_dir / "state"
-    state_root.mkdir(exist_ok=True)
-    final = state_root / f"step-{step:08d}"
+                    rng_states: list[dict], valid_loss: Optional[float] = None) -> Path:
+    """Write checkpoint ``step`` (``valid_loss``: the validation loss of its weights, None without validation
+    data) and return its directory. ``trainer_state`` is JSON (position, counters).
+
+    Kept afterwards: the latest checkpoint (``state/LATEST``, what `--resume` continues) and the best one
+    (``state/BEST``: lowest validation loss, the newer on a tie; the latest when no loss is known), whose
+    weights are the run's ``model.safetensors``. Every other ``state/step-*`` is deleted."""
+    rd = RunDirectory(run_dir)
+    state_root = rd.mkdir("state")
+    final = rd.path("state", f"step-{step:08d}")
     tmp = Path(tempfile.mkdtemp(dir=state_root, prefix=f".step-{step:08d}.", suffix=".tmp"))
     try:
         save_model(model, str(tmp / WEIGHTS), metadata={"step": str(step)})
@@ -196,41 +203,77 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, reg: Optio
         save_state(tmp / OPTIMIZER_STATE, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                            "scaler": scaler.state_dict() if scaler is not None else None})
         save_state(tmp / RNG_STATE, rng_states)
-        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
+        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "valid_loss": valid_loss},
+                                                     indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # a re-save of the same step after a resume: replace it
+        use_umask(tmp)  # safetensors writes 0600 files and mkdtemp a 0700 directory
+        if path_state(final) is not None:  # a re-save of the same step after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(state_root)
-    atomic_write_text(state_root / "LATEST", final.name + "\n")  # the commit point
-    _atomic_place(final / WEIGHTS, run_dir / WEIGHTS)
-    if reg is not None:
-        _atomic_place(final / REG_WEIGHTS, run_dir / REG_WEIGHTS)
-    old = sorted(p for p in state_root.glob("step-*") if p.is_dir() and p.name != final.name)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
-    for p in state_root.glob(".step-*.tmp"):  # leftovers of a killed save
-        shutil.rmtree(p, ignore_errors=True)
+    rd.write_text(Path("state") / "LATEST", final.name + "\n")  # the commit point
+    best = best_checkpoint(run_dir)
+    if best is None or _better(valid_loss, checkpoint_valid_loss(best)):
+        rd.write_text(Path("state") / BEST, final.name + "\n")
+        best = final
+    _atomic_place(rd, best / WEIGHTS, WEIGHTS)
+    if reg is not None and (best / REG_WEIGHTS).is_file():
+        _atomic_place(rd, best / REG_WEIGHTS, REG_WEIGHTS)
+    for rel in rd.entries("state", pattern="step-*"):
+        if rel.name not in (final.name, best.name):
+            rd.remove(rel)
+    for rel in rd.entries("state", pattern=".step-*.tmp"):  # leftovers of a killed save
+        rd.remove(rel)
     return final
+
+
+def _better(new: Optional[float], old: Optional[float]) -> bool:
+    """Whether a checkpoint of validation loss ``new`` replaces the best one of loss ``old`` (None: unknown;
+    a known loss beats an unknown one, and with no loss known at all the newer checkpoint is the best)."""
+    return old is None or (new is not None and new <= old)
+
+
+def checkpoint_valid_loss(ckpt: Path) -> Optional[float]:
+    """The validation loss recorded in a checkpoint's trainer.json (None when unknown or unreadable)."""
+    try:
+        loss = json.loads((Path(ckpt) / "trainer.json").read_text()).get("valid_loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     return (Path(run_dir) / "state" / "LATEST").is_file()
 
 
+def _named_checkpoint(pointer: Path) -> tuple[Path, bool]:
+    name = pointer.read_text(errors="replace").strip()
+    ckpt = pointer.parent / name
+    ok = name.startswith("step-") and "/" not in name and (ckpt / "trainer.json").is_file() \
+        and (ckpt / WEIGHTS).is_file()
+    return ckpt, ok
+
+
+def best_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint ``state/BEST`` names (lowest validation loss), None when there is none or it is gone."""
+    pointer = Path(run_dir) / "state" / BEST
+    if not pointer.is_file():
+        return None
+    ckpt, ok = _named_checkpoint(pointer)
+    return ckpt if ok else None
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     pointer = Path(run_dir) / "state" / "LATEST"
     if not pointer.is_file():
         raise CheckpointError(f"'{run_dir}' has no checkpoint to resume from (missing {pointer})")
-    name = pointer.read_text(errors="replace").strip()
-    ckpt = pointer.parent / name
-    if not name.startswith("step-") or "/" in name or not (ckpt / "trainer.json").is_file() \
-            or not (ckpt / WEIGHTS).is_file():
+    ckpt, ok = _named_checkpoint(pointer)
+    if not ok:
         raise CheckpointError(f"checkpoint '{ckpt}' named by {pointer} is missing or incomplete")
     if not (ckpt / OPTIMIZER_STATE).is_file() and any((ckpt / f).exists() for f in PICKLED_STATE):
         raise CheckpointError(f"checkpoint '{ckpt}' uses the old pickled state format (optimizer.pt, rng.pt), "

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import os
 import statistics
 import time
 from collections import deque
@@ -24,9 +24,9 @@ from privlm.model import GPT
 from privlm.train import distributed as D
 from privlm.train.baseline import unigram_ppl
 from privlm.train.batches import BatchSchedule, Position
-from privlm.fileio import atomic_write_json, atomic_write_text
-from privlm.train.checkpoint import (LOCK, RNG_STATE, RunLock, has_checkpoint, latest_checkpoint, load_checkpoint,
-                                     remove_leftovers, rng_state, save_checkpoint, set_rng_state)
+from privlm.fileio import RunDirectory
+from privlm.train.checkpoint import (LOCK, RNG_STATE, RunLock, best_checkpoint, has_checkpoint, latest_checkpoint,
+                                     load_checkpoint, remove_leftovers, rng_state, save_checkpoint, set_rng_state)
 from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
 from privlm.train.flight_recorder import FlightRecorder
 from privlm.train.optim import build_optimizer, build_scheduler
@@ -67,10 +67,12 @@ def check_run_dir(run_dir: Path, resume: bool) -> bool:
 
 def claim_run_dir(run_dir: Path, resume: bool) -> tuple[RunLock, bool]:
     """Take the run's writer lock (refusing at once if another process holds it), check the directory,
-    remove what a killed writer left behind. Returns (lock, whether a checkpoint exists)."""
+    remove what a killed writer left behind. Returns (lock, whether a checkpoint exists). A directory holding a
+    symbolic link anywhere is refused before anything is written (see `RunDirectory.check_tree`)."""
+    RunDirectory(run_dir).check_tree()
     lock = RunLock(run_dir)
     try:
-        if lock.path.is_file():  # a live writer is the first thing to report
+        if os.path.lexists(lock.path):  # a live writer is the first thing to report
             lock.acquire()
         check_run_dir(run_dir, resume)  # before creating anything in a directory we may not use
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +129,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, quiet: bool = False,
                  data: Any = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dir = RunDirectory(self.run_dir)  # every write under the run directory goes through it
         device_hint = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.dist = D.init_distributed(device_hint)
         self.precision = resolve_precision(cfg.train.device, cfg.train.dtype, self.dist.local_rank)
@@ -167,7 +170,7 @@ class Trainer:
             if self.restart:
                 self._clear_failed_attempt()
             if not self.resume:  # first: a directory we write into always says which run it holds
-                atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+                self.dir.write_text("config.yaml", to_yaml(cfg))
             if not self._owns_data():
                 write_run_files(self.run_dir, self.data.tokenizer, self.data.manifest)
         D.barrier(self.dist)
@@ -186,6 +189,7 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         self.step, self.tokens, self.last_saved = 0, 0, 0
+        self._step_eval: Optional[tuple[int, EvalResult]] = None  # the evaluation of the current step, if any
         # the current log interval and the loss window of the checkpoint sanity test are part of the
         # trainer's state, so a resumed run logs and keeps checkpoints exactly like the uninterrupted one
         self.interval_loss, self.interval_steps = 0.0, 0
@@ -248,9 +252,9 @@ class Trainer:
         """Write config.yaml; on a resume with overrides also log them, with the step they take effect at,
         to config_history.jsonl."""
         if self.resume and changes:  # a new or restarted run wrote its config.yaml before anything else
-            atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            self.dir.write_text("config.yaml", to_yaml(self.cfg))
         if changes:
-            with open(self.run_dir / "config_history.jsonl", "a", encoding="utf-8") as fh:
+            with self.dir.open_append("config_history.jsonl") as fh:
                 fh.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
             print(f"from step {self.step + 1}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
                   flush=True)
@@ -269,13 +273,9 @@ class Trainer:
 
     def _clear_failed_attempt(self) -> None:
         for name in ATTEMPT_RECORDS:
-            path = self.run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        for f in (self.run_dir / "state").glob("step-*"):  # never committed (no LATEST): incomplete
-            shutil.rmtree(f, ignore_errors=True)
+            self.dir.remove(name)
+        for rel in self.dir.entries("state", pattern="step-*"):  # never committed (no LATEST): incomplete
+            self.dir.remove(rel)
 
     # ------------------------------------------------------------------------------------
     def _owns_data(self) -> bool:
@@ -341,19 +341,30 @@ class Trainer:
                             f"{median:.4g} of the last {len(self.recent_losses)} steps")
         return None
 
+    def _checkpoint_valid_loss(self) -> Optional[float]:
+        """Validation loss of the weights to save (which checkpoint is the best): the evaluation of this step
+        when it is an eval step, otherwise one more with the same ``eval_max_batches`` (not logged); None
+        without validation data."""
+        if len(self.data.valid) == 0:
+            return None
+        if self._step_eval is None or self._step_eval[0] != self.step:
+            self._step_eval = (self.step, self._evaluate(record=False))
+        return self._step_eval[1].loss
+
     def _save(self) -> None:
         problem = self.checkpoint_problem()
         if problem is not None:  # never replace a good checkpoint
             self.telemetry.print(f"step {self.step}: checkpoint not saved ({problem}); last good checkpoint: "
                                  f"{f'step {self.last_saved}' if self.last_saved else 'none yet'}")
             return
+        valid_loss = self._checkpoint_valid_loss()
         rngs = D.gather_objects(rng_state(), self.dist)
         if self.dist.is_main:
             save_checkpoint(self.run_dir, self.step, self.model, self.reg, self.optimizer, self.scheduler,
                             self.scaler, {"tokens": self.tokens, "position": self.batches.position.to_dict(),
                                           "world": self.dist.world, "interval_loss": self.interval_loss,
                                           "interval_steps": self.interval_steps,
-                                          "recent_losses": list(self.recent_losses)}, rngs)
+                                          "recent_losses": list(self.recent_losses)}, rngs, valid_loss)
         D.barrier(self.dist)
         self.last_saved = self.step
 
@@ -361,6 +372,7 @@ class Trainer:
         t = self.cfg.train
         res = evaluate(self.net if not self.dist.enabled else self.model, self.data.valid, t.batch_size,
                        self.precision, self.dist, t.eval_max_batches)
+        self._step_eval = (self.step, res)
         if record:
             self.telemetry.eval(self.step, res.loss, res.ppl, res.tokens)
         if not math.isfinite(res.loss):  # finite training loss but NaN/Inf on held-out data: same verdict
@@ -371,6 +383,9 @@ class Trainer:
     def _diverged(self, chunk: torch.Tensor, loss: float, grad_norm: float, step: int,
                   what: str = "training diverged") -> None:
         msg = diagnose(self.model, chunk, self.precision, step, loss, grad_norm, self.last_saved, what)
+        best = best_checkpoint(self.run_dir) if self.dist.is_main else None
+        if best is not None and best.name != f"step-{self.last_saved:08d}":
+            msg += f"; best checkpoint (model.safetensors): step {int(best.name.split('-')[1])}"
         flight = self.recorder.dump(self.run_dir if self.dist.is_main else None, step, loss, grad_norm, what)
         msg = f"{msg}; {flight}" if flight else msg
         self.telemetry.print(msg)
@@ -386,9 +401,18 @@ class Trainer:
                    "tokens_trained": self.tokens, "steps": self.step,
                    "final_loss": final.loss if final else None, "final_ppl": final.ppl if final else None,
                    "diverged": diverged, "diagnosis": diagnosis,
-                   "unigram_loss": uni_loss, "unigram_ppl": uni_ppl}  # same tokenizer, same valid targets
-        atomic_write_json(self.run_dir / "summary.json", summary)
+                   "unigram_loss": uni_loss, "unigram_ppl": uni_ppl,  # same tokenizer, same valid targets
+                   **self._best_summary()}
+        self.dir.write_json("summary.json", summary)
         return summary
+
+    def _best_summary(self) -> dict:
+        """The checkpoint model.safetensors holds (state/BEST) and its validation loss."""
+        from privlm.train.checkpoint import checkpoint_valid_loss
+        best = best_checkpoint(self.run_dir)
+        if best is None:
+            return {"best_step": None, "best_loss": None}
+        return {"best_step": int(best.name.split("-")[1]), "best_loss": checkpoint_valid_loss(best)}
 
     def _write_entropy(self) -> None:
         t, T = self.cfg.train, self.cfg.data.seq_len
@@ -398,7 +422,7 @@ class Trainer:
         if self.cfg.model.attn_temperature:
             temps = [blk.attn.temperatures()[:, :T].detach().float().cpu().tolist() for blk in self.model.blocks]
         thresholds = self.reg.theta.detach().float().cpu().tolist() if self.reg is not None else None
-        atomic_write_json(self.run_dir / "entropy.json",
+        self.dir.write_json("entropy.json",
                           {"step": self.step, "seq_len": T, "head_entropy": ent.tolist(),
                            "thresholds": thresholds, "temperatures": temps})
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from privlm.fileio import atomic_write_text
+from privlm.fileio import RunDirectory, atomic_write_text
 from privlm.model.entropy_attention import self_check_failures
 
 
@@ -49,10 +49,11 @@ class Telemetry:
         self._warned: set[str] = set()
         if not enabled:
             return
-        self._fh = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        run = RunDirectory(run_dir)  # never through a link: metrics.jsonl and tb/ stay inside the run
+        self._fh = run.open_append("metrics.jsonl")
         from torch.utils.tensorboard import SummaryWriter  # heavy import, only on rank 0
         # purge_step drops events a killed run wrote after the checkpoint we resume from
-        self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"),
+        self._tb = SummaryWriter(log_dir=str(run.mkdir("tb")),
                                  purge_step=start_step + 1 if start_step else None)
         if not self.quiet:
             from tqdm import tqdm
