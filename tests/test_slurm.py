@@ -190,15 +190,21 @@ def test_cancelled_sweep_completes_on_rerun_without_training_a_run_twice(cluster
     assert all((a[k] == b[k]).all() for k in a)
 
 
-def test_srun_two_task_ddp_matches_single_process(cluster, corpus, tmp_path):
+def test_example_sbatch_script_trains_ddp_over_srun_like_one_process(cluster, corpus, tmp_path):
+    """examples/slurm/train-multinode.sbatch, shrunk to one node, two CPU tasks and no GPU by sbatch flags
+    (they override its #SBATCH lines): `srun` starts two `privlm train` ranks that find each other from SLURM's
+    environment alone, and train exactly as one process with the same global batch."""
     common = corpus + ["train.max_steps=6", "train.log_every=1", "train.eval_every=6", "train.save_every=6",
                        "train.entropy_every=3", "train.grad_accum=2", "train.lr=3e-3"]
     ddp = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(["srun", "-n", "2", "--time", "10", sys.executable, "-m", "privlm.cli", "train", "SM+LN+G",
-                           *common, "train.batch_size=2", "--out", str(ddp), "--quiet"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `privlm` of this environment
+    proc = subprocess.run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+                           "--cpus-per-task=1", "--time=10", f"--output={tmp_path / 'job.out'}",
+                           str(ROOT / "examples" / "slurm" / "train-multinode.sbatch"), "SM+LN+G", str(ddp),
+                           *common, "train.batch_size=2"], capture_output=True, text=True, timeout=600, env=env)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").is_file() else ""
+    assert proc.returncode == 0, (proc.stderr, log[-3000:])
     single = train(load_config("SM+LN+G", [*common, "train.batch_size=4"]), tmp_path / "single", quiet=True)
 
     def recs(run, kind):
@@ -258,3 +264,54 @@ def test_a_run_failing_on_the_cluster_is_named_with_its_log(cluster, corpus, tmp
     rows = {x.split()[0]: x for x in status.stdout.splitlines()[1:]}
     assert rows["broken"].split()[1:3] == ["failed", "(FAILED)"] and rows["broken"].endswith(log)
     assert rows["sm-ln-g"].split()[1] == "done"
+
+
+def test_gpu_study_is_submit_ready_with_one_gpu_per_run(tmp_path):
+    from privlm.launchers.slurm import executor
+    from privlm.sweep import load_sweep
+
+    sweep = load_sweep(ROOT / "configs" / "sweeps" / "gpu-study.yaml")
+    assert len(sweep.runs) == 6 and all(r.cfg.train.device == "cuda" for r in sweep.runs)
+    res = sweep.slurm.merged(partition="gpu", account="proj", sbatch_args=["--qos=high"])
+    script = executor(tmp_path, res, "privlm-gpu-study")._executor._make_submission_file_text("CMD", "x")
+    for line in ("--gpus-per-node=1", "--cpus-per-task=8", "--mem=64G", "--time=1:00:00", "--partition=gpu",
+                 "--account=proj", "--qos=high", "--job-name=privlm-gpu-study"):
+        assert f"#SBATCH {line}\n" in script
+
+
+def test_launch_environment_torchrun_srun_and_batch_script():
+    from privlm.train.distributed import PORT_BASE, launch_env
+
+    assert launch_env({}).launcher == "single"
+    tr = launch_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "SLURM_STEP_NUM_TASKS": "2",
+                     "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"})  # torchrun inside an allocation: torchrun's ranks
+    assert (tr.launcher, tr.rank, tr.world, tr.local_rank) == ("torchrun", 3, 4, 1)
+    step = {"SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+            "SLURM_STEP_ID": "2", "SLURM_NTASKS": "16"}
+    s = launch_env(step)
+    assert (s.launcher, s.rank, s.world, s.local_rank, s.master_addr) == ("slurm", 9, 16, 1, None)
+    assert s.master_port == PORT_BASE + 456 * 15 + 2 and s.master_port < 32768  # below the ephemeral ports
+    assert launch_env({**step, "SLURM_JOB_ID": "123457"}).master_port != s.master_port
+    o = launch_env({**step, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert (o.master_addr, o.master_port) == ("10.0.0.1", 29500)
+    # the batch script of a 16-task job runs privlm once, without a step: one process, not rank 0 of 16
+    assert launch_env({"SLURM_NTASKS": "16", "SLURM_PROCID": "0", "SLURM_JOB_ID": "5"}).world == 1
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"partion": "gpu"}, r"unknown key\(s\) \['partion'\] under 'slurm'"),
+    ({"gpus": "one"}, r"slurm.gpus must be an integer >= 0"),
+    ({"cpus": 0}, r"slurm.cpus must be an integer >= 1"),
+    ({"time": ""}, r"slurm.time must be a non-empty string"),
+    ({"sbatch_args": ["-q high"]}, r"'-q high' is not a long sbatch option"),
+    ("gpu", r"'slurm' must be a mapping"),
+])
+def test_bad_slurm_sections_fail_with_one_line(tmp_path, raw, match):
+    from privlm.config import ConfigError
+    from privlm.sweep import load_sweep
+
+    f = tmp_path / "s.yaml"
+    f.write_text(json.dumps({"runs": ["SM"], "slurm": raw}))
+    with pytest.raises(ConfigError, match=match) as err:
+        load_sweep(f)
+    assert "\n" not in str(err.value)
