@@ -423,8 +423,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--account", help="(slurm) account to charge")
     g.add_argument("--sbatch-arg", action="append", default=[], metavar="--OPT[=VALUE]", dest="sbatch_args",
                    help="(slurm) extra sbatch option, repeatable (e.g. --sbatch-arg=--qos=high)")
-    g.add_argument("--poll", type=float, default=15.0, metavar="SECONDS",
+    g.add_argument("--poll", type=_seconds, default=15.0, metavar="SECONDS",
                    help="(slurm) seconds between two queries of the job states (default 15)")
+
+
+def _seconds(text: str) -> float:
+    from privlm.errors import finite_float
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
 
 
 def _count(low: int) -> Callable[[str], int]:
