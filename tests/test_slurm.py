@@ -315,3 +315,23 @@ def test_bad_slurm_sections_fail_with_one_line(tmp_path, raw, match):
     with pytest.raises(ConfigError, match=match) as err:
         load_sweep(f)
     assert "\n" not in str(err.value)
+
+
+def test_detached_sweep_is_waited_for_not_submitted_again(cluster, corpus, tmp_path, privlm):
+    f = write_sweep(tmp_path / "s.yaml", corpus, ["SM+LN+G", "SM"])
+    out = tmp_path / "out"
+    r = privlm("sweep", str(f), "--out", str(out), *SLURM, "--detach")
+    assert r.returncode == 0 and "submitted 2 run(s)" in r.stdout and "--detach: not waiting" in r.stdout
+    first = records(out)
+    assert not (out / "results.md").exists()
+    status = privlm("sweep", str(f), "--out", str(out), "--status")
+    states = {x.split()[0]: x.split()[1] for x in status.stdout.splitlines()[1:]}
+    assert set(states.values()) <= {"pending", "running", "done"}
+    # the same command while the jobs are queued or running: it waits for them, submits nothing
+    r = privlm("sweep", str(f), "--out", str(out), *SLURM)
+    assert r.returncode == 0, r.stderr
+    recs = records(out)
+    for n in ("sm-ln-g", "sm"):
+        assert recs[n]["jobs"] == [first[n]["job_id"]] and recs[n]["status"] == "done"
+    assert "as SLURM job array" not in r.stdout  # nothing submitted by the second command
+    assert (out / "results.md").is_file()
