@@ -37,6 +37,7 @@ import yaml
 from privlm.config import Config, ConfigError, load_config, looks_like_config_file, to_dict
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.fileio import slug
+from privlm.launchers.slurm import SlurmResources, parse_resources
 from privlm.pi.summary import CostSummary
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title", "slurm"}
@@ -62,7 +63,7 @@ class Sweep:
     baseline: Optional[str]
     description: str = ""
     common: list[str] = field(default_factory=list)
-    slurm: Any = None  # privlm.launchers.slurm.SlurmResources: per-run resources for --launcher slurm
+    slurm: SlurmResources = field(default_factory=SlurmResources)  # per-run resources for --launcher slurm
 
 
 def _flatten(raw: dict, prefix: str = "") -> list[str]:
@@ -155,7 +156,6 @@ def load_sweep(path: str | Path) -> Sweep:
         names = {r.name for r in runs} | {r.preset for r in runs}
         if baseline not in names and slug(baseline) not in names:
             raise ConfigError(f"{origin}: baseline '{baseline}' is not one of the runs ({', '.join(r.name for r in runs)})")
-    from privlm.launchers.slurm import parse_resources
     return Sweep(name=str(raw.get("name") or path.stem), path=path, runs=runs, baseline=baseline,
                  description=str(raw.get("description") or ""), common=common,
                  slurm=parse_resources(raw.get("slurm"), origin))
