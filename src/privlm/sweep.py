@@ -37,6 +37,7 @@ import yaml
 from privlm.config import Config, ConfigError, load_config, looks_like_config_file, to_dict
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.fileio import slug
+from privlm.launchers import slurm as slurm_launcher
 from privlm.launchers.slurm import SlurmResources, parse_resources
 from privlm.pi.summary import CostSummary
 
@@ -527,8 +528,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train N runs at once, each in its own process with --threads threads (default 1); "
                    "their console output goes to <out>/logs/<run>.log")
     p.add_argument("--verbose", action="store_true", help="show each run's progress bar / log lines")
-    from privlm.launchers.slurm import add_arguments
-    add_arguments(p)
+    slurm_launcher.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -546,8 +546,7 @@ def run(args: argparse.Namespace) -> int:
                   f"seed={c.train.seed} {' '.join(r.overrides)}")
         return 0
     if args.status:
-        from privlm.launchers.slurm import print_status
-        return print_status(sweep, out)
+        return slurm_launcher.print_status(sweep, out)
     if args.jobs < 1:
         raise ConfigError(f"--jobs={args.jobs} must be >= 1")
     if args.threads is not None:
@@ -561,12 +560,12 @@ def run(args: argparse.Namespace) -> int:
                            + (["--threads", str(args.threads)] if args.threads else [])
                            + (["--jobs", str(args.jobs)] if args.jobs > 1 else []))
         if args.launcher == "slurm":
-            from privlm.launchers import slurm
             if args.jobs > 1:
                 raise ConfigError("--jobs sets the local pool's size; with --launcher slurm every run is a job")
-            state = slurm.run_slurm(sweep, out, slurm.flags_resources(sweep, args), threads=args.threads,
-                                    detach=args.detach, max_runs=args.max_runs, poll=args.poll,
-                                    command=" ".join([command] + slurm.command_flags(args)))
+            state = slurm_launcher.run_slurm(sweep, out, slurm_launcher.flags_resources(sweep, args),
+                                             threads=args.threads, detach=args.detach, max_runs=args.max_runs,
+                                             poll=args.poll,
+                                             command=" ".join([command] + slurm_launcher.command_flags(args)))
             if state is None:  # --detach: the jobs train on; nothing to tabulate yet
                 return 0
         else:
