@@ -4,14 +4,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.privlm-installed
-PYTEST_ARGS ?= -q -n 2
+# loadgroup: the tests of one xdist_group (the SLURM tests share one cluster) run on one worker
+PYTEST_ARGS ?= -q -n 2 --dist loadgroup
 
 # SecretFlow SPU (privlm pi) needs Python 3.11, jax 0.4.34 and numpy<2: its own environment, see requirements-spu.txt
 SPU_PYTHON ?= python3.11
 SPU_VENV   := .venv-spu
 SPU_STAMP  := $(SPU_VENV)/.privlm-spu-installed
 
-.PHONY: setup spu-setup chromium demo test docs clean
+.PHONY: setup spu-setup chromium slurm demo test docs clean
 
 setup: $(STAMP)
 
@@ -41,7 +42,7 @@ DEMO_PI_ARGS ?=
 demo: setup spu-setup
 	$(BIN)/privlm demo --out $(DEMO_DIR) $(if $(DEMO_PI_ARGS),--pi-args "$(DEMO_PI_ARGS)")
 
-test: setup spu-setup chromium
+test: setup spu-setup chromium slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Rewrite the numbers of README.md and docs/results/*/README.md from the committed results files (between
@@ -52,6 +53,13 @@ docs: setup
 # Headless Chromium for the report test (tests/test_report.py opens the HTML report in it); Debian package.
 chromium:
 	command -v chromium >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+# A real single-node SLURM cluster for tests/test_slurm.py (the fixture starts munged, slurmctld and slurmd in a
+# temporary directory and stops them by PID); Debian packages, as root.
+slurm:
+	command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1 \
+	  && command -v munged >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+	  --no-install-recommends slurmctld slurmd slurm-client munge)
 
 clean:
 	rm -rf $(VENV) $(SPU_VENV) .pytest_cache runs

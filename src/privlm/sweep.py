@@ -37,9 +37,11 @@ import yaml
 from privlm.config import Config, ConfigError, load_config, looks_like_config_file, to_dict
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.fileio import RunDirectory, atomic_write_text, slug
+from privlm.launchers import slurm as slurm_launcher
+from privlm.launchers.slurm import SlurmResources, parse_resources
 from privlm.results import RunRow
 
-SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title"}
+SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title", "slurm"}
 ENTRY_KEYS = {"preset", "name", "overrides"}
 # Keys resolved from the data when a run starts, so its config.yaml differs from the sweep's config there (the
 # vocabulary follows the tokenizer).
@@ -62,6 +64,7 @@ class Sweep:
     baseline: Optional[str]
     description: str = ""
     common: list[str] = field(default_factory=list)
+    slurm: SlurmResources = field(default_factory=SlurmResources)  # per-run resources for --launcher slurm
 
 
 def _flatten(raw: dict, prefix: str = "") -> list[str]:
@@ -155,7 +158,8 @@ def load_sweep(path: str | Path) -> Sweep:
         if baseline not in names and slug(baseline) not in names:
             raise ConfigError(f"{origin}: baseline '{baseline}' is not one of the runs ({', '.join(r.name for r in runs)})")
     return Sweep(name=str(raw.get("name") or path.stem), path=path, runs=runs, baseline=baseline,
-                 description=str(raw.get("description") or ""), common=common)
+                 description=str(raw.get("description") or ""), common=common,
+                 slurm=parse_resources(raw.get("slurm"), origin))
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,13 +203,17 @@ def check_sweep_dir(out: Path) -> None:
 
 
 def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bool = True,
-              log=print, command: Optional[str] = None, jobs: int = 1, threads: Optional[int] = None) -> dict:
+              log=print, command: Optional[str] = None, jobs: int = 1, threads: Optional[int] = None,
+              launcher=None) -> dict:
     """Train every run not yet finished (at most ``max_runs`` of them in this call), ``jobs`` at a time.
     Returns the state written to out/sweep.json. Divergence of one run is recorded and the sweep goes on.
 
     With ``jobs > 1`` every run trains in its own process with ``threads`` torch threads (default 1), its
     console output in out/logs/<name>.log; the run directories, resume and results are the same as with one
-    job (each run's numbers do not depend on what runs beside it)."""
+    job (each run's numbers do not depend on what runs beside it).
+
+    ``launcher(sweep, out, todo, records, state, log)``, when given, trains the planned runs instead
+    (`privlm.launchers.slurm`: a SLURM job array)."""
     from privlm.run import load_run_config  # torch: imported when a sweep runs, not when the CLI starts
     check_sweep_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +255,9 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
             status = "new"
         todo.append((i, r, status == "resumable"))
     _write_json(state_file, state)
-    if jobs > 1:
+    if launcher is not None:
+        launcher(sweep, out, todo, records, state, log)
+    elif jobs > 1:
         _run_parallel(sweep, out, todo, records, state, jobs, threads or 1, log)
     else:
         _run_serial(sweep, out, todo, records, state, quiet, log)
@@ -536,6 +546,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train N runs at once, each in its own process with --threads threads (default 1); "
                    "their console output goes to <out>/logs/<run>.log")
     p.add_argument("--verbose", action="store_true", help="show each run's progress bar / log lines")
+    slurm_launcher.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -552,6 +563,8 @@ def run(args: argparse.Namespace) -> int:
                   f"tokens={c.train.max_steps * c.train.batch_size * c.train.grad_accum * c.data.seq_len:,} "
                   f"seed={c.train.seed} {' '.join(r.overrides)}")
         return 0
+    if args.status:
+        return slurm_launcher.print_status(sweep, out)
     if args.jobs < 1:
         raise ConfigError(f"--jobs={args.jobs} must be >= 1")
     if args.threads is not None:
@@ -560,12 +573,22 @@ def run(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
     if not args.report_only:
-        state = run_sweep(sweep, out, args.max_runs, quiet=not args.verbose,
-                          command=" ".join(["privlm sweep", args.sweep_file, "--out", str(out)]
-                                           + (["--results", args.results] if args.results else [])
-                                           + (["--threads", str(args.threads)] if args.threads else [])
-                                           + (["--jobs", str(args.jobs)] if args.jobs > 1 else [])),
-                          jobs=args.jobs, threads=args.threads)
+        command = " ".join(["privlm sweep", args.sweep_file, "--out", str(out)]
+                           + (["--results", args.results] if args.results else [])
+                           + (["--threads", str(args.threads)] if args.threads else [])
+                           + (["--jobs", str(args.jobs)] if args.jobs > 1 else []))
+        if args.launcher == "slurm":
+            if args.jobs > 1:
+                raise ConfigError("--jobs sets the local pool's size; with --launcher slurm every run is a job")
+            state = slurm_launcher.run_slurm(sweep, out, slurm_launcher.flags_resources(sweep, args),
+                                             threads=args.threads, detach=args.detach, max_runs=args.max_runs,
+                                             poll=args.poll,
+                                             command=" ".join([command] + slurm_launcher.command_flags(args)))
+            if state is None:  # --detach: the jobs train on; nothing to tabulate yet
+                return 0
+        else:
+            state = run_sweep(sweep, out, args.max_runs, quiet=not args.verbose, command=command,
+                              jobs=args.jobs, threads=args.threads)
         pending = [r.name for r in sweep.runs if run_status(out / r.name) != "done"]
         if pending:
             print(f"{len(pending)} run(s) not finished yet: {', '.join(pending)}")

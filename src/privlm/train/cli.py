@@ -1,12 +1,12 @@
 """`privlm train CONFIG.yaml|PRESET [key=value ...] [--out RUN_DIR] [--resume RUN_DIR] [--quiet]`
 
 Trains a model on the configured data and writes a run directory (docs/CONTRACTS.md). Under
-`torchrun --nproc_per_node N` the same command trains with DDP (global batch = N x batch_size x grad_accum).
+`torchrun --nproc_per_node N` or `srun -n N` (SLURM) the same command trains with DDP (global batch = N x
+batch_size x grad_accum).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -32,6 +32,7 @@ def resume_config(run_dir: Path, overrides: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
+    from privlm.train.distributed import world_size
     from privlm.train.loop import train
 
     spec, overrides = split_spec(args.spec, args.overrides)
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(spec, overrides)
         if args.out:
             run_dir = Path(args.out)
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("under torchrun pass --out RUN_DIR (every process must write the same run)")
+        elif world_size() > 1:
+            raise ConfigError("under torchrun or srun pass --out RUN_DIR (every process must write the same run)")
         else:
             run_dir = _default_run_dir(cfg.model.preset)
     summary = train(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet)
