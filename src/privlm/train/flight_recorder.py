@@ -271,15 +271,11 @@ def verdict_line(trace: dict) -> str:
 
 def read_trace(run_dir: Path) -> Optional[dict]:
     """RUN_DIR/flight_recorder.json, or None when the run has none (it never diverged)."""
-    import json
+    from privlm.validate import read_json
     path = Path(run_dir) / FLIGHT_FILE
     if not path.is_file():
         return None
-    try:
-        trace = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        from privlm.errors import CheckpointError
-        raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    trace = read_json(path)  # size, depth and the trace's schema
     if trace.get("format") != FORMAT:
         from privlm.errors import CheckpointError
         raise CheckpointError(f"{path} is not a flight-recorder trace (format {trace.get('format')!r}, "
