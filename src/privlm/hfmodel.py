@@ -140,7 +140,7 @@ def load_config(spec: str, weights: bool = False):
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot read the config of '{spec}': {_first_line(exc)}") from None
     family = family_of(config)
-    check_shape(config, path / "config.json")
+    check_shape(config, path / "config.json", raw)
     return config, path, family
 
 
@@ -153,7 +153,7 @@ _HF_NAMES = {"n_layer": ("num_hidden_layers", "n_layer"), "n_head": ("num_attent
              "n_kv_head": ("num_key_value_heads",), "head_dim": ("head_dim",)}
 
 
-def check_shape(config, where: Path) -> None:
+def check_shape(config, where: Path, raw: Optional[dict] = None) -> None:
     """Every size of the config a positive integer within privlm's bounds (config.UPPER), heads dividing the
     width: a config.json with ``n_head: 0`` or 10^9 layers is one line, not a ZeroDivisionError or a model
     build that never returns."""
@@ -161,7 +161,8 @@ def check_shape(config, where: Path) -> None:
 
     values = {}
     for short, names in _HF_NAMES.items():
-        name = next((n for n in names if getattr(config, n, None) is not None), None)
+        name = next((n for n in names if (raw or {}).get(n) is not None), None) \
+            or next((n for n in names if getattr(config, n, None) is not None), None)
         if name is None:
             continue
         value = getattr(config, name)
@@ -217,10 +218,10 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         raise CheckpointError(f"'{path}' has no *.safetensors weights (pickled *.bin files are not read: loading "
                               f"them can run code); convert them with save_pretrained(safe_serialization=True)")
     from privlm.validate import check_finite, check_fits, safetensors_header
-    for f in sorted(path.glob("*.safetensors")):
-        safetensors_header(f)
     check_fits(hf_param_count(config) * torch.finfo(dtype).bits // 8, f"model '{spec}' "
                f"({hf_param_count(config):,}+ parameters)", device)
+    for f in sorted(path.glob("*.safetensors")):
+        safetensors_header(f)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -84,6 +84,9 @@ def _as_list(value: Any, what: str, origin: str) -> list[str]:
     return list(value)
 
 
+MAX_SWEEP_RUNS = 10_000
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and resolve a sweep file: every run's full config is built (and validated) up front, so a
     typo in the 11th entry fails before the first run starts."""
@@ -116,6 +119,10 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{origin}: 'grid' must map dotted keys to non-empty lists of values")
     if raw.get("runs") is None and not grid:
         raise ConfigError(f"{origin}: give 'runs' (a list of presets) and/or 'grid'")
+    n_runs = len(entries) * math.prod(len(v) for v in grid.values())
+    if n_runs > MAX_SWEEP_RUNS:  # every run's config is resolved up front: bound the work before starting it
+        raise ConfigError(f"{origin}: {n_runs:,} runs ('runs' x 'grid'), more than the {MAX_SWEEP_RUNS:,} a sweep "
+                          f"may have; split it into several sweeps")
 
     runs: list[SweepRun] = []
     for i, entry in enumerate(entries):

@@ -46,9 +46,13 @@ class Opt:
         self.spec = spec
 
 
+class Matrix:
+    """Schema of a rectangular [rows][cols] list of numbers (null = NaN), e.g. per-layer per-head entropy."""
+
+
 NUMBER = "number"     # int or float (JSON null stands for NaN/inf where the writer uses strict_json)
 ANY = "any"
-MATRIX = [[Opt(NUMBER)]]  # [L][H] of numbers (null = NaN)
+MATRIX = Matrix()
 
 # One schema per file kind: {"key": spec} required, {"key?": spec} optional; extra keys are allowed (files
 # grow new fields). Specs: a type, NUMBER, ANY, Opt(spec), [spec] (a list of spec), {...} (a mapping).
@@ -96,6 +100,8 @@ def _spec_text(spec: Any) -> str:
         return "a number"
     if isinstance(spec, list):
         return "a list"
+    if isinstance(spec, Matrix):
+        return "a rectangular list of lists of numbers"
     if isinstance(spec, dict) or spec is dict:
         return "a mapping"
     return {str: "a string", int: "an integer", bool: "true/false", float: "a number"}.get(spec, str(spec))
@@ -112,6 +118,10 @@ def _matches(value: Any, spec: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(spec, list):
         return isinstance(value, list)
+    if isinstance(spec, Matrix):
+        return (isinstance(value, list) and all(isinstance(r, list) for r in value)
+                and len({len(r) for r in value}) <= 1
+                and all(v is None or _matches(v, NUMBER) for r in value for v in r))
     if isinstance(spec, dict):
         return isinstance(value, dict)
     return isinstance(value, spec)
@@ -480,10 +490,11 @@ def check_model_fits(m, batch: int = 0, T: int = 0, training: bool = False, devi
 
 
 def spu_memory(m, T: int, sequences: int = 1) -> int:
-    """A lower estimate of what a 2PC run of GPT ``m`` on ``T`` tokens holds in memory: the weights as 64-bit
-    ring shares of both parties (the simulator holds both) and the shared logits and activations."""
-    shares = 2 * 8
-    d, L, V = m.n_embd, m.n_layer, m.vocab_size
+    """A lower estimate of what a 2PC run of GPT ``m`` on ``T`` tokens holds in memory, per parameter: the
+    plaintext model (4 bytes), its export read by the server (4), the 64-bit ring shares of both parties (the
+    simulator holds both: 16) and the encoded copy made while feeding them in (8); plus the shared
+    activations and logits of the sequences (16 bytes per value, twice for a product's operands)."""
+    d, V = m.n_embd, m.vocab_size
     h = m.ffn_hidden if m.ffn_hidden is not None else 4 * d
     acts = sequences * T * (4 * d + h + m.n_head * T + V)
-    return gpt_param_count(m) * shares + acts * shares * 2
+    return gpt_param_count(m) * 32 + acts * 16 * 2
