@@ -243,7 +243,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}"
                          for k, v in bad.items())
         raise CheckpointError(f"the weights of '{spec}' do not match its config ({what})")
-    check_finite(model.named_parameters(), f"the weights of '{spec}'")
+    check_finite(model.named_parameters(), f"'{spec}'")
     return HFModel(model.to(device=device, dtype=dtype).eval(), family, path, spec)
 
 

@@ -29,7 +29,8 @@ from privlm.errors import CheckpointError, ConfigError, PrivlmError, ResourceErr
 MAX_JSON_BYTES = 64 * 2**20      # summary/entropy/manifest/trace/sweep state/HF config/tokenizer_config
 MAX_TOKENIZER_BYTES = 256 * 2**20  # tokenizer.json of a 256k vocabulary is ~20 MB
 MAX_JSONL_BYTES = 1024 * 2**20   # metrics.jsonl / config_history.jsonl of a long run
-MAX_YAML_BYTES = 4 * 2**20       # config.yaml, sweep files
+MAX_YAML_BYTES = 64 * 2**10      # config.yaml (~1.5 KB), sweep files (the largest shipped: 4 KB); pure-Python
+                                 # YAML parsing runs at ~100 KB/s, so this also bounds the time
 MAX_DEPTH = 32                   # nesting of any JSON/YAML document privlm writes is <= 6
 MAX_YAML_NODES = 200_000         # nodes after alias expansion (a "billion laughs" file has 10^9)
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors library's own limit
@@ -252,8 +253,10 @@ def check_yaml(path: Path | str, error: type = ConfigError, what: str = "config 
 
     path = Path(path)
     text = _read_text(path, MAX_YAML_BYTES, error)
+    if _flow_depth(text) > MAX_DEPTH:  # before the recursive parser sees it
+        raise error(f"{what} '{path}' is nested deeper than {MAX_DEPTH} levels")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except RecursionError:
         raise error(f"{what} '{path}' is nested deeper than {MAX_DEPTH} levels") from None
     except yaml.YAMLError as exc:
@@ -286,6 +289,17 @@ def check_yaml(path: Path | str, error: type = ConfigError, what: str = "config 
 
     size(node, 1)
     return text
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of YAML flow collections ([...] / {...}), quoted strings skipped."""
+    import re
+
+    depth = deepest = 0
+    for m in re.finditer(r"[\[\]{}]", re.sub(r"'[^'\n]*'|\"(?:[^\"\\\n]|\\.)*\"", "", text)):
+        depth = depth + 1 if m.group() in "[{" else max(0, depth - 1)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def read_yaml(path: Path | str, error: type = ConfigError, what: str = "config file") -> Any:
@@ -382,7 +396,8 @@ def check_finite(named_tensors: Iterable, where: str, error: type = CheckpointEr
     for name, t in named_tensors:
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise error(f"{where} has non-finite weights: {bad:,} NaN/inf values in '{name}'")
+            raise error(f"{where} has non-finite weights: {bad:,} NaN/inf value{'s' if bad != 1 else ''} in "
+                        f"'{name}'")
 
 
 def check_token_ids(ids, vocab_size: int, what: str, error: type = PrivlmError) -> None:
