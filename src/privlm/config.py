@@ -327,7 +327,7 @@ UPPER: dict[str, int | float] = {
     "train.eval_max_batches": 2**40, "train.log_every": 2**40, "train.entropy_every": 2**40,
     "train.save_every": 2**40, "train.flight_steps": 2**20, "train.flight_every": 2**40,
     "train.seed": 2**63 - 1, "model.init_std": 1e3, "model.alpha_init": 1e6, "model.beta_init": 1e6,
-    "model.leaky_slope": 1e3, "model.temperature_init": 1e6, "model.temperature_min": 1e6, "train.lr": 1e3,
+    "model.leaky_slope": 1e3, "model.temperature_init": 1e6, "model.temperature_min": 1e6, "train.lr": 1e9,
     "train.grad_clip": 1e9, "reg.lambda_": 1e9}
 UPPER_WHY = {"model": "far beyond any model privlm can build", "data": "far beyond any data privlm can build",
              "train": "far beyond any run privlm can train", "reg": "far beyond any useful setting"}

@@ -212,6 +212,14 @@ def read_json(path: Path | str, schema: Any = None, *, kind: Optional[str] = Non
     """A JSON file, size- and depth-bounded and checked against ``schema`` (default ``SCHEMAS[kind or name]``)."""
     path = Path(path)
     value = parse_json(_read_text(path, max_bytes, error), f"'{path}'", error)
+    return check_file(value, path, schema, kind=kind, error=error)
+
+
+def check_file(value: Any, path: Path | str, schema: Any = None, *, kind: Optional[str] = None,
+               error: type = CheckpointError) -> Any:
+    """``value`` (read from ``path``) checked against ``schema`` (default ``SCHEMAS[kind or file name]``);
+    one line naming the file and the field otherwise."""
+    path = Path(path)
     spec = schema if schema is not None else SCHEMAS.get(kind or path.name)
     if spec is not None:
         bad = check_schema(value, spec)

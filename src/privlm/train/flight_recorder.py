@@ -271,16 +271,16 @@ def verdict_line(trace: dict) -> str:
 
 def read_trace(run_dir: Path) -> Optional[dict]:
     """RUN_DIR/flight_recorder.json, or None when the run has none (it never diverged)."""
-    from privlm.validate import read_json
+    from privlm.errors import CheckpointError
+    from privlm.validate import ANY, check_file, read_json
     path = Path(run_dir) / FLIGHT_FILE
     if not path.is_file():
         return None
-    trace = read_json(path)  # size, depth and the trace's schema
-    if trace.get("format") != FORMAT:
-        from privlm.errors import CheckpointError
+    trace = read_json(path, ANY)  # size and depth bounded
+    if isinstance(trace, dict) and trace.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a flight-recorder trace (format {trace.get('format')!r}, "
                               f"expected {FORMAT!r})")
-    return trace
+    return check_file(trace, path)  # the trace's schema, naming the field
 
 
 def format_trace(trace: dict, last: int = 8) -> str:
