@@ -415,6 +415,24 @@ RUN_FILES = [
     Case("eval-token-cache-ids", "eval", "a token cache whose ids lie outside the vocabulary",
          ["eval", "{copy}"], r"token cache '.*valid\.bin' has token id 65535, outside the model's vocabulary 0\.\.511",
          setup=_bad_token_cache),
+    Case("data-jsonl-deep", "data", "a jsonl data file whose row is nested 10^5 levels",
+         ["data", "data.source=files:{tmp}/d/*.jsonl", "data.cache_dir={tmp}/c"],
+         r"deep\.jsonl' line 1 is nested deeper than 32 levels", setup=_write("tmp:d/deep.jsonl", _deep(10**5) + "\n")),
+    Case("eval-data-jsonl-deep", "eval", "eval --data with a jsonl row nested 10^5 levels",
+         ["eval", "{run}", "--data", "files:{tmp}/d/*.jsonl"], r"deep\.jsonl' line 2 is nested deeper",
+         setup=_write("tmp:d/deep.jsonl", '{"content": "x = 1"}\n' + _deep(10**5) + "\n")),
+    Case("pi-public-json-list", "pi", "a client bundle whose public.json is a list",
+         ["pi", "run", "{tmp}/bundle", "--mode", "2proc", "--party", "0", "--tokens", "1"],
+         r"public\.json' is malformed: it must be a mapping", setup=_write("tmp:bundle/public.json", "[]")),
+    Case("pi-public-json-vocab", "pi", "a client bundle whose public.json has vocab_size a string",
+         ["pi", "run", "{tmp}/bundle", "--mode", "2proc", "--party", "0", "--tokens", "1"],
+         r"public\.json' is malformed: 'vocab_size' must be an integer",
+         setup=_json("tmp:bundle/public.json", {"vocab_size": "many", "block_size": 64})),
+    Case("pi-bundle-tokenizer-deep", "pi", "a client bundle whose tokenizer.json is nested 10^5 levels",
+         ["pi", "run", "{tmp}/bundle", "--mode", "2proc", "--party", "0", "--prompt", "x"],
+         r"tokenizer\.json' is nested deeper than 32 levels",
+         setup=lambda copy, tmp: (_json("tmp:bundle/public.json", {"vocab_size": 512, "block_size": 64})(copy, tmp),
+                                  _write("tmp:bundle/tokenizer.json", _deep(10**5))(copy, tmp))),
     # --- sizes that cannot fit (memory estimated before allocation) ---------------------------------------
     Case("train-layers-1e9", "sizes", "model.n_layer=10^9", ["train", "model.n_layer=1000000000", "--out", "{tmp}/o"],
          r"model\.n_layer=1000000000 is too large \(at most 4,096"),
@@ -877,7 +895,9 @@ def test_docs_table_lists_every_case():
 
 
 SUBPROCESS_SAMPLE = ["train-lr-inf", "resume-malformed-rng", "eval-missing-run", "sample-non-utf8",
-                     "cost-nan-override", "data-bad-jsonl", "sweep-missing-file"]
+                     "cost-nan-override", "data-bad-jsonl", "sweep-missing-file", "runcfg-alias-bomb",
+                     "st-absurd-header", "weights-nan-sample", "pi-prompt-non-utf8", "train-embd-1e5",
+                     "flag-sample--seed-2e70"]
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS_SAMPLE)

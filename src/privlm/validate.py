@@ -231,9 +231,11 @@ def check_file(value: Any, path: Path | str, schema: Any = None, *, kind: Option
 def read_jsonl(path: Path | str, schema: Any = None, *, kind: Optional[str] = None, error: type = CheckpointError,
                torn_tail: bool = True, max_bytes: int = MAX_JSONL_BYTES) -> list:
     """Records of a JSON-lines file, each checked against ``schema`` (default ``SCHEMAS[kind or name]``). A torn
-    last line (the writer was killed mid-line) is dropped when ``torn_tail``; a bad line elsewhere is an error."""
+    last line (the writer was killed mid-line: no final newline) is dropped when ``torn_tail``; a bad line elsewhere
+    is an error."""
     path = Path(path)
-    lines = _read_text(path, max_bytes, error).splitlines()
+    text = _read_text(path, max_bytes, error)
+    lines, torn = text.splitlines(), torn_tail and not text.endswith("\n")  # every record ends with a newline
     spec = schema if schema is not None else SCHEMAS.get(kind or path.name)
     records = []
     for i, line in enumerate(lines):
@@ -242,7 +244,7 @@ def read_jsonl(path: Path | str, schema: Any = None, *, kind: Optional[str] = No
         try:
             rec = parse_json(line, f"'{path}' line {i + 1}", error)
         except PrivlmError:
-            if torn_tail and i == len(lines) - 1 and not line.rstrip().endswith("}"):
+            if torn and i == len(lines) - 1:
                 break
             raise
         if spec is not None:
