@@ -515,10 +515,12 @@ def check_model_fits(m, batch: int = 0, T: int = 0, training: bool = False, devi
 
 
 def spu_memory(m, T: int, sequences: int = 1) -> int:
-    """A lower estimate of what a 2PC run of GPT ``m`` on ``T`` tokens holds in memory, per parameter: the
-    plaintext model (4 bytes), its export read by the server (4), the 64-bit ring shares of both parties (the
-    simulator holds both: 16) and the encoded copy made while feeding them in (8); plus the shared
-    activations and logits of the sequences (16 bytes per value, twice for a product's operands)."""
+    """An estimate of what a 2PC run of GPT ``m`` on ``T`` tokens holds in memory, per parameter: the plaintext
+    model (4 bytes), its export read by the server (4), the weights as 64-bit ring elements in the server's SPU
+    runtime (8) and the copy made while they are fed in (8), and the other party's 64-bit view of them, which the
+    in-process simulator also holds (8); plus the activations and logits of the sequences as 64-bit values of
+    both parties (16 bytes per value, twice for a product's operands). Not measured against SPU's peak: it is
+    meant to refuse sizes that cannot run, up front, not to predict the peak."""
     d, V = m.n_embd, m.vocab_size
     h = m.ffn_hidden if m.ffn_hidden is not None else 4 * d
     acts = sequences * T * (4 * d + h + m.n_head * T + V)
