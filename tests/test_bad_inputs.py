@@ -161,13 +161,14 @@ def _hf(config: dict | str | None = None, weights: Optional[str] = None) -> Call
     def setup(copy: Path, tmp: Path) -> None:
         d = tmp / "hf"
         d.mkdir()
-        if weights == "nan":
+        if weights in ("nan", "ok"):
             import torch
             from transformers import GPT2Config, GPT2LMHeadModel
             torch.manual_seed(0)
             model = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in HF_CONFIG.items() if k != "architectures"}))
             with torch.no_grad():
-                model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+                if weights == "nan":
+                    model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
             model.save_pretrained(d, safe_serialization=True)
         elif weights == "absurd":
             (d / "model.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}")
@@ -380,6 +381,21 @@ RUN_FILES = [
     Case("st-ckpt-weights-absurd", "resume", "a checkpoint's model.safetensors claiming a 2^60-byte header",
          ["train", "--resume", "{copy}"], r"model\.safetensors' is malformed: its header claims",
          setup=_st_bytes("{ckpt}/model.safetensors", b"{}", claim=2**60)),
+    Case("st-reg-thresholds-absurd", "run files", "entropy_reg.safetensors whose header claims 2^60 bytes",
+         ["entropy", "{copy}"], r"entropy_reg\.safetensors' is malformed: its header claims",
+         setup=_st_bytes("entropy_reg.safetensors", b"{}", claim=2**60)),
+    Case("st-reg-thresholds-missing", "run files", "entropy_reg.safetensors without its theta tensor",
+         ["entropy", "{copy}"], r"entropy_reg\.safetensors' is malformed: it lacks the tensor 'theta'",
+         setup=_st_bytes("entropy_reg.safetensors", {"other": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                         data=b"\x00" * 4)),
+    Case("flight-record-ragged", "run files", "a flight record whose max_logit rows differ in length",
+         ["report", "{copy}", "-o", "{tmp}/r.html"], r"'records\[0\]\.max_logit' must be a rectangular list",
+         setup=_json("flight_recorder.json", {"format": "privlm-flight-recorder/1", "divergence_step": 3, "records": [
+             {"step": 1, "head_entropy": [[1.0]], "max_logit": [[1.0, 2.0], [1.0]], "resid_norm": [1.0]}]})),
+    Case("cost-profile-list", "cost", "a cost profile file that is a list", ["cost", "SM+LN+G", "--profile",
+         "{tmp}/p.json"], r"p\.json' is malformed: it must be a mapping", setup=_write("tmp:p.json", "[]")),
+    Case("cost-profile-deep", "cost", "a cost profile nested 10^5 levels", ["cost", "SM+LN+G", "--profile",
+         "{tmp}/p.json"], r"p\.json' is nested deeper than 32 levels", setup=_write("tmp:p.json", _deep(10**5))),
     # --- non-finite weights -----------------------------------------------------------------------------
     Case("weights-nan-sample", "weights", "a NaN in model.safetensors (sample used to crash in multinomial)",
          ["sample", "{copy}", "--prompt", "x"], r"model\.safetensors' has non-finite weights: 1 NaN/inf value in",
@@ -456,7 +472,9 @@ RUN_FILES = [
          ["train", "--out", "{tmp}/o"], r"needs at least [\d.]+ GiB of memory but only 95\.4 MiB is available",
          env={M: "100000000"}),
     Case("train-memory-limit-word", "sizes", "PRIVLM_MEMORY_LIMIT that is not a number",
-         ["train", "--out", "{tmp}/o"], r"PRIVLM_MEMORY_LIMIT='lots' must be a number of bytes", env={M: "lots"}),
+         ["train", "--out", "{tmp}/o"], r"PRIVLM_MEMORY_LIMIT='lots' must be a positive number of bytes", env={M: "lots"}),
+    Case("train-memory-limit-negative", "sizes", "PRIVLM_MEMORY_LIMIT=-1", ["eval", "{run}"],
+         r"PRIVLM_MEMORY_LIMIT='-1' must be a positive number of bytes", env={M: "-1"}),
     Case("eval-batch-cannot-fit", "sizes", "eval --batch-size 65536 under a 1 GB memory budget",
          ["eval", "{run}", "--batch-size", "65536"], r"with batch 65536x64 needs at least [\d.]+ GiB",
          env={M: "1000000000"}),
@@ -567,6 +585,13 @@ RUN_FILES = [
     Case("hf-nan-weights", "hf", "HF weights holding a NaN", ["entropy", "{tmp}/hf"],
          r"'.*hf' has non-finite weights: 1 NaN/inf value in 'transformer\.h\.0\.mlp\.c_fc\.weight'",
          setup=_hf(weights="nan")),
+    Case("hf-tokenizer-config-deep", "hf", "an HF model whose tokenizer_config.json is nested 10^5 levels",
+         ["entropy", "{tmp}/hf"], r"tokenizer_config\.json' is nested deeper than 32 levels",
+         setup=lambda copy, tmp: (_hf(weights="ok")(copy, tmp),
+                                  (tmp / "hf" / "tokenizer_config.json").write_text(_deep(10**5)))),
+    Case("hf-tokenizer-list", "hf", "an HF model whose tokenizer.json is a list", ["entropy", "{tmp}/hf"],
+         r"hf/tokenizer\.json' is malformed: it must be a mapping",
+         setup=lambda copy, tmp: (_hf(weights="ok")(copy, tmp), (tmp / "hf" / "tokenizer.json").write_text("[]"))),
     Case("hf-too-large", "hf", "an HF model larger than the memory budget", ["entropy", "{tmp}/hf"],
          r"model '.*hf' \([\d,]+\+ parameters\) needs at least [\d.]+ GiB of memory",
          setup=_hf({"n_embd": 4096, "n_head": 32, "n_layer": 48, "vocab_size": 200000}, weights="absurd"),

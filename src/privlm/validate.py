@@ -27,10 +27,10 @@ from privlm.errors import CheckpointError, ConfigError, PrivlmError, ResourceErr
 
 # --- bounds --------------------------------------------------------------------------------------------
 MAX_JSON_BYTES = 64 * 2**20      # summary/entropy/manifest/trace/sweep state/HF config/tokenizer_config
-MAX_TOKENIZER_BYTES = 256 * 2**20  # tokenizer.json of a 256k vocabulary is ~20 MB
+MAX_TOKENIZER_BYTES = 256 * 2**20  # tokenizer.json / vocab.json / merges.txt of the largest vocabularies
 MAX_JSONL_BYTES = 1024 * 2**20   # metrics.jsonl / config_history.jsonl of a long run
-MAX_YAML_BYTES = 64 * 2**10      # config.yaml (~1.5 KB), sweep files (the largest shipped: 4 KB); pure-Python
-                                 # YAML parsing runs at ~100 KB/s, so this also bounds the time
+MAX_YAML_BYTES = 64 * 2**10      # config.yaml, sweep files (16x the largest shipped one); the pure-Python YAML
+                                 # parser OmegaConf uses is slow, so this also bounds the time of a parse
 MAX_DEPTH = 32                   # nesting of any JSON/YAML document privlm writes is <= 6
 MAX_YAML_NODES = 200_000         # nodes after alias expansion (a "billion laughs" file has 10^9)
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors library's own limit
@@ -85,7 +85,6 @@ SCHEMAS: dict[str, Any] = {
     "config.json": {"model_type": str},
     "public.json": {"vocab_size": int, "block_size": int},
     "tokenizer_config.json": {},
-    "ids.json": [int],
 }
 
 
@@ -454,9 +453,12 @@ def available_bytes(device: Any = "cpu") -> Optional[int]:
     limit = os.environ.get("PRIVLM_MEMORY_LIMIT", "").strip()  # bytes: a budget below MemAvailable (shared hosts)
     if limit:
         try:
-            have = min(int(limit), have) if have is not None else int(limit)
+            budget = int(limit)
         except ValueError:
-            raise ConfigError(f"PRIVLM_MEMORY_LIMIT='{limit}' must be a number of bytes") from None
+            budget = 0
+        if budget <= 0:
+            raise ConfigError(f"PRIVLM_MEMORY_LIMIT='{limit}' must be a positive number of bytes")
+        have = min(budget, have) if have is not None else budget
     return have
 
 
