@@ -471,10 +471,11 @@ def gpt_param_count(m) -> int:
     attn = 4 * d * d + 4 * d * b
     n_ffn = len(m.ffn_layers()) if m.ffn_keep_layers is not None else max(0, L - m.ffn_prune_deepest)
     ffn = (d * d + d * b) if m.ffn == "fused" else (2 * d * h + (h + d) * b)
-    norms = 4 * d if m.norm == "layernorm" else 0
+    ln = d * (1 + b)  # LayerNorm weight (and bias)
+    norms = 2 * ln if m.norm == "layernorm" else 0
     temp = H * m.block_size if m.attn_temperature else 0
     emb = V * d + m.block_size * d + (0 if m.tie_embeddings else V * d)
-    return L * (attn + norms + temp) + n_ffn * ffn + emb + (2 * d if m.ln_f else 0)
+    return L * (attn + norms + temp) + n_ffn * ffn + emb + (ln if m.ln_f else 0)
 
 
 def gpt_memory(m, batch: int = 0, T: int = 0, training: bool = False, bytes_per: int = 4) -> int:
