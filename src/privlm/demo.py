@@ -205,7 +205,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"sweep file of the runs (default {DEFAULT_SWEEP})")
     p.add_argument("--out", help="demo directory (default runs/demo-<time>); rerun with it to continue")
-    p.add_argument("--jobs", type=bounded_int(1, 256), default=3, help="runs trained at once, one torch thread each (default 3)")
+    p.add_argument("--jobs", type=bounded_int(1, 256), default=3,
+                   help="runs trained at once, one torch thread each (default 3)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the private next-token prediction")
     p.add_argument("--pi-args", default=DEFAULT_PI_ARGS,
                    help=f"flags for `privlm pi run` (default \"{DEFAULT_PI_ARGS}\": the SPU profile closest to the "

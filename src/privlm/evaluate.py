@@ -15,12 +15,10 @@ from privlm.fileio import strict_json
 def evaluate_run(run_dir: str, data_source: str | None = None, batch_size: int | None = None,
                  max_batches: int | None = None, device: str = "auto") -> dict:
     from privlm.data import prepare_data
-    from privlm.run import load_run
+    from privlm.errors import DataError
+    from privlm.run import load_run, load_run_config
     from privlm.train.evaluation import evaluate
     from privlm.train.precision import resolve_precision
-
-    from privlm.run import load_run_config
-    from privlm.errors import DataError
     from privlm.validate import check_model_fits, check_token_ids
 
     precision = resolve_precision(device, "auto")

@@ -149,7 +149,8 @@ _SHAPE_KEYS = {"n_layer": "model.n_layer", "n_head": "model.n_head", "n_embd": "
                "vocab_size": "model.vocab_size", "max_positions": "model.block_size", "ffn_hidden": "model.ffn_hidden"}
 _HF_NAMES = {"n_layer": ("num_hidden_layers", "n_layer"), "n_head": ("num_attention_heads", "n_head"),
              "n_embd": ("hidden_size", "n_embd"), "vocab_size": ("vocab_size",),
-             "max_positions": ("max_position_embeddings", "n_positions"), "ffn_hidden": ("intermediate_size", "n_inner"),
+             "max_positions": ("max_position_embeddings", "n_positions"),
+             "ffn_hidden": ("intermediate_size", "n_inner"),
              "n_kv_head": ("num_key_value_heads",), "head_dim": ("head_dim",)}
 
 

@@ -36,8 +36,8 @@ def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int
                    T: int | None = None) -> dict:
     from privlm.data import prepare_data
     from privlm.hfmodel import check_model_dir, is_hf_spec
-    from privlm.run import load_run
-    from privlm.validate import check_token_ids
+    from privlm.run import load_run, load_run_config
+    from privlm.validate import check_model_fits, check_token_ids
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     check_model_dir(run_dir)
@@ -45,8 +45,6 @@ def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int
         return hf_entropy_report(run_dir, data_source, batch_size, max_batches, dev, max_value, T)
     if T is not None:
         raise DataError("--T applies to Hugging Face models; a run is measured at its training T")
-    from privlm.run import load_run_config
-    from privlm.validate import check_model_fits
     cfg = load_run_config(run_dir)
     check_model_fits(cfg.model, batch_size or cfg.train.batch_size, cfg.data.seq_len, device=dev)
     run = load_run(run_dir, dev)

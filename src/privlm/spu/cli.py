@@ -40,7 +40,8 @@ def register(subparsers) -> None:
                    help="address of party 0, then of party 1 (2proc; default two free loopback ports)")
     r.add_argument("--party", type=int, choices=(0, 1),
                    help="2proc on two machines: run only this party (0 = client, 1 = server)")
-    r.add_argument("--T", type=bounded_int(1, MAX_T), help="prompt length, for --party 1 (the server never sees the prompt)")
+    r.add_argument("--T", type=bounded_int(1, MAX_T),
+                   help="prompt length, for --party 1 (the server never sees the prompt)")
     r.add_argument("--wan", metavar="RATE:DELAY",
                    help="2proc only: run the parties in two network namespaces joined by a veth pair limited to "
                         "RATE (tc tbf) with DELAY one-way per message flight (delay proxy), e.g. 100mbit:80ms; "
@@ -62,7 +63,8 @@ def register(subparsers) -> None:
     v.add_argument("run_dir")
     add_spu_profile_arg(v)
     v.add_argument("--sequences", type=bounded_int(1, 4096), default=2, help="validation sequences (default 2)")
-    v.add_argument("--T", type=bounded_int(1, MAX_T), default=None, help="tokens per sequence (default the run's seq_len)")
+    v.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
+                   help="tokens per sequence (default the run's seq_len)")
     v.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     v.add_argument("--mode", default="sim", choices=("sim", "2proc"))
     v.add_argument("--json", action="store_true")
@@ -96,7 +98,7 @@ def check_spu_profile(name: str) -> str:
 
 def _load(run_dir: Path, T: int = 1, sequences: int = 1):
     """(cfg, model, tokenizer) of a run, after checking that a 2PC run of it on ``sequences`` x ``T`` tokens
-    can fit in memory (the weights become 64-bit shares of both parties)."""
+    can fit in memory (privlm.validate.spu_memory)."""
     from privlm.run import load_run_config
     from privlm.spu.export import load_model
     from privlm.validate import check_fits, spu_memory
