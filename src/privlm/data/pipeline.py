@@ -62,6 +62,8 @@ def _tokenizer_for(dcfg, corpus: Corpus, root: Path) -> tuple[Tokenizer, dict]:
                            "bytes": corpus.train.n_bytes}}
     if path.is_file():
         try:
+            from privlm.validate import check_tokenizer_files
+            check_tokenizer_files(path, DataError)
             return Tokenizer.from_file(str(path)), {**info, "cache": "hit", "train_seconds": None}
         except Exception:  # corrupt cache file: retrain and overwrite it
             pass

@@ -244,7 +244,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, reg: Optional[torch.nn.Module],
                     optimizer: torch.optim.Optimizer, scheduler, scaler) -> tuple[dict, list[dict]]:
     """Restore everything saved by `save_checkpoint`; return (trainer_state, per-rank RNG states)."""
-    from privlm.validate import check_finite, safetensors_header
+    from privlm.validate import ANY, check_finite, read_json, safetensors_header
     current = ckpt / WEIGHTS
     safetensors_header(current)
     try:
@@ -252,6 +252,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, reg: Optional[torch.nn.M
         check_finite(model.state_dict().items(), f"'{current}'")
         if reg is not None:
             current = ckpt / REG_WEIGHTS
+            safetensors_header(current)
             theta = load_file(str(current))["theta"]
             with torch.no_grad():
                 reg.theta.copy_(theta)
@@ -268,7 +269,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, reg: Optional[torch.nn.M
             raise CheckpointError(f"checkpoint state file '{current}' is malformed: not a list of per-rank "
                                   f"RNG states")
         current = ckpt / "trainer.json"
-        trainer_state = json.loads(current.read_text())
+        trainer_state = read_json(current, ANY)  # size and depth bounded; its shape is checked below
         position = trainer_state.get("position") if isinstance(trainer_state, dict) else None
         if not (isinstance(position, dict) and set(position) == {"epoch", "cursor"}
                 and all(isinstance(trainer_state.get(k), int) for k in ("step", "tokens"))
