@@ -101,9 +101,11 @@ def test_demo_end_to_end_with_private_inference_and_resume(tmp_path, capsys):
 
 
 def test_bad_demo_inputs_are_one_line_errors(tmp_path, capsys):
-    assert main(["demo", "--jobs", "0", "--out", str(tmp_path / "d")]) != 0
+    with pytest.raises(SystemExit) as exc:  # a usage error (bounded --jobs): argparse exits with status 2
+        main(["demo", "--jobs", "0", "--out", str(tmp_path / "d")])
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["privlm demo: error: --jobs=0 must be >= 1"]
+    assert err == ["privlm demo: error: argument --jobs: 0 must be a positive integer (see privlm demo --help)"]
     assert main(["demo", "--sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "d")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.yaml" in err[0] and "does not exist" in err[0]

@@ -198,6 +198,8 @@ def _parse_overrides(overrides: list[str]) -> dict:
 def _load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
+    from privlm.validate import check_yaml
+    check_yaml(path)  # size, nesting and alias expansion bounded before OmegaConf builds anything
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as exc:  # yaml errors are not OmegaConf errors
@@ -313,6 +315,24 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+# Upper bounds of the numeric fields: far above any model or run privlm can train or cost, low enough that a
+# typo (model.n_layer=1000000000) fails here in one line instead of in a loop building modules, in the
+# allocator or in an integer overflow. Memory is checked separately before allocation (privlm.validate).
+UPPER: dict[str, int | float] = {
+    "model.n_layer": 4096, "model.n_head": 4096, "model.n_embd": 2**17, "model.vocab_size": 2**22,
+    "model.block_size": 2**20, "model.ffn_hidden": 2**20, "model.ffn_prune_deepest": 4096,
+    "data.seq_len": 2**20, "data.vocab_size": 2**22, "data.shuffle_seed": 2**63 - 1,
+    "data.max_train_docs": 2**62, "data.max_valid_docs": 2**62,
+    "train.max_steps": 2**40, "train.batch_size": 2**16, "train.grad_accum": 2**16, "train.eval_every": 2**40,
+    "train.eval_max_batches": 2**40, "train.log_every": 2**40, "train.entropy_every": 2**40,
+    "train.save_every": 2**40, "train.flight_steps": 2**20, "train.flight_every": 2**40,
+    "train.seed": 2**63 - 1, "model.init_std": 1e3, "model.alpha_init": 1e6, "model.beta_init": 1e6,
+    "model.leaky_slope": 1e3, "model.temperature_init": 1e6, "model.temperature_min": 1e6, "train.lr": 1e9,
+    "train.grad_clip": 1e9, "reg.lambda_": 1e9}
+UPPER_WHY = {"model": "far beyond any model privlm can build", "data": "far beyond any data privlm can build",
+             "train": "far beyond any run privlm can train", "reg": "far beyond any useful setting"}
+
+
 def validate(cfg: Config) -> None:
     """Check choices and impossible combinations; raise ConfigError naming the first bad key."""
     _check_finite(cfg)
@@ -328,6 +348,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be a positive integer")
+    for key, hi in UPPER.items():
+        value = _get(cfg, key)
+        if value is not None and value > hi:
+            raise ConfigError(f"{key}={value} is too large (at most {hi:,}: {UPPER_WHY[key.split('.')[0]]})")
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
                           f"allowed n_head values divide {m.n_embd}")
@@ -390,6 +414,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.beta1={t.beta1} and train.beta2={t.beta2} must be in [0, 1)")
     if r.gamma < 0 or r.lambda_ < 0:
         raise ConfigError(f"reg.gamma={r.gamma} and reg.lambda_={r.lambda_} must be >= 0")
+    if t.seed < 0 or d.shuffle_seed < 0:
+        raise ConfigError(f"train.seed={t.seed} and data.shuffle_seed={d.shuffle_seed} must be >= 0")
+    if m.init_std < 0 or m.layer_norm_eps <= 0 or not 0.0 <= m.embd_dropout < 1.0:
+        raise ConfigError(f"model.init_std={m.init_std} must be >= 0, model.layer_norm_eps={m.layer_norm_eps} "
+                          f"> 0 and model.embd_dropout={m.embd_dropout} in [0, 1)")
+    if m.temperature_min <= 0:
+        raise ConfigError(f"model.temperature_min={m.temperature_min} must be > 0")
     if not 0.0 <= r.theta_init <= 1.0:
         raise ConfigError(f"reg.theta_init={r.theta_init} must be in [0, 1] (a fraction of E_max = log T)")
     if not 0.0 <= r.start_frac <= r.stop_frac <= 1.0:

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from privlm.errors import PrivlmError
+from privlm.errors import PrivlmError, bounded_int
+from privlm.validate import read_json
 from privlm.pi.summary import CostSummary
 from privlm.results import RunRow, as_rows
 
@@ -167,7 +168,7 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
             pi_error = str(exc)
         cpu_pi = _children_cpu_seconds() - cpu_pi0
     elif pi_run is not None and (out / pi_run.name / "pi_measured.json").is_file():
-        pi_doc = json.loads((out / pi_run.name / "pi_measured.json").read_text())  # from an earlier call
+        pi_doc = read_json(out / pi_run.name / "pi_measured.json")  # from an earlier call
 
     rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized")
     baseline_preset = next((r.preset for r in rows if sweep.baseline in (r.name, r.preset)), rows[0].preset)
@@ -216,7 +217,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"sweep file of the runs (default {DEFAULT_SWEEP})")
     p.add_argument("--out", help="demo directory (default runs/demo-<time>); rerun with it to continue")
-    p.add_argument("--jobs", type=int, default=3, help="runs trained at once, one torch thread each (default 3)")
+    p.add_argument("--jobs", type=bounded_int(1, 256), default=3,
+                   help="runs trained at once, one torch thread each (default 3)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the private next-token prediction")
     p.add_argument("--pi-args", default=DEFAULT_PI_ARGS,
                    help=f"flags for `privlm pi run` (default \"{DEFAULT_PI_ARGS}\": the SPU profile closest to the "

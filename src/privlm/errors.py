@@ -28,6 +28,10 @@ class UnsafePathError(PrivlmError):
     leave the directory (see privlm.fileio.RunDirectory)."""
 
 
+class ResourceError(PrivlmError):
+    """A model, batch or file too large for this machine (estimated before anything is allocated)."""
+
+
 class DivergenceError(PrivlmError):
     """Training produced NaN/Inf; the last good checkpoint is kept."""
 
@@ -47,15 +51,44 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts (--batch-size, --max-batches, --max-new-tokens...): one-line usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
+def bounded_int(lo: int, hi: int):
+    """argparse type of an integer option in lo..hi (counts, sizes, seeds): one-line usage errors for words,
+    values below ``lo`` and values above ``hi`` (e.g. ``--seed 2**70``, ``--max-new-tokens 10**9``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} must be a positive integer" if lo == 1 else
+                                             f"{value} must be >= {lo}")
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"{value} is too large (at most {hi:,})")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+MAX_COUNT = 2**31 - 1   # batches, runs, steps counted on the command line
+MAX_SEED = 2**63 - 1    # torch and numpy take seeds below 2^64; privlm keeps them in a signed 64-bit int
+MAX_T = 2**20           # tokens of one sequence (no supported model has more positions)
+MAX_BATCH = 2**16       # sequences of one batch
+MAX_VOCAB = 2**22       # tokens of a vocabulary (config.UPPER's model.vocab_size)
+
+positive_int = bounded_int(1, MAX_COUNT)
+seed_int = bounded_int(0, MAX_SEED)
+
+
+def bounded_float(lo: float, hi: float, zero_ok: bool = False):
+    """argparse type of a real-valued option in [lo, hi] (0 also allowed when ``zero_ok``): NaN, infinities
+    and out-of-range values are one-line usage errors."""
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if not (lo <= value <= hi or (zero_ok and value == 0)):
+            raise argparse.ArgumentTypeError(f"{text} must be {'0 or ' if zero_ok else ''}in [{lo:g}, {hi:g}]")
+        return value
+    parse.__name__ = "float"
+    return parse
 
 
 def finite_float(text: str) -> float:

@@ -8,18 +8,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from privlm.errors import positive_int
+from privlm.errors import MAX_BATCH, bounded_int, positive_int
 from privlm.fileio import strict_json
 
 
 def evaluate_run(run_dir: str, data_source: str | None = None, batch_size: int | None = None,
                  max_batches: int | None = None, device: str = "auto") -> dict:
     from privlm.data import prepare_data
-    from privlm.run import load_run
+    from privlm.errors import DataError
+    from privlm.run import load_run, load_run_config
     from privlm.train.evaluation import evaluate
     from privlm.train.precision import resolve_precision
+    from privlm.validate import check_model_fits, check_token_ids
 
     precision = resolve_precision(device, "auto")
+    cfg = load_run_config(run_dir)
+    check_model_fits(cfg.model, batch_size or cfg.train.batch_size, cfg.data.seq_len, device=precision.device)
     run = load_run(run_dir, precision.device)
     data_cfg = dataclasses.replace(run.cfg.data, tokenizer=str(run.path / "tokenizer.json"))
     if data_source is None:
@@ -29,6 +33,8 @@ def evaluate_run(run_dir: str, data_source: str | None = None, batch_size: int |
         data_cfg = dataclasses.replace(data_cfg, source=data_source, valid_source=None, valid_fraction=0.0,
                                        max_train_docs=None)
         chunks = prepare_data(data_cfg, None).train
+    check_token_ids(chunks, run.cfg.model.vocab_size, f"the data of '{data_source or run.cfg.data.source}'",
+                    DataError)
     res = evaluate(run.model, chunks, batch_size or run.cfg.train.batch_size, precision, max_batches=max_batches)
     return {"run": str(run.path), "data": data_source or run.cfg.data.source, "seq_len": run.cfg.data.seq_len,
             **res.to_dict()}
@@ -49,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="evaluate on this source instead (files:<glob>, hf:<id>, stdlib)")
-    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=None)
     p.add_argument("--max-batches", type=positive_int, default=None, help="score only the first N batches")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--json", action="store_true", help="print {ppl, loss, tokens, ...} as JSON")

@@ -29,6 +29,7 @@ import torch
 
 from privlm.errors import CheckpointError
 from privlm.fileio import path_state, use_umask
+from privlm.validate import read_json
 
 REMOTE_DIR = Path(__file__).parent / "model" / "hf_remote"
 REMOTE_FILES = ("configuration_privlm.py", "modeling_privlm.py")
@@ -122,7 +123,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
         raise CheckpointError(f"'{out}' already exists and is not an empty directory; nothing was written")
     run = load_run(run_dir)
     manifest = run.path / "data_manifest.json"
-    eos = json.loads(manifest.read_text()).get("tokenizer", {}).get("eos_token") if manifest.is_file() else None
+    eos = read_json(manifest)["tokenizer"].get("eos_token") if manifest.is_file() else None
     eos = eos or "<|endoftext|>"
     eos_id = run.tokenizer.token_to_id(eos)
     baseline = is_gpt2_baseline(run.cfg.model)

@@ -125,13 +125,10 @@ def load_config(spec: str, weights: bool = False):
     """(transformers config, local directory, family) of a model spec; one-line CheckpointError otherwise.
     ``weights``: also fetch the weights of an ``hf:`` model that is not cached yet."""
     path = resolve_dir(spec, weights)
-    import json
+    from privlm.validate import read_json
 
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"'{path / 'config.json'}' is not valid JSON: {_first_line(exc)}") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
+    raw = read_json(path / "config.json", {})
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise CheckpointError(f"'{path / 'config.json'}' is not a transformers config (no model_type)")
     if raw["model_type"] == "privlm":
         raise CheckpointError(f"'{spec}' is a privlm model exported with export-hf; diagnose and cost its run "
@@ -146,7 +143,59 @@ def load_config(spec: str, weights: bool = False):
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot read the config of '{spec}': {_first_line(exc)}") from None
-    return config, path, family_of(config)
+    family = family_of(config)
+    check_shape(config, path / "config.json", raw)
+    return config, path, family
+
+
+# The sizes of a transformers config, under shape_of's names, checked against privlm's own bounds.
+_SHAPE_KEYS = {"n_layer": "model.n_layer", "n_head": "model.n_head", "n_embd": "model.n_embd",
+               "vocab_size": "model.vocab_size", "max_positions": "model.block_size", "ffn_hidden": "model.ffn_hidden"}
+_HF_NAMES = {"n_layer": ("num_hidden_layers", "n_layer"), "n_head": ("num_attention_heads", "n_head"),
+             "n_embd": ("hidden_size", "n_embd"), "vocab_size": ("vocab_size",),
+             "max_positions": ("max_position_embeddings", "n_positions"),
+             "ffn_hidden": ("intermediate_size", "n_inner"),
+             "n_kv_head": ("num_key_value_heads",), "head_dim": ("head_dim",)}
+
+
+def check_shape(config, where: Path, raw: Optional[dict] = None) -> None:
+    """Every size of the config a positive integer within privlm's bounds (config.UPPER), heads dividing the
+    width: a config.json with ``n_head: 0`` or 10^9 layers is one line, not a ZeroDivisionError or a model
+    build that never returns."""
+    from privlm.config import UPPER
+
+    values = {}
+    for short, names in _HF_NAMES.items():
+        name = next((n for n in names if (raw or {}).get(n) is not None), None) \
+            or next((n for n in names if getattr(config, n, None) is not None), None)
+        if name is None:
+            continue
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"'{where}' field '{name}' = {value!r} must be a positive integer")
+        hi = UPPER.get(_SHAPE_KEYS.get(short, ""), UPPER["model.n_embd"])
+        if value > hi:
+            raise CheckpointError(f"'{where}' field '{name}' = {value:,} is too large (at most {hi:,})")
+        values[short] = (name, value)
+    for short in ("n_layer", "n_head", "n_embd", "vocab_size"):
+        if short not in values:
+            raise CheckpointError(f"'{where}' lacks the model's {short} ({' or '.join(_HF_NAMES[short])})")
+    (hn, h), (dn, d) = values["n_head"], values["n_embd"]
+    if "head_dim" not in values and d % h:
+        raise CheckpointError(f"'{where}' field '{dn}' = {d} is not divisible by '{hn}' = {h}")
+    if "n_kv_head" in values and h % values["n_kv_head"][1]:
+        raise CheckpointError(f"'{where}' field '{hn}' = {h} is not divisible by 'num_key_value_heads' = "
+                              f"{values['n_kv_head'][1]}")
+
+
+def hf_param_count(config) -> int:
+    """A lower estimate of the parameters of a supported config from its sizes alone (attention, a two-matrix
+    FFN, the embeddings; gated FFNs and biases make the real count larger)."""
+    s = shape_of(config)
+    d, L, V = s["n_embd"], s["n_layer"], s["vocab_size"]
+    kv = s["n_kv_head"] * s["head_dim"]
+    return L * (2 * d * s["n_head"] * s["head_dim"] + 2 * d * kv + 2 * d * s["ffn_hidden"]) \
+        + V * d * (1 if s["tied"] else 2)
 
 
 def build_model(config, device: str | torch.device = "meta"):
@@ -173,6 +222,11 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if not any(path.glob("*.safetensors")):
         raise CheckpointError(f"'{path}' has no *.safetensors weights (pickled *.bin files are not read: loading "
                               f"them can run code); convert them with save_pretrained(safe_serialization=True)")
+    from privlm.validate import check_finite, check_fits, safetensors_header
+    check_fits(hf_param_count(config) * torch.finfo(dtype).bits // 8, f"model '{spec}' "
+               f"({hf_param_count(config):,}+ parameters)", device)
+    for f in sorted(path.glob("*.safetensors")):
+        safetensors_header(f)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -194,6 +248,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}"
                          for k, v in bad.items())
         raise CheckpointError(f"the weights of '{spec}' do not match its config ({what})")
+    check_finite(model.named_parameters(), f"'{spec}'")
     return HFModel(model.to(device=device, dtype=dtype).eval(), family, path, spec)
 
 

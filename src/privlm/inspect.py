@@ -33,6 +33,8 @@ def inspect_report(spec: str, overrides: list[str]) -> dict:
     real_for_values = None
     specials = []
     if any(k in n for n, _ in model.named_parameters() for k in ("alpha", "beta", "temperature", "slope")):
+        from privlm.validate import check_model_fits
+        check_model_fits(cfg.model)
         torch.manual_seed(0)
         real_for_values = GPT(cfg.model)
         specials = special_parameters(real_for_values)

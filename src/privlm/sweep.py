@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
 from privlm.config import Config, ConfigError, load_config, looks_like_config_file, to_dict
-from privlm.errors import CheckpointError, DivergenceError
+from privlm.errors import MAX_COUNT, CheckpointError, DivergenceError, bounded_int
 from privlm.fileio import RunDirectory, atomic_write_text, slug
 from privlm.launchers import slurm as slurm_launcher
 from privlm.launchers.slurm import SlurmResources, parse_resources
 from privlm.results import RunRow
+from privlm.validate import read_json, read_yaml
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title", "slurm"}
 ENTRY_KEYS = {"preset", "name", "overrides"}
@@ -87,16 +87,16 @@ def _as_list(value: Any, what: str, origin: str) -> list[str]:
     return list(value)
 
 
+MAX_SWEEP_RUNS = 10_000
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and resolve a sweep file: every run's full config is built (and validated) up front, so a
     typo in the 11th entry fails before the first run starts."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path, ConfigError, "sweep file")  # size, nesting and alias expansion bounded
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file '{path}' must be a mapping with at least 'runs' or 'grid'")
     unknown = set(raw) - SWEEP_KEYS
@@ -122,6 +122,10 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{origin}: 'grid' must map dotted keys to non-empty lists of values")
     if raw.get("runs") is None and not grid:
         raise ConfigError(f"{origin}: give 'runs' (a list of presets) and/or 'grid'")
+    n_runs = len(entries) * math.prod(len(v) for v in grid.values())
+    if n_runs > MAX_SWEEP_RUNS:  # every run's config is resolved up front: bound the work before starting it
+        raise ConfigError(f"{origin}: {n_runs:,} runs ('runs' x 'grid'), more than the {MAX_SWEEP_RUNS:,} a sweep "
+                          f"may have; split it into several sweeps")
 
     runs: list[SweepRun] = []
     for i, entry in enumerate(entries):
@@ -218,7 +222,7 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
     check_sweep_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "sweep.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_json(state_file) if state_file.is_file() else {}
     state.update({"name": sweep.name, "sweep_file": str(sweep.path), "baseline": sweep.baseline})
     if command:
         state["command"] = command
@@ -239,7 +243,7 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
         rec = records.setdefault(r.name, {})
         rec.update({"preset": r.preset, "overrides": r.overrides, "dir": r.name})
         if status == "done":
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = read_json(run_dir / "summary.json")
             rec.update(status="diverged" if summary.get("diverged") else "done")
             log(f"[{i}/{len(sweep.runs)}] {r.name}: already finished, skipped")
             continue
@@ -377,7 +381,7 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
                 del running[name]
                 rec = records[name]
                 summary_file = out / name / "summary.json"
-                summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+                summary = read_json(summary_file) if summary_file.is_file() else None
                 if summary is not None and summary.get("diverged"):
                     rec.update(status="diverged", diagnosis=summary.get("diagnosis"))
                     log(f"[{i}/{len(sweep.runs)}] {name}: diverged ({summary.get('diagnosis')})")
@@ -510,7 +514,7 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
             baseline = None  # not trained yet: savings relative to the first run
     rows, _, notes = collect(runs, baseline)
     state_file = out / "sweep.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_json(state_file) if state_file.is_file() else {}
     from privlm.report.claims import claim_c1_stability, evaluate_claims
     stability = claim_c1_stability(rows)
     _write_json(results_dir.path("results.json"), {"sweep": sweep.name, "sweep_file": str(sweep.path),
@@ -533,16 +537,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_file", metavar="SWEEP.yaml")
     p.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
-    p.add_argument("--max-runs", type=int, default=None, metavar="N",
+    p.add_argument("--max-runs", type=bounded_int(0, MAX_COUNT), default=None, metavar="N",
                    help="train at most N (unfinished) runs in this call, then stop; rerun to continue")
     p.add_argument("--list", action="store_true", help="print the resolved runs and their status, train nothing")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite results.md/results.json/report.html from the existing run directories")
     p.add_argument("--results", metavar="DIR", help="write results.md/.json, report.html and figures/ here "
                    "(default: the sweep directory)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=bounded_int(1, 1024), default=None, metavar="N",
                    help="torch CPU threads per run (1 is fastest on a machine shared with other jobs)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=bounded_int(1, 256), default=1, metavar="N",
                    help="train N runs at once, each in its own process with --threads threads (default 1); "
                    "their console output goes to <out>/logs/<run>.log")
     p.add_argument("--verbose", action="store_true", help="show each run's progress bar / log lines")

@@ -31,7 +31,6 @@ import contextlib
 import glob
 import hashlib
 import itertools
-import json
 import os
 import sys
 import sysconfig
@@ -43,6 +42,7 @@ import numpy as np
 
 from privlm.data.filters import MAX_FILE_BYTES, SKIP_REASONS, code_filter_reason
 from privlm.errors import DataError
+from privlm.validate import parse_json
 
 TEXT_SUFFIXES = (".py", ".txt")
 ROW_SUFFIXES = (".jsonl", ".parquet")
@@ -327,10 +327,7 @@ def _check_jsonl(files: list[str]) -> None:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError as exc:
-                        raise DataError(f"'{name}' line {lineno} is not valid JSON: {exc}") from None
+                    row = parse_json(line, f"'{name}' line {lineno}", DataError)  # depth bounded
                     if not isinstance(row, dict):
                         raise DataError(f"'{name}' line {lineno} is a JSON {type(row).__name__}, not an object "
                                         f"with a text field")

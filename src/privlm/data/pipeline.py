@@ -62,6 +62,8 @@ def _tokenizer_for(dcfg, corpus: Corpus, root: Path) -> tuple[Tokenizer, dict]:
                            "bytes": corpus.train.n_bytes}}
     if path.is_file():
         try:
+            from privlm.validate import check_tokenizer_files
+            check_tokenizer_files(path, DataError)
             return Tokenizer.from_file(str(path)), {**info, "cache": "hit", "train_seconds": None}
         except Exception:  # corrupt cache file: retrain and overwrite it
             pass
@@ -119,6 +121,10 @@ def prepare_data(dcfg, out_dir: Optional[Path] = None) -> TokenData:
     dtype = token_dtype(vocab_size)
     arrays = {s: open_chunks(entry / f"{s}.bin", meta["splits"][s]["chunks"], dcfg.seq_len, dtype)
               for s in ("train", "valid")}
+    if tokens_cache == "hit":  # a cache file from disk: every id must index the tokenizer's vocabulary
+        from privlm.validate import check_token_ids
+        for s, arr in arrays.items():
+            check_token_ids(arr, vocab_size, f"token cache '{entry / s}.bin'", DataError)
 
     manifest = corpus.manifest()
     for s in ("train", "valid"):

@@ -48,6 +48,9 @@ def load_tokenizer(spec: str) -> tuple[Tokenizer, str, Optional[str]]:
     # a bare directory with tokenizer.json is read as that file.
     if path.is_dir() and (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         path = path / "tokenizer.json"
+    if path.is_file() or path.is_dir():
+        from privlm.validate import check_tokenizer_files
+        check_tokenizer_files(path, DataError)  # sizes and nesting bounded before the tokenizer library reads
     if path.is_file():
         try:
             return Tokenizer.from_file(str(path)), "file", None

@@ -117,7 +117,13 @@ def load_cached(entry: Path) -> dict | None:
     """The metadata of a complete cache entry, or None if absent or unreadable (then it is rebuilt)."""
     meta_path = entry / "meta.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        from privlm.errors import PrivlmError
+        from privlm.validate import read_json
+        try:
+            meta = read_json(meta_path, {"splits": {"train": {"chunks": int}, "valid": {"chunks": int}},
+                                         "seq_len": int, "dtype": str})
+        except PrivlmError:
+            return None
         for split in ("train", "valid"):
             expected = meta["splits"][split]["chunks"] * meta["seq_len"] * np.dtype(meta["dtype"]).itemsize
             if (entry / f"{split}.bin").stat().st_size != expected:

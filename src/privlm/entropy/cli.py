@@ -21,7 +21,7 @@ import torch
 
 from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, diagnose, measure_model, near_uniform_heads
 from privlm.entropy.regularizer import outside_band, threshold_deviation
-from privlm.errors import CheckpointError, DataError
+from privlm.errors import MAX_BATCH, MAX_T, CheckpointError, DataError, bounded_float, bounded_int, positive_int
 from privlm.fileio import strict_json
 
 
@@ -36,7 +36,8 @@ def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int
                    T: int | None = None) -> dict:
     from privlm.data import prepare_data
     from privlm.hfmodel import check_model_dir, is_hf_spec
-    from privlm.run import load_run
+    from privlm.run import load_run, load_run_config
+    from privlm.validate import check_model_fits, check_token_ids
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     check_model_dir(run_dir)
@@ -44,6 +45,8 @@ def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int
         return hf_entropy_report(run_dir, data_source, batch_size, max_batches, dev, max_value, T)
     if T is not None:
         raise DataError("--T applies to Hugging Face models; a run is measured at its training T")
+    cfg = load_run_config(run_dir)
+    check_model_fits(cfg.model, batch_size or cfg.train.batch_size, cfg.data.seq_len, device=dev)
     run = load_run(run_dir, dev)
     data_cfg = dataclasses.replace(run.cfg.data, tokenizer=str(run.path / "tokenizer.json"))
     if data_source is not None:
@@ -53,6 +56,7 @@ def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int
     chunks = prepare_data(data_cfg, None).valid
     if len(chunks) == 0:
         raise DataError(f"no validation chunks of T={data_cfg.seq_len} tokens in '{data_source or data_cfg.source}'")
+    check_token_ids(chunks, run.cfg.model.vocab_size, f"the data of '{data_source or data_cfg.source}'", DataError)
     matrix, nans, n_seq = measure_model(run.model, _batches(chunks, batch_size or run.cfg.train.batch_size,
                                                             max_batches), dev)
     T = int(chunks.shape[1])
@@ -199,13 +203,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR|HF_MODEL",
                    help="a privlm run directory, a save_pretrained directory or hf:<hub id>")
-    p.add_argument("--T", type=int, default=None,
+    p.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
                    help=f"tokens per sequence for a Hugging Face model (default {HF_DEFAULT_T}); a run uses its own")
     p.add_argument("--data", default=None, help="measure on this source instead (files:<glob>, hf:<id>, stdlib)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=None,
                    help=f"sequences per forward (default: the run's; {HF_DEFAULT_BATCH} for a Hugging Face model)")
-    p.add_argument("--max-batches", type=int, default=None, help="measure only the first N batches")
-    p.add_argument("--max-value", type=float, default=None,
+    p.add_argument("--max-batches", type=positive_int, default=None, help="measure only the first N batches")
+    p.add_argument("--max-value", type=bounded_float(1e-6, 1e6), default=None,
                    help="shared bin maximum (e.g. the largest head entropy over the runs being compared)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")

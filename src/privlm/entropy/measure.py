@@ -22,7 +22,6 @@ both put most heads in the top bin. They are kept as reported figures; the verdi
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -344,14 +343,9 @@ def entropy_history(run_dir_or_metrics) -> list[dict]:
     path = Path(run_dir_or_metrics)
     if path.is_dir():
         path = path / "metrics.jsonl"
+    from privlm.validate import read_jsonl
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{n} is not valid JSON") from None
+    for rec in read_jsonl(path):
         if rec.get("kind") == "entropy":
             records.append({**rec, "head_entropy": _matrix(rec["head_entropy"])})
     return sorted(records, key=lambda r: r["step"])

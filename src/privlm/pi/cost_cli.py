@@ -19,7 +19,7 @@ from typing import Optional
 
 
 from privlm.config import Config, ConfigError, apply_overrides, load_config, split_args
-from privlm.errors import OneLineArgumentParser
+from privlm.errors import MAX_T, OneLineArgumentParser, bounded_int
 from privlm.hfmodel import build_model, check_model_dir, is_hf_spec, shape_of
 from privlm.hfmodel import load_config as load_hf_config
 from privlm.pi.census import Census, census
@@ -257,7 +257,8 @@ def register(subparsers) -> None:
     p.add_argument("specs", nargs="*", metavar="PRESET|RUN_DIR|HF_MODEL|key=value",
                    help="presets, config YAMLs, run directories or Hugging Face models (a save_pretrained directory "
                         "or hf:<hub id>; default SM+LN+G at GPT-2 size), and overrides")
-    p.add_argument("--T", type=int, default=None, help="prompt length (default 128; a run's data.seq_len)")
+    p.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
+                   help="prompt length (default 128; a run's data.seq_len)")
     shadowed = shadowed_profiles()
     p.add_argument("--profile", default="paper-fit",
                    help=f"cost profile name or .json path (available: {', '.join(available_profiles())}; names are "

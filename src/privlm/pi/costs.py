@@ -126,11 +126,8 @@ def load_profile(name_or_path: Union[str, Path, Profile] = "paper-fit") -> Profi
     if not path.is_file():
         raise ConfigError(f"cost profile '{name_or_path}' not found; available: {', '.join(available_profiles())} "
                           f"(or a path to a .json profile)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"cost profile '{path}' is not valid JSON: {exc}") from None
-    return parse_profile(raw, str(path))
+    from privlm.validate import read_json
+    return parse_profile(read_json(path, {}, error=ConfigError), str(path))
 
 
 def parse_profile(raw: dict, origin: str = "<dict>") -> Profile:

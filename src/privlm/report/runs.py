@@ -5,7 +5,6 @@ cheap and works on runs that diverged, were interrupted, or were trained on anot
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from privlm.config import Config
 from privlm.errors import CheckpointError
 from privlm.run import load_run_config
 from privlm.train.flight_recorder import read_trace
+from privlm.validate import read_json, read_jsonl
 
 # Optional file with a measured private-inference run (written by `privlm pi run --save`, issue 6).
 PI_MEASURED_FILE = "pi_measured.json"
@@ -111,31 +111,13 @@ def _as_array(value: Any) -> np.ndarray:
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return read_json(path) if path.is_file() else None
 
 
 def read_metrics(path: Path) -> list[dict]:
     """Records of metrics.jsonl. A torn last line (the writer was killed mid-line) is ignored;
     a bad line anywhere else means the file is corrupt."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise CheckpointError(f"{path} line {i + 1} is not valid JSON") from None
-    return records
+    return read_jsonl(path) if path.is_file() else []
 
 
 def load_run(path: str | Path) -> RunData:

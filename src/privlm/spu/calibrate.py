@@ -63,6 +63,7 @@ def cost_profile_name(spu_profile: str) -> str:
 
 
 def register(sub) -> None:
+    from privlm.errors import MAX_T, MAX_VOCAB, bounded_float, bounded_int
     from privlm.spu.cli import add_spu_profile_arg
     c = sub.add_parser("calibrate", help="measure per-op SPU costs and write a cost profile")
     c.add_argument("--out", help="profile path (default $PRIVLM_HOME/profiles/<name>.json, PRIVLM_HOME "
@@ -74,7 +75,7 @@ def register(sub) -> None:
     add_spu_profile_arg(c)
     c.add_argument("--quick", action="store_true", help="small shapes only (tiny models, CI)")
     c.add_argument("--force", action="store_true", help="overwrite an existing profile")
-    c.add_argument("--rounds-delay-ms", type=float, default=None,
+    c.add_argument("--rounds-delay-ms", type=bounded_float(0, 60000), default=None,
                    help="also count rounds per op: rerun one shape per op with this one-way delay through a "
                         "user-space proxy (default 40 for the full grid, 0 = skip; --quick skips)")
     c.add_argument("--json", action="store_true")
@@ -83,15 +84,15 @@ def register(sub) -> None:
     m = sub.add_parser("measure", help="2PC cost of a GPT-2-size preset from one measured layer")
     m.add_argument("preset")
     m.add_argument("overrides", nargs="*", metavar="key=value")
-    m.add_argument("--T", type=int, default=128)
-    m.add_argument("--layers-measured", type=int, default=1)
-    m.add_argument("--vocab-measured", type=int, default=4096,
+    m.add_argument("--T", type=bounded_int(1, MAX_T), default=128)
+    m.add_argument("--layers-measured", type=bounded_int(1, 4096), default=1)
+    m.add_argument("--vocab-measured", type=bounded_int(1, MAX_VOCAB), default=4096,
                    help="run embedding and head at this vocabulary and scale linearly to the model's")
     m.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     add_spu_profile_arg(m)
-    m.add_argument("--chunks", type=int, default=4,
+    m.add_argument("--chunks", type=bounded_int(1, 4096), default=4,
                    help="softmax/activation runs per op (bounds memory: one GPT-2 layer in one piece needs ~20 GB)")
-    m.add_argument("--matmul-block", type=int, default=768,
+    m.add_argument("--matmul-block", type=bounded_int(0, 2**20), default=768,
                    help="split products into blocks of at most this many features (memory; 0 = no split)")
     m.add_argument("--out", help="write the JSON result here too")
     m.add_argument("--json", action="store_true")

@@ -18,8 +18,9 @@ import json
 import shutil
 from pathlib import Path
 
-from privlm.errors import CheckpointError, PrivlmError, finite_float
+from privlm.errors import MAX_T, CheckpointError, PrivlmError, bounded_int, finite_float
 from privlm.proc import private_tempdir
+from privlm.validate import check_text, check_tokenizer_files, read_json
 
 
 def register(subparsers) -> None:
@@ -42,16 +43,17 @@ def register(subparsers) -> None:
     r.add_argument("--party", type=int, choices=(0, 1),
                    help="2proc on two machines: run only this party (0 = client, 1 = server)")
     add_peer_timeout_arg(r)
-    r.add_argument("--T", type=int, help="prompt length, for --party 1 (the server never sees the prompt)")
+    r.add_argument("--T", type=bounded_int(1, MAX_T),
+                   help="prompt length, for --party 1 (the server never sees the prompt)")
     r.add_argument("--wan", metavar="RATE:DELAY",
                    help="2proc only: run the parties in two network namespaces joined by a veth pair limited to "
                         "RATE (tc tbf) with DELAY one-way per message flight (delay proxy), e.g. 100mbit:80ms; "
                         "needs root")
     r.add_argument("--head", default="all", choices=("all", "last"),
                    help="LM head over all T positions (census/paper workload) or only the last")
-    r.add_argument("--chunks", type=int, default=1,
+    r.add_argument("--chunks", type=bounded_int(1, 4096), default=1,
                    help="run each softmax/activation as this many SPU runs (bounds memory; same math)")
-    r.add_argument("--matmul-block", type=int, default=None,
+    r.add_argument("--matmul-block", type=bounded_int(1, 2**20), default=None,
                    help="split every product into blocks of at most this many features (bounds memory)")
     r.add_argument("--keep", metavar="DIR", help="keep the exported files, logs and audits in DIR")
     r.add_argument("--json", action="store_true", help="print one JSON document")
@@ -63,8 +65,9 @@ def register(subparsers) -> None:
                                    "logit error, and the perplexity of the 2PC logits beside the plaintext one.")
     v.add_argument("run_dir")
     add_spu_profile_arg(v)
-    v.add_argument("--sequences", type=int, default=2, help="validation sequences (default 2)")
-    v.add_argument("--T", type=int, default=None, help="tokens per sequence (default the run's seq_len)")
+    v.add_argument("--sequences", type=bounded_int(1, 4096), default=2, help="validation sequences (default 2)")
+    v.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
+                   help="tokens per sequence (default the run's seq_len)")
     v.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     v.add_argument("--mode", default="sim", choices=("sim", "2proc"))
     add_peer_timeout_arg(v)
@@ -112,8 +115,15 @@ def check_spu_profile(name: str) -> str:
     return name
 
 
-def _load(run_dir: Path):
+def _load(run_dir: Path, T: int = 1, sequences: int = 1):
+    """(cfg, model, tokenizer) of a run, after checking that a 2PC run of it on ``sequences`` x ``T`` tokens
+    can fit in memory (privlm.validate.spu_memory)."""
+    from privlm.run import load_run_config
     from privlm.spu.export import load_model
+    from privlm.validate import check_fits, spu_memory
+    cfg = load_run_config(run_dir)
+    check_fits(spu_memory(cfg.model, T, sequences), f"a 2PC run of '{run_dir}' (L{cfg.model.n_layer} "
+               f"d{cfg.model.n_embd} V{cfg.model.vocab_size}, {sequences}x{T} tokens)")
     return load_model(run_dir)
 
 
@@ -140,6 +150,8 @@ def cmd_run(args) -> int:
     from privlm.spu.report import format_table, summarize
 
     run_dir = Path(args.run_dir)
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt", PrivlmError)
     check_spu_profile(args.spu_profile)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
@@ -169,17 +181,22 @@ def cmd_run(args) -> int:
             and not (run_dir / "model.safetensors").is_file()
         ref = model = tok = None
         if client_only:  # a client machine: public architecture and tokenizer, no weights
-            meta = json.loads((run_dir / "public.json").read_text())
+            meta = read_json(run_dir / "public.json")  # schema: vocab_size, block_size
             public, weights, vocab = run_dir / "public.json", None, meta["vocab_size"]
             if (run_dir / "tokenizer.json").is_file():
                 from tokenizers import Tokenizer
-                tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+                check_tokenizer_files(run_dir / "tokenizer.json")
+                try:
+                    tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+                except Exception as exc:  # noqa: BLE001
+                    raise CheckpointError(f"cannot load '{run_dir / 'tokenizer.json'}': "
+                                          f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
             block = meta["block_size"]
         else:
             import torch
 
             from privlm.spu.export import save_export
-            cfg, model, tok = _load(run_dir)
+            cfg, model, tok = _load(run_dir, args.T or 1)
             public, weights = save_export(model, work / "export")
             vocab, block = cfg.model.vocab_size, cfg.model.block_size
         if args.party != 1 and args.prompt is None and args.tokens is None:
@@ -282,7 +299,7 @@ def cmd_eval(args) -> int:
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
     if args.sequences < 1:
         raise PrivlmError(f"--sequences={args.sequences} must be >= 1")
-    cfg, model, _ = _load(run_dir)
+    cfg, model, _ = _load(run_dir, args.T or 2, args.sequences)
     T = args.T or cfg.data.seq_len
     if not 2 <= T <= min(cfg.data.seq_len, cfg.model.block_size):
         raise PrivlmError(f"--T={T} must be in 2..{min(cfg.data.seq_len, cfg.model.block_size)} (the run's chunks)")

@@ -94,13 +94,15 @@ def load_state(path: Path):
     """Read what `save_state` wrote; CheckpointError (one line, naming the file) if it is not such a file."""
     from safetensors import safe_open
 
+    from privlm.validate import parse_json, safetensors_header
+    safetensors_header(path)  # lengths bounded by the file before the library reads them
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"not a {STATE_FORMAT} file (format {meta.get('format')!r})")
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        return _decode(json.loads(meta["structure"]), tensors)
+        return _decode(parse_json(meta["structure"], f"'{path}' structure"), tensors)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or hand-edited files all mean "malformed"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"checkpoint state file '{path}' is malformed: {first}") from None
@@ -285,11 +287,15 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, reg: Optional[torch.nn.Module],
                     optimizer: torch.optim.Optimizer, scheduler, scaler) -> tuple[dict, list[dict]]:
     """Restore everything saved by `save_checkpoint`; return (trainer_state, per-rank RNG states)."""
+    from privlm.validate import ANY, check_finite, read_json, safetensors_header
     current = ckpt / WEIGHTS
+    safetensors_header(current)
     try:
         load_model(model, str(current), strict=True)
+        check_finite(model.state_dict().items(), f"'{current}'")
         if reg is not None:
             current = ckpt / REG_WEIGHTS
+            safetensors_header(current)
             theta = load_file(str(current))["theta"]
             with torch.no_grad():
                 reg.theta.copy_(theta)
@@ -306,7 +312,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, reg: Optional[torch.nn.M
             raise CheckpointError(f"checkpoint state file '{current}' is malformed: not a list of per-rank "
                                   f"RNG states")
         current = ckpt / "trainer.json"
-        trainer_state = json.loads(current.read_text())
+        trainer_state = read_json(current, ANY)  # size and depth bounded; its shape is checked below
         position = trainer_state.get("position") if isinstance(trainer_state, dict) else None
         if not (isinstance(position, dict) and set(position) == {"epoch", "cursor"}
                 and all(isinstance(trainer_state.get(k), int) for k in ("step", "tokens"))

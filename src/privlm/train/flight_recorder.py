@@ -285,20 +285,16 @@ def verdict_line(trace: dict) -> str:
 
 def read_trace(run_dir: Path) -> Optional[dict]:
     """RUN_DIR/flight_recorder.json, or None when the run has none (it never diverged)."""
-    import json
+    from privlm.errors import CheckpointError
+    from privlm.validate import ANY, check_file, read_json
     path = Path(run_dir) / FLIGHT_FILE
     if not path.is_file():
         return None
-    try:
-        trace = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        from privlm.errors import CheckpointError
-        raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if trace.get("format") != FORMAT:
-        from privlm.errors import CheckpointError
+    trace = read_json(path, ANY)  # size and depth bounded
+    if isinstance(trace, dict) and trace.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a flight-recorder trace (format {trace.get('format')!r}, "
                               f"expected {FORMAT!r})")
-    return trace
+    return check_file(trace, path)  # the trace's schema, naming the field
 
 
 def format_trace(trace: dict, last: int = 8) -> str:

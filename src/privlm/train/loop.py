@@ -299,11 +299,9 @@ class Trainer:
             if not self.dist.is_main:
                 data = prepare_data(dcfg, None)
         if own:
-            try:
-                saved = json.loads((self.run_dir / "data_manifest.json").read_text())
-            except ValueError as exc:
-                raise CheckpointError(f"'{self.run_dir / 'data_manifest.json'}' is not valid JSON: {exc}") from None
-            if not isinstance(saved, dict) or _split_fingerprint(saved) != _split_fingerprint(data.manifest):
+            from privlm.validate import read_json
+            saved = read_json(self.run_dir / "data_manifest.json")  # size, depth, schema
+            if _split_fingerprint(saved) != _split_fingerprint(data.manifest):
                 raise CheckpointError(f"the data built now differs from the run's data_manifest.json "
                                       f"({_split_fingerprint(data.manifest)} vs {_split_fingerprint(saved)}); "
                                       f"resuming would not continue the same run")

@@ -22,13 +22,18 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, drop records written after the checkpoint (they are recomputed, bit-exactly on CPU)."""
     if not path.is_file():
         return
+    from privlm.errors import CheckpointError, PrivlmError
+    from privlm.validate import MAX_JSONL_BYTES, parse_json
+    if path.stat().st_size > MAX_JSONL_BYTES:
+        raise CheckpointError(f"'{path}' is {path.stat().st_size:,} bytes, more than the {MAX_JSONL_BYTES:,} a "
+                              f"metrics file may have")
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the kill
+            rec = parse_json(line, f"'{path}'")
+        except PrivlmError:  # a line cut by the kill (or not a record): dropped like one
             continue
-        if rec.get("step", 0) <= last_step:
+        if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= last_step:
             kept.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 
