@@ -10,7 +10,6 @@ import argparse
 import time
 from pathlib import Path
 
-
 from privlm.config import ConfigError, apply_overrides, load_config, split_spec
 from privlm.errors import CheckpointError
 from privlm.fileio import slug
@@ -51,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("under torchrun or srun pass --out RUN_DIR (every process must write the same run)")
         else:
             run_dir = _default_run_dir(cfg.model.preset)
+    from privlm.train.distributed import launch_env
     from privlm.train.precision import resolve_device
     from privlm.validate import check_model_fits
     check_model_fits(cfg.model, cfg.train.batch_size, cfg.data.seq_len, training=True,
-                     device=resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0"))))
+                     device=resolve_device(cfg.train.device, launch_env().local_rank))
     summary = train(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet)
     if summary:
         print(f"final valid PPL {summary['final_ppl']:.4f} (loss {summary['final_loss']:.4f}) after "
