@@ -32,4 +32,11 @@ STEP_KINDS: tuple[str, ...] = ("setup", "embedding", "layernorm", "matmul", "sof
 
 # File formats (name/version): the exported model the SPU parties read, and a cost profile.
 EXPORT_FORMAT = "privlm-spu-export/1"
+TRACE_FORMAT = "privlm-trace/1"  # the op graph of a traced model (privlm.trace)
+
+# Causal-mask constant. SPU's fixed-point exp evaluates exp(x) as (1 + x/2^n)^(2^n) and breaks for
+# x far below -2^(n+1) (n = 8 by default: about -512); a mask of -1e4 therefore produced garbage
+# attention. -100 is far enough below any real logit to give the masked keys exp(-100) ≈ 4e-44 weight
+# (exactly 0 in float32 and in 18-bit fixed point) while staying in the range SPU's exp handles.
+MASK_VALUE = -100.0
 COST_PROFILE_FORMAT = "privlm-pi-cost-profile/1"
