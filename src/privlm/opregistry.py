@@ -100,6 +100,8 @@ RECORDS: dict[str, OpRecord] = {r.name: r for r in [
     OpRecord("aten.matmul.default", "matmul", flops=_matmul_flops, doc="secret x secret product (two activations)"),
     OpRecord("aten.bmm.default", "matmul", flops=_matmul_flops, doc="secret x secret batched product"),
     OpRecord("aten.mm.default", "matmul", flops=_matmul_flops, doc="2-D product"),
+    OpRecord("aten.addmm.default", "matmul", flops=lambda ins, out, lit: 2 * prod(out) * ins[1][-1],
+             doc="b + x @ W (GPT-2's Conv1D), W private to the server"),
     OpRecord("embedding_onehot", "embedding", flops=_onehot_flops,
              doc="token lookup with secret ids: one-hot [T, V] @ private table [V, d]"),
     # attention
@@ -166,3 +168,26 @@ def record(op: str) -> Optional[OpRecord]:
 def unknown_ops(ops) -> list[str]:
     """The op names of a trace that have no record, sorted (empty when the registry covers the trace)."""
     return sorted({op for op in ops if op not in RECORDS})
+
+
+def arg_shape(doc: dict, shapes: dict[str, list], a) -> Optional[list]:
+    """The shape of one argument of a traced node (None for literals)."""
+    if isinstance(a, dict):
+        if "ref" in a:
+            return shapes[a["ref"]]
+        for k in ("server", "public"):
+            if k in a:
+                return doc[k][a[k]]
+        if "onehot" in a:
+            return [1, doc["T"], doc["vocab_size"]]
+    return None
+
+
+def measure(doc: dict, node: dict, shapes: dict[str, list]) -> tuple[Optional[str], int, Optional[tuple], int]:
+    """(census op, instances, per-instance shape, FLOPs) of one node of a traced graph, by its record's rules."""
+    rec = RECORDS[node["op"]]
+    ins = [s for s in (arg_shape(doc, shapes, a) for a in node["args"]) if s is not None]
+    lit = [a for a in node["args"] if not isinstance(a, (dict, list))]
+    count, shape = rec.count(ins, node["shape"], lit) if rec.census and rec.count else (0, None)
+    flops = int(rec.flops(ins, node["shape"], lit)) if rec.flops else 0
+    return rec.census, count, shape, flops

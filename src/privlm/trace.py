@@ -383,3 +383,19 @@ def _fold_private_div(nodes, server, shapes, meta) -> list[dict]:
         lin["args"] = new_args
         n["op"], n["args"], n["kwargs"] = "aten.alias.default", [x], {}
     return nodes
+
+
+def save_trace(trace: Trace, out_dir) -> None:
+    """program.json and public.safetensors (public: both parties), server.safetensors (the server only)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    from privlm.opschema import CONSTANTS_FILE, SERVER_FILE, TRACE_FILE
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TRACE_FILE).write_text(json.dumps(trace.doc))
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in trace.server.items()}, str(out / SERVER_FILE))
+    save_file({k: np.ascontiguousarray(v) for k, v in trace.public.items()}, str(out / CONSTANTS_FILE))

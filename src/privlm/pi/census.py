@@ -409,41 +409,25 @@ def simplified_block_census(base: Census) -> Census:
 def trace_ops_flops(doc: dict) -> tuple[list[NonlinearOp], dict[str, int]]:
     """The nonlinear ops and linear FLOPs of a traced op graph (`privlm.trace`, format privlm-trace/1), by the
     op registry's element-count and FLOP rules: the census of the model the graph was traced from."""
-    from privlm.opregistry import RECORDS, unknown_ops
+    from privlm.opregistry import RECORDS, measure, unknown_ops
 
     bad = unknown_ops(n["op"] for n in doc["nodes"])
     if bad:
         raise ValueError(f"model {doc.get('model')}: no op-registry record for {', '.join(bad)}")
     shapes = {n["name"]: n["shape"] for n in doc["nodes"]}
-
-    def shape_of(a):
-        if isinstance(a, dict):
-            if "ref" in a:
-                return shapes[a["ref"]]
-            if "server" in a:
-                return doc["server"][a["server"]]
-            if "public" in a:
-                return doc["public"][a["public"]]
-            if "onehot" in a:
-                return [1, doc["T"], doc["vocab_size"]]
-        return None
-
     records: list[tuple[str, str, tuple[int, ...], str]] = []
     flops = {"ffn": 0, "attn_proj": 0, "attn_scores": 0, "embedding": 0, "lm_head": 0}
     for n in doc["nodes"]:
         rec = RECORDS[n["op"]]
-        ins = [shape_of(a) for a in n["args"] if shape_of(a) is not None]
-        lit = [a for a in n["args"] if not isinstance(a, (dict, list))]
-        if rec.census is not None and rec.count is not None:
-            count, shape = rec.count(ins, n["shape"], lit)
+        op, count, shape, f = measure(doc, n, shapes)
+        if op is not None:
             where = ("attention" if rec.census in ("softmax", "rotary") else
                      "ffn" if rec.kind == "activation" else "final" if n["layer"] is None else "block")
             records += [(rec.census, n["name"], tuple(shape), where)] * count
         if rec.flops is not None:
-            f = rec.flops(ins, n["shape"], lit)
             scope = n["scope"]
             key = ("embedding" if scope == "embedding" else "lm_head" if scope == "lm_head" else "ffn" if scope == "ffn"
-                   else "attn_scores" if rec.name != "aten.linear.default" else "attn_proj")
+                   else "attn_proj" if rec.name in ("aten.linear.default", "aten.addmm.default") else "attn_scores")
             flops[key] += int(f)
     ops = _group(records)
     return ops, flops

@@ -12,6 +12,9 @@ gelu     tanh        GPT-2's tanh-GELU through SPU's generic tanh
          piecewise   Bumblebee's GELU: 0 for x < -5, a cubic on [-5, -1.97), a degree-6 polynomial on
                      [-1.97, 3], x above 3; the polynomials are minimax fits to tanh-GELU (`piecewise_gelu_fit`)
 layernorm rsqrt      (x - mean) * rsqrt(var + eps) * g + b, the one LayerNorm (SPU evaluates rsqrt itself)
+rmsnorm   rsqrt      x * rsqrt(mean(x^2) + eps) * g (LLaMA, Qwen2, Mistral)
+silu      sigmoid    x * sigmoid(x) through SPU's sigmoid (LLaMA-family MLPs)
+relu      compare    one comparison: ReLU, and leaky ReLU's where(x >= 0, x, slope·x)
 """
 from __future__ import annotations
 
@@ -44,6 +47,14 @@ def layer_norm_reference(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float
     m = x.mean(-1, keepdims=True)
     v = ((x - m) ** 2).mean(-1, keepdims=True)
     return (x - m) / np.sqrt(v + eps) * g + b
+
+
+def rms_norm_reference(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * g
+
+
+def silu_reference(u: np.ndarray) -> np.ndarray:
+    return u / (1.0 + np.exp(-u))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,11 +127,34 @@ def layer_norm_rsqrt(x, g, b, eps: float):
     return y if b is None else y + b
 
 
+def rms_norm_rsqrt(x, g, eps: float):
+    """RMSNorm over the last axis (torch.nn.RMSNorm); g may be None."""
+    import jax
+    import jax.numpy as jnp
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return y if g is None else y * g
+
+
+def silu_sigmoid(u):
+    import jax
+    return u * jax.nn.sigmoid(u)
+
+
+def relu_compare(u):
+    import jax
+    return jax.nn.relu(u)
+
+
 KERNELS: dict[str, dict[str, Callable]] = {
     "softmax": {"divide": softmax_divide, "reciprocal": softmax_reciprocal},
     "gelu": {"tanh": gelu_tanh, "piecewise": gelu_piecewise},
     "layernorm": {"rsqrt": layer_norm_rsqrt},
+    "rmsnorm": {"rsqrt": rms_norm_rsqrt},
+    "silu": {"sigmoid": silu_sigmoid},
+    "relu": {"compare": relu_compare},
 }
+# The kernel a profile that names none for an op uses (ops added after the profile was written).
+DEFAULT_KERNELS: dict[str, str] = {"rmsnorm": "rsqrt", "silu": "sigmoid", "relu": "compare"}
 
 # Maximum absolute error under 2PC (CHEETAH, 18 fraction bits) over INPUT_RANGES, under every shipped
 # profile that uses the kernel (softmax: probabilities; gelu: activations; layernorm: normalized outputs).

@@ -226,10 +226,12 @@ def plan(program) -> tuple[dict[str, tuple], dict[str, int]]:
     """Shapes of every named tensor (from jax.eval_shape, no data) and the index of each tensor's last use."""
     import jax
 
-    shapes: dict[str, tuple] = {"onehot": (program.T, program.meta["vocab_size"])}
-    for name in program.server_inputs:
-        shape = tuple(program.meta["weights"][name])
-        shapes[name] = (program.T,) + shape[1:] if name == "wpe" else shape
+    shapes: dict[str, tuple] = dict(program.input_shapes)  # traced program: its inputs' shapes
+    if not shapes:
+        shapes["onehot"] = (program.T, program.meta["vocab_size"])
+        for name in program.server_inputs:
+            shape = tuple(program.meta["weights"][name])
+            shapes[name] = (program.T,) + shape[1:] if name == "wpe" else shape
     last_use: dict[str, int] = {}
     for i, step in enumerate(program.steps):
         specs = [jax.ShapeDtypeStruct(shapes[n], np.float32) for n in step.inputs]
