@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import spu.libspu as libspu
 
-    from privlm.spu.program import build_program, load_meta, load_weights, one_hot
+    from privlm.spu.program import build_program, is_trace, load_meta, load_trace, load_weights, one_hot, program_from_trace
     from privlm.spu.spu_profile import load_spu_profile
 
     opts = libspu.logging.LogOptions()
@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     libspu.logging.setup_logging(opts)
 
     spu_profile = load_spu_profile(args.spu_profile)
-    meta = load_meta(args.public)
+    traced = is_trace(args.public)
+    meta = load_trace(Path(args.public).parent)[0] if traced else load_meta(args.public)
     AUDIT["loaded"].append(os.path.abspath(args.public))
     roles = (0, 1) if args.sim else (args.rank,)
     onehots = weights = None
@@ -378,8 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         weights = load_weights(args.weights)
         AUDIT["loaded"].append(os.path.abspath(args.weights))
         AUDIT["plaintext"].extend(sorted(weights))
-    program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block,
-                            kernels=spu_profile.kernels)
+    if traced:  # one op graph traced from the torch model (privlm.trace), public constants beside it
+        if T != meta["T"]:
+            raise ValueError(f"the prompt has {T} tokens; the traced program was exported for T={meta['T']}")
+        program = program_from_trace(meta, load_trace(Path(args.public).parent)[1], head=args.head,
+                                     kernels=spu_profile.kernels)
+    else:
+        program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block,
+                                kernels=spu_profile.kernels)
 
     result: dict = {}
 

@@ -342,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul-block", type=int, default=None)
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     for d in map(Path, args.dirs):
+        if (d / TRACE_FILE).is_file():  # a traced export: the logits of every position and of the last one
+            doc, consts = load_trace(d)
+            ids = np.asarray(json.loads((d / "ids.json").read_text()))
+            for head in ("all", "last"):
+                prog = program_from_trace(doc, consts, head=head)
+                np.save(d / f"jax_logits_traced_{head}.npy", forward(prog, load_weights(d / SERVER_FILE), ids))
+            continue
         meta = load_meta(d / "public.json")
         ids = np.asarray(json.loads((d / "ids.json").read_text()))
         prog = build_program(meta, len(ids), chunks=args.chunks, matmul_block=args.matmul_block)
@@ -349,9 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"mask_value": MASK_VALUE}))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 # ==================================================================================================
@@ -492,6 +496,8 @@ def _step_kind(node: dict, rec) -> tuple[str, str]:
     part = node.get("part")
     if part in ("scores", "av"):
         return "matmul", "attn_scores"
+    if part == "softmax":
+        return "softmax", "softmax"
     if rec.census is not None:
         return rec.kind, rec.census
     scope = node["scope"]
@@ -585,7 +591,7 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
                     a[0] = a[0][..., -1:, :]
                 kw = {k: decode(v, env) for k, v in n["kwargs"].items()}
                 env[n["name"]] = impl[n["op"]](*a, **kw)
-            res = tuple(env[o] for o in _outs)
+            res = tuple(env[o].reshape(-1, V) if o == out_name else env[o] for o in _outs)  # logits [rows, V]
             return res if len(res) > 1 else res[0]
 
         lead = g[0]
@@ -629,3 +635,15 @@ def load_trace(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
                          f"expected {TRACE_FORMAT!r})")
     consts = load_file(str(d / CONSTANTS_FILE)) if doc["public"] else {}
     return doc, consts
+
+
+def is_trace(path: Path | str) -> bool:
+    """Whether a public program file is a traced op graph (program.json) rather than a privlm-spu-export."""
+    try:
+        return json.loads(Path(path).read_text()).get("format") == TRACE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
