@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from privlm.opregistry import RECORDS, unknown_ops
+from privlm.errors import PrivlmError
+from privlm.opregistry import unknown_ops
 from privlm.opschema import MASK_VALUE, TRACE_FORMAT
 
 # Ops kept whole by the decomposition (each is one registry record with one SPU kernel).
@@ -46,7 +47,7 @@ PATTERNS = {"LeakyReLU": "leaky_relu"}
 _IGNORED = ("aten._assert_tensor_metadata.default",)
 
 
-class UnsupportedOp(ValueError):
+class UnsupportedOp(PrivlmError, ValueError):
     """The traced graph holds an op the registry lacks (the message names the op and the model)."""
 
 
@@ -150,12 +151,13 @@ def trace_model(model: nn.Module, T: int, name: Optional[str] = None) -> Trace:
         heads = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
     else:
         if not 1 <= T <= model.config.block_size:
-            raise ValueError(f"T={T} is larger than the position table model.block_size={model.config.block_size}")
+            raise UnsupportedOp(f"T={T} must be in 1..{model.config.block_size} (the position table "
+                                f"model.block_size)")
         heads = {"lm_head"}
         from privlm.model.hooks import HookPoint
 
         if any(isinstance(m, HookPoint) and m.requested for m in model.modules()):
-            raise ValueError("trace: detach every hook first (a requested hook point changes the traced graph)")
+            raise UnsupportedOp("trace: detach every hook first (a requested hook point changes the traced graph)")
     device = next(model.parameters()).device
     meta = device.type == "meta"
     was_training = model.training

@@ -26,8 +26,10 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="pi_command", metavar="PI_COMMAND", required=True)
 
     r = sub.add_parser("run", help="private next-token prediction of a run directory's model")
-    r.add_argument("run_dir", help="RUN_DIR (config.yaml + model.safetensors), or a client bundle of "
-                                   "`privlm pi export` (public.json + tokenizer.json) with --party 0")
+    r.add_argument("run_dir", help="RUN_DIR (config.yaml + model.safetensors), a Hugging Face save_pretrained "
+                                   "directory or hf:<id> (GPT-2, GPT-NeoX, LLaMA, Qwen2, Mistral; run through the "
+                                   "traced program), or a client bundle of `privlm pi export` (public.json + "
+                                   "tokenizer.json) with --party 0")
     src = r.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (tokenized with the run's tokenizer.json)")
     src.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
@@ -50,6 +52,7 @@ def register(subparsers) -> None:
                    help="run each softmax/activation as this many SPU runs (bounds memory; same math)")
     r.add_argument("--matmul-block", type=int, default=None,
                    help="split every product into blocks of at most this many features (bounds memory)")
+    add_program_arg(r)
     r.add_argument("--keep", metavar="DIR", help="keep the exported files, logs and audits in DIR")
     r.add_argument("--json", action="store_true", help="print one JSON document")
     r.set_defaults(func=cmd_run)
@@ -64,6 +67,7 @@ def register(subparsers) -> None:
     v.add_argument("--T", type=int, default=None, help="tokens per sequence (default the run's seq_len)")
     v.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     v.add_argument("--mode", default="sim", choices=("sim", "2proc"))
+    add_program_arg(v)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
 
@@ -74,6 +78,12 @@ def register(subparsers) -> None:
 
     from privlm.spu import calibrate as _cal
     _cal.register(sub)
+
+
+def add_program_arg(parser) -> None:
+    parser.add_argument("--program", default="hand", choices=("hand", "traced"),
+                        help="privlm runs: the hand-written step program (default) or the program traced from the "
+                             "torch model (torch.export + op registry); Hugging Face models always run traced")
 
 
 def add_spu_profile_arg(parser) -> None:
@@ -120,10 +130,16 @@ def cmd_run(args) -> int:
     from privlm.spu.launcher import run_parties
     from privlm.spu.report import format_table, summarize
 
+    from privlm.hfmodel import is_hf_spec
+
     run_dir = Path(args.run_dir)
     check_spu_profile(args.spu_profile)
-    if not run_dir.is_dir():
+    hf = is_hf_spec(args.run_dir)
+    if not hf and not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
+    traced = hf or args.program == "traced"
+    if traced and (args.chunks != 1 or args.matmul_block is not None):
+        raise PrivlmError("--chunks and --matmul-block apply to the hand-written program only (--program hand)")
     if args.chunks < 1:
         raise PrivlmError(f"--chunks={args.chunks} must be >= 1")
     if args.matmul_block is not None and args.matmul_block < 1:
@@ -143,7 +159,7 @@ def cmd_run(args) -> int:
     if args.keep and work.exists() and any(work.iterdir()):
         raise PrivlmError(f"--keep directory '{work}' exists and is not empty; choose a new one")
     try:
-        client_only = args.party == 0 and (run_dir / "public.json").is_file() \
+        client_only = not hf and args.party == 0 and (run_dir / "public.json").is_file() \
             and not (run_dir / "model.safetensors").is_file()
         ref = model = tok = None
         if client_only:  # a client machine: public architecture and tokenizer, no weights
@@ -154,12 +170,8 @@ def cmd_run(args) -> int:
                 tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
             block = meta["block_size"]
         else:
-            import torch
-
-            from privlm.spu.export import save_export
-            cfg, model, tok = _load(run_dir)
-            public, weights = save_export(model, work / "export")
-            vocab, block = cfg.model.vocab_size, cfg.model.block_size
+            from privlm.spu.export import load_any
+            model, tok, vocab, block, _ = load_any(args.run_dir)
         if args.party != 1 and args.prompt is None and args.tokens is None:
             raise PrivlmError("give --prompt or --tokens (only the server, --party 1, runs without one)")
         if args.party == 1:
@@ -169,11 +181,16 @@ def cmd_run(args) -> int:
         else:
             ids = _tokens(args, tok, vocab)
             T = len(ids)
-        if T > block:
+        if block is not None and T > block:
             raise PrivlmError(f"the prompt has {T} tokens but the model's position table holds {block}")
-        if model is not None and ids is not None:
-            with torch.no_grad():
-                ref = model(torch.tensor([ids])).logits[0].float().numpy()
+        if model is not None:
+            from privlm.spu.export import plain_logits, save_export, save_traced
+            if traced:
+                public, weights = save_traced(model, work / "export", T)
+            else:
+                public, weights = save_export(model, work / "export")
+            if ids is not None:
+                ref = plain_logits(model, [ids])[0]
         def launch(net=None):
             return run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
                                mode=args.mode, peers=args.peer, party=args.party, head=args.head,
@@ -257,8 +274,13 @@ def cmd_eval(args) -> int:
     from privlm.spu.launcher import run_parties
     from privlm.spu.report import accuracy_under_2pc
 
+    from privlm.hfmodel import is_hf_spec
+
     check_spu_profile(args.spu_profile)
     run_dir = Path(args.run_dir)
+    if is_hf_spec(args.run_dir):
+        raise PrivlmError(f"'{args.run_dir}' is a Hugging Face model: pi eval scores a privlm run's validation "
+                          f"split; use pi run --tokens (--head all reveals every position's logits) for Hugging Face models")
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
     if args.sequences < 1:
@@ -275,7 +297,11 @@ def cmd_eval(args) -> int:
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.float().numpy()
     with tempfile.TemporaryDirectory(prefix="privlm-pi-eval-") as tmp:
-        public, weights = save_export(model, Path(tmp) / "export")
+        if args.program == "traced":
+            from privlm.spu.export import save_traced
+            public, weights = save_traced(model, Path(tmp) / "export", T)
+        else:
+            public, weights = save_export(model, Path(tmp) / "export")
         result, logits = run_parties(Path(tmp), public, weights=weights, tokens=ids.tolist(), T=T,
                                      protocol=args.protocol, mode=args.mode, spu_profile=args.spu_profile,
                                      sequences=args.sequences)

@@ -13,7 +13,8 @@ gelu     tanh        GPT-2's tanh-GELU through SPU's generic tanh
                      [-1.97, 3], x above 3; the polynomials are minimax fits to tanh-GELU (`piecewise_gelu_fit`)
 layernorm rsqrt      (x - mean) * rsqrt(var + eps) * g + b, the one LayerNorm (SPU evaluates rsqrt itself)
 rmsnorm   rsqrt      x * rsqrt(mean(x^2) + eps) * g (LLaMA, Qwen2, Mistral)
-silu      sigmoid    x * sigmoid(x) through SPU's sigmoid (LLaMA-family MLPs)
+silu      exp        x / (1 + exp(-x)) through SPU's exp and reciprocal (LLaMA-family MLPs)
+gate_product mul     SwiGLU's act(gate) ⊙ up: a secret x secret product
 relu      compare    one comparison: ReLU, and leaky ReLU's where(x >= 0, x, slope·x)
 """
 from __future__ import annotations
@@ -135,9 +136,16 @@ def rms_norm_rsqrt(x, g, eps: float):
     return y if g is None else y * g
 
 
-def silu_sigmoid(u):
-    import jax
-    return u * jax.nn.sigmoid(u)
+def silu_exp(u):
+    """x·sigmoid(x) as x / (1 + exp(-x)): SPU's exp and one reciprocal. (jax.nn.sigmoid would lower to SPU's
+    sigmoid, whose default mode is the linear 0.5 + 0.125·x, far off for |x| > 2.)"""
+    import jax.numpy as jnp
+    return u * (1.0 / (1.0 + jnp.exp(-u)))
+
+
+def gate_mul(a, b):
+    """SwiGLU's gate product act(gate) ⊙ up: one secret x secret product per element."""
+    return a * b
 
 
 def relu_compare(u):
@@ -150,11 +158,12 @@ KERNELS: dict[str, dict[str, Callable]] = {
     "gelu": {"tanh": gelu_tanh, "piecewise": gelu_piecewise},
     "layernorm": {"rsqrt": layer_norm_rsqrt},
     "rmsnorm": {"rsqrt": rms_norm_rsqrt},
-    "silu": {"sigmoid": silu_sigmoid},
+    "silu": {"exp": silu_exp},
+    "gate_product": {"mul": gate_mul},
     "relu": {"compare": relu_compare},
 }
 # The kernel a profile that names none for an op uses (ops added after the profile was written).
-DEFAULT_KERNELS: dict[str, str] = {"rmsnorm": "rsqrt", "silu": "sigmoid", "relu": "compare"}
+DEFAULT_KERNELS: dict[str, str] = {"rmsnorm": "rsqrt", "silu": "exp", "gate_product": "mul", "relu": "compare"}
 
 # Maximum absolute error under 2PC (CHEETAH, 18 fraction bits) over INPUT_RANGES, under every shipped
 # profile that uses the kernel (softmax: probabilities; gelu: activations; layernorm: normalized outputs).
@@ -164,6 +173,7 @@ ERROR_BOUNDS: dict[tuple[str, str], float] = {
     ("softmax", "divide"): 0.002, ("softmax", "reciprocal"): 0.01,
     ("gelu", "tanh"): 0.02, ("gelu", "piecewise"): 0.012,
     ("layernorm", "rsqrt"): 0.01,
+    ("rmsnorm", "rsqrt"): 0.01, ("silu", "exp"): 0.01, ("gate_product", "mul"): 0.001,
 }
 # Plaintext approximation error of a kernel that is not the reference function itself (float64, no SPU).
 APPROXIMATION_BOUNDS: dict[tuple[str, str], float] = {("gelu", "piecewise"): 0.01}
@@ -205,6 +215,21 @@ def kernel_inputs(op: str, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]
         b = rng.normal(0.0, 0.1, 128)
         x, g, b = (a.astype(np.float32) for a in (x, g, b))
         return [x, g, b], layer_norm_reference(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
+    if op == "rmsnorm":
+        r = INPUT_RANGES["layernorm"]
+        x = rng.normal(r["mean"], r["std"], (2048, 128))
+        x[:, :4] *= r["outlier_factor"]
+        g = rng.normal(1.0, 0.2, 128)
+        x, g = (a.astype(np.float32) for a in (x, g))
+        return [x, g], rms_norm_reference(*(a.astype(np.float64) for a in (x, g)), 1e-6)
+    if op == "silu":
+        lo, hi = INPUT_RANGES["silu"]["min"], INPUT_RANGES["silu"]["max"]
+        u = rng.uniform(lo, hi, (256, 1024)).astype(np.float32)
+        return [u], silu_reference(u.astype(np.float64))
+    if op == "gate_product":
+        lo, hi = INPUT_RANGES["gate_product"]["min"], INPUT_RANGES["gate_product"]["max"]
+        a, b = (rng.uniform(lo, hi, (256, 1024)).astype(np.float32) for _ in range(2))
+        return [a, b], a.astype(np.float64) * b.astype(np.float64)
     raise ValueError(f"unknown kernel op '{op}'")
 
 
@@ -215,6 +240,10 @@ INPUT_RANGES: dict[str, dict[str, float]] = {
     "softmax": {"std": 3.0, "min": -30.0, "max": 30.0},
     "gelu": {"min": -12.0, "max": 12.0},
     "layernorm": {"mean": 0.0, "std": 2.0, "outlier_factor": 10.0},
+    # LLaMA-family ops, not yet checked against a trained model: the GELU range for SiLU, |x| <= 8 for the
+    # gate product's two factors, LayerNorm's inputs for RMSNorm
+    "silu": {"min": -12.0, "max": 12.0},
+    "gate_product": {"min": -8.0, "max": 8.0},
 }
 
 
@@ -229,10 +258,12 @@ def measure_errors(profile, seed: int = 0) -> dict[str, dict]:
     sim = spsim.Simulator(2, prof.runtime_config("cheetah"))
     out = {}
     for op in KERNEL_OPS:
-        name = prof.kernels[op]
+        name = prof.kernels.get(op, DEFAULT_KERNELS.get(op))
         fn = kernel(op, name)
         if op == "layernorm":
             fn = functools.partial(fn, eps=1e-5)
+        if op == "rmsnorm":
+            fn = functools.partial(fn, eps=1e-6)
         inputs, ref = kernel_inputs(op, seed)
         got = np.asarray(spsim.sim_jax(sim, fn, copts=prof.compiler_options())(*inputs), np.float64)
         err = np.abs(got - ref)

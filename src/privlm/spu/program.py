@@ -430,6 +430,7 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
     rms_norm = kernel("rmsnorm", kernels["rmsnorm"])
     gelu = kernel("gelu", kernels["gelu"])
     silu = kernel("silu", kernels["silu"])
+    gate = kernel("gate_product", kernels["gate_product"])
 
     def sdpa_scores(q, k, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         k, _ = _gqa(q, k, k)
@@ -461,7 +462,7 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
         "aten.rms_norm.default": lambda x, shape, w=None, eps=None: rms_norm(x, w, 1e-6 if eps is None else eps),
         "aten.gelu.default": gelu_op, "aten.relu.default": jax.nn.relu,
         "leaky_relu": lambda x, slope: jnp.where(x >= 0, x, x * slope),
-        "aten.silu.default": silu, "gate_product": lambda a, b: a * b,
+        "aten.silu.default": silu, "gate_product": gate,
     }
 
 
