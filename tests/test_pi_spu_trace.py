@@ -189,3 +189,43 @@ def test_trace_leaves_the_model_as_it_was():
     trace_model(model, T)
     assert [type(m).__name__ for m in model.modules()] == before
     assert model.config._attn_implementation == attn
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _cli(*args):
+    import sys
+    return subprocess.run([sys.executable, "-m", "privlm.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_pi_run_of_a_save_pretrained_llama(tmp_path):
+    """`privlm pi run DIR` for a Hugging Face LLaMA (GQA, RMSNorm, SwiGLU, RoPE): the traced program under 2PC
+    predicts the plaintext's next token; --head last reveals only the last position's logits."""
+    model = _hf("llama")
+    model.save_pretrained(tmp_path / "llama")
+    ids = ",".join(map(str, PROMPTS[0][0, :12].tolist()))
+    proc = _cli("pi", "run", str(tmp_path / "llama"), "--tokens", ids, "--head", "last", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["top1_agree"] is True and doc["max_logit_err"] < LOGIT_BOUND
+    assert doc["plaintext_token"] == int(_logits(model, PROMPTS[0][:, :12])[-1].argmax())
+    assert {"rmsnorm", "silu", "gate_product", "softmax"} <= set(doc["census_ops"])
+
+
+def test_pi_run_bad_hf_inputs_are_one_line(tmp_path):
+    model = _hf("llama")
+    model.save_pretrained(tmp_path / "llama")
+    too_long = ",".join(["1"] * 33)  # max_position_embeddings=32
+    for args, want in [((str(tmp_path / "llama"), "--tokens", too_long), "position"),
+                       ((str(tmp_path / "llama"), "--tokens", "1,2", "--chunks", "2"), "--program hand"),
+                       (("hf:nobody/nothing", "--tokens", "1,2"), "nobody/nothing")]:
+        proc = subprocess.run([*_cli_prefix(), "pi", "run", *args], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and want in lines[0] and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def _cli_prefix():
+    import sys
+    return [sys.executable, "-m", "privlm.cli"]
