@@ -229,3 +229,56 @@ def test_pi_run_bad_hf_inputs_are_one_line(tmp_path):
 def _cli_prefix():
     import sys
     return [sys.executable, "-m", "privlm.cli"]
+
+
+def _run_dir(preset: str, seed: int, out: Path) -> Path:
+    from safetensors.torch import save_model
+
+    from privlm.config import to_yaml
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(to_yaml(load_config(preset, SMALL)))
+    save_model(_privlm(preset, seed), str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "SM(t)+ScFuFFN"])
+def test_traced_two_process_run_keeps_every_learned_value_from_the_client(kind, tmp_path):
+    """2proc over brpc, twice with different weights (and temperatures, alpha/beta for SM(t)+ScFuFFN) and
+    different prompts. The client never opens server.safetensors, holds no learned value in the clear, and
+    its share of every server tensor is bit-identical across the two runs: nothing it holds depends on any
+    weight, temperature or beta. The only share it receives is the logits'."""
+    runs = []
+    for seed in (0, 1):
+        if kind == "llama":
+            model = _hf("llama")
+            if seed:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.1 * torch.randn_like(p))
+            src = tmp_path / f"llama{seed}"
+            model.save_pretrained(src)
+            extra = []
+        else:
+            src = _run_dir(kind, seed, tmp_path / f"run{seed}")
+            extra = ["--program", "traced"]
+        keep = tmp_path / f"keep{seed}"
+        ids = ",".join(map(str, PROMPTS[seed][0, :10].tolist()))
+        proc = _cli("pi", "run", str(src), "--tokens", ids, "--mode", "2proc", "--keep", str(keep), "--json", *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        doc = json.loads(proc.stdout)
+        assert doc["top1_agree"] is True and doc["input_share_bytes"] == 0
+        client = json.loads((keep / "audit_party0.json").read_text())
+        server = json.loads((keep / "audit_party1.json").read_text())
+        secret = str((keep / "export" / "server.safetensors").resolve())
+        assert secret not in client["opened"] + client["loaded"] and secret not in " ".join(client["argv"])
+        assert client["plaintext"] == ["onehot"] and server["received_shares"] == []
+        assert len(client["received_shares"]) == 1  # the logits
+        served = [n for n in server["plaintext"]]
+        assert served and all(f"server:{n}" in client["local_shares"] for n in served)
+        runs.append((client["share_digests"], server["share_digests"], served))
+    (c1, s1, names), (c2, s2, _) = runs
+    for n in names:
+        assert c1[f"server:{n}"] == c2[f"server:{n}"], n  # the client's share does not depend on the value
+    assert any(s1[f"server:{n}"] != s2[f"server:{n}"] for n in names)
+    if kind != "llama":  # temperatures and beta are server tensors the client only holds data-free shares of
+        assert any("temperature" in n or n.startswith("mul") for n in names) and any("beta" in n for n in names)

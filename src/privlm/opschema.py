@@ -18,6 +18,9 @@ OP_TYPES: tuple[str, ...] = tuple(OP_ABBREV)
 # measures (the Hugging Face-only ops have no SPU kernel).
 PRIVLM_OPS: tuple[str, ...] = ("softmax", "layernorm", "gelu", "relu", "leaky_relu")
 ACTIVATION_OPS: tuple[str, ...] = ("gelu", "relu", "leaky_relu")
+# The ops the traced program evaluates with an SPU kernel and `privlm pi calibrate` measures: privlm's five and
+# the LLaMA family's (RMSNorm, SiLU, the SwiGLU gate product, rotary embeddings).
+CALIBRATED_OPS: tuple[str, ...] = PRIVLM_OPS + ("rmsnorm", "silu", "gate_product", "rotary")
 
 # Linear-layer kinds a cost profile prices per GFLOP.
 LINEAR_KINDS: tuple[str, ...] = ("ffn", "attn", "embed_head")

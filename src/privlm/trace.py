@@ -244,6 +244,9 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
                     raise ValueError(f"trace: server value {a.name} would leak into the op graph")
                 return v
             shape = list(a.meta["val"].shape)
+            if c == "server" and not shape:  # a learned scalar (Eq. 8's beta): an SPU input of shape [1]
+                shape = [1]
+                v = None if v is None else v.reshape(1)
             if v is not None:
                 v = v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().cpu().numpy()
                 if c == "public" and v.dtype.kind == "f" and v.size and v.min() < -1e4:

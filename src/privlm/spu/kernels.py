@@ -173,7 +173,9 @@ ERROR_BOUNDS: dict[tuple[str, str], float] = {
     ("softmax", "divide"): 0.002, ("softmax", "reciprocal"): 0.01,
     ("gelu", "tanh"): 0.02, ("gelu", "piecewise"): 0.012,
     ("layernorm", "rsqrt"): 0.01,
-    ("rmsnorm", "rsqrt"): 0.01, ("silu", "exp"): 0.01, ("gate_product", "mul"): 0.001,
+    # SiLU: 0.0028 under `default`, 0.022 under `bumblebee` (one Goldschmidt iteration for the reciprocal of
+    # 1 + exp(-x)) over 2^14 elements; RMSNorm 0.0037 / 0.0045; the gate product 5e-5 (one truncation)
+    ("rmsnorm", "rsqrt"): 0.01, ("silu", "exp"): 0.04, ("gate_product", "mul"): 0.001,
 }
 # Plaintext approximation error of a kernel that is not the reference function itself (float64, no SPU).
 APPROXIMATION_BOUNDS: dict[tuple[str, str], float] = {("gelu", "piecewise"): 0.01}
