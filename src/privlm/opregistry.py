@@ -161,6 +161,14 @@ ACTIVATIONS: dict[str, Optional[Activation]] = {
 }
 
 
+# transformers' activation modules (ACT2FN classes) of the supported families -> the registry op they compute.
+HF_ACTIVATION_MODULES: dict[str, str] = {
+    "GELUActivation": "aten.gelu.default", "NewGELUActivation": "aten.gelu.default", "GELUTanh": "aten.gelu.default",
+    "PytorchGELUTanh": "aten.gelu.default", "FastGELUActivation": "aten.gelu.default", "GELU": "aten.gelu.default",
+    "SiLUActivation": "aten.silu.default", "SiLU": "aten.silu.default", "ReLU": "aten.relu.default",
+}
+
+
 def record(op: str) -> Optional[OpRecord]:
     return RECORDS.get(op)
 

@@ -186,7 +186,7 @@ def census(model_or_config: Any, T: int = 128) -> Census:
         elif isinstance(module, nn.LayerNorm):
             walk.on_input(module, name, "layernorm", "block" if name.startswith("blocks.") else "final")
         elif name.endswith("ffn.act"):
-            op = _activation_op(module)
+            op = _activation_op(module, cfg.activation)
             if op is not None:
                 walk.on_input(module, name, op, "ffn")
         elif name == "wte":
@@ -328,27 +328,22 @@ def _hf_census(model: nn.Module, T: int) -> Census:
                   n_kv_head=n_kv if n_kv != n_head else None)
 
 
-# transformers' activation modules (ACT2FN) of the supported families: exact and tanh GELUs are both GELU.
-HF_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu", "GELUTanh": "gelu",
-                  "PytorchGELUTanh": "gelu", "FastGELUActivation": "gelu", "SiLUActivation": "silu",
-                  "SiLU": "silu", "ReLU": "relu"}
+def _activation_op(module: nn.Module, activation: Optional[str] = None) -> Optional[str]:
+    """The census op of an FFN activation module, from the op registry: a privlm model's by its config's
+    ``model.activation`` (`privlm.opregistry.ACTIVATIONS`), a Hugging Face one by its module class
+    (`privlm.opregistry.HF_ACTIVATION_MODULES`, what the trace swaps in)."""
+    from privlm.opregistry import ACTIVATIONS, HF_ACTIVATION_MODULES, RECORDS
 
-
-def _activation_op(module: nn.Module) -> Optional[str]:
-    from privlm.model.ffn import GELUTanh, LeakyReLU
-
-    if isinstance(module, (GELUTanh, nn.GELU)):
-        return "gelu"
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, LeakyReLU):
-        return "leaky_relu"
+    if activation is not None:
+        spec = ACTIVATIONS[activation]
+        return None if spec is None else RECORDS[spec.op].census
     if isinstance(module, nn.Identity):
         return None  # linear-only FFN (ScFFN): no activation to evaluate
-    kind = type(module).__name__  # transformers' ACT2FN classes
-    if kind in HF_ACTIVATIONS:
-        return HF_ACTIVATIONS[kind]
-    raise TypeError(f"census: unknown FFN activation module {type(module).__name__}; add it to _activation_op")
+    op = HF_ACTIVATION_MODULES.get(type(module).__name__)
+    if op is None:
+        raise TypeError(f"census: unknown FFN activation module {type(module).__name__}; add it to "
+                        f"privlm.opregistry.HF_ACTIVATION_MODULES")
+    return RECORDS[op].census
 
 
 def _split_flops(counts: dict[str, dict], kinds: dict[str, str]) -> dict[str, int]:
