@@ -238,6 +238,10 @@ def _run_dir(preset: str, seed: int, out: Path) -> Path:
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(to_yaml(load_config(preset, SMALL)))
     save_model(_privlm(preset, seed), str(out / "model.safetensors"))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
     return out
 
 
