@@ -286,3 +286,21 @@ def test_traced_two_process_run_keeps_every_learned_value_from_the_client(kind, 
     assert any(s1[f"server:{n}"] != s2[f"server:{n}"] for n in names)
     if kind != "llama":  # temperatures and beta are server tensors the client only holds data-free shares of
         assert any("temperature" in n or n.startswith("mul") for n in names) and any("beta" in n for n in names)
+
+
+def test_registry_is_complete_for_every_profile():
+    """Every census op of the registry is an op type of the schema, and every kernel family a record names has a
+    kernel under every SPU profile (its own choice or the default), with a tested error bound."""
+    from privlm.opregistry import ACTIVATIONS, RECORDS
+    from privlm.opschema import OP_TYPES
+    from privlm.spu import kernels as K
+    from privlm.spu.spu_profile import available_spu_profiles, load_spu_profile
+    for r in RECORDS.values():
+        assert r.census is None or r.census in OP_TYPES, r.name
+        assert (r.census is None) == (r.count is None) or r.name == "private_scale", r.name
+    for name in available_spu_profiles():
+        kernels = {**K.DEFAULT_KERNELS, **load_spu_profile(name).kernels}
+        for fam in {r.kernel for r in RECORDS.values() if r.kernel}:
+            assert kernels[fam] in K.KERNELS[fam], (name, fam)
+            assert (fam, kernels[fam]) in K.ERROR_BOUNDS or fam == "relu", (name, fam)
+    assert all(a is None or a.op in RECORDS for a in ACTIVATIONS.values())

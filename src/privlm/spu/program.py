@@ -429,8 +429,6 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
     layer_norm = kernel("layernorm", kernels["layernorm"])
     rms_norm = kernel("rmsnorm", kernels["rmsnorm"])
     gelu = kernel("gelu", kernels["gelu"])
-    silu = kernel("silu", kernels["silu"])
-    gate = kernel("gate_product", kernels["gate_product"])
 
     def sdpa_scores(q, k, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         k, _ = _gqa(q, k, k)
@@ -451,7 +449,13 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
     def gelu_op(x, approximate="none"):
         return gelu(x) if approximate == "tanh" else jax.nn.gelu(x, approximate=False)
 
+    from privlm.opregistry import RECORDS
+
+    # an elementwise op of the registry runs its kernel family's kernel as the profile names it
+    elementwise = {r.name: kernel(r.kernel, kernels[r.kernel]) for r in RECORDS.values()
+                   if r.kind == "activation" and r.kernel is not None}
     return {
+        **elementwise,
         "aten.linear.default": lambda x, w, b=None: x @ w.T + (0 if b is None else b),
         "aten.matmul.default": lambda a, b: a @ b, "aten.bmm.default": lambda a, b: a @ b,
         "aten.mm.default": lambda a, b: a @ b, "aten.addmm.default": lambda b, x, w: b + x @ w,
@@ -460,9 +464,8 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
         "aten.softmax.int": softmax_dim, "aten._softmax.default": lambda x, dim, half=False: softmax_dim(x, dim),
         "aten.layer_norm.default": lambda x, shape, w=None, b=None, eps=1e-5, *_: layer_norm(x, w, b, eps),
         "aten.rms_norm.default": lambda x, shape, w=None, eps=None: rms_norm(x, w, 1e-6 if eps is None else eps),
-        "aten.gelu.default": gelu_op, "aten.relu.default": jax.nn.relu,
+        "aten.gelu.default": gelu_op,  # the profile's kernel for tanh-GELU, jax's erf-GELU for the exact one
         "leaky_relu": lambda x, slope: jnp.where(x >= 0, x, x * slope),
-        "aten.silu.default": silu, "gate_product": gate,
     }
 
 
