@@ -304,3 +304,15 @@ def test_registry_is_complete_for_every_profile():
             assert kernels[fam] in K.KERNELS[fam], (name, fam)
             assert (fam, kernels[fam]) in K.ERROR_BOUNDS or fam == "relu", (name, fam)
     assert all(a is None or a.op in RECORDS for a in ACTIVATIONS.values())
+
+
+@pytest.mark.parametrize("kind", HF)
+def test_traced_census_equals_module_census_for_hf_models(kind):
+    """Tiny random HF GPT-2, GPT-NeoX (partial rotary), LLaMA and Qwen2 (GQA, RMSNorm, SwiGLU, RoPE): the census
+    of the traced graph (rotary from the secret x public cos/sin products) equals the module-hook census."""
+    model = _hf(kind)
+    ops, flops = trace_ops_flops(trace_model(model, T).doc)
+    old = census(model, T)
+    assert ops == old.ops and flops == old.flops
+    if kind in ("llama", "qwen2"):
+        assert {o.op for o in ops} >= {"rmsnorm", "silu", "gate_product", "rotary", "softmax"}

@@ -291,6 +291,8 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
                 op = "gate_product" if scope == "ffn" else "aten.mul.Tensor"
             elif "server" in kinds:
                 op = "private_scale" if op == "aten.mul.Tensor" else "private_div"
+            elif op == "aten.mul.Tensor" and scope == "attn" and "public" in kinds and "ref" in kinds:
+                op = "rotary"  # q or k (or rotate_half of it) times a public cos/sin table
         if kind in PATTERNS:
             pattern_of[n.name] = (path, PATTERNS[kind])
         v = n.meta.get("val")

@@ -411,11 +411,14 @@ def trace_ops_flops(doc: dict) -> tuple[list[NonlinearOp], dict[str, int]]:
         raise ValueError(f"model {doc.get('model')}: no op-registry record for {', '.join(bad)}")
     shapes = {n["name"]: n["shape"] for n in doc["nodes"]}
     records: list[tuple[str, str, tuple[int, ...], str]] = []
+    rotary: dict = {}
     flops = {"ffn": 0, "attn_proj": 0, "attn_scores": 0, "embedding": 0, "lm_head": 0}
     for n in doc["nodes"]:
         rec = RECORDS[n["op"]]
         op, count, shape, f = measure(doc, n, shapes)
-        if op is not None:
+        if op == "rotary":  # x·cos and rotate_half(x)·sin of q and k: one rotation of (H + H_kv)·r per position
+            rotary[n["layer"]] = (shape[0], rotary.get(n["layer"], (0, 0))[1] + shape[1] * count)
+        elif op is not None:
             where = ("attention" if rec.census in ("softmax", "rotary") else
                      "ffn" if rec.kind == "activation" else "final" if n["layer"] is None else "block")
             records += [(rec.census, n["name"], tuple(shape), where)] * count
@@ -424,5 +427,7 @@ def trace_ops_flops(doc: dict) -> tuple[list[NonlinearOp], dict[str, int]]:
             key = ("embedding" if scope == "embedding" else "lm_head" if scope == "lm_head" else "ffn" if scope == "ffn"
                    else "attn_proj" if rec.name in ("aten.linear.default", "aten.addmm.default") else "attn_scores")
             flops[key] += int(f)
-    ops = _group(records)
+    for layer, (t, width) in rotary.items():
+        records.append(("rotary", f"layer{layer}", (t, width // 2), "attention"))
+    ops = [dataclasses.replace(o, in_paper=False) if o.op == "rotary" else o for o in _group(records)]
     return ops, flops

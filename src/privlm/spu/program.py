@@ -388,7 +388,7 @@ def _free_ops() -> dict[str, Callable]:
         "aten.sub.Tensor": lambda a, b, alpha=1: a - b * alpha,
         "aten.neg.default": lambda a: -a,
         "aten.mul.Tensor": lambda a, b: a * b,
-        "private_scale": lambda a, b: a * b,
+        "private_scale": lambda a, b: a * b, "rotary": lambda a, b: a * b,
         "aten.div.Tensor": lambda a, b: a / b,
         "aten.mean.dim": lambda x, d, keepdim=False, **_: jnp.mean(x, tuple(d) if isinstance(d, list) else d,
                                                                     keepdims=keepdim),
