@@ -137,9 +137,6 @@ RECORDS: dict[str, OpRecord] = {r.name: r for r in [
     *[OpRecord(n, "free") for n in _FREE_ATEN],
 ]}
 
-# The kernel family each census op runs with under SPU (the profile's kernels[...] picks the kernel).
-KERNEL_OF: dict[str, str] = {r.census: r.kernel for r in RECORDS.values() if r.census and r.kernel}
-
 
 @dataclass(frozen=True)
 class Activation:
@@ -167,10 +164,6 @@ HF_ACTIVATION_MODULES: dict[str, str] = {
     "PytorchGELUTanh": "aten.gelu.default", "FastGELUActivation": "aten.gelu.default", "GELU": "aten.gelu.default",
     "SiLUActivation": "aten.silu.default", "SiLU": "aten.silu.default", "ReLU": "aten.relu.default",
 }
-
-
-def record(op: str) -> Optional[OpRecord]:
-    return RECORDS.get(op)
 
 
 def unknown_ops(ops) -> list[str]:

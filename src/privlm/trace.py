@@ -262,7 +262,6 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
 
     nodes: list[dict] = []
     ids_nodes: set[str] = set()
-    by_name: dict[str, dict] = {}
     pattern_of: dict[str, tuple[str, str]] = {}  # node -> (module path, record) of a fused pattern
     for n in gm.graph.nodes:
         if n.op == "placeholder" and cls[n.name] == "client":
@@ -299,7 +298,6 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
         rec = {"name": n.name, "op": op, "args": node_args, "kwargs": {k: v2 for k, v2 in kwargs.items() if v2 is not None},
                "shape": list(v.shape) if isinstance(v, torch.Tensor) else None, "scope": scope, "layer": layer}
         nodes.append(rec)
-        by_name[n.name] = rec
     nodes = _fuse_patterns(nodes, pattern_of)
     nodes = _fold_private_div(nodes, server, shapes, meta)
     for n in nodes:
