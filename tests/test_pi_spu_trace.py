@@ -316,3 +316,18 @@ def test_traced_census_equals_module_census_for_hf_models(kind):
     assert ops == old.ops and flops == old.flops
     if kind in ("llama", "qwen2"):
         assert {o.op for o in ops} >= {"rmsnorm", "silu", "gate_product", "rotary", "softmax"}
+
+
+def test_pi_export_of_an_hf_model_splits_the_traced_program(tmp_path):
+    """`pi export DIR OUT --T 8`: the client bundle holds the op graph and the public constants only, the server
+    keeps server.safetensors; the client's program.json is what the server traces for itself at that T."""
+    _hf("qwen2").save_pretrained(tmp_path / "qwen2")
+    proc = _cli("pi", "export", str(tmp_path / "qwen2"), str(tmp_path / "out"), "--T", "8")
+    assert proc.returncode == 0, proc.stderr
+    client, server = tmp_path / "out" / "client", tmp_path / "out" / "server"
+    assert sorted(p.name for p in client.iterdir()) == ["program.json", "public.safetensors"]
+    assert (server / "server.safetensors").is_file()
+    again = trace_model(_hf("qwen2"), 8)
+    assert json.loads((client / "program.json").read_text()) == json.loads(json.dumps(again.doc))
+    proc = _cli("pi", "export", str(tmp_path / "qwen2"), str(tmp_path / "out2"))
+    assert proc.returncode == 2 and "--T" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

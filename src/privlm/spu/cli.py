@@ -72,8 +72,10 @@ def register(subparsers) -> None:
     v.set_defaults(func=cmd_eval)
 
     e = sub.add_parser("export", help="split a run into the client bundle and the server's weights")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="RUN_DIR, a Hugging Face save_pretrained directory or hf:<id>")
     e.add_argument("out_dir")
+    e.add_argument("--T", type=int, default=None,
+                   help="export the traced program for prompts of T tokens (always for Hugging Face models)")
     e.set_defaults(func=cmd_export)
 
     from privlm.spu import calibrate as _cal
@@ -159,16 +161,17 @@ def cmd_run(args) -> int:
     if args.keep and work.exists() and any(work.iterdir()):
         raise PrivlmError(f"--keep directory '{work}' exists and is not empty; choose a new one")
     try:
-        client_only = not hf and args.party == 0 and (run_dir / "public.json").is_file() \
-            and not (run_dir / "model.safetensors").is_file()
+        bundle = next((run_dir / f for f in ("public.json", "program.json") if (run_dir / f).is_file()), None)
+        client_only = args.party == 0 and bundle is not None and not (run_dir / "model.safetensors").is_file() \
+            and not (run_dir / "config.json").is_file()
         ref = model = tok = None
-        if client_only:  # a client machine: public architecture and tokenizer, no weights
-            meta = json.loads((run_dir / "public.json").read_text())
-            public, weights, vocab = run_dir / "public.json", None, meta["vocab_size"]
+        if client_only:  # a client machine: public architecture (or traced program) and tokenizer, no weights
+            meta = json.loads(bundle.read_text())
+            public, weights, vocab = bundle, None, meta["vocab_size"]
             if (run_dir / "tokenizer.json").is_file():
                 from tokenizers import Tokenizer
                 tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-            block = meta["block_size"]
+            block = meta.get("block_size", meta.get("T"))
         else:
             from privlm.spu.export import load_any
             model, tok, vocab, block, _ = load_any(args.run_dir)
@@ -247,18 +250,31 @@ def wan_report(doc: dict, link, model, T: int, spu_profile: str | None) -> dict:
 
 
 def cmd_export(args) -> int:
-    from privlm.spu.export import save_export
+    from privlm.hfmodel import is_hf_spec
+    from privlm.spu.export import load_any, save_export, save_traced
 
     run_dir, out = Path(args.run_dir), Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise PrivlmError(f"output directory '{out}' exists and is not empty; choose a new one")
-    _, model, _ = _load(run_dir)
-    public, weights = save_export(model, out / "server")
+    traced = is_hf_spec(args.run_dir) or args.T is not None
+    if traced and args.T is None:
+        raise PrivlmError("a Hugging Face model is exported as a traced program: give --T, the prompt length")
+    model, tok, _, block, _ = load_any(args.run_dir)
+    if traced and not 1 <= args.T <= (block or args.T):
+        raise PrivlmError(f"--T={args.T} must be in 1..{block} (the model's positions)")
     client = out / "client"
     client.mkdir(parents=True)
-    shutil.copy(public, client / "public.json")
-    if (run_dir / "tokenizer.json").is_file():
-        shutil.copy(run_dir / "tokenizer.json", client / "tokenizer.json")
+    if traced:  # program.json + public.safetensors for both, server.safetensors for the server only
+        from privlm.opschema import CONSTANTS_FILE, TRACE_FILE
+        public, weights = save_traced(model, out / "server", args.T)
+        for f in (TRACE_FILE, CONSTANTS_FILE):
+            shutil.copy(public.parent / f, client / f)
+    else:
+        public, weights = save_export(model, out / "server")
+        shutil.copy(public, client / "public.json")
+    src_tok = (run_dir if not is_hf_spec(args.run_dir) or run_dir.is_dir() else None)
+    if src_tok is not None and (src_tok / "tokenizer.json").is_file():
+        shutil.copy(src_tok / "tokenizer.json", client / "tokenizer.json")
     print(f"client bundle (give to the client): {client}\nserver files (keep): {weights.parent}")
     return 0
 
