@@ -18,6 +18,9 @@ OP_TYPES: tuple[str, ...] = tuple(OP_ABBREV)
 # measures (the Hugging Face-only ops have no SPU kernel).
 PRIVLM_OPS: tuple[str, ...] = ("softmax", "layernorm", "gelu", "relu", "leaky_relu")
 ACTIVATION_OPS: tuple[str, ...] = ("gelu", "relu", "leaky_relu")
+# The ops the traced program evaluates with an SPU kernel and `privlm pi calibrate` measures: privlm's five and
+# the LLaMA family's (RMSNorm, SiLU, the SwiGLU gate product, rotary embeddings).
+CALIBRATED_OPS: tuple[str, ...] = PRIVLM_OPS + ("rmsnorm", "silu", "gate_product", "rotary")
 
 # Linear-layer kinds a cost profile prices per GFLOP.
 LINEAR_KINDS: tuple[str, ...] = ("ffn", "attn", "embed_head")
@@ -32,4 +35,13 @@ STEP_KINDS: tuple[str, ...] = ("setup", "embedding", "layernorm", "matmul", "sof
 
 # File formats (name/version): the exported model the SPU parties read, and a cost profile.
 EXPORT_FORMAT = "privlm-spu-export/1"
+TRACE_FORMAT = "privlm-trace/1"  # the op graph of a traced model (privlm.trace)
+# A traced export directory: the op graph and the public constants (both parties), the server's tensors.
+TRACE_FILE, CONSTANTS_FILE, SERVER_FILE = "program.json", "public.safetensors", "server.safetensors"
+
+# Causal-mask constant. SPU's fixed-point exp evaluates exp(x) as (1 + x/2^n)^(2^n) and breaks for
+# x far below -2^(n+1) (n = 8 by default: about -512); a mask of -1e4 therefore produced garbage
+# attention. -100 is far enough below any real logit to give the masked keys exp(-100) ≈ 4e-44 weight
+# (exactly 0 in float32 and in 18-bit fixed point) while staying in the range SPU's exp handles.
+MASK_VALUE = -100.0
 COST_PROFILE_FORMAT = "privlm-pi-cost-profile/1"

@@ -7,6 +7,7 @@ from torch import nn
 
 from privlm.config import ModelConfig
 from privlm.model.hooks import HookPoint
+from privlm.opregistry import ACTIVATIONS
 
 
 class GELUTanh(nn.Module):
@@ -31,15 +32,17 @@ class LeakyReLU(nn.Module):
         return torch.where(x >= 0, x, x * self.slope)
 
 
+# registry op -> the torch module computing it (privlm.opregistry.ACTIVATIONS picks the op per model.activation)
+_TORCH_ACTIVATIONS = {"aten.gelu.default": lambda approximate: GELUTanh() if approximate == "tanh" else nn.GELU(),
+                      "aten.relu.default": nn.ReLU, "aten.silu.default": nn.SiLU}
+
+
 def make_activation(cfg: ModelConfig, shared_slope: nn.Parameter | None) -> nn.Module:
-    if cfg.activation == "gelu":
-        return GELUTanh()
-    if cfg.activation == "gelu_erf":
-        return nn.GELU()
-    if cfg.activation == "relu":
-        return nn.ReLU()
-    if cfg.activation == "identity":
+    spec = ACTIVATIONS[cfg.activation]
+    if spec is None:
         return nn.Identity()
+    if spec.op != "leaky_relu":
+        return _TORCH_ACTIVATIONS[spec.op](**dict(spec.kwargs))
     if cfg.leaky_slope_learnable == "global":
         return LeakyReLU(shared_slope)
     if cfg.leaky_slope_learnable == "layer":

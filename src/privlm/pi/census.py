@@ -186,7 +186,7 @@ def census(model_or_config: Any, T: int = 128) -> Census:
         elif isinstance(module, nn.LayerNorm):
             walk.on_input(module, name, "layernorm", "block" if name.startswith("blocks.") else "final")
         elif name.endswith("ffn.act"):
-            op = _activation_op(module)
+            op = _activation_op(module, cfg.activation)
             if op is not None:
                 walk.on_input(module, name, op, "ffn")
         elif name == "wte":
@@ -328,27 +328,22 @@ def _hf_census(model: nn.Module, T: int) -> Census:
                   n_kv_head=n_kv if n_kv != n_head else None)
 
 
-# transformers' activation modules (ACT2FN) of the supported families: exact and tanh GELUs are both GELU.
-HF_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu", "GELUTanh": "gelu",
-                  "PytorchGELUTanh": "gelu", "FastGELUActivation": "gelu", "SiLUActivation": "silu",
-                  "SiLU": "silu", "ReLU": "relu"}
+def _activation_op(module: nn.Module, activation: Optional[str] = None) -> Optional[str]:
+    """The census op of an FFN activation module, from the op registry: a privlm model's by its config's
+    ``model.activation`` (`privlm.opregistry.ACTIVATIONS`), a Hugging Face one by its module class
+    (`privlm.opregistry.HF_ACTIVATION_MODULES`, what the trace swaps in)."""
+    from privlm.opregistry import ACTIVATIONS, HF_ACTIVATION_MODULES, RECORDS
 
-
-def _activation_op(module: nn.Module) -> Optional[str]:
-    from privlm.model.ffn import GELUTanh, LeakyReLU
-
-    if isinstance(module, (GELUTanh, nn.GELU)):
-        return "gelu"
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, LeakyReLU):
-        return "leaky_relu"
+    if activation is not None:
+        spec = ACTIVATIONS[activation]
+        return None if spec is None else RECORDS[spec.op].census
     if isinstance(module, nn.Identity):
         return None  # linear-only FFN (ScFFN): no activation to evaluate
-    kind = type(module).__name__  # transformers' ACT2FN classes
-    if kind in HF_ACTIVATIONS:
-        return HF_ACTIVATIONS[kind]
-    raise TypeError(f"census: unknown FFN activation module {type(module).__name__}; add it to _activation_op")
+    op = HF_ACTIVATION_MODULES.get(type(module).__name__)
+    if op is None:
+        raise TypeError(f"census: unknown FFN activation module {type(module).__name__}; add it to "
+                        f"privlm.opregistry.HF_ACTIVATION_MODULES")
+    return RECORDS[op].census
 
 
 def _split_flops(counts: dict[str, dict], kinds: dict[str, str]) -> dict[str, int]:
@@ -403,3 +398,36 @@ def simplified_block_census(base: Census) -> Census:
     return dataclasses.replace(base, arch=f"SOTA {base.arch}", ops=ops, flops=flops,
                                attn_t2_coeff=PAPER_T2_COEFF_NO_VALUE,
                                notes=base.notes + ["He & Hofmann simplified block: no V/O projections, one LN"])
+
+
+# ----------------------------------------------------------------------------------------
+def trace_ops_flops(doc: dict) -> tuple[list[NonlinearOp], dict[str, int]]:
+    """The nonlinear ops and linear FLOPs of a traced op graph (`privlm.trace`, format privlm-trace/1), by the
+    op registry's element-count and FLOP rules: the census of the model the graph was traced from."""
+    from privlm.opregistry import RECORDS, measure, unknown_ops
+
+    bad = unknown_ops(n["op"] for n in doc["nodes"])
+    if bad:
+        raise ValueError(f"model {doc.get('model')}: no op-registry record for {', '.join(bad)}")
+    shapes = {n["name"]: n["shape"] for n in doc["nodes"]}
+    records: list[tuple[str, str, tuple[int, ...], str]] = []
+    rotary: dict = {}
+    flops = {"ffn": 0, "attn_proj": 0, "attn_scores": 0, "embedding": 0, "lm_head": 0}
+    for n in doc["nodes"]:
+        rec = RECORDS[n["op"]]
+        op, count, shape, f = measure(doc, n, shapes)
+        if op == "rotary":  # x·cos and rotate_half(x)·sin of q and k: one rotation of (H + H_kv)·r per position
+            rotary[n["layer"]] = (shape[0], rotary.get(n["layer"], (0, 0))[1] + shape[1] * count)
+        elif op is not None:
+            where = ("attention" if rec.census in ("softmax", "rotary") else
+                     "ffn" if rec.kind == "activation" else "final" if n["layer"] is None else "block")
+            records += [(rec.census, n["name"], tuple(shape), where)] * count
+        if rec.flops is not None:
+            scope = n["scope"]
+            key = ("embedding" if scope == "embedding" else "lm_head" if scope == "lm_head" else "ffn" if scope == "ffn"
+                   else "attn_proj" if rec.name in ("aten.linear.default", "aten.addmm.default") else "attn_scores")
+            flops[key] += int(f)
+    for layer, (t, width) in rotary.items():
+        records.append(("rotary", f"layer{layer}", (t, width // 2), "attention"))
+    ops = [dataclasses.replace(o, in_paper=False) if o.op == "rotary" else o for o in _group(records)]
+    return ops, flops

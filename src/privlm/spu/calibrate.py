@@ -20,7 +20,7 @@ import numpy as np
 from privlm.errors import PrivlmError
 from privlm.fileio import atomic_write_text
 from privlm.hostinfo import describe_host
-from privlm.opschema import COST_PROFILE_FORMAT, PRIVLM_OPS
+from privlm.opschema import CALIBRATED_OPS, COST_PROFILE_FORMAT
 from privlm.proc import private_tempdir
 
 FM64_SHARE_BYTES = 8  # one 64-bit ring element per share
@@ -37,6 +37,10 @@ FULL_GRID: dict[str, list[dict]] = {
     "relu": [{"T": 16, "w": 256}, {"T": 32, "w": 512}, {"T": 64, "w": 512}, {"T": 64, "w": 1024},
              {"T": 128, "w": 1024}],
     "leaky_relu": [{"T": 16, "w": 256}, {"T": 64, "w": 512}],
+    "rmsnorm": [{"T": 16, "d": 64}, {"T": 64, "d": 128}, {"T": 128, "d": 768}],
+    "silu": [{"T": 16, "w": 256}, {"T": 64, "w": 512}, {"T": 128, "w": 1024}],
+    "gate_product": [{"T": 16, "w": 256}, {"T": 64, "w": 512}, {"T": 128, "w": 1024}],
+    "rotary": [{"T": 16, "w": 128}, {"T": 64, "w": 512}, {"T": 128, "w": 1024}],
     # linear layers at GPT-2 width (T=128) in the 768-feature blocks `privlm pi measure` runs (one unblocked
     # [128x768]x[768x3072] secret product needs ~17 GB with both parties on one host). CHEETAH's matmul
     # traffic is not proportional to FLOPs (it grows with the output, and small products cost about one
@@ -51,6 +55,10 @@ QUICK_GRID: dict[str, list[dict]] = {
     "layernorm": [{"T": 8, "d": 32}, {"T": 16, "d": 32}, {"T": 16, "d": 64}],
     "gelu": [{"T": 8, "w": 128}, {"T": 16, "w": 128}, {"T": 16, "w": 256}],
     "relu": [{"T": 8, "w": 128}, {"T": 16, "w": 256}],
+    "rmsnorm": [{"T": 8, "d": 32}, {"T": 16, "d": 32}, {"T": 16, "d": 64}],
+    "silu": [{"T": 8, "w": 128}, {"T": 16, "w": 128}, {"T": 16, "w": 256}],
+    "gate_product": [{"T": 8, "w": 128}, {"T": 16, "w": 256}],
+    "rotary": [{"T": 8, "w": 64}, {"T": 16, "w": 128}],
     "linear": [{"T": 8, "din": 32, "dout": 96}, {"T": 16, "din": 32, "dout": 128}],
     "scores": [{"H": 2, "T": 8, "dk": 16}, {"H": 2, "T": 16, "dk": 16}],
     "embed": [{"T": 8, "din": 64, "dout": 32}, {"T": 16, "din": 64, "dout": 32}],
@@ -225,7 +233,7 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
     rounds_of = {r["op"]: r for r in rounds or []}
     setup = [r for r in rows if r["op"] == "setup"][0]
     nonlinear, fits = {}, {}
-    for op in PRIVLM_OPS:
+    for op in CALIBRATED_OPS:
         rs = [r for r in rows if r["op"] == op]
         if not rs:
             continue

@@ -29,8 +29,10 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="pi_command", metavar="PI_COMMAND", required=True)
 
     r = sub.add_parser("run", help="private next-token prediction of a run directory's model")
-    r.add_argument("run_dir", help="RUN_DIR (config.yaml + model.safetensors), or a client bundle of "
-                                   "`privlm pi export` (public.json + tokenizer.json) with --party 0")
+    r.add_argument("run_dir", help="RUN_DIR (config.yaml + model.safetensors), a Hugging Face save_pretrained "
+                                   "directory or hf:<id> (GPT-2, GPT-NeoX, LLaMA, Qwen2, Mistral; run through the "
+                                   "traced program), or a client bundle of `privlm pi export` (public.json + "
+                                   "tokenizer.json) with --party 0")
     src = r.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (tokenized with the run's tokenizer.json)")
     src.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
@@ -43,6 +45,7 @@ def register(subparsers) -> None:
     r.add_argument("--party", type=int, choices=(0, 1),
                    help="2proc on two machines: run only this party (0 = client, 1 = server)")
     add_peer_timeout_arg(r)
+    add_program_arg(r)
     r.add_argument("--T", type=bounded_int(1, MAX_T),
                    help="prompt length, for --party 1 (the server never sees the prompt)")
     r.add_argument("--wan", metavar="RATE:DELAY",
@@ -71,16 +74,25 @@ def register(subparsers) -> None:
     v.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     v.add_argument("--mode", default="sim", choices=("sim", "2proc"))
     add_peer_timeout_arg(v)
+    add_program_arg(v)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
 
     e = sub.add_parser("export", help="split a run into the client bundle and the server's weights")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="RUN_DIR, a Hugging Face save_pretrained directory or hf:<id>")
     e.add_argument("out_dir")
+    e.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
+                   help="export the traced program for prompts of T tokens (always for Hugging Face models)")
     e.set_defaults(func=cmd_export)
 
     from privlm.spu import calibrate as _cal
     _cal.register(sub)
+
+
+def add_program_arg(parser) -> None:
+    parser.add_argument("--program", default="hand", choices=("hand", "traced"),
+                        help="privlm runs: the hand-written step program (default) or the program traced from the "
+                             "torch model (torch.export + op registry); Hugging Face models always run traced")
 
 
 def add_spu_profile_arg(parser) -> None:
@@ -115,16 +127,25 @@ def check_spu_profile(name: str) -> str:
     return name
 
 
-def _load(run_dir: Path, T: int = 1, sequences: int = 1):
-    """(cfg, model, tokenizer) of a run, after checking that a 2PC run of it on ``sequences`` x ``T`` tokens
-    can fit in memory (privlm.validate.spu_memory)."""
+def _check_2pc_memory(run_dir: Path, T: int = 1, sequences: int = 1):
+    """The run's config, after checking that a 2PC run of it on ``sequences`` x ``T`` tokens can fit in memory
+    (privlm.validate.spu_memory)."""
     from privlm.run import load_run_config
-    from privlm.spu.export import load_model
     from privlm.validate import check_fits, spu_memory
     cfg = load_run_config(run_dir)
     check_fits(spu_memory(cfg.model, T, sequences), f"a 2PC run of '{run_dir}' (L{cfg.model.n_layer} "
                f"d{cfg.model.n_embd} V{cfg.model.vocab_size}, {sequences}x{T} tokens)")
-    return load_model(run_dir)
+    return cfg
+
+
+def _load(spec: str, T: int = 1, sequences: int = 1):
+    """(model, tokenizer or None, vocabulary size, positions, is_hf) of a privlm run (after the 2PC memory
+    check) or a Hugging Face model (its loader checks memory)."""
+    from privlm.hfmodel import is_hf_spec
+    from privlm.spu.export import load_any
+    if not is_hf_spec(spec):
+        _check_2pc_memory(Path(spec), T, sequences)
+    return load_any(spec)
 
 
 def _tokens(args, tokenizer, vocab_size: int) -> list[int]:
@@ -152,9 +173,15 @@ def cmd_run(args) -> int:
     run_dir = Path(args.run_dir)
     if args.prompt is not None:
         check_text(args.prompt, "--prompt", PrivlmError)
+    from privlm.hfmodel import is_hf_spec
+
     check_spu_profile(args.spu_profile)
-    if not run_dir.is_dir():
+    hf = is_hf_spec(args.run_dir)
+    if not hf and not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
+    traced = hf or args.program == "traced"
+    if traced and (args.chunks != 1 or args.matmul_block is not None):
+        raise PrivlmError("--chunks and --matmul-block apply to the hand-written program only (--program hand)")
     if args.chunks < 1:
         raise PrivlmError(f"--chunks={args.chunks} must be >= 1")
     if args.matmul_block is not None and args.matmul_block < 1:
@@ -177,12 +204,13 @@ def cmd_run(args) -> int:
         raise PrivlmError(f"--keep directory '{args.keep}' exists and is not empty; choose a new one")
     # the export holds the server's weights: a temporary one is removed even if this process is killed
     with contextlib.nullcontext(Path(args.keep)) if args.keep else private_tempdir("privlm-pi-") as work:
-        client_only = args.party == 0 and (run_dir / "public.json").is_file() \
-            and not (run_dir / "model.safetensors").is_file()
+        bundle = next((run_dir / f for f in ("public.json", "program.json") if (run_dir / f).is_file()), None)
+        client_only = args.party == 0 and bundle is not None and not (run_dir / "model.safetensors").is_file() \
+            and not (run_dir / "config.json").is_file()
         ref = model = tok = None
-        if client_only:  # a client machine: public architecture and tokenizer, no weights
-            meta = read_json(run_dir / "public.json")  # schema: vocab_size, block_size
-            public, weights, vocab = run_dir / "public.json", None, meta["vocab_size"]
+        if client_only:  # a client machine: public architecture (or traced program) and tokenizer, no weights
+            meta = read_json(bundle)  # schema: vocab_size, block_size (public.json) or T (program.json)
+            public, weights, vocab = bundle, None, meta["vocab_size"]
             if (run_dir / "tokenizer.json").is_file():
                 from tokenizers import Tokenizer
                 check_tokenizer_files(run_dir / "tokenizer.json")
@@ -191,14 +219,9 @@ def cmd_run(args) -> int:
                 except Exception as exc:  # noqa: BLE001
                     raise CheckpointError(f"cannot load '{run_dir / 'tokenizer.json'}': "
                                           f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
-            block = meta["block_size"]
+            block = meta.get("block_size", meta.get("T"))
         else:
-            import torch
-
-            from privlm.spu.export import save_export
-            cfg, model, tok = _load(run_dir, args.T or 1)
-            public, weights = save_export(model, work / "export")
-            vocab, block = cfg.model.vocab_size, cfg.model.block_size
+            model, tok, vocab, block, _ = _load(args.run_dir, args.T or 1)
         if args.party != 1 and args.prompt is None and args.tokens is None:
             raise PrivlmError("give --prompt or --tokens (only the server, --party 1, runs without one)")
         if args.party == 1:
@@ -208,11 +231,16 @@ def cmd_run(args) -> int:
         else:
             ids = _tokens(args, tok, vocab)
             T = len(ids)
-        if T > block:
+        if block is not None and T > block:
             raise PrivlmError(f"the prompt has {T} tokens but the model's position table holds {block}")
-        if model is not None and ids is not None:
-            with torch.no_grad():
-                ref = model(torch.tensor([ids])).logits[0].float().numpy()
+        if model is not None:
+            from privlm.spu.export import plain_logits, save_export, save_traced
+            if traced:
+                public, weights = save_traced(model, work / "export", T)
+            else:
+                public, weights = save_export(model, work / "export")
+            if ids is not None:
+                ref = plain_logits(model, [ids])[0]
         def launch(net=None):
             return run_parties(work, public, weights=weights, tokens=ids, T=T, protocol=args.protocol,
                                mode=args.mode, peers=args.peer, party=args.party, head=args.head,
@@ -266,18 +294,31 @@ def wan_report(doc: dict, link, model, T: int, spu_profile: str | None) -> dict:
 
 
 def cmd_export(args) -> int:
-    from privlm.spu.export import save_export
+    from privlm.hfmodel import is_hf_spec
+    from privlm.spu.export import save_export, save_traced
 
     run_dir, out = Path(args.run_dir), Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise PrivlmError(f"output directory '{out}' exists and is not empty; choose a new one")
-    _, model, _ = _load(run_dir)
-    public, weights = save_export(model, out / "server")
+    traced = is_hf_spec(args.run_dir) or args.T is not None
+    if traced and args.T is None:
+        raise PrivlmError("a Hugging Face model is exported as a traced program: give --T, the prompt length")
+    model, tok, _, block, _ = _load(args.run_dir, args.T or 1)
+    if traced and not 1 <= args.T <= (block or args.T):
+        raise PrivlmError(f"--T={args.T} must be in 1..{block} (the model's positions)")
     client = out / "client"
     client.mkdir(parents=True)
-    shutil.copy(public, client / "public.json")
-    if (run_dir / "tokenizer.json").is_file():
-        shutil.copy(run_dir / "tokenizer.json", client / "tokenizer.json")
+    if traced:  # program.json + public.safetensors for both, server.safetensors for the server only
+        from privlm.opschema import CONSTANTS_FILE, TRACE_FILE
+        public, weights = save_traced(model, out / "server", args.T)
+        for f in (TRACE_FILE, CONSTANTS_FILE):
+            shutil.copy(public.parent / f, client / f)
+    else:
+        public, weights = save_export(model, out / "server")
+        shutil.copy(public, client / "public.json")
+    src_tok = (run_dir if not is_hf_spec(args.run_dir) or run_dir.is_dir() else None)
+    if src_tok is not None and (src_tok / "tokenizer.json").is_file():
+        shutil.copy(src_tok / "tokenizer.json", client / "tokenizer.json")
     print(f"client bundle (give to the client): {client}\nserver files (keep): {weights.parent}")
     return 0
 
@@ -289,17 +330,22 @@ def cmd_eval(args) -> int:
     import torch
 
     from privlm.data import prepare_data
-    from privlm.spu.export import save_export
+    from privlm.hfmodel import is_hf_spec
+    from privlm.spu.export import load_model, save_export, save_traced
     from privlm.spu.launcher import run_parties
     from privlm.spu.report import accuracy_under_2pc
 
     check_spu_profile(args.spu_profile)
     run_dir = Path(args.run_dir)
+    if is_hf_spec(args.run_dir):
+        raise PrivlmError(f"'{args.run_dir}' is a Hugging Face model: pi eval scores a privlm run's validation "
+                          f"split; use pi run --tokens (--head all reveals every position's logits) for Hugging Face models")
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
     if args.sequences < 1:
         raise PrivlmError(f"--sequences={args.sequences} must be >= 1")
-    cfg, model, _ = _load(run_dir, args.T or 2, args.sequences)
+    _check_2pc_memory(run_dir, args.T or 2, args.sequences)
+    cfg, model, _ = load_model(run_dir)
     T = args.T or cfg.data.seq_len
     if not 2 <= T <= min(cfg.data.seq_len, cfg.model.block_size):
         raise PrivlmError(f"--T={T} must be in 2..{min(cfg.data.seq_len, cfg.model.block_size)} (the run's chunks)")
@@ -311,7 +357,10 @@ def cmd_eval(args) -> int:
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.float().numpy()
     with private_tempdir("privlm-pi-eval-") as tmp:
-        public, weights = save_export(model, tmp / "export")
+        if args.program == "traced":
+            public, weights = save_traced(model, tmp / "export", T)
+        else:
+            public, weights = save_export(model, tmp / "export")
         result, logits = run_parties(tmp, public, weights=weights, tokens=ids.tolist(), T=T,
                                      protocol=args.protocol, mode=args.mode, spu_profile=args.spu_profile,
                                      sequences=args.sequences, peer_timeout=args.peer_timeout,

@@ -12,6 +12,10 @@ gelu     tanh        GPT-2's tanh-GELU through SPU's generic tanh
          piecewise   Bumblebee's GELU: 0 for x < -5, a cubic on [-5, -1.97), a degree-6 polynomial on
                      [-1.97, 3], x above 3; the polynomials are minimax fits to tanh-GELU (`piecewise_gelu_fit`)
 layernorm rsqrt      (x - mean) * rsqrt(var + eps) * g + b, the one LayerNorm (SPU evaluates rsqrt itself)
+rmsnorm   rsqrt      x * rsqrt(mean(x^2) + eps) * g (LLaMA, Qwen2, Mistral)
+silu      exp        x / (1 + exp(-x)) through SPU's exp and reciprocal (LLaMA-family MLPs)
+gate_product mul     SwiGLU's act(gate) ⊙ up: a secret x secret product
+relu      compare    one comparison: ReLU, and leaky ReLU's where(x >= 0, x, slope·x)
 """
 from __future__ import annotations
 
@@ -44,6 +48,14 @@ def layer_norm_reference(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float
     m = x.mean(-1, keepdims=True)
     v = ((x - m) ** 2).mean(-1, keepdims=True)
     return (x - m) / np.sqrt(v + eps) * g + b
+
+
+def rms_norm_reference(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * g
+
+
+def silu_reference(u: np.ndarray) -> np.ndarray:
+    return u / (1.0 + np.exp(-u))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,11 +128,42 @@ def layer_norm_rsqrt(x, g, b, eps: float):
     return y if b is None else y + b
 
 
+def rms_norm_rsqrt(x, g, eps: float):
+    """RMSNorm over the last axis (torch.nn.RMSNorm); g may be None."""
+    import jax
+    import jax.numpy as jnp
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return y if g is None else y * g
+
+
+def silu_exp(u):
+    """x·sigmoid(x) as x / (1 + exp(-x)): SPU's exp and one reciprocal. (jax.nn.sigmoid would lower to SPU's
+    sigmoid, whose default mode is the linear 0.5 + 0.125·x, far off for |x| > 2.)"""
+    import jax.numpy as jnp
+    return u * (1.0 / (1.0 + jnp.exp(-u)))
+
+
+def gate_mul(a, b):
+    """SwiGLU's gate product act(gate) ⊙ up: one secret x secret product per element."""
+    return a * b
+
+
+def relu_compare(u):
+    import jax
+    return jax.nn.relu(u)
+
+
 KERNELS: dict[str, dict[str, Callable]] = {
     "softmax": {"divide": softmax_divide, "reciprocal": softmax_reciprocal},
     "gelu": {"tanh": gelu_tanh, "piecewise": gelu_piecewise},
     "layernorm": {"rsqrt": layer_norm_rsqrt},
+    "rmsnorm": {"rsqrt": rms_norm_rsqrt},
+    "silu": {"exp": silu_exp},
+    "gate_product": {"mul": gate_mul},
+    "relu": {"compare": relu_compare},
 }
+# The kernel a profile that names none for an op uses (ops added after the profile was written).
+DEFAULT_KERNELS: dict[str, str] = {"rmsnorm": "rsqrt", "silu": "exp", "gate_product": "mul", "relu": "compare"}
 
 # Maximum absolute error under 2PC (CHEETAH, 18 fraction bits) over INPUT_RANGES, under every shipped
 # profile that uses the kernel (softmax: probabilities; gelu: activations; layernorm: normalized outputs).
@@ -130,6 +173,9 @@ ERROR_BOUNDS: dict[tuple[str, str], float] = {
     ("softmax", "divide"): 0.002, ("softmax", "reciprocal"): 0.01,
     ("gelu", "tanh"): 0.02, ("gelu", "piecewise"): 0.012,
     ("layernorm", "rsqrt"): 0.01,
+    # SiLU: 0.0028 under `default`, 0.022 under `bumblebee` (one Goldschmidt iteration for the reciprocal of
+    # 1 + exp(-x)) over 2^14 elements; RMSNorm 0.0037 / 0.0045; the gate product 5e-5 (one truncation)
+    ("rmsnorm", "rsqrt"): 0.01, ("silu", "exp"): 0.04, ("gate_product", "mul"): 0.001,
 }
 # Plaintext approximation error of a kernel that is not the reference function itself (float64, no SPU).
 APPROXIMATION_BOUNDS: dict[tuple[str, str], float] = {("gelu", "piecewise"): 0.01}
@@ -171,6 +217,21 @@ def kernel_inputs(op: str, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]
         b = rng.normal(0.0, 0.1, 128)
         x, g, b = (a.astype(np.float32) for a in (x, g, b))
         return [x, g, b], layer_norm_reference(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
+    if op == "rmsnorm":
+        r = INPUT_RANGES["layernorm"]
+        x = rng.normal(r["mean"], r["std"], (2048, 128))
+        x[:, :4] *= r["outlier_factor"]
+        g = rng.normal(1.0, 0.2, 128)
+        x, g = (a.astype(np.float32) for a in (x, g))
+        return [x, g], rms_norm_reference(*(a.astype(np.float64) for a in (x, g)), 1e-6)
+    if op == "silu":
+        lo, hi = INPUT_RANGES["silu"]["min"], INPUT_RANGES["silu"]["max"]
+        u = rng.uniform(lo, hi, (256, 1024)).astype(np.float32)
+        return [u], silu_reference(u.astype(np.float64))
+    if op == "gate_product":
+        lo, hi = INPUT_RANGES["gate_product"]["min"], INPUT_RANGES["gate_product"]["max"]
+        a, b = (rng.uniform(lo, hi, (256, 1024)).astype(np.float32) for _ in range(2))
+        return [a, b], a.astype(np.float64) * b.astype(np.float64)
     raise ValueError(f"unknown kernel op '{op}'")
 
 
@@ -181,6 +242,10 @@ INPUT_RANGES: dict[str, dict[str, float]] = {
     "softmax": {"std": 3.0, "min": -30.0, "max": 30.0},
     "gelu": {"min": -12.0, "max": 12.0},
     "layernorm": {"mean": 0.0, "std": 2.0, "outlier_factor": 10.0},
+    # LLaMA-family ops, not yet checked against a trained model: the GELU range for SiLU, |x| <= 8 for the
+    # gate product's two factors, LayerNorm's inputs for RMSNorm
+    "silu": {"min": -12.0, "max": 12.0},
+    "gate_product": {"min": -8.0, "max": 8.0},
 }
 
 
@@ -195,10 +260,12 @@ def measure_errors(profile, seed: int = 0) -> dict[str, dict]:
     sim = spsim.Simulator(2, prof.runtime_config("cheetah"))
     out = {}
     for op in KERNEL_OPS:
-        name = prof.kernels[op]
+        name = prof.kernels.get(op, DEFAULT_KERNELS.get(op))
         fn = kernel(op, name)
         if op == "layernorm":
             fn = functools.partial(fn, eps=1e-5)
+        if op == "rmsnorm":
+            fn = functools.partial(fn, eps=1e-6)
         inputs, ref = kernel_inputs(op, seed)
         got = np.asarray(spsim.sim_jax(sim, fn, copts=prof.compiler_options())(*inputs), np.float64)
         err = np.abs(got - ref)

@@ -28,7 +28,7 @@ def case_fn(op: str, shape: dict, kernels: dict[str, str]):
     import jax.numpy as jnp
 
     from privlm.spu import program as P
-    from privlm.spu.kernels import kernel
+    from privlm.spu.kernels import DEFAULT_KERNELS, kernel
 
     if op == "softmax":
         H, T = shape["H"], shape["T"]
@@ -37,6 +37,23 @@ def case_fn(op: str, shape: dict, kernels: dict[str, str]):
         T, d = shape["T"], shape["d"]
         ln = kernel("layernorm", kernels["layernorm"])
         return (lambda x, g, b: ln(x, g, b, 1e-5)), [((T, d), SECRET), ((d,), SERVER), ((d,), SERVER)], T * d, 1, 0
+    if op == "rmsnorm":
+        T, d = shape["T"], shape["d"]
+        rms = kernel("rmsnorm", kernels.get("rmsnorm", DEFAULT_KERNELS["rmsnorm"]))
+        return (lambda x, g: rms(x, g, 1e-6)), [((T, d), SECRET), ((d,), SERVER)], T * d, 1, 0
+    if op in ("silu", "gate_product"):
+        T, w = shape["T"], shape["w"]
+        fn = kernel(op, kernels.get(op, DEFAULT_KERNELS[op]))
+        return fn, [((T, w), SECRET)] * (2 if op == "gate_product" else 1), T * w, 1, 0
+    if op == "rotary":  # x·cos + rotate_half(x)·sin, cos/sin public (compiled in), as the traced program runs it
+        T, w = shape["T"], shape["w"]
+        ang = np.arange(T)[:, None] * (1e-4 ** (np.arange(w // 2) / (w // 2)))[None]
+        cos, sin = (np.concatenate([f(ang)] * 2, axis=-1).astype(np.float32) for f in (np.cos, np.sin))
+
+        def rotary(x):
+            half = jnp.concatenate([-x[:, w // 2:], x[:, :w // 2]], axis=-1)
+            return x * cos + half * sin
+        return rotary, [((T, w), SECRET)], T * w, 1, 0
     if op in ACTIVATION_OPS:
         T, w = shape["T"], shape["w"]
         act = P.activation_fn(op, 0.01 if op == "leaky_relu" else None, kernels["gelu"])

@@ -385,10 +385,12 @@ def plan(program) -> tuple[dict[str, tuple], dict[str, int]]:
     """Shapes of every named tensor (from jax.eval_shape, no data) and the index of each tensor's last use."""
     import jax
 
-    shapes: dict[str, tuple] = {"onehot": (program.T, program.meta["vocab_size"])}
-    for name in program.server_inputs:
-        shape = tuple(program.meta["weights"][name])
-        shapes[name] = (program.T,) + shape[1:] if name == "wpe" else shape
+    shapes: dict[str, tuple] = dict(program.input_shapes)  # traced program: its inputs' shapes
+    if not shapes:
+        shapes["onehot"] = (program.T, program.meta["vocab_size"])
+        for name in program.server_inputs:
+            shape = tuple(program.meta["weights"][name])
+            shapes[name] = (program.T,) + shape[1:] if name == "wpe" else shape
     last_use: dict[str, int] = {}
     for i, step in enumerate(program.steps):
         specs = [jax.ShapeDtypeStruct(shapes[n], np.float32) for n in step.inputs]
@@ -526,7 +528,7 @@ def _run(args) -> int:
 
     import spu.libspu as libspu
 
-    from privlm.spu.program import build_program, load_meta, load_weights, one_hot
+    from privlm.spu.program import build_program, is_trace, load_meta, load_trace, load_weights, one_hot, program_from_trace
     from privlm.spu.spu_profile import load_spu_profile
 
     opts = libspu.logging.LogOptions()
@@ -535,7 +537,8 @@ def _run(args) -> int:
     libspu.logging.setup_logging(opts)
 
     spu_profile = load_spu_profile(args.spu_profile)
-    meta = load_meta(args.public)
+    traced = is_trace(args.public)
+    meta = load_trace(Path(args.public).parent)[0] if traced else load_meta(args.public)
     AUDIT["loaded"].append(os.path.abspath(args.public))
     roles = (0, 1) if args.sim else (args.rank,)
     onehots = weights = None
@@ -557,8 +560,14 @@ def _run(args) -> int:
         if args.delete_weights:  # in memory now: the plaintext weights do not stay in a temporary directory
             os.unlink(args.weights)
         AUDIT["plaintext"].extend(sorted(weights))
-    program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block,
-                            kernels=spu_profile.kernels)
+    if traced:  # one op graph traced from the torch model (privlm.trace), public constants beside it
+        if T != meta["T"]:
+            raise ValueError(f"the prompt has {T} tokens; the traced program was exported for T={meta['T']}")
+        program = program_from_trace(meta, load_trace(Path(args.public).parent)[1], head=args.head,
+                                     kernels=spu_profile.kernels)
+    else:
+        program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block,
+                                kernels=spu_profile.kernels)
 
     result: dict = {}
 

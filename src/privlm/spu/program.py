@@ -25,15 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from privlm.spu.kernels import kernel
-from privlm.opschema import EXPORT_FORMAT
+from privlm.spu.kernels import DEFAULT_KERNELS, kernel
+from privlm.opschema import (CONSTANTS_FILE, EXPORT_FORMAT, MASK_VALUE, SERVER_FILE,  # noqa: F401 (re-exported)
+                             TRACE_FILE, TRACE_FORMAT)
 from privlm.spu.spu_profile import DEFAULT, load_spu_profile
 
-# Causal-mask constant. SPU's fixed-point exp evaluates exp(x) as (1 + x/2^n)^(2^n) and breaks for
-# x far below -2^(n+1) (n = 8 by default: about -512); a mask of -1e4 therefore produced garbage
-# attention. -100 is far enough below any real logit to give the masked keys exp(-100) ≈ 4e-44 weight
-# (exactly 0 in float32 and in 18-bit fixed point) while staying in the range SPU's exp handles.
-MASK_VALUE = -100.0
 
 
 @dataclass
@@ -64,6 +60,7 @@ class Program:
     client_inputs: tuple[str, ...] = ("onehot",)
     server_inputs: tuple[str, ...] = field(default_factory=tuple)
     output: str = "logits"
+    input_shapes: dict[str, tuple] = field(default_factory=dict)  # client and server inputs (traced program)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,6 +309,8 @@ def one_hot(ids: np.ndarray, vocab_size: int) -> np.ndarray:
 def server_tensors(weights: dict[str, np.ndarray], program: Program) -> dict[str, np.ndarray]:
     """The server's secret inputs, cut to the program (only the first T position embeddings are used)."""
     out = {}
+    if program.input_shapes:  # traced program: the server's tensors are exactly its inputs
+        return {name: np.asarray(weights[name[len("server:"):]], np.float32) for name in program.server_inputs}
     for name in program.server_inputs:
         w = weights[name]
         out[name] = w[: program.T] if name == "wpe" else w
@@ -343,12 +342,311 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul-block", type=int, default=None)
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     for d in map(Path, args.dirs):
+        if (d / TRACE_FILE).is_file():  # a traced export: the logits of every position and of the last one
+            doc, consts = load_trace(d)
+            ids = np.asarray(json.loads((d / "ids.json").read_text()))
+            for head in ("all", "last"):
+                prog = program_from_trace(doc, consts, head=head)
+                np.save(d / f"jax_logits_traced_{head}.npy", forward(prog, load_weights(d / SERVER_FILE), ids))
+            continue
         meta = load_meta(d / "public.json")
         ids = np.asarray(json.loads((d / "ids.json").read_text()))
         prog = build_program(meta, len(ids), chunks=args.chunks, matmul_block=args.matmul_block)
         np.save(d / f"jax_logits_c{args.chunks}_b{args.matmul_block}.npy", forward(prog, load_weights(d / "weights.safetensors"), ids))
     print(json.dumps({"mask_value": MASK_VALUE}))
     return 0
+
+
+
+# ==================================================================================================
+# The traced program: the op graph of `privlm.trace` (format privlm-trace/1) interpreted with jax.numpy,
+# the registry's kernel for each op chosen by the SPU profile, cut into one Step per registry op.
+def _slice(x, dim=0, start=None, end=None, step=1):
+    idx = [slice(None)] * x.ndim
+    n = x.shape[dim]
+    start = None if start is None else max(start, -n) if start < 0 else min(start, n)
+    idx[dim] = slice(start, None if end is None or end >= n else end, step)
+    return x[tuple(idx)]
+
+
+def _mask_bias(m) -> np.ndarray:
+    """A public attention mask (bool: keep; float: additive) as an additive bias fixed point can hold."""
+    m = np.asarray(m)
+    return np.where(m, 0.0, MASK_VALUE).astype(np.float32) if m.dtype == bool else np.maximum(m, MASK_VALUE)
+
+
+def _expand(x, size):
+    size = list(size)
+    lead = len(size) - x.ndim
+    return jnp.broadcast_to(x, [x.shape[i - lead] if v == -1 else v for i, v in enumerate(size)])
+
+
+def _free_ops() -> dict[str, Callable]:
+    """ATen ops the registry marks free (local, no protocol): shape ops, additions, public products."""
+    return {
+        "aten.add.Tensor": lambda a, b, alpha=1: a + b * alpha,
+        "aten.sub.Tensor": lambda a, b, alpha=1: a - b * alpha,
+        "aten.neg.default": lambda a: -a,
+        "aten.mul.Tensor": lambda a, b: a * b,
+        "private_scale": lambda a, b: a * b, "rotary": lambda a, b: a * b,
+        "aten.div.Tensor": lambda a, b: a / b,
+        "aten.mean.dim": lambda x, d, keepdim=False, **_: jnp.mean(x, tuple(d) if isinstance(d, list) else d,
+                                                                    keepdims=keepdim),
+        "aten.sum.dim_IntList": lambda x, d, keepdim=False, **_: jnp.sum(x, tuple(d) if isinstance(d, list) else d,
+                                                                         keepdims=keepdim),
+        "aten.view.default": lambda x, s: x.reshape(s), "aten.reshape.default": lambda x, s: x.reshape(s),
+        "aten._unsafe_view.default": lambda x, s: x.reshape(s),
+        "aten.permute.default": lambda x, p: jnp.transpose(x, p),
+        "aten.transpose.int": lambda x, a, b: jnp.swapaxes(x, a, b), "aten.t.default": lambda x: x.T,
+        "aten.unsqueeze.default": lambda x, d: jnp.expand_dims(x, d),
+        "aten.squeeze.dim": lambda x, d: jnp.squeeze(x, d) if x.shape[d] == 1 else x,
+        "aten.squeeze.dims": lambda x, d: jnp.squeeze(x, tuple(i for i in d if x.shape[i] == 1)),
+        "aten.expand.default": _expand, "aten.slice.Tensor": _slice,
+        "aten.select.int": lambda x, d, i: jnp.take(x, i, axis=d),
+        "aten.cat.default": lambda xs, dim=0: jnp.concatenate(xs, axis=dim),
+        "aten.split_with_sizes.default": lambda x, s, dim=0: tuple(jnp.split(x, np.cumsum(s)[:-1].tolist(), axis=dim)),
+        "aten.split.Tensor": lambda x, s, dim=0: tuple(jnp.split(x, list(range(s, x.shape[dim], s)), axis=dim)),
+        "aten.unbind.int": lambda x, dim=0: tuple(jnp.moveaxis(x, dim, 0)),
+        "<built-in function getitem>": lambda xs, i: xs[i],
+        "aten.repeat_interleave.self_int": lambda x, r, dim=None, **_: jnp.repeat(x, r, axis=dim),
+        "aten.clone.default": lambda x, **_: x, "aten.alias.default": lambda x: x,
+        "aten._to_copy.default": lambda x, **_: x, "aten.contiguous.default": lambda x, **_: x,
+        "aten.dropout.default": lambda x, *_: x,
+        "onehot_view": lambda onehot, s: onehot.reshape(list(s) + [onehot.shape[-1]]),
+    }
+
+
+def _gqa(q, k, v):
+    if k.shape[-3] != q.shape[-3]:
+        r = q.shape[-3] // k.shape[-3]
+        k, v = jnp.repeat(k, r, axis=-3), jnp.repeat(v, r, axis=-3)
+    return k, v
+
+
+def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
+    """The registry's ops with an SPU kernel, each through the profile's kernel (privlm.spu.kernels)."""
+    softmax = kernel("softmax", kernels["softmax"])
+    layer_norm = kernel("layernorm", kernels["layernorm"])
+    rms_norm = kernel("rmsnorm", kernels["rmsnorm"])
+    gelu = kernel("gelu", kernels["gelu"])
+
+    def sdpa_scores(q, k, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        k, _ = _gqa(q, k, k)
+        s = (q @ jnp.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        if is_causal:
+            s = jnp.where(causal_mask(s.shape[-1])[-s.shape[-2]:], s, MASK_VALUE)
+        if attn_mask is not None:
+            s = s + _mask_bias(attn_mask)
+        return s
+
+    def sdpa_av(p, q, v, *_, **__):
+        _, v = _gqa(q, v, v)
+        return p @ v
+
+    def softmax_dim(x, dim=-1, *_):
+        return softmax(x) if dim in (-1, x.ndim - 1) else jnp.moveaxis(softmax(jnp.moveaxis(x, dim, -1)), -1, dim)
+
+    def gelu_op(x, approximate="none"):
+        return gelu(x) if approximate == "tanh" else jax.nn.gelu(x, approximate=False)
+
+    from privlm.opregistry import RECORDS
+
+    # an elementwise op of the registry runs its kernel family's kernel as the profile names it
+    elementwise = {r.name: kernel(r.kernel, kernels[r.kernel]) for r in RECORDS.values()
+                   if r.kind == "activation" and r.kernel is not None}
+    return {
+        **elementwise,
+        "aten.linear.default": lambda x, w, b=None: x @ w.T + (0 if b is None else b),
+        "aten.matmul.default": lambda a, b: a @ b, "aten.bmm.default": lambda a, b: a @ b,
+        "aten.mm.default": lambda a, b: a @ b, "aten.addmm.default": lambda b, x, w: b + x @ w,
+        "embedding_onehot": lambda w, onehot, *_: onehot @ w,
+        "sdpa_scores": sdpa_scores, "sdpa_softmax": softmax, "sdpa_av": sdpa_av,
+        "aten.softmax.int": softmax_dim, "aten._softmax.default": lambda x, dim, half=False: softmax_dim(x, dim),
+        "aten.layer_norm.default": lambda x, shape, w=None, b=None, eps=1e-5, *_: layer_norm(x, w, b, eps),
+        "aten.rms_norm.default": lambda x, shape, w=None, eps=None: rms_norm(x, w, 1e-6 if eps is None else eps),
+        "aten.gelu.default": gelu_op,  # the profile's kernel for tanh-GELU, jax's erf-GELU for the exact one
+        "leaky_relu": lambda x, slope: jnp.where(x >= 0, x, x * slope),
+    }
+
+
+def _expand_sdpa(nodes: list[dict]) -> list[dict]:
+    """SDPA as three nodes, so that the link counters show QK^T, the softmax and AV apart (as the census does)."""
+    out = []
+    for n in nodes:
+        if n["op"] != "aten.scaled_dot_product_attention.default":
+            out.append(n)
+            continue
+        q, k, v, *rest = n["args"]
+        s, p = n["name"] + ".scores", n["name"] + ".probs"
+        of = n["name"]
+        out += [{**n, "name": s, "op": "sdpa_scores", "args": [q, k, *rest], "part": "scores", "of": of},
+                {**n, "name": p, "op": "sdpa_softmax", "args": [{"ref": s}], "kwargs": {}, "part": "softmax", "of": of},
+                {**n, "op": "sdpa_av", "args": [{"ref": p}, q, v], "kwargs": {}, "part": "av", "of": of}]
+    return out
+
+
+def _arg_refs(a, kind: str) -> list[str]:
+    if isinstance(a, dict):
+        if kind in a:
+            return [a[kind]]
+        return [r for v in a.values() if isinstance(v, (list, dict)) for r in _arg_refs(v, kind)]
+    if isinstance(a, list):
+        return [r for x in a for r in _arg_refs(x, kind)]
+    return []
+
+
+def _step_kind(node: dict, rec) -> tuple[str, str]:
+    """(breakdown kind, census entry) of the step a node starts."""
+    part = node.get("part")
+    if part in ("scores", "av"):
+        return "matmul", "attn_scores"
+    if part == "softmax":
+        return "softmax", "softmax"
+    if rec.census is not None:
+        return rec.kind, rec.census
+    scope = node["scope"]
+    if scope == "embedding":
+        return "embedding", "embedding"
+    if scope == "lm_head":
+        return "head", "lm_head"
+    return "matmul", {"ffn": "ffn", "attn": "attn_proj"}.get(scope, "attn_proj")
+
+
+def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "all",
+                       kernels: Optional[dict[str, str]] = None) -> Program:
+    """The Step list of a traced model (`privlm.trace`): one step per op of the registry that is not free
+    (linear, embedding, QK^T / softmax / AV of each attention, norm, activation, gate product), each running
+    the free ops that follow it. Public constants are compiled in; server tensors are step inputs.
+
+    head: "all" computes every position's logits, "last" only the next-token logits (the client learns only
+    what it asked for). kernels: the SPU profile's kernel names (default: the `default` profile's).
+    """
+    from privlm.opregistry import RECORDS, unknown_ops
+
+    if doc.get("format") != TRACE_FORMAT:
+        raise ValueError(f"not a privlm traced program (format {doc.get('format')!r}, expected {TRACE_FORMAT!r})")
+    bad = unknown_ops(n["op"] for n in doc["nodes"])
+    if bad:
+        raise ValueError(f"model {doc.get('model')}: the op graph holds {', '.join(bad)}, which the op registry "
+                         f"has no kernel for")
+    if head not in ("all", "last"):
+        raise ValueError(f"head='{head}' must be 'all' or 'last'")
+    kernels = {**DEFAULT_KERNELS, **load_spu_profile(DEFAULT).kernels, **(kernels or {})}
+    impl = {**_free_ops(), **_kernel_ops(kernels)}
+    T, V = doc["T"], doc["vocab_size"]
+    nodes = _expand_sdpa(doc["nodes"])
+    out_name = doc["output"]["ref"]
+    head_nodes = [n["name"] for n in nodes if n["scope"] == "lm_head" and n["op"] == "aten.linear.default"]
+    # the logits of the last position only: slice the head's input, skip what reshapes its full output
+    last = head == "last" and head_nodes and head_nodes[-1] == out_name
+
+    # cut into steps
+    groups: list[list[dict]] = []
+    for n in nodes:
+        rec = RECORDS.get(n["op"])
+        starts = n["op"] in ("sdpa_scores", "sdpa_softmax", "sdpa_av") or (rec is not None and rec.starts_step)
+        if starts or not groups:
+            groups.append([n])
+        else:
+            groups[-1].append(n)
+    produced_in = {n["name"]: gi for gi, g in enumerate(groups) for n in g}
+    needed_later: dict[int, set] = {gi: set() for gi in range(len(groups))}
+    for gi, g in enumerate(groups):
+        for n in g:
+            for r in _arg_refs([n["args"], list(n["kwargs"].values())], "ref"):
+                if produced_in[r] != gi:
+                    needed_later[produced_in[r]].add(r)
+    needed_later[produced_in[out_name]].add(out_name)
+
+    def decode(a, env):
+        if isinstance(a, dict):
+            if "ref" in a:
+                return env[a["ref"]]
+            if "server" in a:
+                return env["server:" + a["server"]]
+            if "public" in a:
+                return public[a["public"]]
+            if "onehot" in a:
+                return env["onehot"].reshape(1, T, V)
+            return a
+        if isinstance(a, list):
+            return [decode(x, env) for x in a]
+        return a
+
+    steps: list[Step] = []
+    for gi, g in enumerate(groups):
+        names = {n["name"] for n in g}
+        ins: list[str] = []
+        for n in g:
+            refs = [("ref", r) for r in _arg_refs([n["args"], list(n["kwargs"].values())], "ref") if r not in names]
+            refs += [("server", s) for s in _arg_refs(n["args"], "server")]
+            refs += [("onehot", "onehot")] * bool(_arg_refs(n["args"], "onehot"))
+            for kind, r in refs:
+                key = {"ref": r, "server": "server:" + r, "onehot": "onehot"}[kind]
+                if key not in ins:
+                    ins.append(key)
+        outs = [n["name"] for n in g if n["name"] in needed_later[gi]]
+
+        def fn(*args, _g=g, _ins=tuple(ins), _outs=tuple(outs)):
+            env = dict(zip(_ins, args))
+            for n in _g:
+                a = decode(n["args"], env)
+                if last and n["name"] == out_name:
+                    a[0] = a[0][..., -1:, :]
+                kw = {k: decode(v, env) for k, v in n["kwargs"].items()}
+                env[n["name"]] = impl[n["op"]](*a, **kw)
+            res = tuple(env[o].reshape(-1, V) if o == out_name else env[o] for o in _outs)  # logits [rows, V]
+            return res if len(res) > 1 else res[0]
+
+        lead = g[0]
+        rec = RECORDS.get(lead["op"])
+        kind, census_key = _step_kind(lead, rec if rec is not None else RECORDS["aten.matmul.default"])
+        steps.append(Step(lead["name"], kind, census_key, fn, tuple(ins), tuple(outs), layer=lead.get("layer")))
+    _account(steps, groups, doc, head)
+    server = sorted({i for s in steps for i in s.inputs if i.startswith("server:")})
+    shapes = {"onehot": (T, V), **{f"server:{k}": tuple(v) for k, v in doc["server"].items()}}
+    return Program(meta=doc, T=T, steps=steps, server_inputs=tuple(server), output=out_name,
+                   input_shapes=shapes)
+
+
+def _account(steps: list[Step], groups: list[list[dict]], doc: dict, head: str) -> None:
+    """Elements and FLOPs of each step, by the registry's rules over the node that leads it."""
+    from privlm.opregistry import measure
+
+    original = {n["name"]: n for n in doc["nodes"]}
+    shapes = {n["name"]: n["shape"] for n in doc["nodes"]}
+    for s, g in zip(steps, groups):
+        lead = g[0]
+        part = lead.get("part")
+        _, count, shape, flops = measure(doc, original[lead.get("of", lead["name"])], shapes)
+        elements = count * int(np.prod(shape)) if shape is not None else 0
+        if part is not None:  # SDPA: QK^T and AV share its FLOPs, the softmax its elements
+            elements, flops = (elements, 0) if part == "softmax" else (0, flops // 2)
+        if head == "last" and s.kind == "head":
+            flops //= doc["T"]
+        s.elements, s.flops = elements, flops
+
+
+
+def load_trace(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(op graph, public constants) of a traced export directory (both are public: the client loads them too)."""
+    from safetensors.numpy import load_file
+
+    d = Path(directory)
+    doc = json.loads((d / TRACE_FILE).read_text())
+    if doc.get("format") != TRACE_FORMAT:
+        raise ValueError(f"{d / TRACE_FILE}: not a privlm traced program (format {doc.get('format')!r}, "
+                         f"expected {TRACE_FORMAT!r})")
+    consts = load_file(str(d / CONSTANTS_FILE)) if doc["public"] else {}
+    return doc, consts
+
+
+def is_trace(path: Path | str) -> bool:
+    """Whether a public program file is a traced op graph (program.json) rather than a privlm-spu-export."""
+    try:
+        return json.loads(Path(path).read_text()).get("format") == TRACE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from privlm.opschema import FLOP_ENTRIES, PRIVLM_OPS, STEP_KINDS
+from privlm.opschema import CALIBRATED_OPS, FLOP_ENTRIES, STEP_KINDS
 from privlm.spu.linkstats import LinkStats
 
 
@@ -79,7 +79,7 @@ def summarize(result: dict, logits: np.ndarray, ref_logits: Optional[np.ndarray]
 def census_check(measured: dict[str, dict], census) -> dict[str, dict]:
     """Elements / FLOPs the 2PC program evaluated beside what `privlm.pi.census` counts for the model."""
     out = {}
-    for op in PRIVLM_OPS:
+    for op in CALIBRATED_OPS:
         want = census.elements(op)
         got = measured.get(op, {}).get("elements", 0)
         if want or got:

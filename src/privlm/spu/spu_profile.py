@@ -5,7 +5,8 @@ A profile is a JSON file ``src/privlm/spu/spu_profiles/<name>.json`` (format ``p
     {"format": "privlm-spu-profile/1", "name": ..., "description": ...,
      "runtime":  {RuntimeConfig fields in protobuf JSON, merged over the base settings below},
      "compiler": {CompilerOptions attributes},
-     "kernels":  {"softmax": ..., "gelu": ..., "layernorm": ...},   names from privlm.spu.kernels.KERNELS
+     "kernels":  {"softmax": ..., "gelu": ..., "layernorm": ..., "rmsnorm": ..., "silu": ..., "gate_product": ...},
+                 names from privlm.spu.kernels.KERNELS
      "why": {setting: the measurement that chose it}}
 
 Every party, micro-benchmark and calibration builds its SPU configuration from one profile, so a
@@ -33,7 +34,8 @@ BASE_RUNTIME: dict[str, Any] = {
     "experimental_enable_colocated_optimization": True,
     "share_max_chunk_size": 16 << 20,
 }
-KERNEL_OPS = ("softmax", "gelu", "layernorm")
+KERNEL_OPS = ("softmax", "gelu", "layernorm", "rmsnorm", "silu", "gate_product")
+REQUIRED_KERNEL_OPS = ("softmax", "gelu", "layernorm")  # the others default to kernels.DEFAULT_KERNELS
 
 
 class UnknownSPUProfile(ValueError):
@@ -90,7 +92,7 @@ def load_spu_profile(name: str) -> SPUProfile:
     if raw.get("format") != FORMAT or raw.get("name") != name:
         raise ValueError(f"{path}: not a privlm SPU profile named '{name}' (format {raw.get('format')!r})")
     kernels = dict(raw.get("kernels", {}))
-    missing = [op for op in KERNEL_OPS if op not in kernels]
+    missing = [op for op in REQUIRED_KERNEL_OPS if op not in kernels]
     if missing:
         raise ValueError(f"{path}: kernels for {missing} are missing")
     return SPUProfile(name=name, description=raw.get("description", ""), runtime=dict(raw.get("runtime", {})),

@@ -1,0 +1,333 @@
+"""The traced model (privlm.trace + privlm.opregistry): census from the torch.export graph equal to the module
+census, the torch-free interpreted program equal to torch, 2PC agreement, privacy of the exported files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from privlm.config import load_config
+from privlm.model import GPT
+from privlm.pi.census import census, trace_ops_flops
+from privlm.presets import PAPER_PRESETS
+from privlm.spu.launcher import spu_python
+from privlm.trace import UnsupportedOp, save_trace, trace_model
+
+T, V = 16, 64
+SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_size={T}", f"model.vocab_size={V}",
+         f"data.seq_len={T}", "model.init_std=0.15"]
+# one model of each privlm preset family (norm x activation x FFN kind x normalization x temperature)
+FAMILIES = ["SM+LN+G", "SM+LN+R", "SM+LR(layer)", "SM", "SM+ScFFN", "SM(t)+ScFuFFN", "SM+ScFuFFN^i1",
+            "SM+WN(qkvo+ffn)", "SM+SN(qk)"]
+HF = ["gpt2", "neox", "llama", "qwen2"]
+
+
+def _hf(kind: str):
+    import transformers as tf
+    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, max_position_embeddings=32)
+    cfg = {"gpt2": lambda: tf.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                         bos_token_id=0, eos_token_id=0),
+           "neox": lambda: tf.GPTNeoXConfig(**sizes, num_attention_heads=2, intermediate_size=64),
+           "llama": lambda: tf.LlamaConfig(**sizes, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+           "qwen2": lambda: tf.Qwen2Config(**sizes, num_attention_heads=4, num_key_value_heads=2,
+                                           intermediate_size=64)}[kind]()
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+def _privlm(preset: str, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(load_config(preset, SMALL).model)
+    with torch.no_grad():  # scalars and vectors off their init, so alpha, beta, t, slopes and norm gains matter
+        for name, p in model.named_parameters():
+            if "temperature" in name:
+                p.copy_(0.3 + torch.rand_like(p))
+            elif p.ndim < 2:
+                p.add_(0.2 * torch.randn_like(p))
+    if model.config.spectral_norm != "none":  # power-iteration vectors away from their init
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randint(0, V, (1, 8)))
+    return model.eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        hf = hasattr(model.config, "model_type")
+        return (model(input_ids=ids).logits if hf else model(ids).logits)[0].numpy()
+
+
+PROMPTS = [torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+
+
+def _export(model, d: Path, prompt=0) -> np.ndarray:
+    save_trace(trace_model(model, T), d)
+    (d / "ids.json").write_text(json.dumps(PROMPTS[prompt][0].tolist()))
+    return _logits(model, PROMPTS[prompt])
+
+
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_traced_census_equals_module_census_at_gpt2_size(preset):
+    """Every paper preset at GPT-2 size, T=128: the census walked from the torch.export graph by the op
+    registry equals the module-hook census op for op (counts, shapes, where, in_paper) and FLOP entry for entry."""
+    cfg = load_config(preset).model
+    with torch.device("meta"):
+        model = GPT(cfg)
+    ops, flops = trace_ops_flops(trace_model(model, 128).doc)
+    old = census(cfg, 128)
+    assert ops == old.ops
+    assert flops == old.flops
+
+
+def test_traced_program_matches_torch(tmp_path):
+    """The torch-free interpreter of the op graph (SPU environment) reproduces torch's logits, all positions
+    and the last one, for tiny random HF GPT-2, GPT-NeoX, LLaMA (GQA), Qwen2 and each privlm preset family."""
+    expected = {}
+    for name in [f"hf-{k}" for k in HF] + FAMILIES:
+        model = _hf(name[3:]) if name.startswith("hf-") else _privlm(name)
+        d = tmp_path / name.replace("(", "").replace(")", "").replace("+", "_").replace("^", "_")
+        expected[(name, d)] = _export(model, d)
+    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.program", *[str(d) for _, d in expected]],
+                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    for (name, d), ref in expected.items():
+        assert np.abs(ref).max() > 0.05, name  # logits of a real size, so 1e-5 is a meaningful bound
+        np.testing.assert_allclose(np.load(d / "jax_logits_traced_all.npy"), ref, atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(np.load(d / "jax_logits_traced_last.npy"), ref[-1:], atol=1e-5, rtol=0,
+                                   err_msg=name)
+
+
+def _sim(d: Path, prompts: list, profile: str = "default") -> tuple[np.ndarray, dict]:
+    (d / "prompts.json").write_text(json.dumps([PROMPTS[p][0].tolist() for p in prompts]))
+    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.party", "--sim", "--public", str(d / "program.json"),
+                           "--tokens", str(d / "prompts.json"), "--weights", str(d / "server.safetensors"),
+                           "--out", str(d / "res.json"), "--log", str(d / "spu.log"), "--spu-profile", profile],
+                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(d / "res.npy"), json.loads((d / "res.json").read_text())
+
+
+# Max logit error allowed under 2PC for these tiny models: twice the loosest kernel bound they use
+# (privlm.spu.kernels.ERROR_BOUNDS: gelu/tanh 0.02), the logits being O(1).
+LOGIT_BOUND = 0.04
+
+
+@pytest.mark.parametrize("name", ["hf-llama", "SM(t)+ScFuFFN", "hf-gpt2", "hf-neox", "hf-qwen2", "SM+LN+G",
+                                  "SM+LN+R", "SM+LR(layer)", "SM+WN(qkvo+ffn)", "SM+SN(qk)"])
+def test_traced_program_under_2pc_sim_agrees_with_plaintext(name, tmp_path):
+    """CHEETAH in the simulator: top-1 equal to plaintext at every position of two prompts, max logit error
+    within the kernels' bound; the per-step census fields name the registry's ops."""
+    model = _hf(name[3:]) if name.startswith("hf-") else _privlm(name)
+    refs = [_export(model, tmp_path, 0), _logits(model, PROMPTS[1])]
+    got, res = _sim(tmp_path, [0, 1])
+    assert got.shape == (2, T, V)
+    for g, ref in zip(got, refs):
+        assert (g.argmax(-1) == ref.argmax(-1)).all(), name
+        assert np.abs(g - ref).max() < LOGIT_BOUND, name
+    kinds = {s["census"] for s in res["steps"]}
+    assert {"embedding", "attn_proj", "attn_scores", "softmax", "lm_head"} <= kinds
+    if name == "hf-llama":
+        assert {"rmsnorm", "silu", "gate_product"} <= kinds
+
+
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["SM(t)+ScFuFFN", "SM+LR(layer)", "SM+LN+G"])
+def test_public_files_do_not_depend_on_any_learned_value(preset, tmp_path):
+    """program.json and public.safetensors are byte-identical for two models of one architecture with different
+    weights, temperatures, alpha/beta and slopes: only the architecture and shapes are public; every learned
+    value is in server.safetensors (1/alpha folded into the FFN output weights)."""
+    a, b = _privlm(preset, seed=0), _privlm(preset, seed=1)
+    save_trace(trace_model(a, T), tmp_path / "a")
+    save_trace(trace_model(b, T), tmp_path / "b")
+    for f in ("program.json", "public.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "server.safetensors").read_bytes() != (tmp_path / "b" / "server.safetensors").read_bytes()
+    doc = json.loads((tmp_path / "a" / "program.json").read_text())
+    ops = {n["op"] for n in doc["nodes"]}
+    if preset == "SM(t)+ScFuFFN":  # temperatures and beta: products with server-private values; alpha folded
+        assert "private_scale" in ops and "private_div" not in ops
+        from safetensors.numpy import load_file
+        server = load_file(str(tmp_path / "a" / "server.safetensors"))
+        folded = [k for k in server if "__div_" in k and k.endswith("weight__div_p_m_blocks_0_alpha")]
+        assert folded
+        w = a.blocks[0].ffn.fc.weight.detach().numpy() / a.blocks[0].alpha.item()
+        np.testing.assert_allclose(server[folded[0]], w, rtol=1e-6)
+    if preset == "SM+LR(layer)":
+        assert "leaky_relu" in ops and any("slope" in k for k in doc["server"])
+
+
+def test_unknown_op_is_refused_naming_op_and_model():
+    model = _privlm("SM+LN+G")
+    model.blocks[0].ffn.act = nn.Tanh()
+    with pytest.raises(UnsupportedOp, match=r"model SM\+LN\+G: .*aten\.tanh\.default"):
+        trace_model(model, T)
+
+
+def test_trace_refuses_too_long_prompt_and_requested_hooks():
+    model = _privlm("SM+LN+G")
+    with pytest.raises(ValueError, match="block_size"):
+        trace_model(model, T + 1)
+    from privlm.model.hooks import capture
+    with capture(model, lambda n: n.endswith("attn.hook_probs")):
+        with pytest.raises(ValueError, match="hook"):
+            trace_model(model, T)
+
+
+def test_trace_leaves_the_model_as_it_was():
+    """Observing never changes what is observed: HF modules swapped for the export are put back."""
+    model = _hf("llama")
+    before = [type(m).__name__ for m in model.modules()]
+    attn = model.config._attn_implementation
+    trace_model(model, T)
+    assert [type(m).__name__ for m in model.modules()] == before
+    assert model.config._attn_implementation == attn
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _cli(*args):
+    import sys
+    return subprocess.run([sys.executable, "-m", "privlm.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_pi_run_of_a_save_pretrained_llama(tmp_path):
+    """`privlm pi run DIR` for a Hugging Face LLaMA (GQA, RMSNorm, SwiGLU, RoPE): the traced program under 2PC
+    predicts the plaintext's next token; --head last reveals only the last position's logits."""
+    model = _hf("llama")
+    model.save_pretrained(tmp_path / "llama")
+    ids = ",".join(map(str, PROMPTS[0][0, :12].tolist()))
+    proc = _cli("pi", "run", str(tmp_path / "llama"), "--tokens", ids, "--head", "last", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["top1_agree"] is True and doc["max_logit_err"] < LOGIT_BOUND
+    assert doc["plaintext_token"] == int(_logits(model, PROMPTS[0][:, :12])[-1].argmax())
+    assert {"rmsnorm", "silu", "gate_product", "softmax"} <= set(doc["census_ops"])
+
+
+def test_pi_run_bad_hf_inputs_are_one_line(tmp_path):
+    model = _hf("llama")
+    model.save_pretrained(tmp_path / "llama")
+    too_long = ",".join(["1"] * 33)  # max_position_embeddings=32
+    for args, want in [((str(tmp_path / "llama"), "--tokens", too_long), "position"),
+                       ((str(tmp_path / "llama"), "--tokens", "1,2", "--chunks", "2"), "--program hand"),
+                       (("hf:nobody/nothing", "--tokens", "1,2"), "nobody/nothing")]:
+        proc = subprocess.run([*_cli_prefix(), "pi", "run", *args], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and want in lines[0] and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def _cli_prefix():
+    import sys
+    return [sys.executable, "-m", "privlm.cli"]
+
+
+def _run_dir(preset: str, seed: int, out: Path) -> Path:
+    from safetensors.torch import save_model
+
+    from privlm.config import to_yaml
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(to_yaml(load_config(preset, SMALL)))
+    save_model(_privlm(preset, seed), str(out / "model.safetensors"))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "SM(t)+ScFuFFN"])
+def test_traced_two_process_run_keeps_every_learned_value_from_the_client(kind, tmp_path):
+    """2proc over brpc, twice with different weights (and temperatures, alpha/beta for SM(t)+ScFuFFN) and
+    different prompts. The client never opens server.safetensors, holds no learned value in the clear, and
+    its share of every server tensor is bit-identical across the two runs: nothing it holds depends on any
+    weight, temperature or beta. The only share it receives is the logits'."""
+    runs = []
+    for seed in (0, 1):
+        if kind == "llama":
+            model = _hf("llama")
+            if seed:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.1 * torch.randn_like(p))
+            src = tmp_path / f"llama{seed}"
+            model.save_pretrained(src)
+            extra = []
+        else:
+            src = _run_dir(kind, seed, tmp_path / f"run{seed}")
+            extra = ["--program", "traced"]
+        keep = tmp_path / f"keep{seed}"
+        ids = ",".join(map(str, PROMPTS[seed][0, :10].tolist()))
+        proc = _cli("pi", "run", str(src), "--tokens", ids, "--mode", "2proc", "--keep", str(keep), "--json", *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        doc = json.loads(proc.stdout)
+        assert doc["top1_agree"] is True and doc["input_share_bytes"] == 0
+        client = json.loads((keep / "audit_party0.json").read_text())
+        server = json.loads((keep / "audit_party1.json").read_text())
+        secret = str((keep / "export" / "server.safetensors").resolve())
+        assert secret not in client["opened"] + client["loaded"] and secret not in " ".join(client["argv"])
+        assert client["plaintext"] == ["onehot"] and server["received_shares"] == []
+        assert len(client["received_shares"]) == 1  # the logits
+        served = [n for n in server["plaintext"]]
+        assert served and all(f"server:{n}" in client["local_shares"] for n in served)
+        runs.append((client["share_digests"], server["share_digests"], served))
+    (c1, s1, names), (c2, s2, _) = runs
+    for n in names:
+        assert c1[f"server:{n}"] == c2[f"server:{n}"], n  # the client's share does not depend on the value
+    assert any(s1[f"server:{n}"] != s2[f"server:{n}"] for n in names)
+    if kind != "llama":  # temperatures and beta are server tensors the client only holds data-free shares of
+        assert any("temperature" in n or n.startswith("mul") for n in names) and any("beta" in n for n in names)
+
+
+def test_registry_is_complete_for_every_profile():
+    """Every census op of the registry is an op type of the schema, and every kernel family a record names has a
+    kernel under every SPU profile (its own choice or the default), with a tested error bound."""
+    from privlm.opregistry import ACTIVATIONS, RECORDS
+    from privlm.opschema import OP_TYPES
+    from privlm.spu import kernels as K
+    from privlm.spu.spu_profile import available_spu_profiles, load_spu_profile
+    for r in RECORDS.values():
+        assert r.census is None or r.census in OP_TYPES, r.name
+        assert (r.census is None) == (r.count is None) or r.name == "private_scale", r.name
+    for name in available_spu_profiles():
+        kernels = {**K.DEFAULT_KERNELS, **load_spu_profile(name).kernels}
+        for fam in {r.kernel for r in RECORDS.values() if r.kernel}:
+            assert kernels[fam] in K.KERNELS[fam], (name, fam)
+            assert (fam, kernels[fam]) in K.ERROR_BOUNDS or fam == "relu", (name, fam)
+    assert all(a is None or a.op in RECORDS for a in ACTIVATIONS.values())
+
+
+@pytest.mark.parametrize("kind", HF)
+def test_traced_census_equals_module_census_for_hf_models(kind):
+    """Tiny random HF GPT-2, GPT-NeoX (partial rotary), LLaMA and Qwen2 (GQA, RMSNorm, SwiGLU, RoPE): the census
+    of the traced graph (rotary from the secret x public cos/sin products) equals the module-hook census."""
+    model = _hf(kind)
+    ops, flops = trace_ops_flops(trace_model(model, T).doc)
+    old = census(model, T)
+    assert ops == old.ops and flops == old.flops
+    if kind in ("llama", "qwen2"):
+        assert {o.op for o in ops} >= {"rmsnorm", "silu", "gate_product", "rotary", "softmax"}
+
+
+def test_pi_export_of_an_hf_model_splits_the_traced_program(tmp_path):
+    """`pi export DIR OUT --T 8`: the client bundle holds the op graph and the public constants only, the server
+    keeps server.safetensors; the client's program.json is what the server traces for itself at that T."""
+    _hf("qwen2").save_pretrained(tmp_path / "qwen2")
+    proc = _cli("pi", "export", str(tmp_path / "qwen2"), str(tmp_path / "out"), "--T", "8")
+    assert proc.returncode == 0, proc.stderr
+    client, server = tmp_path / "out" / "client", tmp_path / "out" / "server"
+    assert sorted(p.name for p in client.iterdir()) == ["program.json", "public.safetensors"]
+    assert (server / "server.safetensors").is_file()
+    again = trace_model(_hf("qwen2"), 8)
+    assert json.loads((client / "program.json").read_text()) == json.loads(json.dumps(again.doc))
+    proc = _cli("pi", "export", str(tmp_path / "qwen2"), str(tmp_path / "out2"))
+    assert proc.returncode == 2 and "--T" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
