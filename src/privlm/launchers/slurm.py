@@ -43,9 +43,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from privlm.errors import CheckpointError, ConfigError, PrivlmError
+from privlm.errors import CheckpointError, ConfigError, PrivlmError, bounded_float, bounded_int
 
 RESOURCE_KEYS = ("partition", "time", "cpus", "gpus", "mem", "account", "sbatch_args")
 MANIFEST_FORMAT = "privlm-slurm-array/1"
@@ -417,34 +417,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="(slurm) submit and return; without it the command waits, and Ctrl-C cancels what it submitted")
     g.add_argument("--partition", help="(slurm) partition")
     g.add_argument("--time", help="(slurm) time limit per run: minutes or [D-]H:MM:SS (required here or in the file)")
-    g.add_argument("--cpus", type=_count(1), metavar="N", help="(slurm) CPUs per run (also its torch threads)")
-    g.add_argument("--gpus", type=_count(0), metavar="N", help="(slurm) GPUs per run")
+    g.add_argument("--cpus", type=bounded_int(1, 4096), metavar="N", help="(slurm) CPUs per run (also its torch threads)")
+    g.add_argument("--gpus", type=bounded_int(0, 1024), metavar="N", help="(slurm) GPUs per run")
     g.add_argument("--mem", help="(slurm) memory per run, as sbatch --mem (e.g. 32G)")
     g.add_argument("--account", help="(slurm) account to charge")
     g.add_argument("--sbatch-arg", action="append", default=[], metavar="--OPT[=VALUE]", dest="sbatch_args",
                    help="(slurm) extra sbatch option, repeatable (e.g. --sbatch-arg=--qos=high)")
-    g.add_argument("--poll", type=_seconds, default=15.0, metavar="SECONDS",
+    g.add_argument("--poll", type=bounded_float(0.01, 86400), default=15.0, metavar="SECONDS",
                    help="(slurm) seconds between two queries of the job states (default 15)")
 
 
-def _seconds(text: str) -> float:
-    from privlm.errors import finite_float
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
-    return value
-
-
-def _count(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-        return value
-    return parse
 
 
 def flags_resources(sweep, args: argparse.Namespace) -> SlurmResources:
