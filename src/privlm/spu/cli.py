@@ -20,6 +20,7 @@ from pathlib import Path
 
 from privlm.errors import CheckpointError, PrivlmError, finite_float
 from privlm.proc import private_tempdir
+from privlm.spu.spu_profile import add_spu_profile_arg, check_spu_profile
 
 
 def register(subparsers) -> None:
@@ -80,13 +81,6 @@ def register(subparsers) -> None:
     _cal.register(sub)
 
 
-def add_spu_profile_arg(parser) -> None:
-    from privlm.spu.spu_profile import DEFAULT, available_spu_profiles
-    parser.add_argument("--spu-profile", default=DEFAULT, metavar="NAME",
-                        help=f"SPU runtime settings, compiler options and kernels (known: "
-                             f"{', '.join(available_spu_profiles())}; see docs/pi-measured.md)")
-
-
 def _seconds(text: str) -> float:
     """argparse type of --peer-timeout: a number of seconds in 1..86400."""
     value = finite_float(text)
@@ -100,16 +94,6 @@ def add_peer_timeout_arg(parser) -> None:
     parser.add_argument("--peer-timeout", type=_seconds, default=PEER_TIMEOUT_S, metavar="S",
                         help=f"2proc: a party whose peer does not connect within S seconds, or whose peer's "
                              f"process ends, exits with one line naming it (default {PEER_TIMEOUT_S:g})")
-
-
-def check_spu_profile(name: str) -> str:
-    """The name, if an SPU profile of that name exists; else a one-line error listing the known ones."""
-    from privlm.spu.spu_profile import UnknownSPUProfile, load_spu_profile
-    try:
-        load_spu_profile(name)
-    except UnknownSPUProfile as exc:
-        raise PrivlmError(str(exc)) from None
-    return name
 
 
 def _load(run_dir: Path):
