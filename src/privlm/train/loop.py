@@ -433,11 +433,11 @@ class Trainer:
         cfg, dev = self.cfg, self.precision.device
         micro = self.batches.next_step()
         accum = len(micro)
-        reg_on = self.reg is not None and self.reg.active(self.step / cfg.train.max_steps)
+        progress = self.step / cfg.train.max_steps
         need_entropy = want_entropy or self.reg is not None
         ce_sum = torch.zeros((), device=dev)
         ent_sum = nan_sum = None
-        reg_stats: list[dict] = []
+        reg_stats: list[torch.Tensor] = []
         for m, chunk in enumerate(micro):
             chunk = chunk.to(dev, non_blocking=True)
             if m == 0:
@@ -449,10 +449,12 @@ class Trainer:
                 with self.precision.autocast():
                     out = self.net(chunk, targets, output_entropy=need_entropy)
                     loss = out.loss
-                    if reg_on:
-                        l_ent, stats = self.reg(out.entropy)
-                        loss = loss + cfg.reg.lambda_ * l_ent
-                        reg_stats.append({"l_ent": float(l_ent.detach()), **stats})
+                    if self.reg is not None:  # Algorithm 1 (the HF trainer's too): lambda * L_ent while on
+                        term, l_ent = self.reg.term(out.entropy, progress)
+                        if term is not None:
+                            loss = loss + term
+                            if want_entropy:  # statistics only on telemetry steps, kept on the device
+                                reg_stats.append(self.reg.stats_tensor(out.entropy, l_ent))
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             ce_sum += out.loss.detach().float()
@@ -474,8 +476,7 @@ class Trainer:
             nan_sum = D.all_reduce_sum(nan_sum, self.dist)
             stats = None
             if reg_stats:
-                stats = {k: sum(s[k] for s in reg_stats) / len(reg_stats) for k in reg_stats[0]
-                         if isinstance(reg_stats[0][k], (int, float))}
+                stats = dict(zip(self.reg.STATS, torch.stack(reg_stats).mean(dim=0).tolist()))
             tele = {"head_entropy": ent_sum.cpu().tolist(), "nan_counts": [int(x) for x in nan_sum.cpu()],
                     "reg": stats}
         return ce, grad_norm, tele, first
