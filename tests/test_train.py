@@ -7,6 +7,7 @@ tokens); a trained model must get far below that.
 from __future__ import annotations
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -237,6 +238,26 @@ def test_divergence_stops_with_diagnosis_and_keeps_last_good_checkpoint(tmp_path
     assert summary["diverged"] and summary["diagnosis"] == msg and summary["steps"] == 1
     # the weights after step 1 (lr 1e6) are finite but give NaN attention: not a good checkpoint, none kept
     assert "no checkpoint was saved yet" in msg and not (run / "state" / "LATEST").exists()
+
+
+def test_divergence_between_host_steps_stops_at_the_first_bad_step(tmp_path):
+    """Steps that log nothing are not read on the host: a non-finite step among them is kept on the device,
+    its update (and every later one) skipped, and the run stops at the next host step with the diagnosis of
+    the first bad step -- the same step, loss and weights as a run that reads every step."""
+    data = synthetic_data()
+    base = ("train.lr=1e6", "train.warmup_frac=0", "train.max_steps=12", "train.save_every=100",
+            "train.entropy_every=100", "train.eval_every=100", "train.flight_steps=0")
+    msgs, steps = [], []
+    for log_every in (1, 10):
+        run = tmp_path / f"log{log_every}"
+        with pytest.raises(DivergenceError) as err:
+            train(tiny_cfg(*base, f"train.log_every={log_every}"), run, quiet=True, data=data)
+        msgs.append(str(err.value))
+        steps.append(json.loads((run / "summary.json").read_text())["steps"])
+    assert re.search(r"diverged at step (\d+)", msgs[0]).group(1) == re.search(r"diverged at step (\d+)", msgs[1]).group(1)
+    bad = int(re.search(r"diverged at step (\d+)", msgs[0]).group(1))
+    assert bad < 10 and steps == [bad - 1, bad - 1]  # found at host step 10, reported at the first bad step
+    assert msgs[0].split("; last good")[0] == msgs[1].split("; last good")[0]  # same loss, same diagnosis
 
 
 def test_checkpoint_is_one_adamw_step_by_hand(tmp_path):

@@ -186,22 +186,27 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train, self.reg, self.precision.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_scaler else None
+        # a fused AdamW skips an update on the device (found_inf): the host then reads only some steps
+        self._device_guard = self.scaler is None and bool(self.optimizer.param_groups[0].get("fused"))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         self.step, self.tokens, self.last_saved = 0, 0, 0
         self._step_eval: Optional[tuple[int, EvalResult]] = None  # the evaluation of the current step, if any
         # the current log interval and the loss window of the checkpoint sanity test are part of the
         # trainer's state, so a resumed run logs and keeps checkpoints exactly like the uninterrupted one
-        self.interval_loss, self.interval_steps = 0.0, 0
+        # losses stay on the device (float64 interval sum: the same arithmetic as a Python float sum) and are
+        # read on the host only on log / checkpoint steps
+        self.interval_loss: Any = 0.0
+        self.interval_steps = 0
         self.recent_losses: deque = deque(maxlen=LOSS_WINDOW)
+        self._pending: Optional[dict] = None  # the first non-finite step seen on the device only, not yet read
         self._last_chunk: Optional[torch.Tensor] = None
         position = Position()
         if self.resume:
             ckpt = latest_checkpoint(self.run_dir)
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            base_lrs = list(self.scheduler.base_lrs)
             state, rngs = load_checkpoint(ckpt, self.model, self.reg, self.optimizer, self.scheduler, self.scaler)
-            self._use_config_hyperparameters(hyper, base_lrs)
+            self._use_config_hyperparameters(hyper)
             self.step = self.last_saved = int(state["step"])
             self.tokens = int(state["tokens"])
             position = Position(**state["position"])
@@ -259,17 +264,14 @@ class Trainer:
             print(f"from step {self.step + 1}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
                   flush=True)
 
-    def _use_config_hyperparameters(self, hyper: list[dict], base_lrs: list[float]) -> None:
-        """After loading a checkpoint: the optimizer hyperparameters and schedule of the (possibly overridden)
-        config, and the learning rate of the next step recomputed from them (not the saved one: extending a
-        finished run would otherwise take its next step at the final, often zero, learning rate)."""
+    def _use_config_hyperparameters(self, hyper: list[dict]) -> None:
+        """After loading a checkpoint: the optimizer hyperparameters of the (possibly overridden) config, and a
+        scheduler of its schedule rebuilt at the loaded step, which sets the learning rate of the next step
+        from them (not the saved one: extending a finished run would otherwise take its next step at the
+        final, often zero, learning rate)."""
         for group, fresh in zip(self.optimizer.param_groups, hyper):
-            group.update(fresh)
-        self.scheduler.base_lrs = base_lrs
-        lrs = [base * fn(self.scheduler.last_epoch) for base, fn in zip(base_lrs, self.scheduler.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self.scheduler._last_lr = lrs
+            group.update(fresh)  # "initial_lr" included: the config's peak learning rate
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, steps_done=self.scheduler.last_epoch)
 
     def _clear_failed_attempt(self) -> None:
         for name in ATTEMPT_RECORDS:
@@ -322,6 +324,11 @@ class Trainer:
             self.model.train(was_training)
         return (D.all_reduce_sum(out.loss.detach().float(), self.dist) / self.dist.world).item()
 
+    def _recent_losses(self) -> list[float]:
+        """The loss window on the host (one sync; entries are device tensors, or floats after a resume)."""
+        return torch.stack([torch.as_tensor(x, dtype=torch.float32, device=self.precision.device)
+                            for x in self.recent_losses]).tolist() if self.recent_losses else []
+
     def checkpoint_problem(self) -> Optional[str]:
         """Why the current weights are not a good checkpoint, or None. Good: every weight finite, and both the
         last training loss and the loss of these weights at most SANE_LOSS_FACTOR x the median training loss
@@ -331,14 +338,15 @@ class Trainer:
             return "non-finite weights"
         if probe is not None and not math.isfinite(probe):
             return f"the loss of the weights to save is {probe}"
-        if self.recent_losses:
-            median = statistics.median(self.recent_losses)
+        recent = self._recent_losses()
+        if recent:
+            median = statistics.median(recent)
             limit = SANE_LOSS_FACTOR * median
-            for what, loss in (("the last training loss", self.recent_losses[-1]),
+            for what, loss in (("the last training loss", recent[-1]),
                                ("the loss of the weights to save", probe)):
                 if loss is not None and loss > limit:
                     return (f"{what} {loss:.4g} exceeds {SANE_LOSS_FACTOR:g} x the median training loss "
-                            f"{median:.4g} of the last {len(self.recent_losses)} steps")
+                            f"{median:.4g} of the last {len(recent)} steps")
         return None
 
     def _checkpoint_valid_loss(self) -> Optional[float]:
@@ -362,9 +370,9 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(self.run_dir, self.step, self.model, self.reg, self.optimizer, self.scheduler,
                             self.scaler, {"tokens": self.tokens, "position": self.batches.position.to_dict(),
-                                          "world": self.dist.world, "interval_loss": self.interval_loss,
+                                          "world": self.dist.world, "interval_loss": float(self.interval_loss),
                                           "interval_steps": self.interval_steps,
-                                          "recent_losses": list(self.recent_losses)}, rngs, valid_loss)
+                                          "recent_losses": self._recent_losses()}, rngs, valid_loss)
         D.barrier(self.dist)
         self.last_saved = self.step
 
@@ -481,18 +489,68 @@ class Trainer:
                     "reg": stats}
         return ce, grad_norm, tele, first
 
-    def step_once(self, want_entropy: bool = False) -> tuple[float, float, Optional[dict]]:
+    def host_step(self, step: int) -> bool:
+        """Whether the loop reads step ``step`` (1-based) on the host: it logs, records entropy telemetry,
+        evaluates, saves or is the last; every step when the optimizer cannot skip an update on the device
+        (a non-fused AdamW, or a GradScaler, which owns ``found_inf``)."""
+        t = self.cfg.train
+        return (not self._device_guard or step == t.max_steps
+                or any(step % every == 0 for every in (t.log_every, t.entropy_every, t.eval_every, t.save_every)))
+
+    def _guard_on_device(self, step: int, bad: torch.Tensor, ce: torch.Tensor, grad_norm: torch.Tensor,
+                         first: torch.Tensor) -> None:
+        """A step the host does not read: remember the first non-finite step (its number, loss, grad norm and
+        micro-batch) on the device, and make the fused AdamW skip every update from it on (``found_inf``), so
+        that the weights stay those of the last good step until the next host step raises."""
+        p = self._pending
+        if p is None:
+            p = self._pending = {"bad": torch.zeros((), dtype=torch.bool, device=bad.device),
+                                 "step": torch.zeros((), dtype=torch.long, device=bad.device),
+                                 "loss": ce.detach().clone(), "grad_norm": grad_norm.detach().clone(),
+                                 "chunk": first.clone()}
+        new = bad & ~p["bad"]
+        p["step"] = torch.where(new, step, p["step"])
+        p["loss"] = torch.where(new, ce, p["loss"])
+        p["grad_norm"] = torch.where(new, grad_norm, p["grad_norm"])
+        p["chunk"] = torch.where(new, first, p["chunk"])
+        p["bad"] = p["bad"] | bad
+        self.optimizer.found_inf = p["bad"].float()
+
+    def _raise_pending(self) -> None:
+        """On a host step: if a step since the last one went non-finite, stop there (its diagnosis, with the
+        weights of the step before it, which the skipped updates left unchanged)."""
+        p, self._pending = self._pending, None
+        if hasattr(self.optimizer, "found_inf"):
+            del self.optimizer.found_inf
+        if p is None or not bool(p["bad"]):
+            return
+        bad_step = int(p["step"])
+        skipped = self.step - (bad_step - 1)  # steps that ran (without an update) since the last good one
+        self.step -= skipped
+        self.tokens -= skipped * _tokens_per_step(self.cfg, self.dist.world)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._diverged(p["chunk"], float(p["loss"]), float(p["grad_norm"]), bad_step)
+
+    def step_once(self, want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[dict]]:
         """Forward/backward over the micro-batches, divergence checks, optimizer and schedule update.
-        Returns (mean CE, grad norm, entropy telemetry or None); raises DivergenceError instead of stepping."""
-        self.recorder.begin(self.step + 1)
+        Returns (mean CE, grad norm, entropy telemetry or None), the first two as device tensors; raises
+        DivergenceError instead of stepping. The host reads the step only on ``host_step`` steps; on the
+        others a non-finite loss or gradient is kept on the device and raised at the next host step."""
+        step = self.step + 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.recorder.begin(step)
         ce, grad_norm, tele, first = self.train_step(want_entropy)
-        loss_f, gn_f = ce.item(), grad_norm.item()
-        self.recorder.end(loss_f, gn_f, self.scheduler.get_last_lr()[0])
-        bad_attention = tele is not None and any(tele["nan_counts"])
-        grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
-        if not math.isfinite(loss_f) or grads_bad or bad_attention:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._diverged(first, loss_f, gn_f, self.step + 1)
+        self.recorder.end(ce, grad_norm, lr)
+        if self.host_step(step):
+            self._raise_pending()
+            loss_f, gn_f = ce.item(), grad_norm.item()
+            bad_attention = tele is not None and any(tele["nan_counts"])
+            grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
+            if not math.isfinite(loss_f) or grads_bad or bad_attention:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._diverged(first, loss_f, gn_f, step)
+        else:
+            self._guard_on_device(step, ~torch.isfinite(ce) | ~torch.isfinite(grad_norm), ce, grad_norm, first)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -502,9 +560,9 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.tokens += _tokens_per_step(self.cfg, self.dist.world)
-        self.recent_losses.append(loss_f)
+        self.recent_losses.append(ce.detach())
         self._last_chunk = first
-        return loss_f, gn_f, tele
+        return ce, grad_norm, tele
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -521,8 +579,8 @@ class Trainer:
             # a fixed cadence (not "and at the last step"): the numerics of step s never depend on max_steps
             want_entropy = (self.step + 1) % t.entropy_every == 0
             lr = self.optimizer.param_groups[0]["lr"]
-            loss_f, gn_f, tele = self.step_once(want_entropy)
-            self.interval_loss += loss_f
+            ce, grad_norm, tele = self.step_once(want_entropy)
+            self.interval_loss = self.interval_loss + ce.double()  # on the device
             self.interval_steps += 1
             self.telemetry.advance()
             if tele is not None:
@@ -531,8 +589,8 @@ class Trainer:
             last = self.step == t.max_steps
             if self.step % t.log_every == 0 or last:
                 elapsed = max(time.time() - t_interval, 1e-9)
-                self.telemetry.train(self.step, self.interval_loss / self.interval_steps, lr, self.tokens,
-                                     self.interval_steps * tok_step / elapsed, gn_f)
+                self.telemetry.train(self.step, float(self.interval_loss) / self.interval_steps, lr, self.tokens,
+                                     self.interval_steps * tok_step / elapsed, grad_norm.item())
                 self.interval_loss, self.interval_steps, t_interval = 0.0, 0, time.time()
             if self.step % t.eval_every == 0 or last:
                 final = self._evaluate()
