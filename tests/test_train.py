@@ -260,6 +260,25 @@ def test_divergence_between_host_steps_stops_at_the_first_bad_step(tmp_path):
     assert msgs[0].split("; last good")[0] == msgs[1].split("; last good")[0]  # same loss, same diagnosis
 
 
+def test_curve_evaluations_on_a_slice_and_the_final_one_on_the_whole_split(tmp_path):
+    from privlm.train.evaluation import evaluate
+    from privlm.train.precision import resolve_precision
+    data = synthetic_data()  # 32 valid chunks: 4 batches of 8
+    run = tmp_path / "run"
+    summary = train(tiny_cfg("train.max_steps=16", "train.eval_every=2", "train.eval_curve_batches=1",
+                             "train.save_every=100"), run, quiet=True, data=data)
+    evals = records(run, "eval")
+    curve = [e for e in evals if e["tokens"] == 8 * (T - 1)]
+    whole = [e for e in evals if e["tokens"] == 32 * (T - 1)]
+    assert [e["step"] for e in curve] == list(range(2, 17, 2)) and len(curve) + 1 == len(evals)
+    assert [e["step"] for e in whole] == [16] and evals[-1] is whole[0]  # the final one is the last record
+    # the final loss is the whole split's: the saved weights over all 32 chunks, by an independent call
+    loaded = load_run(run)
+    ref = evaluate(loaded.model, data.valid, 8, resolve_precision("cpu", "float32", 0))
+    assert summary["final_loss"] == whole[0]["loss"] == pytest.approx(ref.loss, rel=1e-6)
+    assert curve[-1]["loss"] != whole[0]["loss"]
+
+
 def test_checkpoint_is_one_adamw_step_by_hand(tmp_path):
     data = synthetic_data()
     overrides = ("train.max_steps=1", "train.warmup_frac=0", "train.lr=1e-2")

@@ -191,7 +191,7 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         self.step, self.tokens, self.last_saved = 0, 0, 0
-        self._step_eval: Optional[tuple[int, EvalResult]] = None  # the evaluation of the current step, if any
+        self._step_eval: Optional[tuple] = None  # (step, batches, EvalResult) of the latest evaluation
         # the current log interval and the loss window of the checkpoint sanity test are part of the
         # trainer's state, so a resumed run logs and keeps checkpoints exactly like the uninterrupted one
         # losses stay on the device (float64 interval sum: the same arithmetic as a Python float sum) and are
@@ -349,15 +349,20 @@ class Trainer:
                             f"{median:.4g} of the last {len(recent)} steps")
         return None
 
+    def _curve_batches(self) -> Optional[int]:
+        t = self.cfg.train
+        return t.eval_curve_batches if t.eval_curve_batches is not None else t.eval_max_batches
+
     def _checkpoint_valid_loss(self) -> Optional[float]:
-        """Validation loss of the weights to save (which checkpoint is the best): the evaluation of this step
-        when it is an eval step, otherwise one more with the same ``eval_max_batches`` (not logged); None
-        without validation data."""
+        """Validation loss of the weights to save (which checkpoint is the best), on the curve's slice
+        (``eval_curve_batches``): the evaluation of this step when it is an eval step on that slice, otherwise
+        one more (not logged); None without validation data."""
         if len(self.data.valid) == 0:
             return None
-        if self._step_eval is None or self._step_eval[0] != self.step:
-            self._step_eval = (self.step, self._evaluate(record=False))
-        return self._step_eval[1].loss
+        batches = self._curve_batches()
+        if self._step_eval is None or self._step_eval[:2] != (self.step, batches):
+            self._evaluate(record=False, max_batches=batches)
+        return self._step_eval[2].loss
 
     def _save(self) -> None:
         problem = self.checkpoint_problem()
@@ -376,11 +381,14 @@ class Trainer:
         D.barrier(self.dist)
         self.last_saved = self.step
 
-    def _evaluate(self, record: bool = True) -> EvalResult:
+    def _evaluate(self, record: bool = True, max_batches: Any = "final") -> EvalResult:
+        """Validation loss over the first ``max_batches`` batches (default ``eval_max_batches``, the final
+        evaluation's), recorded in metrics.jsonl unless ``record`` is False."""
         t = self.cfg.train
+        batches = t.eval_max_batches if max_batches == "final" else max_batches
         res = evaluate(self.net if not self.dist.enabled else self.model, self.data.valid, t.batch_size,
-                       self.precision, self.dist, t.eval_max_batches)
-        self._step_eval = (self.step, res)
+                       self.precision, self.dist, batches)
+        self._step_eval = (self.step, batches, res)
         if record:
             self.telemetry.eval(self.step, res.loss, res.ppl, res.tokens)
         if not math.isfinite(res.loss):  # finite training loss but NaN/Inf on held-out data: same verdict
@@ -592,8 +600,12 @@ class Trainer:
                 self.telemetry.train(self.step, float(self.interval_loss) / self.interval_steps, lr, self.tokens,
                                      self.interval_steps * tok_step / elapsed, grad_norm.item())
                 self.interval_loss, self.interval_steps, t_interval = 0.0, 0, time.time()
-            if self.step % t.eval_every == 0 or last:
+            if last and self._curve_batches() != t.eval_max_batches:  # the curve's last point, then the final
+                self._evaluate(max_batches=self._curve_batches())
+            if last:
                 final = self._evaluate()
+            elif self.step % t.eval_every == 0:
+                self._evaluate(max_batches=self._curve_batches())
                 t_interval = time.time()  # evaluation time is not training throughput
             if self.step % t.save_every == 0 or last:
                 self._save()
