@@ -127,8 +127,9 @@ def _tokens_per_step(cfg: Config, world: int) -> int:
 # ----------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, quiet: bool = False,
-                 data: Any = None):
+                 data: Any = None, status_file: Optional[Path] = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.status_file = status_file  # progress for a sweep process that draws it (privlm.progress)
         self.dir = RunDirectory(self.run_dir)  # every write under the run directory goes through it
         device_hint = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.dist = D.init_distributed(device_hint)
@@ -236,7 +237,8 @@ class Trainer:
             self.net = DDP(self.model, device_ids=dev)
         if cfg.train.compile:
             self.net = torch.compile(self.net)
-        self.telemetry = Telemetry(self.run_dir, self.dist.is_main, quiet, cfg.train.max_steps, self.step)
+        self.telemetry = Telemetry(self.run_dir, self.dist.is_main, quiet, cfg.train.max_steps, self.step,
+                                   _tokens_per_step(cfg, self.dist.world), self.status_file)
         if self.restart:
             self.telemetry.print(f"'{self.run_dir}' has no checkpoint: starting the run again from step 0")
 
@@ -633,11 +635,12 @@ def _split_fingerprint(manifest: dict) -> Any:
 
 
 def train(cfg: Config, run_dir: Path | str, *, resume: bool = False, quiet: bool = False,
-          data: Any = None) -> dict:
-    """Train (or continue) the run in ``run_dir``; returns summary.json's content (empty on ranks > 0)."""
+          data: Any = None, status_file: Optional[Path] = None) -> dict:
+    """Train (or continue) the run in ``run_dir``; returns summary.json's content (empty on ranks > 0).
+    ``status_file``: where to report progress as JSON at every log step (``privlm sweep --jobs``)."""
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        trainer = Trainer(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data)
+        trainer = Trainer(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data, status_file=status_file)
         try:
             return trainer.run()
         finally:
