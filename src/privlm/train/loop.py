@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import statistics
 import time
 from collections import deque
@@ -16,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from privlm.config import RESUME_OVERRIDABLE, Config, ConfigError, config_changes, to_yaml, validate
+from privlm.config import Config, ConfigError, to_yaml, validate
 from privlm.data.pipeline import prepare_data, write_run_files
 from privlm.entropy import EntropyRegularizer, head_entropy
 from privlm.errors import CheckpointError, DivergenceError
@@ -25,8 +23,10 @@ from privlm.train import distributed as D
 from privlm.train.baseline import unigram_ppl
 from privlm.train.batches import BatchSchedule, Position
 from privlm.fileio import RunDirectory
-from privlm.train.checkpoint import (LOCK, RNG_STATE, RunLock, best_checkpoint, has_checkpoint, latest_checkpoint,
-                                     load_checkpoint, remove_leftovers, rng_state, save_checkpoint, set_rng_state)
+from privlm.train.checkpoint import (RNG_STATE, RunLock, best_checkpoint, latest_checkpoint, load_checkpoint,
+                                     rng_state, save_checkpoint, set_rng_state)
+from privlm.train.rundir import (check_run_data, claim_run_dir, clear_failed_attempt, owns_data, record_config,
+                                 resume_config_changes)
 from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
 from privlm.train.flight_recorder import FlightRecorder
 from privlm.train.optim import build_optimizer, build_scheduler
@@ -39,52 +39,10 @@ from privlm.train.telemetry import Telemetry, truncate_metrics
 # that is blowing up (finite but huge weights) must not replace the last good one.
 SANE_LOSS_FACTOR = 2.0
 LOSS_WINDOW = 50
-# Records of a failed attempt that `--resume` of a run without any checkpoint replaces when it starts again.
-ATTEMPT_RECORDS = ("metrics.jsonl", "summary.json", "entropy.json", "tb")
+
 
 
 # ----------------------------------------------------------------------------------------
-def check_run_dir(run_dir: Path, resume: bool) -> bool:
-    """A new run never writes into a non-empty directory; a resume needs a run directory. Returns whether
-    there is a checkpoint to continue from (a resume without one starts the run again from step 0)."""
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
-        if not has_checkpoint(run_dir):
-            return False
-        latest_checkpoint(run_dir)
-        return True
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"--out '{run_dir}' exists and is not a directory")
-    if run_dir.is_dir() and any(p.name != LOCK and not p.name.endswith(".tmp") for p in run_dir.iterdir()):
-        if (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"run directory '{run_dir}' is not empty: it holds a run; choose another --out or "
-                                  f"continue it with --resume {run_dir}")
-        raise CheckpointError(f"--out '{run_dir}' already exists and is not empty (and is not a run "
-                              f"directory); choose another --out")
-    return False
-
-
-def claim_run_dir(run_dir: Path, resume: bool) -> tuple[RunLock, bool]:
-    """Take the run's writer lock (refusing at once if another process holds it), check the directory,
-    remove what a killed writer left behind. Returns (lock, whether a checkpoint exists). A directory holding a
-    symbolic link anywhere is refused before anything is written (see `RunDirectory.check_tree`)."""
-    RunDirectory(run_dir).check_tree()
-    lock = RunLock(run_dir)
-    try:
-        if os.path.lexists(lock.path):  # a live writer is the first thing to report
-            lock.acquire()
-        check_run_dir(run_dir, resume)  # before creating anything in a directory we may not use
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not lock.held:
-            lock.acquire()
-        remove_leftovers(run_dir)
-        return lock, check_run_dir(run_dir, resume)  # again under the lock: the state may have changed
-    except BaseException:
-        lock.release()
-        raise
-
-
 def build_regularizer(cfg: Config) -> Optional[nn.Module]:
     if not cfg.reg.enabled:
         return None
@@ -161,7 +119,7 @@ class Trainer:
 
     def _setup(self, quiet: bool, data: Any) -> None:
         cfg = self.cfg
-        changes = self._config_changes() if (self.resume or self.restart) else {}
+        changes = resume_config_changes(self.run_dir, self.cfg) if (self.resume or self.restart) else {}
         # the data is prepared in the shared cache before anything is written into the run directory, so the
         # vocabulary (the embedding follows the tokenizer) is resolved in the config.yaml written first
         self.data = self._load_data(data)
@@ -169,10 +127,10 @@ class Trainer:
         validate(cfg)
         if self.dist.is_main:
             if self.restart:
-                self._clear_failed_attempt()
+                clear_failed_attempt(self.dir)
             if not self.resume:  # first: a directory we write into always says which run it holds
                 self.dir.write_text("config.yaml", to_yaml(cfg))
-            if not self._owns_data():
+            if not ((self.resume or self.restart) and owns_data(self.run_dir)):
                 write_run_files(self.run_dir, self.data.tokenizer, self.data.manifest)
         D.barrier(self.dist)
 
@@ -226,7 +184,7 @@ class Trainer:
         else:
             torch.manual_seed(cfg.train.seed + self.dist.rank)  # dropout streams differ per rank
         if self.dist.is_main:
-            self._record_config(changes)
+            record_config(self.dir, self.cfg, self.step, changes, rewrite=self.resume)
         self.batches = BatchSchedule(self.data.train, cfg.train.batch_size, cfg.train.grad_accum,
                                      cfg.train.seed, self.dist.rank, self.dist.world, position)
 
@@ -243,29 +201,6 @@ class Trainer:
             self.telemetry.print(f"'{self.run_dir}' has no checkpoint: starting the run again from step 0")
 
     # ------------------------------------------------------------------------------------
-    def _config_changes(self) -> dict[str, list]:
-        """What the config given for a resume changes in the run's config.yaml; only the optimizer, schedule,
-        cadences, device and regularizer strength may change (RESUME_OVERRIDABLE)."""
-        from privlm.run import load_run_config
-        changes = config_changes(load_run_config(self.run_dir), self.cfg)
-        changes.pop("model.vocab_size", None)  # set from the tokenizer, not by the user
-        fixed = [k for k in changes if k not in RESUME_OVERRIDABLE]
-        if fixed:
-            raise ConfigError(f"{fixed[0]} cannot change when resuming a run (it would no longer be the run its "
-                              f"checkpoint describes); changeable: {', '.join(sorted(RESUME_OVERRIDABLE))}")
-        return changes
-
-    def _record_config(self, changes: dict[str, list]) -> None:
-        """Write config.yaml; on a resume with overrides also log them, with the step they take effect at,
-        to config_history.jsonl."""
-        if self.resume and changes:  # a new or restarted run wrote its config.yaml before anything else
-            self.dir.write_text("config.yaml", to_yaml(self.cfg))
-        if changes:
-            with self.dir.open_append("config_history.jsonl") as fh:
-                fh.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
-            print(f"from step {self.step + 1}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
-                  flush=True)
-
     def _use_config_hyperparameters(self, hyper: list[dict]) -> None:
         """After loading a checkpoint: the optimizer hyperparameters of the (possibly overridden) config, and a
         scheduler of its schedule rebuilt at the loaded step, which sets the learning rate of the next step
@@ -275,23 +210,11 @@ class Trainer:
             group.update(fresh)  # "initial_lr" included: the config's peak learning rate
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train, steps_done=self.scheduler.last_epoch)
 
-    def _clear_failed_attempt(self) -> None:
-        for name in ATTEMPT_RECORDS:
-            self.dir.remove(name)
-        for rel in self.dir.entries("state", pattern="step-*"):  # never committed (no LATEST): incomplete
-            self.dir.remove(rel)
-
     # ------------------------------------------------------------------------------------
-    def _owns_data(self) -> bool:
-        """Whether the run directory already holds the run's tokenizer and data manifest (a resumed run, or
-        a restarted one that got as far)."""
-        return (self.resume or self.restart) and (self.run_dir / "tokenizer.json").is_file() \
-            and (self.run_dir / "data_manifest.json").is_file()
-
     def _load_data(self, data: Any) -> Any:
         # a resumed run (or a restarted one that got as far) uses its own tokenizer: never retrain it (same
         # content = same token cache) and check that the data is still the run's data
-        own = self._owns_data()
+        own = owns_data(self.run_dir) and (self.resume or self.restart)
         if data is None:
             dcfg = self.cfg.data
             if own:
@@ -303,14 +226,7 @@ class Trainer:
             if not self.dist.is_main:
                 data = prepare_data(dcfg, None)
         if own:
-            try:
-                saved = json.loads((self.run_dir / "data_manifest.json").read_text())
-            except ValueError as exc:
-                raise CheckpointError(f"'{self.run_dir / 'data_manifest.json'}' is not valid JSON: {exc}") from None
-            if not isinstance(saved, dict) or _split_fingerprint(saved) != _split_fingerprint(data.manifest):
-                raise CheckpointError(f"the data built now differs from the run's data_manifest.json "
-                                      f"({_split_fingerprint(data.manifest)} vs {_split_fingerprint(saved)}); "
-                                      f"resuming would not continue the same run")
+            check_run_data(self.run_dir, data.manifest)
         return data
 
     @torch.no_grad()
@@ -624,14 +540,6 @@ class Trainer:
                                  f"{summary['unigram_loss']:.4f}, PPL {summary['unigram_ppl']:.3f}")
         self.telemetry.close()
         return summary or {}
-
-
-def _split_fingerprint(manifest: dict) -> Any:
-    """What identifies the token splits in a data manifest (hashes and counts, not cache paths or timings)."""
-    splits = {name: {k: v for k, v in split.items() if k in ("sha256", "documents", "bytes", "tokens", "chunks")}
-              for name, split in manifest.get("splits", {}).items()}
-    return {"splits": splits, "tokenizer": manifest.get("tokenizer", {}).get("sha256"),
-            "seq_len": manifest.get("seq_len")}
 
 
 def train(cfg: Config, run_dir: Path | str, *, resume: bool = False, quiet: bool = False,
