@@ -279,6 +279,53 @@ def test_curve_evaluations_on_a_slice_and_the_final_one_on_the_whole_split(tmp_p
     assert curve[-1]["loss"] != whole[0]["loss"]
 
 
+def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
+    """The loop calls the spec's loss terms and observers through their protocols: a term that cancels the CE
+    leaves the weights where they started (no weight decay), and an observer sees every step begin and end."""
+    from privlm.train.spec import PRIVLM, TrainSpec
+
+    class CancelCE:
+        module, needs_entropy, stat_names = None, False, ()
+
+        def __call__(self, out, progress, want_stats):
+            return -out.loss, None
+
+        def after_backward(self, distributed):
+            pass
+
+        def final_record(self):
+            return {}
+
+    class Count:
+        def __init__(self):
+            self.calls = []
+
+        def begin(self, step):
+            self.calls.append(("begin", step))
+
+        def end(self, loss, grad_norm, lr):
+            self.calls.append(("end", float(grad_norm)))
+
+        def dump(self, run_dir, step, loss, grad_norm, what):
+            return ""
+
+        def close(self):
+            self.calls.append(("close", None))
+
+    seen = Count()
+    spec = TrainSpec("test", PRIVLM.build_model, lambda cfg: [CancelCE()], lambda model, cfg: [seen])
+    cfg = tiny_cfg("train.max_steps=4", "train.weight_decay=0")
+    data = synthetic_data()
+    cfg.model.vocab_size = int(data.vocab_size)  # as the loop sets it from the tokenizer
+    torch.manual_seed(cfg.train.seed)
+    start = PRIVLM.build_model(cfg).state_dict()  # the loop seeds the same way before building the model
+    train(cfg, tmp_path / "run", quiet=True, data=data, spec=spec)
+    end = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(end[k], start[k]) for k in end)
+    assert [c for c in seen.calls if c[0] == "begin"] == [("begin", s) for s in range(1, 5)]
+    assert [c[1] for c in seen.calls if c[0] == "end"] == [0.0] * 4 and seen.calls[-1] == ("close", None)
+
+
 def test_checkpoint_is_one_adamw_step_by_hand(tmp_path):
     data = synthetic_data()
     overrides = ("train.max_steps=1", "train.warmup_frac=0", "train.lr=1e-2")

@@ -16,7 +16,7 @@ from torch import nn
 
 from privlm.config import Config, ConfigError, to_yaml, validate
 from privlm.data.pipeline import prepare_data, write_run_files
-from privlm.entropy import EntropyRegularizer, head_entropy
+from privlm.entropy import head_entropy
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.model import GPT
 from privlm.train import distributed as D
@@ -28,7 +28,7 @@ from privlm.train.checkpoint import (RNG_STATE, RunLock, best_checkpoint, latest
 from privlm.train.rundir import (check_run_data, claim_run_dir, clear_failed_attempt, owns_data, record_config,
                                  resume_config_changes)
 from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
-from privlm.train.flight_recorder import FlightRecorder
+from privlm.train.spec import PRIVLM, TrainSpec
 from privlm.train.optim import build_optimizer, build_scheduler
 from privlm.train.precision import Precision, resolve_precision
 from privlm.train.telemetry import Telemetry, truncate_metrics
@@ -43,12 +43,6 @@ LOSS_WINDOW = 50
 
 
 # ----------------------------------------------------------------------------------------
-def build_regularizer(cfg: Config) -> Optional[nn.Module]:
-    if not cfg.reg.enabled:
-        return None
-    return EntropyRegularizer(cfg.model.n_layer, cfg.model.n_head, cfg.data.seq_len, cfg.reg)
-
-
 @torch.no_grad()
 def diagnose(model: GPT, chunk: torch.Tensor, precision: Precision, step: int, loss: float, grad_norm: float,
              last_good: int, what: str = "training diverged") -> str:
@@ -85,8 +79,8 @@ def _tokens_per_step(cfg: Config, world: int) -> int:
 # ----------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, quiet: bool = False,
-                 data: Any = None, status_file: Optional[Path] = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+                 data: Any = None, status_file: Optional[Path] = None, spec: TrainSpec = PRIVLM):
+        self.cfg, self.run_dir, self.spec = cfg, Path(run_dir), spec
         self.status_file = status_file  # progress for a sweep process that draws it (privlm.progress)
         self.dir = RunDirectory(self.run_dir)  # every write under the run directory goes through it
         device_hint = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
@@ -137,12 +131,15 @@ class Trainer:
         if cfg.train.deterministic and self.precision.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        self.model = GPT(cfg.model).to(self.precision.device)
-        self.recorder = FlightRecorder.for_training(self.model, cfg.train)  # hooks only; no extra forward
-        self.reg = build_regularizer(cfg)
-        if self.reg is not None:
-            self.reg.to(self.precision.device)
-        self.optimizer = build_optimizer(self.model, cfg.train, self.reg, self.precision.device.type)
+        self.model = self.spec.build_model(cfg).to(self.precision.device)
+        self.observers = self.spec.build_observers(self.model, cfg)
+        self.loss_terms = self.spec.build_loss_terms(cfg)
+        modules = [t.module for t in self.loss_terms if t.module is not None]
+        if len(modules) > 1:
+            raise ConfigError(f"train spec '{self.spec.name}': at most one loss term may have parameters")
+        # the loss terms' parameters: optimized without weight decay, checkpointed (entropy_reg.safetensors)
+        self.term_module: Optional[nn.Module] = modules[0].to(self.precision.device) if modules else None
+        self.optimizer = build_optimizer(self.model, cfg.train, self.term_module, self.precision.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_scaler else None
         # a fused AdamW skips an update on the device (found_inf): the host then reads only some steps
@@ -164,7 +161,7 @@ class Trainer:
         if self.resume:
             ckpt = latest_checkpoint(self.run_dir)
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            state, rngs = load_checkpoint(ckpt, self.model, self.reg, self.optimizer, self.scheduler, self.scaler)
+            state, rngs = load_checkpoint(ckpt, self.model, self.term_module, self.optimizer, self.scheduler, self.scaler)
             self._use_config_hyperparameters(hyper)
             self.step = self.last_saved = int(state["step"])
             self.tokens = int(state["tokens"])
@@ -291,7 +288,7 @@ class Trainer:
         valid_loss = self._checkpoint_valid_loss()
         rngs = D.gather_objects(rng_state(), self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.run_dir, self.step, self.model, self.reg, self.optimizer, self.scheduler,
+            save_checkpoint(self.run_dir, self.step, self.model, self.term_module, self.optimizer, self.scheduler,
                             self.scaler, {"tokens": self.tokens, "position": self.batches.position.to_dict(),
                                           "world": self.dist.world, "interval_loss": float(self.interval_loss),
                                           "interval_steps": self.interval_steps,
@@ -320,8 +317,9 @@ class Trainer:
         best = best_checkpoint(self.run_dir) if self.dist.is_main else None
         if best is not None and best.name != f"step-{self.last_saved:08d}":
             msg += f"; best checkpoint (model.safetensors): step {int(best.name.split('-')[1])}"
-        flight = self.recorder.dump(self.run_dir if self.dist.is_main else None, step, loss, grad_norm, what)
-        msg = f"{msg}; {flight}" if flight else msg
+        for observer in self.observers:
+            line = observer.dump(self.run_dir if self.dist.is_main else None, step, loss, grad_norm, what)
+            msg = f"{msg}; {line}" if line else msg
         self.telemetry.print(msg)
         if self.dist.is_main:
             self._write_summary(None, diverged=True, diagnosis=msg)
@@ -355,7 +353,10 @@ class Trainer:
         temps = None
         if self.cfg.model.attn_temperature:
             temps = [blk.attn.temperatures()[:, :T].detach().float().cpu().tolist() for blk in self.model.blocks]
-        thresholds = self.reg.theta.detach().float().cpu().tolist() if self.reg is not None else None
+        record: dict = {}
+        for term in self.loss_terms:
+            record.update(term.final_record())
+        thresholds = record.get("thresholds")
         self.dir.write_json("entropy.json",
                           {"step": self.step, "seq_len": T, "head_entropy": ent.tolist(),
                            "thresholds": thresholds, "temperatures": temps})
@@ -368,10 +369,10 @@ class Trainer:
         micro = self.batches.next_step()
         accum = len(micro)
         progress = self.step / cfg.train.max_steps
-        need_entropy = want_entropy or self.reg is not None
+        need_entropy = want_entropy or any(term.needs_entropy for term in self.loss_terms)
         ce_sum = torch.zeros((), device=dev)
         ent_sum = nan_sum = None
-        reg_stats: list[torch.Tensor] = []
+        term_stats: list[list[torch.Tensor]] = [[] for _ in self.loss_terms]
         for m, chunk in enumerate(micro):
             chunk = chunk.to(dev, non_blocking=True)
             if m == 0:
@@ -383,12 +384,12 @@ class Trainer:
                 with self.precision.autocast():
                     out = self.net(chunk, targets, output_entropy=need_entropy)
                     loss = out.loss
-                    if self.reg is not None:  # Algorithm 1 (the HF trainer's too): lambda * L_ent while on
-                        term, l_ent = self.reg.term(out.entropy, progress)
+                    for k, loss_term in enumerate(self.loss_terms):  # e.g. Algorithm 1: lambda * L_ent
+                        term, stats = loss_term(out, progress, want_entropy)  # stats: telemetry steps only
                         if term is not None:
                             loss = loss + term
-                            if want_entropy:  # statistics only on telemetry steps, kept on the device
-                                reg_stats.append(self.reg.stats_tensor(out.entropy, l_ent))
+                        if stats is not None:
+                            term_stats[k].append(stats)
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             ce_sum += out.loss.detach().float()
@@ -397,8 +398,8 @@ class Trainer:
                 ent_sum = e if ent_sum is None else ent_sum + e
                 n = out.nan_counts.detach()
                 nan_sum = n if nan_sum is None else nan_sum + n
-        if self.reg is not None and self.dist.enabled:  # theta lives outside DDP: average its grads by hand
-            self.reg.all_reduce_grad()
+        for loss_term in self.loss_terms:
+            loss_term.after_backward(self.dist.enabled)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -409,8 +410,9 @@ class Trainer:
             ent_sum = D.all_reduce_sum(ent_sum / accum, self.dist) / self.dist.world
             nan_sum = D.all_reduce_sum(nan_sum, self.dist)
             stats = None
-            if reg_stats:
-                stats = dict(zip(self.reg.STATS, torch.stack(reg_stats).mean(dim=0).tolist()))
+            for loss_term, kept in zip(self.loss_terms, term_stats):
+                if kept:
+                    stats = {**(stats or {}), **dict(zip(loss_term.stat_names, torch.stack(kept).mean(dim=0).tolist()))}
             tele = {"head_entropy": ent_sum.cpu().tolist(), "nan_counts": [int(x) for x in nan_sum.cpu()],
                     "reg": stats}
         return ce, grad_norm, tele, first
@@ -464,9 +466,11 @@ class Trainer:
         others a non-finite loss or gradient is kept on the device and raised at the next host step."""
         step = self.step + 1
         lr = self.optimizer.param_groups[0]["lr"]
-        self.recorder.begin(step)
+        for observer in self.observers:
+            observer.begin(step)
         ce, grad_norm, tele, first = self.train_step(want_entropy)
-        self.recorder.end(ce, grad_norm, lr)
+        for observer in self.observers:
+            observer.end(ce, grad_norm, lr)
         if self.host_step(step):
             self._raise_pending()
             loss_f, gn_f = ce.item(), grad_norm.item()
@@ -543,16 +547,19 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: Path | str, *, resume: bool = False, quiet: bool = False,
-          data: Any = None, status_file: Optional[Path] = None) -> dict:
+          data: Any = None, status_file: Optional[Path] = None, spec: TrainSpec = PRIVLM) -> dict:
     """Train (or continue) the run in ``run_dir``; returns summary.json's content (empty on ranks > 0).
     ``status_file``: where to report progress as JSON at every log step (``privlm sweep --jobs``)."""
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        trainer = Trainer(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data, status_file=status_file)
+        trainer = Trainer(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data, status_file=status_file,
+                          spec=spec)
         try:
             return trainer.run()
         finally:
             trainer.telemetry.close()
+            for observer in trainer.observers:
+                observer.close()
             trainer.release()
             D.shutdown(trainer.dist)
     finally:  # a global switch: do not leak it into the caller (tests, notebooks)
