@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         finally:
             for tr in trainers.values():
                 tr.telemetry.close()
-                tr.recorder.close()
+                for observer in tr.observers:
+                    observer.close()
                 tr.release()
     load_after = os.getloadavg()
     tokens = args.steps * b * cfg.train.grad_accum * T
