@@ -131,7 +131,7 @@ class Variant:
                 out = self.model(idx, targets, output_entropy=self.reg is not None)
                 if self.reg is None:
                     return out.loss
-                l_ent, _ = self.reg(out.entropy, idx.shape[1])
+                l_ent = self.reg(out.entropy, idx.shape[1])
                 return out.loss + LAMBDA * l_ent
             if self.name == "hf/fused":
                 from privlm.entropy.hf import record_entropy
@@ -139,7 +139,7 @@ class Variant:
                 with record_entropy(self.model) as rec:
                     out = self.model(idx)
                 ce = F.cross_entropy(out.logits.float().view(-1, V), targets.reshape(-1))
-                l_ent, _ = self.reg(rec.entropy, idx.shape[1])
+                l_ent = self.reg(rec.entropy, idx.shape[1])
                 return ce + LAMBDA * l_ent
             if self.name == "hf/official":
                 out = self.model(idx, output_attentions=True)

@@ -46,8 +46,8 @@ def loop_step(trainer: Trainer) -> None:
     if tele is not None:
         trainer.telemetry.entropy(trainer.step, tele["head_entropy"], tele["nan_counts"], trainer.cfg.data.seq_len,
                                   tele["reg"])
-    if trainer.step % t.log_every == 0:
-        trainer.telemetry.train(trainer.step, loss, lr, trainer.tokens, 0.0, grad_norm)
+    if trainer.step % t.log_every == 0:  # a log step: the loop reads the loss on the host only here
+        trainer.telemetry.train(trainer.step, loss.item(), lr, trainer.tokens, 0.0, grad_norm.item())
 
 
 def main(argv=None) -> int:
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         finally:
             for tr in trainers.values():
                 tr.telemetry.close()
-                tr.recorder.close()
+                for observer in tr.observers:
+                    observer.close()
                 tr.release()
     load_after = os.getloadavg()
     tokens = args.steps * b * cfg.train.grad_accum * T

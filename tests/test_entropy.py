@@ -256,7 +256,8 @@ def test_regularizer_module_stats_and_schedule():
     assert reg.theta.shape == (2, 2) and torch.all(reg.theta == 0.5)
     e_max = math.log(8)
     ent = torch.tensor([[0.5, 0.95], [0.1, 0.55]]).view(2, 1, 2, 1).expand(2, 3, 2, 8) * e_max
-    l_ent, stats = reg(ent)
+    l_ent = reg(ent)
+    stats = reg.stats(ent, l_ent)
     ref = ((0.45 * e_max) ** 2 + (0.4 * e_max) ** 2) / 4
     assert l_ent.item() == pytest.approx(ref, rel=1e-5) and stats["l_ent"] == pytest.approx(ref, rel=1e-5)
     assert stats["outside_share"] == 0.5
@@ -264,6 +265,13 @@ def test_regularizer_module_stats_and_schedule():
     assert stats["theta_mean"] == 0.5 and stats["theta_std"] == 0.0
     assert [reg.active(p) for p in (0.0, 0.1, 0.59, 0.6, 1.0)] == [False, True, True, False, False]
     assert EntropyRegularizer(1, 1, 8, RegConfig()).active(1.0)
+    # the term both trainers add: lambda (the RegConfig's, its one source) x L_ent while on, nothing while off
+    term, l_on = reg.term(ent, 0.2)
+    assert l_on.item() == pytest.approx(ref, rel=1e-5) and term.item() == pytest.approx(cfg.lambda_ * ref, rel=1e-5)
+    assert reg.term(ent, 0.0) == (None, None)
+    zero, none = reg.term(ent, 0.6, keep_in_graph=True)  # theta stays in the graph (DDP), with no gradient
+    zero.backward()
+    assert none is None and zero.item() == 0.0 and torch.all(reg.theta.grad == 0)
 
 
 def test_theta_gets_no_weight_decay_and_receives_gradient():
@@ -276,7 +284,7 @@ def test_theta_gets_no_weight_decay_and_receives_gradient():
     out = model(idx, idx, output_entropy=True)
     with torch.no_grad():
         reg.theta.fill_(0.05)  # far below every head: penalty fires
-    l_ent, _ = reg(out.entropy)
+    l_ent = reg(out.entropy)
     (out.loss + 1e-3 * l_ent).backward()
     assert reg.theta.grad is not None and torch.all(reg.theta.grad < 0)  # thresholds pulled up toward E
     assert model.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
@@ -288,7 +296,7 @@ def test_regularizer_under_bf16_autocast_is_fp32():
     idx = torch.randint(0, 61, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(idx, output_entropy=True)
-        l_ent, _ = reg(out.entropy)
+        l_ent = reg(out.entropy)
     ref = regularization_loss(out.entropy.double(), reg.theta.double(), 16, 0.2, "paper")
     assert l_ent.dtype == torch.float32
     assert l_ent.item() == pytest.approx(ref.item(), rel=1e-5)

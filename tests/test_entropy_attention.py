@@ -183,7 +183,7 @@ def test_regularized_step_gradients_equal_on_fused_and_explicit_paths(preset):
 
     def step():
         out = model(idx, idx, output_entropy=True)
-        l_ent, _ = reg(out.entropy)
+        l_ent = reg(out.entropy)
         loss = out.loss + 10.0 * l_ent  # a large lambda: the entropy gradient must matter
         return loss, torch.autograd.grad(loss, params), out
 
@@ -238,7 +238,7 @@ def regularized_step_allocations(model, reg, idx, hook_probs=False):
                 out = model(idx, idx, output_entropy=True)
         else:
             out = model(idx, idx, output_entropy=True)
-        l_ent, _ = reg(out.entropy)
+        l_ent = reg(out.entropy)
         (out.loss + 1e-2 * l_ent).backward()
     return recorder
 

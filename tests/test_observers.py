@@ -57,7 +57,8 @@ def _train(preset: str, run_dir, observed: bool):
             with capture(trainer.model, lambda n: n.rsplit(".", 1)[-1] in OBSERVED_HOOKS) as acts:
                 trainer.run()
             assert any(k.endswith("attn.hook_q") for k in acts)  # the hooks did see the training forward
-            assert trainer.recorder.records and len(trainer.recorder.records) == STEPS
+            recorder = trainer.observers[0]  # the flight recorder of privlm's train spec
+            assert recorder.records and len(recorder.records) == STEPS
         else:
             trainer.telemetry.close()  # no metrics.jsonl lines, no TensorBoard
             trainer.telemetry = Telemetry(run_dir, False, True, STEPS)
@@ -65,8 +66,8 @@ def _train(preset: str, run_dir, observed: bool):
     finally:
         trainer.release()
     state = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-    if trainer.reg is not None:
-        state.update({f"reg.{k}": v for k, v in trainer.reg.state_dict().items()})
+    if trainer.term_module is not None:
+        state.update({f"reg.{k}": v for k, v in trainer.term_module.state_dict().items()})
     for i, s in trainer.optimizer.state_dict()["state"].items():
         state.update({f"optim.{i}.{k}": v for k, v in s.items()})
     return steps, state

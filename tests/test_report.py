@@ -181,6 +181,21 @@ def test_every_figure_kind_is_drawn(runs, tmp_path):
     assert set(labels) == {"SM+LN+G", "SM (NaN)", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)"}
 
 
+def test_eval_loss_figure_draws_every_evaluation_and_the_whole_split_apart(runs):
+    import dataclasses
+    run = load_runs(runs)[0]
+    per_step = run.tokens_at(1)
+    # 8 evaluations on the curve's slice, then the final one on the whole split (other token count)
+    evals = [{"kind": "eval", "step": 10 * i, "loss": 5.0 - 0.1 * i, "ppl": 0.0, "tokens": 4064} for i in range(1, 9)]
+    evals.append({"kind": "eval", "step": 80, "loss": 4.5, "ppl": 0.0, "tokens": 50800})
+    fig = figures.eval_loss_curves([dataclasses.replace(run, eval=evals)])
+    curve, star = fig.axes[0].get_lines()
+    assert list(curve.get_xdata()) == [10 * i * per_step for i in range(1, 9)]
+    assert list(curve.get_ydata()) == pytest.approx([5.0 - 0.1 * i for i in range(1, 9)])
+    assert list(star.get_xdata()) == [80 * per_step] and list(star.get_ydata()) == [4.5]
+    assert star.get_marker() == "*" and star.get_color() == curve.get_color()
+
+
 def test_bin_histogram_matches_entropy_module(runs):
     from privlm.entropy import entropy_bins
     loaded = load_runs(runs)

@@ -7,6 +7,7 @@ tokens); a trained model must get far below that.
 from __future__ import annotations
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -237,6 +238,92 @@ def test_divergence_stops_with_diagnosis_and_keeps_last_good_checkpoint(tmp_path
     assert summary["diverged"] and summary["diagnosis"] == msg and summary["steps"] == 1
     # the weights after step 1 (lr 1e6) are finite but give NaN attention: not a good checkpoint, none kept
     assert "no checkpoint was saved yet" in msg and not (run / "state" / "LATEST").exists()
+
+
+def test_divergence_between_host_steps_stops_at_the_first_bad_step(tmp_path):
+    """Steps that log nothing are not read on the host: a non-finite step among them is kept on the device,
+    its update (and every later one) skipped, and the run stops at the next host step with the diagnosis of
+    the first bad step -- the same step, loss and weights as a run that reads every step."""
+    data = synthetic_data()
+    base = ("train.lr=1e6", "train.warmup_frac=0", "train.max_steps=12", "train.save_every=100",
+            "train.entropy_every=100", "train.eval_every=100", "train.flight_steps=0")
+    msgs, steps = [], []
+    for log_every in (1, 10):
+        run = tmp_path / f"log{log_every}"
+        with pytest.raises(DivergenceError) as err:
+            train(tiny_cfg(*base, f"train.log_every={log_every}"), run, quiet=True, data=data)
+        msgs.append(str(err.value))
+        steps.append(json.loads((run / "summary.json").read_text())["steps"])
+    assert re.search(r"diverged at step (\d+)", msgs[0]).group(1) == re.search(r"diverged at step (\d+)", msgs[1]).group(1)
+    bad = int(re.search(r"diverged at step (\d+)", msgs[0]).group(1))
+    assert bad < 10 and steps == [bad - 1, bad - 1]  # found at host step 10, reported at the first bad step
+    assert msgs[0].split("; last good")[0] == msgs[1].split("; last good")[0]  # same loss, same diagnosis
+
+
+def test_curve_evaluations_on_a_slice_and_the_final_one_on_the_whole_split(tmp_path):
+    from privlm.train.evaluation import evaluate
+    from privlm.train.precision import resolve_precision
+    data = synthetic_data()  # 32 valid chunks: 4 batches of 8
+    run = tmp_path / "run"
+    summary = train(tiny_cfg("train.max_steps=16", "train.eval_every=2", "train.eval_curve_batches=1",
+                             "train.save_every=100"), run, quiet=True, data=data)
+    evals = records(run, "eval")
+    curve = [e for e in evals if e["tokens"] == 8 * (T - 1)]
+    whole = [e for e in evals if e["tokens"] == 32 * (T - 1)]
+    assert [e["step"] for e in curve] == list(range(2, 17, 2)) and len(curve) + 1 == len(evals)
+    assert [e["step"] for e in whole] == [16] and evals[-1] is whole[0]  # the final one is the last record
+    # the final loss is the whole split's: the saved weights over all 32 chunks, by an independent call
+    loaded = load_run(run)
+    ref = evaluate(loaded.model, data.valid, 8, resolve_precision("cpu", "float32", 0))
+    assert summary["final_loss"] == whole[0]["loss"] == pytest.approx(ref.loss, rel=1e-6)
+    assert curve[-1]["loss"] != whole[0]["loss"]
+
+
+def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
+    """The loop calls the spec's loss terms and observers through their protocols: a term that cancels the CE
+    leaves the weights where they started (no weight decay), and an observer sees every step begin and end."""
+    from privlm.train.spec import PRIVLM, TrainSpec
+
+    class CancelCE:
+        module, needs_entropy, stat_names = None, False, ()
+
+        def __call__(self, out, progress, want_stats):
+            return -out.loss, None
+
+        def after_backward(self, distributed):
+            pass
+
+        def final_record(self):
+            return {}
+
+    class Count:
+        def __init__(self):
+            self.calls = []
+
+        def begin(self, step):
+            self.calls.append(("begin", step))
+
+        def end(self, loss, grad_norm, lr):
+            self.calls.append(("end", float(grad_norm)))
+
+        def dump(self, run_dir, step, loss, grad_norm, what):
+            return ""
+
+        def close(self):
+            self.calls.append(("close", None))
+
+    seen = Count()
+    spec = TrainSpec("test", PRIVLM.build_model, lambda cfg: [CancelCE()], lambda model, cfg: [seen])
+    cfg = tiny_cfg("train.max_steps=4", "train.weight_decay=0")
+    data = synthetic_data()
+    cfg.model.vocab_size = int(data.vocab_size)  # as the loop sets it from the tokenizer
+    torch.manual_seed(cfg.train.seed)
+    start = PRIVLM.build_model(cfg).state_dict()  # the loop seeds the same way before building the model
+    train(cfg, tmp_path / "run", quiet=True, data=data, spec=spec)
+    end = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(end[k], start[k]) for k in end)
+    assert [c for c in seen.calls if c[0] == "begin"] == [("begin", s) for s in range(1, 5)]
+    assert [c[1] for c in seen.calls if c[0] == "end"] == [0.0] * 4 and seen.calls[-1] == ("close", None)
 
 
 def test_checkpoint_is_one_adamw_step_by_hand(tmp_path):

@@ -127,6 +127,9 @@ class TrainConfig:
     schedule: str = "linear"
     eval_every: int = 200  # steps between validation PPL evaluations (also at the end)
     eval_max_batches: Optional[int] = None  # None = whole validation split
+    # batches of the evaluations before the last step and of the checkpoints' validation loss: the first N of
+    # the split, a fixed slice (None = eval_max_batches); the last step's evaluation uses eval_max_batches
+    eval_curve_batches: Optional[int] = None
     log_every: int = 10  # steps per metrics.jsonl "train" record (loss averaged over the interval)
     entropy_every: int = 50  # steps between forward passes with in-attention entropy telemetry
     save_every: int = 200  # steps between checkpoints (and at the end)
@@ -405,6 +408,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be a positive number of steps")
     if t.eval_max_batches is not None and t.eval_max_batches <= 0:
         raise ConfigError(f"train.eval_max_batches={t.eval_max_batches} must be positive (or null for the whole split)")
+    if t.eval_curve_batches is not None and t.eval_curve_batches <= 0:
+        raise ConfigError(f"train.eval_curve_batches={t.eval_curve_batches} must be positive (or null for "
+                          f"train.eval_max_batches)")
     if not 0.0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
     if t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0:

@@ -39,10 +39,10 @@ AUTO_MAP = {"AutoConfig": "configuration_privlm.PrivlmConfig",
 
 
 def is_gpt2_baseline(cfg) -> bool:
-    from privlm.model.hf import _check_baseline
+    from privlm.model.hf import check_baseline
 
     try:
-        _check_baseline(cfg)
+        check_baseline(cfg)
     except ValueError:
         return False
     return True

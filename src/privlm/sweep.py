@@ -206,7 +206,7 @@ def check_sweep_dir(out: Path) -> None:
     RunDirectory(out).check_tree()
 
 
-def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bool = True,
+def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bool = False,
               log=print, command: Optional[str] = None, jobs: int = 1, threads: Optional[int] = None,
               launcher=None) -> dict:
     """Train every run not yet finished (at most ``max_runs`` of them in this call), ``jobs`` at a time.
@@ -298,7 +298,8 @@ def _run_serial(sweep: Sweep, out: Path, todo: list, records: dict, state: dict,
         _finish(rec, state, out, t0)
 
 
-def _train_in_child(cfg: Config, run_dir: str, resume: bool, threads: int, log_path: str, parent: int) -> None:
+def _train_in_child(cfg: Config, run_dir: str, resume: bool, threads: int, log_path: str, parent: int,
+                    status_file: Optional[str] = None) -> None:
     """Entry point of a run's own process (spawned): dies with the sweep process ``parent`` (even a SIGKILLed
     one: the run lock goes with it, so the same command resumes the run), console output to its log file,
     ``threads`` torch threads, the exit status of `privlm train` (0 done, 3 diverged, 2 other one-line errors)."""
@@ -315,7 +316,8 @@ def _train_in_child(cfg: Config, run_dir: str, resume: bool, threads: int, log_p
     from privlm.errors import PrivlmError
     from privlm.train.loop import train
     try:
-        train(cfg, Path(run_dir), resume=resume, quiet=True)
+        train(cfg, Path(run_dir), resume=resume, quiet=True,
+              status_file=Path(status_file) if status_file else None)
     except PrivlmError as exc:
         print(f"privlm train: {exc}", flush=True)
         sys.exit(exc.exit_code)
@@ -357,8 +359,11 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
     failures: list[str] = []
     from privlm.proc import interrupt_on_term
 
+    from privlm.progress import ProgressBoard, status_path
+    board = ProgressBoard()  # one live line per running run, on a terminal only
     term = contextlib.ExitStack()
     term.enter_context(interrupt_on_term())  # `kill PID` stops the runs like Ctrl-C, never orphans them
+    term.callback(board.close)
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -368,16 +373,22 @@ def _run_parallel(sweep: Sweep, out: Path, todo: list, records: dict, state: dic
                 log_path = out / "logs" / f"{r.name}.log"
                 log(f"[{i}/{len(sweep.runs)}] {r.name}: {'resuming' if resume else 'training'} {r.preset} "
                     f"(log: {log_path})")
+                status = status_path(out / "logs", r.name)
+                with contextlib.suppress(FileNotFoundError):
+                    status.unlink()  # a previous attempt's numbers are not this one's
                 proc = ctx.Process(target=_train_in_child, name=f"privlm-sweep-{r.name}",
-                                   args=(cfg, str(run_dir), resume, threads, str(log_path), os.getpid()))
+                                   args=(cfg, str(run_dir), resume, threads, str(log_path), os.getpid(),
+                                         str(status)))
                 t0 = _start(records[r.name], state, out)
                 proc.start()
                 running[r.name] = (i, r, proc, t0, log_path)
             time.sleep(0.2)
             for name, (i, r, proc, t0, log_path) in list(running.items()):
                 if proc.is_alive():
+                    board.update(name, status_path(out / "logs", name))
                     continue
                 proc.join()
+                board.remove(name)
                 del running[name]
                 rec = records[name]
                 summary_file = out / name / "summary.json"
@@ -549,7 +560,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=bounded_int(1, 256), default=1, metavar="N",
                    help="train N runs at once, each in its own process with --threads threads (default 1); "
                    "their console output goes to <out>/logs/<run>.log")
-    p.add_argument("--verbose", action="store_true", help="show each run's progress bar / log lines")
+    p.add_argument("--verbose", action="store_true",
+                   help="no effect (kept for old command lines): each run's live line -- tokens, tok/s, ETA, "
+                        "loss -- shows on a terminal, its log lines elsewhere")
     slurm_launcher.add_arguments(p)
     p.set_defaults(func=run)
 
@@ -591,7 +604,7 @@ def run(args: argparse.Namespace) -> int:
             if state is None:  # --detach: the jobs train on; nothing to tabulate yet
                 return 0
         else:
-            state = run_sweep(sweep, out, args.max_runs, quiet=not args.verbose, command=command,
+            state = run_sweep(sweep, out, args.max_runs, command=command,
                               jobs=args.jobs, threads=args.threads)
         pending = [r.name for r in sweep.runs if run_status(out / r.name) != "done"]
         if pending:

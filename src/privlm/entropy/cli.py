@@ -176,7 +176,7 @@ def format_report(rep: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from privlm.train.flight_recorder import format_trace, read_trace
+    from privlm.flight_trace import format_trace, read_trace
     trace = read_trace(args.run_dir) if os.path.isdir(args.run_dir) else None
     try:
         rep = entropy_report(args.run_dir, args.data, args.batch_size, args.max_batches, args.device, args.max_value,

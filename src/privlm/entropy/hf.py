@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import math
-from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -235,7 +233,7 @@ class EntropyRegularizedTrainer(Trainer):
             reg = EntropyRegularizer(n_layer, n_head, seq_len, self.reg_cfg)
             param = next(model.parameters())
             model.add_module(REG_MODULE, reg.to(device=param.device))
-        self._entropy_logs: dict[str, list[float]] = defaultdict(list)
+        self._entropy_logs: list[torch.Tensor] = []  # per micro-batch: reg.STATS, then each layer's mean entropy
         super().__init__(*args, **kwargs)
 
     @property
@@ -263,20 +261,14 @@ class EntropyRegularizedTrainer(Trainer):
             entropy = record.entropy
         reg = self.regularizer
         T = self.context_size or entropy.shape[-1]
-        if reg.active(self._progress()):
-            l_ent, stats = reg(entropy, T)
-            term = reg.lambda_ * l_ent
-            if self._loss_is_scaled_for_ga(num_items_in_batch):
-                term = term / getattr(self, "current_gradient_accumulation_steps", 1)
-            loss = loss + term
-        else:
-            stats = reg.stats(entropy, None, T)
-            stats["l_ent"] = 0.0
-            loss = loss + 0.0 * reg.theta.sum()  # keep theta in the graph: DDP errors on unused parameters
-        for k, v in stats.items():
-            self._entropy_logs[f"entropy/{k}"].append(v)
-        for l, v in enumerate(head_entropy(entropy.detach()).mean(dim=1).tolist()):
-            self._entropy_logs[f"entropy/layer_{l}"].append(v)
+        # Algorithm 1's one implementation (privlm's trainer uses it too); theta stays in the graph when off
+        term, l_ent = reg.term(entropy, self._progress(), T, keep_in_graph=True)
+        if l_ent is not None and self._loss_is_scaled_for_ga(num_items_in_batch):
+            term = term / getattr(self, "current_gradient_accumulation_steps", 1)
+        loss = loss + term
+        # logged statistics stay on the device until the next training log (no host sync per step)
+        stats = reg.stats_tensor(entropy, l_ent if l_ent is not None else torch.zeros((), device=entropy.device), T)
+        self._entropy_logs.append(torch.cat([stats, head_entropy(entropy.detach()).mean(dim=1).float()]))
         if not return_outputs:
             outputs.attentions = None  # do not keep L x B x H x T x T alive longer than needed
         return (loss, outputs) if return_outputs else loss
@@ -292,8 +284,9 @@ class EntropyRegularizedTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._entropy_logs:  # a training log: attach the averages since the last one
-            for k, values in self._entropy_logs.items():
-                finite = [v for v in values if not math.isnan(v)]
-                logs[k] = sum(finite) / len(finite) if finite else float("nan")
+            means = torch.stack(self._entropy_logs).nanmean(dim=0).tolist()
+            n_stats = len(EntropyRegularizer.STATS)
+            names = [*EntropyRegularizer.STATS, *(f"layer_{l}" for l in range(len(means) - n_stats))]
+            logs.update({f"entropy/{k}": v for k, v in zip(names, means)})
             self._entropy_logs.clear()
         super().log(logs, start_time)

@@ -72,8 +72,9 @@ def regularization_loss(entropy: torch.Tensor, theta: torch.Tensor, T: int, gamm
 class EntropyRegularizer(nn.Module):
     """Holds the learnable thresholds theta in R^{L x H} and evaluates Algorithm 1.
 
-    ``reg(entropy) -> (l_ent, stats)``: ``l_ent`` is the scalar L_entropy before lambda (the training loop
-    adds ``reg_cfg.lambda_ * l_ent`` to the CE loss); ``stats`` holds floats for logging.
+    ``reg(entropy) -> l_ent``: the scalar L_entropy before lambda; ``reg.term(entropy, progress)`` is what both
+    trainers add to the CE (``lambda_ * l_ent`` while the penalty is on); ``reg.stats_tensor(...)`` the logged
+    statistics, on the device.
 
     The parameter is registered as ``reg_threshold_weights`` (the official name), declared in
     ``no_weight_decay()`` so that ``GPT.optimizer_groups(wd, extra=reg)`` never decays it, and is reachable as
@@ -115,27 +116,46 @@ class EntropyRegularizer(nn.Module):
         except that stop_frac = 1 keeps it on through the last step)."""
         return self.start_frac <= progress and (progress < self.stop_frac or self.stop_frac >= 1.0)
 
-    def forward(self, entropy: torch.Tensor, T: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """entropy [L, B, H, T] -> (L_ent before lambda, stats). ``T`` overrides the context size that
-        defines E_max = log T (default: the ``seq_len`` given at construction)."""
+    def forward(self, entropy: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
+        """entropy [L, B, H, T] -> L_ent before lambda. ``T`` overrides the context size that defines
+        E_max = log T (default: the ``seq_len`` given at construction)."""
         T = self.seq_len if T is None else T
-        l_ent = regularization_loss(entropy, self.theta, T, self.gamma, self.reduction)
-        return l_ent, self.stats(entropy, l_ent, T)
+        return regularization_loss(entropy, self.theta, T, self.gamma, self.reduction)
+
+    def term(self, entropy: torch.Tensor, progress: float, T: Optional[int] = None,
+             keep_in_graph: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Algorithm 1 for one micro-batch, the one implementation both trainers use (privlm's loop and
+        ``EntropyRegularizedTrainer``): ``(lambda * L_ent, L_ent)`` to add to that micro-batch's CE when the
+        penalty is on at ``progress`` = step / max_steps, else ``(None, None)``; with ``keep_in_graph`` an
+        inactive penalty returns ``0 * theta.sum()`` instead of None (theta inside a DDP-wrapped model must take
+        part in every backward). Lambda is ``reg.lambda_`` (from the run's ``RegConfig``), its only source. The
+        caller scales the term with the CE for gradient accumulation."""
+        if not self.active(progress):
+            return (0.0 * self.theta.sum() if keep_in_graph else None), None
+        l_ent = self(entropy, T)
+        return self.lambda_ * l_ent, l_ent
+
+    STATS = ("l_ent", "outside_share", "mean_abs_dev", "theta_mean", "theta_std")
 
     @torch.no_grad()
-    def stats(self, entropy: torch.Tensor, l_ent: Optional[torch.Tensor] = None,
-              T: Optional[int] = None) -> dict[str, float]:
-        """L_ent, share of heads whose batch head entropy lies outside theta*E_max +- gamma*E_max,
-        mean |E - theta*E_max| in nats, and theta mean/std. One host sync for all of them."""
+    def stats_tensor(self, entropy: torch.Tensor, l_ent: Optional[torch.Tensor] = None,
+                     T: Optional[int] = None) -> torch.Tensor:
+        """The ``STATS`` as one float32 tensor on the entropy's device (no host sync): L_ent (NaN when not
+        given), the share of heads whose batch head entropy lies outside theta*E_max +- gamma*E_max, mean
+        |E - theta*E_max| in nats, and theta mean/std."""
         T = self.seq_len if T is None else T
-        dev = threshold_deviation(head_entropy(entropy), self.theta.float(), T)
+        dev = threshold_deviation(head_entropy(entropy.detach()), self.theta.detach().float(), T)
         outside = outside_band(dev, self.gamma, T).float().mean()
         theta = self.theta.detach().float()
-        values = torch.stack([
+        return torch.stack([
             l_ent.detach().float() if l_ent is not None else torch.tensor(float("nan"), device=dev.device),
             outside, dev.abs().mean(), theta.mean(), theta.std(unbiased=False),
-        ]).tolist()
-        return dict(zip(("l_ent", "outside_share", "mean_abs_dev", "theta_mean", "theta_std"), values))
+        ])
+
+    def stats(self, entropy: torch.Tensor, l_ent: Optional[torch.Tensor] = None,
+              T: Optional[int] = None) -> dict[str, float]:
+        """``stats_tensor`` as a dict of floats (one host sync)."""
+        return dict(zip(self.STATS, self.stats_tensor(entropy, l_ent, T).tolist()))
 
     def all_reduce_grad(self) -> None:
         """Average theta's gradient across DDP ranks (no-op outside torch.distributed)."""

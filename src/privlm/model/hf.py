@@ -22,7 +22,7 @@ def config_from_hf(hf_config) -> ModelConfig:
                        init_std=hf_config.initializer_range, bias=True, ln_f=True)
 
 
-def _check_baseline(cfg: ModelConfig) -> None:
+def check_baseline(cfg: ModelConfig) -> None:
     if not (cfg.norm == "layernorm" and cfg.ln_f and cfg.activation == "gelu" and cfg.ffn == "standard"
             and not cfg.ffn_scaling and not cfg.attn_temperature and cfg.bias and cfg.tie_embeddings
             and cfg.weight_norm == cfg.spectral_norm == "none" and set(cfg.ffn_layers()) == set(range(cfg.n_layer))):
@@ -32,7 +32,7 @@ def _check_baseline(cfg: ModelConfig) -> None:
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> GPT:
     """Build a privlm GPT carrying the weights of an HF GPT2LMHeadModel state dict."""
-    _check_baseline(cfg)
+    check_baseline(cfg)
     model = GPT(cfg)
     d = cfg.n_embd
     sd = {k.removeprefix("transformer."): v for k, v in state.items()}
@@ -58,7 +58,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> GPT:
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The HF GPT2LMHeadModel state dict carrying this baseline model's weights."""
     cfg = model.config
-    _check_baseline(cfg)
+    check_baseline(cfg)
     sd = model.state_dict()
     out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"],
            "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"],

@@ -83,7 +83,7 @@ def flight_summary(run: RunData) -> Optional[FlightSummary]:
     blow-up), its step, how many steps before the divergence, and the one-line verdict."""
     if run.flight is None:
         return None
-    from privlm.train.flight_recorder import verdict_line
+    from privlm.flight_trace import verdict_line
     v = run.flight.get("verdict") or {}
     first = v.get("first")
     ev = (v.get("events") or {}).get(first) if first else None

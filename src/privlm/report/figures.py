@@ -114,17 +114,29 @@ def entropy_bin_histogram(runs: Sequence[RunData], shared_max: bool = False) -> 
 
 
 def eval_loss_curves(runs: Sequence[RunData]) -> Optional[Figure]:
-    """Fig. 2b: validation cross-entropy vs tokens trained, one curve per run."""
+    """Fig. 2b: validation cross-entropy vs tokens trained, one curve per run (every evaluation the run
+    recorded), the final whole-split evaluation as a star when it differs from the curve's slice."""
     runs = [r for r in runs if r.eval]
     if not runs:
         return None
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.subplots()
+    whole_labelled = False
     for k, run in enumerate(runs):
-        tokens = [run.tokens_at(rec["step"]) for rec in run.eval]
+        # every evaluation of metrics.jsonl: the curve is the evaluations on the curve's slice (the token count
+        # of the first one, train.eval_curve_batches); one on a different count (the final evaluation on the
+        # whole split, train.eval_max_batches) is drawn as a star of the run's colour
+        curve = [rec for rec in run.eval if rec.get("tokens") == run.eval[0].get("tokens")]
+        other = [rec for rec in run.eval if rec.get("tokens") != run.eval[0].get("tokens")]
         # the default cycle has 10 colours: later runs get dashed lines so that no two curves look alike
-        ax.plot(tokens, [rec["loss"] for rec in run.eval], marker="o", ms=3, ls="-" if k < 10 else "--",
-                label=run.label + (" (diverged)" if run.diverged else ""))
+        (line,) = ax.plot([run.tokens_at(rec["step"]) for rec in curve], [rec["loss"] for rec in curve],
+                          marker="o", ms=3, ls="-" if k < 10 else "--",
+                          label=run.label + (" (diverged)" if run.diverged else ""))
+        if other:
+            ax.plot([run.tokens_at(rec["step"]) for rec in other], [rec["loss"] for rec in other], ls="none",
+                    marker="*", ms=9, color=line.get_color(),
+                    label=None if whole_labelled else "final, whole validation split")
+            whole_labelled = True
     ax.set_xlabel("tokens trained")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x / 1e6:g}M" if x >= 1e6 else _kilo(x)))
     ax.set_ylabel("validation cross-entropy (nats/token)")

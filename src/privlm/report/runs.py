@@ -15,7 +15,7 @@ import numpy as np
 from privlm.config import Config
 from privlm.errors import CheckpointError
 from privlm.run import load_run_config
-from privlm.train.flight_recorder import read_trace
+from privlm.flight_trace import read_trace
 from privlm.validate import read_json, read_jsonl
 
 # Optional file with a measured private-inference run (written by `privlm pi run --save`, issue 6).
@@ -32,7 +32,7 @@ class RunData:
     entropy: list[dict] = field(default_factory=list)
     final_entropy: Optional[dict] = None
     pi_measured: Optional[dict] = None
-    flight: Optional[dict] = None  # flight_recorder.json of a diverged run (privlm.train.flight_recorder)
+    flight: Optional[dict] = None  # flight_recorder.json of a diverged run (privlm.flight_trace)
     label: str = ""
 
     @property

@@ -72,7 +72,7 @@ def cost_profile_name(spu_profile: str) -> str:
 
 def register(sub) -> None:
     from privlm.errors import MAX_T, MAX_VOCAB, bounded_float, bounded_int
-    from privlm.spu.cli import add_spu_profile_arg
+    from privlm.spu.spu_profile import add_spu_profile_arg
     c = sub.add_parser("calibrate", help="measure per-op SPU costs and write a cost profile")
     c.add_argument("--out", help="profile path (default $PRIVLM_HOME/profiles/<name>.json, PRIVLM_HOME "
                                  "defaulting to ~/.privlm; a profile there shadows a shipped one of the same name)")
@@ -325,7 +325,7 @@ def _marginal(el: np.ndarray, b: np.ndarray) -> Optional[float]:
 
 
 def cmd_calibrate(args) -> int:
-    from privlm.spu.cli import check_spu_profile
+    from privlm.spu.spu_profile import check_spu_profile
     check_spu_profile(args.spu_profile)
     args.name = args.name or cost_profile_name(args.spu_profile)
     from privlm.pi.costs import default_profile_path, save_profile
@@ -426,7 +426,7 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
 
 
 def cmd_measure(args) -> int:
-    from privlm.spu.cli import check_spu_profile
+    from privlm.spu.spu_profile import check_spu_profile
     check_spu_profile(args.spu_profile)
     doc = measure(args.preset, args.overrides, args.T, args.layers_measured, args.vocab_measured, args.protocol,
                   args.chunks, args.matmul_block or None, args.spu_profile)

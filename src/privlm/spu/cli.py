@@ -21,6 +21,7 @@ from pathlib import Path
 from privlm.errors import MAX_T, CheckpointError, PrivlmError, bounded_int, finite_float
 from privlm.proc import private_tempdir
 from privlm.validate import check_text, check_tokenizer_files, read_json
+from privlm.spu.spu_profile import add_spu_profile_arg, check_spu_profile
 
 
 def register(subparsers) -> None:
@@ -95,13 +96,6 @@ def add_program_arg(parser) -> None:
                              "torch model (torch.export + op registry); Hugging Face models always run traced")
 
 
-def add_spu_profile_arg(parser) -> None:
-    from privlm.spu.spu_profile import DEFAULT, available_spu_profiles
-    parser.add_argument("--spu-profile", default=DEFAULT, metavar="NAME",
-                        help=f"SPU runtime settings, compiler options and kernels (known: "
-                             f"{', '.join(available_spu_profiles())}; see docs/pi-measured.md)")
-
-
 def _seconds(text: str) -> float:
     """argparse type of --peer-timeout: a number of seconds in 1..86400."""
     value = finite_float(text)
@@ -115,16 +109,6 @@ def add_peer_timeout_arg(parser) -> None:
     parser.add_argument("--peer-timeout", type=_seconds, default=PEER_TIMEOUT_S, metavar="S",
                         help=f"2proc: a party whose peer does not connect within S seconds, or whose peer's "
                              f"process ends, exits with one line naming it (default {PEER_TIMEOUT_S:g})")
-
-
-def check_spu_profile(name: str) -> str:
-    """The name, if an SPU profile of that name exists; else a one-line error listing the known ones."""
-    from privlm.spu.spu_profile import UnknownSPUProfile, load_spu_profile
-    try:
-        load_spu_profile(name)
-    except UnknownSPUProfile as exc:
-        raise PrivlmError(str(exc)) from None
-    return name
 
 
 def _check_2pc_memory(run_dir: Path, T: int = 1, sequences: int = 1):

@@ -97,3 +97,20 @@ def load_spu_profile(name: str) -> SPUProfile:
         raise ValueError(f"{path}: kernels for {missing} are missing")
     return SPUProfile(name=name, description=raw.get("description", ""), runtime=dict(raw.get("runtime", {})),
                       compiler=dict(raw.get("compiler", {})), kernels=kernels, why=dict(raw.get("why", {})))
+
+
+def add_spu_profile_arg(parser) -> None:
+    """The ``--spu-profile NAME`` option of the commands that run SPU."""
+    parser.add_argument("--spu-profile", default=DEFAULT, metavar="NAME",
+                        help=f"SPU runtime settings, compiler options and kernels (known: "
+                             f"{', '.join(available_spu_profiles())}; see docs/pi-measured.md)")
+
+
+def check_spu_profile(name: str) -> str:
+    """The name, if an SPU profile of that name exists; else a one-line error listing the known ones."""
+    from privlm.errors import PrivlmError
+    try:
+        load_spu_profile(name)
+    except UnknownSPUProfile as exc:
+        raise PrivlmError(str(exc)) from None
+    return name

@@ -35,12 +35,12 @@ from torch import nn
 
 from privlm.entropy.measure import COLLAPSE_NATS, head_entropy, row_entropy
 from privlm.fileio import atomic_write_json
+from privlm.flight_trace import (BLOWUP_FACTOR, FLIGHT_FILE, FORMAT, LOGIT_FLOOR, format_trace, json_number,
+                                 read_trace, verdict, verdict_line)
 from privlm.model.attention import attention_logits, causal_mask
 
-FLIGHT_FILE = "flight_recorder.json"
-FORMAT = "privlm-flight-recorder/1"
-BLOWUP_FACTOR = 10.0
-LOGIT_FLOOR = 10.0
+__all__ = ["FlightRecorder", "attention_head_stats", "FLIGHT_FILE", "FORMAT", "read_trace", "format_trace",
+           "verdict", "verdict_line"]
 QUERY_BLOCK = 128
 # Sequences of each micro-batch the per-head statistics are taken on: the q k^T of the whole batch
 # would cost 20-40% of a small model's training step on CPU; 4 sequences (512 queries at T=128) cost a quarter
@@ -85,7 +85,7 @@ class FlightRecorder:
     def __init__(self, model: nn.Module, capacity: int, every: int = 1):
         self.capacity, self.every = int(capacity), max(1, int(every))
         # one more than kept: the diverging step's own record is split off by dump()
-        self.records: deque[dict] = deque(maxlen=max(1, self.capacity) + 1)
+        self._ring: deque[dict] = deque(maxlen=max(1, self.capacity) + 1)
         self._armed = False
         self._step = 0
         self._acc: dict[int, dict[str, list[torch.Tensor]]] = {}
@@ -97,6 +97,11 @@ class FlightRecorder:
     @classmethod
     def for_training(cls, model: nn.Module, train_cfg) -> "FlightRecorder":
         return cls(model, train_cfg.flight_steps, train_cfg.flight_every)
+
+    @property
+    def records(self) -> list[dict]:
+        """The kept records as the trace writes them (JSON numbers; a host sync: for dumps and tests)."""
+        return [_to_json(r) for r in self._ring]
 
     @property
     def enabled(self) -> bool:
@@ -146,11 +151,12 @@ class FlightRecorder:
         self._detach_hooks()  # a forward that raised may have left them attached
         self._acc = {}
         self._step = step
-        self._armed = self.enabled and (step % self.every == 0 or not self.records)
+        self._armed = self.enabled and (step % self.every == 0 or not self._ring)
         if self._armed:
             self._attach()
 
-    def end(self, loss: float, grad_norm: float, lr: Optional[float] = None) -> None:
+    def end(self, loss, grad_norm, lr: Optional[float] = None) -> None:
+        """File the record of the step ``begin`` armed; ``loss`` and ``grad_norm`` may be device tensors."""
         if not self._armed:
             return
         self._armed = False
@@ -158,13 +164,11 @@ class FlightRecorder:
         if len(self._acc) < self.n_layer or any(not a["max_logit"] or not a["resid"] for a in self._acc.values()):
             return  # e.g. a forward that raised: nothing consistent to file
         layers = [self._acc[i] for i in range(self.n_layer)]
-        max_logit = torch.stack([torch.stack(a["max_logit"]).amax(0) for a in layers]).cpu()
-        entropy = torch.stack([torch.stack(a["entropy"]).mean(0) for a in layers]).cpu()
-        resid = torch.stack([torch.stack(a["resid"]).mean() for a in layers]).cpu()
-        self.records.append({"step": self._step, "loss": _num(loss), "grad_norm": _num(grad_norm),
-                             "lr": _num(lr) if lr is not None else None,
-                             "head_entropy": _nested(entropy), "max_logit": _nested(max_logit),
-                             "resid_norm": _nested(resid)})
+        # kept on the device (no host sync on a step that logs nothing); made JSON numbers by dump()
+        self._ring.append({"step": self._step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                             "head_entropy": torch.stack([torch.stack(a["entropy"]).mean(0) for a in layers]),
+                             "max_logit": torch.stack([torch.stack(a["max_logit"]).amax(0) for a in layers]),
+                             "resid_norm": torch.stack([torch.stack(a["resid"]).mean() for a in layers])})
         self._acc = {}
 
     def dump(self, run_dir: Optional[Path], step: int, loss: float, grad_norm: float, what: str) -> str:
@@ -172,12 +176,13 @@ class FlightRecorder:
         the one-line verdict (empty when the recorder is off or recorded nothing)."""
         if not self.enabled:
             return ""
-        records = list(self.records)
-        at_divergence = records.pop() if records and records[-1]["step"] >= step else None
+        # steps after ``step`` (run before the divergence was seen, at the loop's next host sync) are dropped
+        records = [_to_json(r) for r in self._ring if r["step"] <= step]
+        at_divergence = records.pop() if records and records[-1]["step"] == step else None
         if not records and at_divergence is None:
             return ""
-        trace = {"format": FORMAT, "divergence_step": step, "what": what, "loss": _num(loss),
-                 "grad_norm": _num(grad_norm), "every": self.every, "capacity": self.capacity,
+        trace = {"format": FORMAT, "divergence_step": step, "what": what, "loss": json_number(loss),
+                 "grad_norm": json_number(grad_norm), "every": self.every, "capacity": self.capacity,
                  "thresholds": {"collapse_nats": COLLAPSE_NATS, "blowup_factor": BLOWUP_FACTOR,
                                 "logit_floor": LOGIT_FLOOR},
                  "records": records, "at_divergence": at_divergence}
@@ -193,132 +198,16 @@ class FlightRecorder:
 
 
 # ----------------------------------------------------------------------------------------------
-def _num(x) -> Optional[float]:
-    x = float(x)
-    return x if math.isfinite(x) else (None if math.isnan(x) else math.copysign(1e308, x))
-
-
 def _nested(t: torch.Tensor):
     """JSON-safe nested list: NaN -> null, +-inf -> +-1e308 (JSON has neither)."""
     if t.dim() == 0:
-        return _num(t)
+        return json_number(t)
     return [_nested(row) for row in t]
 
 
-def _val(x) -> float:
-    return math.nan if x is None else float(x)
-
-
-def _bad(x) -> bool:
-    return not math.isfinite(_val(x)) or abs(_val(x)) >= 1e308
-
-
-def _events(records: list[dict], start: dict) -> dict[str, Optional[dict]]:
-    """First record at which each kind of event shows, with the layers/heads it shows in."""
-    found: dict[str, Optional[dict]] = {"collapse": None, "logit_blowup": None, "resid_blowup": None}
-    for rec in records:
-        where = {
-            "collapse": [(l, h, _val(v)) for l, row in enumerate(rec["head_entropy"]) for h, v in enumerate(row)
-                         if _bad(v) or _val(v) < COLLAPSE_NATS],
-            "logit_blowup": [(l, h, _val(v)) for l, row in enumerate(rec["max_logit"]) for h, v in enumerate(row)
-                             if _bad(v) or (_val(v) >= LOGIT_FLOOR
-                                            and _val(v) >= BLOWUP_FACTOR * abs(_val(start["max_logit"][l][h])))],
-            "resid_blowup": [(l, None, _val(v)) for l, v in enumerate(rec["resid_norm"])
-                             if _bad(v) or _val(v) >= BLOWUP_FACTOR * _val(start["resid_norm"][l])],
-        }
-        for kind, hits in where.items():
-            if hits and found[kind] is None:
-                found[kind] = {"step": rec["step"], "where": [{"layer": l, "head": h, "value": None if not
-                                                               math.isfinite(v) else v} for l, h, v in hits]}
-    return found
-
-
-def verdict(trace: dict) -> dict:
-    """Which event (collapse / logit blow-up / residual blow-up) came first, where, and how many steps before
-    the divergence step; also the first non-finite layer of the diverging step itself."""
-    records = trace["records"] + ([trace["at_divergence"]] if trace.get("at_divergence") else [])
-    if not records:
-        return {}
-    start = records[0]
-    events = _events(records, start)
-    step = trace["divergence_step"]
-    for ev in events.values():
-        if ev is not None:
-            ev["steps_before"] = step - ev["step"]
-            ev["at_window_start"] = ev["step"] == start["step"]
-    seen = {kind: ev["step"] for kind, ev in events.items() if ev is not None}
-    earliest = min(seen.values()) if seen else None
-    together = [kind for kind, st in seen.items() if st == earliest]  # events first seen at the same step
-    return {"window": [start["step"], records[-1]["step"]], "events": events,
-            "first": together[0] if together else None, "first_all": together}
-
-
-def _where_text(ev: dict, kind: str, limit: int = 4) -> str:
-    unit = {"collapse": "nats", "logit_blowup": "max logit", "resid_blowup": "resid norm"}[kind]
-    parts = []
-    for w in ev["where"][:limit]:
-        name = f"L{w['layer']}" + (f"h{w['head']}" if w["head"] is not None else "")
-        parts.append(f"{name} ({'non-finite' if w['value'] is None else format(w['value'], '.3g')} {unit})"
-                     if kind != "collapse" else
-                     f"{name} ({'NaN' if w['value'] is None else format(w['value'], '.3f')} {unit})")
-    more = len(ev["where"]) - limit
-    return ", ".join(parts) + (f" +{more} more" if more > 0 else "")
-
-
-def verdict_line(trace: dict) -> str:
-    """One line for the console, summary.json's diagnosis and the report."""
-    v = trace.get("verdict") or verdict(trace)
-    if not v:
-        return ""
-    names = {"collapse": "entropy collapse", "logit_blowup": "logit blow-up", "resid_blowup": "residual blow-up"}
-    parts = []
-    for kind in sorted((k for k, ev in v["events"].items() if ev is not None), key=lambda k: v["events"][k]["step"]):
-        ev = v["events"][kind]
-        when = (f"already at the window start, step {ev['step']} (>= {ev['steps_before']} steps before)"
-                if ev["at_window_start"] and ev["steps_before"] > 0 else
-                f"at step {ev['step']} ({ev['steps_before']} steps before)")
-        parts.append(f"{names[kind]} {when}: {_where_text(ev, kind)}")
-    window = f"steps {v['window'][0]}-{v['window'][1]}"
-    body = "; ".join(parts) if parts else "no collapse or blow-up before the divergence step"
-    return f"flight recorder ({window}, every {trace['every']}): {body}"
-
-
-def read_trace(run_dir: Path) -> Optional[dict]:
-    """RUN_DIR/flight_recorder.json, or None when the run has none (it never diverged)."""
-    from privlm.errors import CheckpointError
-    from privlm.validate import ANY, check_file, read_json
-    path = Path(run_dir) / FLIGHT_FILE
-    if not path.is_file():
-        return None
-    trace = read_json(path, ANY)  # size and depth bounded
-    if isinstance(trace, dict) and trace.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a flight-recorder trace (format {trace.get('format')!r}, "
-                              f"expected {FORMAT!r})")
-    return check_file(trace, path)  # the trace's schema, naming the field
-
-
-def format_trace(trace: dict, last: int = 8) -> str:
-    """The verdict and the last ``last`` records as per-layer tables (mean entropy / max logit / resid norm)."""
-    lines = [verdict_line(trace)]
-    recs = trace["records"] + ([trace["at_divergence"]] if trace.get("at_divergence") else [])
-    recs = recs[-last:]
-    if not recs:
-        return lines[0]
-    L = len(recs[0]["resid_norm"])
-
-    def cell(x, fmt):
-        return "nan" if x is None or not math.isfinite(x) else format(x, fmt)
-
-    lines.append(f"last {len(recs)} recorded steps before the divergence at step {trace['divergence_step']} "
-                 f"(per layer: mean head entropy nats | max logit | mean residual norm):")
-    lines.append(" step       loss | " + " | ".join(f"{'L' + str(l):^26}" for l in range(L)))
-    for r in recs:
-        cells = []
-        for l in range(L):
-            ents = [_val(v) for v in r["head_entropy"][l]]
-            mean_e = sum(ents) / len(ents)
-            max_l = max((_val(v) for v in r["max_logit"][l]), key=lambda z: math.inf if math.isnan(z) else z)
-            cells.append(f"{cell(mean_e, '.3f'):>8} {cell(max_l, '.3g'):>8} {cell(_val(r['resid_norm'][l]), '.3g'):>8}")
-        mark = " <- diverged" if r["step"] >= trace["divergence_step"] else ""
-        lines.append(f"{r['step']:>5} {cell(_val(r['loss']), '.6g'):>10} | " + " | ".join(cells) + mark)
-    return "\n".join(lines)
+def _to_json(record: dict) -> dict:
+    """A ring-buffer record (device tensors) as the trace's JSON record."""
+    return {"step": record["step"], "loss": json_number(record["loss"]),
+            "grad_norm": json_number(record["grad_norm"]),
+            "lr": json_number(record["lr"]) if record["lr"] is not None else None,
+            **{k: _nested(record[k].detach().float().cpu()) for k in ("head_entropy", "max_logit", "resid_norm")}}

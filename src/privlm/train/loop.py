@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import statistics
 import time
 from collections import deque
@@ -16,19 +14,21 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from privlm.config import RESUME_OVERRIDABLE, Config, ConfigError, config_changes, to_yaml, validate
+from privlm.config import Config, ConfigError, to_yaml, validate
 from privlm.data.pipeline import prepare_data, write_run_files
-from privlm.entropy import EntropyRegularizer, head_entropy
+from privlm.entropy import head_entropy
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.model import GPT
 from privlm.train import distributed as D
 from privlm.train.baseline import unigram_ppl
 from privlm.train.batches import BatchSchedule, Position
 from privlm.fileio import RunDirectory
-from privlm.train.checkpoint import (LOCK, RNG_STATE, RunLock, best_checkpoint, has_checkpoint, latest_checkpoint,
-                                     load_checkpoint, remove_leftovers, rng_state, save_checkpoint, set_rng_state)
+from privlm.train.checkpoint import (RNG_STATE, RunLock, best_checkpoint, latest_checkpoint, load_checkpoint,
+                                     rng_state, save_checkpoint, set_rng_state)
+from privlm.train.rundir import (check_run_data, claim_run_dir, clear_failed_attempt, owns_data, record_config,
+                                 resume_config_changes)
 from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
-from privlm.train.flight_recorder import FlightRecorder
+from privlm.train.spec import PRIVLM, TrainSpec
 from privlm.train.optim import build_optimizer, build_scheduler
 from privlm.train.precision import Precision, resolve_precision
 from privlm.train.telemetry import Telemetry, truncate_metrics
@@ -39,58 +39,10 @@ from privlm.train.telemetry import Telemetry, truncate_metrics
 # that is blowing up (finite but huge weights) must not replace the last good one.
 SANE_LOSS_FACTOR = 2.0
 LOSS_WINDOW = 50
-# Records of a failed attempt that `--resume` of a run without any checkpoint replaces when it starts again.
-ATTEMPT_RECORDS = ("metrics.jsonl", "summary.json", "entropy.json", "tb")
+
 
 
 # ----------------------------------------------------------------------------------------
-def check_run_dir(run_dir: Path, resume: bool) -> bool:
-    """A new run never writes into a non-empty directory; a resume needs a run directory. Returns whether
-    there is a checkpoint to continue from (a resume without one starts the run again from step 0)."""
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
-        if not has_checkpoint(run_dir):
-            return False
-        latest_checkpoint(run_dir)
-        return True
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"--out '{run_dir}' exists and is not a directory")
-    if run_dir.is_dir() and any(p.name != LOCK and not p.name.endswith(".tmp") for p in run_dir.iterdir()):
-        if (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"run directory '{run_dir}' is not empty: it holds a run; choose another --out or "
-                                  f"continue it with --resume {run_dir}")
-        raise CheckpointError(f"--out '{run_dir}' already exists and is not empty (and is not a run "
-                              f"directory); choose another --out")
-    return False
-
-
-def claim_run_dir(run_dir: Path, resume: bool) -> tuple[RunLock, bool]:
-    """Take the run's writer lock (refusing at once if another process holds it), check the directory,
-    remove what a killed writer left behind. Returns (lock, whether a checkpoint exists). A directory holding a
-    symbolic link anywhere is refused before anything is written (see `RunDirectory.check_tree`)."""
-    RunDirectory(run_dir).check_tree()
-    lock = RunLock(run_dir)
-    try:
-        if os.path.lexists(lock.path):  # a live writer is the first thing to report
-            lock.acquire()
-        check_run_dir(run_dir, resume)  # before creating anything in a directory we may not use
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not lock.held:
-            lock.acquire()
-        remove_leftovers(run_dir)
-        return lock, check_run_dir(run_dir, resume)  # again under the lock: the state may have changed
-    except BaseException:
-        lock.release()
-        raise
-
-
-def build_regularizer(cfg: Config) -> Optional[nn.Module]:
-    if not cfg.reg.enabled:
-        return None
-    return EntropyRegularizer(cfg.model.n_layer, cfg.model.n_head, cfg.data.seq_len, cfg.reg)
-
-
 @torch.no_grad()
 def diagnose(model: GPT, chunk: torch.Tensor, precision: Precision, step: int, loss: float, grad_norm: float,
              last_good: int, what: str = "training diverged") -> str:
@@ -127,8 +79,9 @@ def _tokens_per_step(cfg: Config, world: int) -> int:
 # ----------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, quiet: bool = False,
-                 data: Any = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+                 data: Any = None, status_file: Optional[Path] = None, spec: TrainSpec = PRIVLM):
+        self.cfg, self.run_dir, self.spec = cfg, Path(run_dir), spec
+        self.status_file = status_file  # progress for a sweep process that draws it (privlm.progress)
         self.dir = RunDirectory(self.run_dir)  # every write under the run directory goes through it
         device_hint = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.dist = D.init_distributed(device_hint)
@@ -160,7 +113,7 @@ class Trainer:
 
     def _setup(self, quiet: bool, data: Any) -> None:
         cfg = self.cfg
-        changes = self._config_changes() if (self.resume or self.restart) else {}
+        changes = resume_config_changes(self.run_dir, self.cfg) if (self.resume or self.restart) else {}
         # the data is prepared in the shared cache before anything is written into the run directory, so the
         # vocabulary (the embedding follows the tokenizer) is resolved in the config.yaml written first
         self.data = self._load_data(data)
@@ -168,40 +121,48 @@ class Trainer:
         validate(cfg)
         if self.dist.is_main:
             if self.restart:
-                self._clear_failed_attempt()
+                clear_failed_attempt(self.dir)
             if not self.resume:  # first: a directory we write into always says which run it holds
                 self.dir.write_text("config.yaml", to_yaml(cfg))
-            if not self._owns_data():
+            if not ((self.resume or self.restart) and owns_data(self.run_dir)):
                 write_run_files(self.run_dir, self.data.tokenizer, self.data.manifest)
         D.barrier(self.dist)
 
         if cfg.train.deterministic and self.precision.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        self.model = GPT(cfg.model).to(self.precision.device)
-        self.recorder = FlightRecorder.for_training(self.model, cfg.train)  # hooks only; no extra forward
-        self.reg = build_regularizer(cfg)
-        if self.reg is not None:
-            self.reg.to(self.precision.device)
-        self.optimizer = build_optimizer(self.model, cfg.train, self.reg, self.precision.device.type)
+        self.model = self.spec.build_model(cfg).to(self.precision.device)
+        self.observers = self.spec.build_observers(self.model, cfg)
+        self.loss_terms = self.spec.build_loss_terms(cfg)
+        modules = [t.module for t in self.loss_terms if t.module is not None]
+        if len(modules) > 1:
+            raise ConfigError(f"train spec '{self.spec.name}': at most one loss term may have parameters")
+        # the loss terms' parameters: optimized without weight decay, checkpointed (entropy_reg.safetensors)
+        self.term_module: Optional[nn.Module] = modules[0].to(self.precision.device) if modules else None
+        self.optimizer = build_optimizer(self.model, cfg.train, self.term_module, self.precision.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_scaler else None
+        # a fused AdamW skips an update on the device (found_inf): the host then reads only some steps
+        self._device_guard = self.scaler is None and bool(self.optimizer.param_groups[0].get("fused"))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         self.step, self.tokens, self.last_saved = 0, 0, 0
-        self._step_eval: Optional[tuple[int, EvalResult]] = None  # the evaluation of the current step, if any
+        self._step_eval: Optional[tuple] = None  # (step, batches, EvalResult) of the latest evaluation
         # the current log interval and the loss window of the checkpoint sanity test are part of the
         # trainer's state, so a resumed run logs and keeps checkpoints exactly like the uninterrupted one
-        self.interval_loss, self.interval_steps = 0.0, 0
+        # losses stay on the device (float64 interval sum: the same arithmetic as a Python float sum) and are
+        # read on the host only on log / checkpoint steps
+        self.interval_loss: Any = 0.0
+        self.interval_steps = 0
         self.recent_losses: deque = deque(maxlen=LOSS_WINDOW)
+        self._pending: Optional[dict] = None  # the first non-finite step seen on the device only, not yet read
         self._last_chunk: Optional[torch.Tensor] = None
         position = Position()
         if self.resume:
             ckpt = latest_checkpoint(self.run_dir)
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            base_lrs = list(self.scheduler.base_lrs)
-            state, rngs = load_checkpoint(ckpt, self.model, self.reg, self.optimizer, self.scheduler, self.scaler)
-            self._use_config_hyperparameters(hyper, base_lrs)
+            state, rngs = load_checkpoint(ckpt, self.model, self.term_module, self.optimizer, self.scheduler, self.scaler)
+            self._use_config_hyperparameters(hyper)
             self.step = self.last_saved = int(state["step"])
             self.tokens = int(state["tokens"])
             position = Position(**state["position"])
@@ -220,7 +181,7 @@ class Trainer:
         else:
             torch.manual_seed(cfg.train.seed + self.dist.rank)  # dropout streams differ per rank
         if self.dist.is_main:
-            self._record_config(changes)
+            record_config(self.dir, self.cfg, self.step, changes, rewrite=self.resume)
         self.batches = BatchSchedule(self.data.train, cfg.train.batch_size, cfg.train.grad_accum,
                                      cfg.train.seed, self.dist.rank, self.dist.world, position)
 
@@ -231,63 +192,26 @@ class Trainer:
             self.net = DDP(self.model, device_ids=dev)
         if cfg.train.compile:
             self.net = torch.compile(self.net)
-        self.telemetry = Telemetry(self.run_dir, self.dist.is_main, quiet, cfg.train.max_steps, self.step)
+        self.telemetry = Telemetry(self.run_dir, self.dist.is_main, quiet, cfg.train.max_steps, self.step,
+                                   _tokens_per_step(cfg, self.dist.world), self.status_file)
         if self.restart:
             self.telemetry.print(f"'{self.run_dir}' has no checkpoint: starting the run again from step 0")
 
     # ------------------------------------------------------------------------------------
-    def _config_changes(self) -> dict[str, list]:
-        """What the config given for a resume changes in the run's config.yaml; only the optimizer, schedule,
-        cadences, device and regularizer strength may change (RESUME_OVERRIDABLE)."""
-        from privlm.run import load_run_config
-        changes = config_changes(load_run_config(self.run_dir), self.cfg)
-        changes.pop("model.vocab_size", None)  # set from the tokenizer, not by the user
-        fixed = [k for k in changes if k not in RESUME_OVERRIDABLE]
-        if fixed:
-            raise ConfigError(f"{fixed[0]} cannot change when resuming a run (it would no longer be the run its "
-                              f"checkpoint describes); changeable: {', '.join(sorted(RESUME_OVERRIDABLE))}")
-        return changes
-
-    def _record_config(self, changes: dict[str, list]) -> None:
-        """Write config.yaml; on a resume with overrides also log them, with the step they take effect at,
-        to config_history.jsonl."""
-        if self.resume and changes:  # a new or restarted run wrote its config.yaml before anything else
-            self.dir.write_text("config.yaml", to_yaml(self.cfg))
-        if changes:
-            with self.dir.open_append("config_history.jsonl") as fh:
-                fh.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
-            print(f"from step {self.step + 1}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
-                  flush=True)
-
-    def _use_config_hyperparameters(self, hyper: list[dict], base_lrs: list[float]) -> None:
-        """After loading a checkpoint: the optimizer hyperparameters and schedule of the (possibly overridden)
-        config, and the learning rate of the next step recomputed from them (not the saved one: extending a
-        finished run would otherwise take its next step at the final, often zero, learning rate)."""
+    def _use_config_hyperparameters(self, hyper: list[dict]) -> None:
+        """After loading a checkpoint: the optimizer hyperparameters of the (possibly overridden) config, and a
+        scheduler of its schedule rebuilt at the loaded step, which sets the learning rate of the next step
+        from them (not the saved one: extending a finished run would otherwise take its next step at the
+        final, often zero, learning rate)."""
         for group, fresh in zip(self.optimizer.param_groups, hyper):
-            group.update(fresh)
-        self.scheduler.base_lrs = base_lrs
-        lrs = [base * fn(self.scheduler.last_epoch) for base, fn in zip(base_lrs, self.scheduler.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self.scheduler._last_lr = lrs
-
-    def _clear_failed_attempt(self) -> None:
-        for name in ATTEMPT_RECORDS:
-            self.dir.remove(name)
-        for rel in self.dir.entries("state", pattern="step-*"):  # never committed (no LATEST): incomplete
-            self.dir.remove(rel)
+            group.update(fresh)  # "initial_lr" included: the config's peak learning rate
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, steps_done=self.scheduler.last_epoch)
 
     # ------------------------------------------------------------------------------------
-    def _owns_data(self) -> bool:
-        """Whether the run directory already holds the run's tokenizer and data manifest (a resumed run, or
-        a restarted one that got as far)."""
-        return (self.resume or self.restart) and (self.run_dir / "tokenizer.json").is_file() \
-            and (self.run_dir / "data_manifest.json").is_file()
-
     def _load_data(self, data: Any) -> Any:
         # a resumed run (or a restarted one that got as far) uses its own tokenizer: never retrain it (same
         # content = same token cache) and check that the data is still the run's data
-        own = self._owns_data()
+        own = owns_data(self.run_dir) and (self.resume or self.restart)
         if data is None:
             dcfg = self.cfg.data
             if own:
@@ -299,12 +223,7 @@ class Trainer:
             if not self.dist.is_main:
                 data = prepare_data(dcfg, None)
         if own:
-            from privlm.validate import read_json
-            saved = read_json(self.run_dir / "data_manifest.json")  # size, depth, schema
-            if _split_fingerprint(saved) != _split_fingerprint(data.manifest):
-                raise CheckpointError(f"the data built now differs from the run's data_manifest.json "
-                                      f"({_split_fingerprint(data.manifest)} vs {_split_fingerprint(saved)}); "
-                                      f"resuming would not continue the same run")
+            check_run_data(self.run_dir, data.manifest)
         return data
 
     @torch.no_grad()
@@ -320,6 +239,11 @@ class Trainer:
             self.model.train(was_training)
         return (D.all_reduce_sum(out.loss.detach().float(), self.dist) / self.dist.world).item()
 
+    def _recent_losses(self) -> list[float]:
+        """The loss window on the host (one sync; entries are device tensors, or floats after a resume)."""
+        return torch.stack([torch.as_tensor(x, dtype=torch.float32, device=self.precision.device)
+                            for x in self.recent_losses]).tolist() if self.recent_losses else []
+
     def checkpoint_problem(self) -> Optional[str]:
         """Why the current weights are not a good checkpoint, or None. Good: every weight finite, and both the
         last training loss and the loss of these weights at most SANE_LOSS_FACTOR x the median training loss
@@ -329,25 +253,31 @@ class Trainer:
             return "non-finite weights"
         if probe is not None and not math.isfinite(probe):
             return f"the loss of the weights to save is {probe}"
-        if self.recent_losses:
-            median = statistics.median(self.recent_losses)
+        recent = self._recent_losses()
+        if recent:
+            median = statistics.median(recent)
             limit = SANE_LOSS_FACTOR * median
-            for what, loss in (("the last training loss", self.recent_losses[-1]),
+            for what, loss in (("the last training loss", recent[-1]),
                                ("the loss of the weights to save", probe)):
                 if loss is not None and loss > limit:
                     return (f"{what} {loss:.4g} exceeds {SANE_LOSS_FACTOR:g} x the median training loss "
-                            f"{median:.4g} of the last {len(self.recent_losses)} steps")
+                            f"{median:.4g} of the last {len(recent)} steps")
         return None
 
+    def _curve_batches(self) -> Optional[int]:
+        t = self.cfg.train
+        return t.eval_curve_batches if t.eval_curve_batches is not None else t.eval_max_batches
+
     def _checkpoint_valid_loss(self) -> Optional[float]:
-        """Validation loss of the weights to save (which checkpoint is the best): the evaluation of this step
-        when it is an eval step, otherwise one more with the same ``eval_max_batches`` (not logged); None
-        without validation data."""
+        """Validation loss of the weights to save (which checkpoint is the best), on the curve's slice
+        (``eval_curve_batches``): the evaluation of this step when it is an eval step on that slice, otherwise
+        one more (not logged); None without validation data."""
         if len(self.data.valid) == 0:
             return None
-        if self._step_eval is None or self._step_eval[0] != self.step:
-            self._step_eval = (self.step, self._evaluate(record=False))
-        return self._step_eval[1].loss
+        batches = self._curve_batches()
+        if self._step_eval is None or self._step_eval[:2] != (self.step, batches):
+            self._evaluate(record=False, max_batches=batches)
+        return self._step_eval[2].loss
 
     def _save(self) -> None:
         problem = self.checkpoint_problem()
@@ -358,19 +288,22 @@ class Trainer:
         valid_loss = self._checkpoint_valid_loss()
         rngs = D.gather_objects(rng_state(), self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.run_dir, self.step, self.model, self.reg, self.optimizer, self.scheduler,
+            save_checkpoint(self.run_dir, self.step, self.model, self.term_module, self.optimizer, self.scheduler,
                             self.scaler, {"tokens": self.tokens, "position": self.batches.position.to_dict(),
-                                          "world": self.dist.world, "interval_loss": self.interval_loss,
+                                          "world": self.dist.world, "interval_loss": float(self.interval_loss),
                                           "interval_steps": self.interval_steps,
-                                          "recent_losses": list(self.recent_losses)}, rngs, valid_loss)
+                                          "recent_losses": self._recent_losses()}, rngs, valid_loss)
         D.barrier(self.dist)
         self.last_saved = self.step
 
-    def _evaluate(self, record: bool = True) -> EvalResult:
+    def _evaluate(self, record: bool = True, max_batches: Any = "final") -> EvalResult:
+        """Validation loss over the first ``max_batches`` batches (default ``eval_max_batches``, the final
+        evaluation's), recorded in metrics.jsonl unless ``record`` is False."""
         t = self.cfg.train
+        batches = t.eval_max_batches if max_batches == "final" else max_batches
         res = evaluate(self.net if not self.dist.enabled else self.model, self.data.valid, t.batch_size,
-                       self.precision, self.dist, t.eval_max_batches)
-        self._step_eval = (self.step, res)
+                       self.precision, self.dist, batches)
+        self._step_eval = (self.step, batches, res)
         if record:
             self.telemetry.eval(self.step, res.loss, res.ppl, res.tokens)
         if not math.isfinite(res.loss):  # finite training loss but NaN/Inf on held-out data: same verdict
@@ -384,8 +317,9 @@ class Trainer:
         best = best_checkpoint(self.run_dir) if self.dist.is_main else None
         if best is not None and best.name != f"step-{self.last_saved:08d}":
             msg += f"; best checkpoint (model.safetensors): step {int(best.name.split('-')[1])}"
-        flight = self.recorder.dump(self.run_dir if self.dist.is_main else None, step, loss, grad_norm, what)
-        msg = f"{msg}; {flight}" if flight else msg
+        for observer in self.observers:
+            line = observer.dump(self.run_dir if self.dist.is_main else None, step, loss, grad_norm, what)
+            msg = f"{msg}; {line}" if line else msg
         self.telemetry.print(msg)
         if self.dist.is_main:
             self._write_summary(None, diverged=True, diagnosis=msg)
@@ -419,7 +353,10 @@ class Trainer:
         temps = None
         if self.cfg.model.attn_temperature:
             temps = [blk.attn.temperatures()[:, :T].detach().float().cpu().tolist() for blk in self.model.blocks]
-        thresholds = self.reg.theta.detach().float().cpu().tolist() if self.reg is not None else None
+        record: dict = {}
+        for term in self.loss_terms:
+            record.update(term.final_record())
+        thresholds = record.get("thresholds")
         self.dir.write_json("entropy.json",
                           {"step": self.step, "seq_len": T, "head_entropy": ent.tolist(),
                            "thresholds": thresholds, "temperatures": temps})
@@ -431,11 +368,11 @@ class Trainer:
         cfg, dev = self.cfg, self.precision.device
         micro = self.batches.next_step()
         accum = len(micro)
-        reg_on = self.reg is not None and self.reg.active(self.step / cfg.train.max_steps)
-        need_entropy = want_entropy or self.reg is not None
+        progress = self.step / cfg.train.max_steps
+        need_entropy = want_entropy or any(term.needs_entropy for term in self.loss_terms)
         ce_sum = torch.zeros((), device=dev)
         ent_sum = nan_sum = None
-        reg_stats: list[dict] = []
+        term_stats: list[list[torch.Tensor]] = [[] for _ in self.loss_terms]
         for m, chunk in enumerate(micro):
             chunk = chunk.to(dev, non_blocking=True)
             if m == 0:
@@ -447,10 +384,12 @@ class Trainer:
                 with self.precision.autocast():
                     out = self.net(chunk, targets, output_entropy=need_entropy)
                     loss = out.loss
-                    if reg_on:
-                        l_ent, stats = self.reg(out.entropy)
-                        loss = loss + cfg.reg.lambda_ * l_ent
-                        reg_stats.append({"l_ent": float(l_ent.detach()), **stats})
+                    for k, loss_term in enumerate(self.loss_terms):  # e.g. Algorithm 1: lambda * L_ent
+                        term, stats = loss_term(out, progress, want_entropy)  # stats: telemetry steps only
+                        if term is not None:
+                            loss = loss + term
+                        if stats is not None:
+                            term_stats[k].append(stats)
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             ce_sum += out.loss.detach().float()
@@ -459,8 +398,8 @@ class Trainer:
                 ent_sum = e if ent_sum is None else ent_sum + e
                 n = out.nan_counts.detach()
                 nan_sum = n if nan_sum is None else nan_sum + n
-        if self.reg is not None and self.dist.enabled:  # theta lives outside DDP: average its grads by hand
-            self.reg.all_reduce_grad()
+        for loss_term in self.loss_terms:
+            loss_term.after_backward(self.dist.enabled)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -471,25 +410,77 @@ class Trainer:
             ent_sum = D.all_reduce_sum(ent_sum / accum, self.dist) / self.dist.world
             nan_sum = D.all_reduce_sum(nan_sum, self.dist)
             stats = None
-            if reg_stats:
-                stats = {k: sum(s[k] for s in reg_stats) / len(reg_stats) for k in reg_stats[0]
-                         if isinstance(reg_stats[0][k], (int, float))}
+            for loss_term, kept in zip(self.loss_terms, term_stats):
+                if kept:
+                    stats = {**(stats or {}), **dict(zip(loss_term.stat_names, torch.stack(kept).mean(dim=0).tolist()))}
             tele = {"head_entropy": ent_sum.cpu().tolist(), "nan_counts": [int(x) for x in nan_sum.cpu()],
                     "reg": stats}
         return ce, grad_norm, tele, first
 
-    def step_once(self, want_entropy: bool = False) -> tuple[float, float, Optional[dict]]:
+    def host_step(self, step: int) -> bool:
+        """Whether the loop reads step ``step`` (1-based) on the host: it logs, records entropy telemetry,
+        evaluates, saves or is the last; every step when the optimizer cannot skip an update on the device
+        (a non-fused AdamW, or a GradScaler, which owns ``found_inf``)."""
+        t = self.cfg.train
+        return (not self._device_guard or step == t.max_steps
+                or any(step % every == 0 for every in (t.log_every, t.entropy_every, t.eval_every, t.save_every)))
+
+    def _guard_on_device(self, step: int, bad: torch.Tensor, ce: torch.Tensor, grad_norm: torch.Tensor,
+                         first: torch.Tensor) -> None:
+        """A step the host does not read: remember the first non-finite step (its number, loss, grad norm and
+        micro-batch) on the device, and make the fused AdamW skip every update from it on (``found_inf``), so
+        that the weights stay those of the last good step until the next host step raises."""
+        p = self._pending
+        if p is None:
+            p = self._pending = {"bad": torch.zeros((), dtype=torch.bool, device=bad.device),
+                                 "step": torch.zeros((), dtype=torch.long, device=bad.device),
+                                 "loss": ce.detach().clone(), "grad_norm": grad_norm.detach().clone(),
+                                 "chunk": first.clone()}
+        new = bad & ~p["bad"]
+        p["step"] = torch.where(new, step, p["step"])
+        p["loss"] = torch.where(new, ce, p["loss"])
+        p["grad_norm"] = torch.where(new, grad_norm, p["grad_norm"])
+        p["chunk"] = torch.where(new, first, p["chunk"])
+        p["bad"] = p["bad"] | bad
+        self.optimizer.found_inf = p["bad"].float()
+
+    def _raise_pending(self) -> None:
+        """On a host step: if a step since the last one went non-finite, stop there (its diagnosis, with the
+        weights of the step before it, which the skipped updates left unchanged)."""
+        p, self._pending = self._pending, None
+        if hasattr(self.optimizer, "found_inf"):
+            del self.optimizer.found_inf
+        if p is None or not bool(p["bad"]):
+            return
+        bad_step = int(p["step"])
+        skipped = self.step - (bad_step - 1)  # steps that ran (without an update) since the last good one
+        self.step -= skipped
+        self.tokens -= skipped * _tokens_per_step(self.cfg, self.dist.world)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._diverged(p["chunk"], float(p["loss"]), float(p["grad_norm"]), bad_step)
+
+    def step_once(self, want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[dict]]:
         """Forward/backward over the micro-batches, divergence checks, optimizer and schedule update.
-        Returns (mean CE, grad norm, entropy telemetry or None); raises DivergenceError instead of stepping."""
-        self.recorder.begin(self.step + 1)
+        Returns (mean CE, grad norm, entropy telemetry or None), the first two as device tensors; raises
+        DivergenceError instead of stepping. The host reads the step only on ``host_step`` steps; on the
+        others a non-finite loss or gradient is kept on the device and raised at the next host step."""
+        step = self.step + 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        for observer in self.observers:
+            observer.begin(step)
         ce, grad_norm, tele, first = self.train_step(want_entropy)
-        loss_f, gn_f = ce.item(), grad_norm.item()
-        self.recorder.end(loss_f, gn_f, self.scheduler.get_last_lr()[0])
-        bad_attention = tele is not None and any(tele["nan_counts"])
-        grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
-        if not math.isfinite(loss_f) or grads_bad or bad_attention:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._diverged(first, loss_f, gn_f, self.step + 1)
+        for observer in self.observers:
+            observer.end(ce, grad_norm, lr)
+        if self.host_step(step):
+            self._raise_pending()
+            loss_f, gn_f = ce.item(), grad_norm.item()
+            bad_attention = tele is not None and any(tele["nan_counts"])
+            grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
+            if not math.isfinite(loss_f) or grads_bad or bad_attention:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._diverged(first, loss_f, gn_f, step)
+        else:
+            self._guard_on_device(step, ~torch.isfinite(ce) | ~torch.isfinite(grad_norm), ce, grad_norm, first)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -499,9 +490,9 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.tokens += _tokens_per_step(self.cfg, self.dist.world)
-        self.recent_losses.append(loss_f)
+        self.recent_losses.append(ce.detach())
         self._last_chunk = first
-        return loss_f, gn_f, tele
+        return ce, grad_norm, tele
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -518,8 +509,8 @@ class Trainer:
             # a fixed cadence (not "and at the last step"): the numerics of step s never depend on max_steps
             want_entropy = (self.step + 1) % t.entropy_every == 0
             lr = self.optimizer.param_groups[0]["lr"]
-            loss_f, gn_f, tele = self.step_once(want_entropy)
-            self.interval_loss += loss_f
+            ce, grad_norm, tele = self.step_once(want_entropy)
+            self.interval_loss = self.interval_loss + ce.double()  # on the device
             self.interval_steps += 1
             self.telemetry.advance()
             if tele is not None:
@@ -528,11 +519,15 @@ class Trainer:
             last = self.step == t.max_steps
             if self.step % t.log_every == 0 or last:
                 elapsed = max(time.time() - t_interval, 1e-9)
-                self.telemetry.train(self.step, self.interval_loss / self.interval_steps, lr, self.tokens,
-                                     self.interval_steps * tok_step / elapsed, gn_f)
+                self.telemetry.train(self.step, float(self.interval_loss) / self.interval_steps, lr, self.tokens,
+                                     self.interval_steps * tok_step / elapsed, grad_norm.item())
                 self.interval_loss, self.interval_steps, t_interval = 0.0, 0, time.time()
-            if self.step % t.eval_every == 0 or last:
+            if last and self._curve_batches() != t.eval_max_batches:  # the curve's last point, then the final
+                self._evaluate(max_batches=self._curve_batches())
+            if last:
                 final = self._evaluate()
+            elif self.step % t.eval_every == 0:
+                self._evaluate(max_batches=self._curve_batches())
                 t_interval = time.time()  # evaluation time is not training throughput
             if self.step % t.save_every == 0 or last:
                 self._save()
@@ -551,24 +546,20 @@ class Trainer:
         return summary or {}
 
 
-def _split_fingerprint(manifest: dict) -> Any:
-    """What identifies the token splits in a data manifest (hashes and counts, not cache paths or timings)."""
-    splits = {name: {k: v for k, v in split.items() if k in ("sha256", "documents", "bytes", "tokens", "chunks")}
-              for name, split in manifest.get("splits", {}).items()}
-    return {"splits": splits, "tokenizer": manifest.get("tokenizer", {}).get("sha256"),
-            "seq_len": manifest.get("seq_len")}
-
-
 def train(cfg: Config, run_dir: Path | str, *, resume: bool = False, quiet: bool = False,
-          data: Any = None) -> dict:
-    """Train (or continue) the run in ``run_dir``; returns summary.json's content (empty on ranks > 0)."""
+          data: Any = None, status_file: Optional[Path] = None, spec: TrainSpec = PRIVLM) -> dict:
+    """Train (or continue) the run in ``run_dir``; returns summary.json's content (empty on ranks > 0).
+    ``status_file``: where to report progress as JSON at every log step (``privlm sweep --jobs``)."""
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        trainer = Trainer(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data)
+        trainer = Trainer(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data, status_file=status_file,
+                          spec=spec)
         try:
             return trainer.run()
         finally:
             trainer.telemetry.close()
+            for observer in trainer.observers:
+                observer.close()
             trainer.release()
             D.shutdown(trainer.dist)
     finally:  # a global switch: do not leak it into the caller (tests, notebooks)

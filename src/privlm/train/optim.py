@@ -49,7 +49,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, extra_no_decay: Optional
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    steps_done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LambdaLR of the config's schedule. ``steps_done`` > 0 (a resume) starts it after that many steps:
+    the optimizer's groups must hold ``initial_lr`` (the peak learning rate), and their ``lr`` is set to that of
+    the next step, ``initial_lr * lr_multiplier(steps_done)``, by the scheduler itself."""
     fn = functools.partial(lr_multiplier, max_steps=cfg.max_steps, warmup_frac=cfg.warmup_frac,
                            schedule=cfg.schedule, min_ratio=cfg.min_lr / cfg.lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=steps_done - 1)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,11 +10,7 @@ from typing import Optional
 
 from privlm.fileio import RunDirectory, atomic_write_text
 from privlm.model.entropy_attention import self_check_failures
-
-
-def is_interactive() -> bool:
-    """A progress bar only makes sense on a terminal, and never in CI logs."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
+from privlm.progress import is_interactive, progress_text, write_status
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -46,9 +41,14 @@ class Telemetry:
     """Rank-0 sink for metrics; other ranks get an instance with ``enabled=False`` that does nothing."""
 
     def __init__(self, run_dir: Optional[Path], enabled: bool, quiet: bool, total_steps: int,
-                 start_step: int = 0):
+                 start_step: int = 0, tokens_per_step: int = 1, status_file: Optional[Path] = None):
+        """The console line (tqdm, on a terminal unless ``quiet``) counts tokens: tokens, tok/s, ETA, loss
+        (`privlm.progress.progress_text`); ``status_file`` (a sweep's ``--jobs`` run) gets the same numbers
+        as JSON at every log step, for the sweep process to draw."""
         self.enabled = enabled
         self.quiet = quiet or not is_interactive()
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self.status_file = status_file if enabled else None
         self._fh = self._tb = self._bar = None
         self.last_eval_ppl: Optional[float] = None
         self._warned: set[str] = set()
@@ -62,8 +62,9 @@ class Telemetry:
                                  purge_step=start_step + 1 if start_step else None)
         if not self.quiet:
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                             file=sys.stderr)
+            self._bar = tqdm(total=total_steps * tokens_per_step, initial=start_step * tokens_per_step,
+                             unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
+                             bar_format="{bar:10} {desc}")
         self._t0 = time.time()
 
     # ------------------------------------------------------------------------------------
@@ -100,19 +101,22 @@ class Telemetry:
         for key, val in (("loss", loss), ("lr", lr), ("tok_per_s", tok_per_s), ("grad_norm", grad_norm)):
             if _finite_or_none(val) is not None:
                 self._tb.add_scalar(f"train/{key}", val, step)
+        total = self.total_steps * self.tokens_per_step
+        if self.status_file is not None:
+            write_status(self.status_file, step=step, max_steps=self.total_steps, tokens=tokens, total_tokens=total,
+                         tok_per_s=tok_per_s, loss=loss, done=step >= self.total_steps)
         if self._bar is not None:
-            post = {"loss": f"{loss:.4f}", "tok/s": f"{tok_per_s:,.0f}"}
-            if self.last_eval_ppl is not None:
-                post["ppl"] = f"{self.last_eval_ppl:.3f}"
-            self._bar.set_postfix(post, refresh=False)
+            ppl = f" | eval PPL {self.last_eval_ppl:.3f}" if self.last_eval_ppl is not None else ""
+            self._bar.set_description_str(progress_text(tokens, total, tok_per_s, loss) + ppl, refresh=False)
         else:
             ppl = f" eval_ppl {self.last_eval_ppl:.3f}" if self.last_eval_ppl is not None else ""
             print(f"step {step:>6} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
                   f"tok/s {tok_per_s:,.0f}{ppl}", flush=True)
 
     def advance(self, n: int = 1) -> None:
+        """``n`` optimizer steps done."""
         if self._bar is not None:
-            self._bar.update(n)
+            self._bar.update(n * self.tokens_per_step)
 
     def eval(self, step: int, loss: float, ppl: float, tokens: int) -> None:
         if not self.enabled:
