@@ -11,7 +11,8 @@ import pytest
 
 from privlm.cli import main
 from privlm.config import ConfigError
-from privlm.sweep import load_sweep, run_status, run_sweep
+from privlm.sweep import load_sweep, run_sweep
+from privlm.train.rundir import run_status
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "cpu" / "tiny.yaml"

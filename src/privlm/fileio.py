@@ -158,12 +158,17 @@ class RunDirectory:
                                       f"'{self.root}' (they could point outside it); remove the link")
         return self.root / rel
 
-    def check_tree(self) -> None:
+    def check_tree(self, foreign: tuple[str, ...] = ()) -> None:
         """Refuse a directory holding any symbolic link (privlm never creates one; a directory received from
-        someone else could use one to make a resume write, truncate or delete files elsewhere)."""
+        someone else could use one to make a resume write, truncate or delete files elsewhere). ``foreign``
+        names top-level subdirectories whose contents another tool manages (submitit's job folder holds its own
+        links): they must not be links themselves, but their contents are not checked."""
         if not self.root.is_dir():  # missing, or a file (whoever wants a directory there says so)
             return
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False, onerror=_raise):
+            if Path(dirpath) == self.root:
+                skipped = [d for d in dirnames if d in foreign and not os.path.islink(Path(dirpath) / d)]
+                dirnames[:] = [d for d in dirnames if d not in skipped]
             for name in sorted(dirnames + filenames):
                 p = Path(dirpath) / name
                 if os.path.islink(p):

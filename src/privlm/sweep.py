@@ -179,31 +179,18 @@ def _config_differences(expected: Config, saved: Config) -> list[str]:
     return diffs
 
 
-def run_status(run_dir: Path) -> str:
-    """'done' (summary.json), 'resumable' (a checkpoint), 'incomplete' (a dir without checkpoint), 'new'."""
-    if (run_dir / "summary.json").is_file():
-        return "done"
-    if not run_dir.exists():
-        return "new"
-    from privlm.train.checkpoint import latest_checkpoint
-    try:
-        latest_checkpoint(run_dir)
-        return "resumable"
-    except CheckpointError:
-        return "incomplete" if any(run_dir.iterdir()) else "new"
-
-
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def check_sweep_dir(out: Path) -> None:
     """A sweep directory is not a run directory (it would write its runs and results into that run) and holds
-    no symbolic link (a link could make a run or a log write outside it); one line otherwise."""
+    no symbolic link (a link could make a run or a log write outside it) outside submitit's job folder
+    `slurm/` (not itself a link; privlm writes only new manifest files there); one line otherwise."""
     if (out / "config.yaml").is_file():
         raise CheckpointError(f"--out '{out}' is a run directory (it holds config.yaml), not a sweep directory; "
                               f"choose another --out")
-    RunDirectory(out).check_tree()
+    RunDirectory(out).check_tree(foreign=("slurm",))  # slurm/: submitit's job folder (its own links)
 
 
 def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bool = False,
@@ -218,6 +205,7 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
 
     ``launcher(sweep, out, todo, records, state, log)``, when given, trains the planned runs instead
     (`privlm.launchers.slurm`: a SLURM job array)."""
+    from privlm.train.rundir import run_status
     from privlm.run import load_run_config  # torch: imported when a sweep runs, not when the CLI starts
     check_sweep_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -568,6 +556,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from privlm.train.rundir import run_status
     sweep = load_sweep(args.sweep_file)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / slug(sweep.name)
     if args.max_runs is not None and args.max_runs < 0:
@@ -597,7 +586,7 @@ def run(args: argparse.Namespace) -> int:
         if args.launcher == "slurm":
             if args.jobs > 1:
                 raise ConfigError("--jobs sets the local pool's size; with --launcher slurm every run is a job")
-            state = slurm_launcher.run_slurm(sweep, out, slurm_launcher.flags_resources(sweep, args),
+            state = slurm_launcher.run_slurm(sweep, out, slurm_launcher.flags_resources(sweep, args), plan=run_sweep,
                                              threads=args.threads, detach=args.detach, max_runs=args.max_runs,
                                              poll=args.poll,
                                              command=" ".join([command] + slurm_launcher.command_flags(args)))

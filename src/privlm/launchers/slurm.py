@@ -239,13 +239,12 @@ def cancel(job_ids: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the sweep
-def run_slurm(sweep, out: Path, resources: SlurmResources, *, threads: Optional[int], detach: bool,
+def run_slurm(sweep, out: Path, resources: SlurmResources, *, plan, threads: Optional[int], detach: bool,
               max_runs: Optional[int], command: Optional[str], poll: float = 15.0, log=print) -> Optional[dict]:
     """Submit the sweep's unfinished runs as one job array and wait for them (or return at once with
-    ``detach``: None). Returns sweep.json's state like `run_sweep`; raises CheckpointError naming every failed
-    run with its SLURM state and log."""
-    from privlm.sweep import run_sweep
-
+    ``detach``: None). ``plan`` is the sweep's planner (`privlm.sweep.run_sweep`, passed in so that the launcher
+    does not import the sweep that imports it), called with ``launcher=``. Returns sweep.json's state like
+    `run_sweep`; raises CheckpointError naming every failed run with its SLURM state and log."""
     check_reachable()
     folder = out.resolve() / "slurm"
     ex = executor(folder, resources, f"privlm-{sweep.name}")  # checks the resources before anything is planned
@@ -289,15 +288,15 @@ def run_slurm(sweep, out: Path, resources: SlurmResources, *, threads: Optional[
         watch.update(live)
         _wait(sweep, out_, watch, submitted, records_, state, poll, log_)
 
-    state = run_sweep(planned, out, max_runs, command=command, log=log, launcher=launch)
+    state = plan(planned, out, max_runs, command=command, log=log, launcher=launch)
     if detach:
         return None
     return state
 
 
 def _save(out: Path, state: dict) -> None:
-    from privlm.sweep import _write_json
-    _write_json(out / "sweep.json", state)
+    from privlm.fileio import atomic_write_text
+    atomic_write_text(out / "sweep.json", json.dumps(state, indent=2, default=str) + "\n")
 
 
 def _wait(sweep, out: Path, watch: dict[str, str], submitted: list[str], records: dict, state: dict,
@@ -364,7 +363,7 @@ def _wait(sweep, out: Path, watch: dict[str, str], submitted: list[str], records
 def status_rows(sweep, out: Path) -> list[dict]:
     """Each run's state (done, diverged, pending, running, failed (SLURM state), interrupted, resumable,
     incomplete, new), job id and log path, from the run directories, sweep.json and SLURM."""
-    from privlm.sweep import run_status
+    from privlm.train.rundir import run_status
 
     state_file = out / "sweep.json"
     records = json.loads(state_file.read_text()).get("runs", {}) if state_file.is_file() else {}

@@ -115,3 +115,17 @@ def check_run_data(run_dir: Path, manifest: dict) -> None:
         raise CheckpointError(f"the data built now differs from the run's data_manifest.json "
                               f"({split_fingerprint(manifest)} vs {split_fingerprint(saved)}); "
                               f"resuming would not continue the same run")
+
+
+def run_status(run_dir: Path) -> str:
+    """'done' (summary.json), 'resumable' (a checkpoint), 'incomplete' (a dir without checkpoint), 'new'."""
+    if (run_dir / "summary.json").is_file():
+        return "done"
+    if not run_dir.exists():
+        return "new"
+    from privlm.train.checkpoint import latest_checkpoint
+    try:
+        latest_checkpoint(run_dir)
+        return "resumable"
+    except CheckpointError:
+        return "incomplete" if any(run_dir.iterdir()) else "new"
