@@ -235,6 +235,7 @@ def test_gradcheck_theta_and_entropy(reduction):
     assert torch.autograd.gradcheck(lambda e, t: regularization_loss(e, t, 4, 0.2, reduction), (ent, theta))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["paper", "released_code"])
 def test_gradcheck_through_attention_logits(reduction):
     """d L_ent / d logits through the causal softmax and the in-attention entropy (float64 finite differences)."""
