@@ -250,6 +250,7 @@ def test_save_profile_round_trip_and_no_clobber(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+@pytest.mark.slow
 def test_census_of_every_paper_preset_follows_its_config():
     from privlm.presets import PAPER_PRESETS
 
