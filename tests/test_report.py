@@ -151,6 +151,7 @@ def test_rows_costs_and_diagnosis(runs):
     assert base.diagnosis.top_bin_share >= 1 / (L * H)
 
 
+@pytest.mark.slow
 def test_every_figure_kind_is_drawn(runs, tmp_path):
     loaded = load_runs(runs)
     _, costs, _ = collect(loaded)
@@ -216,6 +217,7 @@ FAST = ["model.n_embd=32", "train.max_steps=6", "train.batch_size=2", "train.eva
         "train.eval_max_batches=2", "train.save_every=6", "train.entropy_every=2", "train.log_every=2"]
 
 
+@pytest.mark.slow
 def test_report_of_two_tiny_runs_renders_in_chromium(tmp_path, capsys):
     """Two real `privlm train` runs of configs/cpu/tiny.yaml (seconds), reported and opened in Chromium."""
     from privlm.train.loop import train
