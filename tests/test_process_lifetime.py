@@ -23,6 +23,8 @@ from safetensors.torch import save_model
 from privlm.config import load_config, to_yaml
 from privlm.model import GPT
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 PRIVLM = [sys.executable, "-m", "privlm.cli"]
@@ -101,8 +103,6 @@ def test_sigkilled_parent_takes_its_child_and_temporary_directory(tmp_path):
 WAN_PARENT = """
 import time
 from privlm.spu.wan import WanLink, wan_namespaces
-
-pytestmark = pytest.mark.slow  # make test-fast leaves this file out
 with wan_namespaces(WanLink.parse("100mbit:10ms")) as net:
     proxy = net.delay_proxy(0, 45901, 45902)
     print(proxy.pid, *net.namespaces, flush=True)
