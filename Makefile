@@ -45,7 +45,7 @@ demo: setup spu-setup
 test: setup spu-setup chromium slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The unit and contract tests (not marked slow in pyproject.toml): the main environment only, about a minute.
+# The unit and contract tests (those not marked slow, see pyproject.toml): the main environment only.
 test-fast: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow"
 
