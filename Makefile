@@ -12,7 +12,7 @@ SPU_PYTHON ?= python3.11
 SPU_VENV   := .venv-spu
 SPU_STAMP  := $(SPU_VENV)/.privlm-spu-installed
 
-.PHONY: setup spu-setup chromium slurm demo test docs clean
+.PHONY: setup spu-setup chromium slurm demo test test-fast docs clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ demo: setup spu-setup
 
 test: setup spu-setup chromium slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit and contract tests (those not marked slow, see pyproject.toml): the main environment only.
+test-fast: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow"
 
 # Rewrite the numbers of README.md and docs/results/*/README.md from the committed results files (between
 # <!-- privlm:begin/end --> markers); `make docs DOCS_ARGS=--check` only checks them.

@@ -986,6 +986,7 @@ SUBPROCESS_SAMPLE = ["train-lr-inf", "resume-malformed-rng", "eval-missing-run",
                      "flag-sample--seed-2e70"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", SUBPROCESS_SAMPLE)
 def test_bad_inputs_in_a_real_subprocess(case_id, ctx, tmp_path):
     case = next(c for c in all_cases() if c.id == case_id)

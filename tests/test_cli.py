@@ -28,9 +28,49 @@ def test_top_level_help_imports_no_command_module():
     assert _heavy_modules_after(["--help"]) == []
 
 
-def test_a_command_help_imports_no_torch():
-    for command in ("pi", "eval", "data"):
-        assert not {"torch", "matplotlib", "transformers"} & set(_heavy_modules_after([command, "--help"])), command
+def test_every_command_help_imports_no_torch():
+    from privlm.cli import SUBCOMMANDS
+    for command in SUBCOMMANDS:
+        if command == "cost":  # its parser is rebuilt with the traced census (issue 23); checked when it lands
+            continue
+        heavy = set(_heavy_modules_after([command, "--help"]))
+        assert not {"torch", "matplotlib", "transformers", "submitit"} & heavy, (command, heavy)
+
+
+def test_each_summary_is_the_one_in_the_table():
+    import argparse
+
+    from privlm.cli import SUBCOMMANDS, build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    shown = {a.dest: a.help for a in sub._choices_actions}
+    assert shown == {name: summary for name, (_, summary) in SUBCOMMANDS.items()}
+
+
+LAZY_PROBE = """
+import importlib, sys
+import privlm.pi.census  # the submodule first: the package's `census` must still be the function
+from privlm.pi import census
+assert callable(census) and not isinstance(census, type(sys)), census
+assert census is sys.modules["privlm.pi.census"].census
+for package in ("privlm.data", "privlm.train", "privlm.entropy", "privlm.pi", "privlm.report"):
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, (package, name)
+    assert set(mod.__all__) <= set(dir(mod)), package
+    try:
+        mod.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError(package)
+print("OK")
+"""
+
+
+def test_lazy_package_names_resolve_to_their_modules_objects():
+    out = subprocess.run([sys.executable, "-c", LAZY_PROBE], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "OK"
 
 
 def _privlm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

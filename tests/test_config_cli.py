@@ -103,6 +103,7 @@ def test_bad_yaml_file(tmp_path, capsys):
     assert code != 0 and "'model' is a section" in err
 
 
+@pytest.mark.slow
 def test_inspect_shows_temperature_and_scales_at_gpt2_size(capsys):
     code, out, _ = run_cli(capsys, "inspect", "SM(t)+ScFuFFN", "model.n_layer=12", "model.n_embd=768",
                            "model.n_head=12")
@@ -125,6 +126,7 @@ def test_inspect_json_counts_gpt2_small_parameters(capsys):
     assert fused == no_ln - 12 * (8 * d * d + 5 * d) + 12 * (d * d + d) + 2 * 12
 
 
+@pytest.mark.slow
 def test_console_script_exit_code():
     """The installed entry point, as a user runs it."""
     res = subprocess.run([sys.executable, "-m", "privlm.cli", "inspect", "SM", "model.n_head=7"],

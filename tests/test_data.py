@@ -166,6 +166,7 @@ def test_stdlib_corpus_split_and_contents(stdlib_corpus):
     assert ref.hexdigest() == c.valid.sha256
 
 
+@pytest.mark.slow
 def test_stdlib_prepare_is_deterministic(tmp_path):
     kw = dict(max_train_docs=40, vocab_size=600, seq_len=64)
     a = prepare_data(DataConfig(cache_dir=str(tmp_path / "c1"), **kw), out_dir=tmp_path / "run1")
@@ -202,6 +203,7 @@ def test_bpe_round_trip_and_special_token_safety(stdlib_corpus):
     assert len(tok.encode(held).ids) < 0.6 * len(held.encode())
 
 
+@pytest.mark.slow
 def test_load_tokenizer_file_dir_and_autotokenizer(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
@@ -374,6 +376,7 @@ def test_hf_source_save_to_disk_with_paper_selection(tmp_path):
     assert list(capped.valid.texts()) == ref_valid[:3] and list(capped.train.texts()) == ref_train
 
 
+@pytest.mark.slow
 def test_hf_source_separate_validation_and_streaming(tmp_path):
     import datasets
 

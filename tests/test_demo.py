@@ -14,6 +14,8 @@ from privlm.pi import CostSummary
 
 from small_corpus import stdlib_corpus_overrides
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,11 +35,14 @@ def test_gpt2_size_costs_reproduce_the_papers_table3():
     rows = [{"name": "base", "preset": "SM+LN+G"}, {"name": "fu", "preset": "SM+ScFuFFN"},
             {"name": "ereg", "preset": "EReg(SM(t)+ScFuFFN)"}]
     g = gpt2_costs(rows, "SM+LN+G", "paper-fit")
-    # paper Table 3 (GPT-2, T=128): 25.32 GB / 8.21 min vs 6.43 GB / 4.76 min, savings 3.94x / 1.72x
-    assert g["base"].comm_gb == pytest.approx(25.32, rel=0.02)
-    assert g["fu"].comm_gb == pytest.approx(6.43, rel=0.02)
-    assert g["fu"].comm_savings == pytest.approx(3.94, rel=0.03)
-    assert g["fu"].lat_savings == pytest.approx(1.72, rel=0.10)  # latency fits within ~8-12 %
+    # the paper's Table 3 (GPT-2, T=128) as transcribed in privlm.pi.published (in-sample: paper-fit is fitted
+    # to these rows)
+    from privlm.pi.published import load_rows
+    paper = {r.arch: r for r in load_rows("paper-t128")}
+    assert g["base"].comm_gb == pytest.approx(paper["SM+LN+G"].comm_gb, rel=0.02)
+    assert g["fu"].comm_gb == pytest.approx(paper["SM+ScFuFFN"].comm_gb, rel=0.02)
+    assert g["fu"].comm_savings == pytest.approx(paper["SM+ScFuFFN"].comm_sav, rel=0.03)
+    assert g["fu"].lat_savings == pytest.approx(paper["SM+ScFuFFN"].lat_sav, rel=0.10)  # latency fits within ~8-12 %
     # the temperature is free: same cost as SM+ScFuFFN
     assert (g["ereg"].comm_gb, g["ereg"].lat_min, g["ereg"].nonlinear) == (g["fu"].comm_gb, g["fu"].lat_min,
                                                                            g["fu"].nonlinear)

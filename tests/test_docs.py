@@ -152,12 +152,14 @@ def test_bare_numbers_rule():
     assert R.bare_numbers(text) == [(2, "PPL went down by 8 %."), (10, "A [link](../v2/README.md) and 1e-3 here.")]
 
 
+@pytest.mark.slow
 def test_check_command_exits_zero_on_the_committed_pages():
     proc = subprocess.run([sys.executable, "-m", "privlm.report.readme", "--check"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_check_command_names_a_stale_block_and_a_bad_file_in_one_line(folder):
     page = folder / "README.md"
     page.write_text("<!-- privlm:begin time -->\nold\n<!-- privlm:end time -->\nA bare 7 here.\n")

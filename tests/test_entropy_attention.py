@@ -278,6 +278,7 @@ def test_self_check_passes_once_per_device_and_leaves_random_streams_alone(fresh
     assert not ea.self_check(torch.device("meta")).ok  # no kernel there: nothing to check, explicit path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["mismatch", "error"])
 def test_failed_self_check_falls_back_to_the_explicit_path(fresh_self_check, monkeypatch, caplog, tmp_path, fault):
     ea = fresh_self_check

@@ -99,6 +99,7 @@ def test_ring_buffer_cadence_and_residual_norms():
     assert off.dump(None, 2, math.nan, math.nan, "x") == ""
 
 
+@pytest.mark.slow
 def test_forced_divergence_dumps_the_window_before_the_nan(tmp_path, capsys):
     run = tmp_path / "run"
     with pytest.raises(DivergenceError) as err:
@@ -138,6 +139,7 @@ def test_forced_divergence_dumps_the_window_before_the_nan(tmp_path, capsys):
     assert rows[0].divergence_step == step and rows[0].flight.first == v["first"]
 
 
+@pytest.mark.slow
 def test_recorder_off_and_finished_runs_leave_no_trace(tmp_path):
     with pytest.raises(DivergenceError) as err:
         train(tiny_cfg(*DIVERGE, "train.flight_steps=0", preset="SM"), tmp_path / "off", quiet=True,

@@ -165,6 +165,7 @@ def _reference_head_entropy(model, ids: torch.Tensor) -> np.ndarray:
     return np.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
 def test_entropy_report_equals_reference(hf_dirs, family, tmp_path):
     rep = entropy_report(str(hf_dirs[family]), data_source=hf_dirs["data"], T=T, device="cpu", batch_size=4)
@@ -196,6 +197,7 @@ def test_hf_entropy_shapes(hf_dirs):
     assert torch.allclose(ent[:, :, :, 0], torch.zeros(()), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_entropy_cli_json(hf_dirs, capsys):
     assert main(["entropy", str(hf_dirs["neox"]), "--data", hf_dirs["data"], "--T", str(T), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -262,6 +264,7 @@ def test_bad_inputs(hf_dirs, tmp_path, capsys, monkeypatch):
     _one_line_error(capsys, ["cost", "hf:privlm-tests/no-such-model"], "not in the local cache")
 
 
+@pytest.mark.slow
 def test_hub_id_loads_from_the_local_cache(hf_dirs, tmp_path):
     """hf:<id> resolves through huggingface_hub's cache layout (refs/main -> snapshots/<commit>)."""
     repo = tmp_path / "hub" / "models--tiny--llama"

@@ -171,6 +171,7 @@ def test_weight_and_spectral_norm_hit_exactly_the_named_projections(kind, placem
         assert type(module.parametrizations.weight[0]).__name__ == name
 
 
+@pytest.mark.slow
 def test_spectral_norm_bounds_the_spectrum():
     model = tiny("SM+SN(ffn)")
     model.train()
@@ -289,6 +290,7 @@ def test_weight_decay_falls_on_exactly_the_weight_matrices(preset, extra):
     assert not {id(p) for p in decay["params"]} & {id(p) for p in no_decay["params"]}
 
 
+@pytest.mark.slow
 def test_hf_gpt2_logits_match_both_ways():
     transformers = pytest.importorskip("transformers")  # a hard dependency; import for the API only
     from privlm.model.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
@@ -325,6 +327,7 @@ def test_sequence_longer_than_position_table_is_rejected():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_generate_greedy_is_deterministic():
     model = tiny("SM+LN+G").eval()
     idx = torch.zeros(1, 3, dtype=torch.long)

@@ -124,7 +124,10 @@ def _errors(rows):
     return out
 
 
-def test_paper_fit_reproduces_2501_tables():
+def test_paper_fit_in_sample_reproduces_2501_tables():
+    """In-sample: paper-fit was fitted to these very rows (pi.fit.fit_rows), so this checks the fit and the census
+    agree with the printed tables, not that the model predicts; the leave-one-setting-out test is the
+    out-of-sample check."""
     errs = _errors([r for r in ROWS if r.table in MAIN_TABLES])
     worst_c = max(errs, key=lambda e: abs(e[1]))
     worst_l = max(errs, key=lambda e: abs(e[2]))
@@ -137,7 +140,8 @@ def test_paper_fit_reproduces_2501_tables():
     assert abs(worst_l[2]) < 0.15
 
 
-def test_aero_rows_reported_with_errors():
+def test_paper_fit_in_sample_aero_rows_reported_with_errors():
+    """In-sample as well: AERO's rows are among the fitted ones."""
     errs = _errors([r for r in ROWS if r.table.startswith("aero")])
     for r, ec, el, _ in errs:
         print(f"{_id(r):55s} comm {100 * ec:+6.2f}%  lat {100 * el:+6.2f}%")
@@ -147,13 +151,14 @@ def test_aero_rows_reported_with_errors():
     assert "^i" in worst[0].preset and abs(worst[2]) < 0.15
 
 
-def test_savings_3_94x():
+def test_paper_fit_in_sample_savings_of_the_fused_ffn():
+    """In-sample: the fused-FFN savings factor (the paper's 3.94x) from the fitted profile matches the table's."""
     rows = {r.arch: r for r in load_rows("paper-t128")}
     base, fused = rows["SM+LN+G"], rows["SM+ScFuFFN"]
-    assert round(base.comm_gb / fused.comm_gb, 2) == fused.comm_sav == 3.94
+    assert round(base.comm_gb / fused.comm_gb, 2) == fused.comm_sav  # the table's savings column is its ratio
     pred = predict(base.census(), PAPER).comm_gb / predict(fused.census(), PAPER).comm_gb
-    assert f"{pred:.2g}" == f"{base.comm_gb / fused.comm_gb:.2g}" == "3.9"
-    assert abs(pred - 3.94) < 0.02
+    assert f"{pred:.2g}" == f"{base.comm_gb / fused.comm_gb:.2g}"
+    assert abs(pred - fused.comm_sav) < 0.02
 
 
 def test_predict_is_the_linear_sum_of_the_profile():
@@ -245,6 +250,7 @@ def test_save_profile_round_trip_and_no_clobber(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+@pytest.mark.slow
 def test_census_of_every_paper_preset_follows_its_config():
     from privlm.presets import PAPER_PRESETS
 

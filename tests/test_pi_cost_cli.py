@@ -18,6 +18,7 @@ def _run(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_fused_vs_baseline_savings_at_gpt2_size(capsys):
     code, out, _ = _run(capsys, "SM+ScFuFFN", "--vs", "SM+LN+G", "--format", "json")
     assert code == 0
@@ -41,6 +42,7 @@ def test_several_presets_with_overrides_md(capsys):
     assert "| 1.00× | 1.00× |" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table", ["paper-t128", "paper-t256", "paper-l18", "paper-languini-t512", "aero-t128"])
 def test_table_json_rows(capsys, table):
     code, out, _ = _run(capsys, "--table", table, "--format", "json")

@@ -19,6 +19,8 @@ from privlm.model import GPT
 from privlm.spu.export import save_export
 from privlm.spu.launcher import SPUError, spu_python
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 REPO = Path(__file__).resolve().parents[1]
 PRIVLM = [sys.executable, "-m", "privlm.cli"]
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.vocab_size=64", "model.block_size=16",

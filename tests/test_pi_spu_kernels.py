@@ -46,6 +46,7 @@ def test_kernel_inputs_cover_the_stated_ranges():
     assert u.min() < K.GELU_ZERO_BELOW - 5 and u.max() > K.GELU_IDENTITY_ABOVE + 5  # every GELU segment
 
 
+@pytest.mark.slow
 def test_every_kernel_of_every_profile_is_within_its_error_bound_under_2pc():
     """Each profile's softmax, GELU and LayerNorm run under CHEETAH (both parties in one process) with the
     profile's runtime settings and compiler options; max |2PC - numpy float64| <= the kernel's bound over

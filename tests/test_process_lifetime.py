@@ -23,6 +23,8 @@ from safetensors.torch import save_model
 from privlm.config import load_config, to_yaml
 from privlm.model import GPT
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 PRIVLM = [sys.executable, "-m", "privlm.cli"]

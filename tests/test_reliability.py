@@ -31,6 +31,8 @@ from privlm.train.optim import lr_multiplier
 from privlm.train.cli import resume_config
 from small_corpus import stdlib_corpus_overrides
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 SRC = Path(__file__).resolve().parent.parent / "src" / "privlm"
 
 

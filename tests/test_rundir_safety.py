@@ -28,6 +28,8 @@ from privlm.fileio import RunDirectory, atomic_write_text
 from privlm.train.loop import train
 from small_corpus import stdlib_corpus_overrides
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 

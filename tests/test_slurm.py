@@ -21,7 +21,8 @@ from privlm.train import train
 from slurm_cluster import SlurmCluster
 from small_corpus import stdlib_corpus_overrides
 
-pytestmark = pytest.mark.xdist_group("slurm")  # one cluster per session: every SLURM test on one worker
+# one cluster per session: every SLURM test on one worker; make test-fast leaves this file out
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.batch_size=2", "train.eval_every=6", "train.eval_max_batches=2", "train.save_every=2",

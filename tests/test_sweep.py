@@ -14,6 +14,8 @@ from privlm.config import ConfigError
 from privlm.sweep import load_sweep, run_sweep
 from privlm.train.rundir import run_status
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "cpu" / "tiny.yaml"
 FAST = ["model.n_embd=32", "train.max_steps=6", "train.batch_size=2", "train.eval_every=3",

@@ -29,6 +29,8 @@ from privlm.train.batches import BatchSchedule, Position, epoch_permutation
 from privlm.train.evaluation import shift_targets
 from privlm.train.optim import build_optimizer, lr_multiplier
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 V, T = 64, 32
 
 

@@ -12,6 +12,8 @@ from privlm.config import load_config
 from small_corpus import stdlib_corpus_overrides
 from privlm.train import train
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 
 def test_two_process_ddp_matches_single_process(tmp_path):
     common = stdlib_corpus_overrides(tmp_path, 30) + [

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from privlm.config import load_config
 from small_corpus import stdlib_corpus_overrides
 
+pytestmark = pytest.mark.slow  # make test-fast leaves this file out
+
 
 def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "privlm.cli", "train", *args]

@@ -1,7 +1,8 @@
 """`privlm` command line. Each subcommand lives in the module of its concept and registers itself here.
 
 A subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a
-callable taking the parsed ``argparse.Namespace`` and returning an exit code.
+callable taking the parsed ``argparse.Namespace`` and returning an exit code. The command's one-line summary
+is written once, in ``SUBCOMMANDS``: ``add_parser`` takes it from there unless the module passes ``help=``.
 """
 from __future__ import annotations
 
@@ -47,12 +48,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=SUBCOMMANDS[name][1], add_help=False)
             continue
         try:
-            importlib.import_module(module).register(sub)
+            importlib.import_module(module).register(_Subparsers(sub))
         except ImportError as exc:  # one broken optional dependency must not take every command down
             broken = sub.add_parser(name, help=f"(unavailable: {exc})", add_help=False)
             broken.add_argument("rest", nargs=argparse.REMAINDER)
             broken.set_defaults(func=_unavailable(name, exc))
     return parser
+
+
+class _Subparsers:
+    """The subparsers action as a command module sees it: ``add_parser(NAME)`` gets NAME's summary from
+    ``SUBCOMMANDS`` as its ``help``."""
+
+    def __init__(self, action: argparse._SubParsersAction):
+        self._action = action
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        kwargs.setdefault("help", SUBCOMMANDS[name][1])
+        return self._action.add_parser(name, **kwargs)
 
 
 def _unavailable(name: str, exc: ImportError):

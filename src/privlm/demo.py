@@ -213,8 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the paper's story in minutes: three designs, verdicts, costs, 2PC prediction",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"sweep file of the runs (default {DEFAULT_SWEEP})")
     p.add_argument("--out", help="demo directory (default runs/demo-<time>); rerun with it to continue")
     p.add_argument("--jobs", type=bounded_int(1, 256), default=3,

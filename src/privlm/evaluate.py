@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity of a run's checkpoint", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="evaluate on this source instead (files:<glob>, hf:<id>, stdlib)")
     p.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=None)

@@ -25,8 +25,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from privlm.errors import CheckpointError
 from privlm.fileio import path_state, use_umask
 from privlm.validate import read_json
@@ -155,6 +153,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
 def max_logit_difference(run_dir: str | Path, out_dir: str | Path, T: int = 16) -> float:
     """Largest |logit| difference between the run's model and the exported one on random tokens (a check
     for the export, run by `privlm export-hf` after writing)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from privlm.run import load_run
@@ -186,8 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-hf", help="write a run's checkpoint as a Hugging Face transformers model",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("export-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="privlm run directory")
     p.add_argument("out_dir", help="new (or empty) directory to write")
     p.set_defaults(func=run)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-
-import torch
+from typing import TYPE_CHECKING
 
 from privlm.config import ConfigError, load_config, split_spec, to_yaml
-from privlm.model import GPT
 from privlm.presets import PAPER_PRESETS, describe
+
+if TYPE_CHECKING:
+    from privlm.model import GPT
 
 
 def special_parameters(model: GPT) -> list[dict]:
@@ -27,6 +28,10 @@ def special_parameters(model: GPT) -> list[dict]:
 
 
 def inspect_report(spec: str, overrides: list[str]) -> dict:
+    import torch
+
+    from privlm.model import GPT
+
     cfg = load_config(spec, overrides)
     with torch.device("meta"):  # shapes only: no memory, instant even at GPT-2 size
         model = GPT(cfg.model)
@@ -152,8 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show a preset's (or Hugging Face model's) config, parameter counts and modules",
-                       description=__doc__)
+    p = sub.add_parser("inspect", description=__doc__)
     p.add_argument("spec", nargs="?", default=None,
                    help="preset name (e.g. 'SM(t)+ScFuFFN'), YAML config, or a Hugging Face model (directory or hf:<id>)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=12")

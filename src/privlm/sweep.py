@@ -532,8 +532,7 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
 
 # ----------------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="train a list of presets / a config grid and tabulate them (Table 3 layout)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_file", metavar="SWEEP.yaml")
     p.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
     p.add_argument("--max-runs", type=bounded_int(0, MAX_COUNT), default=None, metavar="N",

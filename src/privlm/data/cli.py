@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="build/inspect the tokenized data of a config", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", default=None, help="YAML config or preset name (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=256")
     p.add_argument("--out", default=None, help="write tokenizer.json and data_manifest.json into this directory")

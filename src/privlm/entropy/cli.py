@@ -15,17 +15,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, diagnose, measure_model, near_uniform_heads
-from privlm.entropy.regularizer import outside_band, threshold_deviation
 from privlm.errors import MAX_BATCH, MAX_T, CheckpointError, DataError, bounded_float, bounded_int, positive_int
 from privlm.fileio import strict_json
 
+if TYPE_CHECKING:  # numpy, torch and the measurement are imported when a command runs, not by its --help
+    import numpy as np
+
 
 def _batches(chunks: np.ndarray, batch_size: int, max_batches: int | None):
+    import numpy as np
+    import torch
+
     n = len(chunks) if max_batches is None else min(len(chunks), batch_size * max_batches)
     for i in range(0, n, batch_size):
         yield torch.from_numpy(np.asarray(chunks[i:i + batch_size], dtype=np.int64))
@@ -34,7 +36,12 @@ def _batches(chunks: np.ndarray, batch_size: int, max_batches: int | None):
 def entropy_report(run_dir: str, data_source: str | None = None, batch_size: int | None = None,
                    max_batches: int | None = None, device: str = "auto", max_value: float | None = None,
                    T: int | None = None) -> dict:
+    import numpy as np
+    import torch
+
     from privlm.data import prepare_data
+    from privlm.entropy.measure import diagnose, measure_model
+    from privlm.entropy.regularizer import outside_band, threshold_deviation
     from privlm.hfmodel import check_model_dir, is_hf_spec
     from privlm.run import load_run, load_run_config
     from privlm.validate import check_model_fits, check_token_ids
@@ -81,8 +88,11 @@ def hf_entropy_report(spec: str, data_source: str | None, batch_size: int | None
                       device: str, max_value: float | None, T: int | None) -> dict:
     """`entropy_report` of a Hugging Face causal LM: same table, bins and verdicts, on text tokenized with
     the model's own tokenizer (the standard library's validation split, or all of ``data_source``)."""
+    import numpy as np
+
     from privlm.config import DataConfig
     from privlm.data import prepare_data
+    from privlm.entropy.measure import diagnose, measure_model
     from privlm.entropy.hf import hf_entropy
     from privlm.hfmodel import check_length, load_config, load_model, shape_of, tokenizer_spec
 
@@ -134,6 +144,10 @@ def _table(rows: list[list[float | None]], fmt: str, marks=None) -> list[str]:
 
 
 def format_report(rep: dict) -> str:
+    import numpy as np
+
+    from privlm.entropy.measure import BIN_LABELS, COLLAPSE_NATS, near_uniform_heads
+
     hm = rep["head_entropy"]
     bins, over, coll = rep["bins"], rep["overload"], rep["collapse"]
     matrix = [[np.nan if v is None else v for v in row] for row in hm]
@@ -198,9 +212,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("entropy", help="per-head attention entropy, bins and overload/collapse verdicts of a run "
-                                       "or a Hugging Face model", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("entropy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR|HF_MODEL",
                    help="a privlm run directory, a save_pretrained directory or hf:<hub id>")
     p.add_argument("--T", type=bounded_int(1, MAX_T), default=None,

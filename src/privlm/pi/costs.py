@@ -83,10 +83,6 @@ class Cost:
         """False when some op had no figure: comm_gb and lat_min are then lower bounds."""
         return not self.unknown
 
-    def savings_vs(self, ref: "Cost") -> tuple[float, float]:
-        """(communication, latency) savings factor of this model relative to ``ref`` (ref / self)."""
-        return ref.comm_gb / self.comm_gb, ref.lat_min / self.lat_min
-
     def to_dict(self) -> dict:
         return {"arch": self.arch, "T": self.T, "profile": self.profile, "comm_gb": self.comm_gb,
                 "lat_min": self.lat_min, "breakdown": self.breakdown, "rounds": self.rounds,

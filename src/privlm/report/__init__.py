@@ -1,22 +1,32 @@
-"""Figures, results tables and the self-contained HTML report, built from run directories alone."""
+"""Figures, results tables and the self-contained HTML report, built from run directories alone. The names below
+are imported on first use (`privlm report --help` imports neither numpy nor matplotlib)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from privlm.errors import PrivlmError
+from privlm.lazy import lazy_exports
 from privlm.pi.summary import CostSummary
-from privlm.report import analysis, figures, html
-from privlm.report.runs import RunData, load_run, load_runs
 from privlm.results import RunRow
 
+if TYPE_CHECKING:
+    from privlm.report import analysis, figures, html
+    from privlm.report.runs import RunData, load_run, load_runs
+
 __all__ = ["RunData", "load_run", "load_runs", "collect", "build_report", "analysis", "figures", "html"]
+lazy_exports(__name__, dict.fromkeys(["RunData", "load_run", "load_runs"], "privlm.report.runs"),
+             submodules=("analysis", "figures", "html"))
 
 
 def collect(runs: Sequence[RunData], baseline: Optional[str] = None,
-            profile: str = analysis.DEFAULT_PROFILE) -> tuple[list[RunRow], list[Optional[CostSummary]], list[str]]:
+            profile: Optional[str] = None) -> tuple[list[RunRow], list[Optional[CostSummary]], list[str]]:
     """Rows (one per run), predicted costs and notes. ``baseline`` names the run (directory name,
-    label or preset) the savings are relative to; default the first run."""
+    label or preset) the savings are relative to; default the first run. ``profile``: default
+    ``analysis.DEFAULT_PROFILE``."""
+    from privlm.report import analysis
+
+    profile = profile or analysis.DEFAULT_PROFILE
     notes: list[str] = []
     costs: list[Optional[CostSummary]] = []
     for run in runs:
@@ -38,8 +48,11 @@ def collect(runs: Sequence[RunData], baseline: Optional[str] = None,
 
 def build_report(run_dirs: Sequence[str | Path], out_html: Path, figures_dir: Optional[Path] = None,
                  baseline: Optional[str] = None, title: str = "privlm report",
-                 profile: str = analysis.DEFAULT_PROFILE, extra_notes: Sequence[str] = ()) -> list[RunRow]:
+                 profile: Optional[str] = None, extra_notes: Sequence[str] = ()) -> list[RunRow]:
     """Write the HTML report (and, when ``figures_dir`` is given, every figure as PNG)."""
+    from privlm.report import figures, html
+    from privlm.report.runs import load_runs
+
     runs = load_runs(list(run_dirs))
     rows, costs, notes = collect(runs, baseline, profile)
     specs = figures.build_figures(runs, costs)

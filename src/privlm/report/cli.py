@@ -9,8 +9,7 @@ from privlm.errors import PrivlmError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="self-contained HTML report (tables + figures) of one or more runs",
-                       description=__doc__)
+    p = sub.add_parser("report", description=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--figures", metavar="DIR", help="also write every figure as PNG into DIR")

@@ -13,7 +13,6 @@ from pathlib import Path
 from privlm.config import ConfigError, apply_overrides, load_config, split_spec
 from privlm.errors import CheckpointError
 from privlm.fileio import slug
-from privlm.run import load_run_config
 
 
 def _default_run_dir(preset: str) -> Path:
@@ -23,6 +22,8 @@ def _default_run_dir(preset: str) -> Path:
 def resume_config(run_dir: Path, overrides: list[str]):
     """The run's saved config with optional overrides (e.g. train.max_steps=... to extend a run, train.lr=...);
     the trainer rejects changes outside `RESUME_OVERRIDABLE` and records the others in config_history.jsonl."""
+    from privlm.run import load_run_config
+
     try:
         cfg = load_run_config(run_dir)
     except CheckpointError as exc:
@@ -63,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model; writes a run directory", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", default=None, help="YAML config or preset name (e.g. 'SM+R')")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
     p.add_argument("--out", default=None, help="new run directory (default runs/<preset>-<time>)")
