@@ -112,16 +112,6 @@ def save_export(model, out_dir: Path) -> tuple[Path, Path]:
     return pub, wts
 
 
-def save_public(model, out_dir: Path) -> Path:
-    """Only the public architecture file (what a client machine needs)."""
-    meta, _ = export_model(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pub = out_dir / PUBLIC_FILE
-    pub.write_text(json.dumps(meta))
-    return pub
-
-
 def load_model(run_dir: Path):
     """(Config, GPT in eval mode, tokenizer or None) of a run directory (docs/CONTRACTS.md layout)."""
     from privlm.run import load_run  # torch side: the one run loader (CheckpointError on missing/corrupt files)

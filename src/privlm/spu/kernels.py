@@ -76,13 +76,6 @@ def piecewise_gelu_fit(iterations: int = 200) -> tuple[tuple[float, ...], tuple[
     return lawson(GELU_ZERO_BELOW, GELU_SPLIT, 3), lawson(GELU_SPLIT, GELU_IDENTITY_ABOVE, 6)
 
 
-def _horner(coefs, x):
-    acc = coefs[0]
-    for c in coefs[1:]:
-        acc = acc * x + c
-    return acc
-
-
 # --------------------------------------------------------------------------------------------------
 # JAX kernels
 def softmax_divide(s):

@@ -8,10 +8,12 @@ per-op breakdown needs no guessing.
 
 Runs in the SPU environment: imports numpy and jax only (no torch).
 
-Public vs secret (see docs/pi-measured.md): every matrix and vector of the model is secret (the server
-secret-shares it). The few scalars that the census treats as free public rescalings are compiled into
-the program and so known to both parties: Eq. 8's beta, the SM(t) temperatures and the leaky-ReLU slopes.
-Eq. 8's 1/alpha is folded into the FFN output weights at export time, so alpha stays secret.
+Public vs secret (see docs/pi-measured.md): every matrix and vector of the model is a private input of the
+server (colocated shares: the client builds its share from zeros of the public shape; nothing is shared up
+front). In this hand-written program (`build_program`) the few scalars that the census treats as free
+rescalings are compiled in and so known to both parties: Eq. 8's beta, the SM(t) temperatures and the
+leaky-ReLU slopes (Eq. 8's 1/alpha is folded into the FFN output weights, so alpha stays secret). The traced
+program (`program_from_trace`, `--program traced`) keeps those scalars private to the server too.
 """
 from __future__ import annotations
 
