@@ -542,7 +542,7 @@ def test_privlm_data_command(tmp_path, hand_corpus, capsys):
     over = [f"data.{k}={v}" for k, v in hand_corpus.items()] + [f"data.cache_dir={tmp_path / 'cache'}"]
     assert main(["data", *over, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "train         3     0.00          21" in out and "skipped: none" in out
+    assert "train          3     0.00          21" in out and "skipped: none" in out
     assert (tmp_path / "out" / "data_manifest.json").is_file()
     assert main(["data", *over, "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
