@@ -313,10 +313,11 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
                  f"predicted 2PC Comm / Lat of one token after a {d.seq_len}-token prompt (savings vs "
                  f"{base_row.preset}) under each cost profile: {'; '.join(labels.values())}):", ""] + table
     ereg_run = next((r for r in sweep.runs if r.cfg.reg.enabled), None)
-    if ereg_run is not None:
-        lines += [""] + regularizer_effect(rows, ereg_run.cfg.reg, _read_json(Path(settings_path)),
-                                           _read_json(Path(study_path)), _rel(Path(settings_path)),
-                                           _rel(Path(study_path).parent))
+    effect = [] if ereg_run is None else regularizer_effect(
+        rows, ereg_run.cfg.reg, _read_json(Path(settings_path)), _read_json(Path(study_path)),
+        _rel(Path(settings_path)), _rel(Path(study_path).parent))
+    if effect:
+        lines += [""] + effect
     if pi_doc is not None:
         lines += ["", pi_line(pi_run.name, pi_doc)]
     elif pi_error is not None:
@@ -334,7 +335,8 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
     atomic_write_json(out / "demo.json", {"sweep_file": sweep_path, "jobs": jobs, "run_seconds": seconds,
                                           "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
                                           "train_cpu_seconds": round(cpu_train, 1), "pi_cpu_seconds": round(cpu_pi, 1),
-                                          "load_average": os.getloadavg(), "pi": pi_doc, "pi_error": pi_error})
+                                          "load_average": os.getloadavg(), "pi": pi_doc, "pi_error": pi_error,
+                                          "cost_profiles": profiles, "regularizer_effect": effect})
     from privlm.report.readme import has_blocks, update_readme
     if has_blocks(out / "README.md"):  # the committed demo page (docs/results/demo): its numbers follow demo.json
         update_readme(out / "README.md")
