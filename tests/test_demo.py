@@ -194,6 +194,10 @@ def test_demo_end_to_end_with_private_inference_and_resume(tmp_path, capsys):
     demo_md = (out / "demo.md").read_text()
     assert "| SM+ScFuFFN |" in demo_md and str((out / "report.html").resolve()) in demo_md
     header = next(ln for ln in demo_md.splitlines() if ln.startswith("| design |"))
+    # the paper-fit column at the demo size is the cost the sweep's rows carry (report.analysis, same run config)
+    for r in rows.values():
+        line = next(ln for ln in demo_md.splitlines() if ln.startswith(f"| {r.label} |"))
+        assert f"| {r.cost.comm_gb:.3f} GB / {r.cost.lat_min:.2f} min (" in line
     for p in DEFAULT_COST_PROFILES:  # every cost column says which profile it is
         assert f"{profile_label(p)}: L2 " in header and f"{profile_label(p)}: GPT-2" in header
     assert json.loads((out / "demo.json").read_text())["run_seconds"].keys() == {"sm-ln-g", "sm-scfuffn"}

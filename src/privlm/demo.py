@@ -303,7 +303,9 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
 
     rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized")
     base_row = next((r for r in rows if sweep.baseline in (r.name, r.preset)), rows[0])
-    models = {r.name: r.cfg.model for r in sweep.runs if r.name in {row.name for row in rows}}
+    from privlm.run import load_run_config
+    # each run's own saved model config (its vocabulary is the trained tokenizer's, not the config default)
+    models = {row.name: load_run_config(out / row.name).model for row in rows}
     costs = {p: (demo_costs(models, base_row.name, p, d.seq_len), gpt2_costs(rows, base_row.preset, p))
              for p in profiles}
     labels = {p: profile_label(p) for p in profiles}
