@@ -83,10 +83,16 @@ def private_prediction(run_dir: Path, prompt: str, pi_args: list[str]) -> dict:
     return doc
 
 
+_CENSUS: dict = {}  # (model config, T) -> Census: one forward pass per architecture, however many profiles
+
+
 def _cost(model_cfg, T: int, profile: str) -> CostSummary:
     from privlm.pi import census, predict
 
-    c = census(model_cfg, T)
+    key = (repr(model_cfg), T)
+    if key not in _CENSUS:
+        _CENSUS[key] = census(model_cfg, T)
+    c = _CENSUS[key]
     return CostSummary.of(c, predict(c, profile))
 
 
