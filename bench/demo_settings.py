@@ -8,8 +8,9 @@ at a time, one torch thread each; resumable: rerun the same command), then score
 
 * held-out PPL (`privlm eval RUN --split heldout`: files carved from the training side, never trained on) --
   the only number the setting is chosen on;
-* validation PPL and the entropy diagnosis (layer mean entropies, verdict) as the sweep's results rows hold
-  them (the same split and criteria `privlm entropy` and the demo report);
+* validation PPL (whole validation split, end of training) and the entropy diagnosis (layer mean entropies,
+  verdict) as the sweep's results rows hold them: the run's last entropy measurement judged by
+  `privlm.entropy`'s criteria, exactly what the demo's table prints for a run;
 * per seed, the paired difference EReg - control (same seed, same data order) of held-out PPL, valid PPL and
   the mean entropy of layers 0-1 (the layers the paper's entropic overload is about), with mean, min and max.
 
