@@ -51,8 +51,29 @@ def _stats(xs: list[float]) -> dict:
     return {"n": len(xs), "mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}
 
 
-def score(sweep, out: Path, log=print) -> dict:
+def heldout_eval(out: Path, name: str) -> dict:
+    """`privlm eval RUN --split heldout` of a finished run, kept in out/heldout/<name>.json beside the sweep
+    (never in the run directory) with the SHA-256 of the weights it scored, so a rerun scores only new runs."""
+    import hashlib
+
     from privlm.evaluate import evaluate_run
+    from privlm.fileio import atomic_write_json
+
+    weights = hashlib.sha256((out / name / "model.safetensors").read_bytes()).hexdigest()
+    cache = out / "heldout" / f"{name}.json"
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("weights_sha256") == weights:
+            return saved["result"]
+    except (OSError, ValueError):
+        pass
+    res = evaluate_run(str(out / name), split="heldout", device="cpu")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cache, {"weights_sha256": weights, "result": res})
+    return res
+
+
+def score(sweep, out: Path, log=print) -> dict:
     from privlm.sweep import write_results
 
     rows = {r.name: r for r in write_results(sweep, out)}  # results.md/json + report.html under out
@@ -62,7 +83,7 @@ def score(sweep, out: Path, log=print) -> dict:
         if row is None or not row.finished:
             continue
         setting, seed = _setting_and_seed(r.name)
-        held = evaluate_run(str(out / r.name), split="heldout", device="cpu")
+        held = heldout_eval(out, r.name)
         diag = row.diagnosis
         layers = list(diag.layer_mean_entropy) if diag is not None else None
         runs.append({"name": r.name, "setting": setting, "seed": seed, "preset": r.preset,
