@@ -136,6 +136,82 @@ def test_hash_split_is_by_relative_path_and_disjoint(tmp_path):
     assert [f["path"] for f in again.valid.files if f["path"] != "pkg9/new.py"] == valid
 
 
+def _bucket(salt: bytes, key: str, fraction: float) -> bool:
+    return int.from_bytes(hashlib.sha256(salt + key.encode()).digest()[:8], "big") < int(fraction * 2**64)
+
+
+def test_heldout_split_is_carved_from_train_and_leaves_valid_unchanged(tmp_path):
+    root = tmp_path / "many"
+    for i in range(80):
+        write(root / f"pkg{i % 4}" / f"mod_{i:02d}.py", GOOD_PY.replace("add", f"add_{i}"))
+    source = f"files:{root}/**/*.py"
+    plain = build_corpus(cfg(tmp_path, source, valid_fraction=0.2))
+    held = build_corpus(cfg(tmp_path, source, valid_fraction=0.2, heldout_fraction=0.25))
+    paths = lambda split: [f["path"] for f in split.files]  # noqa: E731
+    # independent reference: valid by sha256("privlm-split:" + path), then heldout by
+    # sha256("privlm-heldout:" + path) among the rest, both read as 64-bit integers
+    every = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py"))
+    ref_valid = [p for p in every if _bucket(b"privlm-split:", p, 0.2)]
+    ref_held = [p for p in every if p not in ref_valid and _bucket(b"privlm-heldout:", p, 0.25)]
+    assert paths(held.heldout) == ref_held and 5 < len(ref_held) < 35
+    # valid is the same split, document for document, with or without a held-out split
+    assert paths(held.valid) == paths(plain.valid) == ref_valid and held.valid.sha256 == plain.valid.sha256
+    # train and heldout partition the training side of the build without one
+    assert not set(paths(held.train)) & set(paths(held.heldout))
+    assert sorted(paths(held.train) + paths(held.heldout)) == paths(plain.train)
+    # without a held-out split nothing changes: no third split, the fingerprint of the two-split formula
+    assert plain.heldout is None and set(plain.manifest()["splits"]) == {"train", "valid"}
+    assert plain.fingerprint == hashlib.sha256(f"{plain.train.sha256}:{plain.valid.sha256}".encode()).hexdigest()
+    assert held.fingerprint != plain.fingerprint and set(held.manifest()["splits"]) == {"train", "valid", "heldout"}
+    # deterministic: a second build gives the same splits and fingerprint
+    again = build_corpus(cfg(tmp_path, source, valid_fraction=0.2, heldout_fraction=0.25))
+    assert (again.fingerprint, paths(again.heldout)) == (held.fingerprint, paths(held.heldout))
+    with pytest.raises(ConfigError, match="heldout_fraction"):
+        load_config(None, ["data.heldout_fraction=1.0"])
+
+
+def test_heldout_tokens_and_eval_split(tmp_path):
+    from privlm.evaluate import evaluate_run
+    from privlm.train import train
+
+    root = tmp_path / "code"
+    for i in range(40):
+        write(root / f"m{i:02d}.py", GOOD_PY.replace("add", f"add_{i}").replace("Point", f"P{i}"))
+    source = f"files:{root}/*.py"
+    shape = ["model.n_layer=1", "model.n_head=1", "model.n_embd=16", "model.block_size=16", "data.seq_len=16",
+             "data.vocab_size=300", f"data.source={source}", f"data.cache_dir={tmp_path / 'cache'}",
+             "data.valid_fraction=0.2", "train.batch_size=4", "train.max_steps=3", "train.eval_every=3",
+             "train.save_every=3", "train.log_every=1", "train.entropy_every=3", "train.device=cpu"]
+    run = tmp_path / "run"
+    train(load_config("SM+LN+G", shape + ["data.heldout_fraction=0.25"]), run, quiet=True)
+    data = prepare_data(load_config("SM+LN+G", shape + ["data.heldout_fraction=0.25", f"data.tokenizer={run}/tokenizer.json"]).data)
+    assert data.heldout is not None and len(data.heldout) > 0
+    assert set(json.loads((run / "data_manifest.json").read_text())["splits"]) == {"train", "valid", "heldout"}
+    rep = evaluate_run(str(run), split="heldout", device="cpu")
+    # the held-out chunks scored by hand with the run's final model
+    import torch
+    import torch.nn.functional as F
+
+    from privlm.run import load_run
+
+    model = load_run(run).model
+    x = torch.from_numpy(data.heldout.astype("int64"))
+    with torch.no_grad():
+        logits = model(x).logits[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+    assert rep["split"] == "heldout" and rep["tokens"] == x.numel() - x.size(0)
+    assert rep["loss"] == pytest.approx(ce.item(), rel=1e-5)
+    assert evaluate_run(str(run), device="cpu")["loss"] != pytest.approx(rep["loss"])  # valid: other text
+    with pytest.raises(ConfigError, match="--data"):
+        evaluate_run(str(run), data_source=source, split="heldout")
+    # a run trained without a held-out split has none to score: one line
+    plain = tmp_path / "plain"
+    train(load_config("SM+LN+G", shape), plain, quiet=True)
+    with pytest.raises(DataError) as exc:
+        evaluate_run(str(plain), split="heldout", device="cpu")
+    assert "heldout_fraction" in one_line(exc)
+
+
 @pytest.fixture(scope="module")
 def stdlib_corpus():
     return build_corpus(DataConfig())
@@ -469,7 +545,7 @@ def test_privlm_data_command(tmp_path, hand_corpus, capsys):
     over = [f"data.{k}={v}" for k, v in hand_corpus.items()] + [f"data.cache_dir={tmp_path / 'cache'}"]
     assert main(["data", *over, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "train         3     0.00          21" in out and "skipped: none" in out
+    assert "train          3     0.00          21" in out and "skipped: none" in out
     assert (tmp_path / "out" / "data_manifest.json").is_file()
     assert main(["data", *over, "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)

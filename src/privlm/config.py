@@ -101,6 +101,11 @@ class DataConfig:
     max_train_docs: Optional[int] = None
     max_valid_docs: Optional[int] = None
     valid_fraction: float = 0.05
+    # Held-out split for choosing settings (lambda, gamma, theta init...) apart from the reported validation
+    # split: a file goes there iff sha256("privlm-heldout:" + key) falls below this fraction; it is carved
+    # from the training documents only (valid unchanged, train and heldout disjoint). 0 = no held-out split,
+    # and then the corpus, tokenizer and tokens are exactly those built without this field.
+    heldout_fraction: float = 0.0
     tokenizer: str = "bpe"  # "bpe" = train a byte-level BPE on the train split; else tokenizer.json or hub name
     vocab_size: int = 8192
     seq_len: int = 128  # T: training chunk length
@@ -386,6 +391,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.alpha_init=0 would divide the FFN output by zero (Eq. 8 uses 1/alpha)")
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction={d.valid_fraction} must be in [0, 1)")
+    if not 0.0 <= d.heldout_fraction < 1.0:
+        raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be in [0, 1)")
     if not (d.source == "stdlib" or d.source.startswith(("hf:", "files:"))):
         raise ConfigError(f"data.source='{d.source}' is not allowed; use stdlib, hf:<dataset id> or files:<glob>")
     if d.valid_source is not None and not (d.valid_source == "stdlib" or d.valid_source.startswith(("hf:", "files:"))):

@@ -4,8 +4,13 @@ Trains the runs of a sweep file (default ``configs/sweeps/demo.yaml``: the basel
 SM+ScFuFFN and the regularized EReg(SM(t)+ScFuFFN), same data, budget and seed) several at a time with one
 torch thread each, runs one private next-token prediction of the softmax-only model under SecretFlow SPU
 (`privlm pi run --mode sim`), and prints one comparison table: validation PPL, entropy verdicts per layer,
-nonlinear ops, predicted 2PC communication/latency at the demo size and at GPT-2 size, and savings. The
-results (results.md/json, report.html with every figure, demo.md) are the sweep's, written into DIR.
+nonlinear ops, and predicted 2PC communication/latency with savings at the demo size and at GPT-2 size under
+each cost profile of --cost-profiles (default: the fitted paper-fit beside the measured SPU engines), each
+column labelled with its profile. Below it, the regularizer's effect at this budget as measured on 3 seeds
+(bench/results/demo_settings.json): only when that measurement shows it in the paper's direction beyond the
+seed spread, and this run's rows agree, does the demo say so; otherwise it says plainly that it does not and
+prints the study's committed paired result (docs/results/cpu-study-v2/results.json) beside it. The results
+(results.md/json, report.html with every figure, demo.md) are the sweep's, written into DIR.
 
 An interrupted demo continues where it stopped when rerun with the same --out (finished runs are kept,
 runs with a checkpoint resume).
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from privlm.errors import PrivlmError, bounded_int
 from privlm.validate import read_json
@@ -32,6 +38,15 @@ DEFAULT_SWEEP = "configs/sweeps/demo.yaml"
 DEFAULT_PROMPT = "import os\n\ndef read_config(path):\n    with open(path) as f:\n        return"
 PI_PRESET = "SM+ScFuFFN"  # the softmax-only design the private inference runs on
 GPT2_T = 128  # the paper's Table 3 context length
+# Cost profiles of the table (privlm cost --list-profiles): the fit to the paper's published rows beside the
+# measured SPU engines. A further profile (e.g. a paper-era engine) is one more name here or in --cost-profiles.
+DEFAULT_COST_PROFILES = ("paper-fit", "spu-bumblebee-measured", "spu-cheetah-measured")
+ROOT = Path(__file__).resolve().parents[2]
+# The 3-seed measurement of the regularizer at the demo's budget (bench/demo_settings.py) and the study whose
+# paired C4 result the demo prints when that measurement does not show the effect.
+DEFAULT_SETTINGS_RESULTS = ROOT / "bench" / "results" / "demo_settings.json"
+DEFAULT_STUDY_RESULTS = ROOT / "docs" / "results" / "cpu-study-v2" / "results.json"
+EREG_PRESET, PLAIN_PRESET = "EReg(SM(t)+ScFuFFN)", "SM+ScFuFFN"
 
 
 def train_runs(sweep, out: Path, jobs: int, log=print) -> dict[str, float]:
@@ -69,30 +84,75 @@ def private_prediction(run_dir: Path, prompt: str, pi_args: list[str]) -> dict:
     return doc
 
 
+_CENSUS: dict = {}  # (model config, T) -> Census: one forward pass per architecture, however many profiles
+
+
+def _cost(model_cfg, T: int, profile: str) -> CostSummary:
+    from privlm.pi import census, predict
+
+    key = (repr(model_cfg), T)
+    if key not in _CENSUS:
+        _CENSUS[key] = census(model_cfg, T)
+    c = _CENSUS[key]
+    return CostSummary.of(c, predict(c, profile))
+
+
 def gpt2_costs(rows: list[RunRow], baseline_preset: str, profile: str) -> dict[str, CostSummary]:
     """Predicted 2PC cost of each row's preset at GPT-2 size (L12 H12 d768, 50K vocabulary, T=128) and its
     savings relative to the baseline preset at the same size."""
     from privlm.config import load_config
-    from privlm.pi import census, predict
 
-    def cost(preset):
-        c = census(load_config(preset).model, GPT2_T)
-        return CostSummary.of(c, predict(c, profile))
+    ref = _cost(load_config(baseline_preset).model, GPT2_T, profile)
+    return {r.name: _cost(load_config(r.preset).model, GPT2_T, profile).relative_to(ref) for r in as_rows(rows)}
 
-    ref = cost(baseline_preset)
-    return {r.name: cost(r.preset).relative_to(ref) for r in as_rows(rows)}
+
+def demo_costs(models: dict, baseline: str, profile: str, T: int) -> dict[str, CostSummary]:
+    """Predicted 2PC cost of each run's own model (``models``: {run name: ModelConfig}) at the demo's T under
+    ``profile``, with savings relative to run ``baseline``."""
+    costs = {name: _cost(m, T, profile) for name, m in models.items()}
+    return {name: c.relative_to(costs[baseline]) for name, c in costs.items()}
+
+
+def profile_label(profile: str) -> str:
+    """``name (kind)``: how a cost column says which profile it is, e.g. ``spu-cheetah-measured (measured)``."""
+    from privlm.pi.costs import load_profile
+
+    kind = load_profile(profile).provenance.get("kind")
+    return f"{profile} ({kind})" if kind else profile
+
+
+def check_profiles(profiles: list[str]) -> None:
+    """Every profile loads (a one-line ConfigError naming it otherwise): checked before anything trains."""
+    from privlm.pi.costs import load_profile
+
+    if not profiles:
+        raise PrivlmError("--cost-profiles is empty; name at least one profile (privlm cost --list-profiles)")
+    for p in profiles:
+        load_profile(p)
 
 
 def _fmt(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def comparison_table(rows: list[RunRow], gpt2: dict[str, CostSummary], demo_size: str) -> list[str]:
-    """The demo's one table (markdown): quality, entropy verdicts, nonlinear ops, cost at both sizes."""
+def _cost_cell(c: Optional[CostSummary], digits: int) -> str:
+    if c is None:
+        return "–"
+    return (f"{c.comm_gb:.{digits}f} GB / {c.lat_min:.2f} min ({_fmt(c.comm_savings, '.2f')}× / "
+            f"{_fmt(c.lat_savings, '.2f')}×)")
+
+
+def comparison_table(rows: list[RunRow], costs: dict[str, tuple[dict, dict]], demo_size: str,
+                     labels: Optional[dict[str, str]] = None) -> list[str]:
+    """The demo's one table (markdown): quality, entropy verdicts, nonlinear ops, and for every cost profile
+    (``costs``: {profile: ({run: cost at the demo size}, {run: cost at GPT-2 size})}, in column order) the
+    predicted Comm / Lat with savings at both sizes, each column headed by the profile's label."""
     rows = as_rows(rows)
+    labels = labels or {}
     n_layers = max(len(r.diagnosis.layer_verdicts) if r.diagnosis else 0 for r in rows)
-    head = (["design", "val PPL", "entropy verdict"] + [f"L{i}" for i in range(n_layers)]
-            + ["#nonlinear ops", f"Comm/Lat {demo_size}", "sav.", "Comm/Lat GPT-2", "sav."])
+    head = (["design", "val PPL", "entropy verdict"] + [f"L{i}" for i in range(n_layers)] + ["#nonlinear ops"])
+    for p in costs:
+        head += [f"{labels.get(p, p)}: {demo_size}", f"{labels.get(p, p)}: GPT-2"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ppl = "NaN (diverged)" if r.diverged else _fmt(r.ppl, ".2f")
@@ -107,14 +167,83 @@ def comparison_table(rows: list[RunRow], gpt2: dict[str, CostSummary], demo_size
             if excess is not None and excess[i] is not None:
                 cell += f" ({excess[i]:+.2f})"
             layers.append(cell)
-        g, c = gpt2[r.name], r.cost
-        demo_cost = (["–", "–"] if c is None else
-                     [f"{c.comm_gb:.3f} GB / {c.lat_min:.2f} min",
-                      f"{_fmt(c.comm_savings, '.2f')}× / {_fmt(c.lat_savings, '.2f')}×"])
-        cells = [r.label, ppl, r.verdict or "–", *layers, "–" if c is None else c.nonlinear, *demo_cost,
-                 f"{g.comm_gb:.2f} GB / {g.lat_min:.2f} min", f"{g.comm_savings:.2f}× / {g.lat_savings:.2f}×"]
+        ops = next((c[0][r.name].nonlinear for c in costs.values() if r.name in c[0]),
+                   r.cost.nonlinear if r.cost else "–")
+        cells = [r.label, ppl, r.verdict or "–", *layers, ops]
+        for demo_c, gpt2_c in costs.values():
+            cells += [_cost_cell(demo_c.get(r.name), 3), _cost_cell(gpt2_c.get(r.name), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _span(st: dict, fmt: str) -> str:
+    return f"{format(st['mean'], fmt)} [{format(st['min'], fmt)}, {format(st['max'], fmt)}]"
+
+
+def regularizer_effect(rows: list[RunRow], reg, settings: Optional[dict], study: Optional[dict],
+                       settings_name: str = "bench/results/demo_settings.json",
+                       study_name: str = "docs/results/cpu-study-v2") -> list[str]:
+    """What the demo may say about the regularizer. ``reg``: the demo's EReg run's RegConfig; ``settings``:
+    bench/demo_settings.py's results (3 seeds, paired with the unregularized SM(t)+ScFuFFN); ``study``: a
+    study's results.json. "Shows" only when the 3-seed measurement of this very setting puts every seed's
+    paired difference on the paper's side for held-out PPL and layer 0-1 entropy *and* this run's own rows
+    agree (EReg below SM+ScFuFFN in PPL and in the mean entropy of layers 0-1); otherwise it says it does not,
+    and prints the study's committed paired C4 result beside it."""
+    from privlm.presets import normalize_name
+
+    rows = as_rows(rows)
+    by = {normalize_name(r.preset): r for r in rows}
+    ereg, plain = by.get(normalize_name(EREG_PRESET)), by.get(normalize_name(PLAIN_PRESET))
+    if ereg is None or plain is None:
+        return []
+    out = []
+    here = None
+    if ereg.ppl is not None and plain.ppl is not None and ereg.diagnosis and plain.diagnosis:
+        e0 = sum(ereg.diagnosis.layer_mean_entropy[:2]) / 2
+        p0 = sum(plain.diagnosis.layer_mean_entropy[:2]) / 2
+        here = ereg.ppl < plain.ppl and e0 < p0
+        out.append(f"This run (one seed): {EREG_PRESET} PPL {ereg.ppl:.2f} vs {PLAIN_PRESET} {plain.ppl:.2f} "
+                   f"({'lower' if ereg.ppl < plain.ppl else 'not lower'}); mean entropy of layers 0-1 "
+                   f"{e0:.2f} vs {p0:.2f} nats ({'lower' if e0 < p0 else 'not lower'}).")
+    match = None
+    for e in (settings or {}).get("settings", []):
+        r = e.get("reg") or {}
+        if (e.get("setting") != "control" and r.get("enabled") and r.get("lambda") == reg.lambda_
+                and r.get("gamma") == reg.gamma and r.get("theta_init") == reg.theta_init
+                and r.get("reduction") == reg.reduction):
+            match = e
+    measured = False
+    if match is not None and match.get("diff_heldout_ppl", {}).get("n"):
+        dh, dv, de = match["diff_heldout_ppl"], match["diff_valid_ppl"], match["diff_early_entropy"]
+        measured = bool(dh["n"] >= 3 and de["n"] >= 3 and dh["max"] < 0 and de["max"] < 0)
+        out.append(f"Regularizer at this budget, {dh['n']} seeds ({settings_name}, setting {match['setting']}: "
+                   f"λ={reg.lambda_:g}, γ={reg.gamma:g}, θ init {reg.theta_init:g}, {reg.reduction}), "
+                   f"EReg − SM(t)+ScFuFFN paired by seed, mean [min, max]: held-out PPL {_span(dh, '+.2f')}, "
+                   f"valid PPL {_span(dv, '+.2f')}, entropy of layers 0-1 {_span(de, '+.3f')} nats.")
+    else:
+        out.append(f"Regularizer at this budget: no 3-seed measurement of this setting (λ={reg.lambda_:g}, "
+                   f"γ={reg.gamma:g}, θ init {reg.theta_init:g}, {reg.reduction}) in {settings_name}.")
+    if measured and here:
+        out.append("Verdict: the regularizer lowers PPL and early-layer entropy at this budget, in the paper's "
+                   "direction, beyond the spread of 3 seeds.")
+        return out
+    out.append("Verdict: at this budget the demo does NOT show the regularizer's effect in the paper's direction "
+               "beyond the spread of 3 seeds" + ("" if measured or match is None else
+                                                   " (the seeds' paired differences straddle zero or point the "
+                                                   "other way)")
+               + (" (the 3 seeds do, this run does not)" if measured and here is False else "") + ".")
+    c4 = next((c for c in (study or {}).get("claims", []) if c.get("id") == "C4"), None)
+    if c4 is not None:
+        out.append(f"The study's committed paired result ({study_name}, C4 '{c4['claim']}'): {c4['verdict']}; "
+                   f"{c4['numbers']}")
+    return out
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def pi_line(run_label: str, doc: dict) -> str:
@@ -128,6 +257,13 @@ def pi_line(run_label: str, doc: dict) -> str:
             f"{doc['messages']:,} messages, {doc['wall_seconds']:.0f} s")
 
 
+def _rel(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _children_cpu_seconds() -> float:
     """CPU seconds (user + system) of every child process waited for so far: the demo's work in core-seconds,
     which, unlike wall time, hardly depends on what else the machine is running."""
@@ -136,14 +272,16 @@ def _children_cpu_seconds() -> float:
 
 
 def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[str], skip_pi: bool = False,
-             log=print) -> dict:
+             log=print, profiles: Optional[list[str]] = None, settings_path: Path = DEFAULT_SETTINGS_RESULTS,
+             study_path: Path = DEFAULT_STUDY_RESULTS) -> dict:
     from privlm.data import prepare_data
     from privlm.fileio import atomic_write_json, atomic_write_text
     from privlm.presets import normalize_name
-    from privlm.report.analysis import DEFAULT_PROFILE
     from privlm.sweep import load_sweep, write_results
 
     t_start = time.time()
+    profiles = list(DEFAULT_COST_PROFILES if profiles is None else profiles)
+    check_profiles(profiles)
     sweep = load_sweep(sweep_path)
     first = sweep.runs[0].cfg
     m, d, t = first.model, first.data, first.train
@@ -171,13 +309,24 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
         pi_doc = read_json(out / pi_run.name / "pi_measured.json")  # from an earlier call
 
     rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized")
-    baseline_preset = next((r.preset for r in rows if sweep.baseline in (r.name, r.preset)), rows[0].preset)
-    profile = next((r.cost.profile for r in rows if r.cost), DEFAULT_PROFILE)
-    table = comparison_table(rows, gpt2_costs(rows, baseline_preset, profile), demo_size)
+    base_row = next((r for r in rows if sweep.baseline in (r.name, r.preset)), rows[0])
+    from privlm.run import load_run_config
+    # each run's own saved model config (its vocabulary is the trained tokenizer's, not the config default)
+    models = {row.name: load_run_config(out / row.name).model for row in rows}
+    costs = {p: (demo_costs(models, base_row.name, p, d.seq_len), gpt2_costs(rows, base_row.preset, p))
+             for p in profiles}
+    labels = {p: profile_label(p) for p in profiles}
+    table = comparison_table(rows, costs, demo_size, labels)
     lines = ["", f"Comparison ({tokens:,} training tokens per design; PPL on the whole validation split; per "
                  f"layer: mean head entropy in nats, verdict, difference from the baseline's layer; costs: "
-                 f"predicted 2PC cost of one token after a {d.seq_len}-token prompt, profile {profile}; "
-                 f"savings vs {baseline_preset}):", ""] + table
+                 f"predicted 2PC Comm / Lat of one token after a {d.seq_len}-token prompt (savings vs "
+                 f"{base_row.preset}) under each cost profile: {'; '.join(labels.values())}):", ""] + table
+    ereg_run = next((r for r in sweep.runs if r.cfg.reg.enabled), None)
+    effect = [] if ereg_run is None else regularizer_effect(
+        rows, ereg_run.cfg.reg, _read_json(Path(settings_path)), _read_json(Path(study_path)),
+        _rel(Path(settings_path)), _rel(Path(study_path).parent))
+    if effect:
+        lines += [""] + effect
     if pi_doc is not None:
         lines += ["", pi_line(pi_run.name, pi_doc)]
     elif pi_error is not None:
@@ -195,7 +344,8 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
     atomic_write_json(out / "demo.json", {"sweep_file": sweep_path, "jobs": jobs, "run_seconds": seconds,
                                           "train_seconds": round(t_train, 1), "total_seconds": round(total, 1),
                                           "train_cpu_seconds": round(cpu_train, 1), "pi_cpu_seconds": round(cpu_pi, 1),
-                                          "load_average": os.getloadavg(), "pi": pi_doc, "pi_error": pi_error})
+                                          "load_average": os.getloadavg(), "pi": pi_doc, "pi_error": pi_error,
+                                          "cost_profiles": profiles, "regularizer_effect": effect})
     from privlm.report.readme import has_blocks, update_readme
     if has_blocks(out / "README.md"):  # the committed demo page (docs/results/demo): its numbers follow demo.json
         update_readme(out / "README.md")
@@ -208,7 +358,8 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise PrivlmError(f"--jobs={args.jobs} must be >= 1")
     out = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_demo(args.sweep, out, args.jobs, args.prompt, shlex.split(args.pi_args), args.skip_pi)
+    profiles = [p.strip() for p in args.cost_profiles.split(",") if p.strip()]
+    run_demo(args.sweep, out, args.jobs, args.prompt, shlex.split(args.pi_args), args.skip_pi, profiles=profiles)
     return 0
 
 
@@ -222,5 +373,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pi-args", default=DEFAULT_PI_ARGS,
                    help=f"flags for `privlm pi run` (default \"{DEFAULT_PI_ARGS}\": the SPU profile closest to the "
                         f"paper's engine)")
+    p.add_argument("--cost-profiles", default=",".join(DEFAULT_COST_PROFILES),
+                   help="comma-separated cost profiles of the table's columns, each labelled (default "
+                        f"{','.join(DEFAULT_COST_PROFILES)}; privlm cost --list-profiles)")
     p.add_argument("--skip-pi", action="store_true", help="no private inference (no SPU environment needed)")
     p.set_defaults(func=run)

@@ -1,6 +1,6 @@
 """`privlm data [CONFIG.yaml|PRESET] [key=value ...] [--out DIR] [--json]`
 
-Builds (or finds in the cache) the tokenized train/valid splits of a config's ``data`` section and prints
+Builds (or finds in the cache) the tokenized train/valid(/heldout) splits of a config's ``data`` section and prints
 what was built: documents, bytes, tokens, chunks, skipped files per reason, tokenizer and timings. With
 ``--out DIR`` it writes ``tokenizer.json`` and ``data_manifest.json`` there, as a training run would.
 """
@@ -17,11 +17,11 @@ def summary_lines(m: dict) -> list[str]:
     tok = m["tokenizer"]
     lines = [f"source {m['config']['source']}" + (f" (valid: {m['config']['valid_source']})"
                                                     if m["config"]["valid_source"] else ""),
-             f"{'split':<6} {'docs':>8} {'MB':>8} {'tokens':>11} {'tok/byte':>8} {'chunks':>8}  T={m['seq_len']} "
+             f"{'split':<7} {'docs':>8} {'MB':>8} {'tokens':>11} {'tok/byte':>8} {'chunks':>8}  T={m['seq_len']} "
              f"({m['chunking']})"]
-    for name in ("train", "valid"):
+    for name in m["splits"]:  # train, valid and, with data.heldout_fraction > 0, heldout
         s = m["splits"][name]
-        lines.append(f"{name:<6} {s['documents']:>8,} {s['bytes'] / 1e6:>8.2f} {s['tokens']:>11,} "
+        lines.append(f"{name:<7} {s['documents']:>8,} {s['bytes'] / 1e6:>8.2f} {s['tokens']:>11,} "
                      f"{s['tokens_per_byte'] or 0:>8.4f} {s['chunks']:>8,}")
     skipped = ", ".join(f"{k}={v}" for k, v in m["skipped"].items() if v) or "none"
     lines.append(f"skipped: {skipped}")

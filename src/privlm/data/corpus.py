@@ -20,6 +20,13 @@ stable hash: a file goes to validation iff ``sha256("privlm-split:" + relative p
 ``valid_fraction`` of the 64-bit range (rows without a path are keyed by their content hash). The choice
 depends only on the key, so adding or removing other files never moves a file between splits.
 
+With ``data.heldout_fraction > 0`` a third split, ``heldout`` (for choosing settings apart from the reported
+validation split), is carved from the *training* documents by a second, independent hash of the same key:
+``sha256("privlm-heldout:" + key)`` below ``heldout_fraction`` of the range. Validation is decided first and
+never looks at the held-out hash, so the validation split is the same with or without a held-out split, and
+train ∩ heldout = ∅. With ``heldout_fraction = 0`` (the default) nothing is carved and the corpus, its
+fingerprint and every cache key are those of a build without the field.
+
 Each split carries a SHA-256 over the (UTF-8 byte length, SHA-256) of its documents in order, which
 fingerprints the built corpus for the token cache and the run's data manifest. File documents are not held
 in memory: each pass re-reads them and checks their hash, so a file edited mid-build is an error, never a
@@ -49,6 +56,7 @@ ROW_SUFFIXES = (".jsonl", ".parquet")
 EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")
 _ROW_BATCH = 1000
 _MAX_LISTED_SKIPS = 50  # per reason, in the manifest
+SPLIT_NAMES = ("train", "valid", "heldout")
 
 
 @dataclass
@@ -76,14 +84,26 @@ class Corpus:
     skipped: dict[str, int]
     skipped_examples: dict[str, list[str]] = field(default_factory=dict)
     source: dict = field(default_factory=dict)  # how it was built (for the manifest)
+    heldout: Optional[Split] = None  # only with data.heldout_fraction > 0
+
+    @property
+    def splits(self) -> dict[str, Split]:
+        """{name: Split} of the splits built: train, valid and (if asked for) heldout."""
+        out = {"train": self.train, "valid": self.valid}
+        if self.heldout is not None:
+            out["heldout"] = self.heldout
+        return out
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.train.sha256}:{self.valid.sha256}".encode()).hexdigest()
+        key = f"{self.train.sha256}:{self.valid.sha256}"
+        if self.heldout is not None:  # without a held-out split: the fingerprint of earlier builds
+            key += f":heldout:{self.heldout.sha256}"
+        return hashlib.sha256(key.encode()).hexdigest()
 
     def manifest(self) -> dict:
         return {"source": self.source, "fingerprint": self.fingerprint,
-                "splits": {"train": self.train.manifest(), "valid": self.valid.manifest()},
+                "splits": {name: split.manifest() for name, split in self.splits.items()},
                 "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples}
 
 
@@ -105,12 +125,22 @@ class _SplitHasher:
         return self._h.hexdigest()
 
 
-def in_valid_split(key: bytes, fraction: float) -> bool:
-    """Stable hash split: the key's SHA-256, read as a 64-bit integer, falls in the lowest `fraction`."""
+def _in_hash_split(salt: bytes, key: bytes, fraction: float) -> bool:
+    """Stable hash split: sha256(salt + key), read as a 64-bit integer, falls in the lowest `fraction`."""
     if fraction <= 0.0:
         return False
-    bucket = int.from_bytes(hashlib.sha256(b"privlm-split:" + key).digest()[:8], "big")
+    bucket = int.from_bytes(hashlib.sha256(salt + key).digest()[:8], "big")
     return bucket < int(fraction * 2**64)
+
+
+def in_valid_split(key: bytes, fraction: float) -> bool:
+    """Whether the document keyed `key` belongs to the hash-split validation set."""
+    return _in_hash_split(b"privlm-split:", key, fraction)
+
+
+def in_heldout_split(key: bytes, fraction: float) -> bool:
+    """Whether a training-side document keyed `key` is carved into the held-out split (independent hash)."""
+    return _in_hash_split(b"privlm-heldout:", key, fraction)
 
 
 class _Gate:
@@ -534,7 +564,7 @@ class _Builder:
         field_ = self.cfg.text_field
         _column_check(ds, field_, where)
         arrow = isinstance(ds, datasets.Dataset)
-        out: dict = {n: _RowSplit(ds, field_) if arrow else [] for n in ("train", "valid")}
+        out: dict = {n: _RowSplit(ds, field_) if arrow else [] for n in SPLIT_NAMES}
         for i, value in enumerate(_iter_rows(ds, field_)):
             got = self.gate.admit(_row_text(value, field_), self.code(False))
             if got is None:
@@ -549,8 +579,9 @@ class _Builder:
 
     def parts(self, source: str, assign: Callable[[bytes], str], hf_split: str,
               hf_max: Optional[int]) -> tuple[dict[str, list], dict]:
-        """{"train": [parts], "valid": [parts]} of one source; files are keyed by path, rows by content."""
-        out: dict[str, list] = {"train": [], "valid": []}
+        """{"train": [parts], "valid": [parts], "heldout": [parts]} of one source; files are keyed by path,
+        rows by content."""
+        out: dict[str, list] = {n: [] for n in SPLIT_NAMES}
         if source.startswith("hf:"):
             ds, info = self.hf_dataset(source, hf_split, hf_max)
             row_sets = [(ds, f"dataset '{source}'")]
@@ -568,6 +599,10 @@ def build_corpus(dcfg) -> Corpus:
     """Build the train/valid document splits described by `dcfg` (a DataConfig)."""
     b = _Builder(dcfg)
     frac, seed = dcfg.valid_fraction, dcfg.shuffle_seed
+    hfrac = getattr(dcfg, "heldout_fraction", 0.0)
+
+    def carve(k: bytes) -> str:  # a training-side document: held out, or trained on
+        return "heldout" if in_heldout_split(k, hfrac) else "train"
     source, valid_source = dcfg.source, dcfg.valid_source
     _check_scheme(source, "data.source")
     if valid_source is not None:
@@ -579,13 +614,13 @@ def build_corpus(dcfg) -> Corpus:
         # Separate validation documents: built first, so training drops any exact copy of them.
         vparts, info["valid"] = b.parts(vsrc, lambda k: "valid", dcfg.valid_split, dcfg.max_valid_docs)
         b.gate.exclude, b.gate.seen = b.gate.seen, set()  # dedup within train; copies of valid -> in_valid
-        tparts, info["train"] = b.parts(source, lambda k: "train", dcfg.train_split, dcfg.max_train_docs)
-        train_parts, valid_parts = tparts["train"], vparts["valid"]
+        tparts, info["train"] = b.parts(source, carve, dcfg.train_split, dcfg.max_train_docs)
+        train_parts, valid_parts, heldout_parts = tparts["train"], vparts["valid"], tparts["heldout"]
         info["split"] = {"kind": "separate"}
     else:
-        parts, info["train"] = b.parts(source, lambda k: "valid" if in_valid_split(k, frac) else "train",
+        parts, info["train"] = b.parts(source, lambda k: "valid" if in_valid_split(k, frac) else carve(k),
                                        dcfg.train_split, dcfg.max_train_docs)
-        train_parts, valid_parts = parts["train"], parts["valid"]
+        train_parts, valid_parts, heldout_parts = parts["train"], parts["valid"], parts["heldout"]
         info["split"] = {"kind": "hash", "key": "relative path (dataset rows: content sha256)",
                          "valid_fraction": frac}
     # HF sources were already cut to max_docs at load time (shuffle(seed).select(range(n)), as the paper);
@@ -594,6 +629,11 @@ def build_corpus(dcfg) -> Corpus:
         train_parts = _limit(train_parts, dcfg.max_train_docs, seed, "sample")
     valid_parts = _limit(valid_parts, dcfg.max_valid_docs, seed + 1, "first" if vsrc.startswith("hf:") else "sample")
     train, valid = _make_split("train", train_parts), _make_split("valid", valid_parts)
+    heldout = None
+    if hfrac > 0:
+        info["heldout"] = {"kind": "hash", "key": "as the validation split", "salt": "privlm-heldout:",
+                           "heldout_fraction": hfrac, "carved_from": "train"}
+        heldout = _make_split("heldout", heldout_parts)
 
     skipped_examples = dict(b.gate.examples)
     if b.read_errors:
@@ -603,7 +643,7 @@ def build_corpus(dcfg) -> Corpus:
         unreadable = f"; unreadable={len(b.read_errors)}" if b.read_errors else ""
         raise DataError(f"training corpus from '{source}' is empty after filtering "
                         f"({counts or 'no documents'}{unreadable})")
-    return Corpus(train, valid, b.gate.skipped, skipped_examples, info)
+    return Corpus(train, valid, b.gate.skipped, skipped_examples, info, heldout)
 
 
 def _check_scheme(source: str, key: str) -> None:

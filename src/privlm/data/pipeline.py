@@ -34,7 +34,8 @@ MANIFEST_VERSION = 1
 
 @dataclass
 class TokenData:
-    """Chunked token ids of both splits (shape [n_chunks, T]) and everything needed to decode them."""
+    """Chunked token ids of the splits (shape [n_chunks, T]) and everything needed to decode them;
+    `heldout` only with data.heldout_fraction > 0."""
 
     train: np.ndarray
     valid: np.ndarray
@@ -42,6 +43,16 @@ class TokenData:
     vocab_size: int
     manifest: dict
     eos_id: int = 0
+    heldout: Optional[np.ndarray] = None
+
+    def split(self, name: str) -> np.ndarray:
+        """The chunks of split `name` (train, valid or heldout); DataError if it was not built."""
+        if name == "heldout" and self.heldout is None:
+            raise DataError("this run's data has no held-out split (data.heldout_fraction=0); "
+                            "train with data.heldout_fraction > 0 to evaluate on one")
+        if name not in ("train", "valid", "heldout"):
+            raise DataError(f"unknown data split '{name}'; choose train, valid or heldout")
+        return getattr(self, name)
 
     @property
     def seq_len(self) -> int:
@@ -94,6 +105,9 @@ def prepare_data(dcfg, out_dir: Optional[Path] = None) -> TokenData:
         raise DataError(f"validation split of '{dcfg.valid_source or dcfg.source}' is empty "
                         f"({corpus.train.n_docs} training documents, data.valid_fraction={dcfg.valid_fraction}); "
                         f"raise data.valid_fraction or set data.valid_source")
+    if corpus.heldout is not None and corpus.heldout.n_docs == 0:
+        raise DataError(f"held-out split of '{dcfg.source}' is empty ({corpus.train.n_docs} training documents, "
+                        f"data.heldout_fraction={dcfg.heldout_fraction}); raise data.heldout_fraction")
 
     tok, tok_info = _tokenizer_for(dcfg, corpus, root)
     eos_token, eos_id, eos_added = ensure_eos(tok, tok_info.pop("preferred_eos"))
@@ -108,7 +122,7 @@ def prepare_data(dcfg, out_dir: Optional[Path] = None) -> TokenData:
     meta = load_cached(entry)
     tokens_cache = "hit" if meta is not None else "miss"
     if meta is None:
-        meta = build_cache_entry(entry, tok, {"train": corpus.train, "valid": corpus.valid}, eos_id,
+        meta = build_cache_entry(entry, tok, corpus.splits, eos_id,
                                  dcfg.seq_len, chunking, vocab_size,
                                  {"corpus": corpus.fingerprint, "tokenizer": tok_sha})
     t_chunks = time.perf_counter()
@@ -118,16 +132,20 @@ def prepare_data(dcfg, out_dir: Optional[Path] = None) -> TokenData:
                         f"{meta['splits']['valid']['tokens']} tokens) has no complete chunk of "
                         f"data.seq_len={dcfg.seq_len} tokens; lower data.seq_len or enlarge the validation set")
 
+    if corpus.heldout is not None and meta["splits"]["heldout"]["chunks"] == 0:
+        raise DataError(f"held-out split ({corpus.heldout.n_docs} documents) has no complete chunk of "
+                        f"data.seq_len={dcfg.seq_len} tokens; raise data.heldout_fraction")
+
     dtype = token_dtype(vocab_size)
     arrays = {s: open_chunks(entry / f"{s}.bin", meta["splits"][s]["chunks"], dcfg.seq_len, dtype)
-              for s in ("train", "valid")}
+              for s in corpus.splits}
     if tokens_cache == "hit":  # a cache file from disk: every id must index the tokenizer's vocabulary
         from privlm.validate import check_token_ids
         for s, arr in arrays.items():
             check_token_ids(arr, vocab_size, f"token cache '{entry / s}.bin'", DataError)
 
     manifest = corpus.manifest()
-    for s in ("train", "valid"):
+    for s in corpus.splits:
         split_bytes = manifest["splits"][s]["bytes"]
         manifest["splits"][s].update(meta["splits"][s])
         manifest["splits"][s]["tokens_per_byte"] = (round(meta["splits"][s]["tokens"] / split_bytes, 4)
@@ -144,7 +162,7 @@ def prepare_data(dcfg, out_dir: Optional[Path] = None) -> TokenData:
     })
     if out_dir is not None:
         write_run_files(Path(out_dir), tok, manifest)
-    return TokenData(arrays["train"], arrays["valid"], tok, vocab_size, manifest, eos_id)
+    return TokenData(arrays["train"], arrays["valid"], tok, vocab_size, manifest, eos_id, arrays.get("heldout"))
 
 
 def write_run_files(out_dir: Path, tok: Tokenizer, manifest: dict) -> None:

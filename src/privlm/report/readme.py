@@ -293,6 +293,17 @@ def block_demo_summary(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def block_demo_regularizer(folder: Path) -> str:
+    """What the demo says about the regularizer (demo.json's ``regularizer_effect``, written by `privlm demo`
+    from the 3-seed measurement in bench/results/demo_settings.json, with the study's paired result beside it
+    when that measurement or the demo's rows do not show the effect)."""
+    d = _load(folder, "demo.json")
+    lines = d.get("regularizer_effect")
+    if not lines:
+        return "This demo.json records no statement about the regularizer (written before the demo made one)."
+    return "\n".join(f"- {ln}" for ln in lines)
+
+
 def block_study_summary(folder: Path) -> str:
     """One paragraph of a study for the repository README: size, seeds, each claim's verdict, C4's numbers."""
     rows = _rows(folder)
@@ -322,6 +333,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "divergences": block_divergences,
     "demo-time": block_demo_time,
     "demo-summary": block_demo_summary,
+    "demo-regularizer": block_demo_regularizer,
     "study-summary": block_study_summary,
 }
 
