@@ -130,8 +130,14 @@ def test_traced_program_under_2pc_sim_agrees_with_plaintext(name, tmp_path):
     got, res = _sim(tmp_path, [0, 1])
     assert got.shape == (2, T, V)
     for g, ref in zip(got, refs):
-        assert (g.argmax(-1) == ref.argmax(-1)).all(), name
         assert np.abs(g - ref).max() < LOGIT_BOUND, name
+        # top-1 equal at every position, except where plaintext itself is a near-tie: its top-2 gap below twice
+        # the logit error the run had (fixed point cannot order those; CHEETAH's randomness differs per run)
+        differ = g.argmax(-1) != ref.argmax(-1)
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        assert (margin[differ] < 2 * np.abs(g - ref).max()).all(), (name, margin[differ])
+        assert differ.sum() <= 1, (name, int(differ.sum()))
     kinds = {s["census"] for s in res["steps"]}
     assert {"embedding", "attn_proj", "attn_scores", "softmax", "lm_head"} <= kinds
     if name == "hf-llama":
