@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from privlm.config import load_config, to_yaml
+from privlm.config import load_config
 from privlm.model import GPT
 from privlm.spu.export import save_export
 from privlm.spu.launcher import SPUError, spu_python
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.slow  # make test-fast leaves this file out
 
 REPO = Path(__file__).resolve().parents[1]
 PRIVLM = [sys.executable, "-m", "privlm.cli"]
-TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.vocab_size=64", "model.block_size=16",
-        "data.seq_len=16", "model.init_std=0.2"]
-PROMPT = "w1 w5 w9 w3 w22 w7 w8 w40"
+from tiny_run import PROMPT, TINY, write_tiny_run
 
 
 def _cli(*args, env=None, check=True):
@@ -35,25 +33,10 @@ def _cli(*args, env=None, check=True):
     return proc
 
 
-def _word_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    words = ["[UNK]"] + [f"w{i}" for i in range(1, 64)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A run directory in the docs/CONTRACTS.md layout: config.yaml, model.safetensors, tokenizer.json."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config("SM+LN+G", TINY)
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    save_model(model, str(out / "model.safetensors"))
-    _word_tokenizer(out / "tokenizer.json")
-    return out
+    return write_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,20 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_model
-
-from privlm.config import load_config, to_yaml
-from privlm.model import GPT
+from tiny_run import PROMPT, write_tiny_run
 
 pytestmark = pytest.mark.slow  # make test-fast leaves this file out
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 PRIVLM = [sys.executable, "-m", "privlm.cli"]
-TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.vocab_size=64", "model.block_size=16",
-        "data.seq_len=16", "model.init_std=0.2"]
-PROMPT = "w1 w5 w9 w3 w22 w7 w8 w40"
 EXIT_WITHIN = 60  # seconds: the bound the contract promises after a death (docs/CONTRACTS.md)
 
 
@@ -184,23 +177,10 @@ def _spu_available() -> bool:
 needs_spu = pytest.mark.skipif(not _spu_available(), reason="needs the SPU environment (make spu-setup)")
 
 
-def _word_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    words = ["[UNK]"] + [f"w{i}" for i in range(1, 64)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config("SM+LN+G", TINY)
-    torch.manual_seed(0)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    save_model(GPT(cfg.model), str(out / "model.safetensors"))
-    _word_tokenizer(out / "tokenizer.json")
-    return out
+    """A run directory in the docs/CONTRACTS.md layout: config.yaml, model.safetensors, tokenizer.json."""
+    return write_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 def _start(args: list[str], tmpdir: Path) -> subprocess.Popen:
