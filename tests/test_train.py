@@ -370,8 +370,9 @@ def test_paper_gpt2_small_config_builds_and_steps():
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.data.seq_len) == (12, 12, 768, 128)
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50000, n_positions=cfg.model.block_size, n_embd=768, n_layer=12,
-                                    n_head=12))
+    with torch.device("meta"):  # shapes only: the count needs no weights
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=50000, n_positions=cfg.model.block_size, n_embd=768,
+                                        n_layer=12, n_head=12))
     assert model.num_params() == sum(p.numel() for p in hf.parameters())
     opt = build_optimizer(model, cfg.train)
     x = torch.randint(0, 50000, (1, 128))
