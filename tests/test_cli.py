@@ -31,8 +31,6 @@ def test_top_level_help_imports_no_command_module():
 def test_every_command_help_imports_no_torch():
     from privlm.cli import SUBCOMMANDS
     for command in SUBCOMMANDS:
-        if command == "cost":  # its parser is rebuilt with the traced census (issue 23); checked when it lands
-            continue
         heavy = set(_heavy_modules_after([command, "--help"]))
         assert not {"torch", "matplotlib", "transformers", "submitit"} & heavy, (command, heavy)
 
