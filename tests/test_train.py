@@ -284,7 +284,7 @@ def test_curve_evaluations_on_a_slice_and_the_final_one_on_the_whole_split(tmp_p
 def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
     """The loop calls the spec's loss terms and observers through their protocols: a term that cancels the CE
     leaves the weights where they started (no weight decay), and an observer sees every step begin and end."""
-    from privlm.train.spec import PRIVLM, TrainSpec
+    from privlm.train.spec import PRIVLM, Observer, TrainSpec
 
     class CancelCE:
         module, needs_entropy, stat_names = None, False, ()
@@ -298,7 +298,7 @@ def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
         def final_record(self):
             return {}
 
-    class Count:
+    class Count(Observer):
         def __init__(self):
             self.calls = []
 
@@ -308,14 +308,11 @@ def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
         def end(self, loss, grad_norm, lr):
             self.calls.append(("end", float(grad_norm)))
 
-        def dump(self, run_dir, step, loss, grad_norm, what):
-            return ""
-
         def close(self):
             self.calls.append(("close", None))
 
     seen = Count()
-    spec = TrainSpec("test", PRIVLM.build_model, lambda cfg: [CancelCE()], lambda model, cfg: [seen])
+    spec = TrainSpec("test", PRIVLM.build_model, lambda cfg: [CancelCE()], lambda model, cfg, run: [seen])
     cfg = tiny_cfg("train.max_steps=4", "train.weight_decay=0")
     data = synthetic_data()
     cfg.model.vocab_size = int(data.vocab_size)  # as the loop sets it from the tokenizer

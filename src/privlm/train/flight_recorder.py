@@ -38,6 +38,7 @@ from privlm.fileio import atomic_write_json
 from privlm.flight_trace import (BLOWUP_FACTOR, FLIGHT_FILE, FORMAT, LOGIT_FLOOR, format_trace, json_number,
                                  read_trace, verdict, verdict_line)
 from privlm.model.attention import attention_logits, causal_mask
+from privlm.train.observers import Observer
 
 __all__ = ["FlightRecorder", "attention_head_stats", "FLIGHT_FILE", "FORMAT", "read_trace", "format_trace",
            "verdict", "verdict_line"]
@@ -76,7 +77,7 @@ def attention_head_stats(q: torch.Tensor, k: torch.Tensor, temperature: Optional
     return max_logit, head_ent
 
 
-class FlightRecorder:
+class FlightRecorder(Observer):
     """Ring buffer of per-step measurements fed by forward hooks. ``begin(step)`` attaches the hooks for the
     forward passes of one recorded optimizer step (all micro-batches: max logit is the max, the rest the mean
     over them), ``end(loss, grad_norm, lr)`` removes them and files the record, ``dump(...)`` writes the window
