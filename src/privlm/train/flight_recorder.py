@@ -12,7 +12,7 @@ residual norm is read off the block output. The entropy is the attention's own w
 (telemetry or regularizer steps); otherwise it and the max logit come from the recorded q and k (with the
 SM(t) temperature), without autograd, one block of queries at a time, on the first ``SEQUENCES`` sequences of
 each micro-batch: a recorded step costs one q k^T product of those sequences per layer more than an unrecorded
-one (bench/observer_overhead.py measures every observer together).
+one (bench/observer_overhead.py measures it per recorded step; docs/DECISIONS.md#observer-cadences).
 
 Verdict thresholds (ours, documented with the numbers they rest on):
   * collapse: head entropy below ``privlm.entropy.measure.COLLAPSE_NATS`` (the project's collapse threshold)
