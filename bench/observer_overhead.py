@@ -25,7 +25,7 @@ work, which other processes on the machine slow down far less than the wall cloc
 rounds of (event step - plain step of the same round), the CPU time spent inside the observer's own calls
 (hooks included), and the number of operators the step ran (torch.profiler, one step each, a count that no load
 changes). The expected overhead of a cadence set is sum(event cost / its cadence) / plain step, printed for the
-defaults and for every --flight-every.
+defaults, for half and twice the default recorder cadence and for every --flight-every.
 """
 from __future__ import annotations
 
@@ -135,11 +135,13 @@ def events(args, cfg, data, tmp: Path) -> list[str]:
         lines.append(f"{n:<8} step +{delta * 1e3:7.1f} ms CPU ({delta / plain:+.2%} of a plain step), "
                      f"{own * 1e3:.1f} ms in the observer's own calls, +{ops[n] - ops['plain']:,} operators; "
                      f"every {cadence[n]} steps: {delta / cadence[n] / plain:+.3%} per step")
-    for every in [t.flight_every, *args.flight_every]:
+    for every in sorted({t.flight_every, t.flight_every // 2, 2 * t.flight_every, *args.flight_every} - {0}):
         c = dict(cadence, flight=every)
         total = sum(extra[n] / c[n] for n in extra) / plain
+        op_share = sum((ops[n] - ops["plain"]) / c[n] for n in extra) / ops["plain"]
         lines.append(f"expected overhead at flight_every={every} entropy_every={c['entropy']} "
-                     f"log_every={c['log']}: {total:+.3%} per step")
+                     f"log_every={c['log']}: {total:+.3%} per step in CPU time, {op_share:+.3%} in operators "
+                     f"(the cost where a step is bound by kernel launches)")
     return lines
 
 
