@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -93,8 +94,11 @@ def operator_count(fn) -> int:
 
 def events(args, cfg, data, tmp: Path) -> list[str]:
     """Per-event cost on one trainer without observers (the module docstring's second mode)."""
-    trainer = Trainer(cfg, tmp / "events", quiet=True, data=data, spec=UNOBSERVED)
-    t = cfg.train
+    t = cfg.train  # the cadences the expected overheads are computed for
+    # the loop's own host reads (log, eval, save steps) only where an event puts them: every plain step alike
+    quiet = copy.deepcopy(cfg)
+    quiet.train.log_every = quiet.train.eval_every = quiet.train.save_every = 10**12
+    trainer = Trainer(quiet, tmp / "events", quiet=True, data=data, spec=UNOBSERVED)
     telemetry = Telemetry(tmp / "events", True, True, t.max_steps, tokens_per_step=1)
     observers = {"flight": FlightRecorder(trainer.model, max(1, t.flight_steps), every=1),
                  "entropy": EntropyLog(1, cfg.data.seq_len, telemetry), "log": telemetry}
