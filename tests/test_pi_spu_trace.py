@@ -98,11 +98,24 @@ def test_traced_program_matches_torch(tmp_path):
     proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.program", *[str(d) for _, d in expected]],
                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
+    # the memory-bounded program (--chunks 3 --matmul-block 12): softmax cut over heads, activations and the gate
+    # product over rows, every weight product (embedding, Conv1D addmm, linear, head) in blocks of at most 12
+    # input and output features; same logits
+    cut = [d for (name, d) in expected if name in ("hf-gpt2", "hf-llama", "SM+LR(layer)", "SM(t)+ScFuFFN")]
+    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.program", *map(str, cut), "--chunks", "3",
+                           "--matmul-block", "12"], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
     for (name, d), ref in expected.items():
         assert np.abs(ref).max() > 0.05, name  # logits of a real size, so 1e-5 is a meaningful bound
         np.testing.assert_allclose(np.load(d / "jax_logits_traced_all.npy"), ref, atol=1e-5, rtol=0, err_msg=name)
         np.testing.assert_allclose(np.load(d / "jax_logits_traced_last.npy"), ref[-1:], atol=1e-5, rtol=0,
                                    err_msg=name)
+        if d in cut:
+            np.testing.assert_allclose(np.load(d / "jax_logits_traced_all_c3_b12.npy"), ref, atol=1e-5, rtol=0,
+                                       err_msg=f"{name} chunks 3, blocks of 12")
+            np.testing.assert_allclose(np.load(d / "jax_logits_traced_last_c3_b12.npy"), ref[-1:], atol=1e-5,
+                                       rtol=0, err_msg=f"{name} chunks 3, blocks of 12")
 
 
 def _sim(d: Path, prompts: list, profile: str = "default") -> tuple[np.ndarray, dict]:

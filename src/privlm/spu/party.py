@@ -564,7 +564,7 @@ def _run(args) -> int:
         if T != meta["T"]:
             raise ValueError(f"the prompt has {T} tokens; the traced program was exported for T={meta['T']}")
         program = program_from_trace(meta, load_trace(Path(args.public).parent)[1], head=args.head,
-                                     kernels=spu_profile.kernels)
+                                     kernels=spu_profile.kernels, chunks=args.chunks, matmul_block=args.matmul_block)
     else:
         program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block,
                                 kernels=spu_profile.kernels)

@@ -347,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         if (d / TRACE_FILE).is_file():  # a traced export: the logits of every position and of the last one
             doc, consts = load_trace(d)
             ids = np.asarray(json.loads((d / "ids.json").read_text()))
+            cut = f"_c{args.chunks}_b{args.matmul_block}" if args.chunks > 1 or args.matmul_block else ""
             for head in ("all", "last"):
-                prog = program_from_trace(doc, consts, head=head)
-                np.save(d / f"jax_logits_traced_{head}.npy", forward(prog, load_weights(d / SERVER_FILE), ids))
+                prog = program_from_trace(doc, consts, head=head, chunks=args.chunks, matmul_block=args.matmul_block)
+                np.save(d / f"jax_logits_traced_{head}{cut}.npy", forward(prog, load_weights(d / SERVER_FILE), ids))
             continue
         meta = load_meta(d / "public.json")
         ids = np.asarray(json.loads((d / "ids.json").read_text()))
@@ -515,7 +516,8 @@ def _step_kind(node: dict, rec) -> tuple[str, str]:
 
 
 def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "all",
-                       kernels: Optional[dict[str, str]] = None) -> Program:
+                       kernels: Optional[dict[str, str]] = None, chunks: int = 1,
+                       matmul_block: Optional[int] = None) -> Program:
     """The Step list of a traced model (`privlm.trace`): one step per op of the registry that is not free
     (linear, embedding, QK^T / softmax / AV of each attention, norm, activation, gate product), each running
     the free ops that follow it. Public constants are compiled in; server tensors are step inputs.
@@ -575,59 +577,170 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
             return [decode(x, env) for x in a]
         return a
 
-    steps: list[Step] = []
-    for gi, g in enumerate(groups):
-        names = {n["name"] for n in g}
+    def inputs_of(nodes: list[dict], exclude: set) -> list[str]:
         ins: list[str] = []
-        for n in g:
-            refs = [("ref", r) for r in _arg_refs([n["args"], list(n["kwargs"].values())], "ref") if r not in names]
+        for n in nodes:
+            refs = [("ref", r) for r in _arg_refs([n["args"], list(n["kwargs"].values())], "ref") if r not in exclude]
             refs += [("server", s) for s in _arg_refs(n["args"], "server")]
             refs += [("onehot", "onehot")] * bool(_arg_refs(n["args"], "onehot"))
             for kind, r in refs:
                 key = {"ref": r, "server": "server:" + r, "onehot": "onehot"}[kind]
                 if key not in ins:
                     ins.append(key)
-        outs = [n["name"] for n in g if n["name"] in needed_later[gi]]
+        return ins
 
-        def fn(*args, _g=g, _ins=tuple(ins), _outs=tuple(outs)):
+    def lead_args(n, env):
+        a = decode(n["args"], env)
+        if last and n["name"] == out_name:
+            a[0] = a[0][..., -1:, :]
+        return a, {k: decode(v, env) for k, v in n["kwargs"].items()}
+
+    measured = _measure_groups(groups, doc, head)
+    steps: list[Step] = []
+    for gi, g in enumerate(groups):
+        names = {n["name"] for n in g}
+        lead = g[0]
+        rec = RECORDS.get(lead["op"])
+        kind, census_key = _step_kind(lead, rec if rec is not None else RECORDS["aten.matmul.default"])
+        elements, flops = measured[gi]
+        outs = [n["name"] for n in g if n["name"] in needed_later[gi]]
+        layer = lead.get("layer")
+        # a product with a private weight cut into blocks, or a kernel op cut into chunks: the pieces are steps
+        # of their own, and the group's step assembles them (local: no communication) and runs the rest
+        pieces = _pieces(lead, doc, matmul_block, chunks)
+        lead_ins = inputs_of([lead], set())
+        assemble = None
+        if pieces is not None:
+            how, parts = pieces
+            piece_names = []
+            for j, (part, share) in enumerate(parts):
+                pname = f"{lead['name']}.{how}{j}"
+                piece_names.append(pname)
+
+                def piece(*args, _lead=lead, _ins=tuple(lead_ins), _part=part, _how=how):
+                    a, kw = lead_args(_lead, dict(zip(_ins, args)))
+                    if _how == "b":
+                        return _block_product(_lead["op"], a, *_part)
+                    return impl[_lead["op"]](*_chunk_args(_lead, a, *_part), **kw)
+                steps.append(Step(pname, kind, census_key, piece, tuple(lead_ins), (pname,),
+                                  elements * share[0] // share[1], flops * share[0] // share[1], layer))
+            elements = flops = 0
+            rest_ins = [i for i in inputs_of([lead], set()) if how == "b" and _is_bias(lead, i)]
+            ins = piece_names + rest_ins + [i for i in inputs_of(g[1:], names) if i not in rest_ins]
+
+            def assemble(env, _lead=lead, _how=how, _names=tuple(piece_names), _parts=tuple(p for p, _ in parts)):
+                pieces_ = [env[n] for n in _names]
+                if _how == "b":
+                    bi = _WEIGHT_PRODUCTS[_lead["op"]][2]
+                    has_b = bi is not None and bi < len(_lead["args"]) and _lead["args"][bi] is not None
+                    return _block_assemble(pieces_, _parts, decode(_lead["args"][bi], env) if has_b else None)
+                return jnp.concatenate(pieces_, axis=_parts[0][0])
+        else:
+            ins = inputs_of(g, names)
+
+        def fn(*args, _g=g, _ins=tuple(ins), _outs=tuple(outs), _assemble=assemble):
             env = dict(zip(_ins, args))
-            for n in _g:
-                a = decode(n["args"], env)
-                if last and n["name"] == out_name:
-                    a[0] = a[0][..., -1:, :]
-                kw = {k: decode(v, env) for k, v in n["kwargs"].items()}
+            for i, n in enumerate(_g):
+                if i == 0 and _assemble is not None:
+                    env[n["name"]] = _assemble(env)
+                    continue
+                a, kw = lead_args(n, env)
                 env[n["name"]] = impl[n["op"]](*a, **kw)
             res = tuple(env[o].reshape(-1, V) if o == out_name else env[o] for o in _outs)  # logits [rows, V]
             return res if len(res) > 1 else res[0]
 
-        lead = g[0]
-        rec = RECORDS.get(lead["op"])
-        kind, census_key = _step_kind(lead, rec if rec is not None else RECORDS["aten.matmul.default"])
-        steps.append(Step(lead["name"], kind, census_key, fn, tuple(ins), tuple(outs), layer=lead.get("layer")))
-    _account(steps, groups, doc, head)
+        steps.append(Step(lead["name"], kind, census_key, fn, tuple(ins), tuple(outs), elements, flops, layer))
     server = sorted({i for s in steps for i in s.inputs if i.startswith("server:")})
     shapes = {"onehot": (T, V), **{f"server:{k}": tuple(v) for k, v in doc["server"].items()}}
     return Program(meta=doc, T=T, steps=steps, server_inputs=tuple(server), output=out_name,
                    input_shapes=shapes)
 
 
-def _account(steps: list[Step], groups: list[list[dict]], doc: dict, head: str) -> None:
-    """Elements and FLOPs of each step, by the registry's rules over the node that leads it."""
-    from privlm.opregistry import measure
+def _measure_groups(groups: list[list[dict]], doc: dict, head: str) -> list[tuple[int, int]]:
+    """(elements, FLOPs) of each group's step, by the registry's rules over the node that leads it."""
+    from privlm.opregistry import RECORDS, measure
 
     original = {n["name"]: n for n in doc["nodes"]}
     shapes = {n["name"]: n["shape"] for n in doc["nodes"]}
-    for s, g in zip(steps, groups):
+    out = []
+    for g in groups:
         lead = g[0]
         part = lead.get("part")
         _, count, shape, flops = measure(doc, original[lead.get("of", lead["name"])], shapes)
         elements = count * int(np.prod(shape)) if shape is not None else 0
         if part is not None:  # SDPA: QK^T and AV share its FLOPs, the softmax its elements
             elements, flops = (elements, 0) if part == "softmax" else (0, flops // 2)
-        if head == "last" and s.kind == "head":
+        rec = RECORDS.get(lead["op"])
+        if head == "last" and lead["scope"] == "lm_head" and rec is not None and rec.flops is not None:
             flops //= doc["T"]
-        s.elements, s.flops = elements, flops
+        out.append((elements, flops))
+    return out
 
+
+# Products with a server weight that --matmul-block cuts: op -> (index of the input, index of the weight,
+# index of the bias or None, whether the weight is stored [out, in]).
+_WEIGHT_PRODUCTS = {"aten.linear.default": (0, 1, 2, True), "aten.addmm.default": (1, 2, 0, False),
+                    "embedding_onehot": (1, 0, None, False)}
+# Kernel ops that --chunks cuts, and along which axis of their secret inputs: softmax over heads (the axis
+# before the T x S matrix), elementwise activations and the gate product over rows.
+_CHUNKED = {"sdpa_softmax": -3, "aten.softmax.int": -3, "aten._softmax.default": -3, "aten.gelu.default": -2,
+            "aten.relu.default": -2, "aten.silu.default": -2, "leaky_relu": -2, "gate_product": -2}
+
+
+def _weight_dims(lead: dict, doc: dict) -> tuple[int, int]:
+    xi, wi, _, out_in = _WEIGHT_PRODUCTS[lead["op"]]
+    w = doc["server"][lead["args"][wi]["server"]]
+    return (w[1], w[0]) if out_in else (w[0], w[1])
+
+
+def _pieces(lead: dict, doc: dict, matmul_block: Optional[int], chunks: int):
+    """How the lead op of a step is cut: ("b", [((k0, k1, c0, c1), (share, whole)), ...]) for a weight product
+    over more than ``matmul_block`` input or output features, ("c", [((axis, lo, hi), (share, whole)), ...]) for a
+    kernel op and chunks > 1, or None."""
+    op = lead["op"]
+    if matmul_block is not None and op in _WEIGHT_PRODUCTS and isinstance(lead["args"][_WEIGHT_PRODUCTS[op][1]], dict) \
+            and "server" in lead["args"][_WEIGHT_PRODUCTS[op][1]]:
+        din, dout = _weight_dims(lead, doc)
+        if din <= matmul_block and dout <= matmul_block:
+            return None
+        return "b", [((k0, k1, c0, c1), ((k1 - k0) * (c1 - c0), din * dout))
+                     for k0, k1 in _blocks(din, matmul_block) for c0, c1 in _blocks(dout, matmul_block)]
+    if chunks > 1 and op in _CHUNKED and lead["shape"] is not None:
+        shape = lead["shape"]
+        axis = _CHUNKED[op] if len(shape) >= -_CHUNKED[op] + 1 else -2
+        n = shape[axis]
+        if n < 2:
+            return None
+        return "c", [((axis, lo, hi), (hi - lo, n)) for lo, hi in _splits(n, chunks)]
+    return None
+
+
+def _is_bias(lead: dict, key: str) -> bool:
+    bi = _WEIGHT_PRODUCTS[lead["op"]][2]
+    args = lead["args"]
+    return bi is not None and bi < len(args) and isinstance(args[bi], dict) and key == "server:" + args[bi].get("server", "")
+
+
+def _block_product(op: str, a: list, k0: int, k1: int, c0: int, c1: int):
+    """One block of a weight product: x[..., k0:k1] @ W[k0:k1, c0:c1] (W as [in, out])."""
+    xi, wi, _, out_in = _WEIGHT_PRODUCTS[op]
+    x, w = a[xi], a[wi]
+    return x[..., k0:k1] @ (w[c0:c1, k0:k1].T if out_in else w[k0:k1, c0:c1])
+
+
+def _block_assemble(pieces: list, parts: tuple, bias):
+    """The blocks of a weight product summed over input blocks, concatenated over output blocks, plus the bias."""
+    cols: dict[int, object] = {}
+    for (k0, k1, c0, c1), p in zip(parts, pieces):
+        cols[c0] = p if c0 not in cols else cols[c0] + p
+    y = jnp.concatenate([cols[c] for c in sorted(cols)], axis=-1)
+    return y if bias is None else y + bias
+
+
+def _chunk_args(lead: dict, a: list, axis: int, lo: int, hi: int) -> list:
+    """The lead op's arguments with its secret inputs (the node's refs) cut to [lo, hi) along ``axis``."""
+    return [_slice(v, axis % v.ndim, lo, hi) if isinstance(arg, dict) and "ref" in arg else v
+            for arg, v in zip(lead["args"], a)]
 
 
 def load_trace(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
