@@ -511,7 +511,9 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list
         L.append("")
     if evals:
         L.append("## Accuracy under 2PC (`privlm pi eval`)\n")
-        L.append("The first N validation chunks of a trained run through one 2PC session; top-1 agreement with the "
+        L.append("The first N validation chunks of a trained run through one 2PC session (`pi eval --all-positions`: "
+                 "the client receives every position's logits, which reveals more than `pi run`'s next token but is "
+                 "what a perplexity needs); top-1 agreement with the "
                  "plaintext model over all positions, and the perplexity of the 2PC logits beside the plaintext "
                  "perplexity on the same predicted tokens. The runs named `sm-ln-g` and `sm-scfuffn` are those of "
                  "`make demo` (L4 d128 H4, T = 128, 2,048-token BPE, 983,040 training tokens; see Reproduce); their "
@@ -575,6 +577,8 @@ USAGE = """## Usage
 ```
 privlm pi run RUN_DIR --prompt "def f(x):" [--spu-profile bumblebee] [--mode 2proc [--wan 100mbit:80ms]] [--json]
 privlm pi eval RUN_DIR --all-positions [--spu-profile bumblebee] [--sequences 2] [--json]
+privlm pi run hf:Qwen/Qwen2-0.5B --tokens 1,2,3 [--head all]         # HF causal LM (GPT-2, GPT-NeoX, LLaMA, Qwen2, Mistral)
+privlm pi eval hf:Qwen/Qwen2-0.5B --T 64 [--data files:...] --all-positions
 privlm pi export RUN_DIR bundle/ --T 12  # bundle/client -> client machine, bundle/server stays
 server$ privlm pi run RUN_DIR --mode 2proc --party 1 --T 12 --peer CLIENT:9000 --peer SERVER:9001
 client$ privlm pi run bundle/client --prompt "..." --mode 2proc --party 0 --peer CLIENT:9000 --peer SERVER:9001
