@@ -20,8 +20,13 @@ from privlm.spu.launcher import spu_python
 from privlm.trace import UnsupportedOp, save_trace, trace_model
 
 T, V = 16, 64
-SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_size={T}", f"model.vocab_size={V}",
+# one block is enough to exercise every op (fewer SPU steps to compile); ^iK presets keep a second, pruned block
+SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", f"model.block_size={T}", f"model.vocab_size={V}",
          f"data.seq_len={T}", "model.init_std=0.15"]
+
+
+def _small(preset: str) -> list[str]:
+    return SMALL + (["model.n_layer=2"] if "^i" in preset else [])
 # one model of each privlm preset family (norm x activation x FFN kind x normalization x temperature)
 FAMILIES = ["SM+LN+G", "SM+LN+R", "SM+LR(layer)", "SM", "SM+ScFFN", "SM(t)+ScFuFFN", "SM+ScFuFFN^i1",
             "SM+WN(qkvo+ffn)", "SM+SN(qk)"]
@@ -30,8 +35,8 @@ HF = ["gpt2", "neox", "llama", "qwen2"]
 
 def _hf(kind: str):
     import transformers as tf
-    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, max_position_embeddings=32)
-    cfg = {"gpt2": lambda: tf.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, max_position_embeddings=32)
+    cfg = {"gpt2": lambda: tf.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=1, n_head=2,
                                          bos_token_id=0, eos_token_id=0),
            "neox": lambda: tf.GPTNeoXConfig(**sizes, num_attention_heads=2, intermediate_size=64),
            "llama": lambda: tf.LlamaConfig(**sizes, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
@@ -43,7 +48,7 @@ def _hf(kind: str):
 
 def _privlm(preset: str, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(load_config(preset, SMALL).model)
+    model = GPT(load_config(preset, _small(preset)).model)
     with torch.no_grad():  # scalars and vectors off their init, so alpha, beta, t, slopes and norm gains matter
         for name, p in model.named_parameters():
             if "temperature" in name:
@@ -103,6 +108,7 @@ def exports(tmp_path_factory) -> dict[str, tuple[Path, list[np.ndarray]]]:
     return out
 
 
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 def test_traced_program_matches_torch(exports):
     """The torch-free interpreter of the op graph (SPU environment) reproduces torch's logits, all positions
     and the last one, for tiny random HF GPT-2, GPT-NeoX, LLaMA (GQA), Qwen2 and each privlm preset family."""
@@ -146,6 +152,7 @@ def under_2pc(exports, tmp_path_factory) -> tuple[np.ndarray, dict]:
 LOGIT_BOUND = 0.04
 
 
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 @pytest.mark.parametrize("name", MODELS)
 def test_traced_program_under_2pc_sim_agrees_with_plaintext(name, exports, under_2pc):
     """CHEETAH in the simulator: top-1 equal to plaintext at every position of two prompts, max logit error
@@ -229,6 +236,7 @@ def _cli(*args):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 def test_pi_run_bad_hf_inputs_are_one_line(tmp_path):
     model = _hf("llama")
     model.save_pretrained(tmp_path / "llama")
@@ -253,7 +261,7 @@ def _run_dir(preset: str, seed: int, out: Path) -> Path:
 
     from privlm.config import to_yaml
     out.mkdir(parents=True)
-    (out / "config.yaml").write_text(to_yaml(load_config(preset, SMALL)))
+    (out / "config.yaml").write_text(to_yaml(load_config(preset, _small(preset))))
     save_model(_privlm(preset, seed), str(out / "model.safetensors"))
     from tokenizers import Tokenizer, models, pre_tokenizers
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
@@ -262,6 +270,7 @@ def _run_dir(preset: str, seed: int, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 @pytest.mark.parametrize("kind", ["llama", "SM(t)+ScFuFFN"])
 def test_traced_two_process_run_keeps_every_learned_value_from_the_client(kind, tmp_path):
     """`pi run` in 2proc over brpc (defaults: the traced program, --head last), twice with different weights (and
@@ -319,6 +328,7 @@ def test_traced_two_process_run_keeps_every_learned_value_from_the_client(kind, 
         assert any("temperature" in n or n.startswith("mul") for n in names) and any("beta" in n for n in names)
 
 
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 def test_pi_eval_of_a_save_pretrained_llama(tmp_path):
     """`privlm pi eval DIR --data ... --all-positions` for a Hugging Face LLaMA (GQA, RMSNorm, SwiGLU, RoPE): text
     tokenized with the model's own tokenizer, through 2PC; top-1 agreement and perplexity beside the plaintext
@@ -383,6 +393,7 @@ def test_traced_census_equals_module_census_for_hf_models(kind):
         assert {o.op for o in ops} >= {"rmsnorm", "silu", "gate_product", "rotary", "softmax"}
 
 
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 def test_pi_export_of_an_hf_model_splits_the_traced_program(tmp_path):
     """`pi export DIR OUT --T 8`: the client bundle holds the op graph and the public constants only, the server
     keeps server.safetensors; the client's program.json is what the server traces for itself at that T."""

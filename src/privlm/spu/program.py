@@ -249,6 +249,19 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
     }
 
 
+def activation_fn(op: str, kernels: Optional[dict[str, str]] = None, slope: float = 0.01) -> Callable:
+    """The function the program runs for the census activation ``op`` (gelu: the profile's tanh-GELU kernel;
+    relu; leaky_relu with ``slope``), for the micro-benchmarks of `privlm.spu.microbench`."""
+    impl = _kernel_ops({**DEFAULT_KERNELS, **load_spu_profile(DEFAULT).kernels, **(kernels or {})})
+    if op == "gelu":
+        return lambda u: impl["aten.gelu.default"](u, approximate="tanh")
+    if op == "relu":
+        return impl["aten.relu.default"]
+    if op == "leaky_relu":
+        return lambda u: impl["leaky_relu"](u, slope)
+    raise ValueError(f"activation '{op}' is not one the program runs as an FFN activation")
+
+
 def _expand_sdpa(nodes: list[dict]) -> list[dict]:
     """SDPA as three nodes, so that the link counters show QK^T, the softmax and AV apart (as the census does)."""
     out = []
