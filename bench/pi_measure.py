@@ -29,7 +29,7 @@ from privlm.fileio import atomic_write_text
 from privlm.model import GPT
 from privlm.pi import census, load_profile, predict
 from privlm.spu.calibrate import PAPER_T128_GB, cost_profile_name, machine, measure
-from privlm.spu.export import save_export
+from privlm.spu.export import save_traced
 from privlm.spu.launcher import run_parties
 from privlm.spu.report import breakdown
 from privlm.spu.spu_profile import load_spu_profile
@@ -152,8 +152,10 @@ def composed_row(base_doc: dict, arch: str) -> dict:
         m.pop("gelu")
         how = f"GELU elements x calibrated ReLU {relu.bytes_per_element:.0f} B/element"
     else:
+        # the block's attention projections are four d x d products with a weight (QKV's three, the output's):
+        # one of them is the fused FFN's d x d product
         o_proj = sum(st["send_bytes"] + st["recv_bytes"] for st in base_doc["steps"]
-                     if st["name"].split(".")[:2] == ["h0", "o_proj"]) * L / 1e9
+                     if st["layer"] == 0 and st["census"] == "attn_proj") / 4 * L / 1e9
         for k in ("layernorm", "gelu", "ffn"):
             m.pop(k, None)
         m["ffn"] = o_proj
@@ -173,9 +175,9 @@ def run_small(arch: str, profile: str) -> dict:
     model = GPT(cfg.model).eval()  # costs do not depend on the weights' values: random init is enough
     ids = torch.randint(0, cfg.model.vocab_size, (SMALL_T,)).tolist()
     with tempfile.TemporaryDirectory(prefix="privlm-bench-") as tmp:
-        public, weights = save_export(model, Path(tmp) / "export")
+        public, weights = save_traced(model, Path(tmp) / "export", SMALL_T)
         result, logits = run_parties(Path(tmp), public, weights=weights, tokens=ids, T=SMALL_T, protocol="cheetah",
-                                     mode="sim", spu_profile=profile)
+                                     mode="sim", head="all", spu_profile=profile)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
     kinds = breakdown(result["steps"], "kind")
@@ -195,7 +197,7 @@ def run_small(arch: str, profile: str) -> dict:
 def run_eval(run_dir: str, profile: str, sequences: int) -> dict:
     import subprocess
     proc = subprocess.run([sys.executable, "-m", "privlm.cli", "pi", "eval", run_dir, "--spu-profile", profile,
-                           "--sequences", str(sequences), "--json"], capture_output=True, text=True)
+                           "--sequences", str(sequences), "--all-positions", "--json"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"pi eval failed: {proc.stderr.strip()[-300:]}")
     return json.loads(proc.stdout)
@@ -509,7 +511,9 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list
         L.append("")
     if evals:
         L.append("## Accuracy under 2PC (`privlm pi eval`)\n")
-        L.append("The first N validation chunks of a trained run through one 2PC session; top-1 agreement with the "
+        L.append("The first N validation chunks of a trained run through one 2PC session (`pi eval --all-positions`: "
+                 "the client receives every position's logits, which reveals more than `pi run`'s next token but is "
+                 "what a perplexity needs); top-1 agreement with the "
                  "plaintext model over all positions, and the perplexity of the 2PC logits beside the plaintext "
                  "perplexity on the same predicted tokens. The runs named `sm-ln-g` and `sm-scfuffn` are those of "
                  "`make demo` (L4 d128 H4, T = 128, 2,048-token BPE, 983,040 training tokens; see Reproduce); their "
@@ -572,8 +576,10 @@ USAGE = """## Usage
 
 ```
 privlm pi run RUN_DIR --prompt "def f(x):" [--spu-profile bumblebee] [--mode 2proc [--wan 100mbit:80ms]] [--json]
-privlm pi eval RUN_DIR [--spu-profile bumblebee] [--sequences 2] [--json]
-privlm pi export RUN_DIR bundle/        # bundle/client -> client machine, bundle/server stays
+privlm pi eval RUN_DIR --all-positions [--spu-profile bumblebee] [--sequences 2] [--json]
+privlm pi run hf:Qwen/Qwen2-0.5B --tokens 1,2,3 [--head all]         # HF causal LM (GPT-2, GPT-NeoX, LLaMA, Qwen2, Mistral)
+privlm pi eval hf:Qwen/Qwen2-0.5B --T 64 [--data files:...] --all-positions
+privlm pi export RUN_DIR bundle/ --T 12  # bundle/client -> client machine, bundle/server stays
 server$ privlm pi run RUN_DIR --mode 2proc --party 1 --T 12 --peer CLIENT:9000 --peer SERVER:9001
 client$ privlm pi run bundle/client --prompt "..." --mode 2proc --party 0 --peer CLIENT:9000 --peer SERVER:9001
 privlm pi calibrate --spu-profile bumblebee --force     # writes $PRIVLM_HOME/profiles/spu-bumblebee-measured.json (~/.privlm by default)

@@ -296,13 +296,11 @@ def test_op_schema_is_torch_free_and_shared():
 
     from privlm import opschema
     from privlm.pi import costs
-    from privlm.spu import export
     census_mod = importlib.import_module("privlm.pi.census")  # the package attribute is the function
     assert set(opschema.PRIVLM_OPS) <= set(opschema.OP_TYPES)
     assert set(opschema.ACTIVATION_OPS) <= set(opschema.PRIVLM_OPS)
     assert set(opschema.LINEAR_KIND_OF.values()) == set(opschema.LINEAR_KINDS)
     assert census_mod.OP_TYPES is opschema.OP_TYPES and costs.LINEAR_KINDS is opschema.LINEAR_KINDS
-    assert export.EXPORT_FORMAT is opschema.EXPORT_FORMAT
     # every census FLOP entry is one the schema maps to a linear kind, and the kinds sum to flops_by
     c = census("SM+LN+G", 64)
     assert set(c.flops) <= set(opschema.FLOP_ENTRIES)

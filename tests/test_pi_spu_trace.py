@@ -20,8 +20,13 @@ from privlm.spu.launcher import spu_python
 from privlm.trace import UnsupportedOp, save_trace, trace_model
 
 T, V = 16, 64
-SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_size={T}", f"model.vocab_size={V}",
+# one block is enough to exercise every op (fewer SPU steps to compile); ^iK presets keep a second, pruned block
+SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", f"model.block_size={T}", f"model.vocab_size={V}",
          f"data.seq_len={T}", "model.init_std=0.15"]
+
+
+def _small(preset: str) -> list[str]:
+    return SMALL + (["model.n_layer=2"] if "^i" in preset else [])
 # one model of each privlm preset family (norm x activation x FFN kind x normalization x temperature)
 FAMILIES = ["SM+LN+G", "SM+LN+R", "SM+LR(layer)", "SM", "SM+ScFFN", "SM(t)+ScFuFFN", "SM+ScFuFFN^i1",
             "SM+WN(qkvo+ffn)", "SM+SN(qk)"]
@@ -30,8 +35,8 @@ HF = ["gpt2", "neox", "llama", "qwen2"]
 
 def _hf(kind: str):
     import transformers as tf
-    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, max_position_embeddings=32)
-    cfg = {"gpt2": lambda: tf.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, max_position_embeddings=32)
+    cfg = {"gpt2": lambda: tf.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=1, n_head=2,
                                          bos_token_id=0, eos_token_id=0),
            "neox": lambda: tf.GPTNeoXConfig(**sizes, num_attention_heads=2, intermediate_size=64),
            "llama": lambda: tf.LlamaConfig(**sizes, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
@@ -43,7 +48,7 @@ def _hf(kind: str):
 
 def _privlm(preset: str, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(load_config(preset, SMALL).model)
+    model = GPT(load_config(preset, _small(preset)).model)
     with torch.no_grad():  # scalars and vectors off their init, so alpha, beta, t, slopes and norm gains matter
         for name, p in model.named_parameters():
             if "temperature" in name:
@@ -87,32 +92,59 @@ def test_traced_census_equals_module_census_at_gpt2_size(preset):
     assert flops == old.flops
 
 
-def test_traced_program_matches_torch(tmp_path):
+MODELS = [f"hf-{k}" for k in HF] + FAMILIES
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, tuple[Path, list[np.ndarray]]]:
+    """Every model of MODELS traced at T and exported once: name -> (directory, plaintext logits of both prompts)."""
+    root = tmp_path_factory.mktemp("traced")
+    out = {}
+    for name in MODELS:
+        model = _hf(name[3:]) if name.startswith("hf-") else _privlm(name)
+        d = root / name.replace("(", "").replace(")", "").replace("+", "_").replace("^", "_")
+        out[name] = (d, [_export(model, d), _logits(model, PROMPTS[1])])
+        (d / "prompts.json").write_text(json.dumps([p[0].tolist() for p in PROMPTS]))
+    return out
+
+
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
+def test_traced_program_matches_torch(exports):
     """The torch-free interpreter of the op graph (SPU environment) reproduces torch's logits, all positions
     and the last one, for tiny random HF GPT-2, GPT-NeoX, LLaMA (GQA), Qwen2 and each privlm preset family."""
-    expected = {}
-    for name in [f"hf-{k}" for k in HF] + FAMILIES:
-        model = _hf(name[3:]) if name.startswith("hf-") else _privlm(name)
-        d = tmp_path / name.replace("(", "").replace(")", "").replace("+", "_").replace("^", "_")
-        expected[(name, d)] = _export(model, d)
-    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.program", *[str(d) for _, d in expected]],
+    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.program", *[str(d) for d, _ in exports.values()]],
                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
-    for (name, d), ref in expected.items():
+    # the memory-bounded program (--chunks 3 --matmul-block 12): softmax cut over heads, activations and the gate
+    # product over rows, every weight product (embedding, Conv1D addmm, linear, head) in blocks of at most 12
+    # input and output features; same logits
+    cut = [exports[n][0] for n in ("hf-gpt2", "hf-llama", "SM+LR(layer)", "SM(t)+ScFuFFN")]
+    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.program", *map(str, cut), "--chunks", "3",
+                           "--matmul-block", "12"], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    for name, (d, (ref, _)) in exports.items():
         assert np.abs(ref).max() > 0.05, name  # logits of a real size, so 1e-5 is a meaningful bound
         np.testing.assert_allclose(np.load(d / "jax_logits_traced_all.npy"), ref, atol=1e-5, rtol=0, err_msg=name)
         np.testing.assert_allclose(np.load(d / "jax_logits_traced_last.npy"), ref[-1:], atol=1e-5, rtol=0,
                                    err_msg=name)
+        if d in cut:
+            np.testing.assert_allclose(np.load(d / "jax_logits_traced_all_c3_b12.npy"), ref, atol=1e-5, rtol=0,
+                                       err_msg=f"{name} chunks 3, blocks of 12")
+            np.testing.assert_allclose(np.load(d / "jax_logits_traced_last_c3_b12.npy"), ref[-1:], atol=1e-5,
+                                       rtol=0, err_msg=f"{name} chunks 3, blocks of 12")
 
 
-def _sim(d: Path, prompts: list, profile: str = "default") -> tuple[np.ndarray, dict]:
-    (d / "prompts.json").write_text(json.dumps([PROMPTS[p][0].tolist() for p in prompts]))
-    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.party", "--sim", "--public", str(d / "program.json"),
-                           "--tokens", str(d / "prompts.json"), "--weights", str(d / "server.safetensors"),
-                           "--out", str(d / "res.json"), "--log", str(d / "spu.log"), "--spu-profile", profile],
-                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+@pytest.fixture(scope="module")
+def under_2pc(exports, tmp_path_factory) -> tuple[np.ndarray, dict]:
+    """Every model of MODELS under CHEETAH in the simulator, both prompts, in one session (tests/spu_many.py):
+    (logits [prompt, model, T, V], census entries of each model's steps)."""
+    out = tmp_path_factory.mktemp("sim") / "many.json"
+    proc = subprocess.run([str(spu_python()), str(Path(__file__).parent / "spu_many.py"), str(out),
+                           *[str(d) for d, _ in exports.values()]], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.load(d / "res.npy"), json.loads((d / "res.json").read_text())
+    return np.load(out.with_suffix(".npy")), json.loads(out.read_text())["census"]
 
 
 # Max logit error allowed under 2PC for these tiny models: twice the loosest kernel bound they use
@@ -120,14 +152,14 @@ def _sim(d: Path, prompts: list, profile: str = "default") -> tuple[np.ndarray, 
 LOGIT_BOUND = 0.04
 
 
-@pytest.mark.parametrize("name", ["hf-llama", "SM(t)+ScFuFFN", "hf-gpt2", "hf-neox", "hf-qwen2", "SM+LN+G",
-                                  "SM+LN+R", "SM+LR(layer)", "SM+WN(qkvo+ffn)", "SM+SN(qk)"])
-def test_traced_program_under_2pc_sim_agrees_with_plaintext(name, tmp_path):
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
+@pytest.mark.parametrize("name", MODELS)
+def test_traced_program_under_2pc_sim_agrees_with_plaintext(name, exports, under_2pc):
     """CHEETAH in the simulator: top-1 equal to plaintext at every position of two prompts, max logit error
     within the kernels' bound; the per-step census fields name the registry's ops."""
-    model = _hf(name[3:]) if name.startswith("hf-") else _privlm(name)
-    refs = [_export(model, tmp_path, 0), _logits(model, PROMPTS[1])]
-    got, res = _sim(tmp_path, [0, 1])
+    logits, census_of = under_2pc
+    d, refs = exports[name]
+    got = logits[:, MODELS.index(name)]
     assert got.shape == (2, T, V)
     for g, ref in zip(got, refs):
         assert np.abs(g - ref).max() < LOGIT_BOUND, name
@@ -138,9 +170,9 @@ def test_traced_program_under_2pc_sim_agrees_with_plaintext(name, tmp_path):
         margin = top2[:, 1] - top2[:, 0]
         assert (margin[differ] < 2 * np.abs(g - ref).max()).all(), (name, margin[differ])
         assert differ.sum() <= 1, (name, int(differ.sum()))
-    kinds = {s["census"] for s in res["steps"]}
+    kinds = set(census_of[str(d)])
     assert {"embedding", "attn_proj", "attn_scores", "softmax", "lm_head"} <= kinds
-    if name == "hf-llama":
+    if name in ("hf-llama", "hf-qwen2"):
         assert {"rmsnorm", "silu", "gate_product"} <= kinds
 
 
@@ -204,28 +236,15 @@ def _cli(*args):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-def test_pi_run_of_a_save_pretrained_llama(tmp_path):
-    """`privlm pi run DIR` for a Hugging Face LLaMA (GQA, RMSNorm, SwiGLU, RoPE): the traced program under 2PC
-    predicts the plaintext's next token; --head last reveals only the last position's logits."""
-    model = _hf("llama")
-    model.save_pretrained(tmp_path / "llama")
-    ids = ",".join(map(str, PROMPTS[0][0, :12].tolist()))
-    proc = _cli("pi", "run", str(tmp_path / "llama"), "--tokens", ids, "--head", "last", "--json")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    doc = json.loads(proc.stdout)
-    assert doc["top1_agree"] is True and doc["max_logit_err"] < LOGIT_BOUND
-    assert doc["plaintext_token"] == int(_logits(model, PROMPTS[0][:, :12])[-1].argmax())
-    assert {"rmsnorm", "silu", "gate_product", "softmax"} <= set(doc["census_ops"])
-
-
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 def test_pi_run_bad_hf_inputs_are_one_line(tmp_path):
     model = _hf("llama")
     model.save_pretrained(tmp_path / "llama")
     too_long = ",".join(["1"] * 33)  # max_position_embeddings=32
-    for args, want in [((str(tmp_path / "llama"), "--tokens", too_long), "position"),
-                       ((str(tmp_path / "llama"), "--tokens", "1,2", "--chunks", "2"), "--program hand"),
-                       (("hf:nobody/nothing", "--tokens", "1,2"), "nobody/nothing")]:
-        proc = subprocess.run([*_cli_prefix(), "pi", "run", *args], capture_output=True, text=True,
+    for args, want in [(("run", str(tmp_path / "llama"), "--tokens", too_long), "position"),
+                       (("run", "hf:nobody/nothing", "--tokens", "1,2"), "nobody/nothing"),
+                       (("eval", str(tmp_path / "llama")), "has no tokenizer")]:
+        proc = subprocess.run([*_cli_prefix(), "pi", *args], capture_output=True, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
@@ -242,7 +261,7 @@ def _run_dir(preset: str, seed: int, out: Path) -> Path:
 
     from privlm.config import to_yaml
     out.mkdir(parents=True)
-    (out / "config.yaml").write_text(to_yaml(load_config(preset, SMALL)))
+    (out / "config.yaml").write_text(to_yaml(load_config(preset, _small(preset))))
     save_model(_privlm(preset, seed), str(out / "model.safetensors"))
     from tokenizers import Tokenizer, models, pre_tokenizers
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
@@ -251,12 +270,16 @@ def _run_dir(preset: str, seed: int, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 @pytest.mark.parametrize("kind", ["llama", "SM(t)+ScFuFFN"])
 def test_traced_two_process_run_keeps_every_learned_value_from_the_client(kind, tmp_path):
-    """2proc over brpc, twice with different weights (and temperatures, alpha/beta for SM(t)+ScFuFFN) and
-    different prompts. The client never opens server.safetensors, holds no learned value in the clear, and
-    its share of every server tensor is bit-identical across the two runs: nothing it holds depends on any
-    weight, temperature or beta. The only share it receives is the logits'."""
+    """`pi run` in 2proc over brpc (defaults: the traced program, --head last), twice with different weights (and
+    temperatures, alpha/beta for SM(t)+ScFuFFN) and different prompts. The client never opens server.safetensors,
+    holds no learned value in the clear, its public files are byte-identical across the two runs and so is its
+    share of every server tensor: nothing it holds depends on any weight, temperature or beta. The only share it
+    receives is the logits', of the last position only. The server, likewise, never sees the prompt: its share
+    of the one-hot input is the same for both prompts. The prediction is the plaintext's (a LLaMA with GQA,
+    RMSNorm, SwiGLU and RoPE: its registry ops all ran)."""
     runs = []
     for seed in (0, 1):
         if kind == "llama":
@@ -267,16 +290,21 @@ def test_traced_two_process_run_keeps_every_learned_value_from_the_client(kind, 
                         p.add_(0.1 * torch.randn_like(p))
             src = tmp_path / f"llama{seed}"
             model.save_pretrained(src)
-            extra = []
         else:
             src = _run_dir(kind, seed, tmp_path / f"run{seed}")
-            extra = ["--program", "traced"]
+            model = _privlm(kind, seed)
         keep = tmp_path / f"keep{seed}"
-        ids = ",".join(map(str, PROMPTS[seed][0, :10].tolist()))
-        proc = _cli("pi", "run", str(src), "--tokens", ids, "--mode", "2proc", "--keep", str(keep), "--json", *extra)
+        prompt = PROMPTS[seed][:, :10]
+        ids = ",".join(map(str, prompt[0].tolist()))
+        proc = _cli("pi", "run", str(src), "--tokens", ids, "--mode", "2proc", "--keep", str(keep), "--json")
         assert proc.returncode == 0, proc.stderr[-2000:]
         doc = json.loads(proc.stdout)
-        assert doc["top1_agree"] is True and doc["input_share_bytes"] == 0
+        assert doc["mode"] == "2proc" and doc["top1_agree"] is True and doc["input_share_bytes"] == 0
+        assert doc["plaintext_token"] == int(_logits(model, prompt)[-1].argmax())
+        assert doc["max_logit_err"] < LOGIT_BOUND
+        if kind == "llama":
+            assert {"rmsnorm", "silu", "gate_product", "softmax"} <= set(doc["census_ops"])
+        assert np.load(keep / "result.npy").shape == (1, V)  # what the client reconstructed: one row of logits
         client = json.loads((keep / "audit_party0.json").read_text())
         server = json.loads((keep / "audit_party1.json").read_text())
         secret = str((keep / "export" / "server.safetensors").resolve())
@@ -285,13 +313,54 @@ def test_traced_two_process_run_keeps_every_learned_value_from_the_client(kind, 
         assert len(client["received_shares"]) == 1  # the logits
         served = [n for n in server["plaintext"]]
         assert served and all(f"server:{n}" in client["local_shares"] for n in served)
-        runs.append((client["share_digests"], server["share_digests"], served))
-    (c1, s1, names), (c2, s2, _) = runs
+        ids_file = str((keep / "ids.json").resolve())
+        assert ids_file not in server["opened"] + server["loaded"] and ids not in " ".join(server["argv"])
+        assert "onehot" in server["local_shares"] and "onehot" not in server["plaintext"]
+        public = [(keep / "export" / f).read_bytes() for f in ("program.json", "public.safetensors")]
+        runs.append((client["share_digests"], server["share_digests"], served, public))
+    (c1, s1, names, pub1), (c2, s2, _, pub2) = runs
+    assert pub1 == pub2  # the op graph and the public constants: architecture only
     for n in names:
         assert c1[f"server:{n}"] == c2[f"server:{n}"], n  # the client's share does not depend on the value
     assert any(s1[f"server:{n}"] != s2[f"server:{n}"] for n in names)
+    assert s1["onehot"] == s2["onehot"] and c1["onehot"] != c2["onehot"]  # the server's share: prompt-free
     if kind != "llama":  # temperatures and beta are server tensors the client only holds data-free shares of
         assert any("temperature" in n or n.startswith("mul") for n in names) and any("beta" in n for n in names)
+
+
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
+def test_pi_eval_of_a_save_pretrained_llama(tmp_path):
+    """`privlm pi eval DIR --data ... --all-positions` for a Hugging Face LLaMA (GQA, RMSNorm, SwiGLU, RoPE): text
+    tokenized with the model's own tokenizer, through 2PC; top-1 agreement and perplexity beside the plaintext
+    model's, recomputed here from torch. Without --all-positions only the last position is scored (no PPL)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    model = _hf("llama")
+    d = tmp_path / "llama"
+    model.save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w0"}))
+    rng = np.random.default_rng(0)
+    (tmp_path / "text").mkdir()
+    for i in range(3):
+        (tmp_path / "text" / f"{i}.py").write_text("\n".join(" ".join(f"w{j}" for j in rng.integers(1, V, 8)) for _ in range(5)) + "\n")
+    proc = _cli("pi", "eval", str(d), "--data", f"files:{tmp_path / 'text'}/*.py", "--T", "8", "--sequences", "2",
+                "--all-positions", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["positions"] == 16 and doc["predicted_positions"] == 14 and doc["all_positions"] is True
+    assert doc["top1_agreement"] >= 15 / 16 and doc["max_logit_err"] < LOGIT_BOUND
+    assert abs(doc["ppl_2pc"] / doc["ppl_plain"] - 1) < 0.01
+    from privlm.config import DataConfig
+    from privlm.data import prepare_data
+    chunks = prepare_data(DataConfig(source=f"files:{tmp_path / 'text'}/*.py", valid_fraction=0.0,
+                                     tokenizer=str(d), seq_len=8)).train
+    ids = torch.as_tensor(np.asarray(chunks[:2], dtype=np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    assert doc["ppl_plain"] == pytest.approx(float(torch.exp(ce)), rel=1e-4)
 
 
 def test_registry_is_complete_for_every_profile():
@@ -324,6 +393,7 @@ def test_traced_census_equals_module_census_for_hf_models(kind):
         assert {o.op for o in ops} >= {"rmsnorm", "silu", "gate_product", "rotary", "softmax"}
 
 
+@pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 def test_pi_export_of_an_hf_model_splits_the_traced_program(tmp_path):
     """`pi export DIR OUT --T 8`: the client bundle holds the op graph and the public constants only, the server
     keeps server.safetensors; the client's program.json is what the server traces for itself at that T."""

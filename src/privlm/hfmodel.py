@@ -256,8 +256,41 @@ def tokenizer_spec(path: Path) -> str:
     """What `privlm.data` should load as this model's own tokenizer (its directory)."""
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise CheckpointError(f"'{path}' has no tokenizer (tokenizer.json or tokenizer_config.json); entropy "
-                              f"is measured on text tokenized with the model's own tokenizer")
+                              f"and 2PC accuracy are measured on text tokenized with the model's own tokenizer")
     return str(path)
+
+
+def text_chunks(hf: "HFModel", T: int, data_source: Optional[str] = None):
+    """(T-token chunks [N, T], what they are) of text tokenized with the model's own tokenizer: the validation
+    split of a privlm run trained on the standard library, or every document of ``data_source``. Used by
+    `privlm entropy` and `privlm pi eval` on Hugging Face models."""
+    import numpy as np
+
+    from privlm.config import DataConfig
+    from privlm.data import prepare_data
+    from privlm.errors import DataError
+
+    if data_source is None:  # the validation split of a privlm run trained on stdlib (split by path hash,
+        # so limiting the training part, which is not used, to one document leaves it unchanged)
+        dcfg = DataConfig(tokenizer=tokenizer_spec(hf.path), seq_len=T, max_train_docs=1)
+        data = prepare_data(dcfg, None)
+        chunks, what = data.valid, dcfg.source + " (validation split)"
+    else:  # every document of the source: all of it goes to the (unsplit) first part
+        dcfg = DataConfig(source=data_source, valid_fraction=0.0, tokenizer=tokenizer_spec(hf.path), seq_len=T)
+        data = prepare_data(dcfg, None)
+        chunks, what = data.train, data_source
+    tok_info = data.manifest["tokenizer"]
+    if tok_info.get("eos_added"):  # the separator would be a token id the model never saw
+        raise DataError(f"the tokenizer of '{hf.spec}' has no end-of-text token to separate documents (privlm "
+                        f"would append {tok_info['eos_token']}); give the directory a tokenizer_config.json naming "
+                        f"its eos_token")
+    if len(chunks) == 0:
+        raise DataError(f"no chunks of T={T} tokens in '{data_source or dcfg.source}'")
+    vocab = shape_of(hf.model.config)["vocab_size"]
+    if int(np.max(chunks)) >= vocab:  # e.g. a separator the tokenizer lacked and privlm.data appended
+        raise DataError(f"token id {int(np.max(chunks))} from the tokenizer of '{hf.spec}' is outside the model's "
+                        f"vocabulary of {vocab}")
+    return chunks, what
 
 
 def shape_of(config) -> dict[str, Optional[int]]:

@@ -33,8 +33,7 @@ FLOP_ENTRIES: tuple[str, ...] = tuple(LINEAR_KIND_OF)
 # Breakdown kinds of the SPU program's steps, as `privlm pi run` reports them, in display order.
 STEP_KINDS: tuple[str, ...] = ("setup", "embedding", "layernorm", "matmul", "softmax", "activation", "head")
 
-# File formats (name/version): the exported model the SPU parties read, and a cost profile.
-EXPORT_FORMAT = "privlm-spu-export/1"
+# File formats (name/version): the traced model the SPU parties read, and a cost profile.
 TRACE_FORMAT = "privlm-trace/1"  # the op graph of a traced model (privlm.trace)
 # A traced export directory: the op graph and the public constants (both parties), the server's tensors.
 TRACE_FILE, CONSTANTS_FILE, SERVER_FILE = "program.json", "public.safetensors", "server.safetensors"

@@ -28,6 +28,7 @@ An argument is ``{"ref": node}`` (a secret value), ``{"server": name}``, ``{"pub
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -168,7 +169,8 @@ def trace_model(model: nn.Module, T: int, name: Optional[str] = None) -> Trace:
             ctx.__enter__()
         try:
             ids = torch.zeros(1, T, dtype=torch.long, device=device)
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():  # torch.export's own deprecation notices are not ours
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
                 ep = torch.export.export(_Logits(model, hf), (ids,), strict=False).run_decompositions(_keep_table())
         finally:
             if ctx is not None:

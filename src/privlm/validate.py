@@ -83,7 +83,7 @@ SCHEMAS: dict[str, Any] = {
     "sweep.json": {"runs?": {"*": dict}, "command?": Opt(str)},
     "trainer.json": {"step": int, "tokens?": int, "position?": dict},
     "config.json": {"model_type": str},
-    "public.json": {"vocab_size": int, "block_size": int},
+    "program.json": {"format": str, "T": int, "vocab_size": int},
     "tokenizer_config.json": {},
 }
 

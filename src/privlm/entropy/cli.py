@@ -88,43 +88,20 @@ def hf_entropy_report(spec: str, data_source: str | None, batch_size: int | None
                       device: str, max_value: float | None, T: int | None) -> dict:
     """`entropy_report` of a Hugging Face causal LM: same table, bins and verdicts, on text tokenized with
     the model's own tokenizer (the standard library's validation split, or all of ``data_source``)."""
-    import numpy as np
-
-    from privlm.config import DataConfig
-    from privlm.data import prepare_data
     from privlm.entropy.measure import diagnose, measure_model
     from privlm.entropy.hf import hf_entropy
-    from privlm.hfmodel import check_length, load_config, load_model, shape_of, tokenizer_spec
+    from privlm.hfmodel import check_length, load_config, load_model, shape_of, text_chunks
 
     config = load_config(spec)[0]
     if T is None:
         T = min(HF_DEFAULT_T, shape_of(config)["max_positions"] or HF_DEFAULT_T)
     check_length(config, T)
     hf = load_model(spec, device)
-    if data_source is None:  # the validation split of a privlm run trained on stdlib (split by path hash,
-        # so limiting the training part, which is not measured, to one document leaves it unchanged)
-        dcfg = DataConfig(tokenizer=tokenizer_spec(hf.path), seq_len=T, max_train_docs=1)
-        data = prepare_data(dcfg, None)
-        chunks = data.valid
-    else:  # every document of the source: all of it goes to the (unsplit) first part
-        dcfg = DataConfig(source=data_source, valid_fraction=0.0, tokenizer=tokenizer_spec(hf.path), seq_len=T)
-        data = prepare_data(dcfg, None)
-        chunks = data.train
-    tok_info = data.manifest["tokenizer"]
-    if tok_info.get("eos_added"):  # the separator would be a token id the model never saw
-        raise DataError(f"the tokenizer of '{spec}' has no end-of-text token to separate documents (privlm would "
-                        f"append {tok_info['eos_token']}); give the directory a tokenizer_config.json naming its "
-                        f"eos_token")
-    if len(chunks) == 0:
-        raise DataError(f"no chunks of T={T} tokens in '{data_source or dcfg.source}'")
-    vocab = shape_of(hf.model.config)["vocab_size"]
-    if int(np.max(chunks)) >= vocab:  # e.g. a separator the tokenizer lacked and privlm.data appended
-        raise DataError(f"token id {int(np.max(chunks))} from the tokenizer of '{spec}' is outside the model's "
-                        f"vocabulary of {vocab}")
+    chunks, what = text_chunks(hf, T, data_source)
     matrix, nans, n_seq = measure_model(hf.model, _batches(chunks, batch_size or HF_DEFAULT_BATCH, max_batches),
                                         device, entropy_fn=hf_entropy)
     return {"run": spec, "preset": f"{hf.family.name}: {type(hf.model).__name__}",
-            "data": data_source or dcfg.source + " (validation split)", "sequences": n_seq,
+            "data": what, "sequences": n_seq,
             **diagnose(matrix, nans, T, max_value), "thresholds": None}
 
 

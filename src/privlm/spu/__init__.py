@@ -5,7 +5,7 @@ privlm needs numpy 2 (``make spu-setup`` builds ``.venv-spu``):
 
 main environment (torch)                          SPU environment (.venv-spu, jax + spu, no torch)
 -----------------------------------------------   ---------------------------------------------------
-``export``    model -> public.json + weights      ``program``   pure-JAX forward as a list of steps
+``export``    model -> traced program + weights   ``program``   the traced graph as a list of JAX steps
 ``launcher``  finds .venv-spu, starts parties     ``party``     one 2PC party (client or server)
 ``cli``       ``privlm pi run|eval|calibrate|...`` ``linkstats`` SPU's per-run link counters
 ``calibrate`` writes ``spu-<profile>-measured`` ``microbench`` per-op micro-benchmarks

@@ -369,7 +369,7 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
 
     from privlm.config import load_config
     from privlm.model import GPT
-    from privlm.spu.export import save_export
+    from privlm.spu.export import save_traced
     from privlm.spu.launcher import run_parties
     from privlm.spu.report import breakdown
 
@@ -387,7 +387,7 @@ def measure(preset: str, overrides: list[str], T: int, layers_measured: int, voc
     model = GPT(small.model).eval()
     ids = torch.randint(0, vm, (T,)).tolist()
     with private_tempdir("privlm-measure-") as tmp:
-        public, weights = save_export(model, Path(tmp) / "export")
+        public, weights = save_traced(model, Path(tmp) / "export", T)
         result, _ = run_parties(Path(tmp), public, weights=weights, tokens=ids, T=T, protocol=protocol,
                                 mode="sim", head="all", chunks=chunks,
                                 matmul_block=matmul_block, spu_profile=spu_profile)

@@ -1,14 +1,17 @@
-"""`privlm pi`: measured private inference of a privlm model under SecretFlow SPU (2PC).
+"""`privlm pi`: measured private inference of a privlm model or a Hugging Face causal LM under SecretFlow SPU (2PC).
 
-    privlm pi run RUN_DIR --prompt "def f(x):" [--protocol cheetah|semi2k] [--mode sim|2proc] [--json]
-    privlm pi run RUN_DIR --prompt "..." --mode 2proc --party 1 --peer HOST0:PORT --peer HOST1:PORT  (server)
-    privlm pi run CLIENT_DIR --prompt "..." --mode 2proc --party 0 --peer ... --peer ...             (client)
-    privlm pi export RUN_DIR OUT_DIR          # public.json + tokenizer.json (client) and weights (server)
+    privlm pi run RUN_DIR --prompt "def f(x):" [--protocol cheetah|semi2k] [--mode sim|2proc] [--head last|all]
+    privlm pi run RUN_DIR --mode 2proc --party 1 --T 8 --peer HOST0:PORT --peer HOST1:PORT      (server)
+    privlm pi run CLIENT_DIR --prompt "..." --mode 2proc --party 0 --peer ... --peer ...        (client)
+    privlm pi eval RUN_DIR|HF_MODEL [--sequences 2] [--all-positions]
+    privlm pi export RUN_DIR OUT_DIR --T 8    # program.json + public.safetensors + tokenizer.json (client),
+                                              # server.safetensors (server)
     privlm pi calibrate [--out PROFILE.json] [--quick]
     privlm pi measure PRESET [key=value ...] [--layers-measured 1] [--T 128]
 
 The parties run in the SPU environment (``make spu-setup``); this process only exports, launches and
-reports. See docs/pi-measured.md.
+reports. Every model runs as the program traced from its torch graph (`privlm.trace`, `privlm.spu.program`).
+See docs/pi-measured.md.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from privlm.errors import MAX_T, CheckpointError, PrivlmError, bounded_int, finite_float
 from privlm.proc import private_tempdir
+from privlm.opschema import CONSTANTS_FILE, TRACE_FILE
 from privlm.validate import check_text, check_tokenizer_files, read_json
 from privlm.spu.spu_profile import add_spu_profile_arg, check_spu_profile
 
@@ -30,9 +34,9 @@ def register(subparsers) -> None:
 
     r = sub.add_parser("run", help="private next-token prediction of a run directory's model")
     r.add_argument("run_dir", help="RUN_DIR (config.yaml + model.safetensors), a Hugging Face save_pretrained "
-                                   "directory or hf:<id> (GPT-2, GPT-NeoX, LLaMA, Qwen2, Mistral; run through the "
-                                   "traced program), or a client bundle of `privlm pi export` (public.json + "
-                                   "tokenizer.json) with --party 0")
+                                   "directory or hf:<id> (GPT-2, GPT-NeoX, LLaMA, Qwen2, Mistral), or a client bundle "
+                                   "of `privlm pi export` (program.json + public.safetensors [+ tokenizer.json]) with "
+                                   "--party 0")
     src = r.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (tokenized with the run's tokenizer.json)")
     src.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
@@ -45,17 +49,18 @@ def register(subparsers) -> None:
     r.add_argument("--party", type=int, choices=(0, 1),
                    help="2proc on two machines: run only this party (0 = client, 1 = server)")
     add_peer_timeout_arg(r)
-    add_program_arg(r)
     r.add_argument("--T", type=bounded_int(1, MAX_T),
                    help="prompt length, for --party 1 (the server never sees the prompt)")
     r.add_argument("--wan", metavar="RATE:DELAY",
                    help="2proc only: run the parties in two network namespaces joined by a veth pair limited to "
                         "RATE (tc tbf) with DELAY one-way per message flight (delay proxy), e.g. 100mbit:80ms; "
                         "needs root")
-    r.add_argument("--head", default="all", choices=("all", "last"),
-                   help="LM head over all T positions (census/paper workload) or only the last")
+    r.add_argument("--head", default="last", choices=("all", "last"),
+                   help="which logits the client receives: the last position's (default: the next token) or every "
+                        "position's (the census/paper workload, with the census check; reveals more)")
     r.add_argument("--chunks", type=bounded_int(1, 4096), default=1,
-                   help="run each softmax/activation as this many SPU runs (bounds memory; same math)")
+                   help="run each softmax, activation and gate product as this many SPU runs (bounds memory; "
+                        "same math)")
     r.add_argument("--matmul-block", type=bounded_int(1, 2**20), default=None,
                    help="split every product into blocks of at most this many features (bounds memory)")
     r.add_argument("--keep", metavar="DIR", help="keep the exported files, logs and audits in DIR")
@@ -63,10 +68,14 @@ def register(subparsers) -> None:
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("eval", help="accuracy under 2PC: validation sequences through SPU vs plaintext",
-                       description="Runs N validation sequences of the run through 2PC (one session) and reports "
-                                   "top-1 agreement with the plaintext model over all positions, mean and max "
-                                   "logit error, and the perplexity of the 2PC logits beside the plaintext one.")
-    v.add_argument("run_dir")
+                       description="Runs N validation sequences through 2PC (one session) and reports top-1 "
+                                   "agreement with the plaintext model and the mean and max logit error; by default "
+                                   "the client receives only the last position's logits of each sequence. "
+                                   "--all-positions reveals every position's logits, which the perplexity of the "
+                                   "2PC logits (beside the plaintext one) needs.")
+    v.add_argument("run_dir", help="RUN_DIR (its validation split), a Hugging Face save_pretrained directory or "
+                                   "hf:<id> (text tokenized with its own tokenizer: the standard library's "
+                                   "validation split, or --data)")
     add_spu_profile_arg(v)
     v.add_argument("--sequences", type=bounded_int(1, 4096), default=2, help="validation sequences (default 2)")
     v.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
@@ -74,25 +83,23 @@ def register(subparsers) -> None:
     v.add_argument("--protocol", default="cheetah", choices=("cheetah", "semi2k"))
     v.add_argument("--mode", default="sim", choices=("sim", "2proc"))
     add_peer_timeout_arg(v)
-    add_program_arg(v)
+    v.add_argument("--all-positions", action="store_true",
+                   help="reveal every position's logits to the client (needed for the perplexity; reveals more "
+                        "than the next token)")
+    v.add_argument("--data", default=None, help="Hugging Face models: evaluate on this source (files:<glob>, "
+                                                "hf:<id>, stdlib) instead of the standard library's validation split")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
 
-    e = sub.add_parser("export", help="split a run into the client bundle and the server's weights")
+    e = sub.add_parser("export", help="split a model into the client bundle and the server's tensors")
     e.add_argument("run_dir", help="RUN_DIR, a Hugging Face save_pretrained directory or hf:<id>")
     e.add_argument("out_dir")
     e.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
-                   help="export the traced program for prompts of T tokens (always for Hugging Face models)")
+                   help="the prompt length the traced program is exported for (required)")
     e.set_defaults(func=cmd_export)
 
     from privlm.spu import calibrate as _cal
     _cal.register(sub)
-
-
-def add_program_arg(parser) -> None:
-    parser.add_argument("--program", default="hand", choices=("hand", "traced"),
-                        help="privlm runs: the hand-written step program (default) or the program traced from the "
-                             "torch model (torch.export + op registry); Hugging Face models always run traced")
 
 
 def _seconds(text: str) -> float:
@@ -162,9 +169,6 @@ def cmd_run(args) -> int:
     hf = is_hf_spec(args.run_dir)
     if not hf and not run_dir.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
-    traced = hf or args.program == "traced"
-    if traced and (args.chunks != 1 or args.matmul_block is not None):
-        raise PrivlmError("--chunks and --matmul-block apply to the hand-written program only (--program hand)")
     if args.chunks < 1:
         raise PrivlmError(f"--chunks={args.chunks} must be >= 1")
     if args.matmul_block is not None and args.matmul_block < 1:
@@ -187,12 +191,12 @@ def cmd_run(args) -> int:
         raise PrivlmError(f"--keep directory '{args.keep}' exists and is not empty; choose a new one")
     # the export holds the server's weights: a temporary one is removed even if this process is killed
     with contextlib.nullcontext(Path(args.keep)) if args.keep else private_tempdir("privlm-pi-") as work:
-        bundle = next((run_dir / f for f in ("public.json", "program.json") if (run_dir / f).is_file()), None)
+        bundle = run_dir / TRACE_FILE if not hf and (run_dir / TRACE_FILE).is_file() else None
         client_only = args.party == 0 and bundle is not None and not (run_dir / "model.safetensors").is_file() \
             and not (run_dir / "config.json").is_file()
         ref = model = tok = None
-        if client_only:  # a client machine: public architecture (or traced program) and tokenizer, no weights
-            meta = read_json(bundle)  # schema: vocab_size, block_size (public.json) or T (program.json)
+        if client_only:  # a client machine: the traced program, its public constants and the tokenizer, no weights
+            meta = read_json(bundle)  # schema: format, T, vocab_size
             public, weights, vocab = bundle, None, meta["vocab_size"]
             if (run_dir / "tokenizer.json").is_file():
                 from tokenizers import Tokenizer
@@ -202,7 +206,7 @@ def cmd_run(args) -> int:
                 except Exception as exc:  # noqa: BLE001
                     raise CheckpointError(f"cannot load '{run_dir / 'tokenizer.json'}': "
                                           f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
-            block = meta.get("block_size", meta.get("T"))
+            block = meta["T"]
         else:
             model, tok, vocab, block, _ = _load(args.run_dir, args.T or 1)
         if args.party != 1 and args.prompt is None and args.tokens is None:
@@ -214,14 +218,14 @@ def cmd_run(args) -> int:
         else:
             ids = _tokens(args, tok, vocab)
             T = len(ids)
+        if client_only and T != block:
+            raise PrivlmError(f"the prompt has {T} tokens but the client bundle's program was exported for T={block} "
+                              f"(privlm pi export --T)")
         if block is not None and T > block:
             raise PrivlmError(f"the prompt has {T} tokens but the model's position table holds {block}")
         if model is not None:
-            from privlm.spu.export import plain_logits, save_export, save_traced
-            if traced:
-                public, weights = save_traced(model, work / "export", T)
-            else:
-                public, weights = save_export(model, work / "export")
+            from privlm.spu.export import plain_logits, save_traced
+            public, weights = save_traced(model, work / "export", T)
             if ids is not None:
                 ref = plain_logits(model, [ids])[0]
         def launch(net=None):
@@ -278,27 +282,22 @@ def wan_report(doc: dict, link, model, T: int, spu_profile: str | None) -> dict:
 
 def cmd_export(args) -> int:
     from privlm.hfmodel import is_hf_spec
-    from privlm.spu.export import save_export, save_traced
+    from privlm.spu.export import save_traced
 
     run_dir, out = Path(args.run_dir), Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise PrivlmError(f"output directory '{out}' exists and is not empty; choose a new one")
-    traced = is_hf_spec(args.run_dir) or args.T is not None
-    if traced and args.T is None:
-        raise PrivlmError("a Hugging Face model is exported as a traced program: give --T, the prompt length")
-    model, tok, _, block, _ = _load(args.run_dir, args.T or 1)
-    if traced and not 1 <= args.T <= (block or args.T):
+    if args.T is None:
+        raise PrivlmError("the 2PC program is traced for one prompt length: give --T")
+    model, tok, _, block, _ = _load(args.run_dir, args.T)
+    if not 1 <= args.T <= (block or args.T):
         raise PrivlmError(f"--T={args.T} must be in 1..{block} (the model's positions)")
     client = out / "client"
     client.mkdir(parents=True)
-    if traced:  # program.json + public.safetensors for both, server.safetensors for the server only
-        from privlm.opschema import CONSTANTS_FILE, TRACE_FILE
-        public, weights = save_traced(model, out / "server", args.T)
-        for f in (TRACE_FILE, CONSTANTS_FILE):
-            shutil.copy(public.parent / f, client / f)
-    else:
-        public, weights = save_export(model, out / "server")
-        shutil.copy(public, client / "public.json")
+    # program.json + public.safetensors for both parties, server.safetensors for the server only
+    public, weights = save_traced(model, out / "server", args.T)
+    for f in (TRACE_FILE, CONSTANTS_FILE):
+        shutil.copy(public.parent / f, client / f)
     src_tok = (run_dir if not is_hf_spec(args.run_dir) or run_dir.is_dir() else None)
     if src_tok is not None and (src_tok / "tokenizer.json").is_file():
         shutil.copy(src_tok / "tokenizer.json", client / "tokenizer.json")
@@ -306,64 +305,83 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _eval_ids(args, sequences: int):
+    """(model, token ids [N, T], T, what the sequences are) for `pi eval`: a privlm run's first N validation chunks,
+    or a Hugging Face model's first N chunks of text tokenized with its own tokenizer."""
     import dataclasses
 
     import numpy as np
-    import torch
 
-    from privlm.data import prepare_data
     from privlm.hfmodel import is_hf_spec
-    from privlm.spu.export import load_model, save_export, save_traced
+    if is_hf_spec(args.run_dir):
+        from privlm.hfmodel import check_length, load_model as load_hf, shape_of, text_chunks
+        hf = load_hf(args.run_dir)
+        T = args.T or min(128, shape_of(hf.model.config)["max_positions"] or 128)
+        if T < 2:
+            raise PrivlmError(f"--T={T} must be at least 2")
+        check_length(hf.model.config, T)
+        chunks, what = text_chunks(hf, T, args.data)
+        model = hf.model
+    else:
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"run directory '{run_dir}' does not exist")
+        if args.data is not None:
+            raise PrivlmError("--data applies to Hugging Face models; a privlm run is evaluated on its validation split")
+        _check_2pc_memory(run_dir, args.T or 2, sequences)
+        from privlm.data import prepare_data
+        from privlm.spu.export import load_model
+        cfg, model, _ = load_model(run_dir)
+        T = args.T or cfg.data.seq_len
+        if not 2 <= T <= min(cfg.data.seq_len, cfg.model.block_size):
+            raise PrivlmError(f"--T={T} must be in 2..{min(cfg.data.seq_len, cfg.model.block_size)} (the run's chunks)")
+        data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run_dir / "tokenizer.json"))
+        chunks, what = prepare_data(data_cfg, None).valid, "validation split"
+    if len(chunks) < sequences:
+        raise PrivlmError(f"'{args.run_dir}': {what} has {len(chunks)} sequences of T={T}, fewer than "
+                          f"--sequences={sequences}")
+    return model, np.asarray(chunks[:sequences, :T], dtype=np.int64), T, what  # the first N chunks: reproducible
+
+
+def cmd_eval(args) -> int:
+    from privlm.spu.export import plain_logits, save_traced
     from privlm.spu.launcher import run_parties
     from privlm.spu.report import accuracy_under_2pc
 
     check_spu_profile(args.spu_profile)
-    run_dir = Path(args.run_dir)
-    if is_hf_spec(args.run_dir):
-        raise PrivlmError(f"'{args.run_dir}' is a Hugging Face model: pi eval scores a privlm run's validation "
-                          f"split; use pi run --tokens (--head all reveals every position's logits) for Hugging Face models")
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory '{run_dir}' does not exist")
     if args.sequences < 1:
         raise PrivlmError(f"--sequences={args.sequences} must be >= 1")
-    _check_2pc_memory(run_dir, args.T or 2, args.sequences)
-    cfg, model, _ = load_model(run_dir)
-    T = args.T or cfg.data.seq_len
-    if not 2 <= T <= min(cfg.data.seq_len, cfg.model.block_size):
-        raise PrivlmError(f"--T={T} must be in 2..{min(cfg.data.seq_len, cfg.model.block_size)} (the run's chunks)")
-    data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run_dir / "tokenizer.json"))
-    valid = prepare_data(data_cfg, None).valid
-    if len(valid) < args.sequences:
-        raise PrivlmError(f"the validation split has {len(valid)} sequences, fewer than --sequences={args.sequences}")
-    ids = np.asarray(valid[: args.sequences, :T], dtype=np.int64)  # the first N chunks: reproducible
-    with torch.no_grad():
-        ref = model(torch.from_numpy(ids)).logits.float().numpy()
+    model, ids, T, what = _eval_ids(args, args.sequences)
+    ref = plain_logits(model, ids)
+    head = "all" if args.all_positions else "last"
     with private_tempdir("privlm-pi-eval-") as tmp:
-        if args.program == "traced":
-            public, weights = save_traced(model, tmp / "export", T)
-        else:
-            public, weights = save_export(model, tmp / "export")
+        public, weights = save_traced(model, tmp / "export", T)
         result, logits = run_parties(tmp, public, weights=weights, tokens=ids.tolist(), T=T,
                                      protocol=args.protocol, mode=args.mode, spu_profile=args.spu_profile,
-                                     sequences=args.sequences, peer_timeout=args.peer_timeout,
+                                     sequences=args.sequences, head=head, peer_timeout=args.peer_timeout,
                                      delete_weights=True)
+    if not args.all_positions:  # the client learned the last position's logits only: score those
+        ref, ids = ref[:, -1:], ids[:, -1:]
     logits = logits.reshape(ref.shape)
-    doc = {"run": str(run_dir), "spu_profile": args.spu_profile, "protocol": args.protocol, "mode": args.mode,
-           "sequences": args.sequences, "T": T, "spu_version": result["spu_version"],
-           "spu_settings": result["spu_settings"],
+    doc = {"run": str(args.run_dir), "spu_profile": args.spu_profile, "protocol": args.protocol, "mode": args.mode,
+           "sequences": args.sequences, "T": T, "data": what, "all_positions": args.all_positions,
+           "spu_version": result["spu_version"], "spu_settings": result["spu_settings"],
            **accuracy_under_2pc(ref, logits, ids),
            "bytes_online_per_sequence": [s["bytes_online"] for s in result["sequences"]],
            "wall_seconds": result["wall_seconds"]}
     if args.json:
         print(json.dumps(doc, indent=1))
-    else:
-        print(f"{doc['run']}: {args.sequences} validation sequences x T={T} under {args.protocol.upper()} "
-              f"(SPU profile {args.spu_profile})\n"
-              f"  top-1 agreement with plaintext: {100 * doc['top1_agreement']:.2f}% of {doc['positions']} positions"
-              f" ({doc['disagreements']} differ; largest plaintext logit gap among them "
-              f"{doc['max_disagreement_margin']:.3g})\n"
-              f"  logit error: mean {doc['mean_logit_err']:.2e}, max {doc['max_logit_err']:.2e}\n"
-              f"  perplexity: 2PC {doc['ppl_2pc']:.4f}, plaintext {doc['ppl_plain']:.4f} "
+        return 0
+    where = "all positions" if args.all_positions else "the last position of each sequence"
+    print(f"{doc['run']}: {args.sequences} sequences ({what}) x T={T} under {args.protocol.upper()} "
+          f"(SPU profile {args.spu_profile}); the client received the logits of {where}\n"
+          f"  top-1 agreement with plaintext: {100 * doc['top1_agreement']:.2f}% of {doc['positions']} positions"
+          f" ({doc['disagreements']} differ; largest plaintext logit gap among them "
+          f"{doc['max_disagreement_margin']:.3g})\n"
+          f"  logit error: mean {doc['mean_logit_err']:.2e}, max {doc['max_logit_err']:.2e}")
+    if doc["ppl_2pc"] is not None:
+        print(f"  perplexity: 2PC {doc['ppl_2pc']:.4f}, plaintext {doc['ppl_plain']:.4f} "
               f"({100 * doc['ppl_rel_diff']:+.3f}%) over {doc['predicted_positions']} predicted tokens")
+    else:
+        print("  perplexity: needs every position's logits (--all-positions)")
     return 0

@@ -171,11 +171,14 @@ def check_peers(peers: list[str]) -> list[str]:
 
 def run_parties(work: Path, public: Path, *, weights: Optional[Path], tokens: Optional[list[int]], T: int,
                 protocol: str, mode: str, peers: Optional[list[str]] = None, party: Optional[int] = None,
-                head: str = "all", chunks: int = 1, matmul_block: Optional[int] = None,
+                head: str = "last", chunks: int = 1, matmul_block: Optional[int] = None,
                 timeout: Optional[float] = None, spu_profile: str = "default", sequences: int = 1,
                 wan=None, peer_timeout: float = PEER_TIMEOUT_S,
                 delete_weights: bool = False) -> Optional[tuple[dict, np.ndarray]]:
-    """Run the 2PC forward; returns (result, logits) where the client runs here, else None.
+    """Run the 2PC forward of the traced program ``public`` (program.json; public.safetensors beside it, the
+    server's tensors in ``weights``); returns (result, logits) where the client runs here, else None.
+
+    head: "last" (the client learns only the next token's logits) or "all" (every position's, which reveals more).
 
     tokens: one prompt (list of ids) or ``sequences`` prompts of equal length (a list of lists).
     mode "sim": both parties as threads of one SPU process (in-memory link).

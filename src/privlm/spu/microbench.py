@@ -56,7 +56,7 @@ def case_fn(op: str, shape: dict, kernels: dict[str, str]):
         return rotary, [((T, w), SECRET)], T * w, 1, 0
     if op in ACTIVATION_OPS:
         T, w = shape["T"], shape["w"]
-        act = P.activation_fn(op, 0.01 if op == "leaky_relu" else None, kernels["gelu"])
+        act = P.activation_fn(op, kernels)
         return act, [((T, w), SECRET)], T * w, 1, 0
     if op == "linear":  # x @ W: FFN and attention projections, and with (T, V, d) the embedding/head
         T, i, o = shape["T"], shape["din"], shape["dout"]

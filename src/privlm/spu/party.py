@@ -6,11 +6,12 @@ to its owner: SPU's colocated sharing (`make_shares(x, VIS_SECRET, owner_rank)`)
 holding the value and the other party a share that does not depend on it, which that party builds
 itself from zeros of the public shape. So nothing crosses the link before the forward pass (no weight
 shares, no prompt shares), and CHEETAH runs its cheaper secret x private kernels for every product with a
-weight. Every step of `privlm.spu.program` runs as its own SPU executable on shares, and at the end the
-server sends its share of the logits to the client, who alone reconstructs them.
+weight. Every step of the traced program (`privlm.spu.program.program_from_trace`, from program.json and the
+public constants beside it) runs as its own SPU executable on shares, and at the end the server sends its share
+of the logits the client asked for (``--head``) to the client, who alone reconstructs them.
 
-    python -m privlm.spu.party --rank 0 --public public.json --tokens ids.json --peers A,B --out res.json
-    python -m privlm.spu.party --rank 1 --public public.json --weights weights.safetensors --T 16 --peers A,B
+    python -m privlm.spu.party --rank 0 --public program.json --tokens ids.json --peers A,B --out res.json
+    python -m privlm.spu.party --rank 1 --public program.json --weights server.safetensors --T 16 --peers A,B
     python -m privlm.spu.party --sim --public ... --tokens ... --weights ... --out res.json   (both, threads)
 
 ``--tokens`` holds one list of ids or a list of N equally long lists (``pi eval``: N sequences through
@@ -385,12 +386,7 @@ def plan(program) -> tuple[dict[str, tuple], dict[str, int]]:
     """Shapes of every named tensor (from jax.eval_shape, no data) and the index of each tensor's last use."""
     import jax
 
-    shapes: dict[str, tuple] = dict(program.input_shapes)  # traced program: its inputs' shapes
-    if not shapes:
-        shapes["onehot"] = (program.T, program.meta["vocab_size"])
-        for name in program.server_inputs:
-            shape = tuple(program.meta["weights"][name])
-            shapes[name] = (program.T,) + shape[1:] if name == "wpe" else shape
+    shapes: dict[str, tuple] = dict(program.input_shapes)
     last_use: dict[str, int] = {}
     for i, step in enumerate(program.steps):
         specs = [jax.ShapeDtypeStruct(shapes[n], np.float32) for n in step.inputs]
@@ -492,14 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m privlm.spu.party", description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, choices=(0, 1))
     ap.add_argument("--sim", action="store_true", help="run both parties as threads over an in-memory link")
-    ap.add_argument("--public", required=True, help="public.json of the export (architecture)")
+    ap.add_argument("--public", required=True, help="program.json of the traced export (public.safetensors beside it)")
     ap.add_argument("--tokens", help="JSON list of token ids, or a list of such lists (client only)")
-    ap.add_argument("--weights", help="weights.safetensors (server only)")
+    ap.add_argument("--weights", help="server.safetensors (server only)")
     ap.add_argument("--delete-weights", action="store_true",
                     help="remove the weights file once loaded (a temporary export of the launcher)")
     ap.add_argument("--T", type=int, help="prompt length (public; the server's only knowledge of the prompt)")
     ap.add_argument("--sequences", type=int, default=1, help="number of prompts (server; public)")
-    ap.add_argument("--head", default="all", choices=("all", "last"))
+    ap.add_argument("--head", default="last", choices=("all", "last"))
     ap.add_argument("--chunks", type=int, default=1, help="split softmax/activation runs (memory bound)")
     ap.add_argument("--matmul-block", type=int, default=None, help="split products into blocks (memory bound)")
     ap.add_argument("--protocol", default="cheetah", choices=PROTOCOLS)
@@ -528,7 +524,7 @@ def _run(args) -> int:
 
     import spu.libspu as libspu
 
-    from privlm.spu.program import build_program, is_trace, load_meta, load_trace, load_weights, one_hot, program_from_trace
+    from privlm.spu.program import load_trace, load_weights, one_hot, program_from_trace
     from privlm.spu.spu_profile import load_spu_profile
 
     opts = libspu.logging.LogOptions()
@@ -537,8 +533,7 @@ def _run(args) -> int:
     libspu.logging.setup_logging(opts)
 
     spu_profile = load_spu_profile(args.spu_profile)
-    traced = is_trace(args.public)
-    meta = load_trace(Path(args.public).parent)[0] if traced else load_meta(args.public)
+    meta, constants = load_trace(Path(args.public).parent)
     AUDIT["loaded"].append(os.path.abspath(args.public))
     roles = (0, 1) if args.sim else (args.rank,)
     onehots = weights = None
@@ -560,14 +555,11 @@ def _run(args) -> int:
         if args.delete_weights:  # in memory now: the plaintext weights do not stay in a temporary directory
             os.unlink(args.weights)
         AUDIT["plaintext"].extend(sorted(weights))
-    if traced:  # one op graph traced from the torch model (privlm.trace), public constants beside it
-        if T != meta["T"]:
-            raise ValueError(f"the prompt has {T} tokens; the traced program was exported for T={meta['T']}")
-        program = program_from_trace(meta, load_trace(Path(args.public).parent)[1], head=args.head,
-                                     kernels=spu_profile.kernels)
-    else:
-        program = build_program(meta, T, head=args.head, chunks=args.chunks, matmul_block=args.matmul_block,
-                                kernels=spu_profile.kernels)
+    # one op graph traced from the torch model (privlm.trace), public constants beside it
+    if T != meta["T"]:
+        raise ValueError(f"the prompt has {T} tokens; the traced program was exported for T={meta['T']}")
+    program = program_from_trace(meta, constants, head=args.head, kernels=spu_profile.kernels, chunks=args.chunks,
+                                 matmul_block=args.matmul_block)
 
     result: dict = {}
 

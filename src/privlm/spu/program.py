@@ -1,19 +1,20 @@
-"""Pure-JAX forward pass of an exported privlm model, as the list of steps the 2PC program executes.
+"""The 2PC program: the op graph of a traced model (`privlm.trace`, format privlm-trace/1) as the list of steps
+the parties execute.
 
-The forward pass is cut into one `Step` per op of the census (embedding, LayerNorm, the attention matmuls,
-softmax, the FFN activation, the FFN matmuls, the LM head). The plaintext forward (`forward`) and the
-2PC run (`privlm.spu.party`) execute exactly the same step functions in the same order; under SPU each
-step is its own compiled executable, so the link counters between two steps measure that op alone and the
-per-op breakdown needs no guessing.
+`program_from_trace` interprets the graph with jax.numpy: one `Step` per op of the registry (`privlm.opregistry`)
+that is not free — the embedding, every product with a weight, QK^T, the softmax and AV of each attention, every
+norm, activation and gate product — each running the free ops (views, additions, products with public or
+server-private values) that follow it, through the kernel the SPU profile names for its op. The plaintext forward
+(`forward`) and the 2PC run (`privlm.spu.party`) execute exactly the same step functions in the same order; under
+SPU each step is its own compiled executable, so the link counters between two steps measure that op alone and
+the per-op breakdown needs no guessing.
 
 Runs in the SPU environment: imports numpy and jax only (no torch).
 
-Public vs secret (see docs/pi-measured.md): every matrix and vector of the model is a private input of the
-server (colocated shares: the client builds its share from zeros of the public shape; nothing is shared up
-front). In this hand-written program (`build_program`) the few scalars that the census treats as free
-rescalings are compiled in and so known to both parties: Eq. 8's beta, the SM(t) temperatures and the
-leaky-ReLU slopes (Eq. 8's 1/alpha is folded into the FFN output weights, so alpha stays secret). The traced
-program (`program_from_trace`, `--program traced`) keeps those scalars private to the server too.
+Public vs secret (docs/DECISIONS.md#traced-program): every learned value — weights, biases, norm gains, SM(t)'s
+temperatures, Eq. 8's alpha/beta, leaky slopes, materialized WN/SN weights — is a private input of the server
+(colocated shares: the client builds its share from zeros of the public shape; nothing is shared up front); the
+public constants (causal masks, rotary tables) depend on the architecture only.
 """
 from __future__ import annotations
 
@@ -28,10 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from privlm.spu.kernels import DEFAULT_KERNELS, kernel
-from privlm.opschema import (CONSTANTS_FILE, EXPORT_FORMAT, MASK_VALUE, SERVER_FILE,  # noqa: F401 (re-exported)
-                             TRACE_FILE, TRACE_FORMAT)
+from privlm.opschema import CONSTANTS_FILE, MASK_VALUE, SERVER_FILE, TRACE_FILE, TRACE_FORMAT
 from privlm.spu.spu_profile import DEFAULT, load_spu_profile
-
 
 
 @dataclass
@@ -39,8 +38,9 @@ class Step:
     """One op of the forward pass: ``outputs = fn(*inputs)`` over named tensors.
 
     kind: breakdown kind (one of `privlm.opschema.STEP_KINDS`). census: the census entry it is charged to: a nonlinear op type
-    (softmax, layernorm, gelu, relu, leaky_relu) or a FLOPs key (attn_proj, attn_scores, ffn, embedding,
-    lm_head). elements: elements the nonlinear op evaluates (0 for matmuls); flops: 2·multiply-adds.
+    (`privlm.opschema.OP_TYPES`: softmax, layernorm, rmsnorm, gelu, relu, leaky_relu, silu, gate_product) or a FLOPs
+    key (attn_proj, attn_scores, ffn, embedding, lm_head). elements: elements the nonlinear op evaluates (0 for
+    matmuls); flops: 2·multiply-adds.
     """
 
     name: str
@@ -56,29 +56,13 @@ class Step:
 
 @dataclass
 class Program:
-    meta: dict
+    meta: dict  # the op graph (program.json)
     T: int
     steps: list[Step]
     client_inputs: tuple[str, ...] = ("onehot",)
     server_inputs: tuple[str, ...] = field(default_factory=tuple)
     output: str = "logits"
-    input_shapes: dict[str, tuple] = field(default_factory=dict)  # client and server inputs (traced program)
-
-
-# --------------------------------------------------------------------------------------------------
-# the ops (each one paper equation / one census op)
-def activation_fn(name: str, slope: Optional[float], gelu_kernel: str = "tanh") -> Callable:
-    """The FFN nonlinearity of Eq. 4: GELU (GPT-2's tanh form, by the named kernel), exact GELU, ReLU or
-    leaky ReLU."""
-    if name == "gelu":
-        return kernel("gelu", gelu_kernel)
-    if name == "gelu_erf":
-        return lambda u: jax.nn.gelu(u, approximate=False)
-    if name == "relu":
-        return jax.nn.relu
-    if name == "leaky_relu":
-        return lambda u: jnp.where(u >= 0, u, u * slope)
-    raise ValueError(f"activation '{name}' has no nonlinear op (identity FFNs have no activation step)")
+    input_shapes: dict[str, tuple] = field(default_factory=dict)  # client and server inputs
 
 
 def causal_mask(T: int) -> np.ndarray:
@@ -86,202 +70,9 @@ def causal_mask(T: int) -> np.ndarray:
     return np.tril(np.ones((T, T), dtype=bool))
 
 
-def attention_logits(q, k, inv_temperature: Optional[np.ndarray]):
-    """Eq. 2 logits q k^T / sqrt(d_k), divided by SM(t)'s t_i per head and query, causally masked.
-
-    q, k: [H, T, d_k]; inv_temperature: public [H, T] (1/t) or None. The mask replaces the hidden logits
-    with MASK_VALUE (see its comment) instead of -inf, which fixed point cannot represent.
-    """
-    T, dk = q.shape[1], q.shape[2]
-    s = jnp.einsum("htd,hsd->hts", q, k) * (1.0 / math.sqrt(dk))
-    if inv_temperature is not None:
-        s = s * inv_temperature[:, :, None]
-    return jnp.where(causal_mask(T)[None], s, MASK_VALUE)
-
-
-def scaled_ffn_residual(x_sa, ffn_out, beta: float):
-    """Eq. 8: X_out = beta·X_SA + (1/alpha)·FFN(X_SA); 1/alpha is already folded into ffn_out's weights."""
-    return beta * x_sa + ffn_out
-
-
-# --------------------------------------------------------------------------------------------------
-def load_meta(path: Path | str) -> dict:
-    meta = json.loads(Path(path).read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a privlm SPU export (format {meta.get('format')!r}, "
-                         f"expected {EXPORT_FORMAT!r})")
-    return meta
-
-
 def load_weights(path: Path | str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(path)).items()}
-
-
-def build_program(meta: dict, T: int, head: str = "all", chunks: int = 1,
-                  matmul_block: Optional[int] = None, kernels: Optional[dict[str, str]] = None) -> Program:
-    """The step list of a T-token forward pass of the exported model ``meta``.
-
-    head: "all" computes the logits of every position (what the census counts and what the paper's
-    one-token-after-T-prompt measurement includes); "last" only the next-token logits.
-    chunks, matmul_block: bound the memory of one SPU run (CHEETAH needs ~17 GB for a single secret
-    [128x768]x[768x3072] product with both parties on one host). ``chunks`` evaluates each softmax (split
-    over heads) and each FFN activation (split over rows) as that many runs; ``matmul_block`` splits every
-    product into blocks of at most that many input and output features (partial products are summed and
-    concatenated locally, which costs no communication). The math is unchanged; small per-run overheads
-    are added.
-    kernels: the softmax/gelu/layernorm kernel names of an SPU profile (`privlm.spu.kernels`); default:
-    the `default` profile's (the functions the PyTorch model computes, as SPU evaluates them).
-    """
-    kernels = {**load_spu_profile(DEFAULT).kernels, **(kernels or {})}
-    softmax = kernel("softmax", kernels["softmax"])
-    layer_norm = kernel("layernorm", kernels["layernorm"])
-    if chunks < 1:
-        raise ValueError(f"chunks={chunks} must be >= 1")
-    if matmul_block is not None and matmul_block < 1:
-        raise ValueError(f"matmul_block={matmul_block} must be >= 1")
-    if not 1 <= T <= meta["block_size"]:
-        raise ValueError(f"T={T} must be in 1..{meta['block_size']} (the model's position table)")
-    if head not in ("all", "last"):
-        raise ValueError(f"head='{head}' must be 'all' or 'last'")
-    d, H, V, L = meta["n_embd"], meta["n_head"], meta["vocab_size"], meta["n_layer"]
-    dk = d // H
-    eps = float(meta["layer_norm_eps"])
-    has = set(meta["weights"])
-    steps: list[Step] = []
-
-    def opt(name):  # optional tensors (biases, LN shifts) are passed as None when absent
-        return name if name in has else None
-
-    def add(name, kind, census, fn, inputs, outputs, elements=0, flops=0, layer=None):
-        present = tuple(i for i in inputs if i is not None)
-        mask = tuple(i is not None for i in inputs)
-
-        def call(*args, _fn=fn, _mask=mask):
-            it = iter(args)
-            full = [next(it) if m else None for m in _mask]
-            return _fn(*full)
-        steps.append(Step(name, kind, census, call, present, tuple(outputs), elements, flops, layer))
-
-    def matmul(name, kind, census, hs, h_of, w, b, pre, post, outputs, din, dout, rows, layer=None,
-               transpose=False):
-        """outputs = post(*pre, h_of(*hs) @ W + b), W = w or w.T; one step, or blocks + a local assembly."""
-        n_pre, n_h = len(pre), len(hs)
-
-        def weight(wv, k0, k1, c0, c1):
-            return wv[c0:c1, k0:k1].T if transpose else wv[k0:k1, c0:c1]
-
-        def bias(y, bv):
-            return y if bv is None else y + bv
-        if matmul_block is None or (din <= matmul_block and dout <= matmul_block):
-            def fused(*a):
-                y = h_of(*a[n_pre:n_pre + n_h]) @ weight(a[-2], 0, din, 0, dout)
-                return post(*a[:n_pre], bias(y, a[-1]))
-            add(name, kind, census, fused, (*pre, *hs, w, b), outputs, flops=2 * rows * din * dout, layer=layer)
-            return
-        kb, cb = _blocks(din, matmul_block), _blocks(dout, matmul_block)
-        partial = []
-        for i_k, (k0, k1) in enumerate(kb):
-            for i_c, (c0, c1) in enumerate(cb):
-                out = f"{name}.p{i_k}.{i_c}"
-                add(out, kind, census,
-                    lambda *a, _k=(k0, k1), _c=(c0, c1): h_of(*a[:-1])[..., _k[0]:_k[1]] @ weight(a[-1], *_k, *_c),
-                    (*hs, w), (out,), flops=2 * rows * (k1 - k0) * (c1 - c0), layer=layer)
-                partial.append(out)
-
-        def assemble(*a, _nk=len(kb), _nc=len(cb)):
-            parts = a[n_pre:n_pre + _nk * _nc]
-            cols = [sum(parts[i_k * _nc + i_c] for i_k in range(_nk)) for i_c in range(_nc)]
-            return post(*a[:n_pre], bias(jnp.concatenate(cols, axis=-1), a[-1]))
-        add(name, kind, census, assemble, (*pre, *partial, b), outputs, flops=0, layer=layer)
-
-    def ident(h):
-        return h
-
-    def keep(y):
-        return y
-
-    # secret token ids enter as a one-hot [T, V] matrix: the lookup becomes a [T,V]x[V,d] product
-    matmul("embedding", "embedding", "embedding", ("onehot",), ident, "wte", None, ("wpe",),
-           lambda wpe, y: y + wpe, ("x",), V, d, T)
-
-    for i in range(L):
-        p = f"h{i}."
-        h = "x"
-        if meta["norm"] == "layernorm":
-            add(p + "ln1", "layernorm", "layernorm", lambda x, g, b: layer_norm(x, g, b, eps),
-                ("x", p + "ln1.g", opt(p + "ln1.b")), (p + "h1",), elements=T * d, layer=i)
-            h = p + "h1"
-
-        def split_heads(y):
-            y = y.reshape(T, 3, H, dk).transpose(1, 2, 0, 3)  # [3, H, T, dk]
-            return y[0], y[1], y[2]
-        matmul(p + "qkv", "matmul", "attn_proj", (h,), ident, p + "wqkv", opt(p + "bqkv"), (), split_heads,
-               (p + "q", p + "k", p + "v"), d, 3 * d, T, layer=i)
-
-        temp = meta["temperature"][i] if meta.get("temperature") is not None else None
-        inv_t = None if temp is None else (1.0 / np.asarray(temp, np.float32)[:, :T])
-        add(p + "scores", "matmul", "attn_scores", lambda q, k, _t=inv_t: attention_logits(q, k, _t),
-            (p + "q", p + "k"), (p + "s",), flops=2 * H * T * T * dk, layer=i)
-        parts = []
-        for c, (lo, hi) in enumerate(_splits(H, chunks)):
-            name = p + "softmax" + (f".{c}" if chunks > 1 else "")
-            add(name, "softmax", "softmax", lambda s, _lo=lo, _hi=hi: softmax(s[_lo:_hi]), (p + "s",),
-                (p + f"a{c}",), elements=(hi - lo) * T * T, layer=i)
-            parts.append(p + f"a{c}")
-
-        def av(*xs):
-            a = jnp.concatenate(xs[:-1], axis=0)
-            return jnp.einsum("hts,hsd->thd", a, xs[-1]).reshape(T, d)
-        add(p + "av", "matmul", "attn_scores", av, (*parts, p + "v"), (p + "y",), flops=2 * H * T * T * dk, layer=i)
-        matmul(p + "o_proj", "matmul", "attn_proj", (p + "y",), ident, p + "wo", opt(p + "bo"), ("x",),
-               lambda x, y: x + y, ("x",), d, d, T, layer=i)
-
-        ffn = meta["ffn"][i]
-        if ffn is None:  # AERO's pruned blocks: attention only
-            continue
-        h = "x"
-        if meta["norm"] == "layernorm":
-            add(p + "ln2", "layernorm", "layernorm", lambda x, g, b: layer_norm(x, g, b, eps),
-                ("x", p + "ln2.g", opt(p + "ln2.b")), (p + "h2",), elements=T * d, layer=i)
-            h = p + "h2"
-        beta = meta["beta"][i] if meta.get("beta") is not None else None
-
-        def residual(x, f, _beta=beta):
-            return x + f if _beta is None else scaled_ffn_residual(x, f, _beta)
-        if ffn == "fused":
-            matmul(p + "ffn", "matmul", "ffn", (h,), ident, p + "wf", opt(p + "bf"), ("x",), residual, ("x",),
-                   d, d, T, layer=i)
-            continue
-        width = meta["ffn_width"]
-        matmul(p + "fc_in", "matmul", "ffn", (h,), ident, p + "w1", opt(p + "b1"), (), keep, (p + "u",),
-               d, width, T, layer=i)
-        parts = [p + "u"]
-        if meta["activation"] != "identity":
-            slope = meta["leaky_slope"][i] if meta["activation"] == "leaky_relu" else None
-            act = activation_fn(meta["activation"], slope, kernels["gelu"])
-            parts = []
-            for c, (lo, hi) in enumerate(_splits(T, chunks)):
-                name = p + "act" + (f".{c}" if chunks > 1 else "")
-                add(name, "activation", meta["activation"].replace("gelu_erf", "gelu"),
-                    lambda u, _a=act, _lo=lo, _hi=hi: _a(u[_lo:_hi]), (p + "u",), (p + f"g{c}",),
-                    elements=(hi - lo) * width, layer=i)
-                parts.append(p + f"g{c}")
-        matmul(p + "fc_out", "matmul", "ffn", tuple(parts), lambda *g: jnp.concatenate(g, axis=0), p + "w2",
-               opt(p + "b2"), ("x",), residual, ("x",), width, d, T, layer=i)
-
-    x = "x"
-    if meta["ln_f"]:
-        add("ln_f", "layernorm", "layernorm", lambda x, g, b: layer_norm(x, g, b, eps),
-            ("x", "lnf.g", opt("lnf.b")), ("xf",), elements=T * d)
-        x = "xf"
-    rows = T if head == "all" else 1
-    head_w = "head" if "head" in has else "wte"  # [V, d]: tied to wte, or the untied head
-    matmul("head", "head", "lm_head", (x,), lambda x, _r=rows: x[-_r:], head_w, None, (), keep, ("logits",),
-           d, V, rows, transpose=True)
-
-    server = sorted({n for s in steps for n in s.inputs if n in has})
-    return Program(meta=meta, T=T, steps=steps, server_inputs=tuple(server))
 
 
 def _blocks(n: int, block: int) -> list[tuple[int, int]]:
@@ -309,14 +100,8 @@ def one_hot(ids: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 def server_tensors(weights: dict[str, np.ndarray], program: Program) -> dict[str, np.ndarray]:
-    """The server's secret inputs, cut to the program (only the first T position embeddings are used)."""
-    out = {}
-    if program.input_shapes:  # traced program: the server's tensors are exactly its inputs
-        return {name: np.asarray(weights[name[len("server:"):]], np.float32) for name in program.server_inputs}
-    for name in program.server_inputs:
-        w = weights[name]
-        out[name] = w[: program.T] if name == "wpe" else w
-    return out
+    """The server's secret inputs: the tensors of server.safetensors the program reads."""
+    return {name: np.asarray(weights[name[len("server:"):]], np.float32) for name in program.server_inputs}
 
 
 def forward(program: Program, weights: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
@@ -331,9 +116,10 @@ def forward(program: Program, weights: dict[str, np.ndarray], ids: np.ndarray) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m privlm.spu.program DIR ...``: plaintext JAX logits of exported models (used by tests).
+    """``python -m privlm.spu.program DIR ...``: plaintext JAX logits of traced exports (used by tests).
 
-    Each DIR holds public.json, weights.safetensors and ids.json; jax_logits.npy is written beside them.
+    Each DIR holds program.json, public.safetensors, server.safetensors and ids.json; the logits of every position
+    and of the last one are written beside them (jax_logits_traced_{all,last}[_c<chunks>_b<block>].npy).
     """
     import argparse
     import sys
@@ -344,25 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul-block", type=int, default=None)
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     for d in map(Path, args.dirs):
-        if (d / TRACE_FILE).is_file():  # a traced export: the logits of every position and of the last one
-            doc, consts = load_trace(d)
-            ids = np.asarray(json.loads((d / "ids.json").read_text()))
-            for head in ("all", "last"):
-                prog = program_from_trace(doc, consts, head=head)
-                np.save(d / f"jax_logits_traced_{head}.npy", forward(prog, load_weights(d / SERVER_FILE), ids))
-            continue
-        meta = load_meta(d / "public.json")
+        doc, consts = load_trace(d)
         ids = np.asarray(json.loads((d / "ids.json").read_text()))
-        prog = build_program(meta, len(ids), chunks=args.chunks, matmul_block=args.matmul_block)
-        np.save(d / f"jax_logits_c{args.chunks}_b{args.matmul_block}.npy", forward(prog, load_weights(d / "weights.safetensors"), ids))
+        cut = f"_c{args.chunks}_b{args.matmul_block}" if args.chunks > 1 or args.matmul_block else ""
+        for head in ("all", "last"):
+            prog = program_from_trace(doc, consts, head=head, chunks=args.chunks, matmul_block=args.matmul_block)
+            np.save(d / f"jax_logits_traced_{head}{cut}.npy", forward(prog, load_weights(d / SERVER_FILE), ids))
     print(json.dumps({"mask_value": MASK_VALUE}))
     return 0
 
 
-
-# ==================================================================================================
-# The traced program: the op graph of `privlm.trace` (format privlm-trace/1) interpreted with jax.numpy,
-# the registry's kernel for each op chosen by the SPU profile, cut into one Step per registry op.
+# --------------------------------------------------------------------------------------------------
 def _slice(x, dim=0, start=None, end=None, step=1):
     idx = [slice(None)] * x.ndim
     n = x.shape[dim]
@@ -471,6 +249,19 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
     }
 
 
+def activation_fn(op: str, kernels: Optional[dict[str, str]] = None, slope: float = 0.01) -> Callable:
+    """The function the program runs for the census activation ``op`` (gelu: the profile's tanh-GELU kernel;
+    relu; leaky_relu with ``slope``), for the micro-benchmarks of `privlm.spu.microbench`."""
+    impl = _kernel_ops({**DEFAULT_KERNELS, **load_spu_profile(DEFAULT).kernels, **(kernels or {})})
+    if op == "gelu":
+        return lambda u: impl["aten.gelu.default"](u, approximate="tanh")
+    if op == "relu":
+        return impl["aten.relu.default"]
+    if op == "leaky_relu":
+        return lambda u: impl["leaky_relu"](u, slope)
+    raise ValueError(f"activation '{op}' is not one the program runs as an FFN activation")
+
+
 def _expand_sdpa(nodes: list[dict]) -> list[dict]:
     """SDPA as three nodes, so that the link counters show QK^T, the softmax and AV apart (as the census does)."""
     out = []
@@ -515,13 +306,19 @@ def _step_kind(node: dict, rec) -> tuple[str, str]:
 
 
 def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "all",
-                       kernels: Optional[dict[str, str]] = None) -> Program:
+                       kernels: Optional[dict[str, str]] = None, chunks: int = 1,
+                       matmul_block: Optional[int] = None) -> Program:
     """The Step list of a traced model (`privlm.trace`): one step per op of the registry that is not free
     (linear, embedding, QK^T / softmax / AV of each attention, norm, activation, gate product), each running
     the free ops that follow it. Public constants are compiled in; server tensors are step inputs.
 
     head: "all" computes every position's logits, "last" only the next-token logits (the client learns only
-    what it asked for). kernels: the SPU profile's kernel names (default: the `default` profile's).
+    what it asked for: the program's output is one row). kernels: the SPU profile's kernel names (default: the
+    `default` profile's). chunks, matmul_block: bound the memory of one SPU run (CHEETAH needs ~17 GB for a
+    single secret [128x768]x[768x3072] product with both parties on one host): ``chunks`` evaluates each softmax
+    (cut over heads), activation and gate product (cut over rows) as that many runs; ``matmul_block`` cuts every
+    product with a weight into blocks of at most that many input and output features, summed and concatenated
+    locally (no communication) in the step that would have run the product. The math is unchanged.
     """
     from privlm.opregistry import RECORDS, unknown_ops
 
@@ -533,6 +330,10 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
                          f"has no kernel for")
     if head not in ("all", "last"):
         raise ValueError(f"head='{head}' must be 'all' or 'last'")
+    if chunks < 1:
+        raise ValueError(f"chunks={chunks} must be >= 1")
+    if matmul_block is not None and matmul_block < 1:
+        raise ValueError(f"matmul_block={matmul_block} must be >= 1")
     kernels = {**DEFAULT_KERNELS, **load_spu_profile(DEFAULT).kernels, **(kernels or {})}
     impl = {**_free_ops(), **_kernel_ops(kernels)}
     T, V = doc["T"], doc["vocab_size"]
@@ -575,59 +376,172 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
             return [decode(x, env) for x in a]
         return a
 
-    steps: list[Step] = []
-    for gi, g in enumerate(groups):
-        names = {n["name"] for n in g}
+    def inputs_of(nodes: list[dict], exclude: set) -> list[str]:
         ins: list[str] = []
-        for n in g:
-            refs = [("ref", r) for r in _arg_refs([n["args"], list(n["kwargs"].values())], "ref") if r not in names]
+        for n in nodes:
+            refs = [("ref", r) for r in _arg_refs([n["args"], list(n["kwargs"].values())], "ref") if r not in exclude]
             refs += [("server", s) for s in _arg_refs(n["args"], "server")]
             refs += [("onehot", "onehot")] * bool(_arg_refs(n["args"], "onehot"))
             for kind, r in refs:
                 key = {"ref": r, "server": "server:" + r, "onehot": "onehot"}[kind]
                 if key not in ins:
                     ins.append(key)
-        outs = [n["name"] for n in g if n["name"] in needed_later[gi]]
+        return ins
 
-        def fn(*args, _g=g, _ins=tuple(ins), _outs=tuple(outs)):
-            env = dict(zip(_ins, args))
-            for n in _g:
-                a = decode(n["args"], env)
-                if last and n["name"] == out_name:
-                    a[0] = a[0][..., -1:, :]
-                kw = {k: decode(v, env) for k, v in n["kwargs"].items()}
-                env[n["name"]] = impl[n["op"]](*a, **kw)
-            res = tuple(env[o].reshape(-1, V) if o == out_name else env[o] for o in _outs)  # logits [rows, V]
-            return res if len(res) > 1 else res[0]
+    def lead_args(n, env):
+        a = decode(n["args"], env)
+        if last and n["name"] == out_name:
+            a[0] = a[0][..., -1:, :]
+        return a, {k: decode(v, env) for k, v in n["kwargs"].items()}
 
+    measured = _measure_groups(groups, doc, head)
+    steps: list[Step] = []
+    for gi, g in enumerate(groups):
+        names = {n["name"] for n in g}
         lead = g[0]
         rec = RECORDS.get(lead["op"])
         kind, census_key = _step_kind(lead, rec if rec is not None else RECORDS["aten.matmul.default"])
-        steps.append(Step(lead["name"], kind, census_key, fn, tuple(ins), tuple(outs), layer=lead.get("layer")))
-    _account(steps, groups, doc, head)
+        elements, flops = measured[gi]
+        outs = [n["name"] for n in g if n["name"] in needed_later[gi]]
+        layer = lead.get("layer")
+        # a product with a private weight cut into blocks, or a kernel op cut into chunks: the pieces are steps
+        # of their own, and the group's step assembles them (local: no communication) and runs the rest
+        pieces = _pieces(lead, doc, matmul_block, chunks)
+        lead_ins = inputs_of([lead], set())
+        assemble = None
+        if pieces is not None:
+            how, parts = pieces
+            piece_names = []
+            for j, (part, share) in enumerate(parts):
+                pname = f"{lead['name']}.{how}{j}"
+                piece_names.append(pname)
+
+                def piece(*args, _lead=lead, _ins=tuple(lead_ins), _part=part, _how=how):
+                    a, kw = lead_args(_lead, dict(zip(_ins, args)))
+                    if _how == "b":
+                        return _block_product(_lead["op"], a, *_part)
+                    return impl[_lead["op"]](*_chunk_args(_lead, a, *_part), **kw)
+                steps.append(Step(pname, kind, census_key, piece, tuple(lead_ins), (pname,),
+                                  elements * share[0] // share[1], flops * share[0] // share[1], layer))
+            elements = flops = 0
+            rest_ins = [i for i in inputs_of([lead], set()) if how == "b" and _is_bias(lead, i)]
+            ins = piece_names + rest_ins + [i for i in inputs_of(g[1:], names) if i not in rest_ins]
+
+            def assemble(env, _lead=lead, _how=how, _names=tuple(piece_names), _parts=tuple(p for p, _ in parts)):
+                pieces_ = [env[n] for n in _names]
+                if _how == "b":
+                    bi = _WEIGHT_PRODUCTS[_lead["op"]][2]
+                    has_b = bi is not None and bi < len(_lead["args"]) and _lead["args"][bi] is not None
+                    return _block_assemble(pieces_, _parts, decode(_lead["args"][bi], env) if has_b else None)
+                return jnp.concatenate(pieces_, axis=_parts[0][0])
+        else:
+            ins = inputs_of(g, names)
+
+        def fn(*args, _g=g, _ins=tuple(ins), _outs=tuple(outs), _assemble=assemble):
+            env = dict(zip(_ins, args))
+            for i, n in enumerate(_g):
+                if i == 0 and _assemble is not None:
+                    env[n["name"]] = _assemble(env)
+                    continue
+                a, kw = lead_args(n, env)
+                env[n["name"]] = impl[n["op"]](*a, **kw)
+            # the logits [rows, V]; with head "last" one row, whatever follows the LM head in the graph
+            res = tuple((env[o].reshape(-1, V)[-1:] if head == "last" else env[o].reshape(-1, V)) if o == out_name
+                        else env[o] for o in _outs)
+            return res if len(res) > 1 else res[0]
+
+        steps.append(Step(lead["name"], kind, census_key, fn, tuple(ins), tuple(outs), elements, flops, layer))
     server = sorted({i for s in steps for i in s.inputs if i.startswith("server:")})
     shapes = {"onehot": (T, V), **{f"server:{k}": tuple(v) for k, v in doc["server"].items()}}
     return Program(meta=doc, T=T, steps=steps, server_inputs=tuple(server), output=out_name,
                    input_shapes=shapes)
 
 
-def _account(steps: list[Step], groups: list[list[dict]], doc: dict, head: str) -> None:
-    """Elements and FLOPs of each step, by the registry's rules over the node that leads it."""
-    from privlm.opregistry import measure
+def _measure_groups(groups: list[list[dict]], doc: dict, head: str) -> list[tuple[int, int]]:
+    """(elements, FLOPs) of each group's step, by the registry's rules over the node that leads it."""
+    from privlm.opregistry import RECORDS, measure
 
     original = {n["name"]: n for n in doc["nodes"]}
     shapes = {n["name"]: n["shape"] for n in doc["nodes"]}
-    for s, g in zip(steps, groups):
+    out = []
+    for g in groups:
         lead = g[0]
         part = lead.get("part")
         _, count, shape, flops = measure(doc, original[lead.get("of", lead["name"])], shapes)
         elements = count * int(np.prod(shape)) if shape is not None else 0
         if part is not None:  # SDPA: QK^T and AV share its FLOPs, the softmax its elements
             elements, flops = (elements, 0) if part == "softmax" else (0, flops // 2)
-        if head == "last" and s.kind == "head":
+        rec = RECORDS.get(lead["op"])
+        if head == "last" and lead["scope"] == "lm_head" and rec is not None and rec.flops is not None:
             flops //= doc["T"]
-        s.elements, s.flops = elements, flops
+        out.append((elements, flops))
+    return out
 
+
+# Products with a server weight that --matmul-block cuts: op -> (index of the input, index of the weight,
+# index of the bias or None, whether the weight is stored [out, in]).
+_WEIGHT_PRODUCTS = {"aten.linear.default": (0, 1, 2, True), "aten.addmm.default": (1, 2, 0, False),
+                    "embedding_onehot": (1, 0, None, False)}
+# Kernel ops that --chunks cuts, and along which axis of their secret inputs: softmax over heads (the axis
+# before the T x S matrix), elementwise activations and the gate product over rows.
+_CHUNKED = {"sdpa_softmax": -3, "aten.softmax.int": -3, "aten._softmax.default": -3, "aten.gelu.default": -2,
+            "aten.relu.default": -2, "aten.silu.default": -2, "leaky_relu": -2, "gate_product": -2}
+
+
+def _weight_dims(lead: dict, doc: dict) -> tuple[int, int]:
+    xi, wi, _, out_in = _WEIGHT_PRODUCTS[lead["op"]]
+    w = doc["server"][lead["args"][wi]["server"]]
+    return (w[1], w[0]) if out_in else (w[0], w[1])
+
+
+def _pieces(lead: dict, doc: dict, matmul_block: Optional[int], chunks: int):
+    """How the lead op of a step is cut: ("b", [((k0, k1, c0, c1), (share, whole)), ...]) for a weight product
+    over more than ``matmul_block`` input or output features, ("c", [((axis, lo, hi), (share, whole)), ...]) for a
+    kernel op and chunks > 1, or None."""
+    op = lead["op"]
+    if matmul_block is not None and op in _WEIGHT_PRODUCTS and isinstance(lead["args"][_WEIGHT_PRODUCTS[op][1]], dict) \
+            and "server" in lead["args"][_WEIGHT_PRODUCTS[op][1]]:
+        din, dout = _weight_dims(lead, doc)
+        if din <= matmul_block and dout <= matmul_block:
+            return None
+        return "b", [((k0, k1, c0, c1), ((k1 - k0) * (c1 - c0), din * dout))
+                     for k0, k1 in _blocks(din, matmul_block) for c0, c1 in _blocks(dout, matmul_block)]
+    if chunks > 1 and op in _CHUNKED and lead["shape"] is not None:
+        shape = lead["shape"]
+        axis = _CHUNKED[op] if len(shape) >= -_CHUNKED[op] + 1 else -2
+        n = shape[axis]
+        if n < 2:
+            return None
+        return "c", [((axis, lo, hi), (hi - lo, n)) for lo, hi in _splits(n, chunks)]
+    return None
+
+
+def _is_bias(lead: dict, key: str) -> bool:
+    bi = _WEIGHT_PRODUCTS[lead["op"]][2]
+    args = lead["args"]
+    return bi is not None and bi < len(args) and isinstance(args[bi], dict) and key == "server:" + args[bi].get("server", "")
+
+
+def _block_product(op: str, a: list, k0: int, k1: int, c0: int, c1: int):
+    """One block of a weight product: x[..., k0:k1] @ W[k0:k1, c0:c1] (W as [in, out])."""
+    xi, wi, _, out_in = _WEIGHT_PRODUCTS[op]
+    x, w = a[xi], a[wi]
+    return x[..., k0:k1] @ (w[c0:c1, k0:k1].T if out_in else w[k0:k1, c0:c1])
+
+
+def _block_assemble(pieces: list, parts: tuple, bias):
+    """The blocks of a weight product summed over input blocks, concatenated over output blocks, plus the bias."""
+    cols: dict[int, object] = {}
+    for (k0, k1, c0, c1), p in zip(parts, pieces):
+        cols[c0] = p if c0 not in cols else cols[c0] + p
+    y = jnp.concatenate([cols[c] for c in sorted(cols)], axis=-1)
+    return y if bias is None else y + bias
+
+
+def _chunk_args(lead: dict, a: list, axis: int, lo: int, hi: int) -> list:
+    """The lead op's arguments with its secret inputs (the node's refs) cut to [lo, hi) along ``axis``."""
+    return [_slice(v, axis % v.ndim, lo, hi) if isinstance(arg, dict) and "ref" in arg else v
+            for arg, v in zip(lead["args"], a)]
 
 
 def load_trace(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -641,14 +555,6 @@ def load_trace(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
                          f"expected {TRACE_FORMAT!r})")
     consts = load_file(str(d / CONSTANTS_FILE)) if doc["public"] else {}
     return doc, consts
-
-
-def is_trace(path: Path | str) -> bool:
-    """Whether a public program file is a traced op graph (program.json) rather than a privlm-spu-export."""
-    try:
-        return json.loads(Path(path).read_text()).get("format") == TRACE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def accuracy_under_2pc(ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarr
 
     top1_agreement: share of all N*T positions whose argmax agrees; logit errors over every logit;
     ppl_plain / ppl_2pc: exp of the mean next-token cross-entropy over the N*(T-1) positions that have a
-    target (as `privlm eval` scores T-token chunks), from each set of logits.
+    target (as `privlm eval` scores T-token chunks), from each set of logits; None when T is 1 (only the last
+    position's logits were revealed).
     disagreements / max_disagreement_margin: positions whose argmax differs, and the largest plaintext logit
     gap between the plaintext's top-1 and the 2PC's top-1 among them. A gap below twice the logit error is a
     near-tie that the 2PC error can flip; a larger one is a real failure."""
@@ -146,7 +147,10 @@ def accuracy_under_2pc(ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarr
         lp = np.take_along_axis(log_softmax(lg[:, :-1]), targets[..., None], axis=-1)
         return float(np.exp(-lp.mean()))
     err = np.abs(ref - got)
-    p_plain, p_2pc = ppl(ref), ppl(got)
+    if targets.size == 0:  # one position per sequence (pi eval without --all-positions): no target to score
+        p_plain = p_2pc = None
+    else:
+        p_plain, p_2pc = ppl(ref), ppl(got)
     top_plain, top_2pc = ref.argmax(-1), got.argmax(-1)
     differ = top_plain != top_2pc
     margins = (np.take_along_axis(ref, top_plain[..., None], -1) - np.take_along_axis(ref, top_2pc[..., None], -1))[..., 0]
@@ -154,4 +158,4 @@ def accuracy_under_2pc(ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarr
             "top1_agreement": float(np.mean(~differ)), "disagreements": int(differ.sum()),
             "max_disagreement_margin": float(margins[differ].max()) if differ.any() else 0.0,
             "mean_logit_err": float(err.mean()), "max_logit_err": float(err.max()),
-            "ppl_plain": p_plain, "ppl_2pc": p_2pc, "ppl_rel_diff": p_2pc / p_plain - 1.0}
+            "ppl_plain": p_plain, "ppl_2pc": p_2pc, "ppl_rel_diff": None if p_plain is None else p_2pc / p_plain - 1.0}
