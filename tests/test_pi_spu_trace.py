@@ -79,6 +79,7 @@ def _export(model, d: Path, prompt=0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a GPT-2-size model built and exported per preset: seconds each
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
 def test_traced_census_equals_module_census_at_gpt2_size(preset):
     """Every paper preset at GPT-2 size, T=128: the census walked from the torch.export graph by the op
