@@ -195,17 +195,26 @@ def _module_path(node) -> tuple[str, str]:
     return path, (kind if isinstance(kind, str) else kind.__name__).rpartition(".")[-1]
 
 
-def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
+def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int,
+            extra: Optional[list[tuple[str, str, torch.Tensor]]] = None) -> Trace:
+    """``extra``: the user inputs after the token ids, as (name, kind, example): kind ``secret`` (a secret
+    runtime input, e.g. a KV cache kept in shares) or ``public`` (a public runtime input, e.g. the decode step's
+    position). They are written as ``{"input": name}`` arguments and listed in ``doc["inputs"]``."""
     from torch.export.graph_signature import InputKind
 
     gm, sig = ep.graph_module, ep.graph_signature
     state = {**ep.state_dict, **ep.constants}
     cls: dict[str, str] = {}
     args = []
+    user = iter([(None, "ids", ids), *(extra or [])])
+    inputs: dict[str, tuple[str, str]] = {}  # placeholder -> (input name, kind) of the extra inputs
     for spec in sig.input_specs:
         if spec.kind == InputKind.USER_INPUT:
             cls[spec.arg.name] = "client"
-            args.append(ids)
+            in_name, kind, example = next(user)
+            args.append(example)
+            if kind != "ids":
+                inputs[spec.arg.name] = (in_name, kind)
         else:  # parameters and persistent buffers (SN's u, v) are the server's; the rest is architecture
             mine = spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent)
             cls[spec.arg.name] = "server" if mine else "public"
@@ -235,6 +244,8 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
         if isinstance(a, torch.fx.Node):
             c = cls[a.name]
             if a.op == "placeholder" and c == "client":
+                if a.name in inputs:
+                    return {"input": inputs[a.name][0]}
                 return {"onehot": True}  # the [B, T] ids: the client's one-hot [B, T, V] on the SPU side
             if c == "client":
                 return {"ref": a.name}
@@ -264,11 +275,12 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
     ids_nodes: set[str] = set()
     pattern_of: dict[str, tuple[str, str]] = {}  # node -> (module path, record) of a fused pattern
     for n in gm.graph.nodes:
-        if n.op == "placeholder" and cls[n.name] == "client":
+        if n.op == "placeholder" and cls[n.name] == "client" and n.name not in inputs:
             ids_nodes.add(n.name)
         if n.op == "output":
             out = enc(n.args[0])
-            out = out[0] if isinstance(out, list) else out
+            outs = out if isinstance(out, list) else [out]
+            out = outs[0]
             continue
         if n.op != "call_function" or cls[n.name] != "client" or str(n.target) in _IGNORED:
             continue
@@ -313,6 +325,10 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
     doc = {"format": TRACE_FORMAT, "model": name, "T": T, "vocab_size": vocab, "nodes": nodes, "output": out,
            "server": {k: shapes[k] for k in sorted(server) if k in used},
            "public": {k: shapes[k] for k in sorted(public) if k in used}}
+    if extra is not None:  # runtime inputs beside the ids, and every output (the first is the logits)
+        doc["inputs"] = {n: {"kind": k, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+                         for n, k, x in extra}
+        doc["outputs"] = outs
     return Trace(doc, {k: server[k] for k in doc["server"]}, {k: public[k] for k in doc["public"]})
 
 
