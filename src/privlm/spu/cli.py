@@ -88,6 +88,8 @@ def register(subparsers) -> None:
 
     from privlm.spu import calibrate as _cal
     _cal.register(sub)
+    from privlm.spu import generate_cli as _gen
+    _gen.register(sub)
 
 
 def add_program_arg(parser) -> None:
