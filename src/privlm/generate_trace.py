@@ -26,6 +26,7 @@ docs/DECISIONS.md#private-generation.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -137,13 +138,15 @@ class _CachedAttention(nn.Module):
 
 
 class _SelectedPositions(nn.Module):
-    """privlm's position table in the decode step: the row of position t, as sel @ wpe[:C] (ignores its index)."""
+    """privlm's position table: in the decode step the row of position t, as sel @ wpe[:C] (ignores its index)."""
 
     def __init__(self, wpe: nn.Embedding, state: _State):
         super().__init__()
         self.wpe, self.state = wpe, state
 
     def forward(self, pos):
+        if not self.state.decode:
+            return self.wpe(pos)
         return self.state.sel @ self.wpe.weight[: self.state.C]
 
 
@@ -177,6 +180,71 @@ def check_supported(model) -> None:
                                 f"family: LLaMA, Qwen2, Mistral)")
 
 
+def position_inputs(t: int, C: int, device=None) -> dict[str, torch.Tensor]:
+    """The decode step's public inputs for a token at position t < C (`privlm.spu.generate` builds the same)."""
+    sel = torch.zeros(1, C, device=device)
+    sel[0, t] = 1.0
+    return {"sel": sel, "slot": sel[0] > 0.5,
+            "bias": torch.where(torch.arange(C, device=device) <= t, 0.0, MASK_VALUE)}
+
+
+@contextlib.contextmanager
+def _cache_attention(model, C: int):
+    """Within: every attention module of ``model`` swapped for `_CachedAttention` (and privlm's position table for
+    `_SelectedPositions` while ``state.decode``), HF formulas normalized as in `privlm.trace`, eval mode."""
+    hf = _is_hf(model)
+    device = next(model.parameters()).device
+    state = _State(C)
+    owners = _attention_owners(model, hf)
+    rotary = None
+    if hf:
+        rot = model.get_decoder().rotary_emb
+        with torch.no_grad():
+            cos, sin = rot(torch.zeros(1, device=device), torch.arange(C, device=device)[None])
+        rotary = (cos[0].float(), sin[0].float())
+    was_training = model.training
+    model.eval()
+    originals = [getattr(o, leaf) for o, leaf in owners]
+    wpe = None if hf else model.wpe
+    ctx = _Normalized(model) if hf else contextlib.nullcontext()
+    try:
+        with ctx:
+            for i, (o, leaf) in enumerate(owners):
+                setattr(o, leaf, _CachedAttention(originals[i], i, state, hf, rotary))
+            if wpe is not None:
+                model.wpe = _SelectedPositions(wpe, state)
+            yield state
+    finally:
+        for (o, leaf), orig in zip(owners, originals):
+            setattr(o, leaf, orig)
+        if wpe is not None:
+            model.wpe = wpe
+        model.train(was_training)
+
+
+@torch.no_grad()
+def cached_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy generation in torch through the same prefill/decode modules the traces are made of (eager, no
+    export): (new token ids, last-position logits of each step). The plaintext reference of the cache path."""
+    hf = _is_hf(model)
+    device = next(model.parameters()).device
+    P, C = len(prompt), len(prompt) + new_tokens - 1
+    tokens, logits = [], []
+    with _cache_attention(model, C) as state:
+        step = _Step(model, hf, state)
+        state.decode = False
+        out = step(torch.tensor([prompt], device=device))
+        for j in range(new_tokens):
+            if j:
+                state.decode = True
+                pos = position_inputs(P + j - 1, C, device)
+                out = step(torch.tensor([[tokens[-1]]], device=device), pos["sel"], pos["slot"], pos["bias"],
+                           *out[1:])
+            logits.append(out[0][0, -1])
+            tokens.append(int(out[0][0, -1].argmax()))
+    return tokens, logits
+
+
 def trace_generation(model: nn.Module, P: int, C: int, name: Optional[str] = None) -> GenerationTraces:
     """The prefill (P prompt tokens) and decode (one token, cache capacity C >= P) programs of ``model``."""
     hf = _is_hf(model)
@@ -194,63 +262,29 @@ def trace_generation(model: nn.Module, P: int, C: int, name: Optional[str] = Non
     heads = ({n for n, m in model.named_modules() if m is model.get_output_embeddings()} if hf else {"lm_head"})
     vocab = model.get_input_embeddings().num_embeddings if hf else model.config.vocab_size
     device = next(model.parameters()).device
-    state = _State(C)
-    owners = _attention_owners(model, hf)
-    rotary = None
-    if hf:
-        rot = model.get_decoder().rotary_emb
-        with torch.no_grad():
-            cos, sin = rot(torch.zeros(1, device=device), torch.arange(C, device=device)[None])
-        rotary = (cos[0].float(), sin[0].float())
-    was_training = model.training
-    model.eval()
-    originals = [getattr(o, leaf) for o, leaf in owners]
-    wpe = None if hf else model.wpe
     traces = {}
-    try:
-        ctx = _Normalized(model) if hf else None
-        if ctx is not None:
-            ctx.__enter__()
-        try:
-            for i, (o, leaf) in enumerate(owners):
-                setattr(o, leaf, _CachedAttention(originals[i], i, state, hf, rotary))
-            for phase in ("prefill", "decode"):
-                if phase == "decode" and C == P:
-                    traces[phase] = None
-                    continue
-                state.decode = phase == "decode"
-                n = P if phase == "prefill" else 1
-                ids = torch.zeros(1, n, dtype=torch.long, device=device)
-                extra: list[tuple[str, str, torch.Tensor]] = []
-                if state.decode:
-                    if not hf:
-                        model.wpe = _SelectedPositions(wpe, state)
-                    sel = torch.zeros(1, C, device=device)
-                    sel[0, P] = 1.0
-                    slot = sel[0] > 0.5
-                    bias = torch.where(torch.arange(C, device=device) <= P, 0.0, MASK_VALUE)
-                    extra = [("sel", "public", sel), ("slot", "public", slot), ("bias", "public", bias)]
-                    extra += [(f"{'kv'[j % 2]}{j // 2}", "secret", torch.zeros(shp, device=device))
-                              for j, shp in enumerate(cache_shapes)]
-                args = (ids, *[x for _, _, x in extra])
-                with torch.no_grad():
-                    ep = torch.export.export(_Step(model, hf, state), args, strict=False).run_decompositions(
-                        _keep_table())
-                traces[phase] = _to_doc(ep, ids, f"{name} {phase}", n, device.type == "meta",
-                                        lambda p: _where(p, blocks, attn, mlp, heads), vocab, extra)
-                if phase == "prefill":
-                    docs = traces[phase].doc
-                    shape_of = {nd["name"]: nd["shape"] for nd in docs["nodes"]}
-                    cache_shapes = [shape_of[o["ref"]] for o in docs["outputs"][1:]]
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-    finally:
-        for (o, leaf), orig in zip(owners, originals):
-            setattr(o, leaf, orig)
-        if wpe is not None:
-            model.wpe = wpe
-        model.train(was_training)
+    with _cache_attention(model, C) as state:
+        for phase in ("prefill", "decode"):
+            if phase == "decode" and C == P:
+                traces[phase] = None
+                continue
+            state.decode = phase == "decode"
+            n = P if phase == "prefill" else 1
+            ids = torch.zeros(1, n, dtype=torch.long, device=device)
+            extra: list[tuple[str, str, torch.Tensor]] = []
+            if state.decode:
+                extra = [(k, "public", x) for k, x in position_inputs(P, C, device).items()]
+                extra += [(f"{'kv'[j % 2]}{j // 2}", "secret", torch.zeros(shp, device=device))
+                          for j, shp in enumerate(cache_shapes)]
+            args = (ids, *[x for _, _, x in extra])
+            with torch.no_grad():
+                ep = torch.export.export(_Step(model, hf, state), args, strict=False).run_decompositions(
+                    _keep_table())
+            traces[phase] = _to_doc(ep, ids, f"{name} {phase}", n, device.type == "meta",
+                                    lambda p: _where(p, blocks, attn, mlp, heads), vocab, extra)
+            if phase == "prefill":
+                shape_of = {nd["name"]: nd["shape"] for nd in traces[phase].doc["nodes"]}
+                cache_shapes = [shape_of[o["ref"]] for o in traces[phase].doc["outputs"][1:]]
     return GenerationTraces(traces["prefill"], traces["decode"], P, C)
 
 
