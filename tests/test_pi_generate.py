@@ -26,14 +26,14 @@ SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.vocab_s
 PROMPT = [3, 17, 9, 40, 2, 33]
 
 
-def _privlm(preset: str, seed: int = 0) -> GPT:
+def _privlm(preset: str, seed: int = 0, sizes: list[str] = SMALL) -> GPT:
     torch.manual_seed(seed)
-    return GPT(load_config(preset, SMALL).model).eval()
+    return GPT(load_config(preset, sizes).model).eval()
 
 
-def _llama():
+def _llama(layers: int = 2):
     import transformers as tf
-    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, max_position_embeddings=POS,
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=layers, max_position_embeddings=POS,
                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
     torch.manual_seed(0)
     return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
@@ -75,32 +75,15 @@ def test_traces_name_architecture_only():
         assert any(not (x.server[k] == y.server[k]).all() for k in x.server)
 
 
-@pytest.mark.slow  # six CLI processes
-def test_generate_bad_inputs_are_one_line_errors(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    cfg = load_config("SM+LN+G", SMALL)
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    save_model(GPT(cfg.model), str(run / "model.safetensors"))
-    word_tokenizer(run / "tokenizer.json")
-    cases = [(["--prompt", "w1 w2", "--max-new-tokens", "0"], "must be >= 1"),
-             (["--prompt", "w1 w2", "--max-new-tokens", "-3"], "must be >= 1"),
-             (["--prompt", "w1 w2", "--max-new-tokens", str(POS - 1)], "positions"),
-             (["--prompt", " "], "empty"),
-             (["--prompt", "w1", "--spu-profile", "nope"], "known: bumblebee, default"),
-             (["--prompt", "w1", "--top-k", "5"], "--temperature")]
-    for args, msg in cases:
-        proc = _cli("pi", "generate", str(run), *args, check=False)
-        assert proc.returncode != 0, args
-        assert msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
-
-
 # ---------------------------------------------------------------------------------------------------------
+ONE_LAYER = ["model.n_layer=1", *SMALL[1:]]  # the 2PC runs: one block keeps them short
+
+
 def _run_dir(path: Path, preset: str, seed: int = 0) -> Path:
     path.mkdir(parents=True)
-    cfg = load_config(preset, SMALL)
+    cfg = load_config(preset, ONE_LAYER)
     (path / "config.yaml").write_text(to_yaml(cfg))
-    save_model(_privlm(preset, seed), str(path / "model.safetensors"))
+    save_model(_privlm(preset, seed, ONE_LAYER), str(path / "model.safetensors"))
     word_tokenizer(path / "tokenizer.json")
     return path
 
@@ -120,13 +103,13 @@ def test_sim_greedy_equals_plaintext_greedy(kind, tmp_path):
     for privlm runs, transformers' generate(do_sample=False) for LLaMA); a divergence is accepted only at a
     plaintext near-tie (top-2 gap below 0.01, the order of 18-bit fixed point's logit error through softmax)."""
     if kind == "llama":
-        model = _llama()
+        model = _llama(layers=1)
         target = tmp_path / "llama"
         model.save_pretrained(target)
         ref = None
     else:
         target = _run_dir(tmp_path / "run", kind)
-        model = _privlm(kind)
+        model = _privlm(kind, 0, ONE_LAYER)
         prompt = " ".join(f"w{i}" for i in PROMPT)
         ref = json.loads(_cli("sample", str(target), "--prompt", prompt, "--max-new-tokens", "16", "--temperature",
                               "0", "--json").stdout)["new_tokens"]
@@ -156,12 +139,12 @@ def test_two_processes_keep_cache_weights_and_prompt_apart(tmp_path):
     for seed, prompt in ((0, "w1 w5 w9 w3"), (1, "w2 w6 w10 w4")):
         run = _run_dir(tmp_path / f"run{seed}", "SM+LN+G", seed)
         keep = tmp_path / f"keep{seed}"
-        doc = json.loads(_cli("pi", "generate", str(run), "--prompt", prompt, "--max-new-tokens", "3", "--mode",
+        doc = json.loads(_cli("pi", "generate", str(run), "--prompt", prompt, "--max-new-tokens", "2", "--mode",
                               "2proc", "--keep", str(keep), "--json").stdout)
         assert doc["mode"] == "2proc" and doc["agree"] is True
         client = json.loads((keep / "audit_party0.json").read_text())
         server = json.loads((keep / "audit_party1.json").read_text())
-        assert client["received_shares"] == ["token"] * 3 and server["received_shares"] == []
+        assert client["received_shares"] == ["token"] * 2 and server["received_shares"] == []
         assert client["plaintext"] == ["onehot"] and "onehot" not in server["plaintext"]
         ids_file = str((keep / "ids.json").resolve())
         assert ids_file not in server["opened"] + server["loaded"] and prompt not in " ".join(server["argv"])
