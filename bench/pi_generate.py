@@ -11,7 +11,9 @@ Rows: arch, spu_profile, prompt_len, mode (cache | recompute), position (of the 
 row the last prompt position), bytes_per_token, messages_per_token, rounds_per_token (party 0's send actions
 in SPU's runs: every round needs at least one, so this bounds the sequential message flights from above; exact
 for SEMI2K), online_seconds. `recompute` rows are full forwards over position+1 tokens with only the last logits.
-Bytes and messages do not depend on the machine's load; seconds do.
+Both modes exclude the token choice (the greedy argmax under 2PC and the reveal of the id: the same for both;
+`token_choice` of the cache rows), and the one-time setup. Bytes and messages do not depend on the machine's
+load; seconds do (cache rows' seconds include the token choice).
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ def _run_dir(path: Path, arch: str, sizes: list[str]) -> Path:
     (path / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(0)
     save_model(GPT(cfg.model), str(path / "model.safetensors"))
+    from tiny_run import word_tokenizer  # the run format needs a tokenizer; the bench passes token ids
+
+    word_tokenizer(path / "tokenizer.json")
     return path
 
 
@@ -63,13 +68,15 @@ def measure(arch: str, P: int, new: int, profile: str, sizes: list[str], work: P
     doc = _cli(*args)
     base = {"arch": arch, "spu_profile": profile, "prompt_len": P, "mode_run": doc["mode"]}
     for r in doc["per_token"]:
+        c = r["token_choice"]  # argmax + reveal: the same for both modes, so kept apart
         rows.append({**base, "mode": "cache", "program": r["program"], "position": r["position"],
-                     "bytes_per_token": r["bytes"], "messages_per_token": r["messages"],
-                     "rounds_per_token": r["send_actions"], "online_seconds": r["online_seconds"]})
+                     "bytes_per_token": r["bytes"] - c["bytes"], "messages_per_token": r["messages"] - c["messages"],
+                     "rounds_per_token": r["send_actions"] - c["send_actions"], "online_seconds": r["online_seconds"],
+                     "token_choice": c})
     if wan is not None:
         rows[-1]["wan"] = doc["wan"]
         return rows
-    for j in range(new):  # recompute: the forward over the prefix that the cache step replaces
+    for j in range(1, new):  # recompute: the forward over the P + j tokens that decode step j attends to
         T = P + j
         keep = work / f"keep-{arch}-{P}-{T}"
         one = _cli("pi", "run", str(run), "--tokens", ",".join([prompt] + ["1"] * j), "--program", "traced",

@@ -126,8 +126,15 @@ def plaintext_greedy(model, prompt: list[int], new: int) -> list[int]:
 
 def summarize(result: dict) -> dict:
     """Per-token rows (bytes, messages, send actions, online seconds) and totals; decode averages apart."""
-    rows = [{k: t[k] for k in ("index", "position", "token", "program", "bytes", "messages", "send_actions",
-                               "online_seconds", "reveal_bytes")} for t in result["per_token"]]
+    rows = []
+    for t in result["per_token"]:
+        row = {k: t[k] for k in ("index", "position", "token", "program", "bytes", "messages", "send_actions",
+                                 "online_seconds", "reveal_bytes")}
+        choice = [s for s in t["steps"] if s["program"] == "choose"]  # the argmax run (greedy)
+        row["token_choice"] = {"bytes": sum(s.get("bytes", 0) for s in choice) + t["reveal_bytes"],
+                               "messages": sum(s.get("messages", 0) for s in choice),
+                               "send_actions": sum(s.get("send_actions", 0) for s in choice)}
+        rows.append(row)
     decode = [r for r in rows if r["program"] == "decode"]
     avg = (lambda key: sum(r[key] for r in decode) / len(decode)) if decode else (lambda key: None)
     return {"per_token": rows,
