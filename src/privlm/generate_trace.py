@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privlm.opschema import MASK_VALUE
-from privlm.trace import Trace, UnsupportedOp, _Normalized, _is_hf, _keep_table, _scopes, _to_doc, _where
+from privlm.trace import Trace, UnsupportedOp, block_scopes, export_trace, hf_formulas, is_hf_model
 
 
 @dataclass
@@ -164,14 +164,14 @@ class _Step(nn.Module):
         return (logits, *st.out)
 
 
-def _attention_owners(model, hf: bool) -> list[tuple[nn.Module, str]]:
-    blocks, attn, _, _ = _scopes(model, hf)
+def _attention_owners(model) -> list[tuple[nn.Module, str]]:
+    blocks, attn, _, _ = block_scopes(model)
     return [(block, attn) for block in model.get_submodule(blocks)]
 
 
 def check_supported(model) -> None:
     """One line (UnsupportedOp) for a model whose attention the decode step cannot wrap."""
-    if _is_hf(model):
+    if is_hf_model(model):
         from privlm.hfmodel import family_of
 
         fam = family_of(model.config)
@@ -192,10 +192,10 @@ def position_inputs(t: int, C: int, device=None) -> dict[str, torch.Tensor]:
 def _cache_attention(model, C: int):
     """Within: every attention module of ``model`` swapped for `_CachedAttention` (and privlm's position table for
     `_SelectedPositions` while ``state.decode``), HF formulas normalized as in `privlm.trace`, eval mode."""
-    hf = _is_hf(model)
+    hf = is_hf_model(model)
     device = next(model.parameters()).device
     state = _State(C)
-    owners = _attention_owners(model, hf)
+    owners = _attention_owners(model)
     rotary = None
     if hf:
         rot = model.get_decoder().rotary_emb
@@ -206,7 +206,7 @@ def _cache_attention(model, C: int):
     model.eval()
     originals = [getattr(o, leaf) for o, leaf in owners]
     wpe = None if hf else model.wpe
-    ctx = _Normalized(model) if hf else contextlib.nullcontext()
+    ctx = hf_formulas(model) if hf else contextlib.nullcontext()
     try:
         with ctx:
             for i, (o, leaf) in enumerate(owners):
@@ -226,7 +226,7 @@ def _cache_attention(model, C: int):
 def cached_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy generation in torch through the same prefill/decode modules the traces are made of (eager, no
     export): (new token ids, last-position logits of each step). The plaintext reference of the cache path."""
-    hf = _is_hf(model)
+    hf = is_hf_model(model)
     device = next(model.parameters()).device
     P, C = len(prompt), len(prompt) + new_tokens - 1
     tokens, logits = [], []
@@ -247,10 +247,9 @@ def cached_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int],
 
 def trace_generation(model: nn.Module, P: int, C: int, name: Optional[str] = None) -> GenerationTraces:
     """The prefill (P prompt tokens) and decode (one token, cache capacity C >= P) programs of ``model``."""
-    hf = _is_hf(model)
+    hf = is_hf_model(model)
     check_supported(model)
-    blocks, attn, mlp, default_name = _scopes(model, hf)
-    name = name or default_name
+    name = name or block_scopes(model)[3]
     positions = model.config.max_position_embeddings if hf else model.config.block_size
     if not 1 <= P <= C <= positions:
         raise UnsupportedOp(f"prompt {P} + new tokens need {C + 1} positions; the model has {positions}")
@@ -259,8 +258,6 @@ def trace_generation(model: nn.Module, P: int, C: int, name: Optional[str] = Non
 
         if any(isinstance(m, HookPoint) and m.requested for m in model.modules()):
             raise UnsupportedOp("trace: detach every hook first (a requested hook point changes the traced graph)")
-    heads = ({n for n, m in model.named_modules() if m is model.get_output_embeddings()} if hf else {"lm_head"})
-    vocab = model.get_input_embeddings().num_embeddings if hf else model.config.vocab_size
     device = next(model.parameters()).device
     traces = {}
     with _cache_attention(model, C) as state:
@@ -276,17 +273,11 @@ def trace_generation(model: nn.Module, P: int, C: int, name: Optional[str] = Non
                 extra = [(k, "public", x) for k, x in position_inputs(P, C, device).items()]
                 extra += [(f"{'kv'[j % 2]}{j // 2}", "secret", torch.zeros(shp, device=device))
                           for j, shp in enumerate(cache_shapes)]
-            args = (ids, *[x for _, _, x in extra])
-            with torch.no_grad():
-                ep = torch.export.export(_Step(model, hf, state), args, strict=False).run_decompositions(
-                    _keep_table())
-            traces[phase] = _to_doc(ep, ids, f"{name} {phase}", n, device.type == "meta",
-                                    lambda p: _where(p, blocks, attn, mlp, heads), vocab, extra)
+            traces[phase] = export_trace(_Step(model, hf, state), model, ids, f"{name} {phase}", extra)
             if phase == "prefill":
                 shape_of = {nd["name"]: nd["shape"] for nd in traces[phase].doc["nodes"]}
                 cache_shapes = [shape_of[o["ref"]] for o in traces[phase].doc["outputs"][1:]]
     return GenerationTraces(traces["prefill"], traces["decode"], P, C)
-
 
 
 def save_generation(traces: GenerationTraces, out_dir) -> None:

@@ -179,6 +179,39 @@ def trace_model(model: nn.Module, T: int, name: Optional[str] = None) -> Trace:
                    model.get_input_embeddings().num_embeddings if hf else model.config.vocab_size)
 
 
+def is_hf_model(model) -> bool:
+    """Whether ``model`` is a Hugging Face model (its config has a model_type) rather than a privlm `GPT`."""
+    return _is_hf(model)
+
+
+def hf_formulas(model):
+    """Context manager: within it, HF formulas are swapped for the ops the registry knows and attention is sdpa
+    (as `trace_model` does for the export); restored on exit."""
+    return _Normalized(model)
+
+
+def block_scopes(model) -> tuple[str, str, str, str]:
+    """(blocks prefix, attention leaf, mlp leaf, model name) of a privlm GPT or a supported HF family."""
+    return _scopes(model, _is_hf(model))
+
+
+def export_trace(module: nn.Module, model: nn.Module, ids: torch.Tensor, name: str,
+                 extra: Optional[list[tuple[str, str, torch.Tensor]]] = None) -> Trace:
+    """`torch.export` of ``module`` (a wrapper holding ``model`` as its submodule ``m``, called with ``ids`` and the
+    ``extra`` runtime inputs) with the registry's decomposition table, classified and written as `trace_model`
+    does; T is the ids' length. ``extra``: (name, kind "secret" | "public", example) after the ids; with it the
+    doc lists ``inputs`` and every output (`_to_doc`)."""
+    hf = _is_hf(model)
+    blocks, attn, mlp, _ = _scopes(model, hf)
+    heads = ({n for n, m in model.named_modules() if m is model.get_output_embeddings()} if hf else {"lm_head"})
+    vocab = model.get_input_embeddings().num_embeddings if hf else model.config.vocab_size
+    args = (ids, *[x for _, _, x in (extra or [])])
+    with torch.no_grad():
+        ep = torch.export.export(module, args, strict=False).run_decompositions(_keep_table())
+    return _to_doc(ep, ids, name, ids.shape[1], ids.device.type == "meta",
+                   lambda p: _where(p, blocks, attn, mlp, heads), vocab, extra)
+
+
 class _Recorder(torch.fx.Interpreter):
     def run_node(self, n):
         v = super().run_node(n)

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from privlm.spu.party import (AUDIT, EXIT_PEER, PEER_TIMEOUT_S, SIM_NAME, Party, PeerLost, _audit_hook,
-                              compile_step, connect, make_link, one_line, party_name, plan, run_ranks, setup_fn)
+from privlm.spu.party import (AUDIT, EXIT_PEER, PEER_TIMEOUT_S, SIM_NAME, Party, PeerLost, compile_step,
+                              start_audit, connect, make_link, one_line, party_name, plan, run_ranks, setup_fn)
 
 import numpy as np  # noqa: E402
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    sys.addaudithook(_audit_hook)
+    start_audit()
     import spu.libspu as libspu
 
     from privlm.spu.program import load_weights

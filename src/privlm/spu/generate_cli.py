@@ -22,7 +22,7 @@ from privlm.spu.spu_profile import add_spu_profile_arg, check_spu_profile
 
 
 def register(sub) -> None:
-    from privlm.spu.cli import add_peer_timeout_arg
+    from privlm.spu.cli_inputs import add_peer_timeout_arg
 
     g = sub.add_parser("generate", help="private text generation (prefill + decode steps, KV cache kept in shares)",
                        description=__doc__.splitlines()[0])
@@ -148,7 +148,7 @@ def summarize(result: dict) -> dict:
 
 def cmd_generate(args) -> int:
     from privlm.hfmodel import is_hf_spec
-    from privlm.spu.cli import _load, _tokens
+    from privlm.spu.cli_inputs import load_for_2pc, prompt_tokens
     from privlm.validate import check_text
 
     if args.prompt is not None:
@@ -180,13 +180,13 @@ def cmd_generate(args) -> int:
         raise PrivlmError(f"--keep directory '{args.keep}' exists and is not empty; choose a new one")
     if args.party != 1 and args.prompt is None and args.tokens is None:
         raise PrivlmError("give --prompt or --tokens (only the server, --party 1, runs without one)")
-    model, tok, vocab, positions, _ = _load(args.run_dir, args.T or 1)
+    model, tok, vocab, positions, _ = load_for_2pc(args.run_dir, args.T or 1)
     if args.party == 1:
         if args.T is None:
             raise PrivlmError("--party 1 (server) needs --T, the public prompt length")
         prompt, P = None, args.T
     else:
-        prompt = _tokens(args, tok, vocab)
+        prompt = prompt_tokens(args, tok, vocab)
         P = len(prompt)
     if positions is not None and P + N > positions:
         raise PrivlmError(f"the prompt's {P} tokens + --max-new-tokens={N} need {P + N} positions; the model "

@@ -42,6 +42,11 @@ def _audit_hook(event: str, args: tuple) -> None:
             AUDIT["opened"].append(path)
 
 
+def start_audit() -> None:
+    """Record every file this process opens from now on (AUDIT["opened"]; `--audit` writes it)."""
+    sys.addaudithook(_audit_hook)
+
+
 import numpy as np  # noqa: E402  (after the hook so nothing is opened unseen)
 
 PROTOCOLS = ("cheetah", "semi2k")
