@@ -39,6 +39,13 @@ def _llama(layers: int = 2):
     return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
 
 
+def _gpt2():
+    import transformers as tf
+    cfg = tf.GPT2Config(vocab_size=V, n_positions=POS, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
 def _cli(*args, check=True):
     proc = subprocess.run([*PRIVLM, *args], capture_output=True, text=True, cwd=REPO)
     if check and proc.returncode != 0:
@@ -46,15 +53,16 @@ def _cli(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("kind", ["SM+LN+G", "SM(t)+ScFuFFN", "llama"])
+@pytest.mark.parametrize("kind", ["SM+LN+G", "SM(t)+ScFuFFN", "llama", "gpt2"])
 def test_cached_steps_equal_the_full_forward(kind):
     """Prefill + decode steps over the cache (the modules the traces are made of) give, at every step, the logits
     the unchanged model computes over the whole sequence so far."""
-    model = _llama() if kind == "llama" else _privlm(kind)
+    hf = kind in ("llama", "gpt2")
+    model = {"llama": _llama, "gpt2": _gpt2}[kind]() if hf else _privlm(kind)
     tokens, logits = cached_greedy(model, PROMPT, 10)
     seq = torch.tensor([PROMPT + tokens])
     with torch.no_grad():
-        full = (model(input_ids=seq).logits if kind == "llama" else model(seq).logits)[0]
+        full = (model(input_ids=seq).logits if hf else model(seq).logits)[0]
     for j, lg in enumerate(logits):
         torch.testing.assert_close(lg, full[len(PROMPT) + j - 1], rtol=1e-4, atol=1e-5)
 

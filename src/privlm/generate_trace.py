@@ -1,7 +1,7 @@
 """The two traced programs of private text generation with a key/value cache (`privlm pi generate`).
 
-``trace_generation(model, P, C)`` exports two op graphs of one causal LM (privlm `GPT` or a Hugging Face LLaMA
-family model) with ``torch.export``, through the same classification as `privlm.trace` (client / server /
+``trace_generation(model, P, C)`` exports two op graphs of one causal LM (privlm `GPT`, Hugging Face GPT-2 or
+a LLaMA-family model) with ``torch.export``, through the same classification as `privlm.trace` (client / server /
 public; server tensors folded, never written into the graph):
 
 ``prefill``  the prompt's P tokens (the client's one-hot ids) -> the logits of every position (the SPU program
@@ -14,7 +14,7 @@ public; server tensors folded, never written into the graph):
              beyond) -> ``[logits, k0', v0', ...]``
 
 The decode graph has one shape for every position below C, so the SPU compiles it once per (P, C), not per
-token. How the position enters: privlm's learned position table and SM(t)'s temperature are selected by
+token. How the position enters: a learned position table (privlm, GPT-2) and SM(t)'s temperature are selected by
 ``sel @ table[:C]`` (a public x server product), LLaMA's rotary cos/sin by ``sel @ table[:C]`` (public x public),
 and the new key/value row is written by ``where(slot, new, cache)`` (a select with a public predicate: local,
 no truncation). The attention of the decode step is one query row over the C cache rows, explicit
@@ -85,6 +85,9 @@ class _CachedAttention(nn.Module):
             return q, k, v
         o = self.orig
         shape = (*x.shape[:-1], -1, o.head_dim)
+        if hasattr(o, "c_attn"):  # GPT-2: one Conv1D for q, k, v; learned positions (swapped like privlm's)
+            q, k, v = (t.view(shape).transpose(1, 2) for t in o.c_attn(x).split(o.split_size, dim=2))
+            return q, k, v
         q = o.q_proj(x).view(shape).transpose(1, 2)
         k = o.k_proj(x).view(shape).transpose(1, 2)
         v = o.v_proj(x).view(shape).transpose(1, 2)
@@ -129,7 +132,8 @@ class _CachedAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=1.0)
             st.out += [_pad(k, st.C), _pad(v, st.C)]
         B, H, n, dk = y.shape
-        out = self.orig.o_proj(y.transpose(1, 2).reshape(B, n, H * dk))
+        proj = self.orig.c_proj if hasattr(self.orig, "c_proj") else self.orig.o_proj
+        out = proj(y.transpose(1, 2).reshape(B, n, H * dk))
         if self.hf:
             return out, None
         from privlm.model.attention import AttentionOutput
@@ -147,7 +151,7 @@ class _SelectedPositions(nn.Module):
     def forward(self, pos):
         if not self.state.decode:
             return self.wpe(pos)
-        return self.state.sel @ self.wpe.weight[: self.state.C]
+        return self.state.sel @ self.wpe.weight[: self.state.C]  # [1, d], broadcast over the one new token
 
 
 class _Step(nn.Module):
@@ -175,9 +179,9 @@ def check_supported(model) -> None:
         from privlm.hfmodel import family_of
 
         fam = family_of(model.config)
-        if fam.name != "LLaMA":
-            raise UnsupportedOp(f"pi generate: {fam.name} models are not supported yet (privlm runs and the LLaMA "
-                                f"family: LLaMA, Qwen2, Mistral)")
+        if fam.name not in ("LLaMA", "GPT-2"):
+            raise UnsupportedOp(f"pi generate: {fam.name} models are not supported yet (privlm runs, GPT-2 and the "
+                                f"LLaMA family: LLaMA, Qwen2, Mistral)")
 
 
 def position_inputs(t: int, C: int, device=None) -> dict[str, torch.Tensor]:
@@ -197,7 +201,8 @@ def _cache_attention(model, C: int):
     state = _State(C)
     owners = _attention_owners(model)
     rotary = None
-    if hf:
+    gpt2 = hf and hasattr(model, "transformer")
+    if hf and not gpt2:
         rot = model.get_decoder().rotary_emb
         with torch.no_grad():
             cos, sin = rot(torch.zeros(1, device=device), torch.arange(C, device=device)[None])
@@ -205,20 +210,21 @@ def _cache_attention(model, C: int):
     was_training = model.training
     model.eval()
     originals = [getattr(o, leaf) for o, leaf in owners]
-    wpe = None if hf else model.wpe
+    wpe_owner = model.transformer if gpt2 else None if hf else model  # learned position tables
+    wpe = None if wpe_owner is None else wpe_owner.wpe
     ctx = hf_formulas(model) if hf else contextlib.nullcontext()
     try:
         with ctx:
             for i, (o, leaf) in enumerate(owners):
                 setattr(o, leaf, _CachedAttention(originals[i], i, state, hf, rotary))
             if wpe is not None:
-                model.wpe = _SelectedPositions(wpe, state)
+                wpe_owner.wpe = _SelectedPositions(wpe, state)
             yield state
     finally:
         for (o, leaf), orig in zip(owners, originals):
             setattr(o, leaf, orig)
         if wpe is not None:
-            model.wpe = wpe
+            wpe_owner.wpe = wpe
         model.train(was_training)
 
 

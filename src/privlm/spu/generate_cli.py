@@ -26,8 +26,8 @@ def register(sub) -> None:
 
     g = sub.add_parser("generate", help="private text generation (prefill + decode steps, KV cache kept in shares)",
                        description=__doc__.splitlines()[0])
-    g.add_argument("run_dir", help="RUN_DIR or a Hugging Face LLaMA-family model (save_pretrained directory or "
-                                   "hf:<id>)")
+    g.add_argument("run_dir", help="RUN_DIR or a Hugging Face GPT-2 or LLaMA-family model (save_pretrained "
+                                   "directory or hf:<id>)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
     src.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
