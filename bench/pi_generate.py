@@ -93,7 +93,7 @@ def measure(arch: str, P: int, new: int, profile: str, sizes: list[str], work: P
 def table(rows: list[dict]) -> str:
     """Markdown: per (arch, profile, prompt) the mean decode-step cost with the cache vs recomputation."""
     out = ["| arch | SPU profile | prompt | mode | MB / token | messages / token | rounds (p0 sends) / token | "
-           "online s / token |", "|---|---|---|---|---|---|---|---|"]
+           "online s / token | token choice: MB / p0 sends |", "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["arch"], r["spu_profile"], r["prompt_len"]) for r in rows if "wan" not in r})
     for k in keys:
         ratio = {}
@@ -104,13 +104,21 @@ def table(rows: list[dict]) -> str:
                 continue
             avg = {f: sum(r[f] for r in sel) / len(sel) for f in ("bytes_per_token", "messages_per_token",
                                                                   "rounds_per_token", "online_seconds")}
-            ratio[mode] = avg["bytes_per_token"]
+            ratio[mode] = avg
+            choice = ""
+            if mode == "cache":
+                cb = sum(r["token_choice"]["bytes"] for r in sel) / len(sel)
+                cs = sum(r["token_choice"]["send_actions"] for r in sel) / len(sel)
+                choice = f"{cb / 1e6:.2f} / {cs:.0f}"
             out.append(f"| {k[0]} | {k[1]} | {k[2]} | {mode} | {avg['bytes_per_token'] / 1e6:.2f} | "
                        f"{avg['messages_per_token']:.0f} | {avg['rounds_per_token']:.0f} | "
-                       f"{avg['online_seconds']:.2f} |")
+                       f"{avg['online_seconds']:.2f} | {choice} |")
         if len(ratio) == 2:
+            r, c = ratio["recompute"], ratio["cache"]
             out.append(f"| {k[0]} | {k[1]} | {k[2]} | recompute / cache | "
-                       f"{ratio['recompute'] / ratio['cache']:.1f}x | | | |")
+                       f"{r['bytes_per_token'] / c['bytes_per_token']:.1f}x | "
+                       f"{r['messages_per_token'] / c['messages_per_token']:.1f}x | "
+                       f"{r['rounds_per_token'] / c['rounds_per_token']:.1f}x | | |")
     for r in rows:
         if "wan" in r:
             w = r["wan"]
