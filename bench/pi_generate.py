@@ -58,7 +58,7 @@ def _run_dir(path: Path, arch: str, sizes: list[str]) -> Path:
 
 
 def measure(arch: str, P: int, new: int, profile: str, sizes: list[str], work: Path, wan: str | None = None):
-    run = _run_dir(work / f"{arch}-{P}", arch, sizes)
+    run = _run_dir(work / "run", arch, sizes)
     prompt = ",".join(str(1 + (7 * i) % 60) for i in range(P))
     rows = []
     args = ["pi", "generate", str(run), "--tokens", prompt, "--max-new-tokens", str(new), "--spu-profile", profile,
@@ -142,22 +142,27 @@ def main() -> int:
     sizes = SMALL if args.small else DEMO
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.only_wan and out.exists() else []
+    command = "python bench/pi_generate.py " + " ".join(sys.argv[1:])
+
+    def write() -> str:  # after every measurement: an interrupted run keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": command, "sizes": sizes, "rows": rows}, indent=1))
+        md = table(rows)
+        out.with_suffix(".md").write_text(f"<!-- written by {command} -->\n" + md)
+        return md
+
     with tempfile.TemporaryDirectory(prefix="privlm-bench-gen-") as tmp:
         if not args.only_wan:
             for arch in args.archs:
                 for P in args.prompts:
-                    rows += measure(arch, P, args.new, args.spu_profile, sizes, Path(tmp))
+                    rows += measure(arch, P, args.new, args.spu_profile, sizes, Path(tmp) / f"{arch}-{P}")
+                    write()
                     print(f"{arch} prompt {P}: done", flush=True)
         if args.wan:
             rows = [r for r in rows if "wan" not in r]
             rows += [r for r in measure(args.archs[0], args.prompts[0], args.new, args.spu_profile, sizes,
                                         Path(tmp) / "wan", wan=args.wan) if "wan" in r]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"command": "python bench/pi_generate.py " + " ".join(sys.argv[1:]), "sizes": sizes, "rows": rows}
-    out.write_text(json.dumps(doc, indent=1))
-    md = table(rows)
-    out.with_suffix(".md").write_text(f"<!-- written by {doc['command']} -->\n" + md)
-    print(md)
+    print(write())
     return 0
 
 
