@@ -138,10 +138,21 @@ def main() -> int:
     ap.add_argument("--wan", help="also one 2proc run over the emulated WAN (RATE:DELAY; root)")
     ap.add_argument("--only-wan", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "pi_generate.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="write --out (and its table) from the rows of these result files (runs done in parallel)")
     args = ap.parse_args()
     sizes = SMALL if args.small else DEMO
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.only_wan and out.exists() else []
+    if args.merge:
+        docs = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for d in docs for r in d["rows"]]
+        command = " ; ".join(d["command"] for d in docs) + " ; python bench/pi_generate.py " + " ".join(sys.argv[1:])
+        out.write_text(json.dumps({"command": command, "sizes": docs[0]["sizes"], "rows": rows}, indent=1))
+        md = table(rows)
+        out.with_suffix(".md").write_text(f"<!-- written by {command} -->\n" + md)
+        print(md)
+        return 0
     command = "python bench/pi_generate.py " + " ".join(sys.argv[1:])
 
     def write() -> str:  # after every measurement: an interrupted run keeps what it measured
