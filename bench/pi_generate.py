@@ -3,7 +3,10 @@
 --head last` at each length), for SM+LN+G and SM+ScFuFFN at the demo's shape (L4 H4 d128, V 2048, random
 weights: bytes and rounds do not depend on the weights), prompts of 32 and 64 tokens, CHEETAH, in-process sim.
 
-    python bench/pi_generate.py                      # full run -> bench/results/pi_generate.json + .md
+    python bench/pi_generate.py --new 4              # full run -> bench/results/pi_generate.json + .md
+    python bench/pi_generate.py --new 2 --prompts 64 --archs SM+LN+G --out /tmp/a.json &   # or in parallel ...
+    python bench/pi_generate.py --new 2 --prompts 64 --archs SM+ScFuFFN --out /tmp/b.json
+    python bench/pi_generate.py --merge /tmp/a.json /tmp/b.json                             # ... then merged
     python bench/pi_generate.py --new 3 --prompts 8 --small --out /tmp/x.json   # a quick check of the script
     python bench/pi_generate.py --wan 100mbit:80ms --prompts 32 --archs SM+ScFuFFN --new 4 --only-wan   # root
 

@@ -159,6 +159,20 @@ def test_two_processes_keep_cache_weights_and_prompt_apart(tmp_path):
         for key in ("prefill", "decode"):
             w = str((keep / "export" / key / "server.safetensors").resolve())
             assert w not in client["opened"] + client["loaded"] and w not in " ".join(client["argv"])
+        # the client's share of the cache (keys of layer 0, prompt rows) read as fixed point is nothing like the
+        # keys: ring elements spread over +-2^45, not values of order 1 (the masked share of a secret)
+        P = len(prompt.split())
+        with torch.no_grad():
+            keys = _privlm("SM+LN+G", seed, ONE_LAYER).run_with_cache(
+                torch.tensor([[int(w[1:]) for w in prompt.split()]]), names="hook_k")[1].k(0)[0]  # [H, P, dk]
+        C = P + 1
+        share = torch.tensor(client["cache_share_sample"]["input:k0"], dtype=torch.float64) / 2 ** 18
+        H, dk = keys.shape[0], keys.shape[2]
+        rows = share[: H * C * dk].view(H, C, dk)[:, :P] if share.numel() >= H * C * dk else None
+        sample = share if rows is None else rows.reshape(-1)
+        assert (sample.abs() < 1e3).float().mean() < 0.01
+        if rows is not None:
+            assert (rows - keys.double()).abs().median() > 1e6
         runs.append((client["share_digests"], server["share_digests"]))
     (c1, s1), (c2, s2) = runs
     weights = [k for k in c1 if k.startswith("server:")]

@@ -121,6 +121,14 @@ class _Runner:
         return rows, outs
 
 
+def share_ring_sample(share, n: int = 256) -> list[int]:
+    """The first n ring elements (int64, fixed point with the runtime's fraction bits) of this party's share of a
+    secret: its first chunk is a serialized ValueChunkProto, a few bytes of header (< 8) and then the elements
+    (SPU 0.9.5, 64-bit field)."""
+    raw = bytes(share.share_chunks[0])
+    return np.frombuffer(raw[len(raw) % 8:], dtype=np.int64)[:n].tolist()
+
+
 def _sum(rows: list[dict], key: str):
     return sum(r.get(key, 0) for r in rows)
 
@@ -208,6 +216,8 @@ def run_generation(rank: int, lctx, programs: dict, protocol: str, spu_profile, 
                           "send_actions": _sum(rows, "send_actions"), "online_seconds": time.perf_counter() - t0,
                           "reveal_bytes": moved() - before, "steps": rows})
     online_s = time.perf_counter() - t_online
+    if cache is not None:  # the audit: what this party holds of the cache (ring elements of its share, a sample)
+        AUDIT["cache_share_sample"] = {name: share_ring_sample(share) for name, share in cache.items()}
     if rank != 0:
         return None
     return {"protocol": protocol, "spu_profile": spu_profile.name, "spu_settings": spu_profile.to_dict(),
