@@ -220,7 +220,7 @@ def main(argv=None) -> int:
             order = (("privlm", ours.step_once), ("reference", ref.step_once))
             for name, fn in (order if r % 2 == 0 else order[::-1]):
                 rates[name].append(args.steps * tokens_per_step / timed(fn, args.steps, device))
-        ours.telemetry.close()
+        ours.close()
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     ratio = med["privlm"] / med["reference"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privlm.entropy import (causal_entropy_max, compare_to_baseline, detect_overload, diagnose, entropy_bins,
-                            layer_verdicts, near_uniform_heads, verdict)
+from privlm.entropy import (causal_entropy_max, compare_to_baseline, detect_collapse, detect_overload, diagnose,
+                            entropy_bins, layer_verdicts, near_uniform_heads, verdict)
 from privlm.entropy.measure import COLLAPSE_NATS, NEAR_UNIFORM, OVERLOAD_EXCESS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "entropy"
@@ -53,7 +53,7 @@ def test_young_model_is_too_early_not_overloaded():
     assert rep.too_early and not rep.overloaded and rep.overloaded_layers == [] and rep.top_bin_share == 1.0
     diag = diagnose(m, None, T)
     assert diag["verdict"] == "too early to judge (no layer has left uniform attention)"
-    assert layer_verdicts(diag) == ["uniform"] * 4
+    assert layer_verdicts(detect_collapse(m), rep, 4) == ["uniform"] * 4 == diag["layer_verdicts"]
 
 
 def test_trained_baseline_is_healthy_despite_its_top_bin():
@@ -110,8 +110,10 @@ def test_diagnose_needs_the_context_length():
 
 
 def test_verdict_words():
-    diag = diagnose(heads([128, 128], [16, 8]), None, T)
-    assert verdict(diag) == "entropic overload (layers 0)" and diag["layer_verdicts"] == ["overload", "ok"]
+    m = heads([128, 128], [16, 8])
+    diag = diagnose(m, None, T)
+    assert verdict(detect_collapse(m), detect_overload(m, T)) == "entropic overload (layers 0)" == diag["verdict"]
+    assert diag["layer_verdicts"] == ["overload", "ok"]
 
 
 # ------------------------------------------------------------------------------------ recorded real runs

@@ -36,6 +36,7 @@ def test_head_stats_match_a_by_hand_reference(preset):
     idx = torch.randint(0, V, (3, T))
     with torch.no_grad():
         out, cache = model.run_with_cache(idx, names=["hook_resid_pre", "hook_q", "hook_k"], output_attentions=True)
+    wants = []
     for i, blk in enumerate(model.blocks):
         x = blk.ln_1(cache.resid_pre(i))
         B, _, d = x.shape
@@ -55,6 +56,20 @@ def test_head_stats_match_a_by_hand_reference(preset):
             assert torch.allclose(got_max, want_max, rtol=1e-5, atol=1e-5)
             assert torch.allclose(got_ent, want_ent, rtol=1e-5, atol=1e-6)
         assert want_max.max() > 1.0  # init_std 0.3: logits far from 0, so the check means something
+        wants.append((want_max, want_ent))
+    # the recorder takes every layer's heads in one computation (3 sequences: all of them recorded), from q and k
+    # or, when the forward computed it, from the attention's own entropy
+    for output_entropy in (False, True):
+        rec = FlightRecorder(model, capacity=2)
+        rec.begin(1)
+        with torch.no_grad():
+            model(idx, output_entropy=output_entropy)
+        rec.end(0.0, 0.0)
+        got = rec.records[0]
+        rec.close()
+        assert torch.allclose(torch.tensor(got["max_logit"]), torch.stack([w[0] for w in wants]), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(torch.tensor(got["head_entropy"]), torch.stack([w[1] for w in wants]), rtol=1e-4,
+                              atol=1e-5)
 
 
 def test_ring_buffer_cadence_and_residual_norms():

@@ -10,7 +10,9 @@ import torch
 from privlm.model.hooks import capture
 from privlm.presets import PAPER_PRESETS
 from privlm.train import Trainer
-from privlm.train.telemetry import Telemetry
+from privlm.train.flight_recorder import FlightRecorder
+from privlm.train.spec import PRIVLM, UNOBSERVED
+from privlm.train.telemetry import EntropyLog, Telemetry
 
 from test_train import synthetic_data, tiny_cfg
 
@@ -37,19 +39,18 @@ def _train(preset: str, run_dir, observed: bool):
     layers = 7 if "^i6" in preset else 2  # AERO's ^i6 prunes the 6 deepest FFNs: keep one
     common = [f"model.n_layer={layers}", "model.n_embd=16", f"train.max_steps={STEPS}", f"train.eval_every={STEPS}",
               f"train.save_every={STEPS}", "train.eval_max_batches=1", "train.lr=3e-2"]
-    if observed:
-        over = ["train.flight_steps=8", "train.flight_every=1", "train.entropy_every=1", "train.log_every=1"]
-    else:
-        over = ["train.flight_steps=0", "train.entropy_every=1000000", "train.log_every=1000000"]
-    cfg = tiny_cfg(*common, *over, preset=preset)
-    trainer = Trainer(cfg, run_dir, quiet=True, data=synthetic_data(n_train=64, n_valid=8))
+    # observed: privlm's spec with every observer at its most frequent; off: the spec without observers
+    over = ["train.flight_steps=8", "train.flight_every=1", "train.entropy_every=1", "train.log_every=1"]
+    cfg = tiny_cfg(*common, *(over if observed else []), preset=preset)
+    trainer = Trainer(cfg, run_dir, quiet=True, data=synthetic_data(n_train=64, n_valid=8),
+                      spec=PRIVLM if observed else UNOBSERVED)
     steps = []
     step_once = trainer.step_once
 
-    def recorded_step(want_entropy: bool = False):
-        loss, grad_norm, tele = step_once(want_entropy)
+    def recorded_step():
+        loss, grad_norm = step_once()
         steps.append((loss, grad_norm))
-        return loss, grad_norm, tele
+        return loss, grad_norm
 
     trainer.step_once = recorded_step
     try:
@@ -57,14 +58,17 @@ def _train(preset: str, run_dir, observed: bool):
             with capture(trainer.model, lambda n: n.rsplit(".", 1)[-1] in OBSERVED_HOOKS) as acts:
                 trainer.run()
             assert any(k.endswith("attn.hook_q") for k in acts)  # the hooks did see the training forward
-            recorder = trainer.observers[0]  # the flight recorder of privlm's train spec
-            assert recorder.records and len(recorder.records) == STEPS
+            kinds = {type(o): o for o in trainer.observers}
+            assert set(kinds) == {Telemetry, EntropyLog, FlightRecorder}
+            assert len(kinds[FlightRecorder].records) == STEPS
+            records = (run_dir / "metrics.jsonl").read_text().splitlines()
+            assert sum('"kind": "entropy"' in r for r in records) == STEPS  # the entropy log wrote every step
         else:
-            trainer.telemetry.close()  # no metrics.jsonl lines, no TensorBoard
-            trainer.telemetry = Telemetry(run_dir, False, True, STEPS)
+            assert trainer.observers == []
             trainer.run()
+            assert not (run_dir / "metrics.jsonl").exists()  # no telemetry: no metrics.jsonl, no TensorBoard
     finally:
-        trainer.release()
+        trainer.close()
     state = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
     if trainer.term_module is not None:
         state.update({f"reg.{k}": v for k, v in trainer.term_module.state_dict().items()})

@@ -36,15 +36,17 @@ def test_telemetry_line_on_a_terminal_and_nothing_off_it(tmp_path, capsys, monke
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     tele = Telemetry(tmp_path / "a", True, False, total_steps=10, tokens_per_step=100)
-    tele.advance(5)
-    tele.train(5, 2.5, 1e-3, 500, 100.0, 1.0)
+    for step in range(1, 6):
+        tele.stepped(step)
+    tele.logged(5, 2.5, 1e-3, 500, 100.0, 1.0)
     tele.close()
     err = capsys.readouterr().err
     assert "500/1.0k tok | 100 tok/s | ETA 0:05 | loss 2.5000" in err
     monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
     tele = Telemetry(tmp_path / "b", True, False, total_steps=10, tokens_per_step=100)
-    tele.advance(5)
-    tele.train(5, 2.5, 1e-3, 500, 100.0, 1.0)
+    for step in range(1, 6):
+        tele.stepped(step)
+    tele.logged(5, 2.5, 1e-3, 500, 100.0, 1.0)
     tele.close()
     out = capsys.readouterr()
     assert "tok |" not in out.err and "ETA" not in out.err + out.out  # log lines only, no live line

@@ -274,8 +274,7 @@ def test_checkpoint_sanity_rule(tmp_path, corpus):
             trainer.model.blocks[0].attn.q_proj.weight.fill_(float("inf"))
         assert trainer.checkpoint_problem() == "non-finite weights"
     finally:
-        trainer.telemetry.close()
-        trainer.release()
+        trainer.close()
 
 
 # ---------------------------------------------------------------------------------------------------

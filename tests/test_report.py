@@ -145,7 +145,7 @@ def test_rows_costs_and_diagnosis(runs):
     assert not base.diagnosis.collapsed
     assert base.spu_bytes == 123456789 and fu.spu_bytes is None and "spu_bytes" not in fu.to_dict()
     from privlm.report.html import summary_table
-    assert "0.123 GB (cheetah)" in summary_table([r.to_dict() for r in rows])
+    assert "0.123 GB (cheetah)" in summary_table(rows)
     assert sum(base.diagnosis.bin_shares) == pytest.approx(1.0)
     # top bin is at least one head: the maximum lies in it by definition
     assert base.diagnosis.top_bin_share >= 1 / (L * H)

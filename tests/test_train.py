@@ -284,7 +284,7 @@ def test_curve_evaluations_on_a_slice_and_the_final_one_on_the_whole_split(tmp_p
 def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
     """The loop calls the spec's loss terms and observers through their protocols: a term that cancels the CE
     leaves the weights where they started (no weight decay), and an observer sees every step begin and end."""
-    from privlm.train.spec import PRIVLM, TrainSpec
+    from privlm.train.spec import PRIVLM, Observer, TrainSpec
 
     class CancelCE:
         module, needs_entropy, stat_names = None, False, ()
@@ -298,7 +298,7 @@ def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
         def final_record(self):
             return {}
 
-    class Count:
+    class Count(Observer):
         def __init__(self):
             self.calls = []
 
@@ -308,15 +308,21 @@ def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
         def end(self, loss, grad_norm, lr):
             self.calls.append(("end", float(grad_norm)))
 
-        def dump(self, run_dir, step, loss, grad_norm, what):
-            return ""
+        def stepped(self, step):
+            self.calls.append(("stepped", step))
+
+        def logged(self, step, loss, lr, tokens, tok_per_s, grad_norm):
+            self.calls.append(("logged", step))
+
+        def evaluated(self, step, loss, ppl, tokens):
+            self.calls.append(("evaluated", step))
 
         def close(self):
             self.calls.append(("close", None))
 
     seen = Count()
-    spec = TrainSpec("test", PRIVLM.build_model, lambda cfg: [CancelCE()], lambda model, cfg: [seen])
-    cfg = tiny_cfg("train.max_steps=4", "train.weight_decay=0")
+    spec = TrainSpec("test", PRIVLM.build_model, lambda cfg: [CancelCE()], lambda model, cfg, run: [seen])
+    cfg = tiny_cfg("train.max_steps=4", "train.weight_decay=0", "train.log_every=2", "train.eval_every=3")
     data = synthetic_data()
     cfg.model.vocab_size = int(data.vocab_size)  # as the loop sets it from the tokenizer
     torch.manual_seed(cfg.train.seed)
@@ -326,6 +332,10 @@ def test_train_spec_plugs_in_loss_terms_and_observers(tmp_path):
     assert all(torch.equal(end[k], start[k]) for k in end)
     assert [c for c in seen.calls if c[0] == "begin"] == [("begin", s) for s in range(1, 5)]
     assert [c[1] for c in seen.calls if c[0] == "end"] == [0.0] * 4 and seen.calls[-1] == ("close", None)
+    assert [c[1] for c in seen.calls if c[0] == "stepped"] == [1, 2, 3, 4]
+    assert [c[1] for c in seen.calls if c[0] == "logged"] == [2, 4]  # the loop's records reach every observer
+    assert 3 in [c[1] for c in seen.calls if c[0] == "evaluated"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # telemetry is an observer: this spec has none
 
 
 def test_checkpoint_is_one_adamw_step_by_hand(tmp_path):
@@ -370,8 +380,9 @@ def test_paper_gpt2_small_config_builds_and_steps():
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.data.seq_len) == (12, 12, 768, 128)
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50000, n_positions=cfg.model.block_size, n_embd=768, n_layer=12,
-                                    n_head=12))
+    with torch.device("meta"):  # shapes only: the count needs no weights
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=50000, n_positions=cfg.model.block_size, n_embd=768,
+                                        n_layer=12, n_head=12))
     assert model.num_params() == sum(p.numel() for p in hf.parameters())
     opt = build_optimizer(model, cfg.train)
     x = torch.randint(0, 50000, (1, 128))

@@ -2,7 +2,8 @@
 
 A subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a
 callable taking the parsed ``argparse.Namespace`` and returning an exit code. The command's one-line summary
-is written once, in ``SUBCOMMANDS``: ``add_parser`` takes it from there unless the module passes ``help=``.
+is written once, in ``SUBCOMMANDS``: ``add_parser`` takes it from there (a module passing ``help=`` is a
+programming error).
 """
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ class _Subparsers:
         self._action = action
 
     def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
-        kwargs.setdefault("help", SUBCOMMANDS[name][1])
-        return self._action.add_parser(name, **kwargs)
+        if "help" in kwargs:
+            raise TypeError(f"'{name}': its summary is SUBCOMMANDS['{name}'] in privlm.cli, not a help= argument")
+        return self._action.add_parser(name, help=SUBCOMMANDS[name][1], **kwargs)
 
 
 def _unavailable(name: str, exc: ImportError):

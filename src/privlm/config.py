@@ -135,11 +135,12 @@ class TrainConfig:
     # batches of the evaluations before the last step and of the checkpoints' validation loss: the first N of
     # the split, a fixed slice (None = eval_max_batches); the last step's evaluation uses eval_max_batches
     eval_curve_batches: Optional[int] = None
+    # observer cadences: together well under 2 % of a step (docs/DECISIONS.md#observer-cadences)
     log_every: int = 10  # steps per metrics.jsonl "train" record (loss averaged over the interval)
     entropy_every: int = 50  # steps between forward passes with in-attention entropy telemetry
     save_every: int = 200  # steps between checkpoints (and at the end)
     flight_steps: int = 64  # divergence flight recorder: recorded steps kept in memory (0 = off)
-    flight_every: int = 8  # record every N-th step (and the first): ~1 % of a step at most (bench/observer_overhead.py)
+    flight_every: int = 16  # record every N-th step (and the first); flight_steps x this = the window in steps
     seed: int = 1337  # init, data order and dropout
     device: str = "auto"
     dtype: str = "auto"  # auto = bf16 autocast on CUDA (fp16 if unsupported), fp32 on CPU

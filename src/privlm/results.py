@@ -23,7 +23,7 @@ class EntropyDiagnosis:
     verdicts")."""
     bin_shares: tuple[float, ...]          # the paper's four relative bins (Fig. 2a), shares of heads
     bin_max: float                         # the max the bins are relative to (nats)
-    layer_mean_entropy: tuple[float, ...]  # per layer (nats); NaN for broken layers
+    layer_mean_entropy: tuple[Optional[float], ...]  # per layer (nats); None for broken layers
     deep_layer_min_entropy: float          # lowest layer mean of the deeper half
     nan_total: float                       # NaN entries of the attention over the whole run
     overloaded: bool

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from privlm.entropy.measure import (
         BIN_LABELS,
         CollapseReport,
+        Diagnosis,
         EntropyBins,
         OverloadReport,
         causal_entropy_max,
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
         detect_collapse,
         detect_overload,
         diagnose,
+        diagnosis,
         entropy_bins,
         entropy_history,
         entropy_max,
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
     from privlm.entropy.regularizer import REDUCTIONS, EntropyRegularizer, regularization_loss
 
 __all__ = [
-    "BIN_LABELS", "CollapseReport", "EntropyBins", "OverloadReport", "causal_entropy_max", "compare_to_baseline",
-    "detect_collapse", "detect_overload", "diagnose", "entropy_bins", "entropy_history", "entropy_max", "head_entropy",
+    "BIN_LABELS", "CollapseReport", "Diagnosis", "EntropyBins", "OverloadReport", "causal_entropy_max",
+    "compare_to_baseline", "detect_collapse", "detect_overload", "diagnose", "diagnosis", "entropy_bins", "entropy_history", "entropy_max", "head_entropy",
     "layer_means", "layer_verdicts", "measure_model", "near_uniform_heads", "normalized", "row_entropy", "shared_max",
     "verdict", "REDUCTIONS", "EntropyRegularizer",
     "regularization_loss",

@@ -239,30 +239,27 @@ def detect_collapse(head_matrix, nan_counts: Optional[Sequence[float]] = None, n
                           bool(flagged), near_zero, layer_threshold)
 
 
-def layer_verdicts(diag: dict) -> list[str]:
-    """One word per layer of a ``diagnose`` result: 'uniform' (model too early to judge), 'overload',
-    'collapse', 'both' or 'ok'."""
-    collapsed = set(diag["collapse"]["collapsed_layers"])
-    overloaded = set(diag["overload"]["overloaded_layers"])
-    early = diag["overload"]["too_early"]
+def layer_verdicts(collapse: CollapseReport, overload: OverloadReport, n_layers: int) -> list[str]:
+    """One word per layer: 'uniform' (model too early to judge), 'overload', 'collapse', 'both' or 'ok'."""
+    collapsed, overloaded = set(collapse.collapsed_layers), set(overload.overloaded_layers)
     out = []
-    for layer in range(len(diag["layer_mean"])):
+    for layer in range(n_layers):
         c, o = layer in collapsed, layer in overloaded
-        out.append("both" if c and o else "collapse" if c else "overload" if o else "uniform" if early else "ok")
+        out.append("both" if c and o else "collapse" if c else "overload" if o else
+                   "uniform" if overload.too_early else "ok")
     return out
 
 
-def verdict(diag: dict) -> str:
+def verdict(collapse: CollapseReport, overload: OverloadReport) -> str:
     """The model's verdict in a few words, e.g. 'entropic overload (layers 0, 1)' or 'too early to judge'."""
-    coll, over = diag["collapse"], diag["overload"]
     parts = []
-    if coll["collapsed"]:
-        parts.append("entropy collapse (layers " + ", ".join(map(str, coll["collapsed_layers"])) + ")")
-    if over["overloaded"]:
-        parts.append("entropic overload (layers " + ", ".join(map(str, over["overloaded_layers"])) + ")")
+    if collapse.collapsed:
+        parts.append("entropy collapse (layers " + ", ".join(map(str, collapse.collapsed_layers)) + ")")
+    if overload.overloaded:
+        parts.append("entropic overload (layers " + ", ".join(map(str, overload.overloaded_layers)) + ")")
     if parts:
         return " + ".join(parts)
-    if over["too_early"]:
+    if overload.too_early:
         return "too early to judge (no layer has left uniform attention)"
     return "healthy"
 
@@ -278,30 +275,54 @@ def invalid_entropies(head_matrix, T: int) -> np.ndarray:
         return ~np.isnan(m) & ((m < -tol) | (m > entropy_max(T) + tol))
 
 
-def diagnose(head_matrix, nan_counts: Optional[Sequence[float]], T: int, max_value: Optional[float] = None,
-             baseline=None) -> dict:
-    """Everything ``privlm entropy`` reports, JSON-able. ``T`` (the context length the entropies were
-    measured at) sets the causal maximum; ``baseline`` (head matrix of a baseline run at the same depth
-    and T) adds the per-layer comparison."""
+@dataclass
+class Diagnosis:
+    """Everything ``privlm entropy`` reports about a head-entropy matrix (``diagnosis``); ``to_dict`` is the
+    JSON document (`diagnose`)."""
+
+    head_entropy: np.ndarray  # [L, H], impossible entropies as NaN
+    invalid_heads: int
+    layer_mean: list[float]   # NaN for a layer with no finite head
+    bins: EntropyBins
+    overload: OverloadReport
+    collapse: CollapseReport
+    seq_len: int
+    vs_baseline: Optional[dict]
+    layer_verdicts: list[str]
+    verdict: str
+
+    def to_dict(self) -> dict:
+        m = self.head_entropy
+        out = {"head_entropy": np.where(np.isnan(m), None, m).tolist(), "invalid_heads": self.invalid_heads,
+               "layer_mean": [None if math.isnan(v) else v for v in self.layer_mean],
+               "bins": self.bins.to_dict(), "overload": self.overload.to_dict(), "collapse": self.collapse.to_dict(),
+               "seq_len": self.seq_len, "log_T": entropy_max(self.seq_len),
+               "causal_max": causal_entropy_max(self.seq_len)}
+        if self.vs_baseline is not None:
+            out["vs_baseline"] = self.vs_baseline
+        out["layer_verdicts"], out["verdict"] = self.layer_verdicts, self.verdict
+        return out
+
+
+def diagnosis(head_matrix, nan_counts: Optional[Sequence[float]], T: int, max_value: Optional[float] = None,
+              baseline=None) -> Diagnosis:
+    """The typed diagnosis. ``T`` (the context length the entropies were measured at) sets the causal maximum;
+    ``baseline`` (head matrix of a baseline run at the same depth and T) adds the per-layer comparison."""
     if T < 1:
         raise ValueError(f"T={T}: the context length of the measurement is needed for the verdicts")
     m = _matrix(head_matrix)
     invalid = invalid_entropies(m, T)
     m = np.where(invalid, np.nan, m)
-    out = {
-        "head_entropy": np.where(np.isnan(m), None, m).tolist(),
-        "invalid_heads": int(invalid.sum()),
-        "layer_mean": [None if math.isnan(v) else v for v in layer_means(m).tolist()],
-        "bins": entropy_bins(m, max_value).to_dict(),
-        "overload": detect_overload(m, T).to_dict(),
-        "collapse": detect_collapse(m, nan_counts).to_dict(),
-        "seq_len": T, "log_T": entropy_max(T), "causal_max": causal_entropy_max(T),
-    }
-    if baseline is not None:
-        out["vs_baseline"] = compare_to_baseline(m, baseline, T)
-    out["layer_verdicts"] = layer_verdicts(out)
-    out["verdict"] = verdict(out)
-    return out
+    overload, collapse = detect_overload(m, T), detect_collapse(m, nan_counts)
+    return Diagnosis(m, int(invalid.sum()), layer_means(m).tolist(), entropy_bins(m, max_value), overload, collapse,
+                     T, compare_to_baseline(m, baseline, T) if baseline is not None else None,
+                     layer_verdicts(collapse, overload, m.shape[0]), verdict(collapse, overload))
+
+
+def diagnose(head_matrix, nan_counts: Optional[Sequence[float]], T: int, max_value: Optional[float] = None,
+             baseline=None) -> dict:
+    """`diagnosis` as the JSON document ``privlm entropy --json`` prints."""
+    return diagnosis(head_matrix, nan_counts, T, max_value, baseline).to_dict()
 
 
 def privlm_entropy(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

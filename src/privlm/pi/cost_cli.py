@@ -15,18 +15,19 @@ import dataclasses
 import io
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 
 from privlm.config import Config, ConfigError, apply_overrides, load_config, split_args
 from privlm.errors import MAX_T, OneLineArgumentParser, bounded_int
-from privlm.hfmodel import build_model, check_model_dir, is_hf_spec, shape_of
-from privlm.hfmodel import load_config as load_hf_config
-from privlm.pi.census import Census, census
-from privlm.run import load_run_config
 from privlm.pi.costs import Cost, available_profiles, load_profile, predict, shadowed_profiles, user_profile_dir
 from privlm.pi.summary import CostSummary
 from privlm.pi.published import TABLES, load_rows, paper_round, printed_decimals
+
+if TYPE_CHECKING:
+    from privlm.pi.census import Census
+# the census, Hugging Face models and run loading (torch) are imported by the functions that use them, so that
+# `privlm cost --help` stays light (tests/test_cli.py)
 
 # Fields copied from the costed model onto the --vs reference so both have the same size.
 SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "ffn_hidden", "block_size")
@@ -34,6 +35,8 @@ SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "ffn_hidden", "block
 
 def resolve_spec(spec: str, overrides: list[str]) -> tuple[Config, Optional[int]]:
     """Preset name, YAML file or RUN_DIR -> (Config, T of the run or None)."""
+    from privlm.hfmodel import check_model_dir, is_hf_spec
+    from privlm.run import load_run_config
     path = Path(spec)
     check_model_dir(spec)
     if path.is_dir() and not is_hf_spec(spec):
@@ -51,6 +54,7 @@ def reference_config(vs: str, model_cfg) -> Config:
         m = model_cfg.model
         sizes, seq_len = {k: getattr(m, k) for k in SIZE_FIELDS}, model_cfg.data.seq_len
     else:
+        from privlm.hfmodel import shape_of
         shape = shape_of(model_cfg)
         sizes = {k: shape[k] for k in SIZE_FIELDS if k in shape} | {"block_size": shape["max_positions"]}
         seq_len = min(128, shape["max_positions"] or 128)
@@ -63,6 +67,7 @@ def hf_target(spec: str, overrides: list[str]):
     if overrides:
         raise ConfigError(f"key=value overrides ({overrides[0]}) apply to privlm presets, not to the Hugging Face "
                           f"model '{spec}'")
+    from privlm.hfmodel import build_model, load_config as load_hf_config
     config = load_hf_config(spec)[0]
     return config, build_model(config), spec.rstrip("/").rsplit("/", 1)[-1] if not spec.startswith("hf:") else spec
 
@@ -199,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
                   f"({worst_c['arch']}), worst latency error {_err(worst_l['lat_err'])} ({worst_l['arch']}). "
                   f"FLOPs in the paper convention; '=' census matches the printed cell.")
         return 0
+    from privlm.hfmodel import is_hf_spec
+    from privlm.pi.census import census
     specs, overrides = split_args(args.specs)
     if not specs:
         specs = ["SM+LN+G"]
@@ -252,8 +259,7 @@ class _IntermixedParser(OneLineArgumentParser):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("cost", help="PI communication/latency of a preset or run (paper Table 3 layout)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("specs", nargs="*", metavar="PRESET|RUN_DIR|HF_MODEL|key=value",
                    help="presets, config YAMLs, run directories or Hugging Face models (a save_pretrained directory "
                         "or hf:<hub id>; default SM+LN+G at GPT-2 size), and overrides")

@@ -21,12 +21,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from privlm.config import ConfigError
 from privlm.fileio import atomic_write_text
 from privlm.opschema import COST_PROFILE_FORMAT, LINEAR_KINDS, OP_TYPES
-from privlm.pi.census import Census
+
+if TYPE_CHECKING:  # annotations only: `privlm cost --help` lists the profiles without importing torch
+    from privlm.pi.census import Census
 
 SHIPPED_PROFILE_DIR = Path(__file__).parent / "profiles"  # package data: read-only at run time
 _OP_FIELDS = ("bytes_per_element", "seconds_per_element", "bytes_per_call", "seconds_per_call",

@@ -11,10 +11,12 @@ import csv
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from privlm.config import ConfigError, load_config
-from privlm.pi.census import Census, census, simplified_block_census
+
+if TYPE_CHECKING:  # the census (torch) is imported when a row is costed, not for the table names
+    from privlm.pi.census import Census
 
 TABLE_FILE = Path(__file__).parent / "tables" / "published.csv"
 
@@ -94,6 +96,7 @@ def unique_rows(rows: list[PublishedRow]) -> list[PublishedRow]:
 @functools.lru_cache(maxsize=None)
 def row_census(preset: str, variant: str, T: int, n_layer: int, vocab: int) -> Census:
     cfg = load_config(preset, [f"model.n_layer={n_layer}", f"model.vocab_size={vocab}"])
+    from privlm.pi.census import census, simplified_block_census
     c = census(cfg, T)
     return simplified_block_census(c) if variant == "sota" else c
 

@@ -59,6 +59,6 @@ def build_report(run_dirs: Sequence[str | Path], out_html: Path, figures_dir: Op
     if figures_dir is not None:
         for spec in specs:
             figures.save_figure(spec, figures_dir)
-    html.write_html(Path(out_html), html.render([r.to_dict() for r in rows], specs, title,
+    html.write_html(Path(out_html), html.render(rows, specs, title,
                                                 list(extra_notes) + notes))
     return rows

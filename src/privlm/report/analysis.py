@@ -50,9 +50,10 @@ def last_nan_counts(run: RunData) -> Optional[list[float]]:
     return np.nansum(np.array(rows, float), axis=0).tolist()
 
 
-def diagnosis(run: RunData, baseline: Optional[RunData] = None) -> Optional[dict]:
-    """`privlm.entropy.diagnose` of the final head entropies, with NaN counts over the whole run and, when a
-    baseline run of the same depth and T is given, the per-layer comparison with its final entropies."""
+def diagnosis(run: RunData, baseline: Optional[RunData] = None) -> Optional[EntropyDiagnosis]:
+    """`privlm.entropy.diagnosis` of the final head entropies, with NaN counts over the whole run and, when a
+    baseline run of the same depth and T is given, the per-layer comparison with its final entropies, reduced
+    to the result row's `EntropyDiagnosis`."""
     m = run.head_entropy()
     if m is None:
         return None
@@ -61,7 +62,18 @@ def diagnosis(run: RunData, baseline: Optional[RunData] = None) -> Optional[dict
         base = baseline.head_entropy()
         if base is not None and base.shape[0] != m.shape[0]:
             base = None
-    return ent.diagnose(m, last_nan_counts(run), T=run.seq_len, baseline=base)
+    nans = last_nan_counts(run)
+    d = ent.diagnosis(m, nans, T=run.seq_len, baseline=base)
+    vs = d.vs_baseline
+    return EntropyDiagnosis(
+        bin_shares=tuple(d.bins.shares), bin_max=d.bins.max_value, layer_mean_entropy=tuple(None if math.isnan(v) else v for v in d.layer_mean),
+        deep_layer_min_entropy=deep_layer_entropy(d.layer_mean), nan_total=float(np.nansum(nans or [0.0])),
+        overloaded=d.overload.overloaded, overloaded_layers=tuple(d.overload.overloaded_layers),
+        collapsed=d.collapse.collapsed, collapsed_layers=tuple(d.collapse.collapsed_layers),
+        too_early=d.overload.too_early, near_uniform_share=d.overload.share,
+        layer_verdicts=tuple(d.layer_verdicts), verdict=d.verdict,
+        excess_vs_baseline=tuple(vs["excess_nats"]) if vs else None,
+        overloaded_vs_baseline=tuple(vs["overloaded_layers"]) if vs else None)
 
 
 def predicted_cost(run: RunData, profile: str = DEFAULT_PROFILE) -> "CostSummary":
@@ -135,22 +147,7 @@ def stability_cell_text(cell_rows: Sequence["RunRow"]) -> str:
 def run_row(run: RunData, cost: Optional["CostSummary"], baseline_cost: Optional["CostSummary"],
             baseline: Optional[RunData] = None) -> RunRow:
     """One row of the results table (paper Table 3 layout plus entropy diagnostics)."""
-    diag = diagnosis(run, baseline)
     summary = run.summary or {}
-    entropy = None
-    if diag is not None:
-        vs = diag.get("vs_baseline")
-        entropy = EntropyDiagnosis(
-            bin_shares=tuple(diag["bins"]["shares"]), bin_max=diag["bins"]["max_value"],
-            layer_mean_entropy=tuple(diag["layer_mean"]),
-            deep_layer_min_entropy=deep_layer_entropy(diag["layer_mean"]),
-            nan_total=float(np.nansum(last_nan_counts(run) or [0.0])),
-            overloaded=diag["overload"]["overloaded"], overloaded_layers=tuple(diag["overload"]["overloaded_layers"]),
-            collapsed=diag["collapse"]["collapsed"], collapsed_layers=tuple(diag["collapse"]["collapsed_layers"]),
-            too_early=diag["overload"]["too_early"], near_uniform_share=diag["overload"]["share"],
-            layer_verdicts=tuple(diag["layer_verdicts"]), verdict=diag["verdict"],
-            excess_vs_baseline=tuple(vs["excess_nats"]) if vs else None,
-            overloaded_vs_baseline=tuple(vs["overloaded_layers"]) if vs else None)
     return RunRow(
         name=run.path.name, label=run.label, preset=run.preset, params=run.params,
         tokens_trained=run.tokens_trained, steps=summary.get("steps"), finished=run.finished, diverged=run.diverged,
@@ -162,4 +159,4 @@ def run_row(run: RunData, cost: Optional["CostSummary"], baseline_cost: Optional
         cost=(cost.relative_to(baseline_cost) if baseline_cost is not None else cost) if cost is not None else None,
         spu_bytes=run.pi_measured.get("bytes_total") if run.pi_measured is not None else None,
         spu_protocol=run.pi_measured.get("protocol") if run.pi_measured is not None else None,
-        diagnosis=entropy)
+        diagnosis=diagnosis(run, baseline))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from privlm import __version__
-from privlm.pi.summary import CostSummary
+from privlm.results import RunRow
 from privlm.report import analysis
 from privlm.report.figures import FigureSpec
 
@@ -54,22 +54,22 @@ def png_data_uri(spec: FigureSpec, dpi: int = 100) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def summary_table(rows: Sequence[dict]) -> str:
+def summary_table(rows: Sequence[RunRow]) -> str:
     head = ["run", "preset", "params", "tokens trained", "steps", "final PPL", "#nonlinear ops (paper)",
             "FFN FLOPs", "Attn FLOPs (paper)", "Attn FLOPs (dense)", "pred. Comm", "pred. Lat",
             "Comm sav.", "Lat sav.", "SPU-measured"]
     out = ['<table id="summary-table"><thead><tr>' + "".join(
         f'<th class="{"l" if i < 2 or i == 6 else ""}">{_e(h)}</th>' for i, h in enumerate(head)) + "</tr></thead><tbody>"]
     for r in rows:
-        status = "" if r["finished"] else " (unfinished)"
-        ppl = "NaN (diverged)" if r["diverged"] else _num(r.get("ppl"), "{:.3f}")
-        spu = "–" if r.get("spu_bytes") is None else f"{_bytes(r['spu_bytes'])} ({_e(r.get('spu_protocol') or '')})"
-        c = CostSummary.from_dict(r)
+        status = "" if r.finished else " (unfinished)"
+        ppl = "NaN (diverged)" if r.diverged else _num(r.ppl, "{:.3f}")
+        spu = "–" if r.spu_bytes is None else f"{_bytes(r.spu_bytes)} ({_e(r.spu_protocol or '')})"
+        c = r.cost
         cells = [
-            f'<td class="l">{_e(r["name"])}{status}</td>', f'<td class="l">{_e(r["preset"])}</td>',
-            f"<td>{_num(r.get('params'), '{:,}')}</td>", f"<td>{_num(r.get('tokens_trained'), '{:,}')}</td>",
-            f"<td>{_num(r.get('steps'), '{:,}')}</td>",
-            f'<td class="{"bad" if r["diverged"] else ""}">{ppl}</td>',
+            f'<td class="l">{_e(r.name)}{status}</td>', f'<td class="l">{_e(r.preset)}</td>',
+            f"<td>{_num(r.params, '{:,}')}</td>", f"<td>{_num(r.tokens_trained, '{:,}')}</td>",
+            f"<td>{_num(r.steps, '{:,}')}</td>",
+            f'<td class="{"bad" if r.diverged else ""}">{ppl}</td>',
         ]
         if c is None:
             cells += ['<td class="l">–</td>'] + ["<td>–</td>"] * 7
@@ -98,23 +98,23 @@ def _verdict_class(word: str) -> str:
     return VERDICT_CLASS.get(word, "bad")
 
 
-def diagnosis_table(rows: Sequence[dict]) -> str:
-    with_diag = [r for r in rows if "layer_verdicts" in r]
+def diagnosis_table(rows: Sequence[RunRow]) -> str:
+    with_diag = [(r.label, r.diagnosis) for r in rows if r.diagnosis is not None]
     if not with_diag:
         return "<p>No entropy telemetry in these runs.</p>"
-    n_layers = max(len(r["layer_verdicts"]) for r in with_diag)
+    n_layers = max(len(d.layer_verdicts) for _, d in with_diag)
     head = (["run", "verdict"] + [f"L{i}" for i in range(n_layers)] + ["near-uniform heads"]
             + [f"bin {lab}" for lab in analysis.BIN_LABELS] + ["NaN entries"])
     out = ['<table id="diagnosis-table"><thead><tr>' + "".join(
         f'<th class="{"l" if i < 2 else ""}">{_e(h)}</th>' for i, h in enumerate(head))
            + "</tr></thead><tbody>"]
-    for r in with_diag:
-        cells = [f'<td class="l">{_e(r["label"])}</td>',
-                 f'<td class="l {_verdict_class(r["verdict"])}">{_e(r["verdict"])}</td>']
-        excess = r.get("excess_vs_baseline")
+    for label, d in with_diag:
+        cells = [f'<td class="l">{_e(label)}</td>',
+                 f'<td class="l {_verdict_class(d.verdict)}">{_e(d.verdict)}</td>']
+        excess = d.excess_vs_baseline
         for i in range(n_layers):
-            if i < len(r["layer_verdicts"]):
-                v, mean = r["layer_verdicts"][i], r["layer_mean_entropy"][i]
+            if i < len(d.layer_verdicts):
+                v, mean = d.layer_verdicts[i], d.layer_mean_entropy[i]
                 vs = ""
                 if excess is not None and excess[i] is not None:
                     vs = f'<br><span class="meta">{excess[i]:+.2f} vs baseline</span>'
@@ -122,18 +122,18 @@ def diagnosis_table(rows: Sequence[dict]) -> str:
                              f"nats</span>{vs}</td>")
             else:
                 cells.append("<td></td>")
-        cells.append(f"<td>{100 * r['near_uniform_share']:.0f}%</td>")
-        cells += [f"<td>{100 * s:.1f}%</td>" for s in r["bin_shares"]]
-        cells.append(f"<td>{_num(r.get('nan_total'), '{:,.0f}')}</td>")
+        cells.append(f"<td>{100 * d.near_uniform_share:.0f}%</td>")
+        cells += [f"<td>{100 * s:.1f}%</td>" for s in d.bin_shares]
+        cells.append(f"<td>{_num(d.nan_total, '{:,.0f}')}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
 
-def render(rows: Sequence[dict], figures: Sequence[FigureSpec], title: str = "privlm report",
+def render(rows: Sequence[RunRow], figures: Sequence[FigureSpec], title: str = "privlm report",
            notes: Optional[Sequence[str]] = None) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    profile = next((r["profile"] for r in rows if r.get("profile")), None)
+    profile = next((r.cost.profile for r in rows if r.cost is not None and r.cost.profile), None)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -163,8 +163,8 @@ def render(rows: Sequence[dict], figures: Sequence[FigureSpec], title: str = "pr
         "figures only. Criteria: docs/DECISIONS.md.</p>",
     ]
     for r in rows:
-        if r.get("diagnosis_summary"):
-            parts.append(f'<p><b>{_e(r["label"])}</b>: {_e(r["diagnosis_summary"])}</p>')
+        if r.diagnosis_summary:
+            parts.append(f'<p><b>{_e(r.label)}</b>: {_e(r.diagnosis_summary)}</p>')
     parts.append("<h2>Figures</h2>")
     for spec in figures:
         parts.append(f'<figure id="fig-{_e(spec.name)}"><img alt="{_e(spec.title)}" src="{png_data_uri(spec)}">'

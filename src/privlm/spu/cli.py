@@ -26,8 +26,7 @@ from privlm.spu.cli_inputs import (add_peer_timeout_arg, check_2pc_memory as _ch
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pi", help="measured private inference under SecretFlow SPU (2PC)",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser("pi", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="pi_command", metavar="PI_COMMAND", required=True)
 
     r = sub.add_parser("run", help="private next-token prediction of a run directory's model")

@@ -11,8 +11,8 @@ module again (a spectral-norm projection would run another power iteration and c
 residual norm is read off the block output. The entropy is the attention's own when the loop asked for it
 (telemetry or regularizer steps); otherwise it and the max logit come from the recorded q and k (with the
 SM(t) temperature), without autograd, one block of queries at a time, on the first ``SEQUENCES`` sequences of
-each micro-batch: a recorded step costs one q k^T product of those sequences per layer more than an unrecorded
-one (bench/observer_overhead.py measures every observer together).
+each micro-batch, every layer's heads in one computation at the forward's last layer: a recorded step costs one
+q k^T product of those sequences per layer more than an unrecorded one (bench/observer_overhead.py measures it per recorded step; docs/DECISIONS.md#observer-cadences).
 
 Verdict thresholds (ours, documented with the numbers they rest on):
   * collapse: head entropy below ``privlm.entropy.measure.COLLAPSE_NATS`` (the project's collapse threshold)
@@ -38,6 +38,7 @@ from privlm.fileio import atomic_write_json
 from privlm.flight_trace import (BLOWUP_FACTOR, FLIGHT_FILE, FORMAT, LOGIT_FLOOR, format_trace, json_number,
                                  read_trace, verdict, verdict_line)
 from privlm.model.attention import attention_logits, causal_mask
+from privlm.train.observers import Observer
 
 __all__ = ["FlightRecorder", "attention_head_stats", "FLIGHT_FILE", "FORMAT", "read_trace", "format_trace",
            "verdict", "verdict_line"]
@@ -46,6 +47,9 @@ QUERY_BLOCK = 128
 # would cost 20-40% of a small model's training step on CPU; 4 sequences (512 queries at T=128) cost a quarter
 # of that and still average every head over hundreds of queries.
 SEQUENCES = 4
+# Largest logit block of a recorded forward (elements; 32 MiB in float32): all layers' heads go through one
+# computation, a block of queries at a time, so that a deep, long-context model never holds more than this.
+LOGIT_ELEMENTS = 2**23
 
 
 @torch.no_grad()
@@ -76,7 +80,7 @@ def attention_head_stats(q: torch.Tensor, k: torch.Tensor, temperature: Optional
     return max_logit, head_ent
 
 
-class FlightRecorder:
+class FlightRecorder(Observer):
     """Ring buffer of per-step measurements fed by forward hooks. ``begin(step)`` attaches the hooks for the
     forward passes of one recorded optimizer step (all micro-batches: max logit is the max, the rest the mean
     over them), ``end(loss, grad_norm, lr)`` removes them and files the record, ``dump(...)`` writes the window
@@ -88,8 +92,10 @@ class FlightRecorder:
         self._ring: deque[dict] = deque(maxlen=max(1, self.capacity) + 1)
         self._armed = False
         self._step = 0
-        self._acc: dict[int, dict[str, list[torch.Tensor]]] = {}
         self._qk: dict[int, dict[str, torch.Tensor]] = {}
+        self._layers: list[tuple] = []  # one forward's (layer, q, k, temperature, entropy), until its last layer
+        self._heads: list[tuple[torch.Tensor, torch.Tensor]] = []  # per forward: (max logit, entropy) [L, H]
+        self._resid: dict[int, list[torch.Tensor]] = {}
         self._handles: list = []
         self.blocks = list(getattr(model, "blocks"))
         self.n_layer = len(self.blocks)
@@ -122,7 +128,7 @@ class FlightRecorder:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._qk = {}
+        self._qk, self._layers = {}, []
 
     def _on_qk(self, layer: int, which: str, out: torch.Tensor) -> None:
         self._qk.setdefault(layer, {})[which] = out.detach()[:SEQUENCES]
@@ -134,22 +140,34 @@ class FlightRecorder:
         entropy = getattr(out, "entropy", None)
         with torch.no_grad():
             t = attn.temperatures()
-        max_logit, ent = attention_head_stats(qk["q"], qk["k"], t,
-                                              None if entropy is None else entropy[:SEQUENCES])
-        acc = self._acc.setdefault(layer, {"max_logit": [], "entropy": [], "resid": []})
-        acc["max_logit"].append(max_logit)
-        acc["entropy"].append(ent)
+        self._layers.append((layer, qk["q"], qk["k"], t, None if entropy is None else entropy.detach()[:SEQUENCES]))
+        if layer == self.n_layer - 1:
+            self._head_stats()
+
+    def _head_stats(self) -> None:
+        """Every layer's head statistics of one forward at once: the layers' heads side by side as the heads of
+        one attention (a few operators per recorded forward instead of a few dozen per layer)."""
+        layers, self._layers = self._layers, []
+        if [lay[0] for lay in layers] != list(range(self.n_layer)):
+            return  # a forward that stopped half-way: nothing consistent
+        q, k = (torch.cat([lay[i] for lay in layers], dim=1) for i in (1, 2))  # [S, L*H, T, d_k]
+        t = None if layers[0][3] is None else torch.cat([lay[3] for lay in layers])  # [L*H, >= T]
+        ent = None if any(lay[4] is None for lay in layers) else torch.cat([lay[4] for lay in layers], dim=1)
+        S, heads, T, _ = q.shape
+        block = max(1, min(QUERY_BLOCK, LOGIT_ELEMENTS // (S * heads * T)))
+        max_logit, head_ent = attention_head_stats(q, k, t, ent, query_block=block)
+        self._heads.append((max_logit.view(self.n_layer, -1), head_ent.view(self.n_layer, -1)))
 
     def _on_residual(self, layer: int, out: torch.Tensor) -> None:
         with torch.no_grad():
             norm = out.detach().float().norm(dim=-1).mean()
-        self._acc.setdefault(layer, {"max_logit": [], "entropy": [], "resid": []})["resid"].append(norm)
+        self._resid.setdefault(layer, []).append(norm)
 
     # -- the loop's three calls ----------------------------------------------------------------
     def begin(self, step: int) -> None:
         """Attach the hooks when ``step`` (1-based, the step about to run) is a recorded one."""
         self._detach_hooks()  # a forward that raised may have left them attached
-        self._acc = {}
+        self._heads, self._resid = [], {}
         self._step = step
         self._armed = self.enabled and (step % self.every == 0 or not self._ring)
         if self._armed:
@@ -161,15 +179,14 @@ class FlightRecorder:
             return
         self._armed = False
         self._detach_hooks()
-        if len(self._acc) < self.n_layer or any(not a["max_logit"] or not a["resid"] for a in self._acc.values()):
+        heads, resid, self._heads, self._resid = self._heads, self._resid, [], {}
+        if not heads or any(len(resid.get(i, ())) != len(heads) for i in range(self.n_layer)):
             return  # e.g. a forward that raised: nothing consistent to file
-        layers = [self._acc[i] for i in range(self.n_layer)]
         # kept on the device (no host sync on a step that logs nothing); made JSON numbers by dump()
         self._ring.append({"step": self._step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                             "head_entropy": torch.stack([torch.stack(a["entropy"]).mean(0) for a in layers]),
-                             "max_logit": torch.stack([torch.stack(a["max_logit"]).amax(0) for a in layers]),
-                             "resid_norm": torch.stack([torch.stack(a["resid"]).mean() for a in layers])})
-        self._acc = {}
+                           "head_entropy": torch.stack([e for _, e in heads]).mean(0),
+                           "max_logit": torch.stack([m for m, _ in heads]).amax(0),
+                           "resid_norm": torch.stack([torch.stack(resid[i]).mean() for i in range(self.n_layer)])})
 
     def dump(self, run_dir: Optional[Path], step: int, loss: float, grad_norm: float, what: str) -> str:
         """Write the window to run_dir/flight_recorder.json (when run_dir is given, i.e. on rank 0) and return

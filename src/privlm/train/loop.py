@@ -1,5 +1,6 @@
-"""The training loop: AdamW + schedule, grad accumulation, mixed precision, DDP, evaluation, telemetry,
-divergence detection and exact resume. ``train(cfg, run_dir)`` is what ``privlm train`` runs."""
+"""The training loop: AdamW + schedule, grad accumulation, mixed precision, DDP, evaluation, divergence
+detection and exact resume; the model, the loss terms and the observers (telemetry, entropy log, flight
+recorder) come from a `privlm.train.spec.TrainSpec`. ``train(cfg, run_dir)`` is what ``privlm train`` runs."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,6 @@ from torch import nn
 
 from privlm.config import Config, ConfigError, to_yaml, validate
 from privlm.data.pipeline import prepare_data, write_run_files
-from privlm.entropy import head_entropy
 from privlm.errors import CheckpointError, DivergenceError
 from privlm.model import GPT
 from privlm.train import distributed as D
@@ -28,10 +28,10 @@ from privlm.train.checkpoint import (RNG_STATE, RunLock, best_checkpoint, latest
 from privlm.train.rundir import (check_run_data, claim_run_dir, clear_failed_attempt, owns_data, record_config,
                                  resume_config_changes)
 from privlm.train.evaluation import EvalResult, evaluate, measure_entropy, shift_targets
+from privlm.train.observers import RunInfo
 from privlm.train.spec import PRIVLM, TrainSpec
 from privlm.train.optim import build_optimizer, build_scheduler
 from privlm.train.precision import Precision, resolve_precision
-from privlm.train.telemetry import Telemetry, truncate_metrics
 
 
 # A checkpoint is kept only if the loss of the weights it would hold, and the last training loss, are finite
@@ -132,7 +132,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         self.model = self.spec.build_model(cfg).to(self.precision.device)
-        self.observers = self.spec.build_observers(self.model, cfg)
+        self.observers: list = []
         self.loss_terms = self.spec.build_loss_terms(cfg)
         modules = [t.module for t in self.loss_terms if t.module is not None]
         if len(modules) > 1:
@@ -176,8 +176,6 @@ class Trainer:
                 raise ConfigError(f"train.max_steps={cfg.train.max_steps} is below step {self.step}, which the "
                                   f"run has already reached")
             set_rng_state(rngs[self.dist.rank], ckpt / RNG_STATE)
-            if self.dist.is_main:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         else:
             torch.manual_seed(cfg.train.seed + self.dist.rank)  # dropout streams differ per rank
         if self.dist.is_main:
@@ -192,10 +190,23 @@ class Trainer:
             self.net = DDP(self.model, device_ids=dev)
         if cfg.train.compile:
             self.net = torch.compile(self.net)
-        self.telemetry = Telemetry(self.run_dir, self.dist.is_main, quiet, cfg.train.max_steps, self.step,
-                                   _tokens_per_step(cfg, self.dist.world), self.status_file)
+        # observers last: they start where the run starts (a resumed run's telemetry drops the later records)
+        self.observers = self.spec.build_observers(self.model, cfg, RunInfo(
+            self.run_dir, self.dist.is_main, quiet, self.step, cfg.train.max_steps,
+            _tokens_per_step(cfg, self.dist.world), self.status_file, self.dist))
         if self.restart:
-            self.telemetry.print(f"'{self.run_dir}' has no checkpoint: starting the run again from step 0")
+            self._say(f"'{self.run_dir}' has no checkpoint: starting the run again from step 0")
+
+    def _say(self, text: str) -> None:
+        """A console line (the telemetry observer prints it, on rank 0)."""
+        for observer in self.observers:
+            observer.message(text)
+
+    def close(self) -> None:
+        """Close the observers (idempotent) and release the run lock."""
+        for observer in self.observers:
+            observer.close()
+        self.release()
 
     # ------------------------------------------------------------------------------------
     def _use_config_hyperparameters(self, hyper: list[dict]) -> None:
@@ -282,7 +293,7 @@ class Trainer:
     def _save(self) -> None:
         problem = self.checkpoint_problem()
         if problem is not None:  # never replace a good checkpoint
-            self.telemetry.print(f"step {self.step}: checkpoint not saved ({problem}); last good checkpoint: "
+            self._say(f"step {self.step}: checkpoint not saved ({problem}); last good checkpoint: "
                                  f"{f'step {self.last_saved}' if self.last_saved else 'none yet'}")
             return
         valid_loss = self._checkpoint_valid_loss()
@@ -305,7 +316,8 @@ class Trainer:
                        self.precision, self.dist, batches)
         self._step_eval = (self.step, batches, res)
         if record:
-            self.telemetry.eval(self.step, res.loss, res.ppl, res.tokens)
+            for observer in self.observers:
+                observer.evaluated(self.step, res.loss, res.ppl, res.tokens)
         if not math.isfinite(res.loss):  # finite training loss but NaN/Inf on held-out data: same verdict
             first = torch.from_numpy(self.data.valid[: t.batch_size].astype("int64")).to(self.precision.device)
             self._diverged(first, res.loss, float("nan"), self.step, "validation loss is non-finite")
@@ -320,10 +332,11 @@ class Trainer:
         for observer in self.observers:
             line = observer.dump(self.run_dir if self.dist.is_main else None, step, loss, grad_norm, what)
             msg = f"{msg}; {line}" if line else msg
-        self.telemetry.print(msg)
+        self._say(msg)
         if self.dist.is_main:
             self._write_summary(None, diverged=True, diagnosis=msg)
-        self.telemetry.close()
+        for observer in self.observers:
+            observer.close()
         raise DivergenceError(msg)
 
     def _write_summary(self, final: Optional[EvalResult], diverged: bool = False,
@@ -362,17 +375,15 @@ class Trainer:
                            "thresholds": thresholds, "temperatures": temps})
 
     # ------------------------------------------------------------------------------------
-    def train_step(self, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[dict], torch.Tensor]:
-        """One optimizer step over ``grad_accum`` micro-batches. Returns (mean CE, grad norm, entropy
-        telemetry or None, first micro-batch)."""
+    def train_step(self, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches, each forward shown to the observers. Returns
+        (mean CE, grad norm, first micro-batch); ``want_entropy``: an observer reads this step's entropy."""
         cfg, dev = self.cfg, self.precision.device
         micro = self.batches.next_step()
         accum = len(micro)
         progress = self.step / cfg.train.max_steps
         need_entropy = want_entropy or any(term.needs_entropy for term in self.loss_terms)
         ce_sum = torch.zeros((), device=dev)
-        ent_sum = nan_sum = None
-        term_stats: list[list[torch.Tensor]] = [[] for _ in self.loss_terms]
         for m, chunk in enumerate(micro):
             chunk = chunk.to(dev, non_blocking=True)
             if m == 0:
@@ -380,24 +391,22 @@ class Trainer:
             targets = shift_targets(chunk)
             sync = (self.net.no_sync() if self.dist.enabled and m < accum - 1 and hasattr(self.net, "no_sync")
                     else contextlib.nullcontext())
+            stats: dict = {}  # the loss terms' statistics, on the steps an observer reads the entropy
             with sync:
                 with self.precision.autocast():
                     out = self.net(chunk, targets, output_entropy=need_entropy)
                     loss = out.loss
-                    for k, loss_term in enumerate(self.loss_terms):  # e.g. Algorithm 1: lambda * L_ent
-                        term, stats = loss_term(out, progress, want_entropy)  # stats: telemetry steps only
+                    for loss_term in self.loss_terms:  # e.g. Algorithm 1: lambda * L_ent
+                        term, term_stats = loss_term(out, progress, want_entropy)
                         if term is not None:
                             loss = loss + term
-                        if stats is not None:
-                            term_stats[k].append(stats)
+                        if term_stats is not None:
+                            stats[loss_term.stat_names] = term_stats
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             ce_sum += out.loss.detach().float()
-            if want_entropy:
-                e = head_entropy(out.entropy.detach())
-                ent_sum = e if ent_sum is None else ent_sum + e
-                n = out.nan_counts.detach()
-                nan_sum = n if nan_sum is None else nan_sum + n
+            for observer in self.observers:
+                observer.micro_batch(out, stats)
         for loss_term in self.loss_terms:
             loss_term.after_backward(self.dist.enabled)
         if self.scaler is not None:
@@ -405,25 +414,16 @@ class Trainer:
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         ce = D.all_reduce_sum(ce_sum / accum, self.dist) / self.dist.world
-        tele = None
-        if want_entropy:
-            ent_sum = D.all_reduce_sum(ent_sum / accum, self.dist) / self.dist.world
-            nan_sum = D.all_reduce_sum(nan_sum, self.dist)
-            stats = None
-            for loss_term, kept in zip(self.loss_terms, term_stats):
-                if kept:
-                    stats = {**(stats or {}), **dict(zip(loss_term.stat_names, torch.stack(kept).mean(dim=0).tolist()))}
-            tele = {"head_entropy": ent_sum.cpu().tolist(), "nan_counts": [int(x) for x in nan_sum.cpu()],
-                    "reg": stats}
-        return ce, grad_norm, tele, first
+        return ce, grad_norm, first
 
     def host_step(self, step: int) -> bool:
-        """Whether the loop reads step ``step`` (1-based) on the host: it logs, records entropy telemetry,
-        evaluates, saves or is the last; every step when the optimizer cannot skip an update on the device
+        """Whether the loop reads step ``step`` (1-based) on the host: it logs, evaluates, saves or is the last,
+        or an observer reads its entropy; every step when the optimizer cannot skip an update on the device
         (a non-fused AdamW, or a GradScaler, which owns ``found_inf``)."""
         t = self.cfg.train
         return (not self._device_guard or step == t.max_steps
-                or any(step % every == 0 for every in (t.log_every, t.entropy_every, t.eval_every, t.save_every)))
+                or any(step % every == 0 for every in (t.log_every, t.eval_every, t.save_every))
+                or any(observer.wants_entropy(step) for observer in self.observers))
 
     def _guard_on_device(self, step: int, bad: torch.Tensor, ce: torch.Tensor, grad_norm: torch.Tensor,
                          first: torch.Tensor) -> None:
@@ -459,22 +459,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._diverged(p["chunk"], float(p["loss"]), float(p["grad_norm"]), bad_step)
 
-    def step_once(self, want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[dict]]:
+    def step_once(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over the micro-batches, divergence checks, optimizer and schedule update.
-        Returns (mean CE, grad norm, entropy telemetry or None), the first two as device tensors; raises
-        DivergenceError instead of stepping. The host reads the step only on ``host_step`` steps; on the
-        others a non-finite loss or gradient is kept on the device and raised at the next host step."""
+        Returns (mean CE, grad norm) as device tensors; raises DivergenceError instead of stepping. The host
+        reads the step only on ``host_step`` steps; on the others a non-finite loss or gradient is kept on the
+        device and raised at the next host step."""
         step = self.step + 1
         lr = self.optimizer.param_groups[0]["lr"]
+        want_entropy = any(observer.wants_entropy(step) for observer in self.observers)
         for observer in self.observers:
             observer.begin(step)
-        ce, grad_norm, tele, first = self.train_step(want_entropy)
+        ce, grad_norm, first = self.train_step(want_entropy)
         for observer in self.observers:
             observer.end(ce, grad_norm, lr)
         if self.host_step(step):
             self._raise_pending()
             loss_f, gn_f = ce.item(), grad_norm.item()
-            bad_attention = tele is not None and any(tele["nan_counts"])
+            bad_attention = any(observer.nonfinite() for observer in self.observers)
             grads_bad = self.scaler is None and not math.isfinite(gn_f)  # fp16 overflow is the scaler's job
             if not math.isfinite(loss_f) or grads_bad or bad_attention:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -492,35 +493,33 @@ class Trainer:
         self.tokens += _tokens_per_step(self.cfg, self.dist.world)
         self.recent_losses.append(ce.detach())
         self._last_chunk = first
-        return ce, grad_norm, tele
+        for observer in self.observers:
+            observer.stepped(self.step)
+        return ce, grad_norm
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         tok_step = _tokens_per_step(cfg, self.dist.world)
         self.net.train()
         if self.dist.is_main and self.step == 0:
-            self.telemetry.print(f"training {cfg.model.preset}: {self.model.num_params():,} parameters, "
+            self._say(f"training {cfg.model.preset}: {self.model.num_params():,} parameters, "
                                  f"{len(self.data.train):,} train / {len(self.data.valid):,} valid chunks of "
                                  f"T={cfg.data.seq_len}, {tok_step:,} tokens per step, device "
                                  f"{self.precision.device} ({str(self.precision.dtype).replace('torch.', '')})")
         t_interval = time.time()
         final: Optional[EvalResult] = None
         while self.step < t.max_steps:
-            # a fixed cadence (not "and at the last step"): the numerics of step s never depend on max_steps
-            want_entropy = (self.step + 1) % t.entropy_every == 0
             lr = self.optimizer.param_groups[0]["lr"]
-            ce, grad_norm, tele = self.step_once(want_entropy)
+            ce, grad_norm = self.step_once()
             self.interval_loss = self.interval_loss + ce.double()  # on the device
             self.interval_steps += 1
-            self.telemetry.advance()
-            if tele is not None:
-                self.telemetry.entropy(self.step, tele["head_entropy"], tele["nan_counts"], cfg.data.seq_len,
-                                       tele["reg"])
             last = self.step == t.max_steps
             if self.step % t.log_every == 0 or last:
                 elapsed = max(time.time() - t_interval, 1e-9)
-                self.telemetry.train(self.step, float(self.interval_loss) / self.interval_steps, lr, self.tokens,
-                                     self.interval_steps * tok_step / elapsed, grad_norm.item())
+                record = (self.step, float(self.interval_loss) / self.interval_steps, lr, self.tokens,
+                          self.interval_steps * tok_step / elapsed, grad_norm.item())
+                for observer in self.observers:
+                    observer.logged(*record)
                 self.interval_loss, self.interval_steps, t_interval = 0.0, 0, time.time()
             if last and self._curve_batches() != t.eval_max_batches:  # the curve's last point, then the final
                 self._evaluate(max_batches=self._curve_batches())
@@ -537,12 +536,13 @@ class Trainer:
         if self.dist.is_main:
             self._write_entropy()
             summary = self._write_summary(final)
-        self.telemetry.print(f"done: {self.step} steps, {self.tokens:,} tokens, final valid loss {final.loss:.4f}"
+        self._say(f"done: {self.step} steps, {self.tokens:,} tokens, final valid loss {final.loss:.4f}"
                              f", PPL {final.ppl:.3f}; run directory {self.run_dir}")
         if summary is not None:
-            self.telemetry.print(f"unigram baseline (same tokenizer, same valid targets): loss "
+            self._say(f"unigram baseline (same tokenizer, same valid targets): loss "
                                  f"{summary['unigram_loss']:.4f}, PPL {summary['unigram_ppl']:.3f}")
-        self.telemetry.close()
+        for observer in self.observers:
+            observer.close()
         return summary or {}
 
 
@@ -557,10 +557,7 @@ def train(cfg: Config, run_dir: Path | str, *, resume: bool = False, quiet: bool
         try:
             return trainer.run()
         finally:
-            trainer.telemetry.close()
-            for observer in trainer.observers:
-                observer.close()
-            trainer.release()
+            trainer.close()
             D.shutdown(trainer.dist)
     finally:  # a global switch: do not leak it into the caller (tests, notebooks)
         torch.use_deterministic_algorithms(deterministic_before)

@@ -1,8 +1,11 @@
 """What a training run is made of, as plug-ins (torchtitan's ``TrainSpec`` is the model): the model builder,
-the loss terms added to each micro-batch's cross-entropy, and the observers of the training forward. The
-loop (`privlm.train.loop`) calls them through the two protocols below and knows none of them by name;
-``PRIVLM`` is privlm's own spec: the GPT of the config, Algorithm 1's entropy regularizer when
-``reg.enabled`` (``EntropyTerm``), and the divergence flight recorder.
+the loss terms added to each micro-batch's cross-entropy, and the observers of the training run. The
+loop (`privlm.train.loop`) calls them through ``LossTerm`` below and `privlm.train.observers.Observer` and
+knows none of them by name; ``PRIVLM`` is privlm's own spec: the GPT of the config, Algorithm 1's entropy
+regularizer when ``reg.enabled`` (``EntropyTerm``), and three observers: the telemetry (metrics.jsonl,
+TensorBoard, console), the entropy log (every ``train.entropy_every`` steps) and the divergence flight recorder
+(every ``train.flight_every`` steps). ``UNOBSERVED`` is the same run with no observer at all: what
+tests/test_observers.py and bench/observer_overhead.py compare against.
 
 A loss term may own trainable parameters (``module``): the loop optimizes them without weight decay,
 averages their gradients across DDP ranks (``after_backward``) and checkpoints them. The checkpoint format
@@ -19,6 +22,9 @@ from torch import nn
 
 from privlm.config import Config
 from privlm.entropy.regularizer import EntropyRegularizer
+from privlm.train.observers import Observer, RunInfo
+
+__all__ = ["TrainSpec", "LossTerm", "Observer", "RunInfo", "EntropyTerm", "PRIVLM", "UNOBSERVED"]
 
 
 class LossTerm(Protocol):
@@ -37,26 +43,12 @@ class LossTerm(Protocol):
     def final_record(self) -> dict: ...
 
 
-class Observer(Protocol):
-    """Sees the training forward through hooks; never changes it (tests/test_observers.py)."""
-
-    def begin(self, step: int) -> None: ...
-
-    def end(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: Optional[float]) -> None: ...
-
-    def dump(self, run_dir: Any, step: int, loss: float, grad_norm: float, what: str) -> str:
-        """On divergence: write what it kept (when run_dir is given) and return one line for the diagnosis."""
-        ...
-
-    def close(self) -> None: ...
-
-
 @dataclass(frozen=True)
 class TrainSpec:
     name: str
     build_model: Callable[[Config], nn.Module]
     build_loss_terms: Callable[[Config], list]
-    build_observers: Callable[[nn.Module, Config], list]
+    build_observers: Callable[[nn.Module, Config, RunInfo], list]  # -> [Observer]
 
 
 class EntropyTerm:
@@ -91,9 +83,17 @@ def _loss_terms(cfg: Config) -> list:
     return [EntropyTerm(cfg)] if cfg.reg.enabled else []
 
 
-def _observers(model: nn.Module, cfg: Config) -> list:
+def _observers(model: nn.Module, cfg: Config, run: RunInfo) -> list:
     from privlm.train.flight_recorder import FlightRecorder
-    return [FlightRecorder.for_training(model, cfg.train)]  # hooks only; no extra forward
+    from privlm.train.telemetry import EntropyLog, Telemetry
+    telemetry = Telemetry.for_run(run)
+    return [telemetry, EntropyLog(cfg.train.entropy_every, cfg.data.seq_len, telemetry, run.dist),
+            FlightRecorder.for_training(model, cfg.train)]  # hooks only; no extra forward
+
+
+def _no_observers(model: nn.Module, cfg: Config, run: RunInfo) -> list:
+    return []
 
 
 PRIVLM = TrainSpec("privlm", _gpt, _loss_terms, _observers)
+UNOBSERVED = TrainSpec("privlm-unobserved", _gpt, _loss_terms, _no_observers)

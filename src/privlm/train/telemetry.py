@@ -1,4 +1,7 @@
-"""What a run reports: metrics.jsonl lines, TensorBoard scalars and the console (tqdm bar or log lines)."""
+"""What a run reports, as two observers of privlm's train spec (`privlm.train.observers`): ``Telemetry``
+(metrics.jsonl lines, TensorBoard scalars, the console: tqdm bar or log lines, a sweep's status file) and
+``EntropyLog`` (the per-head attention entropy of the training forward every ``train.entropy_every`` steps,
+written through the telemetry)."""
 from __future__ import annotations
 
 import json
@@ -6,11 +9,16 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import torch
+
+from privlm.entropy.measure import head_entropy
 from privlm.fileio import RunDirectory, atomic_write_text
 from privlm.model.entropy_attention import self_check_failures
 from privlm.progress import is_interactive, progress_text, write_status
+from privlm.train import distributed as D
+from privlm.train.observers import Observer, RunInfo
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -37,8 +45,16 @@ def _finite_or_none(x: float) -> Optional[float]:
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-class Telemetry:
+class Telemetry(Observer):
     """Rank-0 sink for metrics; other ranks get an instance with ``enabled=False`` that does nothing."""
+
+    @classmethod
+    def for_run(cls, run: RunInfo) -> "Telemetry":
+        """The run's telemetry; on a resume, metrics.jsonl loses the records written after the checkpoint."""
+        if run.is_main and run.start_step:
+            truncate_metrics(run.run_dir / "metrics.jsonl", run.start_step)
+        return cls(run.run_dir, run.is_main, run.quiet, run.max_steps, run.start_step, run.tokens_per_step,
+                   run.status_file)
 
     def __init__(self, run_dir: Optional[Path], enabled: bool, quiet: bool, total_steps: int,
                  start_step: int = 0, tokens_per_step: int = 1, status_file: Optional[Path] = None):
@@ -73,7 +89,7 @@ class Telemetry:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
 
-    def print(self, msg: str) -> None:
+    def message(self, msg: str) -> None:
         if not self.enabled:
             return
         if self._bar is not None:
@@ -92,7 +108,7 @@ class Telemetry:
                 self._warned.add(check.device)
                 self._write({"kind": "warning", "step": step, "message": check.message})
 
-    def train(self, step: int, loss: float, lr: float, tokens: int, tok_per_s: float, grad_norm: float) -> None:
+    def logged(self, step: int, loss: float, lr: float, tokens: int, tok_per_s: float, grad_norm: float) -> None:
         if not self.enabled:
             return
         self.warnings(step)
@@ -113,19 +129,19 @@ class Telemetry:
             print(f"step {step:>6} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
                   f"tok/s {tok_per_s:,.0f}{ppl}", flush=True)
 
-    def advance(self, n: int = 1) -> None:
-        """``n`` optimizer steps done."""
+    def stepped(self, step: int) -> None:
+        """One more optimizer step done."""
         if self._bar is not None:
-            self._bar.update(n * self.tokens_per_step)
+            self._bar.update(self.tokens_per_step)
 
-    def eval(self, step: int, loss: float, ppl: float, tokens: int) -> None:
+    def evaluated(self, step: int, loss: float, ppl: float, tokens: int) -> None:
         if not self.enabled:
             return
         self.last_eval_ppl = ppl
         self._write({"kind": "eval", "step": step, "loss": loss, "ppl": ppl, "tokens": tokens})
         self._tb.add_scalar("eval/loss", loss, step)
         self._tb.add_scalar("eval/ppl", ppl, step)
-        self.print(f"step {step:>6} eval loss {loss:.4f} ppl {ppl:.3f} ({tokens:,} tokens)")
+        self.message(f"step {step:>6} eval loss {loss:.4f} ppl {ppl:.3f} ({tokens:,} tokens)")
 
     def entropy(self, step: int, head_entropy: list[list[float]], nan_counts: list[int], seq_len: int,
                 reg_stats: Optional[dict]) -> None:
@@ -153,3 +169,55 @@ class Telemetry:
         if self._fh is not None:
             self._fh.close()
         self._fh = self._tb = self._bar = None
+
+
+class EntropyLog(Observer):
+    """Every ``every``-th step: the forward computes the attention entropy (the fused+entropy path, same
+    output and gradients), and this observer averages each layer's head entropy and sums its NaN attention rows
+    over the micro-batches (and ranks), with the loss terms' statistics (e.g. Algorithm 1's), and writes them
+    through ``telemetry`` once the step is done. A NaN attention row is a divergence (``nonfinite``)."""
+
+    def __init__(self, every: int, seq_len: int, telemetry: Optional[Telemetry], dist: Any = None):
+        self.every, self.seq_len, self.telemetry, self.dist = max(1, int(every)), seq_len, telemetry, dist
+        self._armed = False
+        self._record: Optional[dict] = None
+
+    def wants_entropy(self, step: int) -> bool:
+        # a fixed cadence (not "and at the last step"): the numerics of step s never depend on max_steps
+        return step % self.every == 0
+
+    def begin(self, step: int) -> None:
+        self._armed, self._record = self.wants_entropy(step), None
+        self._n, self._ent, self._nan, self._stats = 0, None, None, {}
+
+    def micro_batch(self, out: Any, stats: dict) -> None:
+        if not self._armed or out.entropy is None:
+            return
+        e, n = head_entropy(out.entropy.detach()), out.nan_counts.detach()
+        self._ent = e if self._ent is None else self._ent + e
+        self._nan = n if self._nan is None else self._nan + n
+        self._n += 1
+        for names, value in stats.items():
+            self._stats.setdefault(names, []).append(value)
+
+    def end(self, loss: Any, grad_norm: Any, lr: Optional[float]) -> None:
+        if not self._armed or self._ent is None:
+            return
+        dist = self.dist if self.dist is not None else D.DistInfo()
+        ent = D.all_reduce_sum(self._ent / self._n, dist) / dist.world
+        nan = D.all_reduce_sum(self._nan, dist)
+        reg = None
+        for names, kept in self._stats.items():
+            reg = {**(reg or {}), **dict(zip(names, torch.stack(kept).mean(dim=0).tolist()))}
+        self._record = {"head_entropy": ent.cpu().tolist(), "nan_counts": [int(x) for x in nan.cpu()], "reg": reg}
+        self._ent = self._nan = None
+        self._stats = {}
+
+    def nonfinite(self) -> bool:
+        return self._record is not None and any(self._record["nan_counts"])
+
+    def stepped(self, step: int) -> None:
+        if self._record is not None and self.telemetry is not None:
+            r = self._record
+            self.telemetry.entropy(step, r["head_entropy"], r["nan_counts"], self.seq_len, r["reg"])
+        self._record = None
