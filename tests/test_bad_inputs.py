@@ -831,6 +831,20 @@ CASES = [
          r"does not exist"),
     Case("pi-bad-tokens", "pi", "--tokens that are not integers", ["pi", "run", "{run}", "--tokens", "1,x"],
          r"--tokens '1,x' must be comma-separated integers"),
+    # --- pi generate (checked before anything is traced or started) -------------------------------------
+    Case("pi-generate-zero-new", "pi", "generate --max-new-tokens 0",
+         ["pi", "generate", "{run}", "--tokens", "1,2", "--max-new-tokens", "0"], r"--max-new-tokens=0 must be >= 1"),
+    Case("pi-generate-negative-new", "pi", "generate --max-new-tokens -3",
+         ["pi", "generate", "{run}", "--tokens", "1,2", "--max-new-tokens", "-3"], r"--max-new-tokens=-3 must be >= 1"),
+    Case("pi-generate-beyond-positions", "pi", "generate: prompt + new tokens beyond the model's positions",
+         ["pi", "generate", "{run}", "--tokens", "1,2", "--max-new-tokens", "100000"],
+         r"need 100002 positions; the model has \d+"),
+    Case("pi-generate-empty-prompt", "pi", "generate with an empty prompt", ["pi", "generate", "{run}", "--prompt", ""],
+         r"the prompt is empty after tokenization"),
+    Case("pi-generate-unknown-profile", "pi", "generate with an unknown SPU profile",
+         ["pi", "generate", "{run}", "--prompt", "x", "--spu-profile", "nope"], r"unknown SPU profile 'nope'"),
+    Case("pi-generate-top-k-greedy", "pi", "generate --top-k without --temperature (greedy)",
+         ["pi", "generate", "{run}", "--prompt", "x", "--top-k", "5"], r"--top-k needs --temperature"),
     # --- pi: the 2PC addresses and timeout (checked before anything is exported or started) -------------
     *[Case(f"pi-peer-{name}", "pi", what, ["pi", "run", "{run}", "--prompt", "x", "--mode", "2proc", *argv], expect)
       for name, what, argv, expect in [

@@ -434,6 +434,8 @@ def test_eval_and_sample_commands(tmp_path, capsys):
     assert out1 == out2 and out1.split()[:3] == ["t1", "t6", "t11"] and len(out1.split()) == 8
     greedy = sample("--prompt", "t1 t6 t11 t16", "--max-new-tokens", "4", "--temperature", "0").split()
     assert greedy == ["t1", "t6", "t11", "t16", "t21", "t26", "t31", "t36"]
+    doc = json.loads(sample("--prompt", "t1 t6 t11 t16", "--max-new-tokens", "4", "--temperature", "0", "--json"))
+    assert doc == {"text": " ".join(greedy), "prompt_tokens": [1, 6, 11, 16], "new_tokens": [21, 26, 31, 36]}
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -134,6 +134,8 @@ RECORDS: dict[str, OpRecord] = {r.name: r for r in [
     OpRecord("aten.mul.Tensor", "free", doc="product with a public constant (or between two public values)"),
     OpRecord("aten.div.Tensor", "free", doc="division by a public constant"),
     OpRecord("onehot_view", "free", doc="a reshape of the secret token ids, applied to their one-hot form"),
+    OpRecord("aten.where.self", "free", doc="select with a public predicate (the decode step writing its key/value "
+             "row into the cache slot of a public position): local, no truncation"),
     *[OpRecord(n, "free") for n in _FREE_ATEN],
 ]}
 
@@ -181,6 +183,8 @@ def arg_shape(doc: dict, shapes: dict[str, list], a) -> Optional[list]:
                 return doc[k][a[k]]
         if "onehot" in a:
             return [1, doc["T"], doc["vocab_size"]]
+        if "input" in a:  # a runtime input beside the ids (the decode step's cache and position)
+            return doc["inputs"][a["input"]]["shape"]
     return None
 
 

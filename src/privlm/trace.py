@@ -181,6 +181,39 @@ def trace_model(model: nn.Module, T: int, name: Optional[str] = None) -> Trace:
                    model.get_input_embeddings().num_embeddings if hf else model.config.vocab_size)
 
 
+def is_hf_model(model) -> bool:
+    """Whether ``model`` is a Hugging Face model (its config has a model_type) rather than a privlm `GPT`."""
+    return _is_hf(model)
+
+
+def hf_formulas(model):
+    """Context manager: within it, HF formulas are swapped for the ops the registry knows and attention is sdpa
+    (as `trace_model` does for the export); restored on exit."""
+    return _Normalized(model)
+
+
+def block_scopes(model) -> tuple[str, str, str, str]:
+    """(blocks prefix, attention leaf, mlp leaf, model name) of a privlm GPT or a supported HF family."""
+    return _scopes(model, _is_hf(model))
+
+
+def export_trace(module: nn.Module, model: nn.Module, ids: torch.Tensor, name: str,
+                 extra: Optional[list[tuple[str, str, torch.Tensor]]] = None) -> Trace:
+    """`torch.export` of ``module`` (a wrapper holding ``model`` as its submodule ``m``, called with ``ids`` and the
+    ``extra`` runtime inputs) with the registry's decomposition table, classified and written as `trace_model`
+    does; T is the ids' length. ``extra``: (name, kind "secret" | "public", example) after the ids; with it the
+    doc lists ``inputs`` and every output (`_to_doc`)."""
+    hf = _is_hf(model)
+    blocks, attn, mlp, _ = _scopes(model, hf)
+    heads = ({n for n, m in model.named_modules() if m is model.get_output_embeddings()} if hf else {"lm_head"})
+    vocab = model.get_input_embeddings().num_embeddings if hf else model.config.vocab_size
+    args = (ids, *[x for _, _, x in (extra or [])])
+    with torch.no_grad():
+        ep = torch.export.export(module, args, strict=False).run_decompositions(_keep_table())
+    return _to_doc(ep, ids, name, ids.shape[1], ids.device.type == "meta",
+                   lambda p: _where(p, blocks, attn, mlp, heads), vocab, extra)
+
+
 class _Recorder(torch.fx.Interpreter):
     def run_node(self, n):
         v = super().run_node(n)
@@ -197,17 +230,26 @@ def _module_path(node) -> tuple[str, str]:
     return path, (kind if isinstance(kind, str) else kind.__name__).rpartition(".")[-1]
 
 
-def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
+def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int,
+            extra: Optional[list[tuple[str, str, torch.Tensor]]] = None) -> Trace:
+    """``extra``: the user inputs after the token ids, as (name, kind, example): kind ``secret`` (a secret
+    runtime input, e.g. a KV cache kept in shares) or ``public`` (a public runtime input, e.g. the decode step's
+    position). They are written as ``{"input": name}`` arguments and listed in ``doc["inputs"]``."""
     from torch.export.graph_signature import InputKind
 
     gm, sig = ep.graph_module, ep.graph_signature
     state = {**ep.state_dict, **ep.constants}
     cls: dict[str, str] = {}
     args = []
+    user = iter([(None, "ids", ids), *(extra or [])])
+    inputs: dict[str, tuple[str, str]] = {}  # placeholder -> (input name, kind) of the extra inputs
     for spec in sig.input_specs:
         if spec.kind == InputKind.USER_INPUT:
             cls[spec.arg.name] = "client"
-            args.append(ids)
+            in_name, kind, example = next(user)
+            args.append(example)
+            if kind != "ids":
+                inputs[spec.arg.name] = (in_name, kind)
         else:  # parameters and persistent buffers (SN's u, v) are the server's; the rest is architecture
             mine = spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent)
             cls[spec.arg.name] = "server" if mine else "public"
@@ -237,6 +279,8 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
         if isinstance(a, torch.fx.Node):
             c = cls[a.name]
             if a.op == "placeholder" and c == "client":
+                if a.name in inputs:
+                    return {"input": inputs[a.name][0]}
                 return {"onehot": True}  # the [B, T] ids: the client's one-hot [B, T, V] on the SPU side
             if c == "client":
                 return {"ref": a.name}
@@ -266,11 +310,12 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
     ids_nodes: set[str] = set()
     pattern_of: dict[str, tuple[str, str]] = {}  # node -> (module path, record) of a fused pattern
     for n in gm.graph.nodes:
-        if n.op == "placeholder" and cls[n.name] == "client":
+        if n.op == "placeholder" and cls[n.name] == "client" and n.name not in inputs:
             ids_nodes.add(n.name)
         if n.op == "output":
             out = enc(n.args[0])
-            out = out[0] if isinstance(out, list) else out
+            outs = out if isinstance(out, list) else [out]
+            out = outs[0]
             continue
         if n.op != "call_function" or cls[n.name] != "client" or str(n.target) in _IGNORED:
             continue
@@ -315,6 +360,10 @@ def _to_doc(ep, ids, name: str, T: int, meta: bool, where, vocab: int) -> Trace:
     doc = {"format": TRACE_FORMAT, "model": name, "T": T, "vocab_size": vocab, "nodes": nodes, "output": out,
            "server": {k: shapes[k] for k in sorted(server) if k in used},
            "public": {k: shapes[k] for k in sorted(public) if k in used}}
+    if extra is not None:  # runtime inputs beside the ids, and every output (the first is the logits)
+        doc["inputs"] = {n: {"kind": k, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+                         for n, k, x in extra}
+        doc["outputs"] = outs
     return Trace(doc, {k: server[k] for k in doc["server"]}, {k: public[k] for k in doc["public"]})
 
 

@@ -15,17 +15,18 @@ See docs/pi-measured.md.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
 from pathlib import Path
 
-from privlm.errors import MAX_T, CheckpointError, PrivlmError, bounded_int, finite_float
+from privlm.errors import MAX_T, CheckpointError, PrivlmError, bounded_int
 from privlm.proc import private_tempdir
 from privlm.opschema import CONSTANTS_FILE, TRACE_FILE
 from privlm.validate import check_text, check_tokenizer_files, read_json
 from privlm.spu.spu_profile import add_spu_profile_arg, check_spu_profile
+from privlm.spu.cli_inputs import (add_peer_timeout_arg, check_2pc_memory as _check_2pc_memory,  # noqa: F401
+                                   load_for_2pc as _load, prompt_tokens as _tokens)
 
 
 def register(subparsers) -> None:
@@ -100,60 +101,10 @@ def register(subparsers) -> None:
 
     from privlm.spu import calibrate as _cal
     _cal.register(sub)
+    from privlm.spu import generate_cli as _gen
+    _gen.register(sub)
 
 
-def _seconds(text: str) -> float:
-    """argparse type of --peer-timeout: a number of seconds in 1..86400."""
-    value = finite_float(text)
-    if not 1 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text} must be between 1 and 86400 seconds")
-    return value
-
-
-def add_peer_timeout_arg(parser) -> None:
-    from privlm.spu.party import PEER_TIMEOUT_S
-    parser.add_argument("--peer-timeout", type=_seconds, default=PEER_TIMEOUT_S, metavar="S",
-                        help=f"2proc: a party whose peer does not connect within S seconds, or whose peer's "
-                             f"process ends, exits with one line naming it (default {PEER_TIMEOUT_S:g})")
-
-
-def _check_2pc_memory(run_dir: Path, T: int = 1, sequences: int = 1):
-    """The run's config, after checking that a 2PC run of it on ``sequences`` x ``T`` tokens can fit in memory
-    (privlm.validate.spu_memory)."""
-    from privlm.run import load_run_config
-    from privlm.validate import check_fits, spu_memory
-    cfg = load_run_config(run_dir)
-    check_fits(spu_memory(cfg.model, T, sequences), f"a 2PC run of '{run_dir}' (L{cfg.model.n_layer} "
-               f"d{cfg.model.n_embd} V{cfg.model.vocab_size}, {sequences}x{T} tokens)")
-    return cfg
-
-
-def _load(spec: str, T: int = 1, sequences: int = 1):
-    """(model, tokenizer or None, vocabulary size, positions, is_hf) of a privlm run (after the 2PC memory
-    check) or a Hugging Face model (its loader checks memory)."""
-    from privlm.hfmodel import is_hf_spec
-    from privlm.spu.export import load_any
-    if not is_hf_spec(spec):
-        _check_2pc_memory(Path(spec), T, sequences)
-    return load_any(spec)
-
-
-def _tokens(args, tokenizer, vocab_size: int) -> list[int]:
-    if args.tokens is not None:
-        try:
-            ids = [int(t) for t in args.tokens.split(",") if t.strip()]
-        except ValueError:
-            raise PrivlmError(f"--tokens '{args.tokens}' must be comma-separated integers") from None
-    else:
-        if tokenizer is None:
-            raise CheckpointError(f"'{args.run_dir}' has no tokenizer.json; pass --tokens instead of --prompt")
-        ids = tokenizer.encode(args.prompt).ids
-    if not ids:
-        raise PrivlmError("the prompt is empty after tokenization; give at least one token")
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise PrivlmError(f"token ids {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}")
-    return ids
 
 
 def cmd_run(args) -> int:

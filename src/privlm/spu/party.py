@@ -43,6 +43,11 @@ def _audit_hook(event: str, args: tuple) -> None:
             AUDIT["opened"].append(path)
 
 
+def start_audit() -> None:
+    """Record every file this process opens from now on (AUDIT["opened"]; `--audit` writes it)."""
+    sys.addaudithook(_audit_hook)
+
+
 import numpy as np  # noqa: E402  (after the hook so nothing is opened unseen)
 
 PROTOCOLS = ("cheetah", "semi2k")
@@ -281,6 +286,14 @@ class Party:
         self.shares[name] = share
         AUDIT["share_digests"].setdefault(name, share_digest(share))
 
+    def share_public(self, name: str, value: np.ndarray) -> None:
+        """A public runtime input (both parties hold the same value, e.g. a decode step's position): each party
+        makes its own public share locally; nothing is exchanged."""
+        import spu.libspu as libspu
+
+        self.shares[name] = self.io.make_shares(np.ascontiguousarray(value, dtype=np.float32),
+                                                libspu.Visibility.VIS_PUBLIC)[self.rank]
+
     def share_secret(self, name: str, owner: int, value: np.ndarray | None) -> None:
         """Secret-share a value the way an intermediate activation is held: the owner splits it into two
         random-looking shares and sends one (micro-benchmarks use this for activation-like inputs)."""
@@ -349,14 +362,15 @@ def share_digest(share) -> str:
     return h.hexdigest()
 
 
-def compile_step(fn, arg_shapes: list[tuple], name: str, copts=None):
-    """Compile one step for SPU; every input is a secret share named '<step>:in<i>'."""
+def compile_step(fn, arg_shapes: list[tuple], name: str, copts=None, public: tuple[int, ...] = ()):
+    """Compile one step for SPU; every input is a share named '<step>:in<i>', secret except the indices in
+    ``public`` (runtime values both parties know, e.g. a decode step's position)."""
     import spu.libspu as libspu
     import spu.utils.frontend as spu_fe
 
     args = [np.zeros(s, np.float32) for s in arg_shapes]
-    exe, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, args, {}, [f"{name}:in{i}" for i in range(len(args))],
-                            [libspu.Visibility.VIS_SECRET] * len(args),
+    vis = [libspu.Visibility.VIS_PUBLIC if i in public else libspu.Visibility.VIS_SECRET for i in range(len(args))]
+    exe, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, args, {}, [f"{name}:in{i}" for i in range(len(args))], vis,
                             lambda outs: [f"{name}:out{i}" for i in range(len(outs))],
                             copts=copts if copts is not None else libspu.CompilerOptions())
     return exe

@@ -63,6 +63,8 @@ class Program:
     server_inputs: tuple[str, ...] = field(default_factory=tuple)
     output: str = "logits"
     input_shapes: dict[str, tuple] = field(default_factory=dict)  # client and server inputs
+    outputs: tuple[str, ...] = ()  # every output, the logits first (a traced program with several outputs)
+    public_inputs: tuple[str, ...] = ()  # runtime inputs both parties know ('input:<name>' of kind public)
 
 
 def causal_mask(T: int) -> np.ndarray:
@@ -193,6 +195,8 @@ def _free_ops() -> dict[str, Callable]:
         "aten._to_copy.default": lambda x, **_: x, "aten.contiguous.default": lambda x, **_: x,
         "aten.dropout.default": lambda x, *_: x,
         "onehot_view": lambda onehot, s: onehot.reshape(list(s) + [onehot.shape[-1]]),
+        # the predicate is public (a decode step's cache slot), fed as 0/1 like every SPU input
+        "aten.where.self": lambda c, a, b: jnp.where(c if c.dtype == jnp.bool_ else c > 0.5, a, b),
     }
 
 
@@ -339,6 +343,7 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
     T, V = doc["T"], doc["vocab_size"]
     nodes = _expand_sdpa(doc["nodes"])
     out_name = doc["output"]["ref"]
+    all_outputs = [o["ref"] for o in doc.get("outputs", [doc["output"]])]
     head_nodes = [n["name"] for n in nodes if n["scope"] == "lm_head" and n["op"] == "aten.linear.default"]
     # the logits of the last position only: slice the head's input, skip what reshapes its full output
     last = head == "last" and head_nodes and head_nodes[-1] == out_name
@@ -359,7 +364,8 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
             for r in _arg_refs([n["args"], list(n["kwargs"].values())], "ref"):
                 if produced_in[r] != gi:
                     needed_later[produced_in[r]].add(r)
-    needed_later[produced_in[out_name]].add(out_name)
+    for o in all_outputs:
+        needed_later[produced_in[o]].add(o)
 
     def decode(a, env):
         if isinstance(a, dict):
@@ -371,6 +377,8 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
                 return public[a["public"]]
             if "onehot" in a:
                 return env["onehot"].reshape(1, T, V)
+            if "input" in a:
+                return env["input:" + a["input"]]
             return a
         if isinstance(a, list):
             return [decode(x, env) for x in a]
@@ -382,8 +390,9 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
             refs = [("ref", r) for r in _arg_refs([n["args"], list(n["kwargs"].values())], "ref") if r not in exclude]
             refs += [("server", s) for s in _arg_refs(n["args"], "server")]
             refs += [("onehot", "onehot")] * bool(_arg_refs(n["args"], "onehot"))
+            refs += [("input", r) for r in _arg_refs([n["args"], list(n["kwargs"].values())], "input")]
             for kind, r in refs:
-                key = {"ref": r, "server": "server:" + r, "onehot": "onehot"}[kind]
+                key = {"ref": r, "server": "server:" + r, "onehot": "onehot", "input": "input:" + r}[kind]
                 if key not in ins:
                     ins.append(key)
         return ins
@@ -452,9 +461,11 @@ def program_from_trace(doc: dict, public: dict[str, np.ndarray], head: str = "al
 
         steps.append(Step(lead["name"], kind, census_key, fn, tuple(ins), tuple(outs), elements, flops, layer))
     server = sorted({i for s in steps for i in s.inputs if i.startswith("server:")})
-    shapes = {"onehot": (T, V), **{f"server:{k}": tuple(v) for k, v in doc["server"].items()}}
+    shapes = {"onehot": (T, V), **{f"server:{k}": tuple(v) for k, v in doc["server"].items()},
+              **{f"input:{k}": tuple(v["shape"]) for k, v in doc.get("inputs", {}).items()}}
+    public_inputs = tuple(f"input:{k}" for k, v in doc.get("inputs", {}).items() if v["kind"] == "public")
     return Program(meta=doc, T=T, steps=steps, server_inputs=tuple(server), output=out_name,
-                   input_shapes=shapes)
+                   input_shapes=shapes, outputs=tuple(all_outputs), public_inputs=public_inputs)
 
 
 def _measure_groups(groups: list[list[dict]], doc: dict, head: str) -> list[tuple[int, int]]:
