@@ -11,7 +11,7 @@ scaled to 12, embedding and head at vocabulary VOCAB_MEASURED scaled to 50257) a
 bench/results/pi_gpt2/<profile>_<arch>_T<T>.json; cells already there are reused, so an interrupted grid
 resumes. Writes bench/results/pi_gpt2.json (one row per cell), bench/results/pi_measure.json (small models,
 accuracy) and docs/pi-measured.md. Per-op costs come from the calibrated cost profiles
-(`privlm pi calibrate --spu-profile default|bumblebee`).
+(`privlm pi calibrate --spu-profile default|puma`).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 GPT2_DIR = RESULTS / "pi_gpt2"
 DOC = ROOT / "docs" / "pi-measured.md"
-PROFILES = ("default", "bumblebee")
+PROFILES = ("default", "puma")
 GPT2 = ["model.n_layer=12", "model.n_embd=768", "model.n_head=12", "model.vocab_size=50257", "model.block_size=1024"]
 GPT2_GRID = [(arch, 128) for arch in ("SM+LN+G", "SM+ScFuFFN", "SM+LN+R", "EReg(SM(t)+ScFuFFN)")] + \
             [("SM+LN+G", 256), ("SM+ScFuFFN", 256)]
@@ -61,7 +61,15 @@ def current_settings(profile: str) -> dict:
 
 
 def is_current(doc: dict) -> bool:
-    return doc.get("spu_settings") == current_settings(doc["spu_profile"])
+    """Measured under the SPU profile's settings as they are now. A kernel the profile gained since, for an op
+    the measured model does not have (RMSNorm, SiLU, ... for a GPT-2), leaves the result current."""
+    try:
+        now = current_settings(doc["spu_profile"])
+    except Exception:  # a profile that no longer exists
+        return False
+    was = doc.get("spu_settings") or {}
+    rest = lambda d: {k: v for k, v in d.items() if k != "kernels"}  # noqa: E731
+    return rest(now) == rest(was) and all(now["kernels"].get(op) == k for op, k in was.get("kernels", {}).items())
 
 
 def run_gpt2(profile: str, arch: str, T: int) -> None:
@@ -75,7 +83,7 @@ def run_gpt2(profile: str, arch: str, T: int) -> None:
 
 
 VOCAB_CHECK = RESULTS / "pi_gpt2_vocab_check.json"
-VOCAB_CHECK_CELL = ("bumblebee", "SM+ScFuFFN", 128)
+VOCAB_CHECK_CELL = ("puma", "SM+ScFuFFN", 128)
 
 
 def run_vocab_check() -> None:
@@ -308,13 +316,13 @@ def findings(rows: list[dict]) -> list[str]:
             kind = "measured" if r["source"] == "measured" else "composed"
             out.append(f"- `{prof}` {arch}: {sav:.2f}× {kind} vs {paper:.2f}× in the paper ({100 * dev:+.0f} %, "
                        f"{'within' if abs(dev) <= 0.15 else 'outside'} 15 %).")
-    base = by.get(("bumblebee", "SM+LN+G"))
+    base = by.get(("puma", "SM+LN+G"))
     if base is not None:
         m, f = base["per_census_gb"], base["paper_fit_per_op_gb"]
         gl = lambda keys, d: sum(d.get(k, 0.0) for k in keys)  # noqa: E731
         out.append("")
         out.append(
-            f"Where SM+LN+G's bytes go under `bumblebee` (measured vs paper-fit, GB): softmax {gl(['softmax'], m):.2f} vs "
+            f"Where SM+LN+G's bytes go under `puma` (measured vs paper-fit, GB): softmax {gl(['softmax'], m):.2f} vs "
             f"{gl(['softmax'], f):.2f}, GELU {gl(['gelu'], m):.2f} vs {gl(['gelu'], f):.2f}, LayerNorm "
             f"{gl(['layernorm'], m):.2f} vs {gl(['layernorm', 'layernorm (ln_f)'], f):.2f}, attention products "
             f"{gl(['attn_proj', 'attn_scores'], m):.2f} vs {gl(['attn'], f):.2f}, FFN products {gl(['ffn'], m):.2f} vs "
@@ -344,14 +352,14 @@ def findings(rows: list[dict]) -> list[str]:
 
 
 def counterfactual_savings(by: dict) -> list[str]:
-    """The measured `bumblebee` rows with some nonlinear ops swapped for the paper-fit's bytes of the same census:
+    """The measured `puma` rows with some nonlinear ops swapped for the paper-fit's bytes of the same census:
     if the savings then approach the paper's, those ops' kernel costs explain the gap."""
     swaps = {"GELU, LayerNorm and ReLU": ("gelu", "layernorm", "relu"),
              "GELU, LayerNorm, ReLU and softmax": ("gelu", "layernorm", "relu", "softmax")}
-    base = by.get(("bumblebee", "SM+LN+G"))
+    base = by.get(("puma", "SM+LN+G"))
     if base is None:
         return []
-    out = ["| `bumblebee`, T = 128, with the paper-fit's bytes for | " +
+    out = ["| `puma`, T = 128, with the paper-fit's bytes for | " +
            " | ".join(f"{a} savings (paper {p:.2f}×)" for a, p in PAPER_SAVINGS.items()) + " |",
            "|---|" + "---|" * len(PAPER_SAVINGS)]
 
@@ -362,7 +370,7 @@ def counterfactual_savings(by: dict) -> list[str]:
     for label, ops in {"nothing (as measured)": (), **swaps}.items():
         cells = []
         for arch, paper in PAPER_SAVINGS.items():
-            r = by.get(("bumblebee", arch))
+            r = by.get(("puma", arch))
             if r is None:
                 cells.append("—")
                 continue
@@ -395,8 +403,8 @@ def tails_section(L: list[str]) -> None:
              "get through are not small: `bench/pi_kernel_tails.py` runs each kernel on independent 2^18-element "
              "inputs (the kernel tests' input distributions, seeds 0 to runs − 1) and counts the elements beyond "
              "the kernel's bound. "
-             "An earlier `bumblebee` that had it on lost a whole small-model forward (top-1 agreement 0, logit "
-             f"error 3.7e4) once in two runs. It is off in `bumblebee`. ({doc['machine']}, {doc['date']})\n")
+             "An earlier `puma` that had it on lost a whole small-model forward (top-1 agreement 0, logit "
+             f"error 3.7e4) once in two runs. It is off in `puma`. ({doc['machine']}, {doc['date']})\n")
     L.append("| SPU profile | op | kernel | runs × elements | max abs error | bound | elements beyond the bound | "
              "runs with any |")
     L.append("|---|---|---|---|---|---|---|---|")
@@ -435,7 +443,7 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list
          "**SPU profiles** (`src/privlm/spu/spu_profiles/*.json`, `--spu-profile` on every `pi` command) bundle "
          "runtime settings, compiler options and kernels (`privlm.spu.kernels`, each with a 2PC error bound tested "
          "against numpy): `default` is SPU as it comes (JAX softmax = one division per element, tanh-GELU, exact "
-         "truncation); `bumblebee` is exp × one reciprocal per row, Bumblebee's piecewise-polynomial GELU, one "
+         "truncation); `puma` is exp × one reciprocal per row, Bumblebee's piecewise-polynomial GELU, one "
          "Goldschmidt iteration and `enable_optimize_denominator_with_broadcast`, with exact CHEETAH products. The "
          "settings were chosen by accuracy (kernel error bounds over 2^18 elements, the tails below, `pi eval`), "
          "not to hit the paper's numbers.\n"]
@@ -571,28 +579,28 @@ The rounds estimate counts the nonlinear ops only (products add a few rounds eac
 USAGE = """## Usage
 
 ```
-privlm pi run RUN_DIR --prompt "def f(x):" [--spu-profile bumblebee] [--mode 2proc [--wan 100mbit:80ms]] [--json]
-privlm pi eval RUN_DIR [--spu-profile bumblebee] [--sequences 2] [--json]
+privlm pi run RUN_DIR --prompt "def f(x):" [--spu-profile puma] [--mode 2proc [--wan 100mbit:80ms]] [--json]
+privlm pi eval RUN_DIR [--spu-profile puma] [--sequences 2] [--json]
 privlm pi export RUN_DIR bundle/        # bundle/client -> client machine, bundle/server stays
 server$ privlm pi run RUN_DIR --mode 2proc --party 1 --T 12 --peer CLIENT:9000 --peer SERVER:9001
 client$ privlm pi run bundle/client --prompt "..." --mode 2proc --party 0 --peer CLIENT:9000 --peer SERVER:9001
-privlm pi calibrate --spu-profile bumblebee --force     # writes $PRIVLM_HOME/profiles/spu-bumblebee-measured.json (~/.privlm by default)
-privlm cost SM+ScFuFFN --vs SM+LN+G --profile spu-bumblebee-measured
+privlm pi calibrate --spu-profile puma --force     # writes $PRIVLM_HOME/profiles/spu-puma-measured.json (~/.privlm by default)
+privlm cost SM+ScFuFFN --vs SM+LN+G --profile spu-puma-measured
 ```
 
 ## Reproduce
 
 ```
 .venv-spu/bin/python bench/pi_kernel_tails.py --reps 6                  # kernel tails of the shipped profiles
-.venv-spu/bin/python bench/pi_kernel_tails.py --reps 12 --variants bumblebee+enable_mul_lsb_error
+.venv-spu/bin/python bench/pi_kernel_tails.py --reps 12 --variants puma+enable_mul_lsb_error
 .venv/bin/privlm pi calibrate --spu-profile default --force --out src/privlm/pi/profiles/spu-cheetah-measured.json
-.venv/bin/privlm pi calibrate --spu-profile bumblebee --force --out src/privlm/pi/profiles/spu-bumblebee-measured.json
+.venv/bin/privlm pi calibrate --spu-profile puma --force --out src/privlm/pi/profiles/spu-puma-measured.json
 .venv/bin/python bench/pi_measure.py --all                               # GPT-2 grid + small models
 make demo DEMO_DIR=runs/demo-final                                       # three trained demo-size models
 .venv/bin/python bench/pi_measure.py --eval-run runs/demo-final/sm-ln-g
 .venv/bin/python bench/pi_measure.py --eval-run runs/demo-final/sm-scfuffn
 .venv/bin/privlm pi run runs/demo-final/sm-scfuffn --prompt "def parse_args(argv):" --mode 2proc \
-    --wan 100mbit:80ms --spu-profile bumblebee --json > wan.json       # as root
+    --wan 100mbit:80ms --spu-profile puma --json > wan.json       # as root
 .venv/bin/python bench/pi_measure.py --wan-json wan.json
 ```
 
@@ -641,7 +649,7 @@ def main() -> int:
         e = json.loads(Path(path).read_text())
         evals = [x for x in evals if (x["run"], x["spu_profile"], x["T"]) != (e["run"], e["spu_profile"], e["T"])] + [e]
     if args.gpt2 or args.all:
-        for p in ("bumblebee", "default"):
+        for p in ("puma", "default"):
             for arch, T in GPT2_GRID:
                 run_gpt2(p, arch, T)
     if args.vocab_check:
