@@ -55,21 +55,17 @@ def test_ring32_profile_is_costed_per_op_not_run_whole():
     assert "rings" not in load_spu_profile("puma").to_dict()  # results of ring-free profiles stay current
 
 
-def test_horner_gelu_is_the_piecewise_polynomial_rescaled():
-    """The ring-safe GELU evaluates the same polynomials in v = (u - mid) / half: equal in float64, and every
-    Horner intermediate on its segment is small (what a 32-bit ring with 12 fraction bits needs)."""
-    cubic, sextic = K.piecewise_gelu_fit()
-    for coeffs, lo, hi in ((cubic, K.GELU_ZERO_BELOW, K.GELU_SPLIT), (sextic, K.GELU_SPLIT, K.GELU_IDENTITY_ABOVE)):
-        q, mid, half = K._on_unit_interval(coeffs, lo, hi)
+def test_scaled_gelu_is_the_piecewise_polynomial_in_u_over_3():
+    """The ring-safe GELU evaluates the same polynomials in v = u / 3: equal in float64, and every power and
+    term it uses on its segments is small (a product in a 32-bit ring with 12 fraction bits must stay < 128)."""
+    for coeffs, lo, hi in zip(K.piecewise_gelu_fit(), (K.GELU_ZERO_BELOW, K.GELU_SPLIT),
+                              (K.GELU_SPLIT, K.GELU_IDENTITY_ABOVE)):
+        q = K.scaled_coefficients(coeffs)
         u = np.linspace(lo, hi, 1001)
-        v = (u - mid) / half
+        v = u / K.GELU_SCALE
         np.testing.assert_allclose(np.polyval(q, v), np.polyval(coeffs, u), atol=1e-12)
-        acc = q[0] * v
-        biggest = [np.abs(acc).max()]
-        for c in q[1:-1]:
-            acc = (acc + c) * v
-            biggest.append(np.abs(acc).max())
-        assert max(biggest) < 8  # far below 2^(31 - 2*12) = 128: no product wraps in FM32/12
+        degree = len(q) - 1
+        assert np.abs(v).max() ** degree < 128 and max(abs(c) for c in q) < 128
 
 
 def test_piecewise_gelu_approximates_tanh_gelu_in_float64():
