@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 GPT2_DIR = RESULTS / "pi_gpt2"
 DOC = ROOT / "docs" / "pi-measured.md"
-PROFILES = ("default", "puma")
+PROFILES = ("default", "puma", "paper-era", "bumblebee-ring32")  # the band, cheapest kernels last
+# profiles that can run a whole forward (no kernel in another ring): small models, accuracy, GPT-2 cells
+RUNNABLE = tuple(p for p in PROFILES if not load_spu_profile(p).rings)
 GPT2 = ["model.n_layer=12", "model.n_embd=768", "model.n_head=12", "model.vocab_size=50257", "model.block_size=1024"]
 GPT2_GRID = [(arch, 128) for arch in ("SM+LN+G", "SM+ScFuFFN", "SM+LN+R", "EReg(SM(t)+ScFuFFN)")] + \
             [("SM+LN+G", 256), ("SM+ScFuFFN", 256)]
@@ -301,7 +303,7 @@ def findings(rows: list[dict]) -> list[str]:
     """The savings against the paper's, and where the bytes go differently, computed from the rows."""
     out = ["### Savings against the paper's (T = 128)\n"]
     by = {(r["spu_profile"], r["arch"]): r for r in rows if r["T"] == 128}
-    for prof in PROFILES:
+    for prof in RUNNABLE:
         base = by.get((prof, "SM+LN+G"))
         if base is None:
             out.append(f"- `{prof}`: SM+LN+G not measured yet at GPT-2 size, so no savings.")
@@ -389,6 +391,104 @@ def counterfactual_savings(by: dict) -> list[str]:
     return out
 
 
+BAND_ARCHS = ("SM+LN+G", "SM+LN+R", "SM+ScFuFFN")
+BAND_OPS = ("softmax", "layernorm", "gelu", "relu")
+# the paper's engine, per op (issue figures of SPU 0.9.2b0, bytes per element) and its savings at T = 128
+PAPER_SAV_T128 = {"SM+ScFuFFN": 3.94, "SM+LN+R": 2.68}
+
+
+def band_cells(rows: list[dict], T: int = 128) -> dict:
+    """(profile, arch) -> (GB, how): measured where a GPT-2 cell exists, else predicted from the profile's
+    calibrated per-op costs (`privlm cost --spu-profile P`), the only way for a profile that cannot run whole."""
+    measured = {(r["spu_profile"], r["arch"]): total_gb(r) for r in rows if r["T"] == T and r["source"] == "measured"}
+    out = {}
+    for p in PROFILES:
+        try:
+            prof = load_profile(cost_profile_name(p))
+        except Exception:
+            continue
+        for arch in BAND_ARCHS:
+            if (p, arch) in measured:
+                out[(p, arch)] = (measured[(p, arch)], "measured")
+            else:
+                out[(p, arch)] = (predict(census(load_config(arch, GPT2 + [f"data.seq_len={T}"]), T), prof).comm_gb,
+                                  "predicted")
+    return out
+
+
+def paper_fit_linear_savings(rows: list[dict], profile: str, T: int = 128) -> dict:
+    """Savings of the measured cells of ``profile`` with their linear parts (products, embedding, head, logits,
+    setup) replaced by the paper-fit's for the same census: the nonlinear ops as measured, the rest as the
+    paper's fit charges it."""
+    by = {r["arch"]: r for r in rows if r["T"] == T and r["spu_profile"] == profile and r["source"] == "measured"}
+    nonlin = ("softmax", "layernorm", "gelu", "relu")
+
+    def total(r):
+        f = r["paper_fit_per_op_gb"]
+        return (sum(r["per_census_gb"].get(k, 0.0) for k in nonlin) +
+                sum(v for k, v in f.items() if k.split(" ")[0] not in nonlin and v is not None))
+    base = by.get("SM+LN+G")
+    return {a: total(base) / total(by[a]) for a in PAPER_SAV_T128 if base is not None and a in by}
+
+
+def band_section(L: list[str], rows: list[dict]) -> None:
+    """The band table: per SPU profile, per-op bytes per element, GPT-2 GB and savings (T = 128)."""
+    cells = band_cells(rows)
+    L.append("<!-- privlm:begin band -->")
+    L.append("## The band: savings over SPU profiles (GPT-2 size, T = 128)\n")
+    L.append("The savings of removing nonlinear ops are a property of the engine's kernels. Per-op bytes per element "
+             "from each profile's calibration (`privlm pi calibrate --spu-profile P`, CHEETAH, weights private to the "
+             "server); GB of the GPT-2-size models *measured* (one layer × 12, `privlm pi measure`) where a cell "
+             "exists, else *predicted* from the same calibration (`privlm cost ARCH --spu-profile P`). "
+             "`privlm cost SM+ScFuFFN --vs SM+LN+G --spu-profile all` prints the same band for any model.\n")
+    L.append("| SPU profile | " + " | ".join(f"{op} B/el" for op in BAND_OPS) + " | " +
+             " | ".join(f"{a} GB" for a in BAND_ARCHS) + " | SM+ScFuFFN savings | SM+LN+R savings | top-1 | PPL change |")
+    L.append("|---|" + "---|" * (len(BAND_OPS) + len(BAND_ARCHS) + 4))
+    for p in PROFILES:
+        try:
+            prof = load_profile(cost_profile_name(p))
+        except Exception:
+            L.append(f"| `{p}` | " + " | ".join("not calibrated" for _ in BAND_OPS) + " |" +
+                     " — |" * (len(BAND_ARCHS) + 4))
+            continue
+        ops = [f"{prof.nonlinear[op].bytes_per_element:.0f}" if op in prof.nonlinear else "—" for op in BAND_OPS]
+        gb = [f"{cells[(p, a)][0]:.2f} ({cells[(p, a)][1]})" for a in BAND_ARCHS]
+        base = cells[(p, "SM+LN+G")][0]
+        sav = [f"{base / cells[(p, a)][0]:.2f}×" for a in ("SM+ScFuFFN", "SM+LN+R")]
+        L.append(f"| `{p}` | " + " | ".join(ops) + " | " + " | ".join(gb) + " | " + " | ".join(sav) +
+                 " | not measured | not measured |")
+    pf = load_profile("paper-fit")
+    L.append("| paper-fit (the paper's engine) | " + " | ".join(
+        f"{pf.nonlinear[op].bytes_per_element:.0f}" if op in pf.nonlinear else "—" for op in BAND_OPS) +
+        " | 25.32 (paper) | 9.44 (paper) | 6.43 (paper) | 3.94× | 2.68× | | |")
+    L.append("")
+    versions = RESULTS / "pi_spu_versions.json"
+    if versions.exists():
+        v = json.loads(versions.read_text())
+        ref = v["reference_0.9.2b0"]
+        vs = sorted(v["versions"])
+        L.append("**The paper's engine, SPU 0.9.2b0 beside 0.9.5** (`bench/pi_spu_versions.py`: the `paper-era` kernels "
+                 "with every input and gain secret, as SPU's Flax examples held them; bytes per element, marginal "
+                 "between two sizes):\n")
+        L.append("| op | reference (0.9.2b0, issue 24) | " + " | ".join(f"SPU {x}" for x in vs) + " |")
+        L.append("|---|---|" + "---|" * len(vs))
+        for op in BAND_OPS:
+            L.append(f"| {op} | {ref[op]:,} | " + " | ".join(
+                f"{v['versions'][x]['ops'][op]['bytes_per_element']:,.0f} "
+                f"({100 * (v['versions'][x]['ops'][op]['bytes_per_element'] / ref[op] - 1):+.0f} %)"
+                for x in vs) + " |")
+        L.append("")
+    pe = paper_fit_linear_savings(rows, "paper-era")
+    if pe:
+        meas = {a: cells[("paper-era", "SM+LN+G")][0] / cells[("paper-era", a)][0] for a in pe}
+        L.append("**`paper-era` against the paper's savings.** " + "; ".join(
+            f"{a}: {meas[a]:.2f}× measured ({100 * (meas[a] / PAPER_SAV_T128[a] - 1):+.0f} % vs {PAPER_SAV_T128[a]:.2f}×), "
+            f"{pe[a]:.2f}× with the paper-fit's linear costs ({100 * (pe[a] / PAPER_SAV_T128[a] - 1):+.0f} %)"
+            for a in pe) + ". The second keeps the measured softmax, LayerNorm and GELU/ReLU bytes and charges the "
+            "products, embedding, head and setup as the paper-fit does.\n")
+    L.append("<!-- privlm:end band -->\n")
+
+
 def tails_section(L: list[str]) -> None:
     """Why not enable_mul_lsb_error: the rare large kernel errors of bench/pi_kernel_tails.py."""
     path = RESULTS / "pi_kernel_tails.json"
@@ -447,6 +547,7 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list
          "Goldschmidt iteration and `enable_optimize_denominator_with_broadcast`, with exact CHEETAH products. The "
          "settings were chosen by accuracy (kernel error bounds over 2^18 elements, the tails below, `pi eval`), "
          "not to hit the paper's numbers.\n"]
+    band_section(L, rows)
     tails_section(L)
     L.append("## Per-op costs per SPU profile vs the paper-fit\n")
     per_op_table(L)
@@ -631,10 +732,10 @@ def main() -> int:
     small = [r for r in old.get("small", []) if is_current(r)] if old.get("format") == "privlm-pi-measure/2" else []
     evals = [e for e in old.get("evals", []) if is_current(e)] if old.get("format") == "privlm-pi-measure/2" else []
     if args.small or args.all:
-        small = [run_small(a, p) for p in PROFILES for a in SMALL_ARCHS]
+        small = [run_small(a, p) for p in RUNNABLE for a in SMALL_ARCHS]
     if args.eval_run:
         evals = [e for e in evals if e["run"] != args.eval_run]
-        evals += [run_eval(args.eval_run, p, args.sequences) for p in PROFILES]
+        evals += [run_eval(args.eval_run, p, args.sequences) for p in RUNNABLE]
     wans = [w for w in old.get("wan", []) if is_current(w)] if old.get("format") == "privlm-pi-measure/2" else []
     for path in args.wan_json:
         w = json.loads(Path(path).read_text())
@@ -649,7 +750,7 @@ def main() -> int:
         e = json.loads(Path(path).read_text())
         evals = [x for x in evals if (x["run"], x["spu_profile"], x["T"]) != (e["run"], e["spu_profile"], e["T"])] + [e]
     if args.gpt2 or args.all:
-        for p in ("puma", "default"):
+        for p in RUNNABLE:
             for arch, T in GPT2_GRID:
                 run_gpt2(p, arch, T)
     if args.vocab_check:
