@@ -124,3 +124,26 @@ def test_band_of_a_hugging_face_llama_is_complete(tmp_path, monkeypatch, capsys)
     code = main(["cost", str(tmp_path / "llama"), "--T", "8", "--spu-profile", "puma"])
     text = capsys.readouterr()[0]
     assert code == 0 and "≥" not in text and "unknown" not in text and "rotary B/el" in text
+
+
+def test_every_spu_profile_has_a_calibration_covering_llama_ops(monkeypatch, tmp_path):
+    """The shipped calibrated cost profile of every SPU profile measures every op a privlm or LLaMA-family model
+    has, under that very SPU profile: a TinyLlama-shaped model (22 layers, d 2048, 32 heads / 4 KV heads,
+    SwiGLU 5632, vocabulary 32000) costs with no unknown op and no proxy under each."""
+    from transformers import LlamaConfig
+
+    from privlm.hfmodel import build_model
+    from privlm.pi import census, load_profile, predict
+    from privlm.spu.spu_profile import available_spu_profiles, cost_profile_name
+
+    monkeypatch.setenv("PRIVLM_HOME", str(tmp_path))  # shipped profiles only
+    cfg = LlamaConfig(num_hidden_layers=22, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                      intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+    c = census(build_model(cfg), 128)
+    for spu in available_spu_profiles():
+        prof = load_profile(cost_profile_name(spu))
+        assert prof.provenance["kind"] == "measured" and prof.provenance["spu_profile"]["name"] == spu, spu
+        assert set(prof.nonlinear) >= {"softmax", "layernorm", "gelu", "relu", "rmsnorm", "silu", "gate_product",
+                                       "rotary"}, spu
+        cost = predict(c, prof, unknown="report")
+        assert cost.complete and not any("charged at" in w for w in cost.warnings), (spu, cost.warnings)
