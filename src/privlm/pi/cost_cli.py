@@ -192,6 +192,18 @@ def band_profiles(spec: str) -> tuple[list[tuple[str, str]], list[str]]:
     return have, missing
 
 
+def busy_calibration(profile) -> Optional[str]:
+    """A warning when a measured profile's seconds were taken on a busy machine (load above its CPUs)."""
+    prov = profile.provenance
+    busy = [(max(p["load_average"]), p["cpus"], p.get("ops")) for p in [prov, *prov.get("merged", [])]
+            if p.get("load_average") and p.get("cpus") and max(p["load_average"]) > p["cpus"]]
+    if not busy:
+        return None
+    load, cpus, ops = max(busy, key=lambda b: b[0])
+    return (f"{profile.name}: {'its ' + ', '.join(ops) + ' were ' if ops else ''}calibrated at load average "
+            f"{load:.1f} on {cpus} CPUs; the bytes hold, the seconds (latency) are those of a busy machine")
+
+
 def cost_rows(targets: list, ref_cfg: Config, profile, T_arg: Optional[int]) -> tuple[list[dict], list[str], list[str]]:
     """One `cost_row` per target under one cost profile, savings against ``ref_cfg`` under the same profile."""
     rows, warnings, notes = [], [], []
@@ -300,6 +312,10 @@ def run(args: argparse.Namespace) -> int:
                   f"{args.vs} under the same profile (docs/pi-measured.md)")
             if missing:
                 print(f"note: not calibrated, so not in the band: {', '.join(missing)}")
+            for spu, cost_name in band:
+                w = busy_calibration(load_profile(cost_name))
+                if w:
+                    print(f"warning: {w}")
             for w in warnings:
                 print(f"warning: {w}")
             for n in notes:

@@ -11,6 +11,7 @@ under 2PC and the per-block steps are scaled by L / layers_measured.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -296,6 +297,8 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
                       f"--spu-profile {spu_profile}",
             "spu_profile": load_spu_profile(spu_profile).to_dict(),
             "machine": machine(), "framework": f"SecretFlow SPU {protocol.upper()} (2PC, semi-honest)",
+            # bytes do not depend on the machine's load, seconds do: a busy machine's seconds are no latency figure
+            "load_average": list(os.getloadavg()), "cpus": os.cpu_count(),
             "spu_version": bench["spu_version"], "privlm_version": md.version("privlm"),
             "date": time.strftime("%Y-%m-%d"), "grid": "quick" if quick else "full",
             "fit": fits,
@@ -353,7 +356,9 @@ def merge_ops(old: dict, new: dict, ops: list[str]) -> dict:
     prov["spu_profile"] = now
     prov.setdefault("merged", []).append({"ops": list(ops), "script": new["provenance"]["script"] + f" --ops {','.join(ops)}",
                                           "date": new["provenance"]["date"], "machine": new["provenance"]["machine"],
-                                          "spu_version": new["provenance"]["spu_version"]})
+                                          "spu_version": new["provenance"]["spu_version"],
+                                          "load_average": new["provenance"]["load_average"],
+                                          "cpus": new["provenance"]["cpus"]})
     return out
 
 
