@@ -1,6 +1,7 @@
 """The nonlinear kernels a private forward can run, by name, with their numpy references and error bounds.
 
-An SPU profile (`privlm.spu.spu_profile`) picks one kernel per op; `privlm.spu.program` calls
+An SPU profile (`privlm.spu.spu_profile`) picks one kernel per op (and may run some in a smaller ring: then
+the kernel runs in the two stages of `RING_STAGES`); `privlm.spu.program` calls
 `kernel(op, name)`. Every kernel is plain JAX (SPU compiles it); each has a float64 numpy reference of
 the function the PyTorch model computes, an input range that covers what a trained privlm model feeds
 it, and a maximum absolute error under 2PC that `python -m privlm.spu.kernels` measures and
@@ -13,6 +14,7 @@ softmax  divide      jax.nn.softmax: exp(z) / broadcast(sum) is one fixed-point 
 gelu     tanh        GPT-2's tanh-GELU through SPU's generic tanh
          piecewise   Bumblebee's GELU: 0 for x < -5, a cubic on [-5, -1.97), a degree-6 polynomial on
                      [-1.97, 3], x above 3; the polynomials are minimax fits to tanh-GELU (`piecewise_gelu_fit`)
+         piecewise_scaled  the same polynomials in powers of u / 3: safe in a 32-bit ring with 12 fraction bits
 layernorm rsqrt      (x - mean) * rsqrt(var + eps) * g + b, var of the centred x (SPU evaluates rsqrt itself)
           stock      flax.linen.LayerNorm's arithmetic: var = E[x²] - E[x]² (its fast variance), then as rsqrt;
                      what SPU's Flax GPT-2 examples ran (the paper's engine)
