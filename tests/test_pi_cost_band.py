@@ -147,3 +147,32 @@ def test_every_spu_profile_has_a_calibration_covering_llama_ops(monkeypatch, tmp
                                        "rotary"}, spu
         cost = predict(c, prof, unknown="report")
         assert cost.complete and not any("charged at" in w for w in cost.warnings), (spu, cost.warnings)
+
+
+def test_calibrate_ops_merges_into_the_existing_profile():
+    """`privlm pi calibrate --ops rmsnorm,...`: the named ops' entries, fits and rounds come from the new
+    measurement, every other entry (ops, linear costs, setup) stays; other SPU settings are refused."""
+    from privlm.errors import PrivlmError
+    from privlm.spu.calibrate import merge_ops
+
+    settings = {"name": "puma", "runtime": {"field": "FM64"}, "compiler": {}, "kernels": {"softmax": "reciprocal"}}
+    old = _profile("spu-puma-measured", NUMBERS["puma"])
+    old["provenance"] = {"kind": "measured", "spu_profile": settings, "fit": {"softmax": {"x": 1}},
+                         "rounds": [{"op": "softmax", "rounds": 60.0}]}
+    new = _profile("spu-puma-measured", NUMBERS["default"])
+    new["nonlinear"]["rmsnorm"] = {"bytes_per_element": 480.0}
+    new["fixed"] = {"bytes": 1.0}
+    new["provenance"] = {"kind": "measured", "spu_profile": {**settings, "kernels": {"rmsnorm": "rsqrt"}},
+                         "fit": {"rmsnorm": {"y": 2}, "softmax": {"x": 9}}, "script": "privlm pi calibrate",
+                         "rounds": [{"op": "rmsnorm", "rounds": 70.0}, {"op": "softmax", "rounds": 1.0}],
+                         "date": "d", "machine": "m", "spu_version": "0.9.5", "load_average": [1.0, 1.0, 1.0],
+                         "cpus": 2}
+    got = merge_ops(old, new, ["rmsnorm"])
+    assert got["nonlinear"]["rmsnorm"] == {"bytes_per_element": 480.0}
+    assert got["nonlinear"]["softmax"] == old["nonlinear"]["softmax"] and got["fixed"] == old["fixed"]
+    assert got["provenance"]["fit"] == {"softmax": {"x": 1}, "rmsnorm": {"y": 2}}
+    assert got["provenance"]["rounds"] == [{"op": "softmax", "rounds": 60.0}, {"op": "rmsnorm", "rounds": 70.0}]
+    assert got["provenance"]["merged"][0]["ops"] == ["rmsnorm"] and "rmsnorm" not in old["nonlinear"]
+    new["provenance"]["spu_profile"] = {**settings, "runtime": {"field": "FM64", "fxp_div_goldschmidt_iters": 1}}
+    with pytest.raises(PrivlmError, match="other SPU settings"):
+        merge_ops(old, new, ["rmsnorm"])
