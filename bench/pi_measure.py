@@ -740,6 +740,7 @@ server$ privlm pi run RUN_DIR --mode 2proc --party 1 --T 12 --peer CLIENT:9000 -
 client$ privlm pi run bundle/client --prompt "..." --mode 2proc --party 0 --peer CLIENT:9000 --peer SERVER:9001
 privlm pi calibrate --spu-profile puma --force     # writes $PRIVLM_HOME/profiles/spu-puma-measured.json (~/.privlm by default)
 privlm cost SM+ScFuFFN --vs SM+LN+G --profile spu-puma-measured
+privlm cost SM+ScFuFFN --vs SM+LN+G --spu-profile all   # the band over every calibrated SPU profile
 ```
 
 ## Reproduce
@@ -749,6 +750,11 @@ privlm cost SM+ScFuFFN --vs SM+LN+G --profile spu-puma-measured
 .venv-spu/bin/python bench/pi_kernel_tails.py --reps 12 --variants puma+enable_mul_lsb_error
 .venv/bin/privlm pi calibrate --spu-profile default --force --out src/privlm/pi/profiles/spu-cheetah-measured.json
 .venv/bin/privlm pi calibrate --spu-profile puma --force --out src/privlm/pi/profiles/spu-puma-measured.json
+.venv/bin/privlm pi calibrate --spu-profile paper-era --force --out src/privlm/pi/profiles/spu-paper-era-measured.json
+.venv/bin/privlm pi calibrate --spu-profile bumblebee-ring32 --force --out src/privlm/pi/profiles/spu-bumblebee-ring32-measured.json
+.venv/bin/privlm pi calibrate --spu-profile puma --ops rmsnorm,silu,gate_product,rotary --out src/privlm/pi/profiles/spu-puma-measured.json
+.venv-spu/bin/python bench/pi_spu_versions.py --write                     # SPU 0.9.5 column
+/tmp/spu092/bin/python bench/pi_spu_versions.py --write                   # SPU 0.9.2b0 column (scratch venv, see the script)
 .venv/bin/python bench/pi_measure.py --all                               # GPT-2 grid + small models
 make demo DEMO_DIR=runs/demo-final                                       # three trained demo-size models
 .venv/bin/python bench/pi_measure.py --eval-run runs/demo-final/sm-ln-g
