@@ -601,10 +601,15 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list
          "**SPU profiles** (`src/privlm/spu/spu_profiles/*.json`, `--spu-profile` on every `pi` command) bundle "
          "runtime settings, compiler options and kernels (`privlm.spu.kernels`, each with a 2PC error bound tested "
          "against numpy): `default` is SPU as it comes (JAX softmax = one division per element, tanh-GELU, exact "
-         "truncation); `puma` is exp × one reciprocal per row, Bumblebee's piecewise-polynomial GELU, one "
-         "Goldschmidt iteration and `enable_optimize_denominator_with_broadcast`, with exact CHEETAH products. The "
-         "settings were chosen by accuracy (kernel error bounds over 2^18 elements, the tails below, `pi eval`), "
-         "not to hit the paper's numbers.\n"]
+         "truncation); `paper-era` is SPU's stock kernels as the paper's engine ran them (tanh-GELU, flax's "
+         "LayerNorm, clipped exp × one reciprocal per row); `puma` (formerly `bumblebee`) is exp × one reciprocal "
+         "per row, a piecewise-polynomial GELU, one Goldschmidt iteration and "
+         "`enable_optimize_denominator_with_broadcast`, with exact CHEETAH products; `bumblebee-ring32` runs the "
+         "GELU and the softmax's exp in a 32-bit ring with 12 fraction bits, measured per op with the ring "
+         "conversions' stand-ins (SPU 0.9.5 has one ring per runtime, so it is costed, not run whole; "
+         "docs/DECISIONS.md#spu-profiles-named-for-what-they-are). Each profile's `why` names the published system "
+         "it corresponds to. The settings were chosen by accuracy (kernel error bounds over 2^16 elements, the tails "
+         "below, `pi eval`), not to hit the paper's numbers.\n"]
     band_section(L, rows)
     tails_section(L)
     L.append("## Per-op costs per SPU profile vs the paper-fit\n")
