@@ -136,7 +136,7 @@ def main() -> int:
     ap.add_argument("--archs", nargs="+", default=["SM+LN+G", "SM+ScFuFFN"])
     ap.add_argument("--prompts", nargs="+", type=int, default=[32, 64])
     ap.add_argument("--new", type=int, default=4, help="new tokens per prompt (default 4)")
-    ap.add_argument("--spu-profile", default="bumblebee")
+    ap.add_argument("--spu-profile", default="puma")
     ap.add_argument("--small", action="store_true", help="a tiny model (checks the script, not the claim)")
     ap.add_argument("--wan", help="also one 2proc run over the emulated WAN (RATE:DELAY; root)")
     ap.add_argument("--only-wan", action="store_true")

@@ -1,12 +1,12 @@
 """Rare large errors of the SPU kernels: each kernel of a profile over many independent 2PC runs.
 
     .venv-spu/bin/python bench/pi_kernel_tails.py --reps 6                     # every shipped profile
-    .venv-spu/bin/python bench/pi_kernel_tails.py --reps 12 --variants bumblebee+enable_mul_lsb_error
+    .venv-spu/bin/python bench/pi_kernel_tails.py --reps 12 --variants puma+enable_mul_lsb_error
 
 A kernel test (tests/test_pi_spu_kernels.py) runs each kernel once on 2^16 elements; this script runs 2^18 per run. A protocol setting that
 now and then errs by orders of magnitude needs more runs to show: this script runs `privlm.spu.kernels.
 measure_errors` with ``--reps`` different seeds per profile and counts, per op, the elements beyond the
-kernel's bound and the runs that had any. It is how `enable_mul_lsb_error` was found to be unfit for the bumblebee
+kernel's bound and the runs that had any. It is how `enable_mul_lsb_error` was found to be unfit for the puma
 profile (docs/pi-measured.md, "Why not enable_mul_lsb_error"). Writes bench/results/pi_kernel_tails.json,
 replacing the rows of the variants it ran.
 Runs in the SPU environment (`make spu-setup`).
@@ -26,12 +26,12 @@ from privlm.spu.spu_profile import available_spu_profiles, load_spu_profile
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pi_kernel_tails.json"
 LSB_ERROR = {"cheetah_2pc_config": {"enable_mul_lsb_error": True}}
-LSB_VARIANT = "bumblebee+enable_mul_lsb_error"
+LSB_VARIANT = "puma+enable_mul_lsb_error"
 
 
 def all_variants() -> dict[str, object]:
     out = {name: load_spu_profile(name) for name in available_spu_profiles()}
-    bb = out["bumblebee"]
+    bb = out["puma"]
     out[LSB_VARIANT] = dataclasses.replace(bb, runtime={**bb.runtime, **LSB_ERROR})
     return out
 

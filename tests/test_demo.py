@@ -96,7 +96,7 @@ def test_cost_columns_per_profile_are_the_profiles_predictions():
     fit, meas = (demo_costs(models, "base", p, 128)["fu"] for p in ("paper-fit", "spu-cheetah-measured"))
     assert fit.lat_min != pytest.approx(meas.lat_min)
     assert profile_label("paper-fit") == "paper-fit (fitted)"
-    assert profile_label("spu-bumblebee-measured") == "spu-bumblebee-measured (measured)"
+    assert profile_label("spu-puma-measured") == "spu-puma-measured (measured)"
 
 
 def _rows(ereg_ppl, plain_ppl, ereg_l01, plain_l01):

@@ -66,13 +66,13 @@ def test_pi_run_sim_agrees_with_plaintext_and_calibrated_profile(tiny_run, tmp_p
     predicted = cost["comm_gb"] * 1e9
     assert abs(predicted - doc["bytes_total"]) / doc["bytes_total"] < 0.10, (predicted, doc["bytes_total"])
 
-    # the bumblebee profile: same token, cheaper softmax and GELU than the default kernels. A softmax row here
+    # the puma profile: same token, cheaper softmax and GELU than the default kernels. A softmax row here
     # is 8 elements long, so per-call costs dominate and the softmax saving is small; the claim is only that it
     # is cheaper at every size (both its per-element and per-call costs are below the default's,
     # docs/pi-measured.md); GELU's saving shows at any size.
-    bb = json.loads(_cli("pi", "run", str(tiny_run), "--prompt", PROMPT, "--spu-profile", "bumblebee",
+    bb = json.loads(_cli("pi", "run", str(tiny_run), "--prompt", PROMPT, "--spu-profile", "puma",
                          "--head", "all", "--json").stdout)
-    assert bb["spu_profile"] == "bumblebee" and bb["top1_agree"] is True and bb["max_logit_err"] < 0.05
+    assert bb["spu_profile"] == "puma" and bb["top1_agree"] is True and bb["max_logit_err"] < 0.05
     for kind, most in (("softmax", 1.0), ("activation", 0.8)):
         assert bb["ops"][kind]["elements"] == doc["ops"][kind]["elements"]
         assert bb["ops"][kind]["bytes"] < most * doc["ops"][kind]["bytes"], kind
@@ -111,10 +111,10 @@ def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
         (["pi", "run", str(tmp_path / "nope"), "--prompt", "w1"], "does not exist"),
         (["pi", "run", str(tiny_run), "--prompt", "w1", "--peer", "127.0.0.1:1"], "--mode 2proc"),
         (["pi", "run", str(tiny_run), "--mode", "2proc", "--party", "1"], "--T"),
-        (["pi", "run", str(tiny_run), "--prompt", "w1", "--spu-profile", "nope"], "known: bumblebee, default"),
-        (["pi", "eval", str(tiny_run), "--spu-profile", "nope"], "known: bumblebee, default"),
-        (["pi", "calibrate", "--quick", "--spu-profile", "nope"], "known: bumblebee, default"),
-        (["pi", "measure", "SM+LN+G", "--spu-profile", "nope"], "known: bumblebee, default"),
+        (["pi", "run", str(tiny_run), "--prompt", "w1", "--spu-profile", "nope"], "known: bumblebee-ring32, default, paper-era, puma"),
+        (["pi", "eval", str(tiny_run), "--spu-profile", "nope"], "known: bumblebee-ring32, default, paper-era, puma"),
+        (["pi", "calibrate", "--quick", "--spu-profile", "nope"], "known: bumblebee-ring32, default, paper-era, puma"),
+        (["pi", "measure", "SM+LN+G", "--spu-profile", "nope"], "known: bumblebee-ring32, default, paper-era, puma"),
         (["pi", "eval", str(tiny_run), "--sequences", "0"], "--sequences"),
         (["pi", "run", str(tiny_run), "--prompt", "w1", "--wan", "100mbit:80ms"], "--mode 2proc"),
         (["pi", "run", str(tiny_run), "--prompt", "w1", "--mode", "2proc", "--wan", "fast"], "RATE:DELAY"),
@@ -131,7 +131,7 @@ def test_spu_python_error_names_the_fix(monkeypatch):
         spu_python()
 
 
-@pytest.mark.parametrize("name", ["spu-cheetah-measured", "spu-bumblebee-measured"])
+@pytest.mark.parametrize("name", ["spu-cheetah-measured", "spu-puma-measured"])
 def test_committed_measured_profile_is_a_valid_cost_profile(name):
     """`privlm cost --profile NAME` works for both calibrated SPU profiles: the calibration output parses in
     the cost format, says where and with which SPU settings it was measured, and charges the logits'
@@ -140,7 +140,7 @@ def test_committed_measured_profile_is_a_valid_cost_profile(name):
     prof = load_profile(name)
     assert prof.provenance["kind"] == "measured" and prof.provenance["spu_version"] == "0.9.5"
     assert prof.provenance["machine"] and prof.flop_convention == "dense" and prof.final_layernorm == "counted"
-    spu_name = "default" if name == "spu-cheetah-measured" else "bumblebee"
+    spu_name = "default" if name == "spu-cheetah-measured" else "puma"
     assert prof.provenance["spu_profile"]["name"] == spu_name
     assert set(prof.nonlinear) >= {"softmax", "layernorm", "gelu", "relu"}
     assert prof.per_token["bytes_per_vocab"] == 8.0
@@ -173,9 +173,9 @@ def test_accuracy_under_2pc_matches_a_hand_computation():
 def test_pi_eval_reports_accuracy_and_perplexity_under_2pc(tiny_run):
     """`privlm pi eval` on a tiny model: N validation sequences through one 2PC session; the 2PC logits give
     the same top-1 tokens and the same perplexity as the plaintext model, recomputed here from PyTorch."""
-    doc = json.loads(_cli("pi", "eval", str(tiny_run), "--sequences", "2", "--spu-profile", "bumblebee",
+    doc = json.loads(_cli("pi", "eval", str(tiny_run), "--sequences", "2", "--spu-profile", "puma",
                           "--all-positions", "--json").stdout)
-    assert doc["positions"] == 2 * 16 and doc["predicted_positions"] == 2 * 15 and doc["spu_profile"] == "bumblebee"
+    assert doc["positions"] == 2 * 16 and doc["predicted_positions"] == 2 * 15 and doc["spu_profile"] == "puma"
     assert doc["top1_agreement"] >= 0.95
     assert 0 < doc["mean_logit_err"] <= doc["max_logit_err"] < 0.1
     assert abs(doc["ppl_2pc"] / doc["ppl_plain"] - 1) < 0.02

@@ -40,7 +40,7 @@ PI_PRESET = "SM+ScFuFFN"  # the softmax-only design the private inference runs o
 GPT2_T = 128  # the paper's Table 3 context length
 # Cost profiles of the table (privlm cost --list-profiles): the fit to the paper's published rows beside the
 # measured SPU engines. A further profile (e.g. a paper-era engine) is one more name here or in --cost-profiles.
-DEFAULT_COST_PROFILES = ("paper-fit", "spu-bumblebee-measured", "spu-cheetah-measured")
+DEFAULT_COST_PROFILES = ("paper-fit", "spu-puma-measured", "spu-cheetah-measured")
 ROOT = Path(__file__).resolve().parents[2]
 # The 3-seed measurement of the regularizer at the demo's budget (bench/demo_settings.py) and the study whose
 # paired C4 result the demo prints when that measurement does not show the effect.
@@ -58,7 +58,7 @@ def train_runs(sweep, out: Path, jobs: int, log=print) -> dict[str, float]:
     return {name: rec["seconds"] for name, rec in state["runs"].items() if "seconds" in rec}
 
 
-DEFAULT_PI_ARGS = "--spu-profile bumblebee"
+DEFAULT_PI_ARGS = "--spu-profile puma"
 
 
 def private_prediction(run_dir: Path, prompt: str, pi_args: list[str]) -> dict:

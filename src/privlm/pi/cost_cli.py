@@ -6,6 +6,7 @@ published tables beside privlm's predictions.
     privlm cost runs/my-run                             # reads runs/my-run/config.yaml (T = its data.seq_len)
     privlm cost path/to/hf-model hf:EleutherAI/pythia-70m  # Hugging Face causal LMs (config.json is enough)
     privlm cost --table paper-t128 --format json        # published rows, predictions, relative errors
+    privlm cost SM+ScFuFFN --vs SM+LN+G --spu-profile all   # the band: every calibrated SPU profile
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from privlm.errors import MAX_T, OneLineArgumentParser, bounded_int
 from privlm.pi.costs import Cost, available_profiles, load_profile, predict, shadowed_profiles, user_profile_dir
 from privlm.pi.summary import CostSummary
 from privlm.pi.published import TABLES, load_rows, paper_round, printed_decimals
+from privlm.spu.spu_profile import available_spu_profiles, cost_profile_name
 
 if TYPE_CHECKING:
     from privlm.pi.census import Census
@@ -173,6 +175,81 @@ def render(rows: list[dict], fmt: str, published: bool) -> str:
                  ("" if r["complete"] else "≥") + f"{r['lat_min']:.2f}",
                  _fmt_sav(r["comm_savings"] if r["complete"] else None),
                  _fmt_sav(r["lat_savings"] if r["complete"] else None)] for r in rows]
+    return _layout(header, body, fmt)
+
+
+def band_profiles(spec: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """``--spu-profile NAME|all`` -> ([(SPU profile, its calibrated cost profile)], SPU profiles not calibrated)."""
+    names = available_spu_profiles() if spec == "all" else [spec]
+    known = set(available_profiles())
+    for n in names:
+        if n not in available_spu_profiles():
+            from privlm.spu.spu_profile import UnknownSPUProfile, load_spu_profile
+            try:
+                load_spu_profile(n)
+            except UnknownSPUProfile as exc:
+                raise ConfigError(f"--spu-profile: {exc} (or 'all')") from None
+    have = [(n, cost_profile_name(n)) for n in names if cost_profile_name(n) in known]
+    missing = [n for n in names if cost_profile_name(n) not in known]
+    if not have:
+        raise ConfigError(f"--spu-profile {spec}: no calibrated cost profile ({', '.join(cost_profile_name(n) for n in names)}); "
+                          f"run `privlm pi calibrate --spu-profile {names[0]}`")
+    return have, missing
+
+
+def busy_calibration(profile) -> Optional[str]:
+    """A warning when a measured profile's seconds were taken on a busy machine (load above its CPUs)."""
+    prov = profile.provenance
+    busy = [(max(p["load_average"]), p["cpus"], p.get("ops")) for p in [prov, *prov.get("merged", [])]
+            if p.get("load_average") and p.get("cpus") and max(p["load_average"]) > p["cpus"]]
+    if not busy:
+        return None
+    load, cpus, ops = max(busy, key=lambda b: b[0])
+    return (f"{profile.name}: {'its ' + ', '.join(ops) + ' were ' if ops else ''}calibrated at load average "
+            f"{load:.1f} on {cpus} CPUs; the bytes hold, the seconds (latency) are those of a busy machine")
+
+
+def cost_rows(targets: list, ref_cfg: Config, profile, T_arg: Optional[int]) -> tuple[list[dict], list[str], list[str]]:
+    """One `cost_row` per target under one cost profile, savings against ``ref_cfg`` under the same profile."""
+    rows, warnings, notes = [], [], []
+    for target, _size, run_T, label in targets:
+        T = T_arg if T_arg is not None else (run_T or 128)
+        ref_c = census(ref_cfg, T)
+        ref = predict(ref_c, profile)
+        c = census(target, T)
+        if label is not None:
+            c = dataclasses.replace(c, arch=label)
+        cost = predict(c, profile, unknown="report")
+        row = cost_row(c, cost, ref)
+        # per-op bytes per element of the profile, for the ops of this census (the band view's columns)
+        row["bytes_per_element"] = {o.op: profile.nonlinear[o.op].bytes_per_element for o in c.ops
+                                    if o.op in profile.nonlinear}
+        rows.append(row)
+        warnings += [w for w in cost.warnings if w not in warnings]
+        notes += [f"{c.arch}: {n}" for n in c.notes if label is not None]
+    return rows, warnings, notes
+
+
+BAND_OPS = ("softmax", "layernorm", "rmsnorm", "gelu", "relu", "leaky_relu", "silu", "gate_product", "rotary")
+
+
+def render_band(rows: list[dict], fmt: str) -> str:
+    """The band view: one row per (model, SPU profile) with the profile's bytes per element of each op of the
+    models, the total, the latency estimate and the savings against the baseline under the same profile."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+    ops = [op for op in BAND_OPS if any(op in r["bytes_per_element"] for r in rows)]
+    header = ["Network Arch.", "T", "SPU profile", *[f"{op} B/el" for op in ops], "Comm. (GB)", "Lat. (min.)",
+              "Comm. Savings", "Lat. Savings"]
+    body = [[r["arch"], str(r["T"]), r["spu_profile"],
+             *[f"{r['bytes_per_element'][op]:.0f}" if op in r["bytes_per_element"] else "" for op in ops],
+             ("" if r["complete"] else "≥") + f"{r['comm_gb']:.2f}", ("" if r["complete"] else "≥") + f"{r['lat_min']:.2f}",
+             _fmt_sav(r["comm_savings"] if r["complete"] else None),
+             _fmt_sav(r["lat_savings"] if r["complete"] else None)] for r in rows]
+    return _layout(header, body, fmt)
+
+
+def _layout(header: list[str], body: list[list[str]], fmt: str) -> str:
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -191,7 +268,12 @@ def render(rows: list[dict], fmt: str, published: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile)
+    if args.spu_profile is not None and args.profile is not None:
+        raise ConfigError("give --profile (a cost profile) or --spu-profile (the calibrated cost profile of an SPU "
+                          "profile, or 'all'), not both")
+    if args.spu_profile is not None and args.table:
+        raise ConfigError("--table compares with the published rows under one --profile; drop --spu-profile")
+    profile = load_profile(args.profile or "paper-fit") if args.spu_profile is None else None
     if args.table:
         if args.specs:
             raise ConfigError("--table prints a published table; give it no PRESET/RUN_DIR (or drop --table)")
@@ -218,18 +300,35 @@ def run(args: argparse.Namespace) -> int:
             cfg, run_T = resolve_spec(s, overrides)
             targets.append((cfg, cfg, run_T, None))
     ref_cfg = reference_config(args.vs, targets[0][1])
-    rows, warnings, notes = [], [], []
-    for target, _size, run_T, label in targets:
-        T = args.T if args.T is not None else (run_T or 128)
-        ref_c = census(ref_cfg, T)
-        ref = predict(ref_c, profile)
-        c = census(target, T)
-        if label is not None:
-            c = dataclasses.replace(c, arch=label)
-        cost = predict(c, profile, unknown="report")
-        rows.append(cost_row(c, cost, ref))
-        warnings += [w for w in cost.warnings if w not in warnings]
-        notes += [f"{c.arch}: {n}" for n in c.notes if label is not None]
+    if args.spu_profile is not None:
+        band, missing = band_profiles(args.spu_profile)
+        rows, warnings, notes = [], [], []
+        # the baseline first (its GELU/LayerNorm bytes are what the others save), unless it is costed anyway
+        with_ref = targets if any(isinstance(t[0], Config) and t[0].model == ref_cfg.model for t in targets) \
+            else [(ref_cfg, ref_cfg, None, None)] + targets
+        for spu, cost_name in band:
+            r, w, n = cost_rows(with_ref, ref_cfg, load_profile(cost_name), args.T)
+            rows += [(i, {**row, "spu_profile": spu, "cost_profile": cost_name}) for i, row in enumerate(r)]
+            warnings += [x for x in w if x not in warnings]
+            notes += [x for x in n if x not in notes]
+        rows = [row for _, row in sorted(rows, key=lambda ir: ir[0])]  # model by model, profiles in order
+        print(render_band(rows, args.format))
+        if args.format in ("table", "md"):
+            print(f"\nthe band over SPU profiles: each row under the cost profile `privlm pi calibrate --spu-profile P` "
+                  f"measured (spu-<P>-measured; bytes per element of each op, linear layers per GFLOP); savings vs "
+                  f"{args.vs} under the same profile (docs/pi-measured.md)")
+            if missing:
+                print(f"note: not calibrated, so not in the band: {', '.join(missing)}")
+            for spu, cost_name in band:
+                w = busy_calibration(load_profile(cost_name))
+                if w:
+                    print(f"warning: {w}")
+            for w in warnings:
+                print(f"warning: {w}")
+            for n in notes:
+                print(f"note: {n}")
+        return 0
+    rows, warnings, notes = cost_rows(targets, ref_cfg, profile, args.T)
     print(render(rows, args.format, published=False))
     if args.format in ("table", "md"):
         print(f"\nprofile {profile.name} (network {profile.network.get('bandwidth_mbps')} Mbit/s, "
@@ -266,10 +365,13 @@ def register(subparsers) -> None:
     p.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
                    help="prompt length (default 128; a run's data.seq_len)")
     shadowed = shadowed_profiles()
-    p.add_argument("--profile", default="paper-fit",
-                   help=f"cost profile name or .json path (available: {', '.join(available_profiles())}; names are "
+    p.add_argument("--profile", default=None,
+                   help=f"cost profile name or .json path (default paper-fit; available: {', '.join(available_profiles())}; names are "
                         f"looked up in {user_profile_dir()} first, then among the shipped profiles"
                         + (f"; user profiles shadow the shipped {', '.join(shadowed)}" if shadowed else "") + ")")
+    p.add_argument("--spu-profile", default=None, metavar="NAME|all",
+                   help=f"cost under the calibrated profile of an SPU profile (spu-<NAME>-measured), or the band over "
+                        f"all of them with per-op bytes per element (SPU profiles: {', '.join(available_spu_profiles())})")
     p.add_argument("--vs", default="SM+LN+G", help="reference for the savings columns (preset or RUN_DIR)")
     p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
     p.add_argument("--table", choices=tuple(TABLES), help="print a published table beside the predictions")

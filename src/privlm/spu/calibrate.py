@@ -11,6 +11,7 @@ under 2PC and the per-block steps are scaled by L / layers_measured.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,7 @@ from privlm.fileio import atomic_write_text
 from privlm.hostinfo import describe_host
 from privlm.opschema import CALIBRATED_OPS, COST_PROFILE_FORMAT
 from privlm.proc import private_tempdir
+from privlm.spu.spu_profile import cost_profile_name  # noqa: F401  (re-exported: bench/pi_measure.py, spu.cli)
 
 FM64_SHARE_BYTES = 8  # one 64-bit ring element per share
 
@@ -65,11 +67,6 @@ QUICK_GRID: dict[str, list[dict]] = {
 }
 
 
-def cost_profile_name(spu_profile: str) -> str:
-    """The cost profile `privlm pi calibrate` writes for an SPU profile."""
-    return "spu-cheetah-measured" if spu_profile == "default" else f"spu-{spu_profile}-measured"
-
-
 def register(sub) -> None:
     from privlm.errors import MAX_T, MAX_VOCAB, bounded_float, bounded_int
     from privlm.spu.spu_profile import add_spu_profile_arg
@@ -86,6 +83,9 @@ def register(sub) -> None:
     c.add_argument("--rounds-delay-ms", type=bounded_float(0, 60000), default=None,
                    help="also count rounds per op: rerun one shape per op with this one-way delay through a "
                         "user-space proxy (default 40 for the full grid, 0 = skip; --quick skips)")
+    c.add_argument("--ops", default=None, metavar="OP[,OP...]",
+                   help="measure only these nonlinear ops and merge them into the existing profile (its other "
+                        f"entries kept, --force implied); ops: {', '.join(CALIBRATED_OPS)}")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
@@ -183,7 +183,8 @@ def measure_rounds(cases: list[dict], protocol: str, work: Path, delay_ms: float
     cases = [{**c, "repeats": repeats} for c in cases]
 
     def fastest(rows: list[dict]) -> list[dict]:
-        out, i = [rows[0]], 1  # the setup runs once
+        i = sum(1 for r in rows if r["op"] == "setup")  # the setups (one per ring) run once
+        out = rows[:i]
         while i < len(rows):
             group = rows[i:i + repeats]
             out.append(min(group, key=lambda r: r["seconds"]))
@@ -222,7 +223,9 @@ ROUNDS_CASES = [{"op": "softmax", "shape": {"H": 4, "T": 32}}, {"op": "layernorm
                 {"op": "gelu", "shape": {"T": 32, "w": 512}}, {"op": "relu", "shape": {"T": 32, "w": 512}},
                 {"op": "leaky_relu", "shape": {"T": 32, "w": 512}},
                 {"op": "linear", "shape": {"T": 32, "din": 128, "dout": 512}},
-                {"op": "scores", "shape": {"H": 4, "T": 32, "dk": 32}}]
+                {"op": "scores", "shape": {"H": 4, "T": 32, "dk": 32}},
+                {"op": "rmsnorm", "shape": {"T": 32, "d": 128}}, {"op": "silu", "shape": {"T": 32, "w": 512}},
+                {"op": "gate_product", "shape": {"T": 32, "w": 512}}, {"op": "rotary", "shape": {"T": 32, "w": 512}}]
 
 
 def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Optional[list[dict]] = None,
@@ -231,7 +234,8 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
 
     rows = bench["rows"]
     rounds_of = {r["op"]: r for r in rounds or []}
-    setup = [r for r in rows if r["op"] == "setup"][0]
+    setups = [r for r in rows if r["op"] == "setup"]  # one per ring the profile runs in
+    setup = {k: sum(r[k] for r in setups) for k in ("bytes", "seconds")}
     nonlinear, fits = {}, {}
     for op in CALIBRATED_OPS:
         rs = [r for r in rows if r["op"] == op]
@@ -257,6 +261,9 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
         fits[op] = {"elements": el.astype(int).tolist(), "bytes": b.astype(int).tolist(),
                     "max_rel_residual_bytes": float(np.max(np.abs(pred_b - b) / b)),
                     "bytes_per_element_marginal": _marginal(el, b)}
+        if "parts" in rs[-1]:  # a kernel run in another ring: its parts at the largest shape, bytes per element
+            big = max(rs, key=lambda r: r["elements"])
+            fits[op]["parts_bytes_per_element"] = {k: v["bytes"] / big["elements"] for k, v in big["parts"].items()}
     linear = {}
     has_embed = any(r["kind"] == "embed" for r in rows)
     for kind, ops in (("ffn", ("linear",)), ("attn", ("linear", "scores")),
@@ -280,7 +287,7 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
         "_format": "see docs/pi-cost.md#profile-format; written by `privlm pi calibrate`",
         "name": name,
         "description": f"Per-op costs measured with SecretFlow SPU ({protocol.upper()}, 2PC, FM64, 18 fraction "
-                       f"bits, SPU profile '{spu_profile}') on this machine by `privlm pi calibrate"
+                       f"bits{_rings_note(spu_profile)}, SPU profile '{spu_profile}') on this machine by `privlm pi calibrate"
                        f"{' --quick' if quick else ''}`; weights private to the server (secret x private "
                        f"products), see docs/pi-measured.md",
         "provenance": {
@@ -290,6 +297,8 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
                       f"--spu-profile {spu_profile}",
             "spu_profile": load_spu_profile(spu_profile).to_dict(),
             "machine": machine(), "framework": f"SecretFlow SPU {protocol.upper()} (2PC, semi-honest)",
+            # bytes do not depend on the machine's load, seconds do: a busy machine's seconds are no latency figure
+            "load_average": list(os.getloadavg()), "cpus": os.cpu_count(),
             "spu_version": bench["spu_version"], "privlm_version": md.version("privlm"),
             "date": time.strftime("%Y-%m-%d"), "grid": "quick" if quick else "full",
             "fit": fits,
@@ -316,6 +325,43 @@ def fit_profile(bench: dict, name: str, protocol: str, quick: bool, rounds: Opti
     }
 
 
+def _rings_note(spu_profile: str) -> str:
+    from privlm.spu.spu_profile import load_spu_profile
+    rings = load_spu_profile(spu_profile).rings
+    if not rings:
+        return ""
+    r = next(iter(rings.values()))
+    return (f"; {', '.join(rings)} in {r['field']} with {r.get('fxp_fraction_bits')} fraction bits plus the ring "
+            f"conversions, privlm.spu.microbench.RING_CONVERSIONS")
+
+
+def merge_ops(old: dict, new: dict, ops: list[str]) -> dict:
+    """``old`` with the nonlinear entries, fits and rounds of ``ops`` taken from ``new`` (a calibration of those
+    ops only under the same SPU profile); everything else, the setup and the linear costs included, stays
+    ``old``'s. Refused when the SPU profile's settings differ from those ``old`` was measured under."""
+    was = old.get("provenance", {}).get("spu_profile")
+    now = new["provenance"]["spu_profile"]
+    if was is not None and {k: v for k, v in was.items() if k != "kernels"} != \
+            {k: v for k, v in now.items() if k != "kernels"}:
+        raise PrivlmError(f"profile '{old.get('name')}' was measured under other SPU settings than "
+                          f"'{now['name']}' has now; calibrate it whole (--force)")
+    out = json.loads(json.dumps(old))
+    prov = out["provenance"]
+    for op in ops:
+        if op in new["nonlinear"]:
+            out["nonlinear"][op] = new["nonlinear"][op]
+            prov.setdefault("fit", {})[op] = new["provenance"]["fit"][op]
+    keep = [r for r in prov.get("rounds") or [] if r["op"] not in ops]
+    prov["rounds"] = keep + [r for r in new["provenance"].get("rounds") or [] if r["op"] in ops] or None
+    prov["spu_profile"] = now
+    prov.setdefault("merged", []).append({"ops": list(ops), "script": new["provenance"]["script"] + f" --ops {','.join(ops)}",
+                                          "date": new["provenance"]["date"], "machine": new["provenance"]["machine"],
+                                          "spu_version": new["provenance"]["spu_version"],
+                                          "load_average": new["provenance"]["load_average"],
+                                          "cpus": new["provenance"]["cpus"]})
+    return out
+
+
 def _marginal(el: np.ndarray, b: np.ndarray) -> Optional[float]:
     """Slope of bytes over elements between the two largest shapes (the per-element cost at scale)."""
     order = np.argsort(el)
@@ -326,21 +372,34 @@ def _marginal(el: np.ndarray, b: np.ndarray) -> Optional[float]:
 
 def cmd_calibrate(args) -> int:
     from privlm.spu.spu_profile import check_spu_profile
-    check_spu_profile(args.spu_profile)
+    check_spu_profile(args.spu_profile, whole_program=False)
     args.name = args.name or cost_profile_name(args.spu_profile)
     from privlm.pi.costs import default_profile_path, save_profile
 
     out = Path(args.out) if args.out else default_profile_path(args.name)
-    if out.exists() and not args.force:  # checked again on writing; failing here saves the measurement
+    ops = None
+    if args.ops is not None:
+        ops = [o for o in args.ops.split(",") if o]
+        bad = [o for o in ops if o not in CALIBRATED_OPS]
+        if bad or not ops:
+            raise PrivlmError(f"--ops: unknown op {bad[0] if bad else repr(args.ops)} (known: {', '.join(CALIBRATED_OPS)})")
+        if not out.is_file():
+            raise PrivlmError(f"--ops merges into an existing profile; '{out}' does not exist (calibrate it whole first)")
+    elif out.exists() and not args.force:  # checked again on writing; failing here saves the measurement
         raise PrivlmError(f"profile '{out}' exists; pass --force to overwrite it or --out for another path")
     delay = args.rounds_delay_ms if args.rounds_delay_ms is not None else (0.0 if args.quick else 40.0)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    if ops is not None:  # the ops asked for, and the setup (its runtime's one-time costs) with them
+        grid = {op: shapes for op, shapes in grid.items() if op in ops}
+    rounds_cases = [c for c in ROUNDS_CASES if ops is None or c["op"] in ops]
     with private_tempdir("privlm-cal-") as tmp:
-        bench = run_microbench(grid_cases(QUICK_GRID if args.quick else FULL_GRID), args.protocol, Path(tmp),
-                               args.spu_profile)
-        rounds = (measure_rounds(ROUNDS_CASES, args.protocol, Path(tmp) / "rounds", delay,
-                                 spu_profile=args.spu_profile) if delay > 0 else None)
+        bench = run_microbench(grid_cases(grid), args.protocol, Path(tmp), args.spu_profile)
+        rounds = (measure_rounds(rounds_cases, args.protocol, Path(tmp) / "rounds", delay,
+                                 spu_profile=args.spu_profile) if delay > 0 and rounds_cases else None)
     prof = fit_profile(bench, args.name, args.protocol, args.quick, rounds, args.spu_profile)
-    save_profile(prof, out, overwrite=args.force)  # validated as `privlm cost` will read it
+    if ops is not None:
+        prof = merge_ops(json.loads(out.read_text()), prof, ops)
+    save_profile(prof, out, overwrite=args.force or ops is not None)  # validated as `privlm cost` will read it
     if args.json:
         print(json.dumps(prof, indent=1))
     else:

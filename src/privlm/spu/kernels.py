@@ -1,17 +1,23 @@
 """The nonlinear kernels a private forward can run, by name, with their numpy references and error bounds.
 
-An SPU profile (`privlm.spu.spu_profile`) picks one kernel per op; `privlm.spu.program` calls
+An SPU profile (`privlm.spu.spu_profile`) picks one kernel per op (and may run some in a smaller ring: then
+the kernel runs in the two stages of `RING_STAGES`); `privlm.spu.program` calls
 `kernel(op, name)`. Every kernel is plain JAX (SPU compiles it); each has a float64 numpy reference of
 the function the PyTorch model computes, an input range that covers what a trained privlm model feeds
 it, and a maximum absolute error under 2PC that `python -m privlm.spu.kernels` measures and
 tests/test_pi_spu_kernels.py enforces for every profile.
 
 softmax  divide      jax.nn.softmax: exp(z) / broadcast(sum) is one fixed-point division per element
-         reciprocal  exp(z) * broadcast(1 / sum): one reciprocal per row (Bumblebee, PUMA)
+         reciprocal  exp(z) * broadcast(1 / sum): one reciprocal per row (PUMA)
+         clipped     as reciprocal, with exp(z) set to 0 where z <= -14 (Bumblebee's clipped exp; SPU's Taylor
+                     exp is accurate on [-14, 0] only)
 gelu     tanh        GPT-2's tanh-GELU through SPU's generic tanh
          piecewise   Bumblebee's GELU: 0 for x < -5, a cubic on [-5, -1.97), a degree-6 polynomial on
                      [-1.97, 3], x above 3; the polynomials are minimax fits to tanh-GELU (`piecewise_gelu_fit`)
-layernorm rsqrt      (x - mean) * rsqrt(var + eps) * g + b, the one LayerNorm (SPU evaluates rsqrt itself)
+         piecewise_scaled  the same polynomials in powers of u / 3: safe in a 32-bit ring with 12 fraction bits
+layernorm rsqrt      (x - mean) * rsqrt(var + eps) * g + b, var of the centred x (SPU evaluates rsqrt itself)
+          stock      flax.linen.LayerNorm's arithmetic: var = E[x²] - E[x]² (its fast variance), then as rsqrt;
+                     what SPU's Flax GPT-2 examples ran (the paper's engine)
 rmsnorm   rsqrt      x * rsqrt(mean(x^2) + eps) * g (LLaMA, Qwen2, Mistral)
 silu      exp        x / (1 + exp(-x)) through SPU's exp and reciprocal (LLaMA-family MLPs)
 gate_product mul     SwiGLU's act(gate) ⊙ up: a secret x secret product
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -89,6 +95,26 @@ def softmax_reciprocal(s):
     return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
 
 
+SOFTMAX_CLIP = -14.0  # Bumblebee: exp(z) for z <= -14 is below 1e-6 and is set to 0
+
+
+def softmax_clipped_exp(s):
+    """The elementwise part of the clipped softmax: exp(s - rowmax) where above SOFTMAX_CLIP, else 0."""
+    import jax.numpy as jnp
+    z = s - jnp.max(s, axis=-1, keepdims=True)
+    return jnp.where(z > SOFTMAX_CLIP, jnp.exp(z), 0.0)
+
+
+def softmax_normalize(e):
+    """e * broadcast(1 / rowsum(e)): one reciprocal per row."""
+    import jax.numpy as jnp
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+def softmax_clipped(s):
+    return softmax_normalize(softmax_clipped_exp(s))
+
+
 def gelu_tanh(u):
     import jax
     return jax.nn.gelu(u, approximate=True)
@@ -111,12 +137,51 @@ def gelu_piecewise(u):
     return jnp.where(above_identity, u, r)
 
 
+GELU_SCALE = GELU_IDENTITY_ABOVE  # the ring-safe GELU's variable v = u / 3: |v| <= 1.67 on both segments
+
+
+def scaled_coefficients(coeffs: tuple[float, ...], scale: float = GELU_SCALE) -> tuple[float, ...]:
+    """p(u) as q(v) with v = u / scale (highest degree first): q_k = p_k * scale^k."""
+    n = len(coeffs) - 1
+    return tuple(float(c) * scale ** (n - i) for i, c in enumerate(coeffs))
+
+
+def gelu_piecewise_scaled(u):
+    """The piecewise GELU with both polynomials in v = u / 3, whose powers v^2..v^6 (five products, shared by
+    both segments) stay below 1.67^6 ~ 22 where they are used, and whose coefficients are large enough to keep
+    their digits at 12 fraction bits. A 32-bit ring with 12 fraction bits needs this: a product there must stay
+    below 2^(31-24) = 128 before its truncation (u^6 at u = 3 is 729), and a coefficient like 0.0013 holds only
+    ~2 significant bits at 2^-12. Powers outside the polynomial segments may wrap: the selection discards them."""
+    import jax.numpy as jnp
+    cubic, sextic = (scaled_coefficients(c) for c in piecewise_gelu_fit())
+    v = u * (1.0 / GELU_SCALE)
+    v2 = jnp.square(v)
+    v3 = v2 * v
+    v4 = jnp.square(v2)
+    powers = [v4 * v2, v4 * v, v4, v3, v2, v, 1.0]  # v^6 .. v^0
+    p6 = sum(c * p for c, p in zip(sextic, powers))
+    p3 = sum(c * p for c, p in zip(cubic, powers[3:]))
+    r = jnp.where(u < GELU_ZERO_BELOW, 0.0, p3)
+    r = jnp.where(u < GELU_SPLIT, r, p6)
+    return jnp.where(u > GELU_IDENTITY_ABOVE, u, r)
+
+
 def layer_norm_rsqrt(x, g, b, eps: float):
     """LayerNorm over the last axis (biased variance, as torch.nn.LayerNorm); b may be None."""
     import jax
     import jax.numpy as jnp
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps) * g
+    return y if b is None else y + b
+
+
+def layer_norm_stock(x, g, b, eps: float):
+    """flax.linen.LayerNorm (use_fast_variance): var = max(0, E[x²] - E[x]²); b may be None."""
+    import jax
+    import jax.numpy as jnp
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean))
     y = (x - mean) * jax.lax.rsqrt(var + eps) * g
     return y if b is None else y + b
 
@@ -147,9 +212,9 @@ def relu_compare(u):
 
 
 KERNELS: dict[str, dict[str, Callable]] = {
-    "softmax": {"divide": softmax_divide, "reciprocal": softmax_reciprocal},
-    "gelu": {"tanh": gelu_tanh, "piecewise": gelu_piecewise},
-    "layernorm": {"rsqrt": layer_norm_rsqrt},
+    "softmax": {"divide": softmax_divide, "reciprocal": softmax_reciprocal, "clipped": softmax_clipped},
+    "gelu": {"tanh": gelu_tanh, "piecewise": gelu_piecewise, "piecewise_scaled": gelu_piecewise_scaled},
+    "layernorm": {"rsqrt": layer_norm_rsqrt, "stock": layer_norm_stock},
     "rmsnorm": {"rsqrt": rms_norm_rsqrt},
     "silu": {"exp": silu_exp},
     "gate_product": {"mul": gate_mul},
@@ -163,15 +228,48 @@ DEFAULT_KERNELS: dict[str, str] = {"rmsnorm": "rsqrt", "silu": "exp", "gate_prod
 # SPU's division is exact to ~5e-4 on probabilities; exp's Taylor form (1 + z/256)^256 and one Goldschmidt
 # reciprocal err by up to ~7e-3; SPU's tanh loses accuracy for |x| > 8 (tanh-GELU ~0.016 at |x| = 12).
 ERROR_BOUNDS: dict[tuple[str, str], float] = {
-    ("softmax", "divide"): 0.002, ("softmax", "reciprocal"): 0.01,
-    ("gelu", "tanh"): 0.02, ("gelu", "piecewise"): 0.012,
-    ("layernorm", "rsqrt"): 0.01,
-    # SiLU: 0.0028 under `default`, 0.022 under `bumblebee` (one Goldschmidt iteration for the reciprocal of
+    ("softmax", "divide"): 0.002, ("softmax", "reciprocal"): 0.01, ("softmax", "clipped"): 0.002,
+    ("gelu", "tanh"): 0.02, ("gelu", "piecewise"): 0.012, ("gelu", "piecewise_scaled"): 0.012,
+    ("layernorm", "rsqrt"): 0.01, ("layernorm", "stock"): 0.01,
+    # SiLU: 0.0028 under `default`, 0.022 under `puma` (one Goldschmidt iteration for the reciprocal of
     # 1 + exp(-x)) over 2^14 elements; RMSNorm 0.0037 / 0.0045; the gate product 5e-5 (one truncation)
     ("rmsnorm", "rsqrt"): 0.01, ("silu", "exp"): 0.04, ("gate_product", "mul"): 0.001,
 }
+# The same kernels in a 32-bit ring with 12 fraction bits (profiles with "rings", e.g. bumblebee-ring32), keyed
+# (op, kernel, fraction bits): every output is a multiple of 2^-12 ~ 2.4e-4 and every product truncates at that
+# resolution, so the bounds are looser than at 18 bits.
+# Measured over 2^16 elements (CHEETAH FM32/12, fxp_exp_iters 5): clipped softmax 0.0087 (the exp's error, then
+# one FM64 reciprocal per row), scaled GELU 0.0111 (its plaintext approximation error is 0.01). At 18 bits the
+# paper-era kernels: clipped softmax 0.00053, flax LayerNorm 0.0038.
+RING_ERROR_BOUNDS: dict[tuple[str, str, int], float] = {("softmax", "clipped", 12): 0.02,
+                                                        ("gelu", "piecewise_scaled", 12): 0.02}
 # Plaintext approximation error of a kernel that is not the reference function itself (float64, no SPU).
-APPROXIMATION_BOUNDS: dict[tuple[str, str], float] = {("gelu", "piecewise"): 0.01}
+APPROXIMATION_BOUNDS: dict[tuple[str, str], float] = {("gelu", "piecewise"): 0.01, ("gelu", "piecewise_scaled"): 0.01}
+
+
+# A kernel run in a profile's smaller ring (`SPUProfile.rings`) runs in two stages: the elementwise stage in the
+# small ring, then the rest in the forward's ring (SPU 0.9.5's reciprocal and rsqrt cannot run in FM32: their
+# constants are 64-bit integers). (op, kernel) -> (small-ring stage, forward-ring stage or None).
+RING_STAGES: dict[tuple[str, str], tuple[Callable, Optional[Callable]]] = {
+    ("softmax", "clipped"): (softmax_clipped_exp, softmax_normalize),
+    ("gelu", "piecewise_scaled"): (gelu_piecewise_scaled, None),
+}
+
+
+def ring_stages(op: str, name: str) -> tuple[Callable, Optional[Callable]]:
+    """The two stages of a kernel run in a smaller ring; ValueError for a kernel that has none."""
+    try:
+        return RING_STAGES[(op, name)]
+    except KeyError:
+        raise ValueError(f"the {op} kernel '{name}' cannot run in another ring (ring kernels: "
+                         f"{', '.join(f'{o}={k}' for o, k in RING_STAGES)})") from None
+
+
+def error_bound(op: str, name: str, fraction_bits: int = 18) -> float:
+    """The tested 2PC error bound of kernel ``name`` for ``op`` at ``fraction_bits`` (18: the forward's ring)."""
+    if fraction_bits == 18:
+        return ERROR_BOUNDS[(op, name)]
+    return RING_ERROR_BOUNDS[(op, name, fraction_bits)]
 
 
 def kernel(op: str, name: str) -> Callable:
@@ -252,9 +350,12 @@ def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS)
     from privlm.spu.spu_profile import KERNEL_OPS, load_spu_profile
 
     prof = load_spu_profile(profile) if isinstance(profile, str) else profile
-    sim = spsim.Simulator(2, prof.runtime_config("cheetah"))
     out = {}
     for op in KERNEL_OPS:
+        # a kernel that runs in another ring runs in a runtime of that ring (the conversions are exact up to
+        # one truncation of the input to the ring's fraction bits, which the fixed-point encoding applies)
+        sim = spsim.Simulator(2, prof.runtime_config("cheetah", op=op))
+        bits = int(prof.runtime_doc(op)["fxp_fraction_bits"])
         name = prof.kernels.get(op, DEFAULT_KERNELS.get(op))
         fn = kernel(op, name)
         if op == "layernorm":
@@ -262,21 +363,35 @@ def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS)
         if op == "rmsnorm":
             fn = functools.partial(fn, eps=1e-6)
         inputs, ref = kernel_inputs(op, seed, elements)
-        got = np.asarray(spsim.sim_jax(sim, fn, copts=prof.compiler_options())(*inputs), np.float64)
+        if prof.ring_of(op) is not None:
+            # the small-ring stage, its output converted (exactly) to the forward's ring, then the rest there
+            small, rest = ring_stages(op, name)
+            got = np.asarray(spsim.sim_jax(sim, small, copts=prof.compiler_options())(*inputs), np.float32)
+            if rest is not None:
+                base = spsim.Simulator(2, prof.runtime_config("cheetah"))
+                got = np.asarray(spsim.sim_jax(base, rest, copts=prof.compiler_options())(got), np.float32)
+        else:
+            got = spsim.sim_jax(sim, fn, copts=prof.compiler_options())(*inputs)
+        got = np.asarray(got, np.float64)
         err = np.abs(got - ref)
-        bound = ERROR_BOUNDS[(op, name)]
-        out[op] = {"kernel": name, "max_abs_err": float(err.max()), "bound": bound,
-                   "beyond_bound": int((err > bound).sum()), "elements": int(ref.size)}
+        known = (op, name, bits) in RING_ERROR_BOUNDS or (bits == 18 and (op, name) in ERROR_BOUNDS)
+        bound = error_bound(op, name, bits) if known else None
+        out[op] = {"kernel": name, "fraction_bits": bits, "max_abs_err": float(err.max()), "bound": bound,
+                   "beyond_bound": None if bound is None else int((err > bound).sum()), "elements": int(ref.size)}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m privlm.spu.kernels PROFILE ...``: JSON of each kernel's 2PC error (used by tests)."""
+    """``python -m privlm.spu.kernels [--elements N] PROFILE ...``: JSON of each kernel's 2PC error (used by
+    tests)."""
     import json
     import sys
 
-    names = argv if argv is not None else sys.argv[1:]
-    print(json.dumps({n: measure_errors(n) for n in names}))
+    names = list(argv if argv is not None else sys.argv[1:])
+    elements = KERNEL_TEST_ELEMENTS
+    if names[:1] == ["--elements"]:
+        elements, names = int(names[1]), names[2:]
+    print(json.dumps({n: measure_errors(n, elements=elements) for n in names}))
     return 0
 
 

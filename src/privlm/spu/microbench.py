@@ -22,6 +22,19 @@ from privlm.opschema import ACTIVATION_OPS
 
 SECRET, SERVER = "secret", 1  # how a case input is held: secret-shared activation, or private to the server
 
+# A kernel stage in a smaller ring (`SPUProfile.rings`) needs two share conversions per element, which SPU 0.9.5
+# cannot run (one ring per runtime, no arithmetic ring cast); each is measured as the SPU computation that does
+# the same protocol work:
+#   down  FM64/18 -> FM32/f: drop 18 - f fraction bits (one FM64 truncation: `x * 2^-(18-f)`), then reduce the
+#         shares mod 2^32 (local, free);
+#   up    FM32/f -> FM64/18: sign-extend the shares, which needs the wrap bit of the two 32-bit shares (a 32-bit
+#         millionaires' comparison and one bit-to-arithmetic conversion: SPU's `x < 0` in FM32), then shift
+#         left by 18 - f bits (local, free).
+RING_CONVERSIONS = {
+    "down": "one FM64 truncation by 18 - f bits per element (x * 2^-(18-f)); the mod-2^32 reduction is local",
+    "up": "one FM32 comparison x < 0 per element (the wrap bit of a 32-bit share extension); the shift is local",
+}
+
 
 def case_fn(op: str, shape: dict, kernels: dict[str, str]):
     """(fn, [(shape, holder), ...], elements, calls, flops) for one benchmark case."""
@@ -68,9 +81,46 @@ def case_fn(op: str, shape: dict, kernels: dict[str, str]):
     raise ValueError(f"unknown micro-benchmark op '{op}'")
 
 
+def ring_stage_cases(op: str, shape: dict, prof, name: str, copts) -> list[tuple]:
+    """The runs of one case whose kernel has a stage in a smaller ring: [(part, runtime, exe, inputs)], runtime
+    'base' (the forward's ring) or 'ring'; parts: conversion down, the small-ring stage, conversion up, and the
+    rest of the kernel in the forward's ring (RING_CONVERSIONS)."""
+    import jax
+
+    from privlm.spu.kernels import ring_stages
+    from privlm.spu.party import compile_step
+
+    fn, ins, *_ = case_fn(op, shape, prof.kernels)
+    small, rest = ring_stages(op, prof.kernels[op])
+    x = [s for s, h in ins if h == SECRET]
+    out = jax.eval_shape(small, *(jax.ShapeDtypeStruct(s, np.float32) for s in x)).shape
+    drop = 2.0 ** -(int(prof.runtime_doc()["fxp_fraction_bits"]) - int(prof.runtime_doc(op)["fxp_fraction_bits"]))
+    parts = [("down", "base", compile_step(lambda v: v * drop, [x[0]], f"{name}d"), [(x[0], SECRET)]),
+             ("stage", "ring", compile_step(small, x, f"{name}s", copts), [(s, SECRET) for s in x]),
+             ("up", "ring", compile_step(lambda v: v < 0, [out], f"{name}u"), [(out, SECRET)])]
+    if rest is not None:
+        parts.append(("rest", "base", compile_step(rest, [out], f"{name}r", copts), [(out, SECRET)]))
+    return parts
+
+
+def ring_setup_fn(prof):
+    """`party.setup_fn` for the small ring: one tiny instance of every small-ring stage, a comparison and a
+    product (the FM32 runtime's own one-time setup)."""
+    from privlm.spu.kernels import ring_stages
+
+    stages = [ring_stages(op, prof.kernels[op])[0] for op in prof.rings]
+
+    def fn(a, w):
+        x = a @ w
+        return sum(st(x) for st in stages) + (x < 0) * a + x * x
+    return fn
+
+
 def run(cases: list[dict], protocol: str, log: Path, repeats: int, rank: int | None = None,
         peers: list[str] | None = None, spu_profile: str = "default") -> list[dict]:
-    """Both parties as threads (rank None), or this process's party over brpc to ``peers``."""
+    """Both parties as threads (rank None), or this process's party over brpc to ``peers``. A case whose
+    kernel runs in a smaller ring (`SPUProfile.rings`) is the sum of its parts (`ring_stage_cases`), each run
+    in a runtime of its ring over the same link; its row lists the parts under "parts"."""
     from privlm.spu.party import Party, compile_step, make_link, run_ranks, setup_fn
     from privlm.spu.spu_profile import load_spu_profile
 
@@ -79,35 +129,63 @@ def run(cases: list[dict], protocol: str, log: Path, repeats: int, rank: int | N
     compiled = []
     for i, c in enumerate(cases):
         fn, ins, elements, calls, flops = case_fn(c["op"], c["shape"], prof.kernels)
-        compiled.append((c, compile_step(fn, [s for s, _ in ins], f"case{i}", copts), ins, elements, calls, flops))
+        if prof.ring_of(c["op"]) is not None:
+            parts = ring_stage_cases(c["op"], c["shape"], prof, f"case{i}", copts)
+        else:
+            parts = [(None, "base", compile_step(fn, [s for s, _ in ins], f"case{i}", copts), ins)]
+        compiled.append((c, parts, elements, calls, flops))
     setup = compile_step(setup_fn(prof.kernels), [(4, 8), (8, 8)], "setup", copts)
+    ring_ops = list(prof.rings)
+    ring_setup = compile_step(ring_setup_fn(prof), [(4, 8), (8, 8)], "rsetup", copts) if ring_ops else None
     rows: list[dict] = []
 
     def party(rank: int) -> None:
         lctx = make_link(rank, peers)
         p = Party(rank, lctx, protocol, log if rank == 0 else None, prof)
+        parties = {"base": p}
+        setups = [("base", setup)]
+        if ring_ops:  # one runtime per ring over the same link, run one at a time; one log reader for both
+            parties["ring"] = Party(rank, lctx, protocol, log if rank == 0 else None, prof, ring_op=ring_ops[0])
+            parties["ring"].tail = p.tail
+            setups.append(("ring", ring_setup))
         rng = np.random.default_rng(rank)
-        p.share_input("a", 0, rng.normal(size=(4, 8)) if rank == 0 else None, (4, 8))
-        p.share_input("w", 1, rng.normal(size=(8, 8)) if rank == 1 else None, (8, 8))
-        st = p.run(setup, ["a", "w"], ["o"])
-        if rank == 0:
-            rows.append({"op": "setup", "shape": {}, "elements": 0, "calls": 1, "flops": 0, **st})
-        for c, exe, ins, elements, calls, flops in compiled:
-            names = []
-            for j, (shape, holder) in enumerate(ins):
-                # logits-like inputs: N(0, 2); gains near 1 keep LayerNorm in its usual range
-                val = rng.normal(0, 2.0, size=shape) if j == 0 else rng.normal(1.0, 0.1, size=shape)
-                if holder == SECRET:  # the client deals it: any dealer gives the same runtime traffic
-                    p.share_secret(f"in{j}", 0, val if rank == 0 else None)
-                else:
-                    p.share_input(f"in{j}", holder, val if rank == holder else None, shape)
-                names.append(f"in{j}")
+        for rt, exe in setups:
+            q = parties[rt]
+            q.share_input("a", 0, rng.normal(size=(4, 8)) if rank == 0 else None, (4, 8))
+            q.share_input("w", 1, rng.normal(size=(8, 8)) if rank == 1 else None, (8, 8))
+            st = q.run(exe, ["a", "w"], ["o"])
+            q.shares.clear()
+            if rank == 0:
+                rows.append({"op": "setup", "shape": {}, "elements": 0, "calls": 1, "flops": 0, "ring": rt, **st})
+        for c, parts, elements, calls, flops in compiled:
+            staged = []
+            for part, rt, exe, ins in parts:
+                q = parties[rt]
+                names = []
+                for j, (shape, holder) in enumerate(ins):
+                    # logits-like inputs: N(0, 2); gains near 1 keep LayerNorm in its usual range
+                    val = rng.normal(0, 2.0, size=shape) if j == 0 else rng.normal(1.0, 0.1, size=shape)
+                    if holder == SECRET:  # the client deals it: any dealer gives the same runtime traffic
+                        q.share_secret(f"in{j}", 0, val if rank == 0 else None)
+                    else:
+                        q.share_input(f"in{j}", holder, val if rank == holder else None, shape)
+                    names.append(f"in{j}")
+                staged.append((part, q, exe, names))
             for _ in range(c.get("repeats", repeats)):
-                st = p.run(exe, names, ["out"])
+                total, by_part = {}, {}
+                for part, q, exe, names in staged:
+                    st = q.run(exe, names, ["out"])
+                    by_part[part] = st
+                    for k, v in st.items():
+                        total[k] = total.get(k, 0) + v
                 if rank == 0:
-                    rows.append({"op": c["op"], "shape": c["shape"], "elements": elements, "calls": calls,
-                                 "flops": flops, **st})
-            p.shares.clear()
+                    row = {"op": c["op"], "shape": c["shape"], "elements": elements, "calls": calls,
+                           "flops": flops, **total}
+                    if len(staged) > 1:
+                        row["parts"] = by_part
+                    rows.append(row)
+            for q in parties.values():
+                q.shares.clear()
         if peers is not None:
             lctx.stop_link()
 

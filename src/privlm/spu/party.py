@@ -254,15 +254,17 @@ def one_line(exc: BaseException) -> str:
 class Party:
     """Holds the link, the SPU runtime and this party's shares of every live tensor."""
 
-    def __init__(self, rank: int, lctx, protocol: str, log_path: Path | None, spu_profile):
+    def __init__(self, rank: int, lctx, protocol: str, log_path: Path | None, spu_profile,
+                 ring_op: str | None = None):
+        """ring_op: run in the ring of that op's kernel (`SPUProfile.rings`; micro-benchmarks only)."""
         import spu.api as spu_api
 
         from privlm.spu.linkstats import LogTail
 
         self.rank, self.lctx, self.protocol, self.spu_profile = rank, lctx, protocol, spu_profile
         profile = log_path is not None
-        self.rt = spu_api.Runtime(lctx, spu_profile.runtime_config(protocol, link_profile=profile))
-        self.io = spu_api.Io(2, spu_profile.runtime_config(protocol))
+        self.rt = spu_api.Runtime(lctx, spu_profile.runtime_config(protocol, link_profile=profile, op=ring_op))
+        self.io = spu_api.Io(2, spu_profile.runtime_config(protocol, op=ring_op))
         self.tail = LogTail(log_path) if profile else None
         self.shares: dict[str, object] = {}
         self.share_bytes_sent = 0
