@@ -211,6 +211,7 @@ def busy_calibration(profile) -> Optional[str]:
 
 def cost_rows(targets: list, ref_cfg: Config, profile, T_arg: Optional[int]) -> tuple[list[dict], list[str], list[str]]:
     """One `cost_row` per target under one cost profile, savings against ``ref_cfg`` under the same profile."""
+    from privlm.pi.census import census
     rows, warnings, notes = [], [], []
     for target, _size, run_T, label in targets:
         T = T_arg if T_arg is not None else (run_T or 128)
