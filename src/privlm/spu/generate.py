@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from privlm.spu.party import (AUDIT, EXIT_PEER, PEER_TIMEOUT_S, SIM_NAME, Party, PeerLost, compile_step,
-                              start_audit, connect, make_link, one_line, party_name, plan, run_ranks, setup_fn)
+from privlm.spu.party import (AUDIT, PEER_TIMEOUT_S, Party, PeerLost, compile_step, start_audit, connect,
+                              make_link, plan, run_ranks, run_reporting, setup_fn)
 
 import numpy as np  # noqa: E402
 
@@ -282,16 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--log", required=True)
     ap.add_argument("--audit")
-    args = ap.parse_args(argv)
-    name = SIM_NAME if args.sim else party_name(args.rank)
-    try:
-        return _run(args)
-    except PeerLost as exc:
-        print(f"{name}: {exc}", file=sys.stderr, flush=True)
-        return EXIT_PEER
-    except Exception as exc:
-        print(f"{name}: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 1
+    return run_reporting(_run, ap.parse_args(argv))
 
 
 def _run(args) -> int:

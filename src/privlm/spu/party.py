@@ -522,11 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="result JSON (client); logits go to the .npy beside it")
     ap.add_argument("--log", required=True, help="SPU system log of this process")
     ap.add_argument("--audit", help="write what this process received and opened here")
-    args = ap.parse_args(argv)
+    return run_reporting(_run, ap.parse_args(argv))
+
+
+def run_reporting(run, args) -> int:
+    """``run(args)`` of a party process (this one or private generation's) with one stderr line on every failure
+    (the launcher shows it); EXIT_PEER when the peer is to blame."""
     name = SIM_NAME if args.sim else party_name(args.rank)
-    # One stderr line on every failure (the launcher shows it); EXIT_PEER when the peer is to blame.
     try:
-        return _run(args)
+        return run(args)
     except PeerLost as exc:
         print(f"{name}: {exc}", file=sys.stderr, flush=True)
         return EXIT_PEER
