@@ -159,8 +159,15 @@ def test_cancelled_sweep_completes_on_rerun_without_training_a_run_twice(cluster
     unfinished = [n for n in ("long-a", "long-b", "long-c") if not (out / n / "summary.json").is_file()]
     assert unfinished and all(first[n]["status"] == "interrupted" for n in unfinished)
     short_summary = (out / "short" / "summary.json").stat().st_mtime_ns
-    partial = {n: (out / n / "metrics.jsonl").read_text().splitlines() for n in unfinished
-               if (out / n / "metrics.jsonl").is_file()}
+    # what the rerun keeps of a cancelled run: its records up to the checkpoint it resumes from (the steps logged
+    # after that checkpoint are trained again, and logged again with their new timings)
+    partial = {}
+    for n in unfinished:
+        latest = out / n / "state" / "LATEST"
+        if latest.is_file() and (out / n / "metrics.jsonl").is_file():
+            resumed_from = int(latest.read_text().strip().removeprefix("step-"))
+            partial[n] = [x for x in (out / n / "metrics.jsonl").read_text().splitlines()
+                          if json.loads(x).get("step", 0) <= resumed_from]
 
     again = privlm("sweep", str(f), "--out", str(out), *SLURM)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -174,7 +181,7 @@ def test_cancelled_sweep_completes_on_rerun_without_training_a_run_twice(cluster
         steps = [r["step"] for r in map(json.loads, (out / n / "metrics.jsonl").read_text().splitlines())
                  if r["kind"] == "train"]
         assert steps == list(range(10, 101, 10))  # every step trained exactly once across the two attempts
-    for n, lines in partial.items():  # the part before the cancel is kept as it was
+    for n, lines in partial.items():  # the part up to the checkpoint is kept as it was
         assert (out / n / "metrics.jsonl").read_text().splitlines()[:len(lines)] == lines
     # a run cancelled mid-way and resumed ends with the weights of an uninterrupted run
     resumed = next(n for n in ("long-a", "long-b") if n in partial)
