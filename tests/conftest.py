@@ -21,3 +21,12 @@ def _isolated_privlm_home(tmp_path_factory):
         os.environ.pop("PRIVLM_HOME", None)
     else:
         os.environ["PRIVLM_HOME"] = old
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most slow tests (SPU runs, SLURM, process kills, training) first, each module's tests in
+    their own order: xdist hands tests out in collection order, so the long ones start early and the short ones
+    fill the end, instead of one worker finishing a long tail alone."""
+    from collections import Counter
+    slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.module.__name__])

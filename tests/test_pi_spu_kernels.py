@@ -11,7 +11,7 @@ import pytest
 
 from privlm.spu import kernels as K
 from privlm.spu.launcher import spu_python
-from privlm.spu.spu_profile import UnknownSPUProfile, available_spu_profiles, load_spu_profile
+from privlm.spu.spu_profile import KERNEL_OPS, UnknownSPUProfile, available_spu_profiles, load_spu_profile
 
 
 def test_profiles_are_data_and_name_their_kernels():
@@ -88,18 +88,42 @@ def test_kernel_inputs_cover_the_stated_ranges():
     assert u.min() < K.GELU_ZERO_BELOW - 5 and u.max() > K.GELU_IDENTITY_ABOVE + 5  # every GELU segment
 
 
+def _cases_by_profile() -> dict[str, tuple[str, ...]]:
+    """The kernel cases each profile's process measures: every distinct `kernels.kernel_case` once, under the
+    first profile (by name) that has it; a case shared by two profiles is the same program on the same inputs."""
+    owner: dict[tuple, str] = {}
+    for name in available_spu_profiles():
+        for op in KERNEL_OPS:
+            owner.setdefault(K.kernel_case(load_spu_profile(name), op), name)
+    return {name: tuple(op for (op, *_), n in owner.items() if n == name) for name in available_spu_profiles()}
+
+
+CASES = _cases_by_profile()
+
+
+def test_every_kernel_case_of_every_profile_is_measured_once():
+    """Each (profile, op) is measured by its own profile's process or by an earlier profile with the same case."""
+    measured = {K.kernel_case(load_spu_profile(n), op) for n, ops in CASES.items() for op in ops}
+    for name in available_spu_profiles():
+        for op in KERNEL_OPS:
+            assert K.kernel_case(load_spu_profile(name), op) in measured, (name, op)
+    assert sum(map(len, CASES.values())) == len(measured)  # and none twice
+    # cases differ where the profiles' settings differ: a profile's own kernels are measured under it
+    assert {"softmax", "layernorm"} <= set(CASES["paper-era"]) and {"softmax", "gelu"} <= set(CASES["bumblebee-ring32"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", available_spu_profiles())  # one SPU process per profile: xdist spreads them
 def test_every_kernel_of_every_profile_is_within_its_error_bound_under_2pc(name):
-    """Each kernel of the profile runs under CHEETAH (both parties in one process) with the profile's runtime
-    settings and compiler options (a ring profile's ring kernels in their own ring); max |2PC - numpy float64|
-    <= the kernel's bound over KERNEL_TEST_ELEMENTS elements each (bench/pi_kernel_tails.py hunts the rare tails
-    at larger sizes)."""
-    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.kernels", name], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    """Each kernel case of the profile (`CASES`) runs under CHEETAH (both parties in one process) with the
+    profile's runtime settings and compiler options (a ring profile's ring kernels in their own ring);
+    max |2PC - numpy float64| <= the kernel's bound over KERNEL_TEST_ELEMENTS elements each
+    (bench/pi_kernel_tails.py hunts the rare tails at larger sizes)."""
+    proc = subprocess.run([str(spu_python()), "-m", "privlm.spu.kernels", "--ops", ",".join(CASES[name]), name],
+                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(res) == {name} and res[name]
+    assert set(res) == {name} and tuple(res[name]) == CASES[name]
     for op, r in res[name].items():
         assert r["kernel"] == load_spu_profile(name).kernels[op]
         assert r["max_abs_err"] <= r["bound"] == K.error_bound(op, r["kernel"], r["fraction_bits"]), (name, op, r)

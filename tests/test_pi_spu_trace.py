@@ -109,6 +109,12 @@ def exports(tmp_path_factory) -> dict[str, tuple[Path, list[np.ndarray]]]:
     return out
 
 
+# the tests of the module fixtures `exports` and `under_2pc` share one xdist worker (make test: --dist loadgroup),
+# so that each fixture is built once, not once per worker
+SHARED_MODELS = pytest.mark.xdist_group("traced-models")
+
+
+@SHARED_MODELS
 @pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 def test_traced_program_matches_torch(exports):
     """The torch-free interpreter of the op graph (SPU environment) reproduces torch's logits, all positions
@@ -153,6 +159,7 @@ def under_2pc(exports, tmp_path_factory) -> tuple[np.ndarray, dict]:
 LOGIT_BOUND = 0.04
 
 
+@SHARED_MODELS
 @pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
 @pytest.mark.parametrize("name", MODELS)
 def test_traced_program_under_2pc_sim_agrees_with_plaintext(name, exports, under_2pc):

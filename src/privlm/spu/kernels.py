@@ -342,16 +342,28 @@ INPUT_RANGES: dict[str, dict[str, float]] = {
 }
 
 
-def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS) -> dict[str, dict]:
-    """Each kernel of the profile (a name or an `SPUProfile`) run under SPU (both parties in this process) on
-    `kernel_inputs`: max |2PC - numpy reference| per op, and how many elements exceed the kernel's bound."""
+def kernel_case(profile, op: str) -> tuple[str, str, str, str]:
+    """What decides the 2PC computation of ``op`` under ``profile``: the kernel, the op's runtime settings (ring
+    included) and the compiler options. Two profiles with equal cases run the very same program on the same
+    inputs, so one measurement of the case speaks for both."""
+    import json
+
+    return (op, profile.kernels.get(op, DEFAULT_KERNELS.get(op)), json.dumps(profile.runtime_doc(op), sort_keys=True),
+            json.dumps(profile.compiler, sort_keys=True))
+
+
+def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS,
+                   ops: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Each kernel of the profile (a name or an `SPUProfile`; ``ops``: only those) run under SPU (both parties
+    in this process) on `kernel_inputs`: max |2PC - numpy reference| per op, and how many elements exceed the
+    kernel's bound."""
     import spu.utils.simulation as spsim
 
     from privlm.spu.spu_profile import KERNEL_OPS, load_spu_profile
 
     prof = load_spu_profile(profile) if isinstance(profile, str) else profile
     out = {}
-    for op in KERNEL_OPS:
+    for op in (KERNEL_OPS if ops is None else ops):
         # a kernel that runs in another ring runs in a runtime of that ring (the conversions are exact up to
         # one truncation of the input to the ring's fraction bits, which the fixed-point encoding applies)
         sim = spsim.Simulator(2, prof.runtime_config("cheetah", op=op))
@@ -382,16 +394,17 @@ def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m privlm.spu.kernels [--elements N] PROFILE ...``: JSON of each kernel's 2PC error (used by
-    tests)."""
+    """``python -m privlm.spu.kernels [--elements N] [--ops OP,OP] PROFILE ...``: JSON of each kernel's 2PC
+    error (used by tests)."""
+    import argparse
     import json
-    import sys
 
-    names = list(argv if argv is not None else sys.argv[1:])
-    elements = KERNEL_TEST_ELEMENTS
-    if names[:1] == ["--elements"]:
-        elements, names = int(names[1]), names[2:]
-    print(json.dumps({n: measure_errors(n, elements=elements) for n in names}))
+    parser = argparse.ArgumentParser(prog="python -m privlm.spu.kernels")
+    parser.add_argument("--elements", type=int, default=KERNEL_TEST_ELEMENTS)
+    parser.add_argument("--ops", type=lambda s: tuple(filter(None, s.split(","))), default=None)
+    parser.add_argument("profiles", nargs="+")
+    args = parser.parse_args(argv)
+    print(json.dumps({n: measure_errors(n, elements=args.elements, ops=args.ops) for n in args.profiles}))
     return 0
 
 

@@ -364,18 +364,49 @@ def share_digest(share) -> str:
     return h.hexdigest()
 
 
+# Executables already compiled in this process, by what decides them (`_compile_key`): the simulator's two
+# party threads, the layers of one model and the prefill/decode programs share their steps' compilations.
+_COMPILED: dict[tuple, object] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def _compile_key(fn, args: list[np.ndarray], public: tuple[int, ...], copts) -> tuple:
+    """The step's jaxpr (ops, shapes, literals), the values of the constants it closes over, which inputs are
+    public and the compiler options: equal keys compile to the same executable up to its variable names, which
+    `Party.run` maps positionally."""
+    import hashlib
+
+    import jax
+
+    closed = jax.make_jaxpr(fn)(*args)
+    h = hashlib.sha256(str(closed.jaxpr).encode())
+    for c in closed.consts:
+        c = np.asarray(c)
+        h.update(f"{c.dtype}{c.shape}".encode())
+        h.update(np.ascontiguousarray(c).tobytes())
+    options = tuple((a, str(getattr(copts, a))) for a in sorted(dir(copts)) if not a.startswith("_"))
+    return h.hexdigest(), tuple(sorted(public)), options
+
+
 def compile_step(fn, arg_shapes: list[tuple], name: str, copts=None, public: tuple[int, ...] = ()):
     """Compile one step for SPU; every input is a share named '<step>:in<i>', secret except the indices in
-    ``public`` (runtime values both parties know, e.g. a decode step's position)."""
+    ``public`` (runtime values both parties know, e.g. a decode step's position). A step equal to one compiled
+    before in this process (`_compile_key`) reuses that executable."""
     import spu.libspu as libspu
     import spu.utils.frontend as spu_fe
 
+    copts = copts if copts is not None else libspu.CompilerOptions()
     args = [np.zeros(s, np.float32) for s in arg_shapes]
-    vis = [libspu.Visibility.VIS_PUBLIC if i in public else libspu.Visibility.VIS_SECRET for i in range(len(args))]
-    exe, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, args, {}, [f"{name}:in{i}" for i in range(len(args))], vis,
-                            lambda outs: [f"{name}:out{i}" for i in range(len(outs))],
-                            copts=copts if copts is not None else libspu.CompilerOptions())
-    return exe
+    key = _compile_key(fn, args, public, copts)
+    with _COMPILE_LOCK:
+        if key not in _COMPILED:
+            vis = [libspu.Visibility.VIS_PUBLIC if i in public else libspu.Visibility.VIS_SECRET
+                   for i in range(len(args))]
+            _COMPILED[key], _ = spu_fe.compile(spu_fe.Kind.JAX, fn, args, {},
+                                               [f"{name}:in{i}" for i in range(len(args))], vis,
+                                               lambda outs: [f"{name}:out{i}" for i in range(len(outs))],
+                                               copts=copts)
+        return _COMPILED[key]
 
 
 def setup_fn(kernels: dict[str, str]):
