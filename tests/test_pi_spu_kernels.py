@@ -134,13 +134,21 @@ for op, x, ref in (("softmax", s, K.softmax_reference(s.astype(np.float64))),
     out[op] = {"err": float(np.abs(np.asarray(got, np.float64) - ref).max()), "bound": K.error_bound(op, prof.kernels[op]),
                "exp_in_spu": "exponential" in code["None"], "exp_in_products": "exponential" in code[str(iters)],
                "products": code[str(iters)].count("multiply") - code["None"].count("multiply")}
+from privlm.spu.program import batched_matmul
+q, k = rng.normal(size=(1, 4, 1, 32)).astype(np.float32), rng.normal(size=(1, 4, 32, 67)).astype(np.float32)
+codes = [compile_step(f, [q.shape, k.shape], "qk", prof.compiler_options()).code.decode()
+         for f in (batched_matmul, lambda a, b: a @ b)]
+got = spsim.sim_jax(spsim.Simulator(2, prof.runtime_config("cheetah")), batched_matmul)(q, k)
+out["qk"] = {"err": float(np.abs(np.asarray(got, np.float64) - q.astype(np.float64) @ k).max()),
+             "batched_dot": ["dot_general" in c for c in codes], "shape": list(np.shape(got))}
 print(json.dumps(out))
 """
 
 
 @pytest.mark.slow  # one SPU process: ~35 s on a loaded 2-core machine
 def test_small_exponentials_run_as_products_within_the_kernel_bound():
-    """Inside an SPU compilation with the runtime's Taylor iterations (`compile_step(exp_iters=8)`, as pi run and
+    """`program.batched_matmul` of one-row products is one product with a block-diagonal, equal to a @ b under 2PC.
+    Inside an SPU compilation with the runtime's Taylor iterations (`compile_step(exp_iters=8)`, as pi run and
     pi generate compile), the exp of a decode-sized tensor is SPU's (1 + z/256)^256 written as 8 products instead
     of SPU's exp op (8 HE squarings under CHEETAH); under 2PC the puma softmax and SiLU stay within their bounds."""
     proc = subprocess.run([str(spu_python()), "-c", SMALL_EXP_CHECK], capture_output=True, text=True,
@@ -153,3 +161,7 @@ def test_small_exponentials_run_as_products_within_the_kernel_bound():
         assert r["exp_in_spu"] and not r["exp_in_products"], (op, r)
         assert r["products"] == 9, (op, r)  # z * 2^-8, then the 8 squarings as products
         assert 0 < r["err"] <= r["bound"], (op, r)
+    # a decode step's per-head q Kᵀ (one row per head): one 2-D product with the block-diagonal, not a batched one
+    r = res["qk"]
+    assert r["batched_dot"] == [False, True] and r["shape"] == [1, 4, 1, 67], r
+    assert 0 < r["err"] < 1e-3, r  # fixed point with 18 fraction bits, inputs of order 1, sums of 32 products
