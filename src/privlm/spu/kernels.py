@@ -92,10 +92,10 @@ def piecewise_gelu_fit(iterations: int = 200) -> tuple[tuple[float, ...], tuple[
 # JAX kernels
 
 # SPU 0.9.5 evaluates exp(z) as (1 + z / 2^n)^(2^n): n squarings (fxp_exp_iters, 8 unless a profile sets it).
-# Under CHEETAH a squaring (SquareA) is one HE product over at least one 8,192-slot batch, ~1.1 MB however few
-# elements it holds, while a product x * y of fewer than 16,384 elements (MulAA) takes Beaver triples from a
-# cache that one such HE batch refills with 4,096: a decode step's softmax (H x C scores) paid ~9 MB of ~9.2 for
-# its 8 squarings. Written as products, small tensors pay per element; from 4,096 elements on a batch per
+# Under CHEETAH a squaring (SquareA) is one HE product over at least one 8,192-slot batch however few elements it
+# holds, while a product x * y of fewer than 16,384 elements (MulAA) takes Beaver triples from a cache that one
+# such HE batch refills with 4,096: a decode step's softmax (H x C scores) paid almost all of its bytes for its 8
+# squarings. Written as products, small tensors pay per element; from 4,096 elements on a batch per
 # squaring is no dearer. Outside an SPU compilation `exp` is jnp.exp (the plaintext programs stay exact).
 PRODUCT_EXP_MAX_ELEMENTS = 4096  # products below this many elements (CHEETAH's Beaver triples per HE batch)
 _PRODUCT_EXP_ITERS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("privlm_product_exp",
