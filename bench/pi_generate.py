@@ -146,7 +146,8 @@ def main() -> int:
     args = ap.parse_args()
     sizes = SMALL if args.small else DEMO
     out = Path(args.out)
-    rows = json.loads(out.read_text())["rows"] if args.only_wan and out.exists() else []
+    kept = json.loads(out.read_text()) if args.only_wan and out.exists() else {"rows": []}
+    rows = kept["rows"]
     if args.merge:
         docs = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = [r for d in docs for r in d["rows"]]
@@ -157,6 +158,8 @@ def main() -> int:
         print(md)
         return 0
     command = "python bench/pi_generate.py " + " ".join(sys.argv[1:])
+    if kept.get("command"):  # --only-wan keeps the other rows, and the commands that wrote them
+        command = " ; ".join(c for c in kept["command"].split(" ; ") if "--only-wan" not in c) + " ; " + command
 
     def write() -> str:  # after every measurement: an interrupted run keeps what it measured
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -130,3 +130,62 @@ def test_every_kernel_of_every_profile_is_within_its_error_bound_under_2pc(name)
         assert r["max_abs_err"] > 0  # fixed point: a real computation, not a copy of the reference
         # enough elements that a rarely-but-badly failing protocol setting shows (see KERNEL_TEST_ELEMENTS)
         assert r["elements"] == K.KERNEL_TEST_ELEMENTS, (name, op)
+
+
+SMALL_EXP_CHECK = r"""
+import json
+import numpy as np
+import spu.utils.simulation as spsim
+from privlm.spu import kernels as K
+from privlm.spu.party import compile_step
+from privlm.spu.spu_profile import load_spu_profile
+
+prof = load_spu_profile("puma")
+iters = prof.taylor_exp_iters()
+rng = np.random.default_rng(0)
+s = rng.normal(0.0, 3.0, (4, 1, 67)).astype(np.float32)  # a decode step's scores: H heads x one row of C
+s[..., :2], s[..., 2:4], s[..., -8:] = 30.0, -30.0, -100.0  # the largest and smallest logits, masked slots
+u = rng.uniform(-12.0, 12.0, (1, 512)).astype(np.float32)  # one token's SiLU inputs
+out = {"iters": iters}
+for op, x, ref in (("softmax", s, K.softmax_reference(s.astype(np.float64))),
+                   ("silu", u, K.silu_reference(u.astype(np.float64)))):
+    fn = K.kernel(op, prof.kernels[op])
+    code = {str(it): compile_step(fn, [x.shape], op, prof.compiler_options(), exp_iters=it).code.decode()
+            for it in (None, iters)}
+    with K.products_for_exp(iters):
+        got = spsim.sim_jax(spsim.Simulator(2, prof.runtime_config("cheetah")), lambda a: fn(a),
+                            copts=prof.compiler_options())(x)
+    out[op] = {"err": float(np.abs(np.asarray(got, np.float64) - ref).max()), "bound": K.error_bound(op, prof.kernels[op]),
+               "exp_in_spu": "exponential" in code["None"], "exp_in_products": "exponential" in code[str(iters)],
+               "products": code[str(iters)].count("multiply") - code["None"].count("multiply")}
+from privlm.spu.program import batched_matmul
+q, k = rng.normal(size=(1, 4, 1, 32)).astype(np.float32), rng.normal(size=(1, 4, 32, 67)).astype(np.float32)
+codes = [compile_step(f, [q.shape, k.shape], "qk", prof.compiler_options()).code.decode()
+         for f in (batched_matmul, lambda a, b: a @ b)]
+got = spsim.sim_jax(spsim.Simulator(2, prof.runtime_config("cheetah")), batched_matmul)(q, k)
+out["qk"] = {"err": float(np.abs(np.asarray(got, np.float64) - q.astype(np.float64) @ k).max()),
+             "batched_dot": ["dot_general" in c for c in codes], "shape": list(np.shape(got))}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # one SPU process: ~35 s on a loaded 2-core machine
+def test_small_exponentials_run_as_products_within_the_kernel_bound():
+    """`program.batched_matmul` of one-row products is one product with a block-diagonal, equal to a @ b under 2PC.
+    Inside an SPU compilation with the runtime's Taylor iterations (`compile_step(exp_iters=8)`, as pi run and
+    pi generate compile), the exp of a decode-sized tensor is SPU's (1 + z/256)^256 written as 8 products instead
+    of SPU's exp op (8 HE squarings under CHEETAH); under 2PC the puma softmax and SiLU stay within their bounds."""
+    proc = subprocess.run([str(spu_python()), "-c", SMALL_EXP_CHECK], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["iters"] == 8  # puma leaves fxp_exp_iters at SPU's default
+    for op in ("softmax", "silu"):
+        r = res[op]
+        assert r["exp_in_spu"] and not r["exp_in_products"], (op, r)
+        assert r["products"] == 9, (op, r)  # z * 2^-8, then the 8 squarings as products
+        assert 0 < r["err"] <= r["bound"], (op, r)
+    # a decode step's per-head q Kᵀ (one row per head): one 2-D product with the block-diagonal, not a batched one
+    r = res["qk"]
+    assert r["batched_dot"] == [False, True] and r["shape"] == [1, 4, 1, 67], r
+    assert 0 < r["err"] < 1e-3, r  # fixed point with 18 fraction bits, inputs of order 1, sums of 32 products

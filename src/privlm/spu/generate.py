@@ -93,12 +93,13 @@ class _Runner:
         self.plans = {k: plan(p) for k, p in programs.items()}
         t0 = time.perf_counter()
         self.compiled = {}
+        iters = party.spu_profile.taylor_exp_iters(party.protocol)
         for key, prog in programs.items():
             shapes = self.plans[key][0]
             for s in prog.steps:
                 public = tuple(i for i, n in enumerate(s.inputs) if n in prog.public_inputs)
                 self.compiled[key, s.name] = compile_step(s.fn, [shapes[n] for n in s.inputs], f"{key}.{s.name}",
-                                                          copts, public)
+                                                          copts, public, exp_iters=iters)
         V = programs[PREFILL].meta["vocab_size"]
         self.argmax = compile_step(tree_argmax, [(1, V)], "argmax", copts)
         self.compile_seconds = time.perf_counter() - t0

@@ -22,9 +22,15 @@ rmsnorm   rsqrt      x * rsqrt(mean(x^2) + eps) * g (LLaMA, Qwen2, Mistral)
 silu      exp        x / (1 + exp(-x)) through SPU's exp and reciprocal (LLaMA-family MLPs)
 gate_product mul     SwiGLU's act(gate) ⊙ up: a secret x secret product
 relu      compare    one comparison: ReLU, and leaky ReLU's where(x >= 0, x, slope·x)
+
+The exponentials of softmax and SiLU go through `exp`: SPU's own exp, except while a program step is compiled
+for SPU with the runtime's Taylor iterations (`products_for_exp`, set by `privlm.spu.party.compile_step`): then
+a tensor of fewer than `PRODUCT_EXP_MAX_ELEMENTS` elements gets the same Taylor form written as products.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Callable, Optional
@@ -84,6 +90,41 @@ def piecewise_gelu_fit(iterations: int = 200) -> tuple[tuple[float, ...], tuple[
 
 # --------------------------------------------------------------------------------------------------
 # JAX kernels
+
+# SPU 0.9.5 evaluates exp(z) as (1 + z / 2^n)^(2^n): n squarings (fxp_exp_iters, 8 unless a profile sets it).
+# Under CHEETAH a squaring (SquareA) is one HE product over at least one 8,192-slot batch however few elements it
+# holds, while a product x * y of fewer than 16,384 elements (MulAA) takes Beaver triples from a cache that one
+# such HE batch refills with 4,096: a decode step's softmax (H x C scores) paid almost all of its bytes for its 8
+# squarings. Written as products, small tensors pay per element; from 4,096 elements on a batch per
+# squaring is no dearer. Outside an SPU compilation `exp` is jnp.exp (the plaintext programs stay exact).
+PRODUCT_EXP_MAX_ELEMENTS = 4096  # products below this many elements (CHEETAH's Beaver triples per HE batch)
+_PRODUCT_EXP_ITERS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("privlm_product_exp",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def products_for_exp(iters: Optional[int]):
+    """Within: `exp` of a small tensor is SPU's Taylor form with ``iters`` products (None: SPU's exp)."""
+    token = _PRODUCT_EXP_ITERS.set(iters)
+    try:
+        yield
+    finally:
+        _PRODUCT_EXP_ITERS.reset(token)
+
+
+def exp(z):
+    """SPU's exp of z; inside `products_for_exp(n)`, for fewer than PRODUCT_EXP_MAX_ELEMENTS elements, the same
+    (1 + z / 2^n)^(2^n) with its n squarings written as products r * r (CHEETAH's MulAA, not SquareA)."""
+    import jax.numpy as jnp
+    iters = _PRODUCT_EXP_ITERS.get()
+    if iters is None or z.size >= PRODUCT_EXP_MAX_ELEMENTS:
+        return jnp.exp(z)
+    r = 1.0 + z * (2.0 ** -iters)
+    for _ in range(iters):
+        r = r * r
+    return r
+
+
 def softmax_divide(s):
     import jax
     return jax.nn.softmax(s, axis=-1)
@@ -91,7 +132,7 @@ def softmax_divide(s):
 
 def softmax_reciprocal(s):
     import jax.numpy as jnp
-    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    e = exp(s - jnp.max(s, axis=-1, keepdims=True))
     return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
 
 
@@ -102,7 +143,7 @@ def softmax_clipped_exp(s):
     """The elementwise part of the clipped softmax: exp(s - rowmax) where above SOFTMAX_CLIP, else 0."""
     import jax.numpy as jnp
     z = s - jnp.max(s, axis=-1, keepdims=True)
-    return jnp.where(z > SOFTMAX_CLIP, jnp.exp(z), 0.0)
+    return jnp.where(z > SOFTMAX_CLIP, exp(z), 0.0)
 
 
 def softmax_normalize(e):
@@ -198,7 +239,7 @@ def silu_exp(u):
     """x·sigmoid(x) as x / (1 + exp(-x)): SPU's exp and one reciprocal. (jax.nn.sigmoid would lower to SPU's
     sigmoid, whose default mode is the linear 0.5 + 0.125·x, far off for |x| > 2.)"""
     import jax.numpy as jnp
-    return u * (1.0 / (1.0 + jnp.exp(-u)))
+    return u * (1.0 / (1.0 + exp(-u)))
 
 
 def gate_mul(a, b):

@@ -388,25 +388,35 @@ def _compile_key(fn, args: list[np.ndarray], public: tuple[int, ...], copts) -> 
     return h.hexdigest(), tuple(sorted(public)), options
 
 
-def compile_step(fn, arg_shapes: list[tuple], name: str, copts=None, public: tuple[int, ...] = ()):
+def compile_step(fn, arg_shapes: list[tuple], name: str, copts=None, public: tuple[int, ...] = (),
+                 exp_iters: int | None = None):
     """Compile one step for SPU; every input is a share named '<step>:in<i>', secret except the indices in
-    ``public`` (runtime values both parties know, e.g. a decode step's position). A step equal to one compiled
-    before in this process (`_compile_key`) reuses that executable."""
+    ``public`` (runtime values both parties know, e.g. a decode step's position). ``exp_iters``: the runtime's
+    Taylor exp iterations (`SPUProfile.taylor_exp_iters`); the kernels then write the exp of a small tensor as
+    products (`privlm.spu.kernels.exp`: the same function, far fewer bytes under CHEETAH). A step equal to one
+    compiled before in this process (`_compile_key`) reuses that executable."""
     import spu.libspu as libspu
     import spu.utils.frontend as spu_fe
 
+    from privlm.spu.kernels import products_for_exp
+
     copts = copts if copts is not None else libspu.CompilerOptions()
     args = [np.zeros(s, np.float32) for s in arg_shapes]
-    key = _compile_key(fn, args, public, copts)
-    with _COMPILE_LOCK:
-        if key not in _COMPILED:
-            vis = [libspu.Visibility.VIS_PUBLIC if i in public else libspu.Visibility.VIS_SECRET
-                   for i in range(len(args))]
-            _COMPILED[key], _ = spu_fe.compile(spu_fe.Kind.JAX, fn, args, {},
-                                               [f"{name}:in{i}" for i in range(len(args))], vis,
-                                               lambda outs: [f"{name}:out{i}" for i in range(len(outs))],
-                                               copts=copts)
-        return _COMPILED[key]
+
+    def step(*xs):  # a fresh function: JAX's trace cache must not hand back a trace made under another setting
+        return fn(*xs)
+
+    with products_for_exp(exp_iters):
+        key = (_compile_key(step, args, public, copts), exp_iters)
+        with _COMPILE_LOCK:
+            if key not in _COMPILED:
+                vis = [libspu.Visibility.VIS_PUBLIC if i in public else libspu.Visibility.VIS_SECRET
+                       for i in range(len(args))]
+                _COMPILED[key], _ = spu_fe.compile(spu_fe.Kind.JAX, step, args, {},
+                                                   [f"{name}:in{i}" for i in range(len(args))], vis,
+                                                   lambda outs: [f"{name}:out{i}" for i in range(len(outs))],
+                                                   copts=copts)
+            return _COMPILED[key]
 
 
 def setup_fn(kernels: dict[str, str]):
@@ -460,7 +470,9 @@ def run_party(rank: int, lctx, program, protocol: str, spu_profile, log_path: Pa
     shapes, last_use = plan(program)
     copts = spu_profile.compiler_options()
     t0 = time.perf_counter()
-    compiled = {s.name: compile_step(s.fn, [shapes[n] for n in s.inputs], s.name, copts) for s in program.steps}
+    iters = spu_profile.taylor_exp_iters(protocol)
+    compiled = {s.name: compile_step(s.fn, [shapes[n] for n in s.inputs], s.name, copts, exp_iters=iters)
+                for s in program.steps}
     setup_exe = compile_step(setup_fn(spu_profile.kernels), [(4, 8), (8, 8)], "setup", copts)
     compile_s = time.perf_counter() - t0
 

@@ -207,6 +207,23 @@ def _gqa(q, k, v):
     return k, v
 
 
+def batched_matmul(a, b):
+    """a @ b. A batch of one-row products (a [..., 1, k] @ b [..., k, m] over n > 1 batch elements: a decode
+    step's q Kᵀ and AV, one per head) runs as one product: the n rows side by side [1, n·k] times the
+    block-diagonal of b [n·k, n·m] (a select with a public pattern: local), whose n diagonal blocks are the n
+    products. The same sums; under CHEETAH one HE product with the batch's rows in one vector instead of one HE
+    product per batch element (docs/DECISIONS.md#private-generation)."""
+    batch = a.shape[:-2]
+    n = math.prod(batch)
+    if a.ndim < 3 or a.shape[-2] != 1 or n < 2 or b.shape[:-2] != batch:
+        return a @ b
+    k, m = b.shape[-2:]
+    blocks = jnp.broadcast_to(b.reshape(n, k, 1, m), (n, k, n, m))
+    diagonal = np.eye(n, dtype=bool)[:, None, :, None]
+    bd = jnp.where(diagonal, blocks, 0.0).reshape(n * k, n * m)
+    return (a.reshape(1, n * k) @ bd).reshape(*batch, 1, m)
+
+
 def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
     """The registry's ops with an SPU kernel, each through the profile's kernel (privlm.spu.kernels)."""
     softmax = kernel("softmax", kernels["softmax"])
@@ -216,7 +233,7 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
 
     def sdpa_scores(q, k, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         k, _ = _gqa(q, k, k)
-        s = (q @ jnp.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        s = batched_matmul(q, jnp.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         if is_causal:
             s = jnp.where(causal_mask(s.shape[-1])[-s.shape[-2]:], s, MASK_VALUE)
         if attn_mask is not None:
@@ -225,7 +242,7 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
 
     def sdpa_av(p, q, v, *_, **__):
         _, v = _gqa(q, v, v)
-        return p @ v
+        return batched_matmul(p, v)
 
     def softmax_dim(x, dim=-1, *_):
         return softmax(x) if dim in (-1, x.ndim - 1) else jnp.moveaxis(softmax(jnp.moveaxis(x, dim, -1)), -1, dim)
@@ -241,7 +258,7 @@ def _kernel_ops(kernels: dict[str, str]) -> dict[str, Callable]:
     return {
         **elementwise,
         "aten.linear.default": lambda x, w, b=None: x @ w.T + (0 if b is None else b),
-        "aten.matmul.default": lambda a, b: a @ b, "aten.bmm.default": lambda a, b: a @ b,
+        "aten.matmul.default": batched_matmul, "aten.bmm.default": batched_matmul,
         "aten.mm.default": lambda a, b: a @ b, "aten.addmm.default": lambda b, x, w: b + x @ w,
         "embedding_onehot": lambda w, onehot, *_: onehot @ w,
         "sdpa_scores": sdpa_scores, "sdpa_softmax": softmax, "sdpa_av": sdpa_av,

@@ -91,6 +91,17 @@ class SPUProfile:
             raise ValueError(f"SPU profile '{self.name}': runtime settings are not a valid RuntimeConfig: {doc}")
         return cfg
 
+    def taylor_exp_iters(self, protocol: str = "cheetah") -> Optional[int]:
+        """The squarings of SPU's Taylor exp in the forward's ring under this profile (None when its exp mode
+        is another approximation): what `privlm.spu.kernels.exp` writes as products for small tensors."""
+        import spu.libspu as libspu
+
+        cfg = self.runtime_config(protocol)
+        taylor = (libspu.RuntimeConfig.ExpMode.EXP_DEFAULT, libspu.RuntimeConfig.ExpMode.EXP_TAYLOR)
+        if cfg.fxp_exp_mode not in taylor:
+            return None
+        return int(cfg.fxp_exp_iters) or 8  # 0: SPU's default (libspu/core/config.cc populates 8)
+
     def compiler_options(self):
         import spu.libspu as libspu
 
