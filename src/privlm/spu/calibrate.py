@@ -5,8 +5,10 @@ calibrate: micro-benchmarks every op type at several sizes under SPU (`privlm.sp
 for each linear kind (seconds alike), reports how linear the data are, and writes a cost profile in the
 format of docs/pi-cost.md (``privlm-pi-cost-profile/1``), by default ``spu-cheetah-measured``.
 
-measure: all L blocks of a preset cost the same, so one full-width block (plus embedding and head) is run
-under 2PC and the per-block steps are scaled by L / layers_measured.
+measure: all L blocks of a model cost the same, so one full-width block (plus embedding and head at a slice of the
+vocabulary) is run under 2PC and the per-block steps are scaled by L / layers_measured, the embedding and head by
+V / vocab_measured (`scale_of`). The model is a privlm preset or a Hugging Face config (a LLaMA-family 1.1 B
+model is measured from its config.json without ever holding 1.1 B parameters).
 """
 from __future__ import annotations
 
@@ -89,8 +91,10 @@ def register(sub) -> None:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
-    m = sub.add_parser("measure", help="2PC cost of a GPT-2-size preset from one measured layer")
-    m.add_argument("preset")
+    m = sub.add_parser("measure", help="2PC cost of a full-size model from one measured layer")
+    m.add_argument("preset", help="a privlm preset (with key=value overrides), or a Hugging Face model: a directory "
+                                  "with its config.json or hf:<id> (only the measured blocks and vocabulary slice "
+                                  "are built, with random weights: the bytes depend on the shapes only)")
     m.add_argument("overrides", nargs="*", metavar="key=value")
     m.add_argument("--T", type=bounded_int(1, MAX_T), default=128)
     m.add_argument("--layers-measured", type=bounded_int(1, 4096), default=1)
