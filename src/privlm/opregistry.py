@@ -125,8 +125,9 @@ RECORDS: dict[str, OpRecord] = {r.name: r for r in [
     OpRecord("aten.silu.default", "activation", "silu", _per_row, kernel="silu", doc="SiLU x·sigmoid(x)"),
     OpRecord("gate_product", "activation", "gate_product", _per_row, kernel="gate_product",
              doc="SwiGLU's act(gate) ⊙ up: a secret x secret elementwise product"),
-    OpRecord("rotary", "free", "rotary", _rotary_count,
-             doc="x·cos + rotate_half(x)·sin with public cos/sin tables: secret x public products"),
+    OpRecord("rotary", "activation", "rotary", _rotary_count,
+             doc="x·cos + rotate_half(x)·sin with public cos/sin tables: secret x public products (their "
+                 "truncations are the traffic), a step of its own so that its bytes are counted apart"),
     # products with a server-private value the census treats as free rescalings
     OpRecord("private_scale", "free",
              doc="secret x server-private elementwise product: SM(t)'s 1/t per head and position, Eq. 8's beta, "

@@ -5,8 +5,10 @@ calibrate: micro-benchmarks every op type at several sizes under SPU (`privlm.sp
 for each linear kind (seconds alike), reports how linear the data are, and writes a cost profile in the
 format of docs/pi-cost.md (``privlm-pi-cost-profile/1``), by default ``spu-cheetah-measured``.
 
-measure: all L blocks of a preset cost the same, so one full-width block (plus embedding and head) is run
-under 2PC and the per-block steps are scaled by L / layers_measured.
+measure: all L blocks of a model cost the same, so one full-width block (plus embedding and head at a slice of the
+vocabulary) is run under 2PC and the per-block steps are scaled by L / layers_measured, the embedding and head by
+V / vocab_measured (`scale_of`). The model is a privlm preset or a Hugging Face config (a LLaMA-family 1.1 B
+model is measured from its config.json without ever holding 1.1 B parameters).
 """
 from __future__ import annotations
 
@@ -89,8 +91,10 @@ def register(sub) -> None:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
-    m = sub.add_parser("measure", help="2PC cost of a GPT-2-size preset from one measured layer")
-    m.add_argument("preset")
+    m = sub.add_parser("measure", help="2PC cost of a full-size model from one measured layer")
+    m.add_argument("preset", help="a privlm preset (with key=value overrides), or a Hugging Face model: a directory "
+                                  "with its config.json or hf:<id> (only the measured blocks and vocabulary slice "
+                                  "are built, with random weights: the bytes depend on the shapes only)")
     m.add_argument("overrides", nargs="*", metavar="key=value")
     m.add_argument("--T", type=bounded_int(1, MAX_T), default=128)
     m.add_argument("--layers-measured", type=bounded_int(1, 4096), default=1)
@@ -421,66 +425,129 @@ PAPER_T128_GB = {"SM+LN+G": 25.32, "SM+LN+R": 9.44, "SM+ScFuFFN": 6.43, "EReg(SM
                  "SM(t)+ScFuFFN": 6.43}
 
 
-def measure(preset: str, overrides: list[str], T: int, layers_measured: int, vocab_measured: int,
-            protocol: str, chunks: int = 4, matmul_block: Optional[int] = 768, spu_profile: str = "default") -> dict:
-    """Cost of the full model from ``layers_measured`` measured blocks, scaled by L (see module doc)."""
+def _measured_privlm(preset: str, overrides: list[str], T: int, layers_measured: int, vocab_measured: int):
+    """(shape of the whole model, the model of layers_measured blocks at the measured vocabulary) of a preset."""
     import torch
 
     from privlm.config import load_config
     from privlm.model import GPT
-    from privlm.spu.export import save_traced
-    from privlm.spu.launcher import run_parties
-    from privlm.spu.report import breakdown
 
-    cfg = load_config(preset, list(overrides) + [f"data.seq_len={T}"])
-    m = cfg.model
+    m = load_config(preset, list(overrides) + [f"data.seq_len={T}"]).model
     if not 1 <= layers_measured <= m.n_layer:
         raise PrivlmError(f"--layers-measured={layers_measured} must be in 1..model.n_layer={m.n_layer}")
-    V = m.vocab_size
-    vm = min(vocab_measured, V)
+    vm = min(vocab_measured, m.vocab_size)
     small = load_config(preset, list(overrides) + [f"data.seq_len={T}", f"model.n_layer={layers_measured}",
                                                    f"model.vocab_size={vm}"])
     if small.model.ffn_keep_layers is not None or small.model.ffn_prune_deepest:
         raise PrivlmError("measure scales identical blocks; presets with pruned FFNs (^iK) differ per block")
     torch.manual_seed(0)
-    model = GPT(small.model).eval()
+    shape = {"preset": m.preset, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
+             "vocab_size": m.vocab_size}
+    return shape, GPT(small.model).eval()
+
+
+def _measured_hf(spec: str, overrides: list[str], T: int, layers_measured: int, vocab_measured: int):
+    """The same for a Hugging Face causal LM given by its config (a ``save_pretrained`` directory or ``hf:<id>``):
+    only ``layers_measured`` blocks and the vocabulary slice are built, with random weights (the bytes of a 2PC
+    run depend on the shapes, not on the weights' values), so a 1.1 B model never has to fit in memory."""
+    import copy
+
+    import torch
+
+    from privlm.hfmodel import build_model, check_length, hf_param_count, load_config as hf_config, shape_of
+    from privlm.validate import check_fits
+
+    if overrides:
+        raise PrivlmError(f"key=value overrides ({overrides[0]}) apply to privlm presets; edit the config.json of "
+                          f"'{spec}' instead")
+    config, path, family = hf_config(spec)
+    s = shape_of(config)
+    check_length(config, T)
+    if not 1 <= layers_measured <= s["n_layer"]:
+        raise PrivlmError(f"--layers-measured={layers_measured} must be in 1..{s['n_layer']} (the model's layers)")
+    vm = min(vocab_measured, s["vocab_size"])
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = layers_measured  # GPT-2's n_layer through its config's attribute map
+    small.vocab_size = vm
+    if isinstance(getattr(small, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Mistral)
+        small.layer_types = small.layer_types[:layers_measured]
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids past the measured vocabulary
+        v = getattr(small, k, None)
+        if isinstance(v, int) and v >= vm:
+            setattr(small, k, None)
+    check_fits(hf_param_count(small) * 4, f"the measured part of '{spec}' ({hf_param_count(small):,}+ parameters)")
+    torch.manual_seed(0)
+    model = build_model(small, "cpu")
+    name = spec if spec.startswith("hf:") else path.name
+    shape = {"preset": name, "family": family.name, "n_layer": s["n_layer"], "n_embd": s["n_embd"],
+             "n_head": s["n_head"], "n_kv_head": s["n_kv_head"], "ffn_hidden": s["ffn_hidden"],
+             "vocab_size": s["vocab_size"]}
+    return shape, model
+
+
+def scale_of(step: dict, n_layer: int, layers_measured: int, vocab_size: int, vocab_measured: int) -> float:
+    """What one measured step stands for in the whole model: a block's step L / layers_measured times (all blocks
+    cost the same), the embedding's and head's V / vocab_measured times ([T,V]x[V,d] and [T,d]x[d,V] are linear
+    in V at fixed T, d), the rest (final norm, setup) once."""
+    if step["layer"] is not None:
+        return n_layer / layers_measured
+    if step["kind"] in ("embedding", "head"):
+        return vocab_size / vocab_measured
+    return 1.0
+
+
+def scaled_by(doc: dict, key: str) -> dict[str, dict]:
+    """A `measure` document's steps scaled to the whole model (``scale_of``) and summed by ``key`` (kind |
+    census): bytes, seconds, messages."""
+    out: dict[str, dict] = {}
+    for s in doc["steps"]:
+        f = scale_of(s, doc["n_layer"], doc["layers_measured"], doc["vocab_size"], doc["vocab_measured"])
+        acc = out.setdefault(s[key], {"bytes": 0.0, "seconds": 0.0, "messages": 0.0})
+        acc["bytes"] += (s["send_bytes"] + s["recv_bytes"]) * f
+        acc["seconds"] += s["seconds"] * f
+        acc["messages"] += (s["send_actions"] + s["recv_actions"]) * f
+    return out
+
+
+def measure(preset: str, overrides: list[str], T: int, layers_measured: int, vocab_measured: int,
+            protocol: str, chunks: int = 4, matmul_block: Optional[int] = 768, spu_profile: str = "default") -> dict:
+    """Cost of the full model from ``layers_measured`` measured blocks, scaled by L (see module doc). ``preset``:
+    a privlm preset (with ``overrides``) or a Hugging Face model's config (``hfmodel.is_hf_spec``)."""
+    import torch
+
+    from privlm.hfmodel import is_hf_spec
+    from privlm.spu.export import save_traced
+    from privlm.spu.launcher import run_parties
+    from privlm.spu.report import breakdown
+
+    build = _measured_hf if is_hf_spec(preset) else _measured_privlm
+    shape, model = build(preset, list(overrides), T, layers_measured, vocab_measured)
+    V = shape["vocab_size"]
+    vm = min(vocab_measured, V)
     ids = torch.randint(0, vm, (T,)).tolist()
     with private_tempdir("privlm-measure-") as tmp:
         public, weights = save_traced(model, Path(tmp) / "export", T)
+        del model
         result, _ = run_parties(Path(tmp), public, weights=weights, tokens=ids, T=T, protocol=protocol,
                                 mode="sim", head="all", chunks=chunks,
                                 matmul_block=matmul_block, spu_profile=spu_profile)
     steps = result["steps"]
-    scale_layer = m.n_layer / layers_measured
-    scale_vocab = V / vm
-    per_kind: dict[str, dict] = {}
-    total = 0.0
-    for s in steps:
-        if s["layer"] is not None:
-            f = scale_layer
-        elif s["kind"] in ("embedding", "head"):
-            f = scale_vocab  # [T,V]x[V,d] and [T,d]x[d,V]: linear in V at fixed T, d
-        else:
-            f = 1.0
-        b = (s["send_bytes"] + s["recv_bytes"]) * f
-        acc = per_kind.setdefault(s["kind"], {"bytes": 0.0, "seconds": 0.0, "messages": 0.0})
-        acc["bytes"] += b
-        acc["seconds"] += s["seconds"] * f
-        acc["messages"] += (s["send_actions"] + s["recv_actions"]) * f
-        total += b
-    shares = (result["input_share_bytes"] + result["output_share_bytes"]) * scale_vocab
-    total += shares
+    doc = {**shape, "T": T, "layers_measured": layers_measured, "vocab_measured": vm, "steps": steps}
+    per_kind = scaled_by(doc, "kind")
+    shares = (result["input_share_bytes"] + result["output_share_bytes"]) * V / vm
+    total = sum(v["bytes"] for v in per_kind.values()) + shares
     seconds = sum(v["seconds"] for v in per_kind.values())
-    name = cfg.model.preset
-    return {"preset": name, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "vocab_size": V,
-            "T": T, "layers_measured": layers_measured, "vocab_measured": vm, "protocol": protocol,
+    name = shape["preset"]
+    gpt2_size = T == 128 and shape["n_layer"] == 12 and shape["n_embd"] == 768 and "family" not in shape
+    return {**shape, "T": T, "layers_measured": layers_measured, "vocab_measured": vm, "protocol": protocol,
             "spu_profile": spu_profile, "spu_settings": result["spu_settings"],
             "spu_version": result["spu_version"], "comm_gb": total / 1e9, "share_bytes": shares,
-            "seconds_scaled": seconds, "ops": per_kind, "measured_wall_seconds": result["wall_seconds"],
+            "seconds_scaled": seconds, "ops": per_kind, "census_ops": scaled_by(doc, "census"),
+            "measured_wall_seconds": result["wall_seconds"],
             "measured_steps": breakdown(steps, "kind"), "steps": steps, "chunks": chunks,
             "matmul_block": matmul_block,
             "peak_rss_mb": result.get("peak_rss_mb"),
-            "paper_comm_gb": PAPER_T128_GB.get(name) if (T == 128 and m.n_layer == 12 and m.n_embd == 768) else None,
+            "paper_comm_gb": PAPER_T128_GB.get(name) if gpt2_size else None,
             "machine": machine()}
 
 

@@ -8,6 +8,7 @@
                                               # server.safetensors (server)
     privlm pi calibrate [--out PROFILE.json] [--quick]
     privlm pi measure PRESET [key=value ...] [--layers-measured 1] [--T 128]
+    privlm pi measure HF_MODEL [--layers-measured 1] [--T 128]   # a config.json is enough: random weights
 
 The parties run in the SPU environment (``make spu-setup``); this process only exports, launches and
 reports. Every model runs as the program traced from its torch graph (`privlm.trace`, `privlm.spu.program`).

@@ -499,6 +499,8 @@ def _measure_groups(groups: list[list[dict]], doc: dict, head: str) -> list[tupl
         elements = count * int(np.prod(shape)) if shape is not None else 0
         if part is not None:  # SDPA: QK^T and AV share its FLOPs, the softmax its elements
             elements, flops = (elements, 0) if part == "softmax" else (0, flops // 2)
+        if lead["op"] == "rotary":  # x·cos or rotate_half(x)·sin: half of a rotation (as the census counts it)
+            elements //= 2
         rec = RECORDS.get(lead["op"])
         if head == "last" and lead["scope"] == "lm_head" and rec is not None and rec.flops is not None:
             flops //= doc["T"]
