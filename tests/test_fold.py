@@ -117,3 +117,29 @@ def test_interpreted_folded_program_matches_torch(tmp_path):
                                    rtol=0, err_msg=d.name)
         np.testing.assert_allclose(np.load(d / "jax_logits_traced_last.npy"), ref[-1:],
                                    atol=2e-5 * np.abs(ref).max(), rtol=0, err_msg=d.name)
+
+
+_JAXPR = """
+import json, jax, numpy as np
+from privlm.spu.program import private_scale
+x, s, b = np.ones((1, 2, 12, 16), np.float32), np.ones((2, 12, 1), np.float32), np.ones((1,), np.float32)
+out = {}
+for name, args in {"temperature": (x, s), "scalar": (x[0, 0][None], b)}.items():
+    eqns = jax.make_jaxpr(private_scale)(*args).jaxpr.eqns
+    out[name] = [(e.primitive.name, list(e.outvars[0].aval.shape)) for e in eqns]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # SPU environment (jax)
+def test_row_scale_runs_as_a_product_with_a_diagonal():
+    """SM(t)'s 1/t per query row (and a scalar beta) is not an elementwise secret x private product in the
+    program: no full-size multiply, a dot_general with the diagonal eye x s (built from the scale alone)."""
+    proc = subprocess.run([str(spu_python()), "-c", _JAXPR], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name, (shape, diag) in {"temperature": ([1, 2, 12, 16], [2, 12, 12]), "scalar": ([1, 12, 16], [12, 12])}.items():
+        eqns = json.loads(proc.stdout)[name]
+        assert not [e for e in eqns if e[0] == "mul" and e[1] == shape], (name, eqns)  # no elementwise product
+        assert ["mul", diag] in eqns and any(e[0] == "dot_general" for e in eqns), (name, eqns)
+

@@ -167,8 +167,8 @@ def private_scale(a, b):
     """A secret times a server-private scale (SM(t)'s 1/t per head and query row; Eq. 8's beta where a LayerNorm
     keeps it from being folded). A scale constant along the last axis (shape [..., n, 1] or one value) runs as
     the product diag(s) @ x with a [n, n] diagonal built from the scale inside the program (eye x s: local):
-    CHEETAH's matrix product with the server's operand costs about a third of the bytes of the elementwise
-    secret product (docs/DECISIONS.md#traced-program). Any other scale: the elementwise product."""
+    under CHEETAH a matrix product with the server's operand costs fewer bytes than the elementwise secret
+    product (docs/DECISIONS.md#traced-program). Any other scale: the elementwise product."""
     out = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
     for x, s in ((a, b), (b, a)):
         rows = jnp.size(s) == 1 or (jnp.ndim(s) >= 2 and jnp.shape(s)[-1] == 1)
