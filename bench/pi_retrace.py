@@ -10,8 +10,9 @@ to 50257, 4 chunks, blocks of 768), through today's traced program (Eq. 8's scal
 weights, `privlm.model.fold`), into bench/results/pi_gpt2_traced/ under the same file name; a cell already
 there is kept. The table (bench/results/pi_traced_vs_recorded.md) compares each re-measured cell with the record
 it replaces: total GB, difference, and the per-census-entry GB that moved most. ``--promote`` copies the
-re-measured cells over the records (then `bench/pi_measure.py` rebuilds bench/results/pi_gpt2.json and
-docs/pi-measured.md from them).
+re-measured cells over the records, keeping each replaced record in bench/results/pi_gpt2_recorded/ (what the
+table compares with from then on); then `bench/pi_measure.py` rebuilds bench/results/pi_gpt2.json and
+docs/pi-measured.md from them.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pi_measure import GPT2, GPT2_DIR, RESULTS, VOCAB_MEASURED, gpt2_row  # noqa
 from privlm.fileio import atomic_write_text  # noqa: E402
 
 TRACED_DIR = RESULTS / "pi_gpt2_traced"
+RECORDED_DIR = RESULTS / "pi_gpt2_recorded"  # the records a promotion replaced, kept for the comparison
 TABLE = RESULTS / "pi_traced_vs_recorded.md"
 ORDER = ("SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)", "SM+LN+G", "SM+LN+R")  # the regressed cells first
 BOUND = 2.0  # issue 23: within 2 % of the recorded bytes
@@ -57,6 +59,11 @@ def measure_cell(record: Path) -> None:
           f"({100 * (doc['comm_gb'] / rec['comm_gb'] - 1):+.2f} %, {time.time() - t0:.0f} s)", flush=True)
 
 
+def record_of(name: str) -> Path:
+    """The recorded cell a re-measured one is compared with: the one it replaced, if it was promoted."""
+    return RECORDED_DIR / name if (RECORDED_DIR / name).exists() else GPT2_DIR / name
+
+
 def table() -> str:
     L = ["# GPT-2 cells: re-measured through the traced program vs recorded", "",
          "Written by `bench/pi_retrace.py`. Each row: one cell of `bench/results/pi_gpt2/` (one measured layer x 12, "
@@ -69,7 +76,7 @@ def table() -> str:
         traced = TRACED_DIR / record.name
         if not traced.exists():
             continue
-        a, b = json.loads(record.read_text()), json.loads(traced.read_text())
+        a, b = json.loads(record_of(record.name).read_text()), json.loads(traced.read_text())
         ra, rb = gpt2_row(a), gpt2_row(b)
         ca, cb = ra["per_census_gb"], rb["per_census_gb"]
         moves = sorted(((cb.get(k, 0.0) - ca.get(k, 0.0), k) for k in set(ca) | set(cb)), key=lambda x: -abs(x[0]))
@@ -98,16 +105,18 @@ def main() -> int:
                     (args.profiles and rec["spu_profile"] not in args.profiles):
                 continue
             measure_cell(record)
-    promoted = [t.name for t in TRACED_DIR.glob("*.json") if (GPT2_DIR / t.name).read_bytes() == t.read_bytes()]
-    if promoted:  # the records are the re-measured cells already: the committed table keeps the comparison
-        print(f"{len(promoted)} re-measured cells are the records already; {TABLE} left as it is")
-    else:
-        atomic_write_text(TABLE, table())
-        print(TABLE.read_text())
+    atomic_write_text(TABLE, table())
+    print(TABLE.read_text())
     if args.promote:
         for traced in sorted(TRACED_DIR.glob("*.json")):
-            shutil.copy(traced, GPT2_DIR / traced.name)
-            print(f"promoted {traced.name}")
+            record = GPT2_DIR / traced.name
+            if record.read_bytes() == traced.read_bytes():
+                continue
+            RECORDED_DIR.mkdir(parents=True, exist_ok=True)
+            if not (RECORDED_DIR / traced.name).exists():
+                shutil.copy(record, RECORDED_DIR / traced.name)
+            shutil.copy(traced, record)
+            print(f"promoted {traced.name} (the record it replaces: {RECORDED_DIR.name}/{traced.name})")
     return 0
 
 
