@@ -70,7 +70,8 @@ def table() -> str:
          "vocabulary 3072 scaled to 50257, CHEETAH, weights private to the server) as recorded and as re-measured "
          "through the traced program (`bench/results/pi_gpt2_traced/`, every learned value private, Eq. 8's scales "
          f"folded into the server's weights). Bound: within {BOUND:g} % of the recorded bytes.", "",
-         "| cell | T | SPU profile | recorded GB | traced GB | difference | within bound | largest moves (GB, census entry) |",
+         "| cell | T | SPU profile | recorded GB | traced GB | difference | within bound "
+         "| largest moves (GB, census entry) |",
          "|---|---|---|---|---|---|---|---|"]
     for record in recorded_cells():
         traced = TRACED_DIR / record.name

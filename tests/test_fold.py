@@ -138,7 +138,8 @@ def test_row_scale_runs_as_a_product_with_a_diagonal():
     proc = subprocess.run([str(spu_python()), "-c", _JAXPR], capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name, (shape, diag) in {"temperature": ([1, 2, 12, 16], [2, 12, 12]), "scalar": ([1, 12, 16], [12, 12])}.items():
+    cases = {"temperature": ([1, 2, 12, 16], [2, 12, 12]), "scalar": ([1, 12, 16], [12, 12])}
+    for name, (shape, diag) in cases.items():
         eqns = json.loads(proc.stdout)[name]
         assert not [e for e in eqns if e[0] == "mul" and e[1] == shape], (name, eqns)  # no elementwise product
         assert ["mul", diag] in eqns and any(e[0] == "dot_general" for e in eqns), (name, eqns)
