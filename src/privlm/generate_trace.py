@@ -264,6 +264,9 @@ def trace_generation(model: nn.Module, P: int, C: int, name: Optional[str] = Non
 
         if any(isinstance(m, HookPoint) and m.requested for m in model.modules()):
             raise UnsupportedOp("trace: detach every hook first (a requested hook point changes the traced graph)")
+        from privlm.model.fold import fold_scales
+
+        model = fold_scales(model)  # Eq. 8's alpha/beta into the server's weights (a copy), as trace_model does
     device = next(model.parameters()).device
     traces = {}
     with _cache_attention(model, C) as state:

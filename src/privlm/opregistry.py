@@ -14,7 +14,7 @@ For every op of the traced graph (`privlm.trace`, format `TRACE_FORMAT`) a recor
 
 A record whose ``census`` is None and ``flops`` is None is free under 2PC's cost model (views, adds, products
 with public constants) or a product with a server-private value that the census treats as free (SM(t)'s
-temperature, Eq. 8's beta: docs/DECISIONS.md#traced-program). An op of a trace that has no record is refused
+temperature; Eq. 8's beta where a LayerNorm keeps it from being folded: docs/DECISIONS.md#traced-program). An op of a trace that has no record is refused
 before any 2PC work (`unknown_ops`).
 
 Imports only the standard library: the SPU environment (no torch) and the torch model both read it.
@@ -130,7 +130,8 @@ RECORDS: dict[str, OpRecord] = {r.name: r for r in [
                  "truncations are the traffic), a step of its own so that its bytes are counted apart"),
     # products with a server-private value the census treats as free rescalings
     OpRecord("private_scale", "free",
-             doc="secret x server-private elementwise product: SM(t)'s 1/t per head and position, Eq. 8's beta, "
+             doc="secret x server-private elementwise product: SM(t)'s 1/t per head and position, Eq. 8's beta "
+                 "when a LayerNorm reads the residual stream (otherwise folded: privlm.model.fold), "
                  "norm gains outside a norm op; free in the census (docs/DECISIONS.md#traced-program)"),
     OpRecord("aten.mul.Tensor", "free", doc="product with a public constant (or between two public values)"),
     OpRecord("aten.div.Tensor", "free", doc="division by a public constant"),

@@ -11,8 +11,10 @@ ATen), and classifies every node by what it depends on:
 ``public``  depends on the architecture only (positions, masks, rotary tables): folded to a public constant
             (``Trace.public``); additive masks below -1e4 are clamped to MASK_VALUE, which fixed point holds
 
-Eq. 8's 1/alpha (a division of a linear's output by a server scalar) is folded into that linear's weight and
-bias on the server side, exactly. Token ids reach only the embedding, which becomes a one-hot product.
+Eq. 8's alpha and beta of an LN-free privlm model are folded into the server's linear weights before the export
+(`privlm.model.fold.fold_scales`: the residual stream carried as a rescaled copy, exact); in any other model a
+division of a linear's output by a server scalar (Eq. 8's 1/alpha) is folded into that linear's weight and bias on
+the server side, exactly. Token ids reach only the embedding, which becomes a one-hot product.
 
 The op graph names only architecture and shapes: its node names are deterministic, so a client can rebuild it
 from the config with random weights and compare. Format (docs/ARCHITECTURE.md#traced-program)::
@@ -155,10 +157,12 @@ def trace_model(model: nn.Module, T: int, name: Optional[str] = None) -> Trace:
             raise UnsupportedOp(f"T={T} must be in 1..{model.config.block_size} (the position table "
                                 f"model.block_size)")
         heads = {"lm_head"}
+        from privlm.model.fold import fold_scales
         from privlm.model.hooks import HookPoint
 
         if any(isinstance(m, HookPoint) and m.requested for m in model.modules()):
             raise UnsupportedOp("trace: detach every hook first (a requested hook point changes the traced graph)")
+        model = fold_scales(model)  # Eq. 8's alpha/beta into the server's weights (a copy; the user's model unchanged)
     device = next(model.parameters()).device
     meta = device.type == "meta"
     was_training = model.training

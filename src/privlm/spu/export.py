@@ -4,8 +4,9 @@
 
 ``program.json``        the op graph (architecture and shapes only): both parties
 ``public.safetensors``  constants derived from the architecture (causal masks, rotary tables): both parties
-``server.safetensors``  every learned value (weights, biases, norm gains, WN/SN materialized, 1/alpha folded into
-                        the FFN output, beta, SM(t) temperatures, leaky slopes): the server only
+``server.safetensors``  every learned value (weights, biases, norm gains, WN/SN materialized, Eq. 8's alpha and
+                        beta folded into the linear weights by `privlm.model.fold`, SM(t) temperatures, leaky
+                        slopes): the server only
 """
 from __future__ import annotations
 

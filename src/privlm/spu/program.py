@@ -163,6 +163,24 @@ def _expand(x, size):
     return jnp.broadcast_to(x, [x.shape[i - lead] if v == -1 else v for i, v in enumerate(size)])
 
 
+def private_scale(a, b):
+    """A secret times a server-private scale (SM(t)'s 1/t per head and query row; Eq. 8's beta where a LayerNorm
+    keeps it from being folded). A scale constant along the last axis (shape [..., n, 1] or one value) runs as
+    the product diag(s) @ x with a [n, n] diagonal built from the scale inside the program (eye x s: local):
+    under CHEETAH a matrix product with the server's operand costs fewer bytes than the elementwise secret
+    product (docs/DECISIONS.md#traced-program). Any other scale: the elementwise product."""
+    out = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+    for x, s in ((a, b), (b, a)):
+        rows = jnp.size(s) == 1 or (jnp.ndim(s) >= 2 and jnp.shape(s)[-1] == 1)
+        if jnp.ndim(x) >= 2 and jnp.shape(x)[-1] > 1 and jnp.size(s) < jnp.size(x) and rows:
+            n = jnp.shape(x)[-2]
+            diag = jnp.eye(n, dtype=jnp.float32) * (jnp.reshape(s, ()) if jnp.size(s) == 1 else s)
+            y = jnp.matmul(diag, x)
+            if y.shape == out:
+                return y
+    return a * b
+
+
 def _free_ops() -> dict[str, Callable]:
     """ATen ops the registry marks free (local, no protocol): shape ops, additions, public products."""
     return {
@@ -170,7 +188,7 @@ def _free_ops() -> dict[str, Callable]:
         "aten.sub.Tensor": lambda a, b, alpha=1: a - b * alpha,
         "aten.neg.default": lambda a: -a,
         "aten.mul.Tensor": lambda a, b: a * b,
-        "private_scale": lambda a, b: a * b, "rotary": lambda a, b: a * b,
+        "private_scale": private_scale, "rotary": lambda a, b: a * b,
         "aten.div.Tensor": lambda a, b: a / b,
         "aten.mean.dim": lambda x, d, keepdim=False, **_: jnp.mean(x, tuple(d) if isinstance(d, list) else d,
                                                                     keepdims=keepdim),
