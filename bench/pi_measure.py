@@ -867,6 +867,7 @@ USAGE = """## Usage
 ```
 privlm pi run RUN_DIR --prompt "def f(x):" [--spu-profile puma] [--mode 2proc [--wan 100mbit:80ms]] [--json]
 privlm pi eval RUN_DIR --all-positions [--spu-profile puma] [--sequences 2] [--json]
+privlm pi generate RUN_DIR --prompt "def f(x):" --max-new-tokens 16 [--temperature 0.8 --top-k 50 --seed 0] [--json]
 privlm pi run hf:Qwen/Qwen2-0.5B --tokens 1,2,3 [--head all]         # HF causal LM (GPT-2, GPT-NeoX, LLaMA, Qwen2, Mistral)
 privlm pi eval hf:Qwen/Qwen2-0.5B --T 64 [--data files:...] --all-positions
 privlm pi export RUN_DIR bundle/ --T 12  # bundle/client -> client machine, bundle/server stays
@@ -985,8 +986,10 @@ def main() -> int:
     atomic_write_text(RESULTS / "pi_gpt2.json", json.dumps(rows, indent=1) + "\n")
     atomic_write_text(RESULTS / "pi_measure.json", json.dumps({"format": "privlm-pi-measure/2", "small": small,
                                                                "evals": evals, "wan": wans, "machine": machine()}, indent=1) + "\n")
-    page = write_doc(rows, small, evals, wans) + "\n"
-    atomic_write_text(DOC, splice(DOC.read_text(), page, args.region) if args.region else page)
+    # the generated part of the page is its 'measured' region; the sections after it are other tools' (private
+    # generation, usage, reproduce) and stay as they are
+    page = f"<!-- privlm:begin measured -->\n{write_doc(rows, small, evals, wans)}\n<!-- privlm:end measured -->\n"
+    atomic_write_text(DOC, splice(DOC.read_text(), page, args.region or "measured"))
     print(f"wrote {DOC}, {RESULTS / 'pi_gpt2.json'} ({len(rows)} GPT-2 rows)")
     return 0
 
