@@ -932,7 +932,7 @@ def main() -> int:
                     help="measure two TinyLlama blocks under `default` (checks the one block x 22 scaling)")
     ap.add_argument("--region", default=None, metavar="NAME",
                     help="rewrite only this marked region of docs/pi-measured.md (e.g. band, tinyllama); default: "
-                         "the whole page")
+                         "its whole generated part (the 'measured' region)")
     ap.add_argument("--eval-run", help="run `privlm pi eval` on this run directory with each SPU profile")
     ap.add_argument("--sequences", type=int, default=2)
     ap.add_argument("--wan-json", nargs="*", default=[],
