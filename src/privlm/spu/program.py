@@ -111,7 +111,9 @@ def forward(program: Program, weights: dict[str, np.ndarray], ids: np.ndarray) -
     env: dict[str, object] = dict(server_tensors(weights, program))
     env["onehot"] = one_hot(ids, program.meta["vocab_size"])
     for step in program.steps:
-        outs = jax.jit(step.fn)(*[env[n] for n in step.inputs])
+        # op by op, not jit: each step runs once, and XLA compiling every step of a small program costs more
+        # than the step itself
+        outs = step.fn(*[env[n] for n in step.inputs])
         outs = outs if isinstance(outs, tuple) else (outs,)
         env.update(zip(step.outputs, outs))
     return np.asarray(env[program.output])
