@@ -807,7 +807,7 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list
                  "plaintext model over all positions, and the perplexity of the 2PC logits beside the plaintext "
                  "perplexity on the same predicted tokens. The runs named `sm-ln-g` and `sm-scfuffn` are those of "
                  "`make demo` (L4 d128 H4, T = 128, 2,048-token BPE, 983,040 training tokens; see Reproduce); their "
-                 "first two validation chunks are harder than the split's average (whole-split PPL 62.8 and 83.1).\n")
+                 "first two validation chunks are harder than the split's average (their whole-split PPL is on docs/results/demo).\n")
         L.append("*Differ* counts the positions whose top-1 token differs, *largest gap* the largest plaintext logit "
                  "gap between the two chosen tokens among them: a gap below twice the max logit error is a near-tie "
                  "that the fixed-point error can flip.\n")
