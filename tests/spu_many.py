@@ -1,6 +1,6 @@
 """Several traced programs in one 2PC simulator session, for the tests (SPU environment: numpy, jax, spu).
 
-    python tests/spu_many.py OUT.json DIR [DIR ...]
+    python tests/spu_many.py OUT.json PROTOCOL DIR [DIR ...]
 
 Each DIR holds a traced export (program.json, public.safetensors, server.safetensors) and prompts.json (a list of
 equally long prompts); every program must have the same T and vocabulary. The programs' steps are run one after
@@ -22,7 +22,7 @@ from privlm.spu.program import Program, Step, load_trace, load_weights, one_hot,
 from privlm.spu.spu_profile import load_spu_profile
 
 
-def main(out: str, dirs: list[str]) -> int:
+def main(out: str, protocol: str, dirs: list[str]) -> int:
     profile = load_spu_profile("default")
     steps, shapes, weights, outputs, census = [], {}, {}, [], {}
     T = V = None
@@ -48,7 +48,7 @@ def main(out: str, dirs: list[str]) -> int:
     result: dict = {}
 
     def play(rank: int) -> None:
-        res = run_party(rank, make_link(rank, None), program, "cheetah", profile, None,
+        res = run_party(rank, make_link(rank, None), program, protocol, profile, None,
                         onehots if rank == 0 else None, weights if rank == 1 else None, len(prompts))
         if res is not None:
             result.update(res)
@@ -60,4 +60,4 @@ def main(out: str, dirs: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3:]))

@@ -465,10 +465,10 @@ RUN_FILES = [
          r"model\.n_layer=1000000000 is too large"),
     Case("cost-layers-1e9", "sizes", "cost with model.n_layer=10^9", ["cost", "SM+LN+G", "model.n_layer=1000000000"],
          r"model\.n_layer=1000000000 is too large"),
-    Case("train-embd-1e5", "sizes", "model.n_embd=10^5 (over 20 TiB with gradients and AdamW state; 16 GiB budget)",
+    Case("train-embd-1e5", "sizes", "model.n_embd=10^5 (over 20 TiB with gradients and AdamW state; 16 GiB budget, or what is available)",
          ["train", "model.n_embd=100000", "model.n_head=10", "--out", "{tmp}/o"],
          r"model SM\+LN\+G \(L12 d100000 V50257, [\d,]+ parameters\) with batch 16x128 needs at least [\d.]+ TiB "
-         r"of memory but only 16\.0 GiB", env={M: str(16 * 2**30)}),
+         r"of memory but only (16\.0|1[0-5]\.\d) GiB", env={M: str(16 * 2**30)}),
     Case("inspect-embd-1e5", "sizes", "inspect of a scaled preset with n_embd 10^5 (builds real weights)",
          ["inspect", "SM+ScFFN", "model.n_embd=100000", "model.n_head=10"], r"needs at least [\d.]+ TiB of memory",
          env={M: str(16 * 2**30)}),

@@ -81,15 +81,22 @@ def _privlm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
-def test_debug_adds_the_traceback_to_the_one_line_error(tmp_path):
+def test_debug_adds_the_traceback_to_the_one_line_error(tmp_path, capsys, monkeypatch):
+    from privlm.cli import main
     missing = str(tmp_path / "no-such-run")
     plain = _privlm("eval", missing, env={"PRIVLM_DEBUG": "0"})
     assert plain.returncode == 2
     assert plain.stderr.strip().splitlines() == [f"privlm eval: error: run directory '{missing}' does not exist"]
-    for debug in (_privlm("eval", missing, "--debug"), _privlm("--debug", "eval", missing),
-                  _privlm("eval", missing, env={"PRIVLM_DEBUG": "1"})):
-        assert debug.returncode == 2
-        lines = debug.stderr.strip().splitlines()
+    debug = _privlm("eval", missing, "--debug")  # one interpreter; the other two spellings in this process
+    assert debug.returncode == 2
+    outputs = [debug.stderr]
+    for argv, env in ((["--debug", "eval", missing], "0"), (["eval", missing], "1")):
+        monkeypatch.setenv("PRIVLM_DEBUG", env)
+        capsys.readouterr()
+        assert main(argv) == 2
+        outputs.append(capsys.readouterr().err)
+    for err in outputs:
+        lines = err.strip().splitlines()
         assert lines[0] == plain.stderr.strip()
         assert "Traceback (most recent call last):" in lines
         assert lines[-1].startswith("privlm.errors.CheckpointError: run directory")

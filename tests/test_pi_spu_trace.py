@@ -142,16 +142,29 @@ def test_traced_program_matches_torch(exports):
                                        rtol=0, err_msg=f"{name} chunks 3, blocks of 12")
 
 
+# Which models run under which 2PC protocol in the simulator. SEMI2K (additive shares, Beaver triples from a
+# trusted first party) checks every model's op graph and kernels under secret sharing at a fifth of CHEETAH's
+# cost; CHEETAH (privlm's default, HE products, weights private to the server) runs the HF families that no other
+# test runs under it: LLaMA runs under CHEETAH in the two-process audit, pi eval and generation tests below and in
+# tests/test_pi_generate.py, SM(t)+ScFuFFN in the audit, SM+ScFuFFN in generation, SM+LN+G in tests/test_pi_spu.py.
+UNDER = {"semi2k": MODELS, "cheetah": ["hf-gpt2", "hf-neox", "hf-qwen2"]}
+
+
 @pytest.fixture(scope="module")
-def under_2pc(exports, tmp_path_factory) -> tuple[np.ndarray, dict]:
-    """Every model of MODELS under CHEETAH in the simulator, both prompts, in one session (tests/spu_many.py):
-    (logits [prompt, model, T, V], census entries of each model's steps)."""
-    out = tmp_path_factory.mktemp("sim") / "many.json"
-    proc = subprocess.run([str(spu_python()), str(Path(__file__).parent / "spu_many.py"), str(out),
-                           *[str(d) for d, _ in exports.values()]], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.load(out.with_suffix(".npy")), json.loads(out.read_text())["census"]
+def under_2pc(exports, tmp_path_factory) -> dict[str, tuple[np.ndarray, dict]]:
+    """Per protocol, its models of UNDER in the simulator, both prompts, in one session (tests/spu_many.py):
+    protocol -> (logits [prompt, model, T, V], census entries of each model's steps)."""
+    out = {}
+    for protocol, names in UNDER.items():
+        path = tmp_path_factory.mktemp("sim") / f"{protocol}.json"
+        proc = subprocess.run([str(spu_python()), str(Path(__file__).parent / "spu_many.py"), str(path), protocol,
+                               *[str(exports[n][0]) for n in names]], capture_output=True, text=True,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        doc = json.loads(path.read_text())
+        assert doc["protocol"] == protocol
+        out[protocol] = (np.load(path.with_suffix(".npy")), doc["census"])
+    return out
 
 
 # Max logit error allowed under 2PC for these tiny models: twice the loosest kernel bound they use
@@ -161,18 +174,18 @@ LOGIT_BOUND = 0.04
 
 @SHARED_MODELS
 @pytest.mark.slow  # SPU environment: compiles and runs 2PC or JAX programs
-@pytest.mark.parametrize("name", MODELS)
-def test_traced_program_under_2pc_sim_agrees_with_plaintext(name, exports, under_2pc):
-    """CHEETAH in the simulator: top-1 equal to plaintext at every position of two prompts, max logit error
-    within the kernels' bound; the per-step census fields name the registry's ops."""
-    logits, census_of = under_2pc
+@pytest.mark.parametrize("protocol,name", [(p, n) for p, names in UNDER.items() for n in names])
+def test_traced_program_under_2pc_sim_agrees_with_plaintext(protocol, name, exports, under_2pc):
+    """The simulator, each protocol of UNDER: top-1 equal to plaintext at every position of two prompts, max logit
+    error within the kernels' bound; the per-step census fields name the registry's ops."""
+    logits, census_of = under_2pc[protocol]
     d, refs = exports[name]
-    got = logits[:, MODELS.index(name)]
+    got = logits[:, UNDER[protocol].index(name)]
     assert got.shape == (2, T, V)
     for g, ref in zip(got, refs):
         assert np.abs(g - ref).max() < LOGIT_BOUND, name
         # top-1 equal at every position, except where plaintext itself is a near-tie: its top-2 gap below twice
-        # the logit error the run had (fixed point cannot order those; CHEETAH's randomness differs per run)
+        # the logit error the run had (fixed point cannot order those; the protocols' randomness differs per run)
         differ = g.argmax(-1) != ref.argmax(-1)
         top2 = np.sort(ref, axis=-1)[:, -2:]
         margin = top2[:, 1] - top2[:, 0]
