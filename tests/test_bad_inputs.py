@@ -851,6 +851,37 @@ CASES = [
          ["pi", "generate", "{run}", "--prompt", "x", "--spu-profile", "nope"], r"unknown SPU profile 'nope'"),
     Case("pi-generate-top-k-greedy", "pi", "generate --top-k without --temperature (greedy)",
          ["pi", "generate", "{run}", "--prompt", "x", "--top-k", "5"], r"--top-k needs --temperature"),
+    # --- pi generate / pi run with the exports of `pi export` (checked before any 2PC work) ------------------
+    Case("pi-generate-bundle-wrong-P", "pi", "a generation client bundle given a prompt of another length",
+         ["pi", "generate", "{tmp}/gen", "--mode", "2proc", "--party", "0", "--tokens", "1,2", "--max-new-tokens", "2"],
+         r"the prompt has 2 tokens but the export's programs were made for 3 \(privlm pi export --T\)",
+         setup=lambda copy, tmp: _gen_bundle(tmp / "gen", 3, 5)),
+    Case("pi-generate-bundle-too-many", "pi", "more new tokens than the generation bundle was exported for",
+         ["pi", "generate", "{tmp}/gen", "--mode", "2proc", "--party", "0", "--tokens", "1,2,3", "--max-new-tokens",
+          "4"], r"--max-new-tokens=4 is more than the 3 the export was made for",
+         setup=lambda copy, tmp: _gen_bundle(tmp / "gen", 3, 5)),
+    Case("pi-generate-bundle-sim", "pi", "a generation client bundle run as both parties (it holds no weights)",
+         ["pi", "generate", "{tmp}/gen", "--tokens", "1,2,3", "--max-new-tokens", "2"],
+         r"is the client half of a generation export: run it with --mode 2proc --party 0",
+         setup=lambda copy, tmp: _gen_bundle(tmp / "gen", 3, 5)),
+    Case("pi-generate-bundle-no-sel", "pi", "a generation bundle whose decode program.json lacks its position input",
+         ["pi", "generate", "{tmp}/gen", "--mode", "2proc", "--party", "0", "--tokens", "1,2,3"],
+         r"decode/program\.json' is malformed: it lacks the field 'inputs\.sel'",
+         setup=lambda copy, tmp: _gen_bundle(tmp / "gen", 3, 5, inputs={})),
+    Case("pi-generate-run-bundle", "pi", "the client bundle of `pi export` (for pi run) given to pi generate",
+         ["pi", "generate", "{tmp}/bundle", "--mode", "2proc", "--party", "0", "--tokens", "1"],
+         r"is an export for `privlm pi run` \(one program\); `pi generate` needs a model or an export made with "
+         r"--max-new-tokens",
+         setup=_json("tmp:bundle/program.json", {"format": "privlm-trace/1", "T": 1, "vocab_size": 512})),
+    Case("pi-run-generate-bundle", "pi", "the client bundle of `pi export --max-new-tokens` given to pi run",
+         ["pi", "run", "{tmp}/gen", "--mode", "2proc", "--party", "0", "--tokens", "1,2,3"],
+         r"is an export for `privlm pi generate` \(prefill/ and decode/ programs\); `pi run` needs a model or an "
+         r"export made without --max-new-tokens", setup=lambda copy, tmp: _gen_bundle(tmp / "gen", 3, 5)),
+    Case("pi-export-generate-beyond", "pi", "pi export --max-new-tokens beyond the model's positions",
+         ["pi", "export", "{run}", "{tmp}/out", "--T", "60", "--max-new-tokens", "10"],
+         r"--T=60 \+ --max-new-tokens=10 need 70 positions; the model has 64"),
+    Case("pi-export-generate-zero", "pi", "pi export --max-new-tokens 0",
+         ["pi", "export", "{run}", "{tmp}/out", "--T", "4", "--max-new-tokens", "0"], r"--max-new-tokens=0 must be >= 1"),
     # --- pi: the 2PC addresses and timeout (checked before anything is exported or started) -------------
     *[Case(f"pi-peer-{name}", "pi", what, ["pi", "run", "{run}", "--prompt", "x", "--mode", "2proc", *argv], expect)
       for name, what, argv, expect in [
@@ -895,6 +926,15 @@ CASES = [
     Case("eval-newline-path", "eval", "a run path containing a newline", ["eval", "{tmp}/a\nb"],
          r"a\\nb' does not exist"),
 ]
+
+
+def _gen_bundle(where: Path, P: int, C: int, inputs: Optional[dict] = None) -> None:
+    """The program.json files of a generation client bundle (`pi export --max-new-tokens C - P + 1`) for a
+    vocabulary of 512: a prefill of P tokens, a decode step with a cache of C positions."""
+    sel = {"sel": {"kind": "public", "shape": [1, C], "dtype": "float32"}}
+    for name, doc in (("prefill", {"T": P}), ("decode", {"T": 1, "inputs": sel if inputs is None else inputs})):
+        (where / name).mkdir(parents=True)
+        (where / name / "program.json").write_text(json.dumps({"format": "privlm-trace/1", "vocab_size": 512, **doc}))
 
 
 def _link(copy: Path, tmp: Path, rel: str) -> None:

@@ -84,14 +84,19 @@ class _CachedAttention(nn.Module):
             q, k, v = self.orig._qkv(x)  # [1, H, n, dk]
             return q, k, v
         o = self.orig
-        shape = (*x.shape[:-1], -1, o.head_dim)
-        if hasattr(o, "c_attn"):  # GPT-2: one Conv1D for q, k, v; learned positions (swapped like privlm's)
+        if hasattr(o, "query_key_value"):  # GPT-NeoX: one projection, q/k/v interleaved per head; rotary below
+            qkv = o.query_key_value(x).view(*x.shape[:-1], -1, 3 * o.head_size).transpose(1, 2)
+            q, k, v = qkv.chunk(3, dim=-1)
+        elif hasattr(o, "c_attn"):  # GPT-2: one Conv1D for q, k, v; learned positions (swapped like privlm's)
+            shape = (*x.shape[:-1], -1, o.head_dim)
             q, k, v = (t.view(shape).transpose(1, 2) for t in o.c_attn(x).split(o.split_size, dim=2))
             return q, k, v
-        q = o.q_proj(x).view(shape).transpose(1, 2)
-        k = o.k_proj(x).view(shape).transpose(1, 2)
-        v = o.v_proj(x).view(shape).transpose(1, 2)
-        if self.state.decode:
+        else:  # the LLaMA family
+            shape = (*x.shape[:-1], -1, o.head_dim)
+            q = o.q_proj(x).view(shape).transpose(1, 2)
+            k = o.k_proj(x).view(shape).transpose(1, 2)
+            v = o.v_proj(x).view(shape).transpose(1, 2)
+        if self.state.decode:  # cos/sin of the rotated dimensions (GPT-NeoX: rotary_pct of each head; the rest pass)
             cos = self.state.sel @ self.cos_table  # [1, dk]: the row of position t
             sin = self.state.sel @ self.sin_table
             cos, sin = cos[None], sin[None]
@@ -132,7 +137,8 @@ class _CachedAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=1.0)
             st.out += [_pad(k, st.C), _pad(v, st.C)]
         B, H, n, dk = y.shape
-        proj = self.orig.c_proj if hasattr(self.orig, "c_proj") else self.orig.o_proj
+        o = self.orig
+        proj = o.c_proj if hasattr(o, "c_proj") else o.dense if hasattr(o, "dense") else o.o_proj
         out = proj(y.transpose(1, 2).reshape(B, n, H * dk))
         if self.hf:
             return out, None
@@ -179,9 +185,9 @@ def check_supported(model) -> None:
         from privlm.hfmodel import family_of
 
         fam = family_of(model.config)
-        if fam.name not in ("LLaMA", "GPT-2"):
-            raise UnsupportedOp(f"pi generate: {fam.name} models are not supported yet (privlm runs, GPT-2 and the "
-                                f"LLaMA family: LLaMA, Qwen2, Mistral)")
+        if fam.name not in ("LLaMA", "GPT-2", "GPT-NeoX"):
+            raise UnsupportedOp(f"pi generate: {fam.name} models are not supported yet (privlm runs, GPT-2, GPT-NeoX "
+                                f"and the LLaMA family: LLaMA, Qwen2, Mistral)")
 
 
 def position_inputs(t: int, C: int, device=None) -> dict[str, torch.Tensor]:
@@ -294,9 +300,10 @@ def save_generation(traces: GenerationTraces, out_dir) -> None:
     writes a traced program: program.json + public.safetensors (both parties), server.safetensors (server only)."""
     from pathlib import Path
 
+    from privlm.opschema import DECODE, PREFILL
     from privlm.trace import save_trace
 
     out = Path(out_dir)
-    save_trace(traces.prefill, out / "prefill")
+    save_trace(traces.prefill, out / PREFILL)
     if traces.decode is not None:
-        save_trace(traces.decode, out / "decode")
+        save_trace(traces.decode, out / DECODE)

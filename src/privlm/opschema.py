@@ -37,6 +37,8 @@ STEP_KINDS: tuple[str, ...] = ("setup", "embedding", "layernorm", "matmul", "sof
 TRACE_FORMAT = "privlm-trace/1"  # the op graph of a traced model (privlm.trace)
 # A traced export directory: the op graph and the public constants (both parties), the server's tensors.
 TRACE_FILE, CONSTANTS_FILE, SERVER_FILE = "program.json", "public.safetensors", "server.safetensors"
+# A generation export (privlm.generate_trace.save_generation): one such directory per program.
+PREFILL, DECODE = "prefill", "decode"
 
 # Causal-mask constant. SPU's fixed-point exp evaluates exp(x) as (1 + x/2^n)^(2^n) and breaks for
 # x far below -2^(n+1) (n = 8 by default: about -512); a mask of -1e4 therefore produced garbage

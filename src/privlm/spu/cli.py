@@ -6,6 +6,7 @@
     privlm pi eval RUN_DIR|HF_MODEL [--sequences 2] [--all-positions]
     privlm pi export RUN_DIR OUT_DIR --T 8    # program.json + public.safetensors + tokenizer.json (client),
                                               # server.safetensors (server)
+    privlm pi export RUN_DIR OUT_DIR --T 8 --max-new-tokens 16   # the same for `pi generate`: prefill/ + decode/
     privlm pi calibrate [--out PROFILE.json] [--quick]
     privlm pi measure PRESET [key=value ...] [--layers-measured 1] [--T 128]
     privlm pi measure HF_MODEL [--layers-measured 1] [--T 128]   # a config.json is enough: random weights
@@ -23,11 +24,12 @@ from pathlib import Path
 
 from privlm.errors import MAX_T, CheckpointError, PrivlmError, bounded_int
 from privlm.proc import private_tempdir
-from privlm.opschema import CONSTANTS_FILE, TRACE_FILE
-from privlm.validate import check_text, check_tokenizer_files, read_json
+from privlm.opschema import TRACE_FILE
+from privlm.validate import check_text, read_json
 from privlm.spu.spu_profile import add_spu_profile_arg, check_spu_profile
-from privlm.spu.cli_inputs import (add_peer_timeout_arg, check_2pc_memory as _check_2pc_memory,  # noqa: F401
-                                   load_for_2pc as _load, prompt_tokens as _tokens)
+from privlm.spu.cli_inputs import (add_peer_timeout_arg, bundle_tokenizer, copy_public, export_kind,  # noqa: F401
+                                   check_2pc_memory as _check_2pc_memory, load_for_2pc as _load,
+                                   prompt_tokens as _tokens)
 
 
 def register(subparsers) -> None:
@@ -98,6 +100,9 @@ def register(subparsers) -> None:
     e.add_argument("out_dir")
     e.add_argument("--T", type=bounded_int(1, MAX_T), default=None,
                    help="the prompt length the traced program is exported for (required)")
+    e.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="export for `privlm pi generate` instead: the prefill (T tokens) and decode programs "
+                        "(cache capacity T + N - 1), for up to N new tokens")
     e.set_defaults(func=cmd_export)
 
     from privlm.spu import calibrate as _cal
@@ -142,22 +147,18 @@ def cmd_run(args) -> int:
     if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
         raise PrivlmError(f"--keep directory '{args.keep}' exists and is not empty; choose a new one")
     # the export holds the server's weights: a temporary one is removed even if this process is killed
+    kind = None if hf else export_kind(run_dir)
+    if kind == "generate":
+        raise PrivlmError(f"'{run_dir}' is an export for `privlm pi generate` (prefill/ and decode/ programs); "
+                          f"`pi run` needs a model or an export made without --max-new-tokens")
     with contextlib.nullcontext(Path(args.keep)) if args.keep else private_tempdir("privlm-pi-") as work:
-        bundle = run_dir / TRACE_FILE if not hf and (run_dir / TRACE_FILE).is_file() else None
-        client_only = args.party == 0 and bundle is not None and not (run_dir / "model.safetensors").is_file() \
-            and not (run_dir / "config.json").is_file()
+        bundle = run_dir / TRACE_FILE if kind == "run" else None
+        client_only = args.party == 0 and bundle is not None
         ref = model = tok = None
         if client_only:  # a client machine: the traced program, its public constants and the tokenizer, no weights
             meta = read_json(bundle)  # schema: format, T, vocab_size
             public, weights, vocab = bundle, None, meta["vocab_size"]
-            if (run_dir / "tokenizer.json").is_file():
-                from tokenizers import Tokenizer
-                check_tokenizer_files(run_dir / "tokenizer.json")
-                try:
-                    tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-                except Exception as exc:  # noqa: BLE001
-                    raise CheckpointError(f"cannot load '{run_dir / 'tokenizer.json'}': "
-                                          f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+            tok = bundle_tokenizer(run_dir)
             block = meta["T"]
         else:
             model, tok, vocab, block, _ = _load(args.run_dir, args.T or 1)
@@ -241,19 +242,29 @@ def cmd_export(args) -> int:
         raise PrivlmError(f"output directory '{out}' exists and is not empty; choose a new one")
     if args.T is None:
         raise PrivlmError("the 2PC program is traced for one prompt length: give --T")
+    N = args.max_new_tokens
+    if N is not None and N <= 0:
+        raise PrivlmError(f"--max-new-tokens={N} must be >= 1")
     model, tok, _, block, _ = _load(args.run_dir, args.T)
     if not 1 <= args.T <= (block or args.T):
         raise PrivlmError(f"--T={args.T} must be in 1..{block} (the model's positions)")
+    if N is not None and block is not None and args.T + N > block:
+        raise PrivlmError(f"--T={args.T} + --max-new-tokens={N} need {args.T + N} positions; the model has {block}")
     client = out / "client"
     client.mkdir(parents=True)
     # program.json + public.safetensors for both parties, server.safetensors for the server only
-    public, weights = save_traced(model, out / "server", args.T)
-    for f in (TRACE_FILE, CONSTANTS_FILE):
-        shutil.copy(public.parent / f, client / f)
+    if N is None:
+        public, _ = save_traced(model, out / "server", args.T)
+        copy_public(public.parent, client)
+    else:  # the generation counterpart: the same files for each of its programs (prefill/, decode/)
+        from privlm.generate_trace import save_generation, trace_generation
+        save_generation(trace_generation(model, args.T, args.T + N - 1), out / "server")
+        for program in sorted(p for p in (out / "server").iterdir() if p.is_dir()):
+            copy_public(program, client / program.name)
     src_tok = (run_dir if not is_hf_spec(args.run_dir) or run_dir.is_dir() else None)
     if src_tok is not None and (src_tok / "tokenizer.json").is_file():
         shutil.copy(src_tok / "tokenizer.json", client / "tokenizer.json")
-    print(f"client bundle (give to the client): {client}\nserver files (keep): {weights.parent}")
+    print(f"client bundle (give to the client): {client}\nserver files (keep): {out / 'server'}")
     return 0
 
 

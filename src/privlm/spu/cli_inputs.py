@@ -1,11 +1,16 @@
-"""Inputs shared by the `privlm pi` commands (run, eval, generate): loading a model for a 2PC run after the memory
-check, the prompt's token ids, the --peer-timeout flag. Main environment."""
+"""Inputs shared by the `privlm pi` commands (run, eval, export, generate): loading a model for a 2PC run after the
+memory check, the prompt's token ids, the --peer-timeout flag, and what `privlm pi export` writes (the client's
+copy of the public files, what an export directory is, its tokenizer and its generation shapes). Main
+environment."""
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
+from typing import Optional
 
-from privlm.errors import CheckpointError, PrivlmError, finite_float
+from privlm.errors import MAX_T, CheckpointError, PrivlmError, finite_float
+from privlm.opschema import CONSTANTS_FILE, DECODE, PREFILL, SERVER_FILE, TRACE_FILE
 
 
 def peer_timeout_seconds(text: str) -> float:
@@ -62,3 +67,67 @@ def prompt_tokens(args, tokenizer, vocab_size: int) -> list[int]:
     if bad:
         raise PrivlmError(f"token ids {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}")
     return ids
+
+
+# --- exports of `privlm pi export` -----------------------------------------------------------------------------
+def copy_public(program_dir: Path, client_dir: Path) -> None:
+    """The files of a traced program both parties hold (program.json, public.safetensors) into the client's
+    directory; server.safetensors stays where it is."""
+    client_dir.mkdir(parents=True, exist_ok=True)
+    for name in (TRACE_FILE, CONSTANTS_FILE):
+        shutil.copy(program_dir / name, client_dir / name)
+
+
+def export_kind(path: Path) -> Optional[str]:
+    """What `privlm pi export` wrote at ``path``: ``"run"`` (one traced program: program.json, for `pi run`),
+    ``"generate"`` (prefill/ and decode/ programs, for `pi generate`), None for anything else (a model)."""
+    path = Path(path)
+    if not path.is_dir() or (path / "model.safetensors").is_file() or (path / "config.json").is_file():
+        return None
+    if (path / TRACE_FILE).is_file():
+        return "run"
+    if (path / PREFILL / TRACE_FILE).is_file():
+        return "generate"
+    return None
+
+
+def is_server_half(path: Path) -> bool:
+    """An export directory holding the server's tensors (the `server/` half) rather than a client bundle."""
+    path = Path(path)
+    return (path / SERVER_FILE).is_file() or (path / PREFILL / SERVER_FILE).is_file()
+
+
+def bundle_tokenizer(path: Path):
+    """The tokenizer.json of a client bundle (checked like a run's), or None when the bundle has none."""
+    path = Path(path) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    from privlm.validate import check_tokenizer_files
+    check_tokenizer_files(path)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load '{path}': {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+
+
+def generation_shapes(path: Path) -> tuple[int, int, int]:
+    """(P, C, vocabulary size) of a generation export: the prompt length its prefill program was traced for and
+    the capacity of its decode program's cache (C = P without a decode program: one new token), read from the
+    public program.json files; it generates up to C - P + 1 tokens."""
+    from privlm.validate import read_json
+    path = Path(path)
+    pre = read_json(path / PREFILL / TRACE_FILE)
+    P, V, C = pre["T"], pre["vocab_size"], pre["T"]
+    if (path / DECODE / TRACE_FILE).is_file():
+        where = path / DECODE / TRACE_FILE
+        dec = read_json(where, {"format": str, "T": int, "vocab_size": int, "inputs": {"sel": {"shape": [int]}}})
+        shape = dec["inputs"]["sel"]["shape"]
+        if len(shape) != 2 or not P < shape[1] <= MAX_T or dec["vocab_size"] != V or dec["T"] != 1:
+            raise CheckpointError(f"'{where}' is malformed: its decode step does not continue the {P}-token prefill "
+                                  f"of vocabulary {V} (inputs.sel.shape {shape}, T {dec['T']})")
+        C = shape[1]
+    if not 1 <= P <= MAX_T:
+        raise CheckpointError(f"'{path / PREFILL / TRACE_FILE}' is malformed: T={P} must be in 1..{MAX_T}")
+    return P, C, V

@@ -30,7 +30,7 @@ from privlm.spu.party import (AUDIT, PEER_TIMEOUT_S, Party, PeerLost, compile_st
 
 import numpy as np  # noqa: E402
 
-PREFILL, DECODE = "prefill", "decode"
+from privlm.opschema import DECODE, PREFILL  # noqa: E402  (the export's program directories)
 
 
 def load_programs(export: Path, kernels: dict[str, str]):
@@ -52,6 +52,11 @@ def position_inputs(t: int, C: int) -> dict[str, np.ndarray]:
     sel[0, t] = 1.0
     bias = np.where(np.arange(C) <= t, 0.0, -100.0).astype(np.float32)  # opschema.MASK_VALUE
     return {"input:sel": sel, "input:slot": sel[0].copy(), "input:bias": bias}
+
+
+def capacity(prefill, decode) -> int:
+    """C: the cache positions of the decode program (its ``sel`` input [1, C]); P without one (one new token)."""
+    return prefill.T if decode is None else decode.meta["inputs"]["sel"]["shape"][1]
 
 
 def cache_names(program) -> list[str]:
@@ -222,7 +227,7 @@ def run_generation(rank: int, lctx, programs: dict, protocol: str, spu_profile, 
     if rank != 0:
         return None
     return {"protocol": protocol, "spu_profile": spu_profile.name, "spu_settings": spu_profile.to_dict(),
-            "spu_version": spu.__version__, "P": P, "C": P + new_tokens - 1, "new_tokens": tokens,
+            "spu_version": spu.__version__, "P": P, "C": capacity(prefill, decode), "new_tokens": tokens,
             "greedy": sampling is None, "setup": setup_row, "per_token": per_token,
             "compile_seconds": runner.compile_seconds, "online_seconds": online_s,
             "wall_seconds": time.perf_counter() - t_start}
@@ -315,6 +320,9 @@ def _run(args) -> int:
             sampling = {"temperature": float(temp), "top_k": int(top_k) if top_k else None, "seed": int(seed)}
     if P != prefill.T:
         raise ValueError(f"the prompt has {P} tokens; the prefill program was traced for {prefill.T}")
+    if args.new > capacity(prefill, decode) - P + 1:
+        raise ValueError(f"{args.new} new tokens need a cache of {P + args.new - 1} positions; the decode program "
+                         f"holds {capacity(prefill, decode)}")
     if 1 in roles:
         from privlm.opschema import SERVER_FILE
 

@@ -2,10 +2,13 @@
 
     privlm pi generate MODEL --prompt TEXT --max-new-tokens N [--greedy | --temperature T --top-k K --seed S]
                        [--mode sim|2proc] [--party 0|1 --peer A --peer B] [--spu-profile P] [--wan RATE:DELAY] [--json]
+    privlm pi export MODEL OUT --T P --max-new-tokens N            # then, on two machines:
+    privlm pi generate OUT/server --mode 2proc --party 1 --max-new-tokens N --peer A --peer B
+    privlm pi generate OUT/client --mode 2proc --party 0 --prompt TEXT --max-new-tokens N --peer A --peer B
 
-Runs in the main environment: traces the prefill and decode programs (`privlm.generate_trace`), launches the two
-parties (`privlm.spu.generate`) and reports per new token the bytes, messages, party 0's send actions and online
-seconds. docs/pi-measured.md#private-generation.
+Runs in the main environment: traces the prefill and decode programs (`privlm.generate_trace`) or takes them from
+an export, launches the two parties (`privlm.spu.generate`) and reports per new token the bytes, messages, party
+0's send actions and online seconds. docs/pi-measured.md#private-generation.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ def register(sub) -> None:
 
     g = sub.add_parser("generate", help="private text generation (prefill + decode steps, KV cache kept in shares)",
                        description=__doc__.splitlines()[0])
-    g.add_argument("run_dir", help="RUN_DIR or a Hugging Face GPT-2 or LLaMA-family model (save_pretrained "
-                                   "directory or hf:<id>)")
+    g.add_argument("run_dir", help="RUN_DIR, a Hugging Face GPT-2, GPT-NeoX or LLaMA-family model (save_pretrained "
+                                   "directory or hf:<id>), or one half of `privlm pi export --max-new-tokens`: client/ "
+                                   "with --party 0 (no weights), server/ with --party 1")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
     src.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
@@ -45,7 +49,8 @@ def register(sub) -> None:
     g.add_argument("--peer", action="append", metavar="HOST:PORT")
     g.add_argument("--party", type=int, choices=(0, 1))
     add_peer_timeout_arg(g)
-    g.add_argument("--T", type=bounded_int(1, MAX_T), help="prompt length, for --party 1 (the server)")
+    g.add_argument("--T", type=bounded_int(1, MAX_T), help="prompt length, for --party 1 (the server) with a model "
+                                                             "(an export's server/ knows it)")
     g.add_argument("--wan", metavar="RATE:DELAY", help="2proc only: emulated WAN, e.g. 100mbit:80ms (needs root)")
     g.add_argument("--keep", metavar="DIR", help="keep the exported programs, logs and audits in DIR")
     g.add_argument("--json", action="store_true", help="print one JSON document")
@@ -117,8 +122,9 @@ def plaintext_greedy(model, prompt: list[int], new: int) -> list[int]:
     idx = torch.tensor([prompt], dtype=torch.long)
     with torch.no_grad():
         if hasattr(model.config, "model_type"):
-            out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, pad_token_id=0)
+            # eos_token_id=None: N tokens whatever they are (min_new_tokens would instead forbid the EOS token)
+            out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
         else:
             out = model.generate(idx, new, temperature=0)
     return out[0, len(prompt):].tolist()
@@ -148,7 +154,8 @@ def summarize(result: dict) -> dict:
 
 def cmd_generate(args) -> int:
     from privlm.hfmodel import is_hf_spec
-    from privlm.spu.cli_inputs import load_for_2pc, prompt_tokens
+    from privlm.spu.cli_inputs import (bundle_tokenizer, export_kind, generation_shapes, is_server_half,
+                                       load_for_2pc, prompt_tokens)
     from privlm.validate import check_text
 
     if args.prompt is not None:
@@ -174,36 +181,63 @@ def cmd_generate(args) -> int:
             raise PrivlmError("--wan needs --mode 2proc with both parties on this machine (no --party, no --peer)")
         link = WanLink.parse(args.wan)
         check_available()
-    if not is_hf_spec(args.run_dir) and not Path(args.run_dir).is_dir():
+    hf = is_hf_spec(args.run_dir)
+    if not hf and not Path(args.run_dir).is_dir():
         raise CheckpointError(f"run directory '{args.run_dir}' does not exist")
     if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
         raise PrivlmError(f"--keep directory '{args.keep}' exists and is not empty; choose a new one")
     if args.party != 1 and args.prompt is None and args.tokens is None:
         raise PrivlmError("give --prompt or --tokens (only the server, --party 1, runs without one)")
-    model, tok, vocab, positions, _ = load_for_2pc(args.run_dir, args.T or 1)
+    kind = None if hf else export_kind(Path(args.run_dir))
+    if kind == "run":
+        raise PrivlmError(f"'{args.run_dir}' is an export for `privlm pi run` (one program); `pi generate` needs a "
+                          f"model or an export made with --max-new-tokens")
+    bundle = Path(args.run_dir) if kind == "generate" else None
+    model = None
+    if bundle is not None:  # an export: the programs are there (and, in server/, the server's tensors)
+        side = 1 if is_server_half(bundle) else 0
+        if args.party != side:
+            raise PrivlmError(f"'{bundle}' is the {('client', 'server')[side]} half of a generation export: run it "
+                              f"with --mode 2proc --party {side}")
+        P_export, C_export, vocab = generation_shapes(bundle)
+        tok, positions = (bundle_tokenizer(bundle) if side == 0 else None), None
+    else:
+        model, tok, vocab, positions, _ = load_for_2pc(args.run_dir, args.T or 1)
     if args.party == 1:
-        if args.T is None:
+        if bundle is None and args.T is None:
             raise PrivlmError("--party 1 (server) needs --T, the public prompt length")
-        prompt, P = None, args.T
+        prompt, P = None, args.T or P_export
     else:
         prompt = prompt_tokens(args, tok, vocab)
         P = len(prompt)
+    if bundle is not None:
+        if P != P_export:
+            raise PrivlmError(f"the prompt has {P} tokens but the export's programs were made for {P_export} "
+                              f"(privlm pi export --T)")
+        if N > C_export - P_export + 1:
+            raise PrivlmError(f"--max-new-tokens={N} is more than the {C_export - P_export + 1} the export was made "
+                              f"for (privlm pi export --max-new-tokens)")
     if positions is not None and P + N > positions:
         raise PrivlmError(f"the prompt's {P} tokens + --max-new-tokens={N} need {P + N} positions; the model "
                           f"has {positions}")
-    from privlm.generate_trace import check_supported, save_generation, trace_generation
-    check_supported(model)
+    if model is not None:
+        from privlm.generate_trace import check_supported
+        check_supported(model)
     sample = f"{args.temperature},{args.top_k or ''},{args.seed}" if sampling else None
     with contextlib.nullcontext(Path(args.keep)) if args.keep else private_tempdir("privlm-pi-gen-") as work:
         work = Path(work)
         work.mkdir(parents=True, exist_ok=True)
-        save_generation(trace_generation(model, P, P + N - 1), work / "export")
+        export = bundle
+        if export is None:  # traced here into the work directory (the server's tensors removed once loaded)
+            from privlm.generate_trace import save_generation, trace_generation
+            export = work / "export"
+            save_generation(trace_generation(model, P, P + N - 1), export)
 
         def launch(net=None):
-            return run_generate_parties(work, work / "export", prompt=prompt, P=P, new=N, sample=sample,
+            return run_generate_parties(work, export, prompt=prompt, P=P, new=N, sample=sample,
                                         protocol=args.protocol, mode=args.mode, spu_profile=args.spu_profile,
                                         peers=args.peer, party=args.party, wan=net, peer_timeout=args.peer_timeout,
-                                        delete_weights=not args.keep)
+                                        delete_weights=bundle is None and not args.keep)
         if link is not None:
             from privlm.spu.wan import wan_namespaces
             with wan_namespaces(link) as net:
@@ -221,7 +255,7 @@ def cmd_generate(args) -> int:
            "new_text": tok.decode(new) if tok is not None else None,
            "revealed_to_client": "token ids" if not sampling else "logits of every step",
            **summarize(result)}
-    if not sampling:
+    if not sampling and model is not None:  # a client bundle holds no weights: no plaintext reference there
         ref = plaintext_greedy(model, prompt, N)
         doc["plaintext_tokens"] = ref
         doc["agree"] = ref == new
@@ -239,7 +273,7 @@ def cmd_generate(args) -> int:
           f"({doc['mode']}, SPU profile {doc['spu_profile']}; revealed to the client: {doc['revealed_to_client']})")
     if doc["text"] is not None:
         print(f"  text: {doc['text']!r}")
-    print(f"  new tokens: {new}" + ("" if sampling else
+    print(f"  new tokens: {new}" + ("" if "agree" not in doc else
                                     f"  (plaintext greedy {'agrees' if doc['agree'] else 'differs: ' + str(ref)})"))
     print(f"  {'token':>5} {'pos':>4} {'program':>8} {'MB':>9} {'messages':>9} {'sends(p0)':>9} {'online s':>9}")
     for r in doc["per_token"]:
