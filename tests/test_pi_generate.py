@@ -113,6 +113,7 @@ def test_traces_name_architecture_only():
     _same_public_other_server(a, b)
 
 
+@pytest.mark.slow  # four torch.export traces per model
 @pytest.mark.parametrize("preset", ["SM(t)+ScFuFFN", "SM+LR(layer)"])
 def test_public_files_hold_no_learned_value(preset):
     """The same for SM(t)'s temperatures, Eq. 8's beta (folded) and a learned leaky slope: none of them is in the
@@ -143,10 +144,15 @@ def _margin(model, prefix: list[int], hf: bool) -> float:
     return float(top[0] - top[1])
 
 
+# CHEETAH (privlm's default: HE products, SPU's exp as products on decode-sized tensors) for the privlm family;
+# the HF families' prefill and decode programs under SEMI2K, at a fraction of the cost (the same programs and
+# kernels under additive sharing; CHEETAH's own paths are covered by the privlm case, the two-process test below
+# and tests/test_pi_spu_kernels.py)
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,new", [("SM+ScFuFFN", 16), ("llama", 16), ("neox", 5)])
-def test_sim_greedy_equals_plaintext_greedy(kind, new, tmp_path):
-    """16 new tokens under 2PC (sim, CHEETAH) equal plaintext greedy generation (`privlm sample --temperature 0`
+@pytest.mark.parametrize("kind,new,protocol", [("SM+ScFuFFN", 16, "cheetah"), ("llama", 16, "semi2k"),
+                                               ("neox", 5, "semi2k")])
+def test_sim_greedy_equals_plaintext_greedy(kind, new, protocol, tmp_path):
+    """16 new tokens under 2PC (sim) equal plaintext greedy generation (`privlm sample --temperature 0`
     for privlm runs, transformers' generate(do_sample=False) for LLaMA; 5 tokens for GPT-NeoX); a divergence is
     accepted only at a plaintext near-tie (top-2 gap below 0.01, the order of 18-bit fixed point's logit error
     through softmax)."""
@@ -163,8 +169,8 @@ def test_sim_greedy_equals_plaintext_greedy(kind, new, tmp_path):
         ref = json.loads(_cli("sample", str(target), "--prompt", prompt, "--max-new-tokens", str(new),
                               "--temperature", "0", "--json").stdout)["new_tokens"]
     doc = json.loads(_cli("pi", "generate", str(target), "--tokens", ",".join(map(str, PROMPT)),
-                          "--max-new-tokens", str(new), "--json").stdout)
-    assert doc["greedy"] and doc["capacity"] == len(PROMPT) + new - 1 and len(doc["per_token"]) == new
+                          "--max-new-tokens", str(new), "--protocol", protocol, "--json").stdout)
+    assert doc["protocol"] == protocol and doc["greedy"] and doc["capacity"] == len(PROMPT) + new - 1 and len(doc["per_token"]) == new
     plain = doc["plaintext_tokens"]
     if ref is not None:
         assert plain == ref  # the CLI's plaintext reference is `privlm sample --temperature 0`

@@ -198,6 +198,7 @@ def test_traced_program_under_2pc_sim_agrees_with_plaintext(protocol, name, expo
 
 
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # two torch.export traces per model
 @pytest.mark.parametrize("preset", ["SM(t)+ScFuFFN", "SM+LR(layer)", "SM+LN+G"])
 def test_public_files_do_not_depend_on_any_learned_value(preset, tmp_path):
     """program.json and public.safetensors are byte-identical for two models of one architecture with different
