@@ -70,6 +70,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow  # an interpreter importing every package: seconds of CPU
 def test_lazy_package_names_resolve_to_their_modules_objects():
     out = subprocess.run([sys.executable, "-c", LAZY_PROBE], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

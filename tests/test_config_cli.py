@@ -113,6 +113,7 @@ def test_inspect_shows_temperature_and_scales_at_gpt2_size(capsys):
     assert "temperature_param: offset" in out
 
 
+@pytest.mark.slow  # builds GPT-2 small's weights: seconds of CPU
 def test_inspect_json_counts_gpt2_small_parameters(capsys):
     code, out, _ = run_cli(capsys, "inspect", "SM+LN+G", "--json")
     rep = json.loads(out)

@@ -67,6 +67,7 @@ def test_folded_model_computes_the_models_logits_and_leaves_it_alone(preset):
     assert model.lm_head.weight is model.wte.weight and all(b.alpha is not None for b in model.blocks if b.ffn)
 
 
+@pytest.mark.slow  # torch.export traces: seconds of CPU
 @pytest.mark.parametrize("preset", [p for p in FOLDED if not p.startswith("EReg")] + [LN_SCALED])  # EReg: same
 def test_folded_graph_multiplies_no_secret_by_a_learned_scalar(preset):
     """No product or division of a secret by a server value in the traced graph, except SM(t)'s temperature

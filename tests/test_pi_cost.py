@@ -65,6 +65,7 @@ def test_census_closed_forms_gpt2():
     assert c.flops_by("dense")["attn"] - c.flops_by("paper")["attn"] == L * T * T * d
 
 
+@pytest.mark.slow  # a dozen GPT-2-size censuses: seconds of CPU
 def test_census_fused_pruned_and_activations():
     L, d, T = 12, 768, 256
     fused = census("SM+ScFuFFN", T)
@@ -124,6 +125,7 @@ def _errors(rows):
     return out
 
 
+@pytest.mark.slow  # every published row's census: seconds of CPU
 def test_paper_fit_in_sample_reproduces_2501_tables():
     """In-sample: paper-fit was fitted to these very rows (pi.fit.fit_rows), so this checks the fit and the census
     agree with the printed tables, not that the model predicts; the leave-one-setting-out test is the
@@ -140,6 +142,7 @@ def test_paper_fit_in_sample_reproduces_2501_tables():
     assert abs(worst_l[2]) < 0.15
 
 
+@pytest.mark.slow  # every published row's census: seconds of CPU
 def test_paper_fit_in_sample_aero_rows_reported_with_errors():
     """In-sample as well: AERO's rows are among the fitted ones."""
     errs = _errors([r for r in ROWS if r.table.startswith("aero")])
@@ -205,6 +208,7 @@ def test_bad_profiles_are_one_line_errors(mutate, match):
         load_profile("no-such-profile")
 
 
+@pytest.mark.slow  # GPT-2-size censuses: seconds of CPU
 def test_paper_fit_warns_outside_identified_op_sets():
     assert predict(census("SM+LN+R", 128), PAPER).warnings == []
     assert predict(census("SM+ScFuFFN", 128), PAPER).warnings == []
@@ -236,6 +240,7 @@ def test_shipped_paper_fit_is_what_the_fit_produces():
     assert (comm["gelu"] - comm["relu"]) * 1e3 == pytest.approx(3366, rel=0.01)
 
 
+@pytest.mark.slow  # GPT-2-size censuses: seconds of CPU
 def test_save_profile_round_trip_and_no_clobber(tmp_path):
     raw = json.loads(json.dumps(PAPER.raw))
     raw["name"] = "copy"

@@ -66,6 +66,7 @@ def test_band_rows_are_the_hand_computed_sums(home, capsys):
     assert rows[("SM+ScFuFFN", "default")]["comm_savings"] != pytest.approx(rows[("SM+ScFuFFN", "puma")]["comm_savings"])
 
 
+@pytest.mark.slow  # privlm cost in an interpreter: seconds of CPU
 def test_band_table_prints_per_op_bytes_and_savings(home, capsys):
     code = main(["cost", "SM+ScFuFFN", *SIZE, "--vs", "SM+LN+G", "--T", str(T), "--spu-profile", "all"])
     out, _ = capsys.readouterr()

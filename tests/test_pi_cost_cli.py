@@ -33,6 +33,7 @@ def test_fused_vs_baseline_savings_at_gpt2_size(capsys):
     assert f"{row['comm_savings']:.2f}×" in out and "Comm. Savings" in out
 
 
+@pytest.mark.slow  # privlm cost in several interpreters: seconds of CPU
 def test_several_presets_with_overrides_md(capsys):
     code, out, _ = _run(capsys, "SM+LN+G", "SM+LN+R", "--T", "256", "model.n_layer=18", "--format", "md")
     assert code == 0
@@ -64,6 +65,7 @@ def test_table_json_rows(capsys, table):
         assert abs(r["comm_err"]) < 0.03
 
 
+@pytest.mark.slow  # privlm cost in several interpreters: seconds of CPU
 def test_table_text_and_csv(capsys):
     code, out, _ = _run(capsys, "--table", "aero-t256")
     assert code == 0 and "Worst Comm error" in out and "SOTA SM+ScFuFFN" in out

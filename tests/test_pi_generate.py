@@ -99,6 +99,7 @@ def _same_public_other_server(a, b) -> None:
         assert x.server and all(not (x.server[k] == y.server[k]).all() for k in x.server)
 
 
+@pytest.mark.slow  # traces two models twice each (torch.export): seconds of CPU
 def test_traces_name_architecture_only():
     """The decode program's inputs are the ids, three public position inputs and 2L secret cache tensors; its
     outputs the logits and the updated cache; the op graphs and public tensors of two models with different

@@ -240,6 +240,7 @@ def test_trace_refuses_too_long_prompt_and_requested_hooks():
             trace_model(model, T)
 
 
+@pytest.mark.slow  # torch.export traces: seconds of CPU
 def test_trace_leaves_the_model_as_it_was():
     """Observing never changes what is observed: HF modules swapped for the export are put back."""
     model = _hf("llama")
@@ -410,6 +411,7 @@ def test_registry_is_complete_for_every_profile():
     assert all(a is None or a.op in RECORDS for a in ACTIVATIONS.values())
 
 
+@pytest.mark.slow  # torch.export of an HF model: seconds of CPU
 @pytest.mark.parametrize("kind", HF)
 def test_traced_census_equals_module_census_for_hf_models(kind):
     """Tiny random HF GPT-2, GPT-NeoX (partial rotary), LLaMA and Qwen2 (GQA, RMSNorm, SwiGLU, RoPE): the census
