@@ -728,7 +728,7 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list
          "GELU and the softmax's exp in a 32-bit ring with 12 fraction bits, measured per op with the ring "
          "conversions' stand-ins (SPU 0.9.5 has one ring per runtime, so it is costed, not run whole; "
          "docs/DECISIONS.md#spu-profiles-named-for-what-they-are). Each profile's `why` names the published system "
-         "it corresponds to. The settings were chosen by accuracy (kernel error bounds over 2^14 elements per op in "
+         "it corresponds to. The settings were chosen by accuracy (kernel error bounds over 2^13 elements per op in "
          "the tests, the tails below at 2^18 per run, `pi eval`), not to hit the paper's numbers.\n"]
     band_section(L, rows)
     tails_section(L)
