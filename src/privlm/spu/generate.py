@@ -233,38 +233,6 @@ def run_generation(rank: int, lctx, programs: dict, protocol: str, spu_profile, 
             "wall_seconds": time.perf_counter() - t_start}
 
 
-def plain_generate(programs: dict, weights: dict, prompt: list[int], new_tokens: int) -> tuple[list[int], list]:
-    """Greedy generation with the same steps in plaintext JAX (no SPU): the programs' own reference."""
-    import jax
-
-    from privlm.spu.program import one_hot, server_tensors
-
-    def run(key, live):
-        prog = programs[key]
-        env = {**server_tensors(weights[key], prog), **live}
-        for step in prog.steps:
-            outs = jax.jit(step.fn)(*[env[n] for n in step.inputs])
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            env.update(zip(step.outputs, outs))
-        return [np.asarray(env[o]) for o in prog.outputs]
-
-    V = programs[PREFILL].meta["vocab_size"]
-    P = len(prompt)
-    outs = run(PREFILL, {"onehot": one_hot(np.asarray(prompt), V)})
-    tokens, logits = [], []
-    for j in range(new_tokens):
-        if j:
-            dec = programs[DECODE]
-            live = {"onehot": one_hot(np.asarray([tokens[-1]]), V),
-                    **dict(zip(cache_names(dec), outs[1:])),
-                    **position_inputs(P + j - 1, dec.meta["inputs"]["sel"]["shape"][1])}
-            outs = run(DECODE, live)
-        logits.append(outs[0][-1])
-        tokens.append(int(np.argmax(outs[0][-1])))
-    return tokens, logits
-
-
-# --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     from privlm.proc import adopt_parent
 
