@@ -34,7 +34,7 @@ OUT_JSON = RESULTS / "pi_kernel_ranges.json"
 OUT_MD = RESULTS / "pi_kernel_ranges.md"
 REGION = "kernel-ranges"
 FORMAT = "privlm-kernel-ranges/1"
-SPU_CHECK_ELEMENTS = 1 << 16  # per op in the 2PC check: 8 of CHEETAH's HE batches
+SPU_CHECK_ELEMENTS = 1 << 14  # per op in the 2PC check: as many as the kernel tests (2 HE batches)
 
 
 def measure_run(run_dir: str, sequences: int, spu_check: bool) -> dict:
@@ -50,6 +50,10 @@ def measure_run(run_dir: str, sequences: int, spu_check: bool) -> dict:
     m = cfg.model
     entry = {"run": run_dir, "preset": m.preset, "shape": f"L{m.n_layer} d{m.n_embd} H{m.n_head}",
              "sequences": sequences, "T": int(ids.shape[1]), "ops": measure_model(model, ids)}
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file():  # what the model was trained on: its activations' ranges depend on it
+        sm = json.loads(summary.read_text())
+        entry["trained"] = {k: sm.get(k) for k in ("steps", "tokens_trained", "final_ppl", "unigram_ppl")}
     if spu_check:
         entry["spu_check"] = kernel_errors_on_model(model, ids, entry["ops"])
     return entry
@@ -73,6 +77,15 @@ def kernel_errors_on_model(model, ids: torch.Tensor, ops: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"privlm.spu.kernels --inputs failed: {proc.stderr.strip()[-300:]}")
     return {"layers": chosen, "profiles": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+GPT2_TRAIN = ("model.n_layer=12 model.n_embd=768 model.n_head=12 train.max_steps=30 train.batch_size=8 train.lr=0.001 "
+              "train.warmup_frac=0.1 train.eval_every=30 train.eval_max_batches=8 train.entropy_every=30 "
+              "train.save_every=30 train.flight_steps=0")
+REPRODUCE = [f".venv/bin/privlm train runs/demo-final/{m}/config.yaml {GPT2_TRAIN} --out runs/gpt2-{m}"
+             for m in ("sm-ln-g", "sm-scfuffn")] + [
+    ".venv/bin/python bench/pi_kernel_ranges.py runs/demo-final/sm-ln-g runs/demo-final/sm-scfuffn "
+    "runs/demo-final/ereg-sm-t-scfuffn runs/gpt2-sm-ln-g runs/gpt2-sm-scfuffn --sequences 8 --spu-check"]
 
 
 def kernels_by_profile() -> dict[str, dict[str, dict]]:
@@ -174,14 +187,21 @@ def write(entries: list[dict]) -> None:
                  f" ({k['bound']:g})" for k in ks.values()]
         L.append(f"| {name} | " + " | ".join(cells) + " |")
     L.append("")
+    L.append("| model | shape | training steps | tokens trained | validation PPL (unigram PPL) |")
+    L.append("|---|---|---|---|---|")
+    for e in entries:
+        t = e.get("trained") or {}
+        ppl = "—" if t.get("final_ppl") is None else f"{t['final_ppl']:.1f} ({t.get('unigram_ppl') or 0:.1f})"
+        L.append(f"| {Path(e['run']).name} | {e['shape']} | {t.get('steps', '—')} | {t.get('tokens_trained') or 0:,} | {ppl} |")
+    L.append("")
     L += table(entries)
     L.append("")
     L += findings(entries)
     checked = [e for e in entries if e.get("spu_check")]
     if checked:
         L += ["", "Each profile's kernels under 2PC (both parties in one process) on what the model feeds them in the "
-              "layer named (the one reaching furthest outside the tested range; one sequence, whole heads or rows up "
-              f"to {SPU_CHECK_ELEMENTS:,} values), against the numpy reference:\n",
+              "layer named (the one reaching furthest outside the tested range; one sequence, the whole heads or rows "
+              f"furthest outside it, up to {SPU_CHECK_ELEMENTS:,} values), against the numpy reference:\n",
               "| model | op (layer) | values | SPU profile | kernel | max abs error | bound | beyond the bound |",
               "|---|---|---|---|---|---|---|---|"]
         for e in checked:
@@ -193,6 +213,8 @@ def write(entries: list[dict]) -> None:
                              f"{'' if r['fraction_bits'] == 18 else ' at ' + str(r['fraction_bits']) + ' bits'} | "
                              f"{r['max_abs_err']:.2g} | {r['bound']:g} | {r['beyond_bound']:,} |")
         L += [""] + check_findings(entries)
+    L += ["", "Reproduce (the GPT-2-size models: the demo's configs at L12 d768 H12, trained briefly on CPU):", "",
+          "```", *REPRODUCE, "```"]
     body = "\n".join(L) + "\n"
     atomic_write_text(OUT_MD, body)
     sys.path.insert(0, str(Path(__file__).resolve().parent))

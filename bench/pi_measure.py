@@ -716,8 +716,8 @@ def accuracy_verdict(e: dict) -> str:
                f"{e['max_logit_err']:.3f})" if gap <= 2 * e["max_logit_err"] else
                f"; not only near-ties: a differing position has plaintext gap {gap:.3f} > 2 × max logit error "
                f"{e['max_logit_err']:.3f}")
-    verdict = "fit" if ok_top1 and ok_ppl else "**unfit**"
-    return f"- `{e['spu_profile']}` on {run} ({e['sequences']} × {e['T']}): {verdict}: {figures}{why}."
+    verdict = f"fit for {run}" if ok_top1 and ok_ppl else f"**unfit** for {run}"
+    return f"- `{e['spu_profile']}` ({e['sequences']} × {e['T']}): {verdict}: {figures}{why}."
 
 
 def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list[dict]) -> str:

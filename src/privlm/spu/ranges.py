@@ -91,10 +91,29 @@ def furthest(op_doc: dict) -> str:
     return widest_layer(q)
 
 
+def outside_score(op: str, v: np.ndarray) -> np.ndarray:
+    """Per head (softmax [H, T, T]) or row ([T, width]): how far its quantities go outside the tested range,
+    as the largest ratio beyond an end (log2 of value / end for the positive quantities, value - end otherwise);
+    0 where inside. Model inputs for a 2PC check are taken from the highest first."""
+    tested = ranges_tested(op)
+    score = np.zeros(v.shape[0])
+    for i in range(v.shape[0]):
+        for q, x in kernel_quantities(op, [v[i:i + 1]]).items():
+            lo, hi = tested[q]
+            if q in ("row_sum", "variance"):
+                x = np.maximum(x, 1e-30)
+                d = max(np.log2(lo / x.min()), np.log2(x.max() / hi), 0.0)
+            else:
+                d = max(lo - x.min(), x.max() - hi, 0.0)
+            score[i] = max(score[i], d)
+    return score
+
+
 def model_kernel_inputs(model, ids, ops: dict[str, dict[str, dict]], max_elements: int) -> tuple[dict, dict]:
     """(arrays for `python -m privlm.spu.kernels --inputs`, op -> layer label): what ``model`` feeds softmax,
     GELU and LayerNorm in the layer of `furthest` (``ops``: `measure_model`'s), for the first sequence of
-    ``ids``: whole heads (softmax, masks at MASK_VALUE) or whole rows up to ``max_elements`` values, and a
+    ``ids``: whole heads (softmax, masks at MASK_VALUE) or whole rows up to ``max_elements`` values, those furthest
+    outside the tested range first (`outside_score`), and a
     LayerNorm's gains, bias and eps."""
     import torch
 
@@ -110,9 +129,11 @@ def model_kernel_inputs(model, ids, ops: dict[str, dict[str, dict]], max_element
     for name, (op, _, norm) in names.items():
         v = store[name][0].double().numpy()  # one sequence
         if op == "softmax":  # [H, T, T]: whole heads
-            v = np.where(np.isneginf(v), MASK_VALUE, v)[:max(1, max_elements // (v.shape[-1] * v.shape[-2]))]
+            v = np.where(np.isneginf(v), MASK_VALUE, v)
+            k = max(1, max_elements // (v.shape[-1] * v.shape[-2]))
         else:  # [T, width]: whole rows
-            v = v[:max(1, max_elements // v.shape[-1])]
+            k = max(1, max_elements // v.shape[-1])
+        v = v[np.sort(np.argsort(-outside_score(op, v), kind="stable")[:k])]
         arrays[f"{op}.0"] = v.astype(np.float32)
         if op == "layernorm":
             ln = modules[norm]
