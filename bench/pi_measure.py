@@ -838,7 +838,9 @@ def write_doc(rows: list[dict], small: list[dict], evals: list[dict], wans: list
                  "model with its figures. "
                  + ", ".join(f"`{p}`" for p in PROFILES if p not in RUNNABLE)
                  + " cannot run a whole forward on SPU 0.9.5 (one ring per runtime), so it has no row here; its "
-                 "kernels' errors on the models' own inputs are in the kernel-ranges section below.\n")
+                 "kernels' errors on the models' own inputs are in the kernel-ranges section below, as are those of "
+                 "every profile on the GPT-2-size (L12 d768 H12) models, which have no row here yet (a 2PC forward "
+                 "at that width takes tens of minutes per sequence and profile on this machine).\n")
         L.append("*Differ* counts the positions whose top-1 token differs, *largest gap* the largest plaintext logit "
                  "gap between the two chosen tokens among them: a gap below twice the max logit error is a near-tie "
                  "that the fixed-point error can flip.\n")
