@@ -5,7 +5,9 @@ the kernel runs in the two stages of `RING_STAGES`); `privlm.spu.program` calls
 `kernel(op, name)`. Every kernel is plain JAX (SPU compiles it); each has a float64 numpy reference of
 the function the PyTorch model computes, an input range that covers what a trained privlm model feeds
 it, and a maximum absolute error under 2PC that `python -m privlm.spu.kernels` measures and
-tests/test_pi_spu_kernels.py enforces for every profile.
+tests/test_pi_spu_kernels.py enforces for every profile. `ranges_tested` says over which values of what each
+kernel computes on (`kernel_quantities`: the softmax's exp input and row sums, GELU's input, LayerNorm's variance)
+that bound is tested; bench/pi_kernel_ranges.py checks trained models' values against it.
 
 softmax  divide      jax.nn.softmax: exp(z) / broadcast(sum) is one fixed-point division per element
          reciprocal  exp(z) * broadcast(1 / sum): one reciprocal per row (PUMA)
@@ -36,6 +38,8 @@ import math
 from typing import Callable, Optional
 
 import numpy as np
+
+from privlm.opschema import MASK_VALUE
 
 # Piecewise GELU segments (Bumblebee): the breakpoints where tanh-GELU is ~0, and ~x.
 GELU_ZERO_BELOW = -5.0
@@ -337,7 +341,7 @@ def kernel_inputs(op: str, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS) 
         s = rng.normal(0.0, INPUT_RANGES["softmax"]["std"], (H, T, T))
         s[:, :, :2] = INPUT_RANGES["softmax"]["max"]  # rows whose maximum is the largest logit seen
         s[:, :, 2:4] = INPUT_RANGES["softmax"]["min"]
-        s = np.where(np.tril(np.ones((T, T), bool))[None], s, -100.0)  # the program's causal fill (MASK_VALUE)
+        s = np.where(np.tril(np.ones((T, T), bool))[None], s, MASK_VALUE)  # the program's causal fill
         return [s.astype(np.float32)], softmax_reference(s.astype(np.float32).astype(np.float64))
     if op == "gelu":
         lo, hi = INPUT_RANGES["gelu"]["min"], INPUT_RANGES["gelu"]["max"]
@@ -383,6 +387,36 @@ INPUT_RANGES: dict[str, dict[str, float]] = {
 }
 
 
+def kernel_quantities(op: str, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The values a kernel of ``op`` computes on, from its inputs (as `kernel_inputs` gives them): softmax
+    [..., T, T] logits (causal fill MASK_VALUE, or -inf, which a traced program holds as MASK_VALUE) ->
+    ``exp_input`` z = s - rowmax (every entry: the exponential sees the masked ones too) and ``row_sum`` sum exp(z)
+    (what the division or the one reciprocal per row receives); gelu / relu -> ``input``; layernorm [..., d] ->
+    ``input`` x and ``variance`` (the rsqrt's input, before eps; the stock kernel's E[x^2] - E[x]^2 equals it in
+    exact arithmetic). Flattened float64 arrays (row quantities one value per row)."""
+    if op == "softmax":
+        s = np.asarray(inputs[0], np.float64)
+        s = np.where(np.isneginf(s), MASK_VALUE, s)
+        z = s - s.max(-1, keepdims=True)
+        return {"exp_input": z.ravel(), "row_sum": np.exp(z).sum(-1).ravel()}
+    if op in ("gelu", "relu", "silu"):
+        return {"input": np.asarray(inputs[0], np.float64).ravel()}
+    if op in ("layernorm", "rmsnorm"):
+        x = np.asarray(inputs[0], np.float64)
+        v = x.var(-1) if op == "layernorm" else (x ** 2).mean(-1)
+        return {"input": x.ravel(), "variance": v.ravel()}
+    raise ValueError(f"no kernel quantities for op '{op}'")
+
+
+@functools.cache
+def ranges_tested(op: str) -> dict[str, tuple[float, float]]:
+    """The range of each of `kernel_quantities` over the inputs a kernel's error bound is tested on
+    (`kernel_inputs`, the same for every profile): an input inside it is where ERROR_BOUNDS / RING_ERROR_BOUNDS
+    hold; one outside it is untested (not necessarily inaccurate). ReLU (one comparison) has no tested range: it
+    is exact wherever the ring holds the value."""
+    return {q: (float(v.min()), float(v.max())) for q, v in kernel_quantities(op, kernel_inputs(op)[0]).items()}
+
+
 def kernel_case(profile, op: str) -> tuple[str, str, str, str]:
     """What decides the 2PC computation of ``op`` under ``profile``: the kernel, the op's runtime settings (ring
     included) and the compiler options. Two profiles with equal cases run the very same program on the same
@@ -393,38 +427,55 @@ def kernel_case(profile, op: str) -> tuple[str, str, str, str]:
             json.dumps(profile.compiler, sort_keys=True))
 
 
+def reference_output(op: str, inputs: list[np.ndarray], eps: float) -> np.ndarray:
+    """The float64 numpy reference of ``op`` on ``inputs`` (as `kernel_inputs` gives them; eps: the norm's)."""
+    a = [np.asarray(x, np.float64) for x in inputs]
+    if op == "softmax":
+        return softmax_reference(a[0])
+    if op == "gelu":
+        return gelu_reference(a[0])
+    if op == "layernorm":
+        return layer_norm_reference(a[0], a[1], a[2], eps)
+    raise ValueError(f"no reference for op '{op}' on given inputs")
+
+
 def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS,
-                   ops: tuple[str, ...] | None = None) -> dict[str, dict]:
+                   ops: tuple[str, ...] | None = None,
+                   inputs: dict[str, tuple[list[np.ndarray], float]] | None = None) -> dict[str, dict]:
     """Each kernel of the profile (a name or an `SPUProfile`; ``ops``: only those) run under SPU (both parties
-    in this process) on `kernel_inputs`: max |2PC - numpy reference| per op, and how many elements exceed the
-    kernel's bound."""
+    in this process) on `kernel_inputs`, or on ``inputs`` (op -> (its inputs, the norm's eps): e.g. the values a
+    trained model feeds it; then only those ops): max |2PC - numpy reference| per op, and how many elements exceed
+    the kernel's bound."""
     import spu.utils.simulation as spsim
 
     from privlm.spu.spu_profile import KERNEL_OPS, load_spu_profile
 
     prof = load_spu_profile(profile) if isinstance(profile, str) else profile
     out = {}
-    for op in (KERNEL_OPS if ops is None else ops):
+    for op in (KERNEL_OPS if ops is None else ops) if inputs is None else tuple(inputs):
         # a kernel that runs in another ring runs in a runtime of that ring (the conversions are exact up to
         # one truncation of the input to the ring's fraction bits, which the fixed-point encoding applies)
         sim = spsim.Simulator(2, prof.runtime_config("cheetah", op=op))
         bits = int(prof.runtime_doc(op)["fxp_fraction_bits"])
         name = prof.kernels.get(op, DEFAULT_KERNELS.get(op))
         fn = kernel(op, name)
-        if op == "layernorm":
-            fn = functools.partial(fn, eps=1e-5)
-        if op == "rmsnorm":
-            fn = functools.partial(fn, eps=1e-6)
-        inputs, ref = kernel_inputs(op, seed, elements)
+        if inputs is None:
+            args, ref = kernel_inputs(op, seed, elements)
+            eps = {"layernorm": 1e-5, "rmsnorm": 1e-6}.get(op)
+        else:
+            args, eps = [np.asarray(x, np.float32) for x in inputs[op][0]], inputs[op][1]
+            ref = reference_output(op, args, eps)
+        if op in ("layernorm", "rmsnorm"):
+            fn = functools.partial(fn, eps=eps)
         if prof.ring_of(op) is not None:
             # the small-ring stage, its output converted (exactly) to the forward's ring, then the rest there
             small, rest = ring_stages(op, name)
-            got = np.asarray(spsim.sim_jax(sim, small, copts=prof.compiler_options())(*inputs), np.float32)
+            got = np.asarray(spsim.sim_jax(sim, small, copts=prof.compiler_options())(*args), np.float32)
             if rest is not None:
                 base = spsim.Simulator(2, prof.runtime_config("cheetah"))
                 got = np.asarray(spsim.sim_jax(base, rest, copts=prof.compiler_options())(got), np.float32)
         else:
-            got = spsim.sim_jax(sim, fn, copts=prof.compiler_options())(*inputs)
+            got = spsim.sim_jax(sim, fn, copts=prof.compiler_options())(*args)
         got = np.asarray(got, np.float64)
         err = np.abs(got - ref)
         known = (op, name, bits) in RING_ERROR_BOUNDS or (bits == 18 and (op, name) in ERROR_BOUNDS)
@@ -443,9 +494,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m privlm.spu.kernels")
     parser.add_argument("--elements", type=int, default=KERNEL_TEST_ELEMENTS)
     parser.add_argument("--ops", type=lambda s: tuple(filter(None, s.split(","))), default=None)
+    parser.add_argument("--inputs", default=None, metavar="FILE.npz",
+                        help="measure on these inputs instead: arrays named OP.0, OP.1, ... (a kernel's inputs in "
+                             "order) and OP.eps (a norm's eps)")
     parser.add_argument("profiles", nargs="+")
     args = parser.parse_args(argv)
-    print(json.dumps({n: measure_errors(n, elements=args.elements, ops=args.ops) for n in args.profiles}))
+    given = None
+    if args.inputs is not None:
+        with np.load(args.inputs, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        given = {}
+        for op in sorted({k.split(".")[0] for k in arrays}):
+            n = sum(1 for k in arrays if k.split(".")[0] == op and k.split(".")[1].isdigit())
+            given[op] = ([arrays[f"{op}.{i}"] for i in range(n)], float(arrays[f"{op}.eps"]) if f"{op}.eps" in arrays else 0.0)
+    print(json.dumps({n: measure_errors(n, elements=args.elements, ops=args.ops, inputs=given) for n in args.profiles}))
     return 0
 
 
