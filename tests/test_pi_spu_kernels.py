@@ -128,8 +128,9 @@ def test_every_kernel_of_every_profile_is_within_its_error_bound_under_2pc(name)
         assert r["kernel"] == load_spu_profile(name).kernels[op]
         assert r["max_abs_err"] <= r["bound"] == K.error_bound(op, r["kernel"], r["fraction_bits"]), (name, op, r)
         assert r["max_abs_err"] > 0  # fixed point: a real computation, not a copy of the reference
-        # enough elements that a rarely-but-badly failing protocol setting shows (see KERNEL_TEST_ELEMENTS)
-        assert r["elements"] == K.KERNEL_TEST_ELEMENTS, (name, op)
+        # enough elements that a rarely-but-badly failing protocol setting shows (see KERNEL_TEST_ELEMENTS; the
+        # softmax's inputs are whole 128 x 128 heads, at least one)
+        assert r["elements"] >= K.KERNEL_TEST_ELEMENTS, (name, op)
 
 
 SMALL_EXP_CHECK = r"""
