@@ -2,7 +2,7 @@
 generation (`privlm sample --temperature 0`), per run, prompt and SPU profile (issue "private text generation",
 exact tokens).
 
-    python bench/pi_generate_exact.py RUN_DIR [RUN_DIR ...] [--profiles default puma] [--new 16]
+    python bench/pi_generate_exact.py RUN_DIR [RUN_DIR ...] [--profiles default puma] [--new 16] [--prompts 2]
 
 Each run directory is a trained privlm run (`make demo` writes three under runs/demo-*/). For each prompt of
 PROMPTS the script runs `privlm pi generate RUN --prompt P --max-new-tokens N --spu-profile S --json` (in-process
@@ -92,17 +92,18 @@ def main() -> int:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--profiles", nargs="+", default=["default", "puma"])
     ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"the first N of PROMPTS (default all {len(PROMPTS)})")
     args = ap.parse_args()
     rows = []
     for run in args.runs:
         for profile in args.profiles:
-            for prompt in PROMPTS:
+            for prompt in PROMPTS[:args.prompts]:
                 rows.append(measure(run, prompt, profile, args.new))
                 r = rows[-1]
                 print(f"{r['arch']} {profile} P={r['prompt_len']}: agree={r['agree']} "
                       f"divergence={r['first_divergence']} gap={r['plaintext_gap_at_divergence']}", flush=True)
     command = "python bench/pi_generate_exact.py " + " ".join(args.runs) + f" --profiles {' '.join(args.profiles)}" \
-              f" --new {args.new}"
+              f" --new {args.new} --prompts {args.prompts}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pi_generate_exact.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     md = table(rows)
