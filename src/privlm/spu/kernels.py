@@ -325,9 +325,9 @@ def kernel(op: str, name: str) -> Callable:
 
 
 # Elements per kernel test: one of CHEETAH's 8,192-element HE batches per op, for every kernel of every SPU
-# profile inside the test suite's time budget (the 2PC work grows with the batches). A protocol setting that fails only now and then by orders of
-# magnitude (SPU 0.9.5's enable_mul_lsb_error did so in a few runs in a few dozen at 2^18 elements) is the
-# job of bench/pi_kernel_tails.py, which runs many larger such tests for the tails.
+# profile inside the test suite's time budget (the 2PC work grows with the batches). A protocol setting that
+# fails only now and then by orders of magnitude (SPU 0.9.5's enable_mul_lsb_error did so in a few runs in a few
+# dozen at 2^18 elements) is the job of bench/pi_kernel_tails.py, which runs many larger such tests for the tails.
 KERNEL_TEST_ELEMENTS = 1 << 13
 
 
@@ -342,11 +342,11 @@ def kernel_inputs(op: str, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS) 
         s[:, :, :2] = INPUT_RANGES["softmax"]["max"]  # rows whose maximum is the largest logit seen
         s[:, :, 2:4] = INPUT_RANGES["softmax"]["min"]
         s = np.where(np.tril(np.ones((T, T), bool))[None], s, MASK_VALUE)  # the program's causal fill
-        return [s.astype(np.float32)], softmax_reference(s.astype(np.float32).astype(np.float64))
+        return _with_reference(op, [s.astype(np.float32)])
     if op == "gelu":
         lo, hi = INPUT_RANGES["gelu"]["min"], INPUT_RANGES["gelu"]["max"]
         u = rng.uniform(lo, hi, (max(1, elements // 1024), 1024)).astype(np.float32)
-        return [u], gelu_reference(u.astype(np.float64))
+        return _with_reference(op, [u])
     if op == "layernorm":
         r = INPUT_RANGES["layernorm"]
         x = rng.normal(r["mean"], r["std"], (max(1, elements // 128), 128))
@@ -354,22 +354,22 @@ def kernel_inputs(op: str, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS) 
         g = rng.normal(1.0, 0.2, 128)
         b = rng.normal(0.0, 0.1, 128)
         x, g, b = (a.astype(np.float32) for a in (x, g, b))
-        return [x, g, b], layer_norm_reference(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
+        return _with_reference(op, [x, g, b])
     if op == "rmsnorm":
         r = INPUT_RANGES["layernorm"]
         x = rng.normal(r["mean"], r["std"], (max(1, elements // 128), 128))
         x[:, :4] *= r["outlier_factor"]
         g = rng.normal(1.0, 0.2, 128)
         x, g = (a.astype(np.float32) for a in (x, g))
-        return [x, g], rms_norm_reference(*(a.astype(np.float64) for a in (x, g)), 1e-6)
+        return _with_reference(op, [x, g])
     if op == "silu":
         lo, hi = INPUT_RANGES["silu"]["min"], INPUT_RANGES["silu"]["max"]
         u = rng.uniform(lo, hi, (max(1, elements // 1024), 1024)).astype(np.float32)
-        return [u], silu_reference(u.astype(np.float64))
+        return _with_reference(op, [u])
     if op == "gate_product":
         lo, hi = INPUT_RANGES["gate_product"]["min"], INPUT_RANGES["gate_product"]["max"]
         a, b = (rng.uniform(lo, hi, (max(1, elements // 1024), 1024)).astype(np.float32) for _ in range(2))
-        return [a, b], a.astype(np.float64) * b.astype(np.float64)
+        return _with_reference(op, [a, b])
     raise ValueError(f"unknown kernel op '{op}'")
 
 
@@ -427,16 +427,29 @@ def kernel_case(profile, op: str) -> tuple[str, str, str, str]:
             json.dumps(profile.compiler, sort_keys=True))
 
 
-def reference_output(op: str, inputs: list[np.ndarray], eps: float) -> np.ndarray:
+TEST_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}  # the norms' eps in the kernel tests
+
+
+def reference_output(op: str, inputs: list[np.ndarray], eps: float | None = None) -> np.ndarray:
     """The float64 numpy reference of ``op`` on ``inputs`` (as `kernel_inputs` gives them; eps: the norm's)."""
     a = [np.asarray(x, np.float64) for x in inputs]
     if op == "softmax":
         return softmax_reference(a[0])
     if op == "gelu":
         return gelu_reference(a[0])
+    if op == "silu":
+        return silu_reference(a[0])
     if op == "layernorm":
         return layer_norm_reference(a[0], a[1], a[2], eps)
-    raise ValueError(f"no reference for op '{op}' on given inputs")
+    if op == "rmsnorm":
+        return rms_norm_reference(a[0], a[1], eps)
+    if op == "gate_product":
+        return a[0] * a[1]
+    raise ValueError(f"no reference for op '{op}'")
+
+
+def _with_reference(op: str, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    return inputs, reference_output(op, inputs, TEST_EPS.get(op))
 
 
 def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS,
@@ -461,7 +474,7 @@ def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS,
         fn = kernel(op, name)
         if inputs is None:
             args, ref = kernel_inputs(op, seed, elements)
-            eps = {"layernorm": 1e-5, "rmsnorm": 1e-6}.get(op)
+            eps = TEST_EPS.get(op)
         else:
             args, eps = [np.asarray(x, np.float32) for x in inputs[op][0]], inputs[op][1]
             ref = reference_output(op, args, eps)
