@@ -128,7 +128,8 @@ def _wait_for(cond, timeout: float, what: str, proc=None) -> None:
 
 
 def test_cancelled_sweep_completes_on_rerun_without_training_a_run_twice(cluster, corpus, tmp_path, privlm):
-    long = ["train.max_steps=100", "train.save_every=10", "train.eval_every=100", "train.entropy_every=100",
+    # long enough that a heavily loaded machine cannot finish them between their first checkpoint and the Ctrl-C
+    long = ["train.max_steps=300", "train.save_every=10", "train.eval_every=300", "train.entropy_every=300",
             "train.log_every=10"]
     f = write_sweep(tmp_path / "s.yaml", corpus, [
         {"preset": "SM+LN+G", "name": "short"},
@@ -142,8 +143,8 @@ def test_cancelled_sweep_completes_on_rerun_without_training_a_run_twice(cluster
     try:
         # Ctrl-C once the short run has finished and a long one is between two checkpoints
         _wait_for(lambda: (out / "short" / "summary.json").is_file(), 240, "the short run to finish", proc)
-        _wait_for(lambda: any((out / n / "state" / "LATEST").is_file() for n in ("long-a", "long-b")), 240,
-                  "a checkpoint of a long run", proc)
+        _wait_for(lambda: any((out / n / "state" / "LATEST").is_file() and not (out / n / "summary.json").is_file()
+                              for n in ("long-a", "long-b")), 240, "a checkpoint of an unfinished long run", proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
