@@ -139,6 +139,7 @@ import numpy as np
 import spu.utils.simulation as spsim
 from privlm.spu import kernels as K
 from privlm.spu.party import compile_step
+from privlm.spu.simulator import pair_simulator
 from privlm.spu.spu_profile import load_spu_profile
 
 prof = load_spu_profile("puma")
@@ -154,7 +155,7 @@ for op, x, ref in (("softmax", s, K.softmax_reference(s.astype(np.float64))),
     code = {str(it): compile_step(fn, [x.shape], op, prof.compiler_options(), exp_iters=it).code.decode()
             for it in (None, iters)}
     with K.products_for_exp(iters):
-        got = spsim.sim_jax(spsim.Simulator(2, prof.runtime_config("cheetah")), lambda a: fn(a),
+        got = spsim.sim_jax(pair_simulator(prof.runtime_config("cheetah")), lambda a: fn(a),
                             copts=prof.compiler_options())(x)
     out[op] = {"err": float(np.abs(np.asarray(got, np.float64) - ref).max()), "bound": K.error_bound(op, prof.kernels[op]),
                "exp_in_spu": "exponential" in code["None"], "exp_in_products": "exponential" in code[str(iters)],
@@ -163,7 +164,7 @@ from privlm.spu.program import batched_matmul
 q, k = rng.normal(size=(1, 4, 1, 32)).astype(np.float32), rng.normal(size=(1, 4, 32, 67)).astype(np.float32)
 codes = [compile_step(f, [q.shape, k.shape], "qk", prof.compiler_options()).code.decode()
          for f in (batched_matmul, lambda a, b: a @ b)]
-got = spsim.sim_jax(spsim.Simulator(2, prof.runtime_config("cheetah")), batched_matmul)(q, k)
+got = spsim.sim_jax(pair_simulator(prof.runtime_config("cheetah")), batched_matmul)(q, k)
 out["qk"] = {"err": float(np.abs(np.asarray(got, np.float64) - q.astype(np.float64) @ k).max()),
              "batched_dot": ["dot_general" in c for c in codes], "shape": list(np.shape(got))}
 print(json.dumps(out))

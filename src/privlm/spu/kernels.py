@@ -461,6 +461,7 @@ def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS,
     the kernel's bound."""
     import spu.utils.simulation as spsim
 
+    from privlm.spu.simulator import pair_simulator
     from privlm.spu.spu_profile import KERNEL_OPS, load_spu_profile
 
     prof = load_spu_profile(profile) if isinstance(profile, str) else profile
@@ -468,7 +469,7 @@ def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS,
     for op in (KERNEL_OPS if ops is None else ops) if inputs is None else tuple(inputs):
         # a kernel that runs in another ring runs in a runtime of that ring (the conversions are exact up to
         # one truncation of the input to the ring's fraction bits, which the fixed-point encoding applies)
-        sim = spsim.Simulator(2, prof.runtime_config("cheetah", op=op))
+        sim = pair_simulator(prof.runtime_config("cheetah", op=op))  # one CHEETAH setup per runtime setting
         bits = int(prof.runtime_doc(op)["fxp_fraction_bits"])
         name = prof.kernels.get(op, DEFAULT_KERNELS.get(op))
         fn = kernel(op, name)
@@ -485,7 +486,7 @@ def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS,
             small, rest = ring_stages(op, name)
             got = np.asarray(spsim.sim_jax(sim, small, copts=prof.compiler_options())(*args), np.float32)
             if rest is not None:
-                base = spsim.Simulator(2, prof.runtime_config("cheetah"))
+                base = pair_simulator(prof.runtime_config("cheetah"))
                 got = np.asarray(spsim.sim_jax(base, rest, copts=prof.compiler_options())(got), np.float32)
         else:
             got = spsim.sim_jax(sim, fn, copts=prof.compiler_options())(*args)
