@@ -30,6 +30,7 @@ def test_top_level_help_imports_no_command_module():
     assert _heavy_modules_after(["--help"]) == []
 
 
+@pytest.mark.slow  # CLI interpreters: seconds of CPU
 def test_every_command_help_imports_no_torch():
     from privlm.cli import SUBCOMMANDS
     for command in SUBCOMMANDS:
@@ -82,6 +83,7 @@ def _privlm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # CLI interpreters: seconds of CPU
 def test_debug_adds_the_traceback_to_the_one_line_error(tmp_path, capsys, monkeypatch):
     from privlm.cli import main
     missing = str(tmp_path / "no-such-run")
