@@ -481,8 +481,10 @@ def results_markdown(sweep: Sweep, rows: list[RunRow], notes: list[str]) -> str:
     else:
         seeds = max((sum(r.preset == p for r in rows) for p in {r.preset for r in rows}), default=0)
         lines += ["", f"## The paper's claims on these runs ({'seed means and spreads' if seeds > 1 else 'single seed'})",
-                  "", "Verdicts weigh each difference against the seeds' spread (docs/DECISIONS.md, \"Claims and "
-                  "seeds\"): intervals [min, max] over seeds that do not overlap decide a comparison.", ""] \
+                  "", "Verdicts are statistics over seeds (docs/DECISIONS.md, \"Claims and seeds\"): paired by seed "
+                  "where two variants share seeds, a bootstrap confidence interval of the mean difference and an "
+                  "exact sign-flip p; a claim holds (or is contradicted) only when the interval excludes zero on "
+                  "the paper's side (or the other).", ""] \
             + claims_markdown(rows)
     diverged = [r for r in rows if r.diverged]
     if diverged:
@@ -514,10 +516,9 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     rows, _, notes = collect(runs, baseline)
     state_file = out / "sweep.json"
     state = read_json(state_file) if state_file.is_file() else {}
-    from privlm.report.claims import claim_c1_stability, evaluate_claims
-    stability = claim_c1_stability(rows)
+    from privlm.report.claims import stored_claims
     _write_json(results_dir.path("results.json"), {"sweep": sweep.name, "sweep_file": str(sweep.path),
-                                           "claims": evaluate_claims(rows) + ([stability] if stability else []),
+                                           "claims": stored_claims(rows),
                                            "command": state.get("command"),
                                            "baseline": baseline or runs[0].path.name, "rows": [r.to_dict() for r in rows],
                                            "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
