@@ -39,9 +39,11 @@ from privlm.fileio import RunDirectory, atomic_write_text, slug
 from privlm.launchers import slurm as slurm_launcher
 from privlm.launchers.slurm import SlurmResources, parse_resources
 from privlm.results import RunRow
+from privlm.selection import parse_select, selection_overrides
 from privlm.validate import read_json, read_yaml
 
-SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title", "slurm"}
+SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title", "slurm", "select",
+              "overrides_from"}
 ENTRY_KEYS = {"preset", "name", "overrides"}
 # Keys resolved from the data when a run starts, so its config.yaml differs from the sweep's config there (the
 # vocabulary follows the tokenizer).
@@ -65,6 +67,7 @@ class Sweep:
     description: str = ""
     common: list[str] = field(default_factory=list)
     slurm: SlurmResources = field(default_factory=SlurmResources)  # per-run resources for --launcher slurm
+    select: Optional[dict] = None  # a selection sweep's `select` (privlm.selection): writes selection.json
 
 
 def _flatten(raw: dict, prefix: str = "") -> list[str]:
@@ -113,6 +116,13 @@ def load_sweep(path: str | Path) -> Sweep:
         base_spec = str(candidate if candidate.is_file() else Path(base_spec))
     elif base_spec is not None and not isinstance(base_spec, str):
         raise ConfigError(f"{origin}: 'config' must be a YAML path, a preset name or a mapping")
+
+    from_file = raw.get("overrides_from")
+    if from_file is not None:  # values chosen by a selection sweep (privlm.selection), after the own overrides
+        if not isinstance(from_file, str):
+            raise ConfigError(f"{origin}: 'overrides_from' must be the path of a selection.json")
+        common = common + selection_overrides(path.parent / from_file, origin)
+    select = parse_select(raw.get("select"), origin)
 
     entries = raw.get("runs") or [None]
     if not isinstance(entries, list):
@@ -163,7 +173,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"{origin}: baseline '{baseline}' is not one of the runs ({', '.join(r.name for r in runs)})")
     return Sweep(name=str(raw.get("name") or path.stem), path=path, runs=runs, baseline=baseline,
                  description=str(raw.get("description") or ""), common=common,
-                 slurm=parse_resources(raw.get("slurm"), origin))
+                 slurm=parse_resources(raw.get("slurm"), origin), select=select)
 
 
 # ----------------------------------------------------------------------------------------
@@ -523,6 +533,10 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
                                            "baseline": baseline or runs[0].path.name, "rows": [r.to_dict() for r in rows],
                                            "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
     results_dir.write_text("results.md", results_markdown(sweep, rows, notes))
+    if sweep.select is not None:  # settings chosen on the held-out split (privlm.selection)
+        from privlm.selection import select
+        sel = select(sweep.runs, {r.name: r for r in rows}, out, sweep.select)
+        _write_json(results_dir.path("selection.json"), sel)
     build_report(dirs, results_dir.path("report.html"), results_dir.path("figures"), baseline=baseline,
                  title=title or f"privlm sweep {sweep.name}")
     from privlm.report.readme import has_blocks, update_readme

@@ -323,6 +323,13 @@ def block_study_summary(folder: Path) -> str:
     return text
 
 
+def block_selection(folder: Path) -> str:
+    """A selection sweep's choice (selection.json, `privlm.selection`): held-out and validation PPL per run,
+    the selected run and the overrides it hands on."""
+    from privlm.selection import selection_markdown
+    return selection_markdown(_load(folder, "selection.json"))
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "setup": block_setup,
     "time": block_time,
@@ -335,6 +342,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "demo-summary": block_demo_summary,
     "demo-regularizer": block_demo_regularizer,
     "study-summary": block_study_summary,
+    "selection": block_selection,
 }
 
 
