@@ -110,24 +110,3 @@ def select(runs: Sequence, rows: dict, out: Path, spec: dict, log=print) -> dict
             "overrides": [f"{k}={json.dumps(v)}" for k, v in best["values"].items()] if best else [],
             "not_finished": [r.name for r in runs if r.name not in {s["name"] for s in scored}],
             "runs": scored}
-
-
-def selection_markdown(sel: dict) -> str:
-    """The selection as a table (for the results page block ``selection``)."""
-    lines = ["| run | " + " | ".join(sel["keys"]) + " | held-out PPL | validation PPL | verdict |",
-             "|---|" + "---|" * (len(sel["keys"]) + 3)]
-    for s in sel["runs"]:
-        vals = " | ".join(f"{s['values'][k]:g}" if isinstance(s["values"][k], float) else str(s["values"][k])
-                          for k in sel["keys"])
-        mark = "**" if s["name"] == sel["selected"] else ""
-        valid = "–" if s["valid_ppl"] is None else f"{s['valid_ppl']:.2f}"
-        lines.append(f"| {mark}{s['name']}{mark} | {vals} | {s['heldout_ppl']:.2f} | {valid} | {s['verdict']} |")
-    text = "\n".join(lines)
-    if sel["selected"]:
-        text += (f"\n\nSelected ({sel['rule']}): **{sel['selected']}**, handed to the study as "
-                 f"{', '.join(f'`{o}`' for o in sel['overrides'])}.")
-    else:
-        text += "\n\nNothing selected yet: no candidate run has finished."
-    if sel["not_finished"]:
-        text += f" Not finished: {', '.join(sel['not_finished'])}."
-    return text
