@@ -474,7 +474,7 @@ def results_markdown(sweep: Sweep, rows: list[RunRow], notes: list[str]) -> str:
                      f"{_f(d.deep_layer_min_entropy, '{:.3f}')} | {_f(d.nan_total, '{:,.0f}')} | {coll} | {over} "
                      f"| {d.verdict} |")
     from privlm.report.analysis import stability_cell_text, stability_map
-    from privlm.report.claims import claim_c1_stability, claims_markdown, verdict_text
+    from privlm.report.claims import claim_c1_stability, verdict_text
     presets, lrs, cells = stability_map(rows)
     if len(lrs) >= 2:
         lines += ["", "## Stability map (peak learning rate x variant)", "",
@@ -489,19 +489,24 @@ def results_markdown(sweep: Sweep, rows: list[RunRow], notes: list[str]) -> str:
         c1 = claim_c1_stability(rows)
         lines += ["", f"({c1['id']}) {c1['claim']}: {verdict_text(c1)} — {c1['numbers']}"]
     else:
-        seeds = max((sum(r.preset == p for r in rows) for p in {r.preset for r in rows}), default=0)
-        lines += ["", f"## The paper's claims on these runs ({'seed means and spreads' if seeds > 1 else 'single seed'})",
-                  "", "Verdicts are statistics over seeds (docs/DECISIONS.md, \"Claims and seeds\"): paired by seed "
-                  "where two variants share seeds, a bootstrap confidence interval of the mean difference and an "
-                  "exact sign-flip p; a claim holds (or is contradicted) only when the interval excludes zero on "
-                  "the paper's side (or the other).", ""] \
-            + claims_markdown(rows)
+        lines += claims_section(rows)
     diverged = [r for r in rows if r.diverged]
     if diverged:
         lines += ["", "## Divergences", ""] + [f"- **{r.label}**: {r.diagnosis_summary}" for r in diverged]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def claims_section(rows: list[RunRow]) -> list[str]:
+    """The claims section of results.md (`privlm.report.claims`)."""
+    from privlm.report.claims import claims_markdown
+    seeds = max((sum(r.preset == p for r in rows) for p in {r.preset for r in rows}), default=0)
+    return ["", f"## The paper's claims on these runs ({'seed means and spreads' if seeds > 1 else 'single seed'})",
+            "", "Verdicts are statistics over seeds (docs/DECISIONS.md, \"Claims and seeds\"): paired by seed "
+            "where two variants share seeds, a bootstrap confidence interval of the mean difference and an "
+            "exact sign-flip p; a claim holds (or is contradicted) only when the interval excludes zero on "
+            "the paper's side (or the other).", ""] + claims_markdown(rows)
 
 
 def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title: Optional[str] = None) -> list[RunRow]:

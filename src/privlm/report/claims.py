@@ -367,7 +367,8 @@ def claim_c1_stability(rows: Sequence[RunRow]) -> Optional[dict]:
     limit = {p: stable_up_to(cells, p, lrs) for p in [sm, *fixes, *controls]}
     key = {p: -1.0 if v is None else v for p, v in limit.items()}
     holds = all(key[f] >= key[sm] for f in fixes) and any(key[f] > key[sm] for f in fixes)
-    n_seeds = min((len(v) for (p, _), v in cells.items() if p in limit), default=0)
+    counts = [len(v) for (p, _), v in cells.items() if p in limit] or [0]
+    per_cell = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
 
     def one(p: str) -> str:
         v = limit[p]
@@ -375,8 +376,8 @@ def claim_c1_stability(rows: Sequence[RunRow]) -> Optional[dict]:
     return {**out, "holds": holds, "verdict": HOLDS if holds else CONTRADICTED,
             "stable_up_to": {p: limit[p] for p in [sm, *fixes]},
             **({"controls_stable_up_to": {p: limit[p] for p in controls}} if controls else {}),
-            "numbers": f"largest learning rate up to which every run ({n_seeds} seed{'s' if n_seeds != 1 else ''} "
-                       f"per cell or more) trained without NaN (of {', '.join(f'{lr:g}' for lr in lrs)}): "
+            "numbers": f"largest learning rate up to which every run ({per_cell} seed{'s' if max(counts) != 1 else ''} "
+                       f"per cell) trained without NaN (of {', '.join(f'{lr:g}' for lr in lrs)}): "
                        + ", ".join(map(one, limit))}
 
 
