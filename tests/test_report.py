@@ -420,6 +420,10 @@ def test_c4_paired_by_seed_with_the_clean_control_beside_it():
     rows = _seeded("EReg(SM(t)+ScFuFFN)", [97.0, 98.0], seeds=(1, 2)) + _seeded("SM+ScFuFFN", [100.0, 101.0], seeds=(3, 4))
     c4 = claim_c4(rows)
     assert c4["verdict"] == "holds" and "unpaired, difference of means +3.0%" in c4["numbers"]
+    for r in rows:  # rows without seeds (older results files) are never paired, and none is dropped
+        r["seed"] = None
+    rows += _seeded("SM+ScFuFFN", [99.0], seeds=(None,))
+    assert "unpaired, difference of means +2.5%" in claim_c4(rows)["numbers"]  # (100 - 97.5) / 100, 3 seeds kept
 
 
 def test_claims_of_the_committed_study_v2():

@@ -175,10 +175,11 @@ def compare(a: Sequence[RunRow], b: Sequence[RunRow], metric: Metric, stat: Stat
             unit: str = "") -> Comparison:
     """Is variant ``a`` on the paper's side of variant ``b``? ``stat(a_value, b_value)`` is the difference,
     positive on the paper's side; paired over shared seeds when there are two or more."""
-    va = {r.seed: metric(r) for r in a}
-    vb = {r.seed: metric(r) for r in b}
-    shared = [s for s in va if s in vb]
-    xa, xb = list(va.values()), list(vb.values())
+    xa, xb = [metric(r) for r in a], [metric(r) for r in b]
+    va, vb = {r.seed: x for r, x in zip(a, xa)}, {r.seed: x for r, x in zip(b, xb)}
+    # pairs only where every run names its seed once (rows of old results files may carry no seed)
+    pairable = None not in va and None not in vb and len(va) == len(xa) and len(vb) == len(xb)
+    shared = [s for s in va if s in vb] if pairable else []
     if not all(map(math.isfinite, xa + xb)):  # a diverged run has no PPL; only a clean split is decided
         fa, fb = all(map(math.isfinite, xa)), all(map(math.isfinite, xb))
         n = min(len(xa), len(xb))
