@@ -332,7 +332,8 @@ def block_selection(folder: Path) -> str:
         lines = ["| run | " + " | ".join(keys) + " | held-out PPL | validation PPL | verdict |",
                  "|---|" + "---|" * (len(keys) + 3)]
         for s in runs:
-            vals = " | ".join(f"{s['values'][k]:g}" if isinstance(s["values"][k], float) else str(s["values"][k])
+            vals = " | ".join("–" if not s.get("candidate", True) else  # a reference: the keys are not its
+                              f"{s['values'][k]:g}" if isinstance(s["values"][k], float) else str(s["values"][k])
                               for k in keys)
             mark = "**" if s["name"] == chosen else ""
             valid = "–" if s["valid_ppl"] is None else f"{s['valid_ppl']:.2f}"
