@@ -442,3 +442,22 @@ def test_deep_layer_entropy_reads_the_diagnosis_means():
     # a layer whose heads are all NaN or impossible has mean None in the diagnosis: it is skipped, not -9 nats
     assert deep_layer_entropy([3.0, 2.0, 0.01, None]) == 0.01
     assert math.isnan(deep_layer_entropy([3.0, None]))
+
+
+def test_claims_command_rewrites_the_stored_claims_and_fails_in_one_line(tmp_path, capsys):
+    import json
+    from privlm.report import claims
+    stored = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu-study-v2" / "results.json").read_text())
+    doc = {**stored, "claims": [{"id": "C4", "verdict": "stale"}]}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    assert claims.main([str(tmp_path / "results.json")]) == 0
+    got = json.loads((tmp_path / "results.json").read_text())
+    assert got["claims"] == claims.stored_claims(stored["rows"]) and got["rows"] == stored["rows"]
+    for bad, why in ((tmp_path / "missing.json", "is not a readable results file"), (tmp_path / "norows.json", "no well-formed 'rows'")):
+        if bad.name == "norows.json":
+            bad.write_text("{}")
+        capsys.readouterr()
+        assert claims.main([str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err
+    assert json.loads((tmp_path / "norows.json").read_text()) == {}  # nothing written on failure

@@ -373,6 +373,9 @@ def test_selection_picks_the_lowest_held_out_ppl_among_the_candidates(tmp_path, 
     # what the study reads back is what was selected
     path = tmp_path / "docs" / "results" / "cpu-study-v3" / "ereg-grid" / "selection.json"
     path.write_text(json.dumps(sel))
+    with pytest.raises(ConfigError, match=r"is a partial selection \(1 run\(s\) of the selection sweep not finished"):
+        selection.selection_overrides(path, "x")  # the last candidate could still win
+    path.write_text(json.dumps({**sel, "not_finished": []}))
     assert selection.selection_overrides(path, "x") == ["reg.lambda_=8e-05", "reg.gamma=0.3"]
     s5 = load_sweep(tmp_path / "configs" / "sweeps" / "cpu-study-v3-5m.yaml")
     assert {(r.cfg.reg.lambda_, r.cfg.reg.gamma) for r in s5.runs if r.cfg.reg.enabled} == {(8e-5, 0.3)}

@@ -13,7 +13,8 @@ heldout`: files carved from the training side, never trained on and never the re
 writes ``selection.json`` beside results.json: each run's held-out and validation PPL, the candidate with the
 lowest held-out PPL, and its ``keys`` as ``overrides`` (``key=value`` strings). A study sweep reads the choice
 with ``overrides_from: PATH/selection.json`` (`selection_overrides`), appended to its common overrides, so the
-study cannot start before the selection exists and always trains what was selected.
+study cannot start before the selection is complete (every run of the selection sweep finished) and always
+trains what was selected.
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def selection_overrides(path: Path, origin: str) -> list[str]:
     if not isinstance(doc, dict) or doc.get("format") != SELECTION_FORMAT:
         raise ConfigError(f"{origin}: overrides_from '{path}' is not a {SELECTION_FORMAT} file")
     over = doc.get("overrides")
+    pending = doc.get("not_finished") or []
+    if pending:  # a choice among some candidates could change when the others finish: never train on it
+        raise ConfigError(f"{origin}: overrides_from '{path}' is a partial selection ({len(pending)} run(s) of the "
+                          f"selection sweep not finished: {', '.join(map(str, pending[:3]))}"
+                          f"{', ...' if len(pending) > 3 else ''}); finish that sweep first")
     if not isinstance(over, list) or not over or not all(isinstance(o, str) and "=" in o for o in over):
         raise ConfigError(f"{origin}: overrides_from '{path}' has no selected overrides (nothing was selected: "
                           f"no candidate run had finished)")

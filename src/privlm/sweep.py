@@ -13,6 +13,9 @@ A sweep file::
       - {preset: "EReg(SM(t)+ScFuFFN)", name: ereg-g0.1, overrides: [reg.gamma=0.1]}
     grid:                            # optional cartesian product, applied to every entry of `runs`
       reg.gamma: [0.0, 0.05, 0.10]
+    select: {among: "EReg(SM(t)+ScFuFFN)", keys: [reg.lambda_, reg.gamma]}  # optional: choose on the held-out
+                                     # split, write selection.json beside results.json (privlm.selection)
+    overrides_from: ../../docs/results/x/selection.json  # optional: a selection's key=values, after `overrides`
 
 Every run gets the same `data.*`, `train.max_steps`/batch (hence token budget) and `train.seed` unless an
 entry overrides them on purpose. Each run lives in DIR/<name>; a finished run (summary.json) is skipped,
