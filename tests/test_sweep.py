@@ -350,6 +350,9 @@ def test_study_v3_needs_its_selection(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no selected overrides" in err
     sel.write_text("[1]")
+    with pytest.raises(ConfigError, match="selection.json' is malformed"):
+        load_sweep(sweeps / "cpu-study-v3-5m.yaml")
+    sel.write_text(json.dumps({"format": "other/1", "overrides": ["reg.gamma=0.1"]}))
     with pytest.raises(ConfigError, match="is not a privlm-selection/1 file"):
         load_sweep(sweeps / "cpu-study-v3-5m.yaml")
 

@@ -47,19 +47,20 @@ def selection_overrides(path: Path, origin: str) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"{origin}: overrides_from '{path}' does not exist yet: run the selection sweep that "
                           f"writes it first (the command is in this sweep file's header)")
+    from privlm.validate import read_json  # size-, depth- and schema-checked (SCHEMAS["selection.json"])
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{origin}: overrides_from '{path}' is not a readable JSON file: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != SELECTION_FORMAT:
+        doc = read_json(path, kind="selection.json", error=ConfigError)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: overrides_from: {exc}") from None
+    if doc.get("format") != SELECTION_FORMAT:
         raise ConfigError(f"{origin}: overrides_from '{path}' is not a {SELECTION_FORMAT} file")
-    over = doc.get("overrides")
+    over = doc["overrides"]
     pending = doc.get("not_finished") or []
     if pending:  # a choice among some candidates could change when the others finish: never train on it
         raise ConfigError(f"{origin}: overrides_from '{path}' is a partial selection ({len(pending)} run(s) of the "
                           f"selection sweep not finished: {', '.join(map(str, pending[:3]))}"
                           f"{', ...' if len(pending) > 3 else ''}); finish that sweep first")
-    if not isinstance(over, list) or not over or not all(isinstance(o, str) and "=" in o for o in over):
+    if not over or not all("=" in o for o in over):
         raise ConfigError(f"{origin}: overrides_from '{path}' has no selected overrides (nothing was selected: "
                           f"no candidate run had finished)")
     return over
