@@ -408,7 +408,6 @@ def claims_markdown(rows: Sequence[RunRow]) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Rewrite the ``claims`` of results.json files from their rows."""
-    import argparse
     import json
     from pathlib import Path
 
