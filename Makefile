@@ -12,7 +12,7 @@ SPU_PYTHON ?= python3.11
 SPU_VENV   := .venv-spu
 SPU_STAMP  := $(SPU_VENV)/.privlm-spu-installed
 
-.PHONY: setup spu-setup chromium slurm demo test test-fast docs clean
+.PHONY: setup spu-setup chromium slurm demo study-v3 test test-fast docs clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ DEMO_PI_ARGS ?=
 # comparison table, one private next-token prediction under SPU, and the HTML report.
 demo: setup spu-setup
 	$(BIN)/privlm demo --out $(DEMO_DIR) $(if $(DEMO_PI_ARGS),--pi-args "$(DEMO_PI_ARGS)")
+
+# CPU study v3 (docs/results/cpu-study-v3): ~9 CPU-hours estimated; resumable, rerun to continue.
+study-v3: setup
+	PYTHONPATH=src $(BIN)/python bench/study_v3.py --jobs 2
 
 test: setup spu-setup chromium slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -51,30 +51,9 @@ def _stats(xs: list[float]) -> dict:
     return {"n": len(xs), "mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}
 
 
-def heldout_eval(out: Path, name: str) -> dict:
-    """`privlm eval RUN --split heldout` of a finished run, kept in out/heldout/<name>.json beside the sweep
-    (never in the run directory) with the SHA-256 of the weights it scored, so a rerun scores only new runs."""
-    import hashlib
-
-    from privlm.evaluate import evaluate_run
-    from privlm.fileio import atomic_write_json
-
-    weights = hashlib.sha256((out / name / "model.safetensors").read_bytes()).hexdigest()
-    cache = out / "heldout" / f"{name}.json"
-    try:
-        saved = json.loads(cache.read_text())
-        if saved.get("weights_sha256") == weights:
-            return saved["result"]
-    except (OSError, ValueError):
-        pass
-    res = evaluate_run(str(out / name), split="heldout", device="cpu")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cache, {"weights_sha256": weights, "result": res})
-    return res
-
-
 def score(sweep, out: Path, log=print) -> dict:
     from privlm.report import collect, load_runs
+    from privlm.selection import heldout_eval  # the one held-out scorer (also of the selection sweeps)
 
     # the sweep's result rows (what write_results tabulates), read from the run directories; nothing written
     dirs = [out / r.name for r in sweep.runs if (out / r.name / "summary.json").is_file()]

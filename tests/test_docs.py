@@ -96,7 +96,7 @@ def test_setup_time_and_variant_blocks_from_a_small_results_file(folder):
     # C4 from the same rows: 93 vs 105 is 11.4 % lower; paired by seed 10.0 % and 12.7 %: holds
     claims = R.block_claims(folder)
     assert "**(C4) EReg(SM(t)+ScFuFFN) has lower PPL than SM+ScFuFFN: holds.**" in claims
-    assert "(11.4% lower" in claims and "+10.0%, +12.7% lower" in claims
+    assert "(11.4% lower" in claims and "per seed +10.0%, +12.7%; sign-flip p = 0.25" in claims
     assert claims.endswith("not testable on these runs (variants missing): C1, C2, C3")
 
 

@@ -100,6 +100,21 @@ def test_scfuffn_has_one_dxd_linear_and_eq8_scales():
     assert modules_of(model, nn.LayerNorm) == []
 
 
+def test_fuffn_is_the_fused_ffn_without_the_scaling():
+    """SM+FuFFN (the stability map's control): SM+ScFuFFN's fused d x d FFN with a plain residual."""
+    model = tiny("SM+FuFFN").eval()
+    scaled = tiny("SM+ScFuFFN")
+    assert [n for n, _ in model.named_parameters()] == \
+        [n for n, _ in scaled.named_parameters() if not n.endswith((".alpha", ".beta"))]
+    block = model.blocks[1]
+    assert isinstance(block.ffn, FusedFFN) and block.alpha is None and block.beta is None
+    idx = torch.randint(0, 61, (1, 16))
+    with capture(model, ["blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]) as acts:
+        model(idx)
+    x_sa = acts["blocks.1.hook_resid_mid"]
+    assert torch.allclose(acts["blocks.1.hook_resid_post"], x_sa + block.ffn(x_sa), atol=1e-6)
+
+
 def test_scaled_ffn_is_eq8():
     """X_out = beta * X_SA + FFN(X_SA) / alpha, checked through the hook points."""
     model = tiny("SM+ScFFN").eval()

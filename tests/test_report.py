@@ -286,14 +286,16 @@ def test_claims_verdicts_follow_the_numbers():
     assert [c["holds"] for c in (c1, c2, c3, c4)] == [True, True, True, True]
     assert "58.0% vs SM+R 23.0%" in c2["numbers"]
     assert "3.210 vs SM+ScFuFFN 3.480 (7.8% lower" in c4["numbers"]  # (3.48 - 3.21) / 3.48
-    assert c3["numbers"].startswith("SM+LN+G 2.690 <= SM+LN+R 2.760 < SM+R 2.940 < SM+G 3.200")
+    # one seed each: the "<=" part holds unless contradicted, the strict parts cannot be resolved
+    assert c3["numbers"].startswith("SM+LN+G 2.690 <= SM+LN+R 2.760 ~ SM+R 2.940 ~ SM+G 3.200")
+    assert [c["verdict"] for c in (c2, c3, c4)] == ["not resolved at 1 seed"] * 3
 
     rows[5] = _row("SM+WN(ffn)", 3.64, collapsed=True)  # a fix that collapses breaks C1
     rows[3] = _row("SM+R", 3.30, top=0.60)  # SM+R worse than SM+G and more overloaded
     rows[-1] = _row("EReg(SM(t)+ScFuFFN)", 3.50)
     c1, c2, c3, c4 = evaluate_claims(rows)
     assert (c1["holds"], c2["holds"], c3["holds"], c4["holds"]) == (False, False, False, False)
-    assert c3["parts"] == [True, True, False] and "SM+R 3.300 >= SM+G 3.200" in c3["numbers"]
+    assert c3["parts"] == [True, True, False] and "SM+R 3.300 ~ SM+G 3.200" in c3["numbers"]
     assert "(0.6% higher" in c4["numbers"]
     assert evaluate_claims(rows[:2])[1]["holds"] is None  # SM+G / SM+R absent: not testable
 
@@ -303,59 +305,125 @@ def test_claim_c2_reports_the_verdicts_beside_the_papers_bins():
     g = {**_row("SM+G", 3.2, top=0.58), "near_uniform_share": 0.5, "verdict": "entropic overload (layers 0, 1)"}
     r = {**_row("SM+R", 2.9, top=0.23), "near_uniform_share": 0.125, "verdict": "healthy"}
     c2 = claim_c2([g, r])
-    assert c2["holds"] and c2["verdict"] == "holds" and c2["numbers"].endswith(
-        "; near-uniform heads SM+G 50% (entropic overload (layers 0, 1)) vs SM+R 12% (healthy)"
-        " (single seed per variant: no noise estimate)")
+    assert c2["holds"] and c2["verdict"] == "not resolved at 1 seed" and c2["numbers"].endswith(
+        "; near-uniform heads SM+G 50% (entropic overload (layers 0, 1)) vs SM+R 12% (healthy)")
+    assert "SM+G − SM+R difference +35.0 pp (one seed: no interval)" in c2["numbers"]
 
 
-# --- claims weighed against seed-to-seed noise -------------------------------------------------
-def _seeded(preset, ppls, tops=None, seeds=(1337, 1, 2)):
+# --- claims as statistics over seeds --------------------------------------------------------------
+def _seeded(preset, ppls, tops=None, seeds=(1337, 1, 2, 3, 4)):
     tops = tops or [0.1] * len(ppls)
     return [{**_row(preset, p, top=t), "seed": s, "lr": 1e-3} for p, t, s in zip(ppls, tops, seeds)]
 
 
-def test_pooled_noise_is_the_median_relative_seed_range():
-    from privlm.report.claims import pooled_noise, ppl_of
-    rows = _seeded("SM+LN+G", [49.0, 50.0]) + _seeded("SM+R", [90.0, 100.0, 95.0]) + _seeded("SM+G", [100.0, 104.0])
-    # relative ranges: 1/49.5, 10/95, 4/102 -> median 4/102
-    assert pooled_noise(rows, ppl_of) == pytest.approx(4 / 102)
-    assert pooled_noise(_seeded("SM", [50.0]), ppl_of) is None  # nobody has two seeds: no estimate
+def _exact_bootstrap_quantiles(x, level=0.95):
+    """The bootstrap distribution of the mean enumerated exactly (all n^n resamples, equally likely)."""
+    import itertools
+    x = np.asarray(x, dtype=float)
+    means = np.array([x[list(idx)].mean() for idx in itertools.product(range(len(x)), repeat=len(x))])
+    a = (1 - level) / 2
+    return np.quantile(means, a), np.quantile(means, 1 - a)
 
 
-def test_c3_single_seed_variant_borrows_the_pooled_spread():
-    from privlm.report.claims import claim_c3
-    base = _seeded("SM+LN+G", [48.967, 49.071, 49.739]) + _seeded("SM+R", [94.904, 96.75]) + \
-        _seeded("SM+G", [99.649, 110.062])
-    # SM+LN+R 45.415 +- r/2 (r = median of 1.57%, 1.93%, 9.93% = 1.93%) ends at 45.85 < 48.967: decided, and reversed
-    c3 = claim_c3(base + _seeded("SM+LN+R", [45.415]))
-    assert c3["part_verdicts"] == ["does not hold", "holds", "holds"] and c3["verdict"] == "does not hold"
-    assert c3["numbers"].startswith("SM+LN+G 49.259 [48.967–49.739, 3 seeds] > SM+LN+R 45.415 <")
-    # inside the baseline's interval: the "<=" part cannot be broken by noise
-    c3 = claim_c3(base + _seeded("SM+LN+R", [49.0]))
-    assert c3["part_verdicts"][0] == "holds" and c3["parts"][0] is False  # the means alone would say no
+def test_bootstrap_interval_of_the_mean_matches_the_exact_bootstrap():
+    from privlm.report.claims import RESAMPLES, bootstrap_mean_ci
+    # 3 values: each extreme resample (all three draws the same value) has probability 1/27 = 3.7% > 2.5%,
+    # so the 95% interval is exactly the range of the values
+    assert bootstrap_mean_ci([6.6, 8.6, 8.9]) == pytest.approx((6.6, 8.9), abs=1e-12)
+    x = [3.0, -1.0, 4.0, 1.5, 2.0]
+    lo, hi = bootstrap_mean_ci(x)
+    elo, ehi = _exact_bootstrap_quantiles(x)  # 3,125 resamples enumerated
+    # within one atom of the discrete distribution (the means of five halves are multiples of 0.1)
+    assert abs(lo - elo) <= 0.1 + 1e-9 and abs(hi - ehi) <= 0.1 + 1e-9 and lo < np.mean(x) < hi
+    # the same computation written out with numpy's generator (fixed seed 0, 10,000 resamples)
+    idx = np.random.default_rng(0).integers(0, 5, size=(RESAMPLES, 5))
+    assert (lo, hi) == tuple(np.percentile(np.asarray(x)[idx].mean(axis=1), [2.5, 97.5]))
 
 
-def test_c2_overlapping_seed_intervals_are_within_noise():
+def test_unpaired_bootstrap_interval_of_a_difference_of_means():
+    from privlm.report.claims import bootstrap_diff_ci
+    a, b = [97.0, 98.0, 99.0], [100.0, 104.0]
+    lo, hi = bootstrap_diff_ci(a, b, lambda x, y: y - x)
+    # exact: mean(a*) takes 97..99, mean(b*) takes 100, 102, 104; the extremes 104 - 97 and 100 - 99 each have
+    # probability 1/27 x 1/4 < 2.5%, so the interval lies strictly inside [1, 7] and contains 102 - 98 = 4
+    assert 1 < lo < 4 < hi < 7
+    rng = np.random.default_rng(0)
+    ma = np.asarray(a)[rng.integers(0, 3, size=(10_000, 3))].mean(axis=1)
+    mb = np.asarray(b)[rng.integers(0, 2, size=(10_000, 2))].mean(axis=1)
+    assert (lo, hi) == tuple(np.percentile(mb - ma, [2.5, 97.5]))
+
+
+def test_sign_flip_p_by_enumeration():
+    from privlm.report.claims import sign_flip_p
+    assert sign_flip_p([6.6, 8.6, 8.9]) == 1 / 8  # 3 seeds, all one way: the smallest p there is
+    assert sign_flip_p([1.0, 2.0, 3.0, 4.0, 5.0]) == 1 / 32  # 5 seeds can reach p < 0.05
+    # [1, -2, 3], mean 2/3: the sign vectors with mean >= 2/3 are (+,-,+), (+,+,+), (-,+,+): 3 of 8
+    assert sign_flip_p([1.0, -2.0, 3.0]) == 3 / 8
+    assert sign_flip_p([-1.0, -2.0, -3.0]) == 1.0
+
+
+def test_c2_paired_by_seed_holds_only_when_the_interval_excludes_zero():
     from privlm.report.claims import claim_c2
     rows = _seeded("SM+G", [3.2, 3.3, 3.1], tops=[0.625, 0.75, 0.625]) + \
         _seeded("SM+R", [2.9, 3.0, 2.95], tops=[0.625, 0.6875, 0.6875])
-    c2 = claim_c2(rows)
-    assert c2["verdict"] == "within noise" and c2["holds"] is False  # equal means 66.7% vs 66.7%
+    c2 = claim_c2(rows)  # paired differences 0, +6.25, -6.25 pp: the interval straddles zero
+    assert c2["verdict"] == "not resolved at 3 seeds" and c2["holds"] is False  # equal means 66.7% vs 66.7%
     assert "SM+G 66.7% [62.5%–75.0%, 3 seeds] vs SM+R 66.7% [62.5%–68.8%, 3 seeds]" in c2["numbers"]
-    rows = _seeded("SM+G", [3.2, 3.3], tops=[0.58, 0.6]) + _seeded("SM+R", [2.9, 3.0], tops=[0.23, 0.25])
-    assert claim_c2(rows)["verdict"] == "holds"
+    assert "sign-flip p = 0.75 (smallest possible at 3 seeds: 0.125)" in c2["numbers"]
+    tops_g, tops_r = [0.58, 0.60, 0.55, 0.62, 0.59], [0.23, 0.25, 0.30, 0.20, 0.24]
+    c2 = claim_c2(_seeded("SM+G", [3.2] * 5, tops=tops_g) + _seeded("SM+R", [2.9] * 5, tops=tops_r))
+    diffs = [100 * (g - r) for g, r in zip(tops_g, tops_r)]  # 35, 35, 25, 42, 35 pp
+    assert c2["verdict"] == "holds" and f"mean +{np.mean(diffs):.1f} pp" in c2["numbers"]
+    assert "sign-flip p = 0.0312 (smallest possible at 5 seeds: 0.0312)" in c2["numbers"]
+    c2 = claim_c2(_seeded("SM+G", [3.2] * 5, tops=tops_r) + _seeded("SM+R", [2.9] * 5, tops=tops_g))
+    assert c2["verdict"] == "contradicted" and c2["holds"] is False
 
 
-def test_c4_is_paired_by_seed():
+def test_c3_links_are_paired_where_seeds_are_shared_and_unpaired_otherwise():
+    from privlm.report.claims import claim_c3
+    base = _seeded("SM+LN+G", [48.967, 49.071, 49.739]) + _seeded("SM+R", [94.904, 96.75, 96.1]) + \
+        _seeded("SM+G", [99.649, 110.062, 104.0])
+    c3 = claim_c3(base + _seeded("SM+LN+R", [45.415]))  # one seed of SM+LN+R: its links are not resolved
+    assert c3["part_verdicts"] == ["not resolved at 1 seed", "not resolved at 1 seed", "holds"]
+    assert c3["verdict"] == "not resolved at 1 seed"
+    assert c3["numbers"].startswith("SM+LN+G 49.259 [48.967–49.739, 3 seeds] ~ SM+LN+R 45.415 ~ SM+R")
+    # three seeds of SM+LN+R, each lower than SM+LN+G's of the same seed: the "<=" part is contradicted
+    c3 = claim_c3(base + _seeded("SM+LN+R", [45.4, 46.0, 45.9]))
+    assert c3["part_verdicts"] == ["contradicted", "holds", "holds"] and c3["verdict"] == "contradicted"
+    assert c3["numbers"].startswith("SM+LN+G 49.259 [48.967–49.739, 3 seeds] > SM+LN+R")
+    # SM+LN+R straddling SM+LN+G seed by seed: the "<=" part is not contradicted, so it holds
+    c3 = claim_c3(base + _seeded("SM+LN+R", [49.5, 48.0, 50.0]))
+    assert c3["part_verdicts"][0] == "holds" and c3["parts"][0] is False  # the means alone would say no
+    # different seeds (no pair): the difference of the means with a bootstrap interval
+    c3 = claim_c3(base + _seeded("SM+LN+R", [52.0, 53.0], seeds=(7, 8)))
+    assert c3["part_verdicts"][0] == "holds" and "unpaired, difference of means" in c3["numbers"]
+
+
+def test_c4_paired_by_seed_with_the_clean_control_beside_it():
     from privlm.report.claims import claim_c4
-    # intervals overlap ([97, 108] vs [100, 110]) but every seed improves: the paired comparison decides
-    rows = _seeded("EReg(SM(t)+ScFuFFN)", [97.0, 108.0]) + _seeded("SM+ScFuFFN", [100.0, 110.0])
+    e, s = [97.0, 108.0, 99.0], [100.0, 110.0, 103.0]
+    rows = _seeded("EReg(SM(t)+ScFuFFN)", e) + _seeded("SM+ScFuFFN", s) + _seeded("SM(t)+ScFuFFN", [98.0, 107.0, 104.0])
     c4 = claim_c4(rows)
-    assert c4["verdict"] == "holds" and "paired by seed: +3.0%, +1.8% lower" in c4["numbers"]
+    saved = [(b - a) / b * 100 for a, b in zip(e, s)]  # +3.0, +1.8, +3.9 %: with 3 seeds the interval is their range
+    assert c4["verdict"] == "holds"
+    assert (f"paired over 3 seeds: mean +{np.mean(saved):.1f}%, 95% bootstrap CI [+{min(saved):.1f}%, "
+            f"+{max(saved):.1f}%], per seed +3.0%, +1.8%, +3.9%; sign-flip p = 0.125") in c4["numbers"]
+    # against the clean control: -1.0, -0.9, +4.8 %: not resolved
+    assert "against SM(t)+ScFuFFN without the regularizer 103.000 [98.000–107.000, 3 seeds]: not resolved at " \
+           "3 seeds, paired over 3 seeds" in c4["numbers"]
     rows = _seeded("EReg(SM(t)+ScFuFFN)", [97.0, 111.0]) + _seeded("SM+ScFuFFN", [100.0, 110.0])
-    assert claim_c4(rows)["verdict"] == "within noise"  # one seed better, one worse
+    assert claim_c4(rows)["verdict"] == "not resolved at 2 seeds"  # one seed better, one worse
+    rows = _seeded("EReg(SM(t)+ScFuFFN)", [101.0, 112.0]) + _seeded("SM+ScFuFFN", [100.0, 110.0])
+    assert claim_c4(rows)["verdict"] == "contradicted"
     rows = _seeded("EReg(SM(t)+ScFuFFN)", [97.0, 98.0], seeds=(1, 2)) + _seeded("SM+ScFuFFN", [100.0], seeds=(3,))
-    assert claim_c4(rows)["verdict"] == "holds"  # no shared seeds: 100 +- r/2 (r = 1/97.5) vs [97, 98]
+    assert claim_c4(rows)["verdict"] == "not resolved at 1 seed"  # no shared seeds and one seed of SM+ScFuFFN
+    rows = _seeded("EReg(SM(t)+ScFuFFN)", [97.0, 98.0], seeds=(1, 2)) + _seeded("SM+ScFuFFN", [100.0, 101.0], seeds=(3, 4))
+    c4 = claim_c4(rows)
+    assert c4["verdict"] == "holds" and "unpaired, difference of means +3.0%" in c4["numbers"]
+    for r in rows:  # rows without seeds (older results files) are never paired, and none is dropped
+        r["seed"] = None
+    rows += _seeded("SM+ScFuFFN", [99.0], seeds=(None,))
+    assert "unpaired, difference of means +2.5%" in claim_c4(rows)["numbers"]  # (100 - 97.5) / 100, 3 seeds kept
 
 
 def test_claims_of_the_committed_study_v2():
@@ -374,3 +442,22 @@ def test_deep_layer_entropy_reads_the_diagnosis_means():
     # a layer whose heads are all NaN or impossible has mean None in the diagnosis: it is skipped, not -9 nats
     assert deep_layer_entropy([3.0, 2.0, 0.01, None]) == 0.01
     assert math.isnan(deep_layer_entropy([3.0, None]))
+
+
+def test_claims_command_rewrites_the_stored_claims_and_fails_in_one_line(tmp_path, capsys):
+    import json
+    from privlm.report import claims
+    stored = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu-study-v2" / "results.json").read_text())
+    doc = {**stored, "claims": [{"id": "C4", "verdict": "stale"}]}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    assert claims.main([str(tmp_path / "results.json")]) == 0
+    got = json.loads((tmp_path / "results.json").read_text())
+    assert got["claims"] == claims.stored_claims(stored["rows"]) and got["rows"] == stored["rows"]
+    for bad, why in ((tmp_path / "missing.json", "is not a readable results file"), (tmp_path / "norows.json", "no well-formed 'rows'")):
+        if bad.name == "norows.json":
+            bad.write_text("{}")
+        capsys.readouterr()
+        assert claims.main([str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err
+    assert json.loads((tmp_path / "norows.json").read_text()) == {}  # nothing written on failure

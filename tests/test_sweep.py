@@ -273,3 +273,141 @@ def test_study_v2_stability_map_grid_and_gpu_sweeps_resolve():
     for sw in (v2, gpu):
         ereg = next(r.cfg for r in sw.runs if r.cfg.reg.enabled)
         assert ereg.reg.lambda_ == pytest.approx(1e-5 * 128 / ereg.train.batch_size)
+
+
+# --- study v3: selection on the held-out split, the study's sweeps, the GPU study's C1 --------------------
+def _study_v3_tree(tmp_path, overrides=("reg.lambda_=0.00032", "reg.gamma=0.1")):
+    """The v3 sweep files and base config copied into tmp_path with a selection.json at the path they read."""
+    import shutil
+    for rel in ["configs/cpu/study-v3.yaml", *(f"configs/sweeps/{n}.yaml" for n in
+                ("ereg-grid-v3", "cpu-study-v3-5m", "cpu-study-v3-10m", "stability-map-v3"))]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / rel, tmp_path / rel)
+    sel = tmp_path / "docs" / "results" / "cpu-study-v3" / "ereg-grid" / "selection.json"
+    sel.parent.mkdir(parents=True)
+    if overrides is not None:
+        sel.write_text(json.dumps({"format": "privlm-selection/1", "overrides": list(overrides)}))
+    return tmp_path / "configs" / "sweeps"
+
+
+def _tokens(r):
+    return r.cfg.train.max_steps * r.cfg.train.batch_size * r.cfg.train.grad_accum * r.cfg.data.seq_len
+
+
+def _seeds(sweep):
+    out: dict[str, set] = {}
+    for r in sweep.runs:
+        out.setdefault(r.preset, set()).add(r.cfg.train.seed)
+    return out
+
+
+def test_study_v3_sweeps_resolve_with_the_held_out_selection(tmp_path):
+    import yaml
+    sweeps = _study_v3_tree(tmp_path)
+    grid, s5, s10 = (load_sweep(sweeps / f"{n}.yaml") for n in ("ereg-grid-v3", "cpu-study-v3-5m", "cpu-study-v3-10m"))
+    # the stability map's 84 entries read as written; its first 7 (one per variant) resolved (OmegaConf is slow)
+    raw = yaml.safe_load((sweeps / "stability-map-v3.yaml").read_text())
+    cells = {(e["preset"], *sorted(e["overrides"])) for e in raw["runs"]}
+    assert len(raw["runs"]) == len(cells) == 84
+    raw["runs"], raw["baseline"] = raw["runs"][:7], raw["runs"][0]["name"]
+    (sweeps / "stability-map-v3.yaml").write_text(yaml.safe_dump(raw))
+    smap = load_sweep(sweeps / "stability-map-v3.yaml")
+    # the grid: 9 (lambda, gamma) pairs and the unregularized reference, selected among the EReg runs
+    assert len({(r.cfg.reg.lambda_, r.cfg.reg.gamma) for r in grid.runs if r.cfg.reg.enabled}) == 9
+    assert grid.select == {"among": "EReg(SM(t)+ScFuFFN)", "keys": ["reg.lambda_", "reg.gamma"]}
+    # the selected values reach every EReg run of the study; the grid's seed is none of the study's
+    for sw in (s5, s10):
+        assert all((r.cfg.reg.lambda_, r.cfg.reg.gamma) == (3.2e-4, 0.1) for r in sw.runs if r.cfg.reg.enabled)
+        assert all(r.cfg.train.seed != grid.runs[0].cfg.train.seed for r in sw.runs)
+    c4 = {"SM+ScFuFFN", "SM(t)+ScFuFFN", "EReg(SM(t)+ScFuFFN)"}
+    assert _seeds(s5) == {p: {1337, 1, 2} for p in c4} and {_tokens(r) for r in s5.runs} == {5_013_504}
+    seeds10 = _seeds(s10)
+    assert {p: len(s) for p, s in seeds10.items()} == {**{p: 3 for p in c4}, "SM+G": 5, "SM+R": 5,
+                                                        "SM+LN+G": 3, "SM+LN+R": 3}
+    assert seeds10["SM+LN+R"] <= seeds10["SM+R"] and {_tokens(r) for r in s10.runs} == {10_027_008}
+    # one data set (with the held-out split) and one model for grid and study; >= 8 points of validation loss
+    for r in [*grid.runs, *s5.runs, *s10.runs]:
+        assert r.cfg.data == grid.runs[0].cfg.data and r.cfg.data.heldout_fraction > 0
+        assert r.cfg.model.n_layer == 4 and r.cfg.train.max_steps // r.cfg.train.eval_every >= 8
+    # stability map: 7 variants x 4 rates x 3 seeds, the unscaled fused FFN among them
+    assert {(p, lr, sd) for p, lr, sd in cells} == {(p, f"train.lr={lr}", f"train.seed={sd}") for p in
+                                                      {r.preset for r in smap.runs}
+                                                      for lr in ("0.001", "0.003", "0.01", "0.03") for sd in (1337, 1, 2)}
+    assert len(smap.runs) == 7 and all(r.cfg.model.n_layer == 6 for r in smap.runs)
+    fu = next(r.cfg.model for r in smap.runs if r.preset == "SM+FuFFN")
+    assert (fu.ffn, fu.ffn_scaling, fu.norm) == ("fused", False, "none")
+    assert all(r.cfg.train.max_steps // r.cfg.train.eval_every >= 8 and r.cfg.train.flight_every == 1
+               for r in smap.runs)
+
+
+def test_study_v3_needs_its_selection(tmp_path, capsys):
+    sweeps = _study_v3_tree(tmp_path, overrides=None)
+    with pytest.raises(ConfigError, match="overrides_from .* does not exist yet: run the selection sweep"):
+        load_sweep(sweeps / "cpu-study-v3-5m.yaml")
+    sel = tmp_path / "docs" / "results" / "cpu-study-v3" / "ereg-grid" / "selection.json"
+    sel.write_text(json.dumps({"format": "privlm-selection/1", "overrides": []}))  # nothing selected yet
+    assert main(["sweep", str(sweeps / "cpu-study-v3-10m.yaml"), "--list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no selected overrides" in err
+    sel.write_text("[1]")
+    with pytest.raises(ConfigError, match="selection.json' is malformed"):
+        load_sweep(sweeps / "cpu-study-v3-5m.yaml")
+    sel.write_text(json.dumps({"format": "other/1", "overrides": ["reg.gamma=0.1"]}))
+    with pytest.raises(ConfigError, match="is not a privlm-selection/1 file"):
+        load_sweep(sweeps / "cpu-study-v3-5m.yaml")
+
+
+def test_selection_picks_the_lowest_held_out_ppl_among_the_candidates(tmp_path, monkeypatch):
+    from privlm import selection
+    from privlm.report.readme import block_selection
+    from privlm.results import RunRow
+
+    grid = load_sweep(_study_v3_tree(tmp_path) / "ereg-grid-v3.yaml")
+    held = {r.name: 100.0 + i for i, r in enumerate(grid.runs)}
+    held["no-reg"] = 50.0  # the reference is scored but never selected
+    held["ereg-lambda=8e-05-gamma=0.3"] = 90.0
+    monkeypatch.setattr(selection, "heldout_eval", lambda out, name: {"ppl": held[name], "tokens": 1000})
+    rows = {r.name: RunRow(name=r.name, label=r.name, preset=r.preset, finished=True, ppl=held[r.name] + 1,
+                           seed=7) for r in grid.runs[:-1]}  # the last run has not finished
+    sel = selection.select(grid.runs, rows, tmp_path, grid.select, log=lambda *a: None)
+    assert sel["selected"] == "ereg-lambda=8e-05-gamma=0.3"
+    assert sel["overrides"] == ["reg.lambda_=8e-05", "reg.gamma=0.3"]
+    assert sel["not_finished"] == [grid.runs[-1].name] and len(sel["runs"]) == 9
+    # what the study reads back is what was selected
+    path = tmp_path / "docs" / "results" / "cpu-study-v3" / "ereg-grid" / "selection.json"
+    path.write_text(json.dumps(sel))
+    with pytest.raises(ConfigError, match=r"is a partial selection \(1 run\(s\) of the selection sweep not finished"):
+        selection.selection_overrides(path, "x")  # the last candidate could still win
+    path.write_text(json.dumps({**sel, "not_finished": []}))
+    assert selection.selection_overrides(path, "x") == ["reg.lambda_=8e-05", "reg.gamma=0.3"]
+    s5 = load_sweep(tmp_path / "configs" / "sweeps" / "cpu-study-v3-5m.yaml")
+    assert {(r.cfg.reg.lambda_, r.cfg.reg.gamma) for r in s5.runs if r.cfg.reg.enabled} == {(8e-5, 0.3)}
+    text = block_selection(path.parent)
+    assert "| **ereg-lambda=8e-05-gamma=0.3** | 8e-05 | 0.3 | 90.00 | 91.00 |" in text
+    assert "| no-reg | – | – | 50.00 | 51.00 |" in text  # the reference: scored, its reg keys unused
+    assert "handed to the study as `reg.lambda_=8e-05`, `reg.gamma=0.3`" in text
+
+
+def test_study_v3_readme_template_has_only_generated_numbers():
+    from privlm.report.readme import BLOCK_RE, BLOCKS, OPEN_RE, bare_numbers
+    text = (ROOT / "docs" / "templates" / "cpu-study-v3.md").read_text()
+    blocks = [(m.group("name"), m.group("dir")) for m in BLOCK_RE.finditer(text)]
+    assert len(OPEN_RE.findall(text)) == 2 * len(blocks) and all(n in BLOCKS for n, _ in blocks)
+    assert {d for _, d in blocks} == {"ereg-grid", "5m", "10m", "stability-map"}  # the --results of each step
+    assert not bare_numbers(text)
+    header = (ROOT / "configs" / "sweeps" / "cpu-study-v3-10m.yaml").read_text()
+    for _, d in blocks:
+        assert f"--results docs/results/cpu-study-v3/{d} --jobs 2" in header
+
+
+def test_gpu_study_c1_in_the_papers_form():
+    c1 = load_sweep(ROOT / "configs" / "sweeps" / "gpu-study-c1.yaml")
+    gpu = load_sweep(ROOT / "configs" / "sweeps" / "gpu-study.yaml")
+    assert [r.preset for r in c1.runs] == ["SM+LN+G", "SM", "SM+WN(ffn)", "SM+SN(ffn)", "SM+ScFFN"]
+    for r in c1.runs:
+        m = r.cfg.model
+        assert (m.n_layer, m.n_head, m.n_embd, r.cfg.train.device) == (12, 12, 768, "cuda")
+        assert r.cfg.data == gpu.runs[0].cfg.data  # the GPU study's corpus and token cache
+        assert r.cfg.train.max_steps // r.cfg.train.eval_every >= 8 and r.cfg.train.eval_curve_batches
+    assert "gpu-study-c1.yaml" in (ROOT / "configs" / "sweeps" / "gpu-study.yaml").read_text()
+    assert c1.slurm.gpus == 1

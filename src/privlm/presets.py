@@ -14,6 +14,7 @@ part                   fields it sets
 ``WN(p)`` / ``SN(p)``  weight / spectral normalization on placement p in qk|ffn|qk+ffn|qkv+ffn|qkvo+ffn
 ``ScFFN``              Eq. 8 learnable scaling, unfused linear-only FFN (d -> 4d -> d)
 ``ScFuFFN``            Eq. 8 scaling and a single fused d x d FFN
+``FuFFN``              the fused d x d FFN without the scaling (the control of ScFuFFN's scaling)
 ``…^iK``               (suffix of the FFN part) prune the FFNs of the K deepest blocks (AERO)
 ``EReg(…)``            wrapper: the model inside, trained with the entropy regularizer
 =====================  =========================================================================
@@ -104,10 +105,10 @@ def _part_fields(part: str, name: str) -> dict:
             raise _unknown(name, f"placement '{placement}' is not one of {', '.join(NORM_PLACEMENTS)}")
         which = "weight_norm" if wn.group(1).startswith("w") else "spectral_norm"
         return {which: placement}
-    ffn = re.fullmatch(r"(scffn|scfuffn|scaled\(ffn\))(?:\^i(\d+))?", part)
+    ffn = re.fullmatch(r"(scffn|scfuffn|scaled\(ffn\)|fuffn)(?:\^i(\d+))?", part)
     if ffn:
-        out = {"ffn_scaling": True, "activation": "identity",
-               "ffn": "fused" if ffn.group(1) == "scfuffn" else "standard"}
+        out = {"ffn_scaling": ffn.group(1) != "fuffn", "activation": "identity",
+               "ffn": "fused" if ffn.group(1) in ("scfuffn", "fuffn") else "standard"}
         if ffn.group(2) is not None:
             out["ffn_prune_deepest"] = int(ffn.group(2))
         return out
@@ -116,7 +117,7 @@ def _part_fields(part: str, name: str) -> dict:
 
 def _unknown(name: str, why: str) -> ConfigError:
     return ConfigError(f"unknown preset '{name}': {why}; known presets: {', '.join(PAPER_PRESETS)} "
-                       f"(parts: SM, SM(t), LN, G, R, LR(x), WN(p), SN(p), ScFFN, ScFuFFN, ^iK, EReg(...))")
+                       f"(parts: SM, SM(t), LN, G, R, LR(x), WN(p), SN(p), ScFFN, ScFuFFN, FuFFN, ^iK, EReg(...))")
 
 
 def describe(name: str) -> str:

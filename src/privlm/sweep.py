@@ -13,6 +13,9 @@ A sweep file::
       - {preset: "EReg(SM(t)+ScFuFFN)", name: ereg-g0.1, overrides: [reg.gamma=0.1]}
     grid:                            # optional cartesian product, applied to every entry of `runs`
       reg.gamma: [0.0, 0.05, 0.10]
+    select: {among: "EReg(SM(t)+ScFuFFN)", keys: [reg.lambda_, reg.gamma]}  # optional: choose on the held-out
+                                     # split, write selection.json beside results.json (privlm.selection)
+    overrides_from: ../../docs/results/x/selection.json  # optional: a selection's key=values, after `overrides`
 
 Every run gets the same `data.*`, `train.max_steps`/batch (hence token budget) and `train.seed` unless an
 entry overrides them on purpose. Each run lives in DIR/<name>; a finished run (summary.json) is skipped,
@@ -39,9 +42,11 @@ from privlm.fileio import RunDirectory, atomic_write_text, slug
 from privlm.launchers import slurm as slurm_launcher
 from privlm.launchers.slurm import SlurmResources, parse_resources
 from privlm.results import RunRow
+from privlm.selection import parse_select, selection_overrides
 from privlm.validate import read_json, read_yaml
 
-SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title", "slurm"}
+SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title", "slurm", "select",
+              "overrides_from"}
 ENTRY_KEYS = {"preset", "name", "overrides"}
 # Keys resolved from the data when a run starts, so its config.yaml differs from the sweep's config there (the
 # vocabulary follows the tokenizer).
@@ -65,6 +70,7 @@ class Sweep:
     description: str = ""
     common: list[str] = field(default_factory=list)
     slurm: SlurmResources = field(default_factory=SlurmResources)  # per-run resources for --launcher slurm
+    select: Optional[dict] = None  # a selection sweep's `select` (privlm.selection): writes selection.json
 
 
 def _flatten(raw: dict, prefix: str = "") -> list[str]:
@@ -113,6 +119,13 @@ def load_sweep(path: str | Path) -> Sweep:
         base_spec = str(candidate if candidate.is_file() else Path(base_spec))
     elif base_spec is not None and not isinstance(base_spec, str):
         raise ConfigError(f"{origin}: 'config' must be a YAML path, a preset name or a mapping")
+
+    from_file = raw.get("overrides_from")
+    if from_file is not None:  # values chosen by a selection sweep (privlm.selection), after the own overrides
+        if not isinstance(from_file, str):
+            raise ConfigError(f"{origin}: 'overrides_from' must be the path of a selection.json")
+        common = common + selection_overrides(path.parent / from_file, origin)
+    select = parse_select(raw.get("select"), origin)
 
     entries = raw.get("runs") or [None]
     if not isinstance(entries, list):
@@ -163,7 +176,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"{origin}: baseline '{baseline}' is not one of the runs ({', '.join(r.name for r in runs)})")
     return Sweep(name=str(raw.get("name") or path.stem), path=path, runs=runs, baseline=baseline,
                  description=str(raw.get("description") or ""), common=common,
-                 slurm=parse_resources(raw.get("slurm"), origin))
+                 slurm=parse_resources(raw.get("slurm"), origin), select=select)
 
 
 # ----------------------------------------------------------------------------------------
@@ -464,7 +477,7 @@ def results_markdown(sweep: Sweep, rows: list[RunRow], notes: list[str]) -> str:
                      f"{_f(d.deep_layer_min_entropy, '{:.3f}')} | {_f(d.nan_total, '{:,.0f}')} | {coll} | {over} "
                      f"| {d.verdict} |")
     from privlm.report.analysis import stability_cell_text, stability_map
-    from privlm.report.claims import claim_c1_stability, claims_markdown, verdict_text
+    from privlm.report.claims import claim_c1_stability, verdict_text
     presets, lrs, cells = stability_map(rows)
     if len(lrs) >= 2:
         lines += ["", "## Stability map (peak learning rate x variant)", "",
@@ -479,17 +492,24 @@ def results_markdown(sweep: Sweep, rows: list[RunRow], notes: list[str]) -> str:
         c1 = claim_c1_stability(rows)
         lines += ["", f"({c1['id']}) {c1['claim']}: {verdict_text(c1)} — {c1['numbers']}"]
     else:
-        seeds = max((sum(r.preset == p for r in rows) for p in {r.preset for r in rows}), default=0)
-        lines += ["", f"## The paper's claims on these runs ({'seed means and spreads' if seeds > 1 else 'single seed'})",
-                  "", "Verdicts weigh each difference against the seeds' spread (docs/DECISIONS.md, \"Claims and "
-                  "seeds\"): intervals [min, max] over seeds that do not overlap decide a comparison.", ""] \
-            + claims_markdown(rows)
+        lines += claims_section(rows)
     diverged = [r for r in rows if r.diverged]
     if diverged:
         lines += ["", "## Divergences", ""] + [f"- **{r.label}**: {r.diagnosis_summary}" for r in diverged]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def claims_section(rows: list[RunRow]) -> list[str]:
+    """The claims section of results.md (`privlm.report.claims`)."""
+    from privlm.report.claims import claims_markdown
+    seeds = max((sum(r.preset == p for r in rows) for p in {r.preset for r in rows}), default=0)
+    return ["", f"## The paper's claims on these runs ({'seed means and spreads' if seeds > 1 else 'single seed'})",
+            "", "Verdicts are statistics over seeds (docs/DECISIONS.md, \"Claims and seeds\"): paired by seed "
+            "where two variants share seeds, a bootstrap confidence interval of the mean difference and an "
+            "exact sign-flip p; a claim holds (or is contradicted) only when the interval excludes zero on "
+            "the paper's side (or the other).", ""] + claims_markdown(rows)
 
 
 def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title: Optional[str] = None) -> list[RunRow]:
@@ -514,14 +534,17 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     rows, _, notes = collect(runs, baseline)
     state_file = out / "sweep.json"
     state = read_json(state_file) if state_file.is_file() else {}
-    from privlm.report.claims import claim_c1_stability, evaluate_claims
-    stability = claim_c1_stability(rows)
+    from privlm.report.claims import stored_claims
     _write_json(results_dir.path("results.json"), {"sweep": sweep.name, "sweep_file": str(sweep.path),
-                                           "claims": evaluate_claims(rows) + ([stability] if stability else []),
+                                           "claims": stored_claims(rows),
                                            "command": state.get("command"),
                                            "baseline": baseline or runs[0].path.name, "rows": [r.to_dict() for r in rows],
                                            "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
     results_dir.write_text("results.md", results_markdown(sweep, rows, notes))
+    if sweep.select is not None:  # settings chosen on the held-out split (privlm.selection)
+        from privlm.selection import select
+        sel = select(sweep.runs, {r.name: r for r in rows}, out, sweep.select)
+        _write_json(results_dir.path("selection.json"), sel)
     build_report(dirs, results_dir.path("report.html"), results_dir.path("figures"), baseline=baseline,
                  title=title or f"privlm sweep {sweep.name}")
     from privlm.report.readme import has_blocks, update_readme

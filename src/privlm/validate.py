@@ -85,6 +85,7 @@ SCHEMAS: dict[str, Any] = {
     "config.json": {"model_type": str},
     "program.json": {"format": str, "T": int, "vocab_size": int},
     "tokenizer_config.json": {},
+    "selection.json": {"format": str, "overrides": [str], "not_finished?": [str], "selected?": Opt(str)},
 }
 
 

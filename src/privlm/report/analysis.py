@@ -138,7 +138,7 @@ def stability_cell_text(cell_rows: Sequence["RunRow"]) -> str:
         elif not r.finished:
             parts.append("unfinished")
         elif r.ppl is not None:
-            parts.append(f"PPL {r.ppl:.1f}")
+            parts.append(f"PPL {r.ppl:.1f}" if r.ppl < 1e6 else f"PPL {r.ppl:.3g}")  # an exploded but finite run
         else:
             parts.append("–")
     return " / ".join(parts)

@@ -323,6 +323,34 @@ def block_study_summary(folder: Path) -> str:
     return text
 
 
+def block_selection(folder: Path) -> str:
+    """A selection sweep's choice (selection.json, written by `privlm.selection`): held-out and validation PPL
+    per run, the selected run and the overrides it hands on."""
+    sel = _load(folder, "selection.json")
+    try:
+        keys, runs, chosen = sel["keys"], sel["runs"], sel["selected"]
+        lines = ["| run | " + " | ".join(keys) + " | held-out PPL | validation PPL | verdict |",
+                 "|---|" + "---|" * (len(keys) + 3)]
+        for s in runs:
+            vals = " | ".join("–" if not s.get("candidate", True) else  # a reference: the keys are not its
+                              f"{s['values'][k]:g}" if isinstance(s["values"][k], float) else str(s["values"][k])
+                              for k in keys)
+            mark = "**" if s["name"] == chosen else ""
+            valid = "–" if s["valid_ppl"] is None else f"{s['valid_ppl']:.2f}"
+            lines.append(f"| {mark}{s['name']}{mark} | {vals} | {s['heldout_ppl']:.2f} | {valid} | {s['verdict']} |")
+        text = "\n".join(lines)
+        if chosen:
+            text += (f"\n\nSelected ({sel['rule']}): **{chosen}**, handed to the study as "
+                     f"{', '.join(f'`{o}`' for o in sel['overrides'])}.")
+        else:
+            text += "\n\nNothing selected yet: no candidate run has finished."
+        if sel.get("not_finished"):
+            text += f" Not finished: {', '.join(sel['not_finished'])}."
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PrivlmError(f"'{folder / 'selection.json'}' is not a selection file: {exc}") from None
+    return text
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "setup": block_setup,
     "time": block_time,
@@ -335,6 +363,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "demo-summary": block_demo_summary,
     "demo-regularizer": block_demo_regularizer,
     "study-summary": block_study_summary,
+    "selection": block_selection,
 }
 
 
