@@ -61,7 +61,7 @@ def measure_run(run_dir: str, sequences: int, spu_check: bool) -> dict:
 
 def kernel_errors_on_model(model, ids: torch.Tensor, ops: dict) -> dict:
     """Each profile's kernels under 2PC (`python -m privlm.spu.kernels --inputs`, both parties in one process) on
-    what the model feeds them in the layer that reaches furthest outside the tested range, one sequence (at most
+    what the model feeds them in the layer that reaches furthest toward or beyond the ends of the tested range (`ranges.furthest`), one sequence (at most
     SPU_CHECK_ELEMENTS values per op): max |2PC - numpy reference| against the kernel's bound."""
     import subprocess
     import tempfile
@@ -111,7 +111,7 @@ def table(entries: list[dict]) -> list[str]:
     for e in entries:
         for op, qs in e["ops"].items():
             for qname, q in qs.items():
-                w = widest_layer(q)
+                w = widest_layer(q, qname)
                 tested = "— (exact comparison)" if q["tested"] is None else \
                     f"[{fmt(q['tested'][0])}, {fmt(q['tested'][1])}]"
                 outside = "—" if q["outside"] is None else \
@@ -200,8 +200,8 @@ def write(entries: list[dict]) -> None:
     checked = [e for e in entries if e.get("spu_check")]
     if checked:
         L += ["", "Each profile's kernels under 2PC (both parties in one process) on what the model feeds them in the "
-              "layer named (the one reaching furthest outside the tested range; one sequence, the whole heads or rows "
-              f"furthest outside it, up to {SPU_CHECK_ELEMENTS:,} values), against the numpy reference:\n",
+              "layer named (the one reaching furthest toward or beyond the ends of the tested range; one sequence, the whole "
+              f"heads or rows reaching furthest, up to {SPU_CHECK_ELEMENTS:,} values), against the numpy reference:\n",
               "| model | op (layer) | values | SPU profile | kernel | max abs error | bound | beyond the bound |",
               "|---|---|---|---|---|---|---|---|"]
         for e in checked:

@@ -331,6 +331,51 @@ def kernel(op: str, name: str) -> Callable:
 KERNEL_TEST_ELEMENTS = 1 << 13
 
 
+def _spread(rng: np.random.Generator, lo: float, hi: float, shape: tuple[int, ...]) -> np.ndarray:
+    """Values stratified over [lo, hi] along the last axis (one uniform draw per equal slice, in random order): both
+    ends are reached at any size, unlike independent draws."""
+    n = shape[-1]
+    v = lo + (hi - lo) * (np.arange(n) + rng.uniform(0.0, 1.0, shape)) / n
+    return rng.permuted(v, axis=-1)
+
+
+def softmax_test_logits(rng: np.random.Generator, H: int, T: int) -> np.ndarray:
+    """[H, T, T] attention logits (causal fill MASK_VALUE) whose rows cycle through the three shapes trained models'
+    rows take (INPUT_RANGES["softmax"]): peaked (std 3, two keys at the largest logit and two at the smallest: the
+    exponential's inputs reach MASK_VALUE - max), flat (a small logit std: the row sums approach the row's length,
+    up to T) and one dominant key a gap above a bulk (where SPU's Taylor exp errs most: probability is shared
+    between keys at z = 0 and keys at z of -3 to -10)."""
+    r = INPUT_RANGES["softmax"]
+    kind = np.arange(T) % 3  # 0 peaked, 1 flat, 2 one dominant key over a bulk
+    s = rng.normal(0.0, 1.0, (H, T, T))
+    peaked, flat, dominant = (kind == 0), (kind == 1), (kind == 2)
+    s[:, peaked] *= r["std"]
+    s[:, peaked, :2] = r["max"]
+    s[:, peaked, 2:4] = r["min"]
+    s[:, flat] *= np.exp(_spread(rng, np.log(r["flat_std_min"]), np.log(r["flat_std_max"]), (H, int(flat.sum()))))[..., None]
+    s[:, dominant] *= np.exp(_spread(rng, np.log(r["bulk_std_min"]), np.log(r["bulk_std_max"]),
+                                     (H, int(dominant.sum()))))[..., None]
+    gaps = _spread(rng, 0.0, r["gap_max"], (H, int(dominant.sum())))
+    for i, q in enumerate(np.flatnonzero(dominant)):  # one visible key raised a gap above the row's visible maximum
+        key = rng.integers(0, q + 1, H)
+        s[np.arange(H), q, key] = s[:, q, :q + 1].max(-1) + gaps[:, i]
+    return np.where(np.tril(np.ones((T, T), bool))[None], s, MASK_VALUE)  # the program's causal fill
+
+
+def norm_test_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """[n, d] residual-stream rows for LayerNorm / RMSNorm (INPUT_RANGES["layernorm"]): row scales log-uniform so
+    that the variances span what trained models' norms receive (stratified: both ends at any size); every other row has a few outlier channels (x10),
+    at row scales up to outlier_std_max (a trained model's large-variance rows are wide, not spiky)."""
+    r = INPUT_RANGES["layernorm"]
+    outliers = np.arange(n) % 2 == 1
+    std = np.empty(n)
+    for rows, hi in ((outliers, r["outlier_std_max"]), (~outliers, r["std_max"])):
+        std[rows] = np.exp(_spread(rng, np.log(r["std_min"]), np.log(hi), (int(rows.sum()),)))
+    x = r["mean"] + rng.normal(0.0, 1.0, (n, d)) * std[:, None]
+    x[outliers, :4] *= r["outlier_factor"]  # a few outlier channels, as trained residual streams have
+    return x
+
+
 def kernel_inputs(op: str, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS) -> tuple[list[np.ndarray], np.ndarray]:
     """(inputs, reference output) of about ``elements`` elements over the range a trained privlm model
     produces (see INPUT_RANGES)."""
@@ -338,27 +383,19 @@ def kernel_inputs(op: str, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS) 
     if op == "softmax":
         T = 128
         H = max(1, elements // (T * T))
-        s = rng.normal(0.0, INPUT_RANGES["softmax"]["std"], (H, T, T))
-        s[:, :, :2] = INPUT_RANGES["softmax"]["max"]  # rows whose maximum is the largest logit seen
-        s[:, :, 2:4] = INPUT_RANGES["softmax"]["min"]
-        s = np.where(np.tril(np.ones((T, T), bool))[None], s, MASK_VALUE)  # the program's causal fill
-        return _with_reference(op, [s.astype(np.float32)])
+        return _with_reference(op, [softmax_test_logits(rng, H, T).astype(np.float32)])
     if op == "gelu":
         lo, hi = INPUT_RANGES["gelu"]["min"], INPUT_RANGES["gelu"]["max"]
         u = rng.uniform(lo, hi, (max(1, elements // 1024), 1024)).astype(np.float32)
         return _with_reference(op, [u])
     if op == "layernorm":
-        r = INPUT_RANGES["layernorm"]
-        x = rng.normal(r["mean"], r["std"], (max(1, elements // 128), 128))
-        x[:, :4] *= r["outlier_factor"]  # a few outlier channels, as trained residual streams have
+        x = norm_test_rows(rng, max(1, elements // 128), 128)
         g = rng.normal(1.0, 0.2, 128)
         b = rng.normal(0.0, 0.1, 128)
         x, g, b = (a.astype(np.float32) for a in (x, g, b))
         return _with_reference(op, [x, g, b])
     if op == "rmsnorm":
-        r = INPUT_RANGES["layernorm"]
-        x = rng.normal(r["mean"], r["std"], (max(1, elements // 128), 128))
-        x[:, :4] *= r["outlier_factor"]
+        x = norm_test_rows(rng, max(1, elements // 128), 128)
         g = rng.normal(1.0, 0.2, 128)
         x, g = (a.astype(np.float32) for a in (x, g))
         return _with_reference(op, [x, g])
@@ -373,13 +410,18 @@ def kernel_inputs(op: str, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS) 
     raise ValueError(f"unknown kernel op '{op}'")
 
 
-# Inputs each kernel must handle, with margin over what the trained demo-size model (SM+LN+G, L4 d128 H2,
-# T=128, stdlib corpus, 250 steps) produced on 8 validation chunks: attention logits in [-19.5, 17.4],
-# GELU inputs in [-4.0, 4.0], LayerNorm inputs |x| <= 7.2 with row standard deviations <= 2.3.
+# Inputs each kernel must handle, with margin over what trained privlm models feed them (bench/pi_kernel_ranges.py,
+# the 'kernel-ranges' section of docs/pi-measured.md: L4 d128 demo models trained 960 steps and L12 d768 models
+# trained 30 steps, 8 validation chunks of T = 128): softmax row sums Σexp(z) up to 128 (near-uniform causal rows:
+# the flat rows here, logit std down to 0.01), exponential inputs down to -129 (the causal fill); the rows with one
+# dominant key over a bulk are those where SPU's Taylor exp errs most (see ERROR_BOUNDS); GELU inputs in
+# [-4.4, 4.5]; LayerNorm variances from 6.7e-4 (layer 0's ln_1) to 5.0e3 (a GPT-2-size ln_f) with
+# |x| <= 226: row standard deviations log-uniform over [0.01, 100] (variances ~1e-4 to ~1e4).
 INPUT_RANGES: dict[str, dict[str, float]] = {
-    "softmax": {"std": 3.0, "min": -30.0, "max": 30.0},
+    "softmax": {"std": 3.0, "min": -30.0, "max": 30.0, "flat_std_min": 0.01, "flat_std_max": 1.0,
+                "bulk_std_min": 0.5, "bulk_std_max": 2.0, "gap_max": 10.0},
     "gelu": {"min": -12.0, "max": 12.0},
-    "layernorm": {"mean": 0.0, "std": 2.0, "outlier_factor": 10.0},
+    "layernorm": {"mean": 0.0, "std_min": 0.01, "std_max": 100.0, "outlier_std_max": 10.0, "outlier_factor": 10.0},
     # LLaMA-family ops, not yet checked against a trained model: the GELU range for SiLU, |x| <= 8 for the
     # gate product's two factors, LayerNorm's inputs for RMSNorm
     "silu": {"min": -12.0, "max": 12.0},
