@@ -269,24 +269,44 @@ KERNELS: dict[str, dict[str, Callable]] = {
 DEFAULT_KERNELS: dict[str, str] = {"rmsnorm": "rsqrt", "silu": "exp", "gate_product": "mul", "relu": "compare"}
 
 # Maximum absolute error under 2PC (CHEETAH, 18 fraction bits) over INPUT_RANGES, under every shipped
-# profile that uses the kernel (softmax: probabilities; gelu: activations; layernorm: normalized outputs).
-# SPU's division is exact to ~5e-4 on probabilities; exp's Taylor form (1 + z/256)^256 and one Goldschmidt
-# reciprocal err by up to ~7e-3; SPU's tanh loses accuracy for |x| > 8 (tanh-GELU ~0.016 at |x| = 12).
+# profile that uses the kernel (softmax: probabilities; gelu: activations; layernorm: normalized outputs): about
+# twice the largest error measured over 2^16 elements of `kernel_inputs` (one run per kernel case,
+# `python -m privlm.spu.kernels --elements 65536 --ops softmax,layernorm,rmsnorm PROFILE`); where a kernel errs
+# more than the old narrow inputs showed, the measured value and its cause are written next to it.
+#  softmax: SPU 0.9.5's exp (fxp_approx.cc, exp_taylor) is (1 + z/2^n)^(2^n) with n = fxp_exp_iters (8), which is
+#    exp(z - z^2/2^(n+1) + ...): it underestimates exp(z) by a relative z^2/512 (1.7 % at z = -3, 4.8 % at -5, 12 %
+#    at -8). Rows where a dominant key shares the probability with keys 3 to 10 below it (the dominant-key rows of
+#    `softmax_test_logits`, as trained models have) take up to ~1.2 % absolute error; peaked rows (everything else
+#    beyond -14) and flat rows (z near 0) do not, which is why the earlier inputs (peaked rows only) measured
+#    5e-4. Max over 2^16 elements: divide 0.0117, clipped 0.0113, reciprocal 0.0103 (its one Goldschmidt
+#    iteration underestimates 1 / sum by up to 0.74 %, partly offsetting the exp's bias; 0.0070 on peaked rows).
+#    (No change of kernel or setting fixes this at equal cost for `default` and `paper-era`, which are SPU as
+#    shipped and as the paper ran it; more exp iterations cost one squaring each.)
+#  layernorm / rmsnorm: at 18 fraction bits a variance of 2e-4 is ~50 units of 2^-18 and each squared deviation
+#    is truncated to that unit, so the rsqrt's input carries a relative error of a few % (SPU's rsqrt itself, a
+#    degree-4 polynomial on [0.25, 0.5) times a power of two, errs by 8e-5 relative); the output |y| up to ~10
+#    multiplies it. Max over 2^16 elements (row variances ~1e-4 to ~1e4): rsqrt 0.146 (default), 0.155 (puma's
+#    settings); the stock kernel's E[x^2] - E[x]^2 cancels further: 0.224; RMSNorm 0.109. Rows with variance
+#    >= 2e-3 stay within ~0.005 (rows sorted by variance, 2^13 elements, default and puma), as the earlier inputs
+#    (variances 4.3 to 59: 0.0029) did; the bound is set by the smallest variances trained models produce.
+# SPU's tanh loses accuracy for |x| > 8 (tanh-GELU ~0.016 at |x| = 12).
 ERROR_BOUNDS: dict[tuple[str, str], float] = {
-    ("softmax", "divide"): 0.002, ("softmax", "reciprocal"): 0.01, ("softmax", "clipped"): 0.002,
+    ("softmax", "divide"): 0.025, ("softmax", "reciprocal"): 0.02, ("softmax", "clipped"): 0.025,
     ("gelu", "tanh"): 0.02, ("gelu", "piecewise"): 0.012, ("gelu", "piecewise_scaled"): 0.012,
-    ("layernorm", "rsqrt"): 0.01, ("layernorm", "stock"): 0.01,
+    ("layernorm", "rsqrt"): 0.3, ("layernorm", "stock"): 0.45,
     # SiLU: 0.0028 under `default`, 0.022 under `puma` (one Goldschmidt iteration for the reciprocal of
-    # 1 + exp(-x)) over 2^14 elements; RMSNorm 0.0037 / 0.0045; the gate product 5e-5 (one truncation)
-    ("rmsnorm", "rsqrt"): 0.01, ("silu", "exp"): 0.04, ("gate_product", "mul"): 0.001,
+    # 1 + exp(-x)) over 2^14 elements; the gate product 5e-5 (one truncation)
+    ("rmsnorm", "rsqrt"): 0.22, ("silu", "exp"): 0.04, ("gate_product", "mul"): 0.001,
 }
 # The same kernels in a 32-bit ring with 12 fraction bits (profiles with "rings", e.g. bumblebee-ring32), keyed
 # (op, kernel, fraction bits): every output is a multiple of 2^-12 ~ 2.4e-4 and every product truncates at that
 # resolution, so the bounds are looser than at 18 bits.
-# Measured over 2^16 elements (CHEETAH FM32/12, fxp_exp_iters 5): clipped softmax 0.0087 (the exp's error, then
-# one FM64 reciprocal per row), scaled GELU 0.0111 (its plaintext approximation error is 0.01). At 18 bits the
-# paper-era kernels: clipped softmax 0.00053, flax LayerNorm 0.0038.
-RING_ERROR_BOUNDS: dict[tuple[str, str, int], float] = {("softmax", "clipped", 12): 0.02,
+# Measured (CHEETAH FM32/12, fxp_exp_iters 5): scaled GELU 0.0111 over 2^16 elements (its plaintext approximation
+# error is 0.01). Clipped softmax 0.105 over 2^13 elements, 0.098 over 2^16: the exp's Taylor form with n = 5 is
+# exp(z - z^2/64 + ...), a relative underestimate of 14 % at z = -3 and 32 % at -5, so the dominant-key rows (see
+# above) lose up to ~10 % absolute probability (0.0087 on the earlier, peaked-only inputs); n = 5 is what the
+# 2^-12 truncations allow (the profile's `why`).
+RING_ERROR_BOUNDS: dict[tuple[str, str, int], float] = {("softmax", "clipped", 12): 0.2,
                                                         ("gelu", "piecewise_scaled", 12): 0.02}
 # Plaintext approximation error of a kernel that is not the reference function itself (float64, no SPU).
 APPROXIMATION_BOUNDS: dict[tuple[str, str], float] = {("gelu", "piecewise"): 0.01, ("gelu", "piecewise_scaled"): 0.01}
@@ -410,13 +430,15 @@ def kernel_inputs(op: str, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS) 
     raise ValueError(f"unknown kernel op '{op}'")
 
 
-# Inputs each kernel must handle, with margin over what trained privlm models feed them (bench/pi_kernel_ranges.py,
-# the 'kernel-ranges' section of docs/pi-measured.md: L4 d128 demo models trained 960 steps and L12 d768 models
-# trained 30 steps, 8 validation chunks of T = 128): softmax row sums Σexp(z) up to 128 (near-uniform causal rows:
-# the flat rows here, logit std down to 0.01), exponential inputs down to -129 (the causal fill); the rows with one
+# Inputs each kernel must handle, with margin over what trained privlm models feed them, as bench/pi_kernel_ranges.py
+# measures it (8 validation chunks of T = 128; the 'kernel-ranges' section of docs/pi-measured.md for the L4 d128
+# demo models; the L12 d768 values from the same bench on the GPT-2-size models its GPT2_MODELS commands train,
+# 30 steps): softmax row sums sum(exp(z)) from 1 to 125 (demo) and 128 (L12 d768: near-uniform causal rows; the
+# flat rows here, logit std down to 0.01), exponential inputs down to -129 (the causal fill); the rows with one
 # dominant key over a bulk are those where SPU's Taylor exp errs most (see ERROR_BOUNDS); GELU inputs in
-# [-4.4, 4.5]; LayerNorm variances from 6.7e-4 (layer 0's ln_1) to 5.0e3 (a GPT-2-size ln_f) with
-# |x| <= 226: row standard deviations log-uniform over [0.01, 100] (variances ~1e-4 to ~1e4).
+# [-4.4, 4.5]; LayerNorm variances from 1.6e-3 (demo, layer 0's ln_1) and 6.7e-4 (L12 d768) to 7.6 (demo) and
+# 5.0e3 (L12 d768's ln_f) with |x| up to 9 (demo) and 226 (L12 d768): row standard deviations log-uniform over
+# [0.01, 100] (variances ~1e-4 to ~1e4).
 INPUT_RANGES: dict[str, dict[str, float]] = {
     "softmax": {"std": 3.0, "min": -30.0, "max": 30.0, "flat_std_min": 0.01, "flat_std_max": 1.0,
                 "bulk_std_min": 0.5, "bulk_std_max": 2.0, "gap_max": 10.0},
