@@ -83,12 +83,15 @@ RATIO_QUANTITIES = ("row_sum", "variance")  # positive quantities spanning decad
 
 def reach(quantity: str, lo: float, hi: float, vmin: float, vmax: float) -> float:
     """How far values in [vmin, vmax] of ``quantity`` reach beyond the tested range [lo, hi]: log2 of the ratio
-    beyond an end for RATIO_QUANTITIES, the difference otherwise; positive outside, negative inside (the nearer an
-    end, the higher)."""
+    beyond an end for RATIO_QUANTITIES, the difference otherwise (the softmax's quantities: only the end that not
+    every row reaches); positive outside, negative inside (the nearer an end, the higher)."""
+    # ends every input reaches: z = s - rowmax is 0 at each row's maximum, sum exp(z) >= 1 is 1 in a causal first row
+    if quantity == "exp_input":
+        return lo - vmin
+    if quantity == "row_sum":
+        return np.log2(max(vmax, 1e-30) / hi)
     if quantity in RATIO_QUANTITIES:
         return max(np.log2(lo / max(vmin, 1e-30)), np.log2(max(vmax, 1e-30) / hi))
-    if quantity == "exp_input":  # z = s - rowmax <= 0 reaches its upper end 0 in every row: only the lower one counts
-        return lo - vmin
     return max(lo - vmin, vmax - hi)
 
 
