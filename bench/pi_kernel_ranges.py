@@ -34,7 +34,7 @@ OUT_JSON = RESULTS / "pi_kernel_ranges.json"
 OUT_MD = RESULTS / "pi_kernel_ranges.md"
 REGION = "kernel-ranges"
 FORMAT = "privlm-kernel-ranges/1"
-SPU_CHECK_ELEMENTS = 1 << 14  # per op in the 2PC check: as many as the kernel tests (2 HE batches)
+SPU_CHECK_ELEMENTS = 1 << 16  # per op in the 2PC check: a whole layer of a demo model (4 heads x 128 x 128)
 
 
 def measure_run(run_dir: str, sequences: int, spu_check: bool) -> dict:
@@ -61,7 +61,7 @@ def measure_run(run_dir: str, sequences: int, spu_check: bool) -> dict:
 
 def kernel_errors_on_model(model, ids: torch.Tensor, ops: dict) -> dict:
     """Each profile's kernels under 2PC (`python -m privlm.spu.kernels --inputs`, both parties in one process) on
-    what the model feeds them in the layer that reaches furthest outside the tested range, one sequence (at most
+    what the model feeds them in the layer that reaches furthest toward or beyond the ends of the tested range (`ranges.furthest`), one sequence (at most
     SPU_CHECK_ELEMENTS values per op): max |2PC - numpy reference| against the kernel's bound."""
     import subprocess
     import tempfile
@@ -82,10 +82,11 @@ def kernel_errors_on_model(model, ids: torch.Tensor, ops: dict) -> dict:
 GPT2_TRAIN = ("model.n_layer=12 model.n_embd=768 model.n_head=12 train.max_steps=30 train.batch_size=8 train.lr=0.001 "
               "train.warmup_frac=0.1 train.eval_every=30 train.eval_max_batches=8 train.entropy_every=30 "
               "train.save_every=30 train.flight_steps=0")
-REPRODUCE = [f".venv/bin/privlm train runs/demo-final/{m}/config.yaml {GPT2_TRAIN} --out runs/gpt2-{m}"
-             for m in ("sm-ln-g", "sm-scfuffn")] + [
-    ".venv/bin/python bench/pi_kernel_ranges.py runs/demo-final/sm-ln-g runs/demo-final/sm-scfuffn "
-    "runs/demo-final/ereg-sm-t-scfuffn runs/gpt2-sm-ln-g runs/gpt2-sm-scfuffn --sequences 8 --spu-check"]
+REPRODUCE = [".venv/bin/python bench/pi_kernel_ranges.py runs/demo-final/sm-ln-g runs/demo-final/sm-scfuffn "
+             "runs/demo-final/ereg-sm-t-scfuffn --sequences 8 --spu-check"]
+GPT2_MODELS = [f".venv/bin/privlm train runs/demo-final/{m}/config.yaml {GPT2_TRAIN} --out runs/gpt2-{m}"
+               for m in ("sm-ln-g", "sm-scfuffn")] + [
+    ".venv/bin/python bench/pi_kernel_ranges.py runs/gpt2-sm-ln-g runs/gpt2-sm-scfuffn --sequences 8 --spu-check"]
 
 
 def kernels_by_profile() -> dict[str, dict[str, dict]]:
@@ -111,7 +112,7 @@ def table(entries: list[dict]) -> list[str]:
     for e in entries:
         for op, qs in e["ops"].items():
             for qname, q in qs.items():
-                w = widest_layer(q)
+                w = widest_layer(q, qname)
                 tested = "— (exact comparison)" if q["tested"] is None else \
                     f"[{fmt(q['tested'][0])}, {fmt(q['tested'][1])}]"
                 outside = "—" if q["outside"] is None else \
@@ -200,8 +201,8 @@ def write(entries: list[dict]) -> None:
     checked = [e for e in entries if e.get("spu_check")]
     if checked:
         L += ["", "Each profile's kernels under 2PC (both parties in one process) on what the model feeds them in the "
-              "layer named (the one reaching furthest outside the tested range; one sequence, the whole heads or rows "
-              f"furthest outside it, up to {SPU_CHECK_ELEMENTS:,} values), against the numpy reference:\n",
+              "layer named (the one reaching furthest toward or beyond the ends of the tested range; one sequence, the whole "
+              f"heads or rows reaching furthest, up to {SPU_CHECK_ELEMENTS:,} values), against the numpy reference:\n",
               "| model | op (layer) | values | SPU profile | kernel | max abs error | bound | beyond the bound |",
               "|---|---|---|---|---|---|---|---|"]
         for e in checked:
@@ -213,8 +214,9 @@ def write(entries: list[dict]) -> None:
                              f"{'' if r['fraction_bits'] == 18 else ' at ' + str(r['fraction_bits']) + ' bits'} | "
                              f"{r['max_abs_err']:.2g} | {r['bound']:g} | {r['beyond_bound']:,} |")
         L += [""] + check_findings(entries)
-    L += ["", "Reproduce (the GPT-2-size models: the demo's configs at L12 d768 H12, trained briefly on CPU):", "",
-          "```", *REPRODUCE, "```"]
+    L += ["", "Reproduce:", "", "```", *REPRODUCE, "```", "",
+          "GPT-2-size models (the demo's configs at L12 d768 H12, trained briefly on CPU) are added to the tables by:",
+          "", "```", *GPT2_MODELS, "```"]
     body = "\n".join(L) + "\n"
     atomic_write_text(OUT_MD, body)
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -82,10 +82,26 @@ def test_piecewise_gelu_approximates_tanh_gelu_in_float64():
 
 def test_kernel_inputs_cover_the_stated_ranges():
     (s,), _ = K.kernel_inputs("softmax")
+    r = K.INPUT_RANGES["softmax"]
     visible = s[s > -100]
-    assert visible.max() == K.INPUT_RANGES["softmax"]["max"] and visible.min() == K.INPUT_RANGES["softmax"]["min"]
+    assert visible.max() == r["max"] and visible.min() == r["min"]
+    causal = np.tril(np.ones(s.shape[-2:], bool))
+    rows = s[0, causal.sum(-1) >= 96]  # rows that see at least 96 keys
+    # the three row shapes: peaked (the largest logit twice), flat (a small std: row sums near the row length) and
+    # one dominant key above a bulk (a gap between the largest and second largest logit)
+    top2 = np.sort(np.where(causal[causal.sum(-1) >= 96], rows, -np.inf), -1)[:, -2:]
+    peaked = top2[:, 1] == r["max"]
+    sums = np.exp(rows - rows.max(-1, keepdims=True)).sum(-1) / causal[causal.sum(-1) >= 96].sum(-1)
+    assert peaked.sum() >= 10 and (sums > 0.5).sum() >= 3 and ((top2[:, 1] - top2[:, 0]) > 5).sum() >= 3
     (u,), _ = K.kernel_inputs("gelu")
     assert u.min() < K.GELU_ZERO_BELOW - 5 and u.max() > K.GELU_IDENTITY_ABOVE + 5  # every GELU segment
+    for op in ("layernorm", "rmsnorm"):
+        x = K.kernel_inputs(op)[0][0].astype(np.float64)
+        std = x.std(-1)
+        ln = K.INPUT_RANGES["layernorm"]
+        # row scales from std_min to std_max (both ends within a factor 2: stratified), outlier channels x10
+        assert std.min() < 2 * ln["std_min"] and std.max() > ln["std_max"] / 2, op
+        assert (np.abs(x[:, :4]).max(-1) > 5 * std).sum() >= 10, op
 
 
 def _cases_by_profile() -> dict[str, tuple[str, ...]]:

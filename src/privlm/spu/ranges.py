@@ -78,42 +78,54 @@ def measure_model(model, ids) -> dict[str, dict[str, dict]]:
     return {op: {q: st.doc() for q, st in qs.items()} for op, qs in stats.items()}
 
 
-def widest_layer(q: dict) -> str:
-    """The layer whose values reach furthest outside the tested range (or, all inside, furthest from 0)."""
+RATIO_QUANTITIES = ("row_sum", "variance")  # positive quantities spanning decades: compared by ratio
+
+
+def reach(quantity: str, lo: float, hi: float, vmin: float, vmax: float) -> float:
+    """How far values in [vmin, vmax] of ``quantity`` reach beyond the tested range [lo, hi]: log2 of the ratio
+    beyond an end for RATIO_QUANTITIES, the difference otherwise (the softmax's quantities: only the end that not
+    every row reaches); positive outside, negative inside (the nearer an end, the higher)."""
+    # ends every input reaches: z = s - rowmax is 0 at each row's maximum, sum exp(z) >= 1 is 1 in a causal first row
+    if quantity == "exp_input":
+        return lo - vmin
+    if quantity == "row_sum":
+        return np.log2(max(vmax, 1e-30) / hi)
+    if quantity in RATIO_QUANTITIES:
+        return max(np.log2(lo / max(vmin, 1e-30)), np.log2(max(vmax, 1e-30) / hi))
+    return max(lo - vmin, vmax - hi)
+
+
+def widest_layer(q: dict, quantity: str = "") -> str:
+    """The layer whose values of ``quantity`` (``q``: its `Stats.doc`) reach furthest beyond the tested range (all
+    inside: the nearest an end; `reach`)."""
     lo, hi = q["tested"] if q["tested"] is not None else (0.0, 0.0)
-    return max(q["layers"], key=lambda k: max(lo - q["layers"][k][0], q["layers"][k][1] - hi))
+    return max(q["layers"], key=lambda k: reach(quantity, lo, hi, *q["layers"][k]))
 
 
 def furthest(op_doc: dict) -> str:
-    """The layer label whose values reach furthest outside the tested range, of the op's quantity with the
-    largest share outside (all inside: of its first quantity)."""
-    q = max(op_doc.values(), key=lambda q: (q["outside"] or 0) / q["values"])
-    return widest_layer(q)
+    """The layer label whose values reach furthest beyond the tested range (all inside: the nearest an end), of the
+    op's quantity that reaches furthest (`reach`)."""
+    name, q = max(op_doc.items(), key=lambda kq: reach(kq[0], *kq[1]["tested"], kq[1]["min"], kq[1]["max"]))
+    return widest_layer(q, name)
 
 
 def outside_score(op: str, v: np.ndarray) -> np.ndarray:
-    """Per head (softmax [H, T, T]) or row ([T, width]): how far its quantities go outside the tested range,
-    as the largest ratio beyond an end (log2 of value / end for the positive quantities, value - end otherwise);
-    0 where inside. Model inputs for a 2PC check are taken from the highest first."""
+    """Per head (softmax [H, T, T]) or row ([T, width]): how far its quantities reach beyond the tested range
+    (`reach`: positive outside, negative inside, the nearer an end the higher). Model inputs for a 2PC check are
+    taken from the highest first."""
     tested = ranges_tested(op)
-    score = np.zeros(v.shape[0])
+    score = np.full(v.shape[0], -np.inf)
     for i in range(v.shape[0]):
         for q, x in kernel_quantities(op, [v[i:i + 1]]).items():
-            lo, hi = tested[q]
-            if q in ("row_sum", "variance"):
-                x = np.maximum(x, 1e-30)
-                d = max(np.log2(lo / x.min()), np.log2(x.max() / hi), 0.0)
-            else:
-                d = max(lo - x.min(), x.max() - hi, 0.0)
-            score[i] = max(score[i], d)
+            score[i] = max(score[i], reach(q, *tested[q], float(x.min()), float(x.max())))
     return score
 
 
 def model_kernel_inputs(model, ids, ops: dict[str, dict[str, dict]], max_elements: int) -> tuple[dict, dict]:
     """(arrays for `python -m privlm.spu.kernels --inputs`, op -> layer label): what ``model`` feeds softmax,
     GELU and LayerNorm in the layer of `furthest` (``ops``: `measure_model`'s), for the first sequence of
-    ``ids``: whole heads (softmax, masks at MASK_VALUE) or whole rows up to ``max_elements`` values, those furthest
-    outside the tested range first (`outside_score`), and a
+    ``ids``: whole heads (softmax, masks at MASK_VALUE) or whole rows up to ``max_elements`` values, those reaching
+    furthest toward or beyond the ends of the tested range first (`outside_score`), and a
     LayerNorm's gains, bias and eps."""
     import torch
 
