@@ -308,7 +308,8 @@ def run_demo(sweep_path: str, out: Path, jobs: int, prompt: str, pi_args: list[s
     elif pi_run is not None and (out / pi_run.name / "pi_measured.json").is_file():
         pi_doc = read_json(out / pi_run.name / "pi_measured.json")  # from an earlier call
 
-    rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized")
+    rows = write_results(sweep, out, title="privlm demo: baseline vs softmax-only vs entropy-regularized",
+                         update_page=False)  # the page reads demo.json too: updated once it is written, below
     base_row = next((r for r in rows if sweep.baseline in (r.name, r.preset)), rows[0])
     from privlm.run import load_run_config
     # each run's own saved model config (its vocabulary is the trained tokenizer's, not the config default)

@@ -512,9 +512,11 @@ def claims_section(rows: list[RunRow]) -> list[str]:
             "the paper's side (or the other).", ""] + claims_markdown(rows)
 
 
-def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title: Optional[str] = None) -> list[RunRow]:
+def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title: Optional[str] = None,
+                  update_page: bool = True) -> list[RunRow]:
     """results.json, results.md, report.html and figures/ (in ``results``, default ``out``) from the run
-    directories that exist under ``out``."""
+    directories that exist under ``out``; and the numbers of a README.md with generated blocks there, unless
+    ``update_page`` is off (a caller whose page also reads files it writes afterwards, as the demo's does)."""
     results = results or out
     check_sweep_dir(out)
     results_dir = RunDirectory(results)
@@ -548,7 +550,7 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
     build_report(dirs, results_dir.path("report.html"), results_dir.path("figures"), baseline=baseline,
                  title=title or f"privlm sweep {sweep.name}")
     from privlm.report.readme import has_blocks, update_readme
-    if has_blocks(results_dir.path("README.md")):  # a results page with generated numbers (docs/results/*)
+    if update_page and has_blocks(results_dir.path("README.md")):  # a results page with generated numbers
         update_readme(results_dir.path("README.md"))
     return rows
 

@@ -298,6 +298,13 @@ ERROR_BOUNDS: dict[tuple[str, str], float] = {
     # 1 + exp(-x)) over 2^14 elements; the gate product 5e-5 (one truncation)
     ("rmsnorm", "rsqrt"): 0.22, ("silu", "exp"): 0.04, ("gate_product", "mul"): 0.001,
 }
+# The norms' loose bounds come from the small variances alone; rows of variance >= NORM_ORDINARY_VARIANCE (at 18
+# fraction bits >= ~2,600 units of 2^-18) are held to the tight bound below as well. Measured on the 2^13-element
+# test inputs (48 such rows): LayerNorm rsqrt 0.0028 (default), stock 0.0021 (paper-era), what the narrower inputs
+# gave before (0.0029); rows of variance 2e-3 to 1e-2 reach 0.0127 / 0.0118, below 1e-3 up to 0.078.
+NORM_ORDINARY_VARIANCE = 1e-2
+NORM_ORDINARY_BOUNDS: dict[tuple[str, str], float] = {("layernorm", "rsqrt"): 0.01, ("layernorm", "stock"): 0.01,
+                                                      ("rmsnorm", "rsqrt"): 0.01}
 # The same kernels in a 32-bit ring with 12 fraction bits (profiles with "rings", e.g. bumblebee-ring32), keyed
 # (op, kernel, fraction bits): every output is a multiple of 2^-12 ~ 2.4e-4 and every product truncates at that
 # resolution, so the bounds are looser than at 18 bits.
@@ -563,6 +570,12 @@ def measure_errors(profile, seed: int = 0, elements: int = KERNEL_TEST_ELEMENTS,
         bound = error_bound(op, name, bits) if known else None
         out[op] = {"kernel": name, "fraction_bits": bits, "max_abs_err": float(err.max()), "bound": bound,
                    "beyond_bound": None if bound is None else int((err > bound).sum()), "elements": int(ref.size)}
+        if op in ("layernorm", "rmsnorm"):  # the rows whose variance has enough fraction bits (NORM_ORDINARY_VARIANCE)
+            ordinary = kernel_quantities(op, args)["variance"] >= NORM_ORDINARY_VARIANCE
+            if ordinary.any():
+                out[op].update(ordinary_rows=int(ordinary.sum()),
+                               max_abs_err_ordinary=float(err.reshape(ordinary.size, -1)[ordinary].max()),
+                               bound_ordinary=NORM_ORDINARY_BOUNDS.get((op, name)) if bits == 18 else None)
     return out
 
 
