@@ -28,8 +28,14 @@ def test_shipped_demo_sweep_is_the_papers_three_designs_on_one_budget():
                 r.cfg.data.source, r.cfg.data.vocab_size) for r in sweep.runs}
     assert len(budgets) == 1  # same data, budget and seed for every design
     ereg = sweep.runs[2].cfg.reg
-    # the paper's lambda = 1e-5 at 128-sequence micro-batches, matched to the demo's 8 (released reduction: sum over B*T)
-    assert ereg.enabled and ereg.reduction == "released_code" and ereg.lambda_ == pytest.approx(1e-5 * 128 / 8)
+    # one of the settings bench/demo_settings.py measured (which one: the held-out selection, checked below by
+    # test_committed_demo_setting_is_measured_and_its_verdict_matches_the_measurement); the grid is built around
+    # the paper's lambda = 1e-5 at 128-sequence micro-batches matched to the demo's 8 (released reduction: sum over B*T)
+    grid = load_sweep(ROOT / "configs" / "sweeps" / "demo-settings.yaml").runs
+    measured = {(r.cfg.reg.lambda_, r.cfg.reg.gamma, r.cfg.reg.theta_init, r.cfg.reg.reduction) for r in grid
+                if r.cfg.reg.enabled}
+    assert ereg.enabled and (ereg.lambda_, ereg.gamma, ereg.theta_init, ereg.reduction) in measured
+    assert 1e-5 * 128 / 8 in {lam for lam, *_ in measured}
     assert {r.cfg.data.heldout_fraction for r in sweep.runs} == {0.05}  # as in the measurement that chose it
     assert not sweep.runs[1].cfg.reg.enabled
 

@@ -181,7 +181,7 @@ def test_cancelled_sweep_completes_on_rerun_without_training_a_run_twice(cluster
     for n in ("long-a", "long-b", "long-c"):
         steps = [r["step"] for r in map(json.loads, (out / n / "metrics.jsonl").read_text().splitlines())
                  if r["kind"] == "train"]
-        assert steps == list(range(10, 101, 10))  # every step trained exactly once across the two attempts
+        assert steps == list(range(10, 301, 10))  # every step trained exactly once across the two attempts
     for n, lines in partial.items():  # the part up to the checkpoint is kept as it was
         assert (out / n / "metrics.jsonl").read_text().splitlines()[:len(lines)] == lines
     # a run cancelled mid-way and resumed ends with the weights of an uninterrupted run
