@@ -139,7 +139,10 @@ def test_cancelled_sweep_completes_on_rerun_without_training_a_run_twice(cluster
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "privlm.cli", "sweep", str(f), "--out", str(out), *SLURM]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C as a terminal delivers it: a suite started as a background job (`make test &`) runs with SIGINT
+    # ignored, which children inherit and Python then keeps (no KeyboardInterrupt)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Ctrl-C once the short run has finished and a long one is between two checkpoints
         _wait_for(lambda: (out / "short" / "summary.json").is_file(), 240, "the short run to finish", proc)
