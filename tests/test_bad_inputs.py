@@ -411,6 +411,12 @@ RUN_FILES = [
     Case("weights-nan-resume", "weights", "a NaN in the checkpoint resumed from",
          ["train", "--resume", "{copy}", "train.max_steps=6"], r"model\.safetensors' has non-finite weights",
          setup=_poison(float("nan"), "{ckpt}/model.safetensors")),
+    Case("pi-calibrate-rounds-only-semi2k", "pi", "--rounds-only under SEMI2K (its rounds are its messages)",
+         ["pi", "calibrate", "--protocol", "semi2k", "--rounds-only", "--out", "{tmp}/p.json"],
+         r"--rounds-only: SEMI2K's rounds are its messages"),
+    Case("pi-calibrate-rounds-only-no-profile", "pi", "--rounds-only into a profile that does not exist",
+         ["pi", "calibrate", "--rounds-only", "--out", "{tmp}/none.json"],
+         r"--rounds-only merges into an existing profile; '.*none\.json' does not exist"),
     # --- token ids and prompts ----------------------------------------------------------------------------
     Case("pi-tokens-out-of-vocab", "pi", "--tokens with an id past the vocabulary",
          ["pi", "run", "{run}", "--tokens", "1,99999"], r"token ids \[99999\] are outside the vocabulary 0\.\.511"),

@@ -177,3 +177,30 @@ def test_calibrate_ops_merges_into_the_existing_profile():
     new["provenance"]["spu_profile"] = {**settings, "runtime": {"field": "FM64", "fxp_div_goldschmidt_iters": 1}}
     with pytest.raises(PrivlmError, match="other SPU settings"):
         merge_ops(old, new, ["rmsnorm"])
+
+
+def test_calibrate_rounds_only_merges_rounds_per_call():
+    """`privlm pi calibrate --rounds-only`: each measured op's rounds per call is its rounds over its calls in the
+    measured run; its bytes and seconds, the other ops' entries and the setup stay; the measurements replace the
+    profile's earlier ones of those ops; other SPU settings are refused."""
+    from privlm.errors import PrivlmError
+    from privlm.spu.calibrate import merge_rounds
+    from privlm.spu.spu_profile import load_spu_profile
+
+    old = _profile("spu-puma-measured", NUMBERS["puma"])
+    old["nonlinear"]["layernorm"]["rounds_per_call"] = 70.0
+    old["provenance"] = {"kind": "measured", "spu_profile": load_spu_profile("puma").to_dict(),
+                         "rounds": [{"op": "softmax", "rounds": 1.0, "calls": 1}, {"op": "setup", "rounds": 9.0},
+                                    {"op": "layernorm", "rounds": 70.0, "calls": 1}]}
+    rounds = [{"op": "setup", "calls": 1, "rounds": 250.0, "delay_ms": 40.0},
+              {"op": "softmax", "calls": 4, "rounds": 230.0, "delay_ms": 40.0},
+              {"op": "scores", "calls": 1, "rounds": 3.0, "delay_ms": 40.0}]
+    got = merge_rounds(old, rounds, "puma")
+    assert got["nonlinear"]["softmax"] == {**old["nonlinear"]["softmax"], "rounds_per_call": 57.5}
+    assert got["nonlinear"]["layernorm"] == old["nonlinear"]["layernorm"] and got["fixed"] == old["fixed"]
+    assert "rounds_per_call" not in old["nonlinear"]["softmax"]  # the profile read is left as it was
+    assert got["provenance"]["rounds"] == [{"op": "layernorm", "rounds": 70.0, "calls": 1}, *rounds]
+    merged = got["provenance"]["merged"][0]
+    assert merged["rounds_of"] == ["scores", "softmax"] and merged["script"].endswith("--rounds-delay-ms 40")
+    with pytest.raises(PrivlmError, match="other SPU settings"):
+        merge_rounds(old, rounds, "default")

@@ -120,7 +120,8 @@ def test_calibrate_validates_and_writes_through_the_profile_writer(tmp_path, mon
     monkeypatch.setattr(calibrate, "run_microbench", lambda *a, **k: {})
     monkeypatch.setattr(calibrate, "fit_profile", lambda bench, name, *a, **k: {**measured, "name": name})
     args = argparse.Namespace(spu_profile="default", name=None, out=None, force=False, quick=True,
-                              rounds_delay_ms=None, protocol="cheetah", json=True, ops=None)
+                              rounds_delay_ms=None, protocol="cheetah", json=True, ops=None,
+                              rounds_only=False)
     assert calibrate.cmd_calibrate(args) == 0
     out = tmp_path / "profiles" / "spu-cheetah-measured.json"
     assert costs.load_profile("spu-cheetah-measured").path == str(out)

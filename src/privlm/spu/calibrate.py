@@ -88,6 +88,9 @@ def register(sub) -> None:
     c.add_argument("--ops", default=None, metavar="OP[,OP...]",
                    help="measure only these nonlinear ops and merge them into the existing profile (its other "
                         f"entries kept, --force implied); ops: {', '.join(CALIBRATED_OPS)}")
+    c.add_argument("--rounds-only", action="store_true",
+                   help="measure only the rounds per op (CHEETAH; with --ops, of those ops) and merge them into the "
+                        "existing profile, its bytes and seconds kept")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
@@ -339,16 +342,22 @@ def _rings_note(spu_profile: str) -> str:
             f"conversions, privlm.spu.microbench.RING_CONVERSIONS")
 
 
-def merge_ops(old: dict, new: dict, ops: list[str]) -> dict:
-    """``old`` with the nonlinear entries, fits and rounds of ``ops`` taken from ``new`` (a calibration of those
-    ops only under the same SPU profile); everything else, the setup and the linear costs included, stays
-    ``old``'s. Refused when the SPU profile's settings differ from those ``old`` was measured under."""
+def _check_same_settings(old: dict, now: dict) -> None:
+    """Refuse to merge into profile ``old`` measurements made under SPU profile settings ``now`` that differ from
+    those ``old`` was measured under (its kernels aside: merging ops is how a kernel's costs are replaced)."""
     was = old.get("provenance", {}).get("spu_profile")
-    now = new["provenance"]["spu_profile"]
     if was is not None and {k: v for k, v in was.items() if k != "kernels"} != \
             {k: v for k, v in now.items() if k != "kernels"}:
         raise PrivlmError(f"profile '{old.get('name')}' was measured under other SPU settings than "
                           f"'{now['name']}' has now; calibrate it whole (--force)")
+
+
+def merge_ops(old: dict, new: dict, ops: list[str]) -> dict:
+    """``old`` with the nonlinear entries, fits and rounds of ``ops`` taken from ``new`` (a calibration of those
+    ops only under the same SPU profile); everything else, the setup and the linear costs included, stays
+    ``old``'s. Refused when the SPU profile's settings differ from those ``old`` was measured under."""
+    now = new["provenance"]["spu_profile"]
+    _check_same_settings(old, now)
     out = json.loads(json.dumps(old))
     prov = out["provenance"]
     for op in ops:
@@ -363,6 +372,28 @@ def merge_ops(old: dict, new: dict, ops: list[str]) -> dict:
                                           "spu_version": new["provenance"]["spu_version"],
                                           "load_average": new["provenance"]["load_average"],
                                           "cpus": new["provenance"]["cpus"]})
+    return out
+
+
+def merge_rounds(old: dict, rounds: list[dict], spu_profile: str) -> dict:
+    """``old`` with the rounds per call of the ops in ``rounds`` (`measure_rounds` under ``spu_profile``) and
+    those measurements in its provenance; its bytes, seconds and fits stay as they were."""
+    from privlm.spu.spu_profile import load_spu_profile
+
+    _check_same_settings(old, load_spu_profile(spu_profile).to_dict())
+    out = json.loads(json.dumps(old))
+    prov = out["provenance"]
+    ops = sorted({r["op"] for r in rounds if r["op"] != "setup"})
+    for r in rounds:
+        if r["op"] in out["nonlinear"]:
+            out["nonlinear"][r["op"]]["rounds_per_call"] = r["rounds"] / r["calls"]
+    keep = [r for r in prov.get("rounds") or [] if r["op"] not in ops and r["op"] != "setup"]
+    prov["rounds"] = keep + rounds
+    prov.setdefault("merged", []).append({
+        "rounds_of": ops, "script": f"privlm pi calibrate --protocol cheetah --spu-profile {spu_profile} "
+                                    f"--rounds-only --rounds-delay-ms {rounds[0]['delay_ms']:g}",
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "load_average": list(os.getloadavg()),
+        "cpus": os.cpu_count()})
     return out
 
 
@@ -389,9 +420,12 @@ def cmd_calibrate(args) -> int:
             raise PrivlmError(f"--ops: unknown op {bad[0] if bad else repr(args.ops)} (known: {', '.join(CALIBRATED_OPS)})")
         if not out.is_file():
             raise PrivlmError(f"--ops merges into an existing profile; '{out}' does not exist (calibrate it whole first)")
-    elif out.exists() and not args.force:  # checked again on writing; failing here saves the measurement
+    elif out.exists() and not args.force and not args.rounds_only:  # checked again on writing; failing here
+        # saves the measurement
         raise PrivlmError(f"profile '{out}' exists; pass --force to overwrite it or --out for another path")
     delay = args.rounds_delay_ms if args.rounds_delay_ms is not None else (0.0 if args.quick else 40.0)
+    if args.rounds_only:
+        return _calibrate_rounds_only(args, out, ops, delay)
     grid = QUICK_GRID if args.quick else FULL_GRID
     if ops is not None:  # the ops asked for, and the setup (its runtime's one-time costs) with them
         grid = {op: shapes for op, shapes in grid.items() if op in ops}
@@ -417,6 +451,34 @@ def cmd_calibrate(args) -> int:
             print(f"  {kind:<11} {c['bytes_per_gflop'] / 1e6:>9.1f} MB/GFLOP; max residual "
                   f"{100 * fit['max_rel_residual_bytes']:.1f}%")
         print(f"  setup       {prof['fixed']['bytes'] / 1e6:.1f} MB, {prof['fixed']['seconds']:.1f} s")
+    return 0
+
+
+def _calibrate_rounds_only(args, out: Path, ops: Optional[list[str]], delay: float) -> int:
+    from privlm.pi.costs import save_profile
+
+    if args.protocol != "cheetah":
+        raise PrivlmError("--rounds-only: SEMI2K's rounds are its messages, counted by every calibration; "
+                          "calibrate the profile whole")
+    if delay <= 0:
+        raise PrivlmError("--rounds-only needs a delay above 0 (--rounds-delay-ms; default 40)")
+    if not out.is_file():
+        raise PrivlmError(f"--rounds-only merges into an existing profile; '{out}' does not exist "
+                          f"(calibrate it whole first)")
+    old = json.loads(out.read_text())
+    cases = [c for c in ROUNDS_CASES if (ops is None or c["op"] in ops)
+             and (c["op"] in old.get("nonlinear", {}) or c["op"] in ("linear", "scores"))]
+    with private_tempdir("privlm-cal-") as tmp:
+        rounds = measure_rounds(cases, args.protocol, Path(tmp) / "rounds", delay, spu_profile=args.spu_profile)
+    prof = merge_rounds(old, rounds, args.spu_profile)
+    save_profile(prof, out, overwrite=True)  # validated as `privlm cost` will read it
+    if args.json:
+        print(json.dumps(prof, indent=1))
+    else:
+        print(f"wrote {out}")
+        for op, c in prof["nonlinear"].items():
+            if c.get("rounds_per_call") is not None:
+                print(f"  {op:<11} {c['rounds_per_call']:>7.1f} rounds/call")
     return 0
 
 
