@@ -912,6 +912,7 @@ privlm cost SM+ScFuFFN --vs SM+LN+G --spu-profile all   # the band over every ca
 .venv/bin/privlm pi calibrate --spu-profile puma --force --out src/privlm/pi/profiles/spu-puma-measured.json
 .venv/bin/privlm pi calibrate --spu-profile paper-era --force --out src/privlm/pi/profiles/spu-paper-era-measured.json
 .venv/bin/privlm pi calibrate --spu-profile bumblebee-ring32 --force --out src/privlm/pi/profiles/spu-bumblebee-ring32-measured.json
+.venv/bin/privlm pi calibrate --spu-profile bumblebee-ring32 --rounds-only --out src/privlm/pi/profiles/spu-bumblebee-ring32-measured.json
 .venv/bin/privlm pi calibrate --spu-profile puma --ops rmsnorm,silu,gate_product,rotary --out src/privlm/pi/profiles/spu-puma-measured.json
 .venv-spu/bin/python bench/pi_spu_versions.py --write                     # SPU 0.9.5 column
 /tmp/spu092/bin/python bench/pi_spu_versions.py --write                   # SPU 0.9.2b0 column (scratch venv, see the script)
