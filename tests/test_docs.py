@@ -173,3 +173,46 @@ def test_check_command_names_a_stale_block_and_a_bad_file_in_one_line(folder):
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("python -m privlm.report.readme: error: ") and "is not a readable JSON" in proc.stderr
     assert "old" in page.read_text()  # nothing written
+
+
+def test_wall_clock_is_the_union_of_the_runs_training_intervals(tmp_path):
+    """busy_seconds: overlapping stretches count once, a gap not at all (hand-computed); the time block adds the
+    measured wall clock, the study block sums the core time of every sweep and measures the union of all their
+    intervals, naming the runs that recorded none."""
+    assert R.busy_seconds([]) == 0.0
+    assert R.busy_seconds([[0, 10], [5, 20], [30, 40], [31, 32]]) == 30.0  # [0, 20] and [30, 40]
+    assert R.busy_seconds([[100, 200], [0, 50]]) == 150.0
+    grid, arm = tmp_path / "grid", tmp_path / "arm"
+    grid.mkdir()
+    arm.mkdir()
+    (grid / "results.json").write_text(json.dumps({
+        "rows": [], "command": "privlm sweep g.yaml --jobs 2", "run_seconds": {"a": 3000.0, "b": 2400.0},
+        "run_intervals": {"a": [[0.0, 3000.0]], "b": [[600.0, 1800.0], [4000.0, 5200.0]]}}))
+    (arm / "results.json").write_text(json.dumps({
+        "rows": [], "run_seconds": {"c": 7200.0, "d": None}, "run_intervals": {"c": [], "d": []}}))
+    assert R.block_time(grid).endswith("; 2 at a time, that is at least 45.0 minutes of wall clock; measured, runs "
+                                       "were training during 70 min of wall clock (the union of their training "
+                                       "intervals, `run_intervals`).")  # [0, 3000] and [4000, 5200]
+    assert R.block_study_time(tmp_path) == (
+        "3 runs over 2 sweeps (`arm/`, `grid/`): 3.5 core-hours of training, during 70 min of wall clock with at "
+        "least one run training (measured: the union of the runs' training intervals, whatever the number of "
+        "calls it took); 1 run(s) have no recorded intervals: arm/c.")
+
+
+def test_sweep_records_each_stretch_of_training(tmp_path):
+    """A sweep.json record gets one [start, end] per stretch of training; a record from before the intervals
+    were kept (last start and seconds only) becomes its one stretch when the run starts again."""
+    import datetime
+
+    from privlm import sweep as S
+    state = {"runs": {"r": {"status": "interrupted", "started": "2026-12-07T21:17:43+0000", "seconds": 600.0}}}
+    rec = state["runs"]["r"]
+    t_old = datetime.datetime(2026, 12, 7, 21, 17, 43, tzinfo=datetime.timezone.utc).timestamp()
+    assert S.training_intervals(rec) == [[t_old, t_old + 600.0]]
+    t0 = S._start(rec, state, tmp_path)
+    assert rec["intervals"] == [[t_old, t_old + 600.0]] and rec["status"] == "running"
+    S._finish(rec, state, tmp_path, t0 - 5.0)
+    (a, b), = rec["intervals"][1:]
+    assert rec["seconds"] == pytest.approx(605.0, abs=0.2) and b - a == pytest.approx(5.0, abs=0.2)
+    assert json.loads((tmp_path / "sweep.json").read_text())["runs"]["r"]["intervals"] == rec["intervals"]
+    assert S.training_intervals({"status": "pending"}) == []

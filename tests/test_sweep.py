@@ -393,11 +393,14 @@ def test_study_v3_readme_template_has_only_generated_numbers():
     text = (ROOT / "docs" / "templates" / "cpu-study-v3.md").read_text()
     blocks = [(m.group("name"), m.group("dir")) for m in BLOCK_RE.finditer(text)]
     assert len(OPEN_RE.findall(text)) == 2 * len(blocks) and all(n in BLOCKS for n, _ in blocks)
-    assert {d for _, d in blocks} == {"ereg-grid", "5m", "10m", "stability-map"}  # the --results of each step
+    # the --results of each step, and the study's folder itself (its time over all steps)
+    assert {d for _, d in blocks} == {"ereg-grid", "5m", "10m", "stability-map", None}
+    assert ("study-time", None) in blocks
     assert not bare_numbers(text)
     header = (ROOT / "configs" / "sweeps" / "cpu-study-v3-10m.yaml").read_text()
     for _, d in blocks:
-        assert f"--results docs/results/cpu-study-v3/{d} --jobs 2" in header
+        if d is not None:
+            assert f"--results docs/results/cpu-study-v3/{d} --jobs 2" in header
 
 
 def test_gpu_study_c1_in_the_papers_form():

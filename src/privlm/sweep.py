@@ -270,14 +270,33 @@ def run_sweep(sweep: Sweep, out: Path, max_runs: Optional[int] = None, quiet: bo
     return state
 
 
+STARTED_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
+def training_intervals(rec: dict) -> list[list[float]]:
+    """[start, end] (Unix seconds) of each stretch of training of a run's record in sweep.json. A record written
+    before the intervals were kept holds only its last start and its seconds: read as one stretch [started,
+    started + seconds], exact for a run trained in one go (`_start` converts it before a new stretch)."""
+    if "intervals" in rec:
+        return [list(i) for i in rec["intervals"]]
+    if rec.get("started") and rec.get("seconds"):
+        import datetime
+        t0 = datetime.datetime.strptime(rec["started"], STARTED_FORMAT).timestamp()
+        return [[t0, round(t0 + rec["seconds"], 1)]]
+    return []
+
+
 def _start(rec: dict, state: dict, out: Path) -> float:
-    rec.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rec["intervals"] = training_intervals(rec)
+    rec.update(status="running", started=time.strftime(STARTED_FORMAT))
     _write_json(out / "sweep.json", state)
     return time.time()
 
 
 def _finish(rec: dict, state: dict, out: Path, t0: float) -> None:
-    rec["seconds"] = round(rec.get("seconds", 0.0) + time.time() - t0, 1)
+    now = time.time()
+    rec["seconds"] = round(rec.get("seconds", 0.0) + now - t0, 1)
+    rec.setdefault("intervals", []).append([round(t0, 1), round(now, 1)])
     _write_json(out / "sweep.json", state)
 
 
@@ -541,7 +560,9 @@ def write_results(sweep: Sweep, out: Path, results: Optional[Path] = None, title
                                            "claims": stored_claims(rows),
                                            "command": state.get("command"),
                                            "baseline": baseline or runs[0].path.name, "rows": [r.to_dict() for r in rows],
-                                           "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()}})
+                                           "run_seconds": {k: v.get("seconds") for k, v in state.get("runs", {}).items()},
+                                           "run_intervals": {k: training_intervals(v)
+                                                             for k, v in state.get("runs", {}).items()}})
     results_dir.write_text("results.md", results_markdown(sweep, rows, notes))
     if sweep.select is not None:  # settings chosen on the held-out split (privlm.selection)
         from privlm.selection import select

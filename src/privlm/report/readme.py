@@ -146,6 +146,52 @@ def block_time(folder: Path) -> str:
             f"{total:,.0f} s ({min(secs):.0f}–{max(secs):.0f} s per run)")
     if jobs > 1:
         text += f"; {jobs} at a time, that is at least {total / jobs / 60:.1f} minutes of wall clock"
+    busy = busy_seconds([i for v in (doc.get("run_intervals") or {}).values() for i in v or []])
+    if busy:
+        text += (f"; measured, runs were training during {_duration(busy)} of wall clock (the union of their "
+                 f"training intervals, `run_intervals`)")
+    return text + "."
+
+
+def busy_seconds(intervals: Sequence[Sequence[float]]) -> float:
+    """Length of the union of [start, end] intervals: the wall clock during which at least one ran."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted((float(a), float(b)) for a, b in intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def block_study_time(folder: Path) -> str:
+    """Wall clock and core time of a study made of several sweeps (each sub-folder's results.json): measured
+    from the runs' training intervals, across however many calls and sessions it took."""
+    docs = [(sub.name, _load(sub, "results.json")) for sub in sorted(folder.iterdir())
+            if (sub / "results.json").is_file()]
+    if not docs:
+        return "No results yet."
+    intervals, core, missing, runs = [], 0.0, [], 0
+    for name, doc in docs:
+        for run, seconds in (doc.get("run_seconds") or {}).items():
+            if seconds is None:
+                continue
+            runs += 1
+            core += seconds
+            got = (doc.get("run_intervals") or {}).get(run) or []
+            intervals += got
+            if not got:
+                missing.append(f"{name}/{run}")
+    text = (f"{runs} runs over {len(docs)} sweeps ({', '.join(f'`{n}/`' for n, _ in docs)}): "
+            f"{core / 3600:.1f} core-hours of training")
+    if intervals:
+        text += (f", during {_duration(busy_seconds(intervals))} of wall clock with at least one run training "
+                 f"(measured: the union of the runs' training intervals, whatever the number of calls it took)")
+    if missing:
+        text += f"; {len(missing)} run(s) have no recorded intervals: {', '.join(missing)}"
     return text + "."
 
 
@@ -359,6 +405,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "grid": block_grid,
     "stability": block_stability,
     "divergences": block_divergences,
+    "study-time": block_study_time,
     "demo-time": block_demo_time,
     "demo-summary": block_demo_summary,
     "demo-regularizer": block_demo_regularizer,
