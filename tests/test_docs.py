@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from privlm.errors import PrivlmError
+from privlm.errors import CheckpointError, PrivlmError
 from privlm.report import readme as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +197,10 @@ def test_wall_clock_is_the_union_of_the_runs_training_intervals(tmp_path):
         "3 runs over 2 sweeps (`arm/`, `grid/`): 3.5 core-hours of training, during 70 min of wall clock with at "
         "least one run training (measured: the union of the runs' training intervals, whatever the number of "
         "calls it took); 1 run(s) have no recorded intervals: arm/c.")
+    (arm / "results.json").write_text(json.dumps({"rows": [], "run_seconds": {"c": 1.0},
+                                                  "run_intervals": {"c": [[0, "x"]]}}))
+    with pytest.raises(PrivlmError, match=r"arm/results.json': run_intervals must map each run to \[start, end\]"):
+        R.block_study_time(tmp_path)
 
 
 def test_sweep_records_each_stretch_of_training(tmp_path):
@@ -216,3 +220,6 @@ def test_sweep_records_each_stretch_of_training(tmp_path):
     assert rec["seconds"] == pytest.approx(605.0, abs=0.2) and b - a == pytest.approx(5.0, abs=0.2)
     assert json.loads((tmp_path / "sweep.json").read_text())["runs"]["r"]["intervals"] == rec["intervals"]
     assert S.training_intervals({"status": "pending"}) == []
+    assert S.training_intervals({"started": "yesterday", "seconds": 5.0}) == []
+    with pytest.raises(CheckpointError, match="'intervals' must be a list of \\[start, end\\] pairs"):
+        S.training_intervals({"intervals": [[1.0]]})

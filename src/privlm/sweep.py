@@ -278,10 +278,18 @@ def training_intervals(rec: dict) -> list[list[float]]:
     before the intervals were kept holds only its last start and its seconds: read as one stretch [started,
     started + seconds], exact for a run trained in one go (`_start` converts it before a new stretch)."""
     if "intervals" in rec:
-        return [list(i) for i in rec["intervals"]]
-    if rec.get("started") and rec.get("seconds"):
+        got = rec["intervals"]
+        if not isinstance(got, list) or not all(
+                isinstance(i, list) and len(i) == 2 and all(isinstance(x, (int, float)) for x in i) for i in got):
+            raise CheckpointError("sweep.json: a run's 'intervals' must be a list of [start, end] pairs of "
+                                  "Unix seconds")
+        return [[float(a), float(b)] for a, b in got]
+    if isinstance(rec.get("started"), str) and isinstance(rec.get("seconds"), (int, float)) and rec["seconds"]:
         import datetime
-        t0 = datetime.datetime.strptime(rec["started"], STARTED_FORMAT).timestamp()
+        try:
+            t0 = datetime.datetime.strptime(rec["started"], STARTED_FORMAT).timestamp()
+        except ValueError:  # not a start privlm wrote: no stretch to read from it
+            return []
         return [[t0, round(t0 + rec["seconds"], 1)]]
     return []
 

@@ -146,11 +146,24 @@ def block_time(folder: Path) -> str:
             f"{total:,.0f} s ({min(secs):.0f}–{max(secs):.0f} s per run)")
     if jobs > 1:
         text += f"; {jobs} at a time, that is at least {total / jobs / 60:.1f} minutes of wall clock"
-    busy = busy_seconds([i for v in (doc.get("run_intervals") or {}).values() for i in v or []])
+    busy = busy_seconds(_intervals(folder, doc))
     if busy:
         text += (f"; measured, runs were training during {_duration(busy)} of wall clock (the union of their "
                  f"training intervals, `run_intervals`)")
     return text + "."
+
+
+def _intervals(folder: Path, doc: dict, run: Optional[str] = None) -> list:
+    """The training intervals in a results.json (``run``'s, or every run's); one line naming the file if they are
+    not [start, end] pairs of numbers."""
+    got = doc.get("run_intervals") or {}
+    try:
+        pairs = [i for name, v in got.items() if run is None or name == run for i in v or []]
+        if all(len(p) == 2 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in p) for p in pairs):
+            return pairs
+    except (AttributeError, TypeError):
+        pass
+    raise PrivlmError(f"'{folder / 'results.json'}': run_intervals must map each run to [start, end] pairs of numbers")
 
 
 def busy_seconds(intervals: Sequence[Sequence[float]]) -> float:
@@ -181,7 +194,7 @@ def block_study_time(folder: Path) -> str:
                 continue
             runs += 1
             core += seconds
-            got = (doc.get("run_intervals") or {}).get(run) or []
+            got = _intervals(folder / name, doc, run)
             intervals += got
             if not got:
                 missing.append(f"{name}/{run}")
