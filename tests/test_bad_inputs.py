@@ -417,6 +417,10 @@ RUN_FILES = [
     Case("pi-calibrate-rounds-only-no-profile", "pi", "--rounds-only into a profile that does not exist",
          ["pi", "calibrate", "--rounds-only", "--out", "{tmp}/none.json"],
          r"--rounds-only merges into an existing profile; '.*none\.json' does not exist"),
+    Case("pi-calibrate-rounds-only-op-missing", "pi", "--rounds-only --ops naming an op the profile has no entry for",
+         ["pi", "calibrate", "--rounds-only", "--ops", "rotary", "--out", "{tmp}/p.json"],
+         r"--rounds-only: none of rotary is an op of '.*p\.json'",
+         setup=_write("tmp:p.json", json.dumps({"nonlinear": {"softmax": {"bytes_per_element": 1.0}}}))),
     # --- token ids and prompts ----------------------------------------------------------------------------
     Case("pi-tokens-out-of-vocab", "pi", "--tokens with an id past the vocabulary",
          ["pi", "run", "{run}", "--tokens", "1,99999"], r"token ids \[99999\] are outside the vocabulary 0\.\.511"),

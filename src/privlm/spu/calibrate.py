@@ -468,6 +468,8 @@ def _calibrate_rounds_only(args, out: Path, ops: Optional[list[str]], delay: flo
     old = json.loads(out.read_text())
     cases = [c for c in ROUNDS_CASES if (ops is None or c["op"] in ops)
              and (c["op"] in old.get("nonlinear", {}) or c["op"] in ("linear", "scores"))]
+    if not cases:
+        raise PrivlmError(f"--rounds-only: none of {', '.join(ops or [])} is an op of '{out}'")
     with private_tempdir("privlm-cal-") as tmp:
         rounds = measure_rounds(cases, args.protocol, Path(tmp) / "rounds", delay, spu_profile=args.spu_profile)
     prof = merge_rounds(old, rounds, args.spu_profile)
