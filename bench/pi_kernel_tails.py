@@ -62,6 +62,9 @@ def main() -> int:
                 a["elements"] += r["elements"]
                 a["max_abs_err"] = max(a["max_abs_err"], r["max_abs_err"])
                 a["beyond_bound"] += r["beyond_bound"]
+            elapsed = time.perf_counter() - t0
+            print(f"{label}: run {seed + 1} of {args.reps} done, {elapsed:.0f} s, about "
+                  f"{elapsed / (seed + 1) * (args.reps - seed - 1):.0f} s to go for this variant", flush=True)
         for a in acc.values():
             a["seconds_all_ops"] = time.perf_counter() - t0
             rows.append(a)
