@@ -53,6 +53,16 @@ def _write(rel: str, data: bytes | str) -> Callable[[Path, Path], None]:
     return setup
 
 
+def _shipped_profile(name: str, drop: Optional[str] = None) -> Callable[[Path, Path], None]:
+    """TMP/p.json: a copy of a shipped cost profile, without the nonlinear op ``drop``."""
+    def setup(copy: Path, tmp: Path) -> None:
+        from privlm.pi.costs import load_profile
+        raw = json.loads(Path(load_profile(name).path).read_text())
+        raw["nonlinear"].pop(drop, None)
+        (tmp / "p.json").write_text(json.dumps(raw))
+    return setup
+
+
 def _remove(rel: str) -> Callable[[Path, Path], None]:
     def setup(copy: Path, tmp: Path) -> None:
         (copy / rel).unlink()
@@ -418,9 +428,20 @@ RUN_FILES = [
          ["pi", "calibrate", "--rounds-only", "--out", "{tmp}/none.json"],
          r"--rounds-only merges into an existing profile; '.*none\.json' does not exist"),
     Case("pi-calibrate-rounds-only-op-missing", "pi", "--rounds-only --ops naming an op the profile has no entry for",
-         ["pi", "calibrate", "--rounds-only", "--ops", "rotary", "--out", "{tmp}/p.json"],
-         r"--rounds-only: none of rotary is an op of '.*p\.json'",
-         setup=_write("tmp:p.json", json.dumps({"nonlinear": {"softmax": {"bytes_per_element": 1.0}}}))),
+         ["pi", "calibrate", "--spu-profile", "puma", "--rounds-only", "--ops", "rotary", "--out", "{tmp}/p.json"],
+         r"--rounds-only: none of rotary is an op of '.*p\.json'", setup=_shipped_profile("spu-puma-measured",
+                                                                                         drop="rotary")),
+    Case("pi-calibrate-rounds-only-not-measured", "pi", "--rounds-only into a profile no calibration measured",
+         ["pi", "calibrate", "--rounds-only", "--out", "{tmp}/p.json"],
+         r"--rounds-only: '.*p\.json' was not measured by `privlm pi calibrate`",
+         setup=_shipped_profile("paper-fit")),
+    Case("pi-calibrate-rounds-only-other-settings", "pi", "--rounds-only into a profile measured under other "
+         "SPU settings", ["pi", "calibrate", "--rounds-only", "--out", "{tmp}/p.json"],
+         r"profile 'spu-puma-measured' was measured under other SPU settings than 'default' has now",
+         setup=_shipped_profile("spu-puma-measured")),
+    Case("pi-calibrate-rounds-only-bad-json", "pi", "--rounds-only into a file that is not JSON",
+         ["pi", "calibrate", "--rounds-only", "--out", "{tmp}/p.json"], r"'.*p\.json' is not valid JSON",
+         setup=_write("tmp:p.json", '{"nonlinear": [')),
     # --- token ids and prompts ----------------------------------------------------------------------------
     Case("pi-tokens-out-of-vocab", "pi", "--tokens with an id past the vocabulary",
          ["pi", "run", "{run}", "--tokens", "1,99999"], r"token ids \[99999\] are outside the vocabulary 0\.\.511"),

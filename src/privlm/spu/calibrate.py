@@ -436,7 +436,7 @@ def cmd_calibrate(args) -> int:
                                  spu_profile=args.spu_profile) if delay > 0 and rounds_cases else None)
     prof = fit_profile(bench, args.name, args.protocol, args.quick, rounds, args.spu_profile)
     if ops is not None:
-        prof = merge_ops(json.loads(out.read_text()), prof, ops)
+        prof = merge_ops(_existing_profile(out), prof, ops)
     save_profile(prof, out, overwrite=args.force or ops is not None)  # validated as `privlm cost` will read it
     if args.json:
         print(json.dumps(prof, indent=1))
@@ -454,6 +454,16 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _existing_profile(out: Path) -> dict:
+    """The profile at ``out`` to merge into, checked as `privlm cost` reads it (one line naming the file if not)."""
+    from privlm.pi.costs import parse_profile
+    from privlm.validate import read_json
+
+    raw = read_json(out, {}, error=PrivlmError)
+    parse_profile(raw, str(out))
+    return raw
+
+
 def _calibrate_rounds_only(args, out: Path, ops: Optional[list[str]], delay: float) -> int:
     from privlm.pi.costs import save_profile
 
@@ -465,7 +475,12 @@ def _calibrate_rounds_only(args, out: Path, ops: Optional[list[str]], delay: flo
     if not out.is_file():
         raise PrivlmError(f"--rounds-only merges into an existing profile; '{out}' does not exist "
                           f"(calibrate it whole first)")
-    old = json.loads(out.read_text())
+    old = _existing_profile(out)
+    if not (old.get("provenance") or {}).get("spu_profile"):
+        raise PrivlmError(f"--rounds-only: '{out}' was not measured by `privlm pi calibrate` (no SPU profile in its "
+                          f"provenance), so SPU's rounds would not be its engine's")
+    from privlm.spu.spu_profile import load_spu_profile
+    _check_same_settings(old, load_spu_profile(args.spu_profile).to_dict())  # before minutes of measuring
     cases = [c for c in ROUNDS_CASES if (ops is None or c["op"] in ops)
              and (c["op"] in old.get("nonlinear", {}) or c["op"] in ("linear", "scores"))]
     if not cases:
