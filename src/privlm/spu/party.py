@@ -50,6 +50,8 @@ def start_audit() -> None:
 
 import numpy as np  # noqa: E402  (after the hook so nothing is opened unseen)
 
+from privlm.spu.link import PEER_TIMEOUT_S, make_link  # noqa: E402,F401  (re-exported: launcher, generate, cli)
+
 PROTOCOLS = ("cheetah", "semi2k")
 
 
@@ -73,10 +75,9 @@ def run_ranks(target, ranks) -> None:
         raise errors[0]
 
 
-# How long a party waits for its peer by default (`--peer-timeout`), and how long its connections to a peer
-# that is running may all be closed before the party concludes the peer is gone (brpc keeps one connection
-# each way open for the whole session; they close when the peer's process ends).
-PEER_TIMEOUT_S = 60.0
+# How long a party's connections to a peer that is running may all be closed before the party concludes the
+# peer is gone (brpc keeps one connection each way open for the whole session; they close when the peer's
+# process ends).
 LOST_GRACE_S = 2.0
 # Exit status of a party whose peer never connected or went away (the launcher then blames the peer).
 EXIT_PEER = 4
@@ -86,30 +87,6 @@ SIM_NAME = "SPU simulator"  # how errors of `--sim` (both parties in one process
 
 def party_name(rank: int) -> str:
     return f"party {rank} ({ROLE[rank]})"
-
-
-def make_link(rank: int, peers: list[str] | None, recv_timeout_s: float = 3600.0,
-              peer_timeout_s: float = PEER_TIMEOUT_S):
-    """An in-memory link for the threaded simulator (peers None) or brpc between two OS processes.
-
-    brpc: connecting is retried every 0.5 s for ``peer_timeout_s`` (`PeerWatch` bounds the whole connect,
-    which also waits for the peer to reach back). A message is waited for up to ``recv_timeout_s``: a big HE
-    product on a busy machine can keep the other party silent for minutes, so silence alone is no sign of
-    death; a peer whose process ended is noticed by `PeerWatch` from its closed connections instead."""
-    import spu.libspu as libspu
-
-    desc = libspu.link.Desc()
-    desc.recv_timeout_ms = int(recv_timeout_s * 1000)
-    if peers is None:
-        for r in range(2):
-            desc.add_party(f"party{r}", f"thread_{r}")
-        return libspu.link.create_mem(desc, rank)
-    desc.http_max_payload_size = 32 << 20
-    desc.connect_retry_interval_ms = 500
-    desc.connect_retry_times = max(1, int(peer_timeout_s * 2))
-    for r, addr in enumerate(peers):
-        desc.add_party(f"party{r}", addr)
-    return libspu.link.create_brpc(desc, rank)
 
 
 class PeerLost(Exception):

@@ -17,19 +17,20 @@ import spu.api as spu_api
 import spu.libspu as libspu
 import spu.utils.simulation as spsim
 
+from privlm.spu.link import make_link
+
 
 class PairSimulator(spsim.Simulator):
     """A drop-in `spsim.Simulator` (for `spsim.sim_jax`) whose two runtimes are created once."""
 
     def __init__(self, rt_config):
         super().__init__(2, rt_config)
-        desc = libspu.link.Desc()
-        for rank in range(2):
-            desc.add_party(f"id_{rank}", f"thread_{rank}")
         self._runtimes: list = [None, None]
 
-        def make(rank: int) -> None:  # the mem link's two ends connect to each other: one thread per party
-            self._runtimes[rank] = spu_api.Runtime(libspu.link.create_mem(desc, rank), libspu.RuntimeConfig(rt_config))
+        # the mem link's two ends connect to each other: one thread per party; its receive timeout is the parties'
+        # (an hour), not yacl's default, which a long kernel on a busy machine can outlast
+        def make(rank: int) -> None:
+            self._runtimes[rank] = spu_api.Runtime(make_link(rank, None), libspu.RuntimeConfig(rt_config))
         threads = [spsim.PropagatingThread(target=make, args=(r,)) for r in range(2)]
         for t in threads:
             t.start()
