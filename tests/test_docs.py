@@ -199,7 +199,7 @@ def test_wall_clock_is_the_union_of_the_runs_training_intervals(tmp_path):
         "calls it took); 1 run(s) have no recorded intervals: arm/c.")
     (arm / "results.json").write_text(json.dumps({"rows": [], "run_seconds": {"c": 1.0},
                                                   "run_intervals": {"c": [[0, "x"]]}}))
-    with pytest.raises(PrivlmError, match=r"arm/results.json': run_intervals must map each run to \[start, end\]"):
+    with pytest.raises(PrivlmError, match=r"arm/results.json': run_intervals must be a list of \[start, end\] pairs"):
         R.block_study_time(tmp_path)
 
 

@@ -43,7 +43,7 @@ from privlm.launchers import slurm as slurm_launcher
 from privlm.launchers.slurm import SlurmResources, parse_resources
 from privlm.results import RunRow
 from privlm.selection import parse_select, selection_overrides
-from privlm.validate import read_json, read_yaml
+from privlm.validate import check_intervals, read_json, read_yaml
 
 SWEEP_KEYS = {"name", "config", "overrides", "baseline", "runs", "grid", "description", "title", "slurm", "select",
               "overrides_from"}
@@ -278,12 +278,7 @@ def training_intervals(rec: dict) -> list[list[float]]:
     before the intervals were kept holds only its last start and its seconds: read as one stretch [started,
     started + seconds], exact for a run trained in one go (`_start` converts it before a new stretch)."""
     if "intervals" in rec:
-        got = rec["intervals"]
-        if not isinstance(got, list) or not all(
-                isinstance(i, list) and len(i) == 2 and all(isinstance(x, (int, float)) for x in i) for i in got):
-            raise CheckpointError("sweep.json: a run's 'intervals' must be a list of [start, end] pairs of "
-                                  "Unix seconds")
-        return [[float(a), float(b)] for a, b in got]
+        return check_intervals(rec["intervals"], "sweep.json: a run's 'intervals'")
     if isinstance(rec.get("started"), str) and isinstance(rec.get("seconds"), (int, float)) and rec["seconds"]:
         import datetime
         try:

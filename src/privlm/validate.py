@@ -410,6 +410,16 @@ def check_finite(named_tensors: Iterable, where: str, error: type = CheckpointEr
                         f"'{name}'")
 
 
+def check_intervals(value: Any, where: str, error: type = CheckpointError) -> list[list[float]]:
+    """``value`` as a list of [start, end] pairs of finite numbers (a run's stretches of training in sweep.json and
+    results.json); one line naming ``where`` otherwise."""
+    if isinstance(value, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                        and math.isfinite(x) for x in p) for p in value):
+        return [[float(a), float(b)] for a, b in value]
+    raise error(f"{where} must be a list of [start, end] pairs of Unix seconds")
+
+
 def check_token_ids(ids, vocab_size: int, what: str, error: type = PrivlmError) -> None:
     """Every id in 0..vocab_size-1 (a list, or a numpy array / memmap of token ids)."""
     import numpy as np

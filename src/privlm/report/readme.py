@@ -156,14 +156,13 @@ def block_time(folder: Path) -> str:
 def _intervals(folder: Path, doc: dict, run: Optional[str] = None) -> list:
     """The training intervals in a results.json (``run``'s, or every run's); one line naming the file if they are
     not [start, end] pairs of numbers."""
+    from privlm.validate import check_intervals
+    where = f"'{folder / 'results.json'}': run_intervals"
     got = doc.get("run_intervals") or {}
-    try:
-        pairs = [i for name, v in got.items() if run is None or name == run for i in v or []]
-        if all(len(p) == 2 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in p) for p in pairs):
-            return pairs
-    except (AttributeError, TypeError):
-        pass
-    raise PrivlmError(f"'{folder / 'results.json'}': run_intervals must map each run to [start, end] pairs of numbers")
+    if not isinstance(got, dict):
+        raise PrivlmError(f"{where} must map each run to its list of [start, end] pairs")
+    return [i for name, v in got.items() if run is None or name == run
+            for i in check_intervals(v or [], where, PrivlmError)]
 
 
 def busy_seconds(intervals: Sequence[Sequence[float]]) -> float:
