@@ -414,3 +414,29 @@ def test_gpu_study_c1_in_the_papers_form():
         assert r.cfg.train.max_steps // r.cfg.train.eval_every >= 8 and r.cfg.train.eval_curve_batches
     assert "gpu-study-c1.yaml" in (ROOT / "configs" / "sweeps" / "gpu-study.yaml").read_text()
     assert c1.slurm.gpus == 1
+
+
+def test_heldout_scores_are_cached_by_the_weights_they_scored(tmp_path, monkeypatch):
+    """`heldout_eval` scores a run once per set of weights: a cache naming the same weights' SHA-256 is reused;
+    other weights, or a cache file that does not read as one, are scored again (and the cache rewritten)."""
+    import hashlib
+
+    import privlm.evaluate
+    from privlm import selection
+    calls = []
+    monkeypatch.setattr(privlm.evaluate, "evaluate_run",
+                        lambda run, split, device: calls.append((run, split)) or {"ppl": 12.5, "tokens": 640})
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "model.safetensors").write_bytes(b"weights one")
+    assert selection.heldout_eval(tmp_path, "r") == {"ppl": 12.5, "tokens": 640}
+    assert calls == [(str(tmp_path / "r"), "heldout")]
+    saved = json.loads((tmp_path / "heldout" / "r.json").read_text())
+    assert saved["weights_sha256"] == hashlib.sha256(b"weights one").hexdigest()
+    assert selection.heldout_eval(tmp_path, "r") == {"ppl": 12.5, "tokens": 640} and len(calls) == 1  # cached
+    (tmp_path / "r" / "model.safetensors").write_bytes(b"weights two")
+    selection.heldout_eval(tmp_path, "r")
+    assert len(calls) == 2  # new weights: scored again
+    (tmp_path / "heldout" / "r.json").write_text('{"weights_sha256": 3, "result": []}')
+    selection.heldout_eval(tmp_path, "r")
+    assert len(calls) == 3  # not a cache: scored again
+    assert json.loads((tmp_path / "heldout" / "r.json").read_text())["result"] == {"ppl": 12.5, "tokens": 640}

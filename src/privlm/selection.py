@@ -74,12 +74,16 @@ def heldout_eval(out: Path, name: str) -> dict:
 
     weights = hashlib.sha256((out / name / "model.safetensors").read_bytes()).hexdigest()
     cache = out / "heldout" / f"{name}.json"
-    try:
-        saved = json.loads(cache.read_text())
-        if saved.get("weights_sha256") == weights:
-            return saved["result"]
-    except (OSError, ValueError, AttributeError):
-        pass
+    if cache.is_file():
+        from privlm.errors import PrivlmError
+        from privlm.validate import NUMBER, Opt, read_json
+        try:  # a cache that does not read as one is scored again
+            saved = read_json(cache, {"weights_sha256": str, "result": {"ppl": Opt(NUMBER), "tokens": int}},
+                              error=PrivlmError)
+            if saved["weights_sha256"] == weights:
+                return saved["result"]
+        except PrivlmError:
+            pass
     res = evaluate_run(str(out / name), split="heldout", device="cpu")
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cache, {"weights_sha256": weights, "result": res})
